@@ -1,0 +1,92 @@
+"""Writing edits as LoRA files every host reads (kohya format, spec hosts.md "LoRA files").
+
+- ``lora``: ``<prefix>.lora_down.weight`` (r × in [× kh × kw]), ``<prefix>.lora_up.weight``
+  (out × r [× 1 × 1]) and ``<prefix>.alpha`` = r (scale 1). Exact factors are written as they are;
+  without factors, or when ``rank`` is smaller than the exact rank, ΔW is factorised by truncated
+  SVD and the relative Frobenius error ‖ΔW − up·down‖/‖ΔW‖ is reported per module.
+- ``diff``: full-rank ``<prefix>.diff`` tensors (ComfyUI, A1111 and Forge apply them as is).
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+
+from .edit import Edit
+from .errors import WeightsmithError
+from .model_io import atomic_save_file
+from .naming import UNetLayout, kohya_prefix
+
+BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+
+
+def svd_factor(delta: torch.Tensor, rank: int | None, rtol: float = 1e-6):
+    """ΔW (2-D or conv) -> (up, down, relative error). ``rank=None``: numerical rank (exact)."""
+    shape = delta.shape
+    d2 = delta.reshape(shape[0], -1).double()
+    U, S, Vh = torch.linalg.svd(d2, full_matrices=False)
+    num_rank = int((S > rtol * S[0]).sum()) if S.numel() and S[0] > 0 else 1
+    r = max(1, min(num_rank if rank is None else rank, num_rank, S.numel()))
+    up = U[:, :r] * S[:r]
+    down = Vh[:r]
+    err = float(S[r:].norm() / S.norm()) if S.norm() > 0 else 0.0
+    if len(shape) == 4:
+        up = up.reshape(shape[0], r, 1, 1)
+        down = down.reshape(r, *shape[1:])
+    return up.float(), down.float(), err
+
+
+def lora_tensors(edit: Edit, rank: int | None = None, fmt: str = "lora"):
+    """kohya tensors for an edit, and per-module export errors."""
+    if fmt not in ("lora", "diff"):
+        raise WeightsmithError(f"unknown LoRA format {fmt!r}; use 'lora' or 'diff'.")
+    layout = UNetLayout.from_config(edit.unet_config)
+    out, errors = {}, {}
+    for name in sorted(edit.deltas):
+        prefix = kohya_prefix(name, edit.family, layout)
+        delta = edit.deltas[name]
+        if fmt == "diff":
+            out[prefix + ".diff"] = delta.float().contiguous()
+            errors[name] = 0.0
+            continue
+        fac = edit.factors.get(name)
+        if fac is not None and (rank is None or fac[0].shape[1] <= rank):
+            up, down = fac
+            if delta.dim() == 4 and up.dim() == 2:
+                up = up.reshape(*up.shape, 1, 1)
+                down = down.reshape(down.shape[0], *delta.shape[1:])
+            err = 0.0
+        else:
+            up, down, err = svd_factor(delta, rank)
+        r = up.shape[1]
+        out[prefix + ".lora_up.weight"] = up.float().contiguous()
+        out[prefix + ".lora_down.weight"] = down.float().contiguous()
+        out[prefix + ".alpha"] = torch.tensor(float(r))
+        errors[name] = err
+    return out, errors
+
+
+def save_lora(edit: Edit, path, rank: int | None = None, fmt: str = "lora",
+              metadata: dict | None = None, dtype=torch.float32) -> dict:
+    """Write ``edit`` as a kohya LoRA (atomic). Returns ``{"errors": {...}, "max_error": e, "rank": r}``."""
+    tensors, errors = lora_tensors(edit, rank, fmt)
+    if not tensors:
+        raise WeightsmithError("the edit is empty; there is nothing to write.")
+    ranks = [t.shape[0] for k, t in tensors.items() if k.endswith("lora_down.weight")]
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(max(ranks) if ranks else "dynamic"),
+        "ss_network_alpha": str(max(ranks) if ranks else "dynamic"),
+        "ss_base_model_version": BASE_MODEL_VERSION.get(edit.family, edit.family),
+        "ss_training_comment": "written by Weightsmith (closed-form edit, not trained)",
+        "ws_format": fmt,
+        "ws_family": edit.family,
+        "ws_method": str(edit.report.get("method", "")),
+    }
+    if "targets" in edit.report:
+        meta["ws_targets"] = json.dumps(edit.report.get("targets"))
+    meta.update({k: str(v) for k, v in (metadata or {}).items()})
+    atomic_save_file({k: (v.to(dtype) if v.dim() else v) for k, v in tensors.items()}, path, meta)
+    return {"errors": errors, "max_error": max(errors.values()) if errors else 0.0,
+            "rank": max(ranks) if ranks else None}

@@ -1,0 +1,511 @@
+"""Reading and writing Stable Diffusion models: diffusers folders and single-file checkpoints.
+
+- A **diffusers folder** (``model_index.json`` + ``unet/``, ``text_encoder/``, ``tokenizer/`` …)
+  loads with diffusers/transformers ``from_pretrained(local_files_only=True)``.
+- A **single-file checkpoint** (``.safetensors``; pickle ``.ckpt``/``.pt`` only through
+  ``torch.load(weights_only=True)``) in the original LDM/CompVis key layout, as ComfyUI, A1111
+  and Forge use. The family is recognised from the key layout, the text encoders' configs and the
+  UNet's config are inferred from tensor shapes (no hub look-ups, any width), and names are mapped
+  with :mod:`weightsmith.core.naming`. The UNet is only built when a solver needs to run it;
+  erasure reads the few weights it edits straight from the file.
+
+Edited models are written in the format they came in, atomically (temp file + rename); the input
+is never modified.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import WeightsmithError, require
+from .naming import (LDM_UNET_PREFIX, TE1, TE2, UNET, CheckpointSlot, UNetLayout, checkpoint_slot,
+                     te_checkpoint_prefix)
+from .sdmodel import SDModel, default_encoder_specs, detect_family
+from .tokenizer import EOS, find_clip_tokenizer
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+@dataclass
+class ModelSource:
+    format: str                       # "diffusers" | "single_file" | "memory"
+    path: Path | None = None
+    metadata: dict = field(default_factory=dict)
+    te_heads: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+def te_params(te: torch.nn.Module):
+    """(canonical parameter path inside the encoder, tensor): always with ``text_model.``."""
+    for k, v in te.state_dict().items():
+        if k.startswith("text_model.") or k.startswith("text_projection"):
+            yield k, v
+        else:
+            yield "text_model." + k, v
+
+
+def atomic_save_file(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".ws-", suffix=".safetensors.tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
+                  metadata={k: str(v) for k, v in (metadata or {}).items()})
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def check_output_path(out: Path, inputs: list) -> Path:
+    out = Path(out)
+    for i in inputs:
+        if i is not None and out.resolve() == Path(i).resolve():
+            raise WeightsmithError(
+                f"the output path {out} is the input model; choose another --out so the original is kept.")
+    require(out.name != "", "the output path is empty; pass --out FILE.safetensors")
+    return out
+
+
+class _StateFile:
+    """Lazy read access to a checkpoint's tensors."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.metadata: dict = {}
+        suffix = path.suffix.lower()
+        if suffix == ".safetensors":
+            from safetensors import safe_open
+
+            try:
+                self._f = safe_open(str(path), framework="pt")
+                self.metadata = self._f.metadata() or {}
+                self._keys = list(self._f.keys())
+            except Exception as e:
+                raise WeightsmithError(
+                    f"{path} is not a readable .safetensors file ({type(e).__name__}: {e}). The file is "
+                    "corrupt or truncated: download or export it again.") from None
+            self._sd = None
+        elif suffix in PICKLE_SUFFIXES:
+            try:
+                sd = torch.load(str(path), map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise WeightsmithError(
+                    f"{path} could not be loaded safely with torch.load(weights_only=True) ({type(e).__name__}). "
+                    "Pickle files can run code, so Weightsmith only reads plain-tensor pickles: convert the "
+                    "model to .safetensors.") from None
+            if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+                sd = sd["state_dict"]
+            require(isinstance(sd, dict), f"{path} holds no state dict; it is not a Stable Diffusion checkpoint.")
+            self._sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+            self._keys = list(self._sd)
+        else:
+            raise WeightsmithError(
+                f"{path}: unsupported file type {suffix!r}. Pass a .safetensors checkpoint or a diffusers folder.")
+
+    def keys(self):
+        return self._keys
+
+    def get(self, key: str) -> torch.Tensor:
+        if self._sd is not None:
+            return self._sd[key]
+        return self._f.get_tensor(key)
+
+    def shape(self, key: str) -> tuple:
+        if self._sd is not None:
+            return tuple(self._sd[key].shape)
+        return tuple(self._f.get_slice(key).get_shape())
+
+
+# ----------------------------------------------------------------------------------------------
+# family and config inference from LDM keys
+def detect_checkpoint_family(keys) -> str:
+    ks = set(keys)
+    if any(k.startswith("conditioner.embedders.1.model.") for k in ks):
+        return "sdxl"
+    if any(k.startswith("cond_stage_model.model.transformer.") for k in ks):
+        return "sd2"
+    if any(k.startswith("cond_stage_model.transformer.") for k in ks):
+        return "sd1"
+    if any(k.startswith(LDM_UNET_PREFIX) for k in ks):
+        raise WeightsmithError(
+            "unknown model family: the checkpoint has a UNet but no text encoder Weightsmith recognises "
+            "(expected cond_stage_model.* for SD1.x/SD2.x or conditioner.embedders.* for SDXL). "
+            "Use a full checkpoint, not a UNet-only file.")
+    if any(k.startswith(("lora_", "lora_unet", "lora_te")) or ".lora_down." in k for k in ks):
+        raise WeightsmithError("this file is a LoRA, not a model checkpoint. Pass the base model to --model.")
+    raise WeightsmithError(
+        "this file is not a Stable Diffusion model (no model.diffusion_model.* UNet keys). Pass an SD1.x, "
+        "SD2.x or SDXL .safetensors checkpoint or a diffusers folder.")
+
+
+def _te_config_from_keys(sf: _StateFile, prefix: str, open_clip: bool, heads: int | None, tok):
+    from transformers import CLIPTextConfig
+
+    if open_clip:
+        emb = sf.shape(prefix + "token_embedding.weight")
+        pos = sf.shape(prefix + "positional_embedding")
+        layer_re = re.compile(re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.")
+        fc1 = sf.shape(prefix + "transformer.resblocks.0.mlp.c_fc.weight")
+        proj = prefix + "text_projection"
+    else:
+        emb = sf.shape(prefix + "text_model.embeddings.token_embedding.weight")
+        pos = sf.shape(prefix + "text_model.embeddings.position_embedding.weight")
+        layer_re = re.compile(re.escape(prefix) + r"text_model\.encoder\.layers\.(\d+)\.")
+        fc1 = sf.shape(prefix + "text_model.encoder.layers.0.mlp.fc1.weight")
+        proj = prefix + "text_projection.weight"
+    layers = 1 + max(int(m.group(1)) for k in sf.keys() if (m := layer_re.match(k)))
+    hidden = emb[1]
+    has_proj = proj in set(sf.keys())
+    proj_dim = sf.shape(proj)[1 if open_clip else 0] if has_proj else hidden
+    cfg = CLIPTextConfig(
+        vocab_size=emb[0], hidden_size=hidden, intermediate_size=fc1[0], num_hidden_layers=layers,
+        num_attention_heads=heads or max(1, hidden // 64), max_position_embeddings=pos[0],
+        hidden_act="gelu" if open_clip else "quick_gelu", projection_dim=proj_dim,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return cfg, has_proj
+
+
+def infer_unet_config(sf: _StateFile, family: str) -> dict:
+    """A diffusers UNet2DConditionModel config from LDM key names and shapes."""
+    P = LDM_UNET_PREFIX
+    keys = [k[len(P):] for k in sf.keys() if k.startswith(P)]
+    require(bool(keys), "the checkpoint has no UNet (model.diffusion_model.*) weights.")
+    shape = lambda k: sf.shape(P + k)  # noqa: E731
+    ks = set(keys)
+    in_w = shape("input_blocks.0.0.weight")
+    n_in = 1 + max(int(k.split(".")[1]) for k in keys if k.startswith("input_blocks."))
+    levels, cur = [], []
+    for n in range(1, n_in):
+        if f"input_blocks.{n}.0.op.weight" in ks:
+            levels.append(cur)
+            cur = []
+        else:
+            cur.append(n)
+    levels.append(cur)
+    lpb = len(levels[0])
+    block_out, has_attn, depth = [], [], []
+    for lv in levels:
+        n = lv[0]
+        block_out.append(shape(f"input_blocks.{n}.0.out_layers.3.weight")[0])
+        a = f"input_blocks.{n}.1.proj_in.weight" in ks
+        has_attn.append(a)
+        depth.append(1 + max(int(k.split(".")[4]) for k in keys
+                             if k.startswith(f"input_blocks.{n}.1.transformer_blocks.")) if a else 1)
+    ctx_key = next(k for k in keys if k.endswith("attn2.to_k.weight"))
+    linear = len(shape(next(k for k in keys if k.endswith("proj_in.weight")))) == 2
+    mid_attn = "middle_block.1.proj_in.weight" in ks
+    if family == "sd1":
+        heads = 8
+    else:
+        heads = [max(1, c // 64) for c in block_out]
+    cfg = dict(
+        sample_size=64 if family != "sdxl" else 128,
+        in_channels=in_w[1], out_channels=shape("out.2.weight")[0],
+        block_out_channels=tuple(block_out), layers_per_block=lpb,
+        cross_attention_dim=shape(ctx_key)[1], attention_head_dim=heads,
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in has_attn),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(has_attn)),
+        mid_block_type="UNetMidBlock2DCrossAttn" if mid_attn else None,
+        use_linear_projection=linear, norm_num_groups=32 if min(block_out) >= 32 else 8,
+    )
+    if any(d != 1 for d in depth):
+        cfg["transformer_layers_per_block"] = tuple(depth)
+    if "label_emb.0.0.weight" in ks:
+        adm = shape("label_emb.0.0.weight")[1]
+        cfg.update(addition_embed_type="text_time", addition_time_embed_dim=256,
+                   projection_class_embeddings_input_dim=adm)
+    cfg.update(json.loads(sf.metadata.get("ws_unet_config", "{}")))
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+def load_model(path, *, clip_skip: int | None = None, tokenizer=None) -> SDModel:
+    """Load an SD1.x / SD2.x / SDXL model from a diffusers folder or a single-file checkpoint.
+
+    ``tokenizer``: a CLIPTokenizer or folder, needed for single-file checkpoints when no CLIP
+    vocabulary can be found offline (see :func:`weightsmith.core.tokenizer.find_clip_tokenizer`).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise WeightsmithError(f"model not found: {path}. Pass a .safetensors checkpoint or a diffusers folder.")
+    if path.is_dir():
+        if not (path / "model_index.json").exists():
+            raise WeightsmithError(
+                f"{path} is a folder but not a diffusers model (no model_index.json). Pass a diffusers "
+                "folder or a single-file .safetensors checkpoint.")
+        return _load_diffusers(path, clip_skip)
+    return _load_single_file(path, clip_skip, tokenizer)
+
+
+def _load_diffusers(path: Path, clip_skip) -> SDModel:
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    index = json.loads((path / "model_index.json").read_text())
+    comps = [c for c in (TE1, TE2) if c in index and index[c] and index[c][0] is not None]
+    require(bool(comps), f"{path} has no text encoder; Weightsmith edits text-conditioned SD models.")
+    tes, toks = {}, {}
+    try:
+        for c in comps:
+            cfg = json.loads((path / c / "config.json").read_text())
+            cls = CLIPTextModelWithProjection if "WithProjection" in str(cfg.get("architectures")) else CLIPTextModel
+            tes[c] = cls.from_pretrained(str(path / c), local_files_only=True, torch_dtype=torch.float32).eval()
+            tes[c].requires_grad_(False)
+            tdir = path / ("tokenizer" if c == TE1 else "tokenizer_2")
+            toks[c] = CLIPTokenizer.from_pretrained(str(tdir), local_files_only=True)
+        unet_cfg = json.loads((path / "unet" / "config.json").read_text())
+    except WeightsmithError:
+        raise
+    except Exception as e:
+        raise WeightsmithError(f"could not read the diffusers model at {path}: {type(e).__name__}: {e}") from None
+    family = detect_family([t.config for t in tes.values()], unet_cfg)
+    specs = default_encoder_specs(family, {c: t.config.num_hidden_layers for c, t in tes.items()},
+                                  from_diffusers=True, clip_skip=clip_skip)
+
+    def load_unet():
+        u = UNet2DConditionModel.from_pretrained(str(path / "unet"), local_files_only=True,
+                                                 torch_dtype=torch.float32).eval()
+        u.requires_grad_(False)
+        return u
+
+    scheduler = None
+    if (path / "scheduler" / "scheduler_config.json").exists():
+        import diffusers
+
+        scfg = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+        cls = getattr(diffusers, scfg.get("_class_name", "DDIMScheduler"), diffusers.DDIMScheduler)
+        scheduler = cls.from_config(scfg)
+    return SDModel(family=family, text_encoders=tes, tokenizers=toks, encoder_specs=specs,
+                   unet_config=unet_cfg, unet_loader=load_unet, scheduler=scheduler,
+                   source=ModelSource("diffusers", path))
+
+
+def _tokenizer_for(tokenizer, family: str, comp: str):
+    from transformers import CLIPTokenizer
+
+    if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+        tok = find_clip_tokenizer(tokenizer)
+    else:
+        tok = tokenizer
+    tok = CLIPTokenizer.from_pretrained(tok.name_or_path, local_files_only=True) if (
+        Path(str(tok.name_or_path)).is_dir()) else tok
+    if tok.model_max_length > 1000:
+        tok.model_max_length = 77
+    # OpenCLIP encoders (SD2, SDXL's bigG) pad with "!" (id 0), CLIP-L pads with EOS
+    pad = "!" if (family == "sd2" or comp == TE2) else EOS
+    if tok.pad_token != pad:
+        tok.pad_token = pad
+    return tok
+
+
+def _load_single_file(path: Path, clip_skip, tokenizer) -> SDModel:
+    from diffusers import DDIMScheduler
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    sf = _StateFile(path)
+    family = detect_checkpoint_family(sf.keys())
+    heads = json.loads(sf.metadata.get("ws_text_encoder_heads", "{}"))
+    comps = [TE1, TE2] if family == "sdxl" else [TE1]
+    tes, toks, hidden = {}, {}, {}
+    for c in comps:
+        prefix, oc = te_checkpoint_prefix(family, c)
+        tok = _tokenizer_for(tokenizer, family, c)
+        cfg, has_proj = _te_config_from_keys(sf, prefix, oc, heads.get(c), tok)
+        if len(tok) > cfg.vocab_size:
+            raise WeightsmithError(
+                f"the tokenizer has {len(tok)} tokens but the checkpoint's text encoder only {cfg.vocab_size}; "
+                "pass the tokenizer that belongs to this model with --tokenizer.")
+        cls = CLIPTextModelWithProjection if (has_proj and c == TE2) else CLIPTextModel
+        te = cls(cfg)
+        hidden[c] = cfg.hidden_size
+        sd = {}
+        for name, ref in te.state_dict().items():
+            canon = name if name.startswith(("text_model.", "text_projection")) else "text_model." + name
+            if canon.endswith("position_ids"):
+                sd[name] = ref
+                continue
+            slot = checkpoint_slot(f"{c}.{canon}", family, None, {c: cfg.hidden_size})
+            try:
+                t = _read_slot(sf, slot)
+            except KeyError:
+                raise WeightsmithError(
+                    f"the checkpoint's text encoder is incomplete: {slot.key} is missing. The file is "
+                    "damaged or not a standard SD checkpoint.") from None
+            sd[name] = t.reshape(ref.shape).float()
+        te.load_state_dict(sd, strict=False)
+        te.eval().requires_grad_(False)
+        tes[c], toks[c] = te, tok
+    unet_cfg = infer_unet_config(sf, family)
+    fam2 = detect_family([t.config for t in tes.values()], unet_cfg)
+    require(fam2 == family or (family == "sd2" and fam2 == "sd2"),
+            f"unknown model family: the key layout says {family} but the components say {fam2}.")
+    layout = UNetLayout.from_config(unet_cfg)
+    specs = default_encoder_specs(family, {c: t.config.num_hidden_layers for c, t in tes.items()},
+                                  from_diffusers=False, clip_skip=clip_skip)
+
+    def read_unet_weight(param_path: str) -> torch.Tensor:
+        mod, _, leaf = param_path.rpartition(".")
+        return sf.get(LDM_UNET_PREFIX + layout.to_ldm(mod) + "." + leaf).float()
+
+    def load_unet():
+        from diffusers import UNet2DConditionModel
+
+        u = UNet2DConditionModel(**unet_cfg)
+        sd = {}
+        for name, ref in u.state_dict().items():
+            try:
+                sd[name] = read_unet_weight(name).reshape(ref.shape)
+            except Exception:
+                raise WeightsmithError(
+                    f"could not map UNet weight {name} from the checkpoint; the UNet layout is not one "
+                    "Weightsmith understands.") from None
+        u.load_state_dict(sd)
+        return u.eval().requires_grad_(False)
+
+    src = ModelSource("single_file", path, dict(sf.metadata), heads)
+    src.te_hidden = hidden
+    return SDModel(family=family, text_encoders=tes, tokenizers=toks, encoder_specs=specs,
+                   unet_config=unet_cfg, unet_loader=load_unet, unet_weight_reader=read_unet_weight,
+                   scheduler=DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
+                                           beta_start=0.00085, beta_end=0.012),
+                   source=src)
+
+
+def _read_slot(sf: _StateFile, slot: CheckpointSlot) -> torch.Tensor:
+    if slot.key not in set(sf.keys()):
+        raise KeyError(slot.key)
+    t = sf.get(slot.key)
+    if slot.rows is not None:
+        t = t[slot.rows[0]:slot.rows[1]]
+    if slot.transposed:
+        t = t.t()
+    return t
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
+def _te_hidden(model: SDModel) -> dict:
+    return {c: t.config.hidden_size for c, t in model.text_encoders.items()}
+
+
+def to_ldm_state_dict(model: SDModel, dtype=torch.float32) -> dict:
+    """The model's UNet and text encoders in LDM single-file keys (fused OpenCLIP in_proj)."""
+    out: dict[str, torch.Tensor] = {}
+    fused: dict[str, dict] = defaultdict(dict)
+    layout = model.layout
+    hidden = _te_hidden(model)
+    for name, t in model.unet.state_dict().items():
+        out[checkpoint_slot(f"{UNET}.{name}", model.family, layout).key] = t.to(dtype)
+    for c, te in model.text_encoders.items():
+        for name, t in te_params(te):
+            if name.endswith("position_ids"):
+                continue
+            slot = checkpoint_slot(f"{c}.{name}", model.family, layout, hidden)
+            t = t.t() if slot.transposed else t
+            if slot.rows is not None:
+                fused[slot.key][slot.rows[0]] = t
+            else:
+                out[slot.key] = t.to(dtype)
+    for key, parts in fused.items():
+        out[key] = torch.cat([parts[r] for r in sorted(parts)], 0).to(dtype)
+    return out
+
+
+def save_single_file(model: SDModel, path, metadata: dict | None = None, extra: dict | None = None) -> Path:
+    """Write a model (e.g. a random test model) as an LDM single-file checkpoint."""
+    sd = to_ldm_state_dict(model)
+    sd.update(extra or {})
+    ucfg = {k: model.unet_config[k] for k in ("attention_head_dim", "norm_num_groups", "sample_size",
+                                              "addition_time_embed_dim") if k in model.unet_config}
+    meta = {"ws_text_encoder_heads": json.dumps({c: t.config.num_attention_heads
+                                                 for c, t in model.text_encoders.items()}),
+            "ws_unet_config": json.dumps(ucfg)}
+    meta.update(metadata or {})
+    atomic_save_file(sd, Path(path), meta)
+    return Path(path)
+
+
+def save_edited_model(model: SDModel, deltas: dict[str, torch.Tensor], out, metadata: dict | None = None) -> Path:
+    """Write ``base + Δ`` in the model's own format. ``deltas``: canonical module name -> ΔW."""
+    src: ModelSource = model.source
+    out = Path(out)
+    if src is None or src.format == "memory":
+        raise WeightsmithError("this model was built in memory; save it with save_single_file first.")
+    check_output_path(out, [src.path])
+    if src.format == "single_file":
+        return _save_single_file_edit(model, deltas, out, metadata)
+    return _save_diffusers_edit(model, deltas, out, metadata)
+
+
+def _save_single_file_edit(model, deltas, out, metadata):
+    sf = _StateFile(model.source.path)
+    sd = {k: sf.get(k) for k in sf.keys()}
+    layout = model.layout
+    hidden = _te_hidden(model)
+    for name, d in deltas.items():
+        slot = checkpoint_slot(name + ".weight", model.family, layout, hidden)
+        base = sd[slot.key]
+        upd = base.float().clone()
+        d = d.float().t() if slot.transposed else d.float()
+        if slot.rows is not None:
+            upd[slot.rows[0]:slot.rows[1]] += d.reshape(upd[slot.rows[0]:slot.rows[1]].shape)
+        else:
+            upd += d.reshape(upd.shape)
+        sd[slot.key] = upd.to(base.dtype)
+    meta = dict(sf.metadata)
+    meta.update(metadata or {})
+    if out.suffix.lower() != ".safetensors":
+        raise WeightsmithError(f"checkpoint output must end in .safetensors, not {out.suffix!r}.")
+    atomic_save_file(sd, out, meta)
+    return out
+
+
+def _weights_file(folder: Path) -> Path:
+    for n in ("diffusion_pytorch_model.safetensors", "model.safetensors"):
+        if (folder / n).exists():
+            return folder / n
+    raise WeightsmithError(f"{folder} holds no single .safetensors weights file (sharded or .bin weights are "
+                           "not supported for writing); save the model as safetensors first.")
+
+
+def _save_diffusers_edit(model, deltas, out: Path, metadata):
+    from safetensors.torch import load_file, save_file
+
+    src = Path(model.source.path)
+    if out.exists():
+        raise WeightsmithError(f"{out} already exists; choose a new folder name for the edited model.")
+    tmp = Path(tempfile.mkdtemp(prefix=".ws-", dir=out.parent if out.parent.exists() else None))
+    try:
+        shutil.copytree(src, tmp / "m")
+        by_comp = defaultdict(dict)
+        for name, d in deltas.items():
+            comp, _, path = name.partition(".")
+            by_comp[comp][path] = d
+        for comp, ds in by_comp.items():
+            wf = _weights_file(tmp / "m" / comp)
+            sd = load_file(str(wf))
+            for path, d in ds.items():
+                cands = [path + ".weight", path.removeprefix("text_model.") + ".weight"]
+                key = next((k for k in cands if k in sd), None)
+                require(key is not None, f"cannot find {path} in {wf}")
+                sd[key] = (sd[key].float() + d.float().reshape(sd[key].shape)).to(sd[key].dtype)
+            save_file(sd, str(wf), metadata={"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}})
+        os.replace(tmp / "m", out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -1,0 +1,92 @@
+"""Seeded random-weight models of each family, built in-process.
+
+Used by tests (``size="tiny"``: a few hundred thousand parameters, unusual widths on purpose) and
+by the benchmarks (``size="full"``: the SD1.5 architecture, UNet 320 channels and CLIP-L 12×768).
+"""
+from __future__ import annotations
+
+import torch
+
+from .naming import TE1, TE2
+from .sdmodel import SDModel, default_encoder_specs, detect_family
+from .tokenizer import EOS, build_word_tokenizer
+
+TINY_TE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4)
+
+
+def _te_config(family: str, which: str, size: str, vocab: int, max_len: int):
+    from transformers import CLIPTextConfig
+
+    if size == "full":
+        dims = {("sd1", TE1): (768, 3072, 12, 12), ("sd2", TE1): (1024, 4096, 23, 16),
+                ("sdxl", TE1): (768, 3072, 12, 12), ("sdxl", TE2): (1280, 5120, 32, 20)}[(family, which)]
+        h, i, n, heads = dims
+    else:
+        h = {("sd1", TE1): 128, ("sd2", TE1): 96, ("sdxl", TE1): 64, ("sdxl", TE2): 96}[(family, which)]
+        i, n, heads = 2 * h, 4, 4
+    act = "gelu" if (family == "sd2" or which == TE2) else "quick_gelu"
+    return CLIPTextConfig(hidden_size=h, intermediate_size=i, num_hidden_layers=n,
+                          num_attention_heads=heads, vocab_size=vocab, max_position_embeddings=max_len,
+                          hidden_act=act, projection_dim=h, bos_token_id=vocab - 2,
+                          eos_token_id=vocab - 1, pad_token_id=vocab - 1)
+
+
+def unet_config(family: str, size: str, context: int, pixel: bool = False) -> dict:
+    if size == "full":
+        cfg = dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
+                   layers_per_block=2, cross_attention_dim=context, attention_head_dim=8,
+                   down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                   up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+    else:
+        cfg = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                   layers_per_block=1, cross_attention_dim=context, attention_head_dim=4,
+                   norm_num_groups=8,
+                   down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    if family == "sd2":
+        cfg["use_linear_projection"] = True
+    if family == "sdxl":
+        cfg.update(addition_embed_type="text_time", addition_time_embed_dim=8 if size != "full" else 256,
+                   use_linear_projection=True,
+                   projection_class_embeddings_input_dim=(96 if size != "full" else 1280) + 6 * (8 if size != "full" else 256))
+        if size != "full":
+            cfg["transformer_layers_per_block"] = (2, 1)
+    return cfg
+
+
+def build_random_model(family: str = "sd1", size: str = "tiny", seed: int = 0,
+                       with_unet: bool = True) -> SDModel:
+    """A seeded random model of the family with our word tokenizer."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    max_len = 77
+    pad = "!" if family in ("sd2",) else EOS
+    tok = build_word_tokenizer(max_len, pad)
+    vocab = len(tok)
+    comps = [TE1, TE2] if family == "sdxl" else [TE1]
+    tes, toks = {}, {}
+    for c in comps:
+        cfg = _te_config(family, c, size, vocab, max_len)
+        cfg.bos_token_id, cfg.eos_token_id = tok.bos_token_id, tok.eos_token_id
+        cfg.pad_token_id = tok.pad_token_id
+        cls = CLIPTextModelWithProjection if c == TE2 else CLIPTextModel
+        te = cls(cfg).eval()
+        te.requires_grad_(False)
+        tes[c] = te
+        toks[c] = tok if c == TE1 else build_word_tokenizer(max_len, "!")
+    ctx = sum(t.config.hidden_size for t in tes.values())
+    ucfg = unet_config(family, size, ctx)
+    unet = UNet2DConditionModel(**ucfg).eval() if with_unet else None
+    if unet is not None:
+        unet.requires_grad_(False)
+    fam = detect_family([t.config for t in tes.values()], ucfg)
+    assert fam == family
+    specs = default_encoder_specs(family, {c: t.config.num_hidden_layers for c, t in tes.items()},
+                                  from_diffusers=True)
+    m = SDModel(family=family, text_encoders=tes, tokenizers=toks, encoder_specs=specs,
+                unet_config=dict(unet.config) if unet is not None else ucfg,
+                unet_loader=(lambda: unet) if unet is not None else None,
+                scheduler=DDIMScheduler(num_train_timesteps=1000))
+    return m

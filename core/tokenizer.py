@@ -1,0 +1,116 @@
+"""CLIP-style tokenizers without the network.
+
+Real checkpoints need the CLIP BPE vocabulary: it is read from a diffusers folder's ``tokenizer/``,
+from ``--tokenizer DIR`` or ``WEIGHTSMITH_TOKENIZER``, or from a host's copy (ComfyUI ships one
+in ``comfy/sd1_tokenizer``). Tests and random models use :func:`build_word_tokenizer`, a real
+``transformers.CLIPTokenizer`` whose vocabulary holds every byte plus whole-word merges for a
+word list, so common words are one token (as in CLIP) and any text still tokenizes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+from .errors import WeightsmithError
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+DEFAULT_WORDS = (
+    "a an the of by in on at and with to style art painting photo picture image portrait artwork "
+    "van gogh monet picasso rembrandt cat dog car tree house church parachute golf ball fish truck "
+    "man woman person red blue green yellow black white small large left right top bottom circle "
+    "square triangle cross diamond star stripes background city street mountain river sky sea "
+    "bird horse flower garden forest night day sunset beautiful old new young dark bright"
+).split()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def write_word_vocab(folder: Path, words=DEFAULT_WORDS, model_max_length: int = 77,
+                     pad_token: str = EOS) -> Path:
+    """Write vocab.json / merges.txt / tokenizer_config.json for a word-level CLIP tokenizer."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list(_bytes_to_unicode().values())
+    vocab: list[str] = chars + [c + "</w>" for c in chars]
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
+    seen = set(vocab)
+    for w in sorted(set(w.lower() for w in words)):
+        syms = _apply_bpe(list(w[:-1]) + [w[-1] + "</w>"], ranks)
+        while len(syms) > 1:  # append merges that join what BPE left, so the word is one token
+            pair = (syms[0], syms[1])
+            ranks[pair] = len(merges)
+            merges.append(pair)
+            syms = [syms[0] + syms[1]] + syms[2:]
+            if syms[0] not in seen:
+                vocab.append(syms[0])
+                seen.add(syms[0])
+    vocab += [BOS, EOS]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "model_max_length": model_max_length, "bos_token": BOS, "eos_token": EOS,
+        "unk_token": EOS, "pad_token": pad_token, "do_lower_case": True,
+        "tokenizer_class": "CLIPTokenizer"}))
+    return folder
+
+
+def _apply_bpe(syms: list[str], ranks: dict) -> list[str]:
+    while len(syms) > 1:
+        pairs = [(ranks.get((a, b), 1 << 30), i) for i, (a, b) in enumerate(zip(syms, syms[1:]))]
+        r, i = min(pairs)
+        if r == 1 << 30:
+            break
+        syms = syms[:i] + [syms[i] + syms[i + 1]] + syms[i + 2:]
+    return syms
+
+
+@lru_cache(maxsize=8)
+def build_word_tokenizer(model_max_length: int = 77, pad_token: str = EOS, words=DEFAULT_WORDS):
+    from transformers import CLIPTokenizer
+
+    d = Path(tempfile.mkdtemp(prefix="ws-tok-"))
+    write_word_vocab(d, words, model_max_length, pad_token)
+    return CLIPTokenizer.from_pretrained(str(d), local_files_only=True)
+
+
+def find_clip_tokenizer(explicit: str | os.PathLike | None = None):
+    """Locate a CLIP BPE tokenizer folder offline, or explain how to provide one."""
+    from transformers import CLIPTokenizer
+
+    candidates = []
+    if explicit:
+        candidates.append(Path(explicit))
+    if os.environ.get("WEIGHTSMITH_TOKENIZER"):
+        candidates.append(Path(os.environ["WEIGHTSMITH_TOKENIZER"]))
+    try:  # ComfyUI's own copy when running inside ComfyUI
+        import comfy  # noqa: F401  (host package, optional)
+
+        candidates.append(Path(comfy.__file__).parent / "sd1_tokenizer")
+    except Exception:
+        pass
+    for c in candidates:
+        if (c / "vocab.json").exists() and (c / "merges.txt").exists():
+            tok = CLIPTokenizer.from_pretrained(str(c), local_files_only=True)
+            if tok.model_max_length > 1000:
+                tok.model_max_length = 77
+            return tok
+    raise WeightsmithError(
+        "no CLIP tokenizer found for this single-file checkpoint. Pass --tokenizer DIR (a folder with "
+        "vocab.json and merges.txt, e.g. the tokenizer/ folder of any diffusers SD model or ComfyUI's "
+        "comfy/sd1_tokenizer), or set WEIGHTSMITH_TOKENIZER.")
