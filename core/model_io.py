@@ -27,7 +27,7 @@ import torch
 
 from .errors import WeightsmithError, require
 from .naming import (LDM_UNET_PREFIX, TE1, TE2, UNET, CheckpointSlot, UNetLayout, checkpoint_slot,
-                     te_checkpoint_prefix)
+                     open_clip_slot, te_checkpoint_prefix)
 from .sdmodel import SDModel, default_encoder_specs, detect_family
 from .tokenizer import EOS, find_clip_tokenizer
 
@@ -130,6 +130,24 @@ class _StateFile:
         return tuple(self._f.get_slice(key).get_shape())
 
 
+class _DictState:
+    """In-memory tensors with the same read interface as :class:`_StateFile`."""
+
+    def __init__(self, tensors: dict, metadata: dict | None = None):
+        self._t = tensors
+        self.metadata = metadata or {}
+        self.path = None
+
+    def keys(self):
+        return list(self._t)
+
+    def get(self, key):
+        return self._t[key]
+
+    def shape(self, key):
+        return tuple(self._t[key].shape)
+
+
 # ----------------------------------------------------------------------------------------------
 # family and config inference from LDM keys
 def detect_checkpoint_family(keys) -> str:
@@ -179,9 +197,9 @@ def _te_config_from_keys(sf: _StateFile, prefix: str, open_clip: bool, heads: in
     return cfg, has_proj
 
 
-def infer_unet_config(sf: _StateFile, family: str) -> dict:
+def infer_unet_config(sf: _StateFile, family: str, prefix: str = LDM_UNET_PREFIX) -> dict:
     """A diffusers UNet2DConditionModel config from LDM key names and shapes."""
-    P = LDM_UNET_PREFIX
+    P = prefix
     keys = [k[len(P):] for k in sf.keys() if k.startswith(P)]
     require(bool(keys), "the checkpoint has no UNet (model.diffusion_model.*) weights.")
     shape = lambda k: sf.shape(P + k)  # noqa: E731
@@ -314,17 +332,39 @@ def _tokenizer_for(tokenizer, family: str, comp: str):
 
 
 def _load_single_file(path: Path, clip_skip, tokenizer) -> SDModel:
-    from diffusers import DDIMScheduler
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
     sf = _StateFile(path)
     family = detect_checkpoint_family(sf.keys())
     heads = json.loads(sf.metadata.get("ws_text_encoder_heads", "{}"))
     comps = [TE1, TE2] if family == "sdxl" else [TE1]
-    tes, toks, hidden = {}, {}, {}
-    for c in comps:
-        prefix, oc = te_checkpoint_prefix(family, c)
-        tok = _tokenizer_for(tokenizer, family, c)
+    toks = {c: _tokenizer_for(tokenizer, family, c) for c in comps}
+    te_sources = {c: te_checkpoint_prefix(family, c) for c in comps}
+    model = _build_from_state(sf, family, te_sources, LDM_UNET_PREFIX, toks, clip_skip, heads,
+                              from_diffusers=False)
+    model.source = ModelSource("single_file", path, dict(sf.metadata), heads)
+    return model
+
+
+def model_from_state_dict(tensors: dict, family: str, te_sources: dict, unet_prefix: str, tokenizers: dict,
+                          *, clip_skip: int | None = None, te_heads: dict | None = None,
+                          penultimate_in_file: bool = True) -> SDModel:
+    """Build an :class:`SDModel` from in-memory tensors (e.g. a host's effective weights).
+
+    ``te_sources``: component -> (key prefix, is_open_clip); transformers-format encoders use keys
+    ``prefix + "text_model.encoder.layers.N..."``. ``unet_prefix``: prefix of LDM-path UNet keys
+    (``"diffusion_model."`` in ComfyUI). ``penultimate_in_file``: the encoders hold all their layers
+    (as in checkpoints and hosts), so SD2 reads the penultimate one.
+    """
+    return _build_from_state(_DictState(tensors), family, te_sources, unet_prefix, tokenizers, clip_skip,
+                             te_heads or {}, from_diffusers=not penultimate_in_file)
+
+
+def _build_from_state(sf, family, te_sources, unet_prefix, toks, clip_skip, heads, from_diffusers) -> SDModel:
+    from diffusers import DDIMScheduler
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    tes, hidden = {}, {}
+    for c, (prefix, oc) in te_sources.items():
+        tok = toks[c]
         cfg, has_proj = _te_config_from_keys(sf, prefix, oc, heads.get(c), tok)
         if len(tok) > cfg.vocab_size:
             raise WeightsmithError(
@@ -339,7 +379,8 @@ def _load_single_file(path: Path, clip_skip, tokenizer) -> SDModel:
             if canon.endswith("position_ids"):
                 sd[name] = ref
                 continue
-            slot = checkpoint_slot(f"{c}.{canon}", family, None, {c: cfg.hidden_size})
+            slot = open_clip_slot(canon, cfg.hidden_size) if oc else CheckpointSlot(canon)
+            slot = CheckpointSlot(prefix + slot.key, slot.rows, slot.transposed)
             try:
                 t = _read_slot(sf, slot)
             except KeyError:
@@ -349,18 +390,17 @@ def _load_single_file(path: Path, clip_skip, tokenizer) -> SDModel:
             sd[name] = t.reshape(ref.shape).float()
         te.load_state_dict(sd, strict=False)
         te.eval().requires_grad_(False)
-        tes[c], toks[c] = te, tok
-    unet_cfg = infer_unet_config(sf, family)
+        tes[c] = te
+    unet_cfg = infer_unet_config(sf, family, unet_prefix)
     fam2 = detect_family([t.config for t in tes.values()], unet_cfg)
-    require(fam2 == family or (family == "sd2" and fam2 == "sd2"),
-            f"unknown model family: the key layout says {family} but the components say {fam2}.")
+    require(fam2 == family, f"unknown model family: the key layout says {family} but the components say {fam2}.")
     layout = UNetLayout.from_config(unet_cfg)
     specs = default_encoder_specs(family, {c: t.config.num_hidden_layers for c, t in tes.items()},
-                                  from_diffusers=False, clip_skip=clip_skip)
+                                  from_diffusers=from_diffusers, clip_skip=clip_skip)
 
     def read_unet_weight(param_path: str) -> torch.Tensor:
         mod, _, leaf = param_path.rpartition(".")
-        return sf.get(LDM_UNET_PREFIX + layout.to_ldm(mod) + "." + leaf).float()
+        return sf.get(unet_prefix + layout.to_ldm(mod) + "." + leaf).float()
 
     def load_unet():
         from diffusers import UNet2DConditionModel
@@ -377,13 +417,11 @@ def _load_single_file(path: Path, clip_skip, tokenizer) -> SDModel:
         u.load_state_dict(sd)
         return u.eval().requires_grad_(False)
 
-    src = ModelSource("single_file", path, dict(sf.metadata), heads)
-    src.te_hidden = hidden
     return SDModel(family=family, text_encoders=tes, tokenizers=toks, encoder_specs=specs,
                    unet_config=unet_cfg, unet_loader=load_unet, unet_weight_reader=read_unet_weight,
                    scheduler=DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
                                            beta_start=0.00085, beta_end=0.012),
-                   source=src)
+                   source=ModelSource("memory", None, dict(sf.metadata), heads))
 
 
 def _read_slot(sf: _StateFile, slot: CheckpointSlot) -> torch.Tensor:

@@ -1,0 +1,68 @@
+"""The ``weightsmith`` command line.
+
+Sub-commands live beside the code they drive; each module exposes ``register(subparsers)`` that
+adds its parser and sets ``func`` (called with the parsed args, returns an exit code). Errors a
+user can fix (:class:`WeightsmithError`) print as one line, without a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from .errors import CancelledError, WeightsmithError
+
+# (module, attribute) of every sub-command provider, in --help order
+COMMANDS = [
+    ("weightsmith.core.erase.cli", "register"),
+    ("weightsmith.core.merge.cli", "register"),
+    ("weightsmith.core.world.demo", "register"),
+    ("weightsmith.core.bench", "register"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="weightsmith",
+        description="Closed-form weight editing for Stable Diffusion: erase concepts, merge LoRAs.")
+    from weightsmith import __version__
+
+    p.add_argument("--version", action="version", version=f"weightsmith {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for mod, attr in COMMANDS:
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name and e.name.startswith("weightsmith"):
+                continue  # a feature that is not part of this build
+            raise
+        getattr(m, attr)(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except CancelledError as e:
+        print(f"weightsmith: cancelled: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("weightsmith: interrupted; nothing was written.", file=sys.stderr)
+        return 130
+    except WeightsmithError as e:
+        print(f"weightsmith: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
