@@ -1,0 +1,13 @@
+"""Closed-form concept erasure (spec erasure.md): ErasePro, its zero-residual ablation, and UCE.
+
+    from weightsmith.core.model_io import load_model
+    from weightsmith.core.erase import erase, EraseOptions
+
+    model = load_model("model.safetensors")
+    edit = erase(model, targets=["Van Gogh"], anchors=["art"], method="erasepro")
+    edit.report["stages"]          # per-matrix ‖Δ‖/‖W_o‖ and residuals
+    edited = edit.apply(model)     # a modified copy; `model` is unchanged
+"""
+from .pipeline import METHODS, EraseOptions, erase
+
+__all__ = ["erase", "EraseOptions", "METHODS"]

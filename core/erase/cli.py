@@ -1,0 +1,146 @@
+"""``weightsmith erase``: erase concepts from a model and write a checkpoint, LoRA or .diff file."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..errors import require
+from .pipeline import METHODS, TE_SUBLAYERS, EraseOptions
+
+FORMATS = ("checkpoint", "lora", "diff")
+
+
+def _layer_range(text: str):
+    try:
+        a, _, b = text.partition("-")
+        return (int(a), int(b or a))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a layer range like 0-11, got {text!r}") from None
+
+
+def _sublayers(text: str):
+    items = tuple(s.strip() for s in text.split(",") if s.strip())
+    bad = [s for s in items if s not in TE_SUBLAYERS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown sub-layer(s) {bad}; choose from {','.join(TE_SUBLAYERS)}")
+    return items
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "erase", help="erase concepts from a model (ErasePro, zero-residual, UCE)",
+        description="Erase target concepts by mapping them onto anchor concepts in closed form.",
+        epilog='example: weightsmith erase --model sd15.safetensors --target "Van Gogh" --anchor art '
+               "--format lora --out no_vangogh.safetensors --report report.json")
+    p.add_argument("--model", required=True, help="base model: .safetensors checkpoint or diffusers folder")
+    p.add_argument("--target", action="append", default=[], metavar="TEXT", help="concept to erase (repeatable)")
+    p.add_argument("--anchor", action="append", default=[], metavar="TEXT",
+                   help='concept to map each target onto (one per target, or one for all; default "")')
+    p.add_argument("--preserve", action="append", default=[], metavar="TEXT",
+                   help="concept whose outputs should stay as they are (repeatable)")
+    p.add_argument("--method", choices=METHODS, default="erasepro")
+    p.add_argument("--format", choices=FORMATS, default="checkpoint",
+                   help="checkpoint: the edited model in its input format; lora: only the edit as a kohya "
+                        "LoRA (exact rank, or --rank via SVD); diff: the edit as full-rank .diff LoRA")
+    p.add_argument("--rank", type=int, default=None, help="LoRA rank (SVD-truncated, error reported)")
+    p.add_argument("--out", required=True, help="output file (or folder for a diffusers checkpoint)")
+    p.add_argument("--report", default=None, help="write the JSON report here")
+    g = p.add_argument_group("advanced")
+    g.add_argument("--tokens", choices=("suffix", "last"), default="suffix",
+                   help="which token features to edit (spec §1/§2.3)")
+    g.add_argument("--expand", dest="expand", action="store_true", default=None,
+                   help="use prompt templates (default for erasepro/zero-residual)")
+    g.add_argument("--no-expand", dest="expand", action="store_false", help="use the bare concepts only")
+    g.add_argument("--template", action="append", default=[], metavar="TEXT",
+                   help='extra prompt template with {} for the concept, e.g. "a photo of {} at night"')
+    g.add_argument("--te-sublayers", type=_sublayers, default=("k_proj", "v_proj"),
+                   help="text-encoder sub-layers edited by erasepro (comma list)")
+    g.add_argument("--te-layers", type=_layer_range, default=None, help="text-encoder layer range, e.g. 0-11")
+    g.add_argument("--lam", type=float, default=0.5, help="λ of UCE and of the preservation weight")
+    g.add_argument("--eta-preserve", type=float, default=1.0, help="η_p, weight of preserved concepts")
+    g.add_argument("--rcond", type=float, default=1e-4, help="relative singular-value cutoff")
+    g.add_argument("--ridge", type=float, default=0.0, help="ridge (× ‖XᵀX‖_F) instead of a cutoff")
+    g.add_argument("--max-pad", type=int, default=None, help="padding tokens kept after EOS")
+    g.add_argument("--clip-skip", type=int, default=None, help="CLIP layer the UNet reads (SD1/SD2)")
+    g.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder for single-file checkpoints")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _check_out(args) -> Path:
+    out = Path(args.out)
+    model = Path(args.model)
+    require(out.resolve() != model.resolve(),
+            f"--out {out} is the input model; choose another path so the original is kept.")
+    if args.format != "checkpoint" or model.is_file():
+        require(out.suffix.lower() == ".safetensors",
+                f"--out must be a .safetensors file for --format {args.format}, got {out.name!r}.")
+    require(out.parent.exists() or not str(out.parent), f"the folder {out.parent} does not exist; create it first.")
+    if args.rank is not None:
+        require(args.rank > 0, "--rank must be a positive integer.")
+    return out
+
+
+def run(args) -> int:
+    from ..model_io import load_model, save_edited_model
+    from ..lora_write import save_lora
+    from ..progress import tqdm_progress
+    from .pipeline import erase
+
+    out = _check_out(args)
+    if args.report:
+        require(Path(args.report).resolve() != Path(args.model).resolve(), "--report must not be the model.")
+    opts = EraseOptions(tokens=args.tokens, expand_prompts=args.expand, extra_templates=tuple(args.template),
+                        te_sublayers=args.te_sublayers, te_layers=args.te_layers, lam=args.lam,
+                        eta_preserve=args.eta_preserve, rcond=args.rcond, ridge=args.ridge, max_pad=args.max_pad)
+    opts.validate()
+    from .pipeline import validate_concepts
+
+    validate_concepts(args.target, args.anchor, args.preserve)     # fail before loading the model
+    model = load_model(args.model, clip_skip=args.clip_skip, tokenizer=args.tokenizer)
+    bar = None if args.quiet else tqdm_progress(f"erase ({args.method})")
+    try:
+        edit = erase(model, args.target, args.anchor or [""], args.preserve, args.method, opts,
+                     progress=bar, warn=lambda m: print(f"weightsmith: warning: {m}", file=sys.stderr))
+    finally:
+        if bar is not None:
+            bar.close()
+    meta = {"ws_method": args.method, "ws_targets": json.dumps(edit.report["targets"]),
+            "ws_anchors": json.dumps(edit.report["anchors"])}
+    if args.format == "checkpoint":
+        save_edited_model(model, edit.deltas, out, meta)
+        edit.report["export"] = {"format": "checkpoint"}
+    else:
+        info = save_lora(edit, out, rank=args.rank, fmt=args.format, metadata=meta)
+        edit.report["export"] = {"format": args.format, "rank": info["rank"],
+                                 "max_rel_error": info["max_error"], "errors": info["errors"]}
+    if args.report:
+        write_report(edit.report, Path(args.report))
+    print_summary(edit.report, out)
+    return 0
+
+
+def write_report(report: dict, path: Path) -> None:
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".ws-", suffix=".json.tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(report, f, indent=2)
+    os.replace(tmp, path)
+
+
+def print_summary(report: dict, out: Path) -> None:
+    print(f"{report['method']} on {report['family']}: erased {', '.join(report['targets'])} "
+          f"-> {', '.join(repr(a) for a in report['anchors'])} in {report['time_s']:.2f} s")
+    print(f"{'stage':<28}{'matrices':>9}{'‖Δ‖/‖W‖':>10}{'res. before':>12}{'res. after':>11}{'ρ max':>10}")
+    for s in report["summary"]:
+        print(f"{s['stage']:<28}{s['matrices']:>9}{s['delta_rel_mean']:>10.4f}{s['residual_before_mean']:>12.4f}"
+              f"{s['residual_after_mean']:>11.2e}{s['rho_max']:>10.2e}")
+    exp = report.get("export", {})
+    if exp.get("format") in ("lora",):
+        print(f"LoRA rank {exp['rank']}, max relative export error {exp['max_rel_error']:.2e}")
+    print(f"wrote {out}")

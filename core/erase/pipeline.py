@@ -1,0 +1,381 @@
+"""Concept erasure: ErasePro's progressive pipeline, its zero-residual ablation, and UCE.
+
+Spec erasure.md §2.2 (the schedule), §2.3 (features), §1 (UCE). Methods:
+
+- ``erasepro``: text-encoder stages shallow → deep (each layer's ``k_proj``/``v_proj`` by default;
+  ``q_proj``, ``out_proj``, ``fc1``, ``fc2`` optional), then the UNet cross-attention ``to_k``/
+  ``to_v`` stage. Each stage solves the zero-residual constraint ``W X = W_o Y`` with ``X`` the
+  target features entering the layer in the model edited so far and ``Y`` the anchor features in
+  the original model.
+- ``zero-residual``: the UNet stage alone (no text-encoder stages).
+- ``uce``: UCE's closed form on the UNet stage.
+
+Cost (§2.2.5): the original encoder runs once over anchor, target and preserve prompts (all
+sub-layer inputs captured by hooks); the edited encoder then runs one layer at a time from a
+cached hidden state, so the whole schedule costs about two encoder passes.
+
+Reported per edited matrix: ``delta_fro`` = ‖Δ‖_F, ``delta_rel`` = ‖Δ‖_F/‖W_o‖_F,
+``residual_before``/``residual_after`` = ‖W X − W_o Y‖_F before/after the edit divided by the
+unedited gap ‖W_o (Y − X⁰)‖_F (X⁰: target features of the original model; so earlier stages show
+up as ``residual_before`` < 1), and ``rho`` = ‖W'X − W_o Y‖_F / ‖W_o (Y − X)‖_F as in §2.1.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..edit import Edit
+from ..errors import require
+from ..naming import TE2
+from ..progress import Steps
+from .prompts import PRESERVE_CAPTIONS, concept_kind, fill, templates_for
+from .solvers import F64, UCEBasis, ZeroResidualBasis, preserve_matrix
+from .tokens import TOKEN_MODES, align
+
+METHODS = ("erasepro", "zero-residual", "uce")
+TE_SUBLAYERS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+# sub-layers grouped by the input they read, in the order a layer computes them
+_GROUPS = (("q_proj", "k_proj", "v_proj"), ("out_proj",), ("fc1",), ("fc2",))
+_SUB_PATH = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
+             "out_proj": "self_attn.out_proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+
+
+@dataclass
+class EraseOptions:
+    """Settings of an erasure. Defaults follow the spec and the public UCE script."""
+
+    tokens: str = "suffix"                    # "suffix" | "last" (see tokens.py)
+    expand_prompts: bool | None = None        # None: on for erasepro/zero-residual, off for uce
+    concept_type: str = "auto"                # "object" | "style" | "auto" (style if anchor says art)
+    extra_templates: tuple[str, ...] = ()     # more templates with "{}" for the concept
+    te_sublayers: tuple[str, ...] = ("k_proj", "v_proj")
+    te_layers: tuple[int, int] | None = None  # inclusive layer range per encoder; None: all that matter
+    unet_sublayers: tuple[str, ...] = ("to_k", "to_v")
+    lam: float = 0.5                          # λ (UCE; and C = λI + η_p PPᵀ with preservation)
+    eta_erase: float = 1.0                    # η_e (UCE)
+    eta_preserve: float = 1.0                 # η_p
+    rcond: float = 1e-4                       # relative singular-value cutoff of the pseudoinverse
+    ridge: float = 0.0                        # ridge · ‖XᵀX‖_F instead of a cutoff (0: off)
+    max_pad: int | None = None                # padding rows kept after EOS (None: all)
+    preserve_captions: bool = True            # add the shipped ordinary captions to preserve sets
+
+    def validate(self) -> None:
+        require(self.tokens in TOKEN_MODES, f"unknown token mode {self.tokens!r}; use suffix or last.")
+        bad = [s for s in self.te_sublayers if s not in TE_SUBLAYERS]
+        require(not bad, f"unknown text-encoder sub-layer(s) {bad}; choose from {', '.join(TE_SUBLAYERS)}.")
+        require(all(s in ("to_k", "to_v") for s in self.unet_sublayers),
+                "UNet sub-layers must be to_k and/or to_v (the cross-attention projections).")
+        require(self.lam > 0, "lam (λ) must be > 0.")
+        require(self.rcond >= 0 and self.ridge >= 0, "rcond and ridge must be >= 0.")
+
+
+@dataclass
+class _PromptSet:
+    targets: list[str] = field(default_factory=list)
+    anchors: list[str] = field(default_factory=list)
+    preserve: list[str] = field(default_factory=list)
+
+
+def _clean(items, what: str) -> list[str]:
+    if isinstance(items, str):
+        items = [items]
+    out = [" ".join(str(x).split()) for x in (items or [])]
+    return out
+
+
+def validate_concepts(targets, anchors, preserve) -> tuple[list[str], list[str], list[str]]:
+    """Boundary checks with messages a user can act on."""
+    targets = _clean(targets, "target")
+    anchors = _clean(anchors, "anchor")
+    preserve = [p for p in _clean(preserve, "preserve") if p]
+    require(len(targets) > 0, "no target concept given; pass at least one --target \"concept\".")
+    require(all(t for t in targets), "a target concept is empty; every --target needs some text.")
+    if not anchors:
+        anchors = [""]
+    if len(anchors) == 1 and len(targets) > 1:
+        anchors = anchors * len(targets)
+    require(len(anchors) == len(targets),
+            f"{len(anchors)} anchors for {len(targets)} targets: give one anchor per target, or a single "
+            "anchor for all of them.")
+    for t, a in zip(targets, anchors):
+        require(t.lower() != a.lower(), f"target and anchor are the same ({t!r}); choose a different anchor.")
+    return targets, anchors, preserve
+
+
+def build_prompts(targets, anchors, preserve, opts: EraseOptions, expand: bool) -> _PromptSet:
+    ps = _PromptSet()
+    for t, a in zip(targets, anchors):
+        for tpl in templates_for(concept_kind(a, opts.concept_type), expand, tuple(opts.extra_templates)):
+            ps.targets.append(fill(tpl, t))
+            ps.anchors.append(fill(tpl, a))
+    if preserve:
+        for p in preserve:
+            for tpl in templates_for(concept_kind("", opts.concept_type), expand):
+                ps.preserve.append(fill(tpl, p))
+        if opts.preserve_captions:
+            ps.preserve += list(PRESERVE_CAPTIONS)
+    return ps
+
+
+# ----------------------------------------------------------------------------------------------
+class _Stop(Exception):
+    pass
+
+
+def _layers(te) -> torch.nn.ModuleList:
+    enc = te.text_model.encoder if hasattr(te, "text_model") else te.encoder
+    return enc.layers
+
+
+def _capture(modules: dict[str, torch.nn.Module], run) -> dict[str, torch.Tensor]:
+    """Inputs of the given modules during ``run()``."""
+    got: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, mod in modules.items():
+        def pre(_m, args, _name=name):
+            got[_name] = args[0].detach()
+        hooks.append(mod.register_forward_pre_hook(pre))
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return got
+
+
+def _gather(feats: torch.Tensor, positions: list[tuple[int, ...]]) -> torch.Tensor:
+    """[B, T, d] features -> d × N columns at the given per-prompt positions."""
+    cols = [feats[b, list(pos)] for b, pos in enumerate(positions) if pos]
+    if not cols:
+        return feats.new_zeros(feats.shape[-1], 0)
+    return torch.cat(cols, 0).T
+
+
+def _all_tokens(feats: torch.Tensor) -> torch.Tensor:
+    return feats.reshape(-1, feats.shape[-1]).T
+
+
+def _stat(name, stage, W_o, delta, X, Y, X0, rank) -> dict:
+    W_o, delta = W_o.to(F64), delta.to(F64)
+    X, Y, X0 = X.to(F64), Y.to(F64), X0.to(F64)
+    WY = W_o @ Y
+    gap0 = float((W_o @ X0 - WY).norm())
+    gap = float((W_o @ X - WY).norm())
+    after = float(((W_o + delta) @ X - WY).norm())
+    wn = float(W_o.norm())
+    dn = float(delta.norm())
+    return {
+        "layer": name, "stage": stage, "delta_fro": dn, "delta_rel": dn / wn if wn else 0.0,
+        "residual_before": gap / gap0 if gap0 else 0.0, "residual_after": after / gap0 if gap0 else 0.0,
+        "rho": after / gap if gap > 0 else 0.0, "residual_abs_before": gap, "residual_abs_after": after,
+        "rank": int(rank), "features": int(X.shape[1]),
+    }
+
+
+class _Encoders:
+    """Runs the original and edited text encoders and serves aligned features."""
+
+    def __init__(self, model, ps: _PromptSet, opts: EraseOptions):
+        self.model = model
+        self.opts = opts
+        self.ids_t, self.ids_a, self.ids_p, self.pairs = {}, {}, {}, {}
+        for comp, tok in model.tokenizers.items():
+            self.ids_t[comp] = model.tokenize(ps.targets, comp)
+            self.ids_a[comp] = model.tokenize(ps.anchors, comp)
+            self.ids_p[comp] = model.tokenize(ps.preserve, comp) if ps.preserve else None
+            eos = tok.eos_token_id
+            bos = tok.bos_token_id
+            pr = [align(t.tolist(), a.tolist(), eos, bos, opts.tokens, opts.max_pad)
+                  for t, a in zip(self.ids_t[comp], self.ids_a[comp])]
+            self.pairs[comp] = ([p.target_pos for p in pr], [p.anchor_pos for p in pr])
+        first = next(iter(model.tokenizers))
+        require(any(self.pairs[first][0]),
+                "the target and anchor prompts tokenize identically, so there is nothing to erase; "
+                "check the target and anchor texts.")
+
+    def n_used_layers(self, comp: str) -> int:
+        te = self.model.text_encoders[comp]
+        L = te.config.num_hidden_layers
+        if self.model.family == "sdxl" and comp == TE2:
+            return L        # the pooled output reads the last layer
+        return L + 1 + self.model.encoder_specs[comp].layer
+
+
+def _select_layers(n_used: int, rng) -> list[int]:
+    if rng is None:
+        return list(range(n_used))
+    a, b = rng
+    require(0 <= a <= b, f"invalid text-encoder layer range {rng}; use START-END with 0 <= START <= END.")
+    return [i for i in range(a, b + 1) if i < n_used]
+
+
+def _te_stage(model, enc: _Encoders, comp: str, edited_te, opts: EraseOptions, steps: Steps,
+              deltas: dict, factors: dict, stats: list) -> None:
+    """Progressive shallow→deep zero-residual edits of one text encoder (spec §2.2.1, §2.2.5)."""
+    te_o = model.text_encoders[comp]
+    layers_o, layers_e = _layers(te_o), _layers(edited_te)
+    edit_layers = _select_layers(enc.n_used_layers(comp), opts.te_layers)
+    if not edit_layers:
+        return
+    groups = [tuple(s for s in g if s in opts.te_sublayers) for g in _GROUPS]
+    groups = [g for g in groups if g]
+    # one pass of the original encoder over anchor / target / preserve prompts, inputs of every
+    # group's first module captured at every edited layer
+    hook_mods = {(l, g[0]): layers_o[l].get_submodule(_SUB_PATH[g[0]]) for l in edit_layers for g in groups}
+    named = {f"{l}:{g}": m for (l, g), m in hook_mods.items()}
+    feats_a = _capture(named, lambda: te_o(input_ids=enc.ids_a[comp]))
+    feats_t0 = _capture(named, lambda: te_o(input_ids=enc.ids_t[comp]))
+    feats_p = _capture(named, lambda: te_o(input_ids=enc.ids_p[comp])) if enc.ids_p[comp] is not None else {}
+    tpos, apos = enc.pairs[comp]
+    # the edited encoder, one layer at a time from the cached hidden state entering it
+    call: dict = {}
+
+    def grab(_m, args, kwargs):
+        call["args"], call["kwargs"] = args, kwargs
+        raise _Stop
+
+    h0 = layers_e[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            edited_te(input_ids=enc.ids_t[comp])
+    except _Stop:
+        pass
+    finally:
+        h0.remove()
+    args, kwargs = call["args"], call["kwargs"]
+    hidden = args[0] if args else kwargs.pop("hidden_states")
+    rest = args[1:] if args else ()
+
+    def run_layer(layer, h):
+        with torch.no_grad():
+            out = layer(h, *rest, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    for l in range(max(edit_layers) + 1):
+        layer_e = layers_e[l]
+        if l in edit_layers:
+            for g in groups:
+                key = f"{l}:{g[0]}"
+                cur = _capture({key: layer_e.get_submodule(_SUB_PATH[g[0]])}, lambda: run_layer(layer_e, hidden))
+                X = _gather(cur[key], tpos)
+                Y = _gather(feats_a[key], apos)
+                X0 = _gather(feats_t0[key], tpos)
+                C = preserve_matrix(_all_tokens(feats_p[key]) if key in feats_p else None,
+                                    X.shape[0], opts.lam, opts.eta_preserve)
+                basis = ZeroResidualBasis(X, C, opts.rcond, opts.ridge)
+                for sub in g:
+                    name = f"{comp}.text_model.encoder.layers.{l}.{_SUB_PATH[sub]}"
+                    mod_o = layers_o[l].get_submodule(_SUB_PATH[sub])
+                    W_o = mod_o.weight.detach().to(F64)
+                    R = W_o @ (Y.to(F64) - X.to(F64))
+                    delta, up, down = basis.delta(R)
+                    mod_e = layer_e.get_submodule(_SUB_PATH[sub])
+                    with torch.no_grad():
+                        mod_e.weight.copy_((W_o + delta).to(mod_e.weight.dtype))
+                    deltas[name] = delta.float()
+                    factors[name] = (up.float(), down.float())
+                    stats.append(_stat(name, f"{comp}.layer{l}", W_o, delta, X, Y, X0, basis.rank))
+                steps.step(f"{comp} layer {l}")
+        hidden = run_layer(layer_e, hidden)
+
+
+def _unet_stage(model, enc_model, enc: _Encoders, ps: _PromptSet, method: str, opts: EraseOptions,
+                steps: Steps, deltas: dict, factors: dict, stats: list) -> None:
+    """UNet cross-attention k/v: zero-residual (spec §2.2.2) or UCE (§1) with shared factorisation."""
+    first = next(iter(model.tokenizers))
+    tpos, apos = enc.pairs[first]
+    X = _gather(enc_model.encode(ps.targets).context, tpos)          # edited encoders
+    X0 = _gather(model.encode(ps.targets).context, tpos)             # original encoders
+    Y = _gather(model.encode(ps.anchors).context, apos)              # original anchors
+    P = _all_tokens(model.encode(ps.preserve).context) if ps.preserve else None
+    if method == "uce":
+        basis = UCEBasis(X, Y, P, opts.lam, opts.eta_erase, opts.eta_preserve)
+        rank = X.shape[1]
+    else:
+        basis = ZeroResidualBasis(X, preserve_matrix(P, X.shape[0], opts.lam, opts.eta_preserve),
+                                  opts.rcond, opts.ridge)
+        rank = basis.rank
+    for block in model.unet_cross_attention_names():
+        for sub in opts.unet_sublayers:
+            name = f"{block}.{sub}"
+            W_o = model.weight(name).to(F64)
+            if method == "uce":
+                delta, up, down = basis.delta(W_o)
+            else:
+                delta, up, down = basis.delta(W_o @ (Y.to(F64) - X.to(F64)))
+            deltas[name] = delta.float()
+            if up.shape[1] < min(W_o.shape):
+                factors[name] = (up.float(), down.float())
+            stats.append(_stat(name, "unet", W_o, delta, X, Y, X0, rank))
+            steps.step(name.split(".", 1)[1])
+
+
+def erase(model, targets, anchors=("",), preserve=(), method: str = "erasepro",
+          options: EraseOptions | None = None, progress=None, cancel=None, warn=None) -> "Edit":
+    """Erase ``targets`` (each mapped onto its anchor) from ``model``; returns an :class:`Edit`.
+
+    The model is not modified. ``progress(done, total, label)`` and ``cancel() -> bool`` are
+    optional callables (see :mod:`weightsmith.core.progress`); ``warn(msg)`` receives warnings such
+    as prompt truncation (default: :func:`warnings.warn`).
+    """
+    import warnings
+
+    t0 = time.perf_counter()
+    opts = options or EraseOptions()
+    opts.validate()
+    require(method in METHODS, f"unknown method {method!r}; use one of {', '.join(METHODS)}.")
+    targets, anchors, preserve = validate_concepts(targets, anchors, preserve)
+    expand = opts.expand_prompts if opts.expand_prompts is not None else method != "uce"
+    ps = build_prompts(targets, anchors, preserve, opts, expand)
+    model.check_prompt_length(ps.targets + ps.anchors + ps.preserve,
+                              warn or (lambda m: warnings.warn(m, stacklevel=3)))
+    enc = _Encoders(model, ps, opts)
+    n_unet = len(model.unet_cross_attention_names()) * len(opts.unet_sublayers)
+    te_plan = {}
+    if method == "erasepro":
+        for comp in model.text_encoders:
+            te_plan[comp] = _select_layers(enc.n_used_layers(comp), opts.te_layers)
+    steps = Steps(n_unet + sum(len(v) for v in te_plan.values()), progress, cancel)
+    steps.check()
+    deltas, factors, stats = {}, {}, []
+    enc_model = model
+    if method == "erasepro":
+        enc_model = copy.copy(model)
+        enc_model.text_encoders = {c: copy.deepcopy(t) for c, t in model.text_encoders.items()}
+        for comp in model.text_encoders:
+            _te_stage(model, enc, comp, enc_model.text_encoders[comp], opts, steps, deltas, factors, stats)
+    _unet_stage(model, enc_model, enc, ps, method, opts, steps, deltas, factors, stats)
+    report = {
+        "method": method, "family": model.family, "targets": targets, "anchors": anchors,
+        "preserve": preserve, "time_s": round(time.perf_counter() - t0, 4),
+        "prompts": {"targets": ps.targets, "anchors": ps.anchors, "preserve": len(ps.preserve)},
+        "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(opts).items()},
+        "stages": stats, "summary": summarize(stats),
+    }
+    return Edit(model.family, dict(model.unet_config), deltas, factors, report)
+
+
+def summarize(stats: list[dict]) -> list[dict]:
+    """Per-stage aggregates: total ‖Δ‖ relative to ‖W_o‖ and the worst ρ of the stage."""
+    out, order = {}, []
+    for s in stats:
+        k = s["stage"]
+        if k not in out:
+            order.append(k)
+            out[k] = {"stage": k, "matrices": 0, "delta_rel_mean": 0.0, "rho_max": 0.0,
+                      "residual_before_mean": 0.0, "residual_after_mean": 0.0}
+        o = out[k]
+        o["matrices"] += 1
+        o["delta_rel_mean"] += s["delta_rel"]
+        o["rho_max"] = max(o["rho_max"], s["rho"])
+        o["residual_before_mean"] += s["residual_before"]
+        o["residual_after_mean"] += s["residual_after"]
+    for o in out.values():
+        n = o["matrices"]
+        for f in ("delta_rel_mean", "residual_before_mean", "residual_after_mean"):
+            o[f] /= n
+    return [out[k] for k in order]

@@ -1,0 +1,121 @@
+"""Closed-form solvers for one linear layer ``y = W x`` (features are matrix **columns**).
+
+Spec erasure.md §1 (UCE) and §2.1 (zero-residual). Everything here runs in float64.
+
+Layers that read the same inputs (all UNet cross-attention ``to_k``/``to_v``; a text-encoder
+layer's ``k_proj``/``v_proj``) share one factorisation of their features: build a
+:class:`ZeroResidualBasis` or :class:`UCEBasis` once, then call ``.delta(W_o)`` per matrix.
+Each ``delta`` returns ΔW together with an exact factorisation ``ΔW = up @ down`` (rank ≤ N).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+F64 = torch.float64
+
+
+def _inv_sqrt_psd(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """C^{-1/2} and C^{1/2} of a symmetric positive-definite matrix."""
+    evals, evecs = torch.linalg.eigh(C)
+    evals = evals.clamp_min(evals.max() * 1e-12)
+    return (evecs * evals.rsqrt()) @ evecs.T, (evecs * evals.sqrt()) @ evecs.T
+
+
+def preserve_matrix(P: torch.Tensor | None, d_in: int, lam: float, eta_p: float) -> torch.Tensor | None:
+    """``C = λ I + η_p P Pᵀ`` (None when there is nothing to preserve)."""
+    if P is None or P.numel() == 0:
+        return None
+    P = P.to(F64)
+    return lam * torch.eye(d_in, dtype=F64) + eta_p * (P @ P.T)
+
+
+@dataclass
+class ZeroResidualBasis:
+    """Min-norm (or C-weighted) solution of ``Δ X = R`` for any ``R`` (spec §2.1).
+
+    - without preservation: ``Δ = R X⁺`` (rows of Δ in span(X));
+    - with ``C = λI + η_p P Pᵀ``: ``Δ = R (C^{-1/2} X)⁺ C^{-1/2}`` = argmin tr(Δ C Δᵀ) s.t. ΔX = R.
+
+    ``rcond``: singular values of (weighted) X below ``rcond·σ_max`` are dropped (pseudoinverse
+    cutoff for collinear features, §2.2.6). ``ridge``: alternatively add ``ridge·‖XᵀX‖_F`` to the
+    Gram matrix (Tikhonov); 0 disables it. Either makes the residual non-zero on dropped directions;
+    it is always measured.
+    """
+
+    X: torch.Tensor                 # d_in × N
+    C: torch.Tensor | None = None   # d_in × d_in
+    rcond: float = 1e-4
+    ridge: float = 0.0
+
+    def __post_init__(self):
+        X = self.X.to(F64)
+        self._right = None
+        if self.C is not None:
+            Cis, _ = _inv_sqrt_psd(self.C.to(F64))
+            Xw = Cis @ X
+            self._right = Cis
+        else:
+            Xw = X
+        U, S, Vh = torch.linalg.svd(Xw, full_matrices=False)
+        if S.numel() == 0 or S[0] <= 0:
+            self.rank = 0
+            self._left = torch.zeros(X.shape[1], 0, dtype=F64)
+            self._down = torch.zeros(0, X.shape[0], dtype=F64)
+            return
+        if self.ridge > 0:
+            mu = self.ridge * float((Xw.T @ Xw).norm())
+            keep = S > 0
+            inv = S[keep] / (S[keep] ** 2 + mu)
+        else:
+            keep = S > self.rcond * S[0]
+            inv = 1.0 / S[keep]
+        self.rank = int(keep.sum())
+        # Δ = R · V_r diag(inv) · U_rᵀ · (C^{-1/2})
+        self._left = Vh[keep].T * inv          # N × r
+        down = U[:, keep].T                    # r × d_in
+        self._down = down @ self._right if self._right is not None else down
+
+    def delta(self, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ΔW, up, down) with ΔW = up @ down, for the residual target ``R`` (d_out × N)."""
+        up = R.to(F64) @ self._left
+        return up @ self._down, up, self._down
+
+
+@dataclass
+class UCEBasis:
+    """UCE's closed form (spec §1), sharing ``M⁻¹`` across every matrix that reads the same inputs:
+
+        W' = (λW_o + η_e W_o Y Xᵀ + η_p W_o P Pᵀ)(λI + η_e X Xᵀ + η_p P Pᵀ)⁻¹
+        ⇒ ΔW = W' − W_o = η_e · W_o (Y − X) · Xᵀ M⁻¹     with M = λI + η_e XXᵀ + η_p PPᵀ.
+
+    ``X``: erase-concept embeddings c_i (columns), ``Y``: their guides c*_i, ``P``: preserved p_j.
+    """
+
+    X: torch.Tensor
+    Y: torch.Tensor
+    P: torch.Tensor | None = None
+    lam: float = 0.5
+    eta_e: float = 1.0
+    eta_p: float = 1.0
+
+    def __post_init__(self):
+        X, Y = self.X.to(F64), self.Y.to(F64)
+        d = X.shape[0]
+        M = self.lam * torch.eye(d, dtype=F64) + self.eta_e * (X @ X.T)
+        if self.P is not None and self.P.numel():
+            P = self.P.to(F64)
+            M = M + self.eta_p * (P @ P.T)
+        # down = η_e Xᵀ M⁻¹  (M symmetric: solve M Z = X, down = η_e Zᵀ)
+        self._down = self.eta_e * torch.linalg.solve(M, X).T     # N × d_in
+        self._YmX = Y - X
+
+    def delta(self, W_o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        up = W_o.to(F64) @ self._YmX          # d_out × N
+        return up @ self._down, up, self._down
+
+
+def residual_norm(W: torch.Tensor, X: torch.Tensor, target: torch.Tensor) -> float:
+    """‖W X − target‖_F (float64)."""
+    return float((W.to(F64) @ X.to(F64) - target.to(F64)).norm())
