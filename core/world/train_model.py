@@ -119,9 +119,14 @@ def export(out: Path, unet, text_encoder, tokenizer, scheduler, tok_src: Path | 
     (out / "model_index.json").write_text(json.dumps(idx, indent=2) + "\n")
 
 
-def batch_data(rng: random.Random, n: int, tokenizer, p_drop: float = 0.1, seed_base: int = 0,
-               shapes=BASE_SHAPES, patterns=BASE_PATTERNS, scene_fn=None):
-    scenes = [scene_fn(rng) if scene_fn else random_scene(rng, shapes=shapes, patterns=patterns) for _ in range(n)]
+def base_scene(rng: random.Random):
+    """Base training distribution: 70% one centred object, 10% one placed, 20% two objects."""
+    return random_scene(rng, shapes=BASE_SHAPES, patterns=BASE_PATTERNS, p_two=0.2, p_placed=0.1)
+
+
+def batch_data(rng: random.Random, n: int, tokenizer, p_drop: float = 0.1, scene_fn=None):
+    scene_fn = scene_fn or base_scene
+    scenes = [scene_fn(rng) for _ in range(n)]
     imgs = np.stack([render(s, seed=rng.randrange(1 << 30)) for s in scenes])
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
     prompts = [("" if rng.random() < p_drop else prompt_for(s, rng)) for s in scenes]
@@ -154,12 +159,15 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(DEFAULT_MODEL_DIR))
     ap.add_argument("--work", default="/tmp/weightsmith_world_model", help="checkpoints / logs")
-    ap.add_argument("--steps", type=int, default=4500)
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=8000)
+    ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=6e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--max-minutes", type=float, default=0, help="stop (and export) after this wall time")
+    ap.add_argument("--max-minutes", type=float, default=0,
+                    help="wall-time budget: stop (and export) after it; the LR schedule then follows "
+                         "max(step/steps, elapsed/budget) so it fully decays on a busy machine too")
+    ap.add_argument("--min-snr", type=float, default=5.0, help="min-SNR-gamma loss weighting (0: off)")
     ap.add_argument("--ckpt-every", type=int, default=250)
     ap.add_argument("--export-every", type=int, default=1000)
     ap.add_argument("--resume", action="store_true")
@@ -198,11 +206,17 @@ def main(argv=None):
         torch.set_rng_state(st["torch_rng"])
         print(f"resumed at step {step}", flush=True)
 
+    def progress(s):
+        p = s / a.steps
+        if a.max_minutes:
+            p = max(p, (time.time() - t0) / (a.max_minutes * 60))
+        return min(1.0, p)
+
     def lr_at(s):
         warm = 200
         if s < warm:
             return a.lr * (s + 1) / warm
-        p = (s - warm) / max(1, a.steps - warm)
+        p = progress(s)
         return a.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
 
     def save_ckpt():
@@ -221,10 +235,11 @@ def main(argv=None):
     unet.train()
     text_encoder.train()
     t0 = time.time()
+    acp = noise_sched.alphas_cumprod
     losses = []
     log = open(work / "loss.log", "a")
     while step < a.steps:
-        if a.max_minutes and time.time() - t0 > a.max_minutes * 60:
+        if progress(step) >= 1.0 and step < a.steps:
             print("time budget reached", flush=True)
             break
         for g in opt.param_groups:
@@ -235,7 +250,12 @@ def main(argv=None):
         xt = noise_sched.add_noise(x0, noise, t)
         cond = text_encoder(ids).last_hidden_state
         pred = unet(xt, t, cond).sample
-        loss = F.mse_loss(pred, noise)
+        if a.min_snr:
+            snr = acp[t] / (1 - acp[t])
+            w = snr.clamp(max=a.min_snr) / snr
+            loss = (F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3)) * w).mean()
+        else:
+            loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -256,7 +276,8 @@ def main(argv=None):
     save_ckpt()
     do_export(Path(a.out))
     final = float(np.mean(losses[-200:])) if losses else float("nan")
-    info = {"steps": step, "batch": a.batch, "lr": a.lr, "seed": a.seed, "final_loss_avg200": final,
+    info = {"steps": step, "batch": a.batch, "lr": a.lr, "seed": a.seed, "min_snr": a.min_snr,
+            "final_loss_avg200": final,
             "minutes": (time.time() - t0) / 60, "unet_params": n_u, "text_encoder_params": n_t}
     (work / "train_info.json").write_text(json.dumps(info, indent=2))
     print(json.dumps(info), flush=True)
