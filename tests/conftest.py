@@ -16,3 +16,20 @@ def tiny_models():
     from weightsmith.core.random_models import build_random_model
 
     return {f: build_random_model(f, "tiny", seed=0) for f in ("sd1", "sd2", "sdxl")}
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """The word tokenizer of the random models, as a folder (for --tokenizer)."""
+    from weightsmith.core.tokenizer import write_word_vocab
+
+    return write_word_vocab(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tiny_models, tmp_path_factory):
+    """The tiny models written as LDM single-file checkpoints: {family: path}."""
+    from weightsmith.core.model_io import save_single_file
+
+    d = tmp_path_factory.mktemp("ckpt")
+    return {f: save_single_file(m, d / f"tiny_{f}.safetensors") for f, m in tiny_models.items()}

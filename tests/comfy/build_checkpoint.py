@@ -1,0 +1,41 @@
+"""Build the random-weight SD1.5-architecture checkpoint the ComfyUI tests load (cached).
+
+Runs in the ComfyUI venv: ``python build_checkpoint.py OUT.safetensors COMFY_DIR``.
+UNet + CLIP-L from core's ``build_random_model("sd1", "full")`` (the CLIP's token embedding is
+widened to the real CLIP vocabulary, 49408, which ComfyUI's tokenizer uses), a random diffusers
+``AutoencoderKL`` converted to LDM VAE keys with ComfyUI's own
+``comfy.diffusers_convert.convert_vae_state_dict``; stored in fp16 to keep it small.
+"""
+import sys
+
+import torch
+
+
+def main(out: str, comfy_dir: str) -> None:
+    sys.path.insert(0, comfy_dir)
+    from diffusers import AutoencoderKL
+
+    import comfy.diffusers_convert as dc
+    from weightsmith.core.model_io import atomic_save_file, to_ldm_state_dict
+    from weightsmith.core.random_models import build_random_model
+
+    torch.manual_seed(0)
+    m = build_random_model("sd1", "full", seed=0)
+    te = m.text_encoders["text_encoder"]
+    te.resize_token_embeddings(49408)
+    with torch.no_grad():  # a seeded, CLIP-like scale for the new rows
+        g = torch.Generator().manual_seed(1)
+        emb = te.get_input_embeddings().weight
+        emb.copy_(torch.randn(emb.shape, generator=g) * 0.02)
+    sd = to_ldm_state_dict(m, dtype=torch.float16)
+    torch.manual_seed(2)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512)
+    vsd = dc.convert_vae_state_dict(vae.state_dict())
+    sd.update({"first_stage_model." + k: v.to(torch.float16) for k, v in vsd.items()})
+    atomic_save_file(sd, out, {"ws_test_checkpoint": "random sd1.5 architecture"})
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

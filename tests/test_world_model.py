@@ -1,0 +1,53 @@
+import json
+
+import torch
+from safetensors import safe_open
+
+from weightsmith.core.world.metrics import concept_hits
+from weightsmith.core.world.paths import DEFAULT_MODEL_DIR
+from weightsmith.core.world.render import BASE_SHAPES, COLOURS, simple_prompt
+from weightsmith.core.world.sample import load_model, sample
+
+
+def test_shipped_model_is_a_diffusers_folder():
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    idx = json.loads((DEFAULT_MODEL_DIR / "model_index.json").read_text())
+    assert idx["_class_name"] == "StableDiffusionPipeline"
+    assert idx["unet"] == ["diffusers", "UNet2DConditionModel"]
+    assert idx["text_encoder"] == ["transformers", "CLIPTextModel"]
+    assert idx["tokenizer"] == ["transformers", "CLIPTokenizer"]
+    assert idx["scheduler"][1] == "DDIMScheduler"
+    m = load_model()
+    assert isinstance(m.unet, UNet2DConditionModel) and isinstance(m.text_encoder, CLIPTextModel)
+    assert isinstance(m.tokenizer, CLIPTokenizer) and isinstance(m.scheduler, DDIMScheduler)
+    assert m.unet.config.in_channels == 3 and m.unet.config.sample_size == 32
+    assert m.unet.config.cross_attention_dim == m.text_encoder.config.hidden_size
+    assert m.text_encoder.config.num_hidden_layers >= 2
+    names = [n for n, _ in m.unet.named_modules()]
+    assert any(n.endswith("attn2.to_k") for n in names) and any(n.endswith("attn1.to_q") for n in names)
+    with safe_open(str(DEFAULT_MODEL_DIR / "text_encoder" / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert any(k.startswith("text_model.encoder.layers.0.self_attn.k_proj") for k in keys)
+    total = sum(p.stat().st_size for p in DEFAULT_MODEL_DIR.rglob("*") if p.is_file())
+    assert total < 12 * 2**20
+
+
+def test_sampling_is_deterministic_and_batch_independent():
+    m = load_model()
+    a = sample(m.unet, m.text_encoder, m.tokenizer, m.scheduler, ["a red circle", "a blue square"], [1, 2], steps=4)
+    b = sample(m.unet, m.text_encoder, m.tokenizer, m.scheduler, ["a blue square"], [2], steps=4)
+    assert a.shape == (2, 3, 32, 32) and 0 <= a.min() and a.max() <= 1
+    assert torch.allclose(a[1], b[0], atol=1e-5)
+    c = sample(m.unet, m.text_encoder, m.tokenizer, m.scheduler, ["a blue square"], [3], steps=4)
+    assert (c[0] - b[0]).abs().mean() > 1e-3
+
+
+def test_model_draws_simple_prompts():
+    m = load_model()
+    specs = [(c, s) for s in BASE_SHAPES for c in COLOURS]  # 35 prompts, one seed each
+    imgs = sample(m.unet, m.text_encoder, m.tokenizer, m.scheduler, [simple_prompt(c, s) for c, s in specs],
+                  seeds=list(range(77, 77 + len(specs))), steps=20, guidance=4.0)
+    ok = [concept_hits(imgs[i:i + 1], shape=s, colour=c)[0] for i, (c, s) in enumerate(specs)]
+    assert sum(ok) / len(ok) >= 0.7, sum(ok)
