@@ -53,16 +53,46 @@ def te_params(te: torch.nn.Module):
             yield "text_model." + k, v
 
 
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+def _safetensors_bytes_header(tensors: dict, metadata: dict) -> tuple[bytes, list]:
+    """A safetensors header with keys in sorted order (the library's own writer orders metadata
+    by hash, so identical inputs would not give identical bytes)."""
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {k: str(metadata[k]) for k in sorted(metadata)}
+    offset, order = 0, []
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        if t.dtype not in _ST_DTYPES:
+            raise WeightsmithError(f"cannot save tensor {k} of type {t.dtype}")
+        n = t.numel() * t.element_size()
+        header[k] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+        order.append(t)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return raw, order
+
+
 def atomic_save_file(tensors: dict, path: Path, metadata: dict | None = None) -> None:
-    from safetensors.torch import save_file
+    """Write a .safetensors file atomically (temp file + rename) and deterministically."""
+    import struct
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    header, order = _safetensors_bytes_header(tensors, metadata or {})
     fd, tmp = tempfile.mkstemp(prefix=".ws-", suffix=".safetensors.tmp", dir=path.parent)
-    os.close(fd)
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp,
-                  metadata={k: str(v) for k, v in (metadata or {}).items()})
+        with os.fdopen(fd, "wb") as f:
+            f.write(struct.pack("<Q", len(header)))
+            f.write(header)
+            for t in order:
+                if t.numel():
+                    f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
