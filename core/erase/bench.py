@@ -1,0 +1,176 @@
+"""``weightsmith bench erase``: our erasure methods beside the public UCE script's algorithm.
+
+On an SD1.5-architecture model with random weights at full size (UNet 320 channels, CLIP-L
+12×768; built in-process, seeded), the same targets are erased by
+
+- ``reference-uce``: a faithful re-implementation of the public UCE script's ``edit_model``
+  (``rohitgandikota/unified-concept-editing``, older token rule): for every projection matrix
+  in turn it re-encodes every target/guide pair, projects the features through every matrix,
+  accumulates ``mat1 = λW + Σ v kᵀ`` and ``mat2 = λI + Σ k kᵀ`` and sets ``W = mat1 · mat2⁻¹``
+  (float32, ``torch.inverse``), ``technique="replace"`` so that ``v* = W_o c*`` as in spec §1;
+- our ``uce``, ``zero-residual`` and ``erasepro``.
+
+Printed: time and peak memory of each, as ratios to the reference, and the K/V residual ratio
+ρ = ‖W'X − W_oY‖/‖W_o(Y − X)‖ on held-out prompts that put the targets in context (not used
+for the edit), averaged over all UNet cross-attention k/v matrices.
+"""
+from __future__ import annotations
+
+import json
+
+TARGETS = ["van gogh", "monet"]
+ANCHOR = "art"
+PRESERVE = ["picasso"]
+HELD_OUT = ["a cafe at night by {}, oil on canvas", "a river landscape in the style of {} with a bridge",
+            "an old church painted by {} under a starry sky", "a portrait of a young woman by {} in a garden"]
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--size", choices=("full", "tiny"), default="full",
+                   help="full: SD1.5 architecture (default); tiny: a quick smoke run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=1, help="time each method this many times (best is kept)")
+
+
+def reference_uce(model, old_texts, new_texts, retain_texts, lamb=0.5, erase_scale=1.0, preserve_scale=1.0):
+    """The public script's algorithm (per-matrix loop, re-encoding inside it); returns new weights."""
+    import torch
+
+    tok = model.tokenizers["text_encoder"]
+    te = model.text_encoders["text_encoder"]
+    blocks = model.unet_cross_attention_names()
+    mats = [model.module(b + ".to_v") for b in blocks] + [model.module(b + ".to_k") for b in blocks]
+    weights = [m.weight.detach().clone() for m in mats]      # edited copies (the model stays intact)
+
+    def encode(texts):
+        ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt")
+        out = te(ids.input_ids)
+        return out[0] if isinstance(out, tuple) else out.last_hidden_state, ids.attention_mask
+
+    for layer_num in range(len(mats)):
+        with torch.no_grad():
+            W = weights[layer_num]
+            mat1 = lamb * W
+            mat2 = lamb * torch.eye(W.shape[1])
+            for old_text, new_text in zip(old_texts, new_texts):
+                emb, mask = encode([old_text, new_text])
+                fi = int(mask[0].sum()) - 2
+                fin = int(mask[1].sum()) - 2
+                far = max(fi, fin)
+                old_emb = emb[0][fi:len(emb[0]) - max(0, far - fi)]
+                new_emb = emb[1][fin:len(emb[1]) - max(0, far - fin)]
+                context = old_emb.detach()
+                values = [torch.nn.functional.linear(new_emb, w0).detach() for w0 in
+                          (m.weight for m in mats)]        # technique="replace" with the original W
+                ctx_v = context.reshape(context.shape[0], context.shape[1], 1)
+                ctx_t = context.reshape(context.shape[0], 1, context.shape[1])
+                val = values[layer_num].reshape(values[layer_num].shape[0], values[layer_num].shape[1], 1)
+                mat1 = mat1 + erase_scale * (val @ ctx_t).sum(dim=0)
+                mat2 = mat2 + erase_scale * (ctx_v @ ctx_t).sum(dim=0)
+            for text in retain_texts:
+                emb, _ = encode([text, text])
+                context = emb[0].detach()
+                values = [torch.nn.functional.linear(emb[1], m.weight).detach() for m in mats]
+                ctx_v = context.reshape(context.shape[0], context.shape[1], 1)
+                ctx_t = context.reshape(context.shape[0], 1, context.shape[1])
+                val = values[layer_num].reshape(values[layer_num].shape[0], values[layer_num].shape[1], 1)
+                mat1 = mat1 + preserve_scale * (val @ ctx_t).sum(dim=0)
+                mat2 = mat2 + preserve_scale * (ctx_v @ ctx_t).sum(dim=0)
+            weights[layer_num] = mat1 @ torch.inverse(mat2)
+    names = [b + ".to_v" for b in blocks] + [b + ".to_k" for b in blocks]
+    return dict(zip(names, weights))
+
+
+def heldout_rho(model, edited_encoder_model, deltas) -> float:
+    """Mean K/V residual ratio on held-out in-context prompts (UNet cross-attention)."""
+    import torch
+
+    from .pipeline import _gather
+    from .tokens import align
+
+    tok = model.tokenizers["text_encoder"]
+    tgt = [t.format(c) for c in TARGETS for t in HELD_OUT]
+    anc = [t.format(ANCHOR) for _ in TARGETS for t in HELD_OUT]
+    pairs = [align(a.tolist(), b.tolist(), tok.eos_token_id, tok.bos_token_id)
+             for a, b in zip(model.tokenize(tgt), model.tokenize(anc))]
+    X = _gather(edited_encoder_model.encode(tgt).context, [p.target_pos for p in pairs]).double()
+    X0 = _gather(model.encode(tgt).context, [p.target_pos for p in pairs]).double()
+    Y = _gather(model.encode(anc).context, [p.anchor_pos for p in pairs]).double()
+    rhos = []
+    for name, d in deltas.items():
+        if not name.startswith("unet."):
+            continue
+        W = model.weight(name).double()
+        rhos.append(float(((W + d.double()) @ X - W @ Y).norm() / (W @ (Y - X0)).norm()))
+    return sum(rhos) / len(rhos) if rhos else float("nan")
+
+
+def run(args) -> int:
+    import torch
+
+    from ..bench import PeakRSS
+    from ..random_models import build_random_model
+    from . import EraseOptions, erase
+
+    torch.manual_seed(args.seed)
+    model = build_random_model("sd1", args.size, seed=args.seed)
+    _ = model.unet
+    rows = {}
+
+    def timed(fn):
+        best = None
+        for _ in range(max(1, args.repeats)):
+            with PeakRSS() as m:
+                out = fn()
+            if best is None or m.seconds < best[1].seconds:
+                best = (out, m)
+        return best
+
+    ref_w, m = timed(lambda: reference_uce(model, TARGETS, [ANCHOR] * len(TARGETS), PRESERVE))
+    ref_deltas = {n: w - model.weight(n) for n, w in ref_w.items()}
+    rows["reference-uce"] = {"time_s": m.seconds, "peak_mib": m.mib,
+                             "heldout_rho": heldout_rho(model, model, ref_deltas)}
+    uce_opts = EraseOptions(expand_prompts=False, preserve_captions=False)
+    for method, opts in (("uce", uce_opts), ("zero-residual", EraseOptions()), ("erasepro", EraseOptions())):
+        edit, m = timed(lambda: erase(model, TARGETS, [ANCHOR], PRESERVE, method, opts))
+        enc = _encoders_only(model, edit) if method == "erasepro" else model
+        rows[method] = {"time_s": m.seconds, "peak_mib": m.mib, "heldout_rho": heldout_rho(model, enc, edit.deltas),
+                        "unet_delta_rel": _mean([s["delta_rel"] for s in edit.report["stages"] if s["stage"] == "unet"]),
+                        "edit_rho_max": max(s["rho"] for s in edit.report["stages"])}
+        if method == "uce":
+            rows[method]["max_abs_diff_vs_reference"] = max(
+                float((edit.deltas[n] - ref_deltas[n]).abs().max()) for n in ref_deltas)
+    ref = rows["reference-uce"]
+    for r in rows.values():
+        r["time_ratio"] = r["time_s"] / ref["time_s"]
+        r["mem_ratio"] = r["peak_mib"] / ref["peak_mib"] if ref["peak_mib"] > 0 else float("nan")
+    result = {"model": f"sd1 random, size={args.size}, seed={args.seed}", "targets": TARGETS, "anchor": ANCHOR,
+              "preserve": PRESERVE, "held_out_templates": HELD_OUT, "methods": rows,
+              "goals": {"erasepro_time_ratio_max": 1.5, "uce_time_ratio_max": 1.0}}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"erasure benchmark on {result['model']} ({torch.get_num_threads()} threads)")
+        print(f"{'method':<15}{'time s':>9}{'× ref':>8}{'peak MiB':>10}{'× ref':>8}{'held-out ρ':>12}")
+        for k, r in rows.items():
+            print(f"{k:<15}{r['time_s']:>9.2f}{r['time_ratio']:>8.2f}{r['peak_mib']:>10.0f}{r['mem_ratio']:>8.2f}"
+                  f"{r['heldout_rho']:>12.4f}")
+        print(f"our uce vs reference: max |ΔW difference| = {rows['uce']['max_abs_diff_vs_reference']:.2e}")
+        print(f"goals: erasepro ≤ 1.5× reference time (got {rows['erasepro']['time_ratio']:.2f}×), "
+              f"uce ≤ 1.0× (got {rows['uce']['time_ratio']:.2f}×)")
+    return 0
+
+
+def _encoders_only(model, edit):
+    """The model with only the text-encoder part of an edit applied (the UNet is read via deltas)."""
+    import copy
+
+    from ..edit import Edit
+
+    te_only = {k: v for k, v in edit.deltas.items() if not k.startswith("unet.")}
+    return Edit(edit.family, edit.unet_config, te_only).apply(model) if te_only else copy.copy(model)
+
+
+def _mean(xs):
+    return sum(xs) / len(xs) if xs else 0.0
