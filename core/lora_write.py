@@ -37,6 +37,17 @@ def svd_factor(delta: torch.Tensor, rank: int | None, rtol: float = 1e-6):
     return up.float(), down.float(), err
 
 
+def compress_factors(up: torch.Tensor, down: torch.Tensor, rank: int):
+    """Best rank-``rank`` factors of ``up @ down`` (2-D, up: out × R, down: R × in) without forming
+    the dense product: QR of both factors, SVD of the small R × R core. Returns (up, down, rel. error)."""
+    Qu, Ru = torch.linalg.qr(up.double())
+    Qd, Rd = torch.linalg.qr(down.double().t())
+    U, S, Vh = torch.linalg.svd(Ru @ Rd.t())
+    r = max(1, min(int(rank), S.numel()))
+    err = float(S[r:].norm() / S.norm()) if S.norm() > 0 else 0.0
+    return (Qu @ (U[:, :r] * S[:r])).float(), (Vh[:r] @ Qd.t()).float(), err
+
+
 def lora_tensors(edit: Edit, rank: int | None = None, fmt: str = "lora"):
     """kohya tensors for an edit, and per-module export errors."""
     if fmt not in ("lora", "diff"):
@@ -53,12 +64,15 @@ def lora_tensors(edit: Edit, rank: int | None = None, fmt: str = "lora"):
         fac = edit.factors.get(name)
         if fac is not None and (rank is None or fac[0].shape[1] <= rank):
             up, down = fac
-            if delta.dim() == 4 and up.dim() == 2:
-                up = up.reshape(*up.shape, 1, 1)
-                down = down.reshape(down.shape[0], *delta.shape[1:])
             err = 0.0
+        elif fac is not None and fac[0].shape[1] < min(delta.shape[0], delta[0].numel()):
+            up, down, err = compress_factors(fac[0].reshape(fac[0].shape[0], -1),
+                                             fac[1].reshape(fac[1].shape[0], -1), rank)
         else:
             up, down, err = svd_factor(delta, rank)
+        if delta.dim() == 4 and up.dim() == 2:
+            up = up.reshape(*up.shape, 1, 1)
+            down = down.reshape(down.shape[0], *delta.shape[1:])
         r = up.shape[1]
         out[prefix + ".lora_up.weight"] = up.float().contiguous()
         out[prefix + ".lora_down.weight"] = down.float().contiguous()

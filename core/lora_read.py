@@ -1,0 +1,426 @@
+"""Reading LoRA files of every common layout and mapping them onto a loaded base model.
+
+Understood key layouts (spec hosts.md "LoRA files"), mixed freely within one file:
+
+- **kohya**: ``lora_unet_<path>`` (SD1/SD2 diffusers paths, SDXL LDM paths; both are accepted for
+  every family), ``lora_te_…`` (SD1/SD2), ``lora_te1_…`` / ``lora_te2_…`` (SDXL), with
+  ``.lora_down.weight``, ``.lora_up.weight``, optional ``.alpha`` (scale ``alpha / rank``, missing
+  alpha → scale 1) and LoCon's ``.lora_mid.weight`` (CP/Tucker core of a conv LoRA, folded into
+  the down factor: ``down'[a,i,h,w] = Σ_b mid[a,b,h,w] down[b,i]``).
+- **diffusers / PEFT**: ``unet.<path>.lora_A.weight`` / ``.lora_B.weight`` (also ``lora.down``/
+  ``lora.up``, the old attention-processor ``processor.to_q_lora.down`` names and the
+  ``base_model.model.`` prefix), ``text_encoder.…`` / ``text_encoder_2.…``.
+- **ComfyUI internal keys**: ``diffusion_model.<ldm path>.lora_down.weight`` …,
+  ``[text_encoders.]clip_l.transformer.…``, ``clip_h.``, ``clip_g.``.
+- **full deltas**: ``<prefix>.diff`` (any of the prefixes above).
+- **LyCORIS LoHa / LoKr** (without Tucker cores): expanded to their full delta
+  (LoHa ``(w1a·w1b) ⊙ (w2a·w2b)``, LoKr ``w1 ⊗ w2``) with scale ``alpha / rank``.
+  OFT/BOFT, DoRA, GLoRA, Tucker-core LoHa/LoKr and bias deltas are refused with a message.
+
+Every module, whatever its format, is held as exact 2-D factors ``ΔW = scale · up @ down``
+(``up``: out × r, ``down``: r × in·kh·kw); full deltas are factorised by an SVD at their numerical
+rank (float64, exact to rounding). Nothing of the base model is modified.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import WeightsmithError
+from .naming import TE1, TE2, UNET, UNetLayout, comfy_te_prefix
+
+# suffix -> role. Order matters: longest first.
+_SUFFIXES = [
+    (".lora_down.weight", "down"), (".lora_up.weight", "up"), (".lora_mid.weight", "mid"),
+    (".lora_A.weight", "down"), (".lora_B.weight", "up"),
+    (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
+    (".lora.down.weight", "down"), (".lora.up.weight", "up"),
+    (".alpha", "alpha"), (".diff", "diff"), (".diff_b", "diff_b"), (".set_weight", "set_weight"),
+    (".hada_w1_a", "hada_w1_a"), (".hada_w1_b", "hada_w1_b"), (".hada_w2_a", "hada_w2_a"),
+    (".hada_w2_b", "hada_w2_b"), (".hada_t1", "hada_t1"), (".hada_t2", "hada_t2"),
+    (".lokr_w1", "lokr_w1"), (".lokr_w2", "lokr_w2"), (".lokr_w1_a", "lokr_w1_a"),
+    (".lokr_w1_b", "lokr_w1_b"), (".lokr_w2_a", "lokr_w2_a"), (".lokr_w2_b", "lokr_w2_b"),
+    (".lokr_t2", "lokr_t2"), (".oft_blocks", "oft"), (".oft_diag", "oft"), (".oft_R.weight", "oft"),
+    (".dora_scale", "dora"), (".a1.weight", "glora"), (".b1.weight", "glora"),
+    (".w_norm", "norm"), (".b_norm", "norm"), (".on_input", "ignore"), (".bias_indices", "ignore"),
+]
+_SUFFIXES.sort(key=lambda s: -len(s[0]))
+_OLD_PROC = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora$")
+_REFUSED = {
+    "oft": "OFT/BOFT (orthogonal fine-tuning) modules multiply the weight instead of adding to it",
+    "dora": "DoRA modules re-normalise the weight instead of adding a delta",
+    "glora": "GLoRA modules are not additive deltas",
+    "norm": "norm-layer deltas (w_norm/b_norm) are not supported",
+    "set_weight": "'set_weight' keys replace weights instead of adding to them",
+    "hada_t1": "LoHa with Tucker cores (hada_t1/hada_t2) is not supported",
+    "hada_t2": "LoHa with Tucker cores (hada_t1/hada_t2) is not supported",
+    "lokr_t2": "LoKr with a Tucker core (lokr_t2) is not supported",
+}
+
+
+@dataclass
+class LoRAModule:
+    """One module of a LoRA: ``ΔW = scale · up @ down`` reshaped to the module's weight shape."""
+
+    name: str                      # canonical module name (see naming.py)
+    up: torch.Tensor               # out × r, float32
+    down: torch.Tensor             # r × (in·kh·kw), float32
+    scale: float                   # alpha / r (1 for full deltas)
+    shape: tuple                   # shape of the base weight
+    kind: str = "lora"             # "lora" | "locon" | "full" | "loha" | "lokr"
+    alpha: float | None = None
+
+    @property
+    def rank(self) -> int:
+        return int(self.up.shape[1])
+
+    def delta(self, dtype=torch.float32) -> torch.Tensor:
+        d = self.scale * (self.up.to(torch.float64) @ self.down.to(torch.float64))
+        return d.reshape(self.shape).to(dtype)
+
+
+@dataclass
+class LoRA:
+    """A LoRA file mapped onto a base model."""
+
+    path: Path | None
+    name: str
+    modules: dict[str, LoRAModule]
+    metadata: dict = field(default_factory=dict)
+    formats: tuple = ()
+    unmatched: list[str] = field(default_factory=list)   # keys naming no module of the model
+    ignored: list[str] = field(default_factory=list)     # keys understood but not used (bias deltas)
+
+    def deltas(self, dtype=torch.float32) -> dict[str, torch.Tensor]:
+        return {k: m.delta(dtype) for k, m in self.modules.items()}
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {k: m.rank for k, m in self.modules.items()}
+
+    def tag_frequency(self) -> dict[str, int]:
+        """Training caption tags and counts from kohya's ``ss_tag_frequency`` (summed over datasets)."""
+        raw = self.metadata.get("ss_tag_frequency")
+        out: dict[str, int] = defaultdict(int)
+        if not raw:
+            return {}
+        try:
+            data = json.loads(raw) if isinstance(raw, str) else raw
+            for ds in data.values():
+                for tag, n in ds.items():
+                    tag = str(tag).strip()
+                    if tag:
+                        out[tag] += int(n)
+        except Exception:
+            return {}
+        return dict(out)
+
+    def summary(self) -> dict:
+        ranks = sorted(set(self.ranks.values()))
+        return {"name": self.name, "path": str(self.path) if self.path else None,
+                "modules": len(self.modules), "ranks": ranks, "formats": list(self.formats),
+                "unmatched": len(self.unmatched), "ignored": len(self.ignored)}
+
+
+# ----------------------------------------------------------------------------------------------
+# files
+def read_lora_file(path) -> tuple[dict, dict]:
+    """(tensors, metadata) of a LoRA file; clear errors for missing or damaged files."""
+    path = Path(path)
+    if not path.exists():
+        raise WeightsmithError(f"LoRA file not found: {path}")
+    if path.is_dir():
+        cands = [path / "pytorch_lora_weights.safetensors", path / "adapter_model.safetensors"]
+        f = next((c for c in cands if c.exists()), None)
+        if f is None:
+            raise WeightsmithError(f"{path} is a folder without pytorch_lora_weights.safetensors or "
+                                   "adapter_model.safetensors; pass the LoRA file itself.")
+        path = f
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:
+            raise WeightsmithError(
+                f"could not read LoRA {path.name}: the file is damaged or not a safetensors file "
+                f"({type(e).__name__}: {str(e)[:120]}). Re-download or re-save it.") from None
+        return tensors, meta
+    if path.suffix.lower() in (".pt", ".ckpt", ".bin", ".pth"):
+        try:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise WeightsmithError(f"could not read LoRA {path.name} ({type(e).__name__}); only plain "
+                                   "tensor files are read (weights_only). Convert it to .safetensors.") from None
+        if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+            sd = sd["state_dict"]
+        tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+        return tensors, {}
+    raise WeightsmithError(f"{path.name}: unknown LoRA file type {path.suffix!r}; use .safetensors.")
+
+
+def load_lora(path, model, *, name: str | None = None) -> "LoRA":
+    """Read a LoRA file and map it onto ``model`` (an :class:`~weightsmith.core.sdmodel.SDModel`).
+
+    Raises :class:`WeightsmithError` when the file is unreadable, holds NaN/Inf, matches no module
+    of the model, or was made for another base (shape mismatch or another family's key names).
+    Keys naming no module are listed in ``LoRA.unmatched``.
+    """
+    tensors, meta = read_lora_file(path)
+    path = Path(path)
+    return lora_from_state_dict(tensors, model, metadata=meta, name=name or path.stem, path=path)
+
+
+# ----------------------------------------------------------------------------------------------
+# mapping
+class ModuleIndex:
+    """Every key prefix a LoRA may use for every weight-bearing module of a model -> canonical."""
+
+    def __init__(self, model):
+        self.family = model.family
+        self.layout = model.layout
+        self.shapes: dict[str, tuple] = {}
+        self.by_key: dict[str, str] = {}
+        fam, layout = self.family, self.layout
+        for c, te in model.text_encoders.items():
+            for n, m in te.named_modules():
+                if not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+                    continue
+                path = n if n.startswith(("text_model.", "text_projection")) else "text_model." + n
+                canon = f"{c}.{path}"
+                self.shapes[canon] = tuple(m.weight.shape)
+                kpre = ("lora_te1_" if fam == "sdxl" else "lora_te_") if c == TE1 else "lora_te2_"
+                self._add(kpre + path.replace(".", "_"), canon)
+                self._add(f"{c}.{path}", canon)
+                self._add(f"{c}.{path.removeprefix('text_model.')}", canon)
+                cp = comfy_te_prefix(fam, c)
+                self._add(cp + path, canon)
+                self._add("text_encoders." + cp + path, canon)
+                if fam == "sdxl":   # kohya's own SDXL scripts and some trainers say te1/te2 for SDXL only
+                    self._add(("text_encoder." if c == TE1 else "text_encoder_2.") + path, canon)
+        for n, m in model.unet.named_modules():
+            if not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+                continue
+            canon = f"{UNET}.{n}"
+            self.shapes[canon] = tuple(m.weight.shape)
+            self._add("lora_unet_" + n.replace(".", "_"), canon)
+            self._add("unet." + n, canon)
+            self._add("base_model.model." + n, canon)
+            try:
+                ldm = layout.to_ldm(n)
+            except KeyError:
+                continue
+            self._add("lora_unet_" + ldm.replace(".", "_"), canon)
+            self._add("diffusion_model." + ldm, canon)
+            self._add("model.diffusion_model." + ldm, canon)
+
+    def _add(self, key, canon):
+        self.by_key.setdefault(key, canon)
+
+    def lookup(self, prefix: str) -> str | None:
+        c = self.by_key.get(prefix)
+        if c is None:
+            m = _OLD_PROC.search(prefix)
+            if m:
+                sub = m.group(1)
+                c = self.by_key.get(prefix[:m.start()] + "." + (sub + ".0" if sub == "to_out" else sub))
+        return c
+
+
+def _split_key(key: str) -> tuple[str, str] | None:
+    for suf, role in _SUFFIXES:
+        if key.endswith(suf):
+            return key[: -len(suf)], role
+    return None
+
+
+def _key_format(prefix: str) -> str:
+    if prefix.startswith("lora_"):
+        return "kohya"
+    if prefix.startswith(("diffusion_model.", "clip_", "text_encoders.")):
+        return "comfyui"
+    return "diffusers"
+
+
+def _family_hint(prefixes, meta) -> str | None:
+    v = str(meta.get("ss_base_model_version", "") or meta.get("modelspec.architecture", "")).lower()
+    if "xl" in v:
+        return "sdxl"
+    if "v2" in v or "sd_v2" in v or "2-1" in v:
+        return "sd2"
+    if "v1" in v:
+        return "sd1"
+    if any(p.startswith(("lora_te1_", "lora_te2_", "clip_g.", "text_encoders.clip_g.")) for p in prefixes):
+        return "sdxl"
+    if any(p.startswith(("lora_unet_input_blocks", "lora_unet_output_blocks", "lora_unet_middle_block"))
+           and "transformer_blocks_9" in p for p in prefixes):
+        return "sdxl"
+    return None
+
+
+def _finite(name: str, t: torch.Tensor, lora_name: str) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise WeightsmithError(f"LoRA {lora_name} contains NaN or infinite values (in {name}); the file is "
+                               "broken (often a training run that diverged). Use another file.")
+
+
+def _lora_to_factors(parts: dict, prefix: str, lora_name: str):
+    """(up 2-D, down 2-D, scale, kind, alpha) for kohya/PEFT lora_down/lora_up (+mid, +alpha)."""
+    up, down = parts["up"].float(), parts["down"].float()
+    mid = parts.get("mid")
+    r = down.shape[0]
+    if up.shape[1] != r:
+        raise WeightsmithError(f"LoRA {lora_name}: {prefix} has up {tuple(up.shape)} and down "
+                               f"{tuple(down.shape)} of different ranks; the file is damaged.")
+    kind = "lora"
+    if mid is not None:
+        mid = mid.float()
+        down = torch.einsum("abhw,bi->aihw", mid, down.reshape(r, -1))
+        kind = "locon"
+    elif down.dim() == 4 and down.shape[2:] != (1, 1):
+        kind = "locon"
+    alpha = parts.get("alpha")
+    alpha = float(alpha.float().reshape(-1)[0]) if alpha is not None else None
+    scale = (alpha / r) if alpha is not None else 1.0
+    return up.reshape(up.shape[0], r), down.reshape(r, -1), scale, kind, alpha
+
+
+def _full_delta(parts: dict, prefix: str, role_kind: str, lora_name: str):
+    """Full ΔW (float64, unshaped) for .diff, LoHa and LoKr modules, and its kind."""
+    if role_kind == "diff":
+        return parts["diff"].double(), "full"
+    alpha = parts.get("alpha")
+    alpha = float(alpha.float().reshape(-1)[0]) if alpha is not None else None
+    if role_kind == "loha":
+        w1 = parts["hada_w1_a"].double() @ parts["hada_w1_b"].double()
+        w2 = parts["hada_w2_a"].double() @ parts["hada_w2_b"].double()
+        r = parts["hada_w1_b"].shape[0]
+        return w1 * w2 * ((alpha / r) if alpha is not None else 1.0), "loha"
+    # LoKr
+    w1 = parts["lokr_w1"].double() if "lokr_w1" in parts else parts["lokr_w1_a"].double() @ parts["lokr_w1_b"].double()
+    w2 = parts["lokr_w2"].double() if "lokr_w2" in parts else (
+        parts["lokr_w2_a"].double() @ parts["lokr_w2_b"].double().reshape(parts["lokr_w2_b"].shape[0], -1))
+    r = None
+    if "lokr_w1_b" in parts:
+        r = parts["lokr_w1_b"].shape[0]
+    elif "lokr_w2_b" in parts:
+        r = parts["lokr_w2_b"].shape[0]
+    scale = (alpha / r) if (alpha is not None and r is not None) else 1.0
+    return torch.kron(w1, w2.reshape(w2.shape[0], -1)) * scale, "lokr"
+
+
+def factor_full(delta2d: torch.Tensor, rtol: float = 1e-9):
+    """Exact factors of a full delta (SVD at numerical rank): ``(up, down)`` with up@down == Δ."""
+    U, S, Vh = torch.linalg.svd(delta2d.double(), full_matrices=False)
+    if S.numel() == 0 or S[0] == 0:
+        r = 1
+    else:
+        r = max(1, int((S > rtol * S[0]).sum()))
+    return (U[:, :r] * S[:r]).float(), Vh[:r].float()
+
+
+def lora_from_state_dict(tensors: dict, model, *, metadata: dict | None = None, name: str = "lora",
+                         path=None) -> LoRA:
+    """Map an in-memory LoRA state dict (any supported layout) onto ``model``."""
+    meta = dict(metadata or {})
+    if not tensors:
+        raise WeightsmithError(f"LoRA {name} holds no tensors; the file is empty or damaged.")
+    groups: dict[str, dict] = defaultdict(dict)
+    unknown = []
+    for k, v in tensors.items():
+        s = _split_key(k)
+        if s is None:
+            unknown.append(k)
+            continue
+        groups[s[0]][s[1]] = v
+    index = ModuleIndex(model)
+    hint = _family_hint(list(groups), meta)
+    modules: dict[str, LoRAModule] = {}
+    unmatched = list(unknown)
+    ignored, formats = [], set()
+    refused: dict[str, list[str]] = defaultdict(list)
+    for prefix, parts in groups.items():
+        roles = set(parts) - {"alpha"}
+        if roles <= {"ignore"} or not roles:
+            ignored.append(prefix)
+            continue
+        canon = index.lookup(prefix)
+        if canon is None:
+            unmatched.extend(f"{prefix}{_role_suffix(r)}" for r in parts)
+            continue
+        for r, t in parts.items():
+            if isinstance(t, torch.Tensor):
+                _finite(f"{prefix}{_role_suffix(r)}", t, name)
+        bad = [r for r in roles if r in _REFUSED or r in ("oft", "dora", "glora", "norm", "set_weight")]
+        if bad:
+            refused[_REFUSED.get(bad[0], bad[0])].append(prefix)
+            continue
+        if roles == {"diff_b"}:
+            ignored.append(prefix + ".diff_b")
+            continue
+        if "diff_b" in roles:
+            ignored.append(prefix + ".diff_b")
+            roles = roles - {"diff_b"}
+        shape = index.shapes[canon]
+        out_dim, in_dim = shape[0], int(math.prod(shape[1:]))
+        formats.add(_key_format(prefix))
+        if roles & {"up", "down"}:
+            if not {"up", "down"} <= roles:
+                raise WeightsmithError(f"LoRA {name}: {prefix} has only one of its two factors (up/down); "
+                                       "the file is damaged.")
+            up, down, scale, kind, alpha = _lora_to_factors(parts, prefix, name)
+        else:
+            role_kind = "diff" if "diff" in roles else ("loha" if any(r.startswith("hada") for r in roles) else "lokr")
+            try:
+                full, kind = _full_delta(parts, prefix, role_kind, name)
+            except KeyError as e:
+                raise WeightsmithError(f"LoRA {name}: {prefix} lacks {e.args[0]}; the file is damaged "
+                                       "or uses a LyCORIS variant Weightsmith does not read.") from None
+            if full.numel() != out_dim * in_dim:
+                _shape_error(name, prefix, canon, shape, tuple(full.shape), hint, model.family)
+            up, down = factor_full(full.reshape(out_dim, in_dim))
+            scale, alpha = 1.0, None
+            formats.add("full" if kind == "full" else kind)
+        if up.shape[0] != out_dim or down.shape[1] != in_dim:
+            _shape_error(name, prefix, canon, shape, (up.shape[0], down.shape[1]), hint, model.family)
+        if canon in modules:
+            raise WeightsmithError(f"LoRA {name} names module {canon} twice (e.g. in two key layouts); "
+                                   "the file is ambiguous.")
+        modules[canon] = LoRAModule(canon, up.contiguous(), down.contiguous(), float(scale), shape, kind, alpha)
+    if refused:
+        why, prefixes = next(iter(refused.items()))
+        raise WeightsmithError(f"LoRA {name} cannot be used: {why} ({len(prefixes)} modules, e.g. "
+                               f"{prefixes[0]}). Convert it to a plain LoRA or a full-delta (.diff) file.")
+    if not modules:
+        if hint and hint != model.family:
+            raise WeightsmithError(f"LoRA {name} was made for {hint.upper()} but the model is "
+                                   f"{model.family.upper()}; none of its keys fit. Use a LoRA made for this base model.")
+        raise WeightsmithError(
+            f"LoRA {name} matches no module of this {model.family.upper()} model ({len(unmatched)} keys, "
+            f"e.g. {unmatched[:1]}). It was made for another base model or uses an unknown key layout.")
+    if model.family != "sdxl" and any(p.startswith(("lora_te1_", "lora_te2_")) for p in groups):
+        raise WeightsmithError(f"LoRA {name} has SDXL text-encoder keys (lora_te1_/lora_te2_) but the model is "
+                               f"{model.family.upper()}; use a LoRA made for this base model.")
+    return LoRA(Path(path) if path else None, name, modules, meta, tuple(sorted(formats)), unmatched, ignored)
+
+
+def _role_suffix(role: str) -> str:
+    for suf, r in _SUFFIXES:
+        if r == role:
+            return suf
+    return "." + role
+
+
+def _shape_error(name, prefix, canon, shape, got, hint, family):
+    extra = f" (its metadata or keys say {hint.upper()})" if hint and hint != family else ""
+    raise WeightsmithError(
+        f"LoRA {name} does not fit this {family.upper()} model{extra}: {prefix} is {got[0]}×{got[1]} but "
+        f"{canon} is {shape[0]}×{int(math.prod(shape[1:]))}. Use a LoRA made for this base model.")

@@ -1,0 +1,168 @@
+"""``merge()``: one entry point for IterIS and the baselines, and writing the result."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ..edit import Edit
+from ..errors import WeightsmithError
+from ..progress import Steps
+from . import baselines
+from .iteris import IterISSolver
+from .options import METHODS, MergeOptions
+from .sampling import default_prompts, make_samples
+
+
+def _as_loras(model, loras):
+    from ..lora_read import LoRA, load_lora
+
+    out = []
+    for item in loras:
+        if isinstance(item, LoRA):
+            out.append(item)
+        elif isinstance(item, (str, Path)):
+            out.append(load_lora(item, model))
+        else:
+            raise WeightsmithError(f"cannot merge a {type(item).__name__}; pass LoRA files or load_lora() results.")
+    return out
+
+
+def _prompts_for(loras, prompts, count):
+    """Per-LoRA prompt lists and where they came from."""
+    k = len(loras)
+    if prompts is None:
+        per = [None] * k
+    elif isinstance(prompts, dict):
+        per = [prompts.get(l.name) or prompts.get(str(l.path)) or prompts.get(i) for i, l in enumerate(loras)]
+    elif all(isinstance(p, str) for p in prompts):
+        per = [list(prompts)] * k
+    else:
+        per = [list(p) if p else None for p in prompts]
+        if len(per) != k:
+            raise WeightsmithError(f"got prompt lists for {len(per)} LoRAs but {k} LoRAs to merge.")
+    out, sources = [], []
+    for l, p in zip(loras, per):
+        p = [s.strip() for s in (p or []) if s and s.strip()]
+        if p:
+            out.append(p)
+            sources.append("user")
+        else:
+            d, src = default_prompts(l, count=max(1, min(4, count)))
+            out.append(d)
+            sources.append(src)
+    return out, sources
+
+
+def merge(model, loras, method: str = "iteris", weights=None, prompts=None,
+          options: MergeOptions | None = None, progress=None, cancel=None) -> Edit:
+    """Merge LoRAs into one edit of ``model`` (an :class:`~weightsmith.core.sdmodel.SDModel`).
+
+    ``loras``: :class:`~weightsmith.core.lora_read.LoRA` objects (from ``load_lora(path, model)``) or
+    paths. ``method``: ``iteris`` | ``linear`` | ``concat`` | ``svd`` | ``ties`` | ``dare`` | ``regmean``.
+    ``weights``: one float per LoRA (default 1); for ``iteris``/``regmean`` they are relative
+    importances ``m_i`` (spec iteris.md §1), for the data-free methods they scale the deltas.
+    ``prompts``: ``None`` (from each LoRA's ``ss_tag_frequency``), one list for all LoRAs, a list of
+    lists (one per LoRA) or a dict ``{lora name: [...]}``. ``progress(done, total, label)`` and
+    ``cancel() -> bool`` as everywhere in Weightsmith.
+
+    Returns an :class:`~weightsmith.core.edit.Edit` whose ``factors`` hold exact low-rank factors
+    where the method has them (iteris, regmean, concat, svd), and whose ``report`` holds
+    ``method``, ``loras``, ``time_s``, ``iterations``, ``curve`` (per-iteration ``objective`` and
+    ``change``) and ``residuals`` (per module ``sqrt(J_m / Σ λ m ‖XΔW_iᵀ‖²)``). The model is not changed.
+    """
+    t0 = time.time()
+    opts = options or MergeOptions()
+    method = (method or "iteris").lower()
+    if method not in METHODS:
+        raise WeightsmithError(f"unknown merge method {method!r}; use one of {', '.join(METHODS)}.")
+    if not loras:
+        raise WeightsmithError("no LoRAs to merge; pass at least one (--lora FILE).")
+    loras = _as_loras(model, loras)
+    k = len(loras)
+    weights = [1.0] * k if weights is None else [float(w) for w in weights]
+    if len(weights) != k:
+        raise WeightsmithError(f"got {len(weights)} weights for {k} LoRAs; give one weight per LoRA.")
+    if method in ("iteris", "regmean") and any(w <= 0 for w in weights):
+        raise WeightsmithError("IterIS/RegMean weights are relative importances and must be positive.")
+    info = [dict(l.summary(), weight=w) for l, w in zip(loras, weights)]
+    if method in ("iteris", "regmean"):
+        plist, sources = _prompts_for(loras, prompts, opts.samples)
+        samples = [make_samples(p, opts.samples, opts.seed) for p in plist]
+        for d, p, s in zip(info, plist, sources):
+            d.update(prompts=p, prompts_source=s)
+        iters = 0 if method == "regmean" else opts.iterations
+        steps = Steps(k * (1 + iters + (1 if opts.evaluate_final else 0)), progress, cancel)
+        solver = IterISSolver(model, loras, weights, samples, opts, steps, regmean=(method == "regmean"),
+                              check=steps.check)
+        edit = solver.run()
+    else:
+        steps = Steps(1, progress, cancel)
+        steps.check()
+        if method == "linear":
+            edit = baselines.linear(model, loras, weights)
+        elif method == "concat":
+            edit = baselines.concat(model, loras, weights)
+        elif method == "svd":
+            edit = baselines.svd_merge(model, loras, weights, opts.svd_rank, opts.svd_clamp_quantile)
+        elif method == "ties":
+            edit = baselines.ties(model, loras, weights, opts.ties_density, opts.ties_lambda)
+        else:
+            edit = baselines.dare(model, loras, weights, opts.dare_p, opts.seed)
+        steps.step(method)
+        edit.report.setdefault("iterations", 0)
+        edit.report.setdefault("curve", [])
+        edit.report.setdefault("residuals", {})
+    edit.report.update(method=method, family=model.family, loras=info, options=opts.to_dict(),
+                       time_s=time.time() - t0)
+    return edit
+
+
+def merged_tag_frequency(loras) -> dict:
+    """The inputs' ``ss_tag_frequency`` side by side (so a merged LoRA still has default prompts)."""
+    out = {}
+    for l in loras:
+        raw = l.metadata.get("ss_tag_frequency")
+        if not raw:
+            continue
+        try:
+            for ds, tags in json.loads(raw).items():
+                out[f"{l.name}/{ds}"] = tags
+        except Exception:
+            continue
+    return out
+
+
+def save_merge(edit: Edit, model, out, fmt: str = "lora", rank: int | None = None, loras=()) -> dict:
+    """Write a merge: ``fmt="lora"`` (kohya LoRA; exact factors, or SVD to ``rank`` with the error
+    reported), ``"diff"`` (full deltas) or ``"checkpoint"`` (base + ΔW in the model's own format).
+    Returns ``{"path", "format", "rank", "max_error", ...}``; nothing is written on error."""
+    from ..lora_write import save_lora
+    from ..model_io import check_output_path, save_edited_model
+
+    out = Path(out)
+    inputs = [l.path for l in loras if getattr(l, "path", None)]
+    src = getattr(getattr(model, "source", None), "path", None)
+    check_output_path(out, inputs + [src])
+    if fmt == "checkpoint":
+        save_edited_model(model, edit.deltas, out, metadata={"ws_method": edit.report.get("method", ""),
+                                                              "ws_inputs": json.dumps([l.name for l in loras])})
+        return {"path": str(out), "format": "checkpoint"}
+    if fmt not in ("lora", "diff"):
+        raise WeightsmithError(f"unknown output format {fmt!r}; use lora or checkpoint.")
+    if out.suffix.lower() != ".safetensors":
+        raise WeightsmithError(f"LoRA output must end in .safetensors, not {out.suffix or 'nothing'!r}.")
+    rep = edit.report
+    meta = {
+        "ws_method": rep.get("method", ""),
+        "ws_inputs": json.dumps([{"name": d.get("name"), "weight": d.get("weight"), "ranks": d.get("ranks")}
+                                 for d in rep.get("loras", [])]),
+        "ws_settings": json.dumps({k: v for k, v in (rep.get("options") or {}).items()}),
+        "ss_output_name": out.stem,
+    }
+    tf = merged_tag_frequency(loras)
+    if tf:
+        meta["ss_tag_frequency"] = json.dumps(tf)
+    res = save_lora(edit, out, rank=rank, fmt=fmt, metadata=meta)
+    return {"path": str(out), "format": fmt, "rank": res["rank"], "max_error": res["max_error"],
+            "errors": res["errors"]}

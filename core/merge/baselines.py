@@ -1,0 +1,133 @@
+"""Data-free merge baselines (spec iteris.md §5). All work on the LoRAs' deltas per module.
+
+- ``linear``: task arithmetic ``Σ w_i ΔW_i`` (what stacking LoRA loaders does); dense result.
+- ``concat``: the same sum kept exact as factors of rank ``Σ r_i`` (kohya ``--concat``).
+- ``svd``: kohya ``svd_merge_lora.py``: dense ``Σ w_i ΔW_i``, truncated SVD to ``rank``, ``U·S`` and
+  ``Vh`` entries clamped to ``±q`` with ``q`` the 0.99-quantile of their concatenated entries.
+- ``ties``: per module, keep each delta's top ``density`` fraction by magnitude, elect the sign of
+  the weighted sum, average (weighted) the entries that agree with it, times ``ties_lambda``.
+- ``dare``: drop each entry with probability ``p`` (seeded), rescale survivors by ``1/(1−p)``, sum
+  weighted.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ..edit import Edit
+
+
+def _modules(loras):
+    return sorted(set().union(*[set(l.modules) for l in loras]))
+
+
+def _shape(loras, n):
+    return next(l.modules[n].shape for l in loras if n in l.modules)
+
+
+def _dense_sum(loras, weights, n):
+    out = None
+    for l, w in zip(loras, weights):
+        if n in l.modules:
+            d = w * l.modules[n].delta(torch.float64)
+            out = d if out is None else out + d
+    return out
+
+
+def _edit(model_family, unet_config, deltas, factors, method):
+    return Edit(model_family, dict(unet_config), {k: v.float() for k, v in deltas.items()},
+                {k: (u.float().contiguous(), d.float().contiguous()) for k, (u, d) in factors.items()},
+                {"method": method})
+
+
+def linear(model, loras, weights) -> Edit:
+    deltas = {n: _dense_sum(loras, weights, n) for n in _modules(loras)}
+    return _edit(model.family, model.unet_config, deltas, {}, "linear")
+
+
+def concat(model, loras, weights) -> Edit:
+    deltas, factors = {}, {}
+    for n in _modules(loras):
+        ups, downs = [], []
+        for l, w in zip(loras, weights):
+            if n in l.modules:
+                m = l.modules[n]
+                ups.append(w * m.scale * m.up.double())
+                downs.append(m.down.double())
+        U, V = torch.cat(ups, 1), torch.cat(downs, 0)
+        factors[n] = (U, V)
+        deltas[n] = (U @ V).reshape(_shape(loras, n))
+    return _edit(model.family, model.unet_config, deltas, factors, "concat")
+
+
+def _quantile(x: torch.Tensor, q: float) -> float:
+    return float(np.quantile(x.detach().double().cpu().numpy(), q))
+
+
+def svd_merge(model, loras, weights, rank: int | None = None, clamp_quantile: float = 0.99) -> Edit:
+    rank = int(rank or max(m.rank for l in loras for m in l.modules.values()))
+    deltas, factors, errors = {}, {}, {}
+    for n in _modules(loras):
+        d = _dense_sum(loras, weights, n)
+        shape = d.shape
+        mat = d.reshape(shape[0], -1)
+        U, S, Vh = torch.linalg.svd(mat, full_matrices=False)
+        r = min(rank, S.numel())
+        U = U[:, :r] * S[:r]
+        Vh = Vh[:r]
+        hi = _quantile(torch.cat([U.flatten(), Vh.flatten()]), clamp_quantile)
+        U, Vh = U.clamp(-hi, hi), Vh.clamp(-hi, hi)
+        factors[n] = (U, Vh)
+        merged = U @ Vh
+        errors[n] = float((merged - mat).norm() / mat.norm()) if mat.norm() > 0 else 0.0
+        deltas[n] = merged.reshape(shape)
+    e = _edit(model.family, model.unet_config, deltas, factors, "svd")
+    e.report.update({"rank": rank, "clamp_quantile": clamp_quantile, "svd_errors": errors})
+    return e
+
+
+def ties(model, loras, weights, density: float = 0.2, lam: float = 1.0) -> Edit:
+    deltas = {}
+    for n in _modules(loras):
+        shape = _shape(loras, n)
+        trimmed, ws = [], []
+        for l, w in zip(loras, weights):
+            d = l.modules[n].delta(torch.float64) if n in l.modules else torch.zeros(shape, dtype=torch.float64)
+            k = max(1, int(math.ceil(density * d.numel())))
+            flat = d.abs().flatten()
+            thr = torch.kthvalue(flat, flat.numel() - k + 1).values if k < flat.numel() else flat.min()
+            trimmed.append(torch.where(d.abs() >= thr, d, torch.zeros_like(d)))
+            ws.append(float(w))
+        T = torch.stack(trimmed)
+        W = torch.tensor(ws, dtype=torch.float64).reshape(-1, *([1] * len(shape)))
+        sign = torch.sign((W * T).sum(0))
+        agree = (torch.sign(T) == sign) & (T != 0)
+        num = (W * T * agree).sum(0)
+        den = (W * agree).sum(0)
+        deltas[n] = lam * torch.where(den != 0, num / den.where(den != 0, torch.ones_like(den)), torch.zeros_like(num))
+    e = _edit(model.family, model.unet_config, deltas, {}, "ties")
+    e.report.update({"density": density, "lambda": lam})
+    return e
+
+
+def dare(model, loras, weights, p: float = 0.5, seed: int = 0) -> Edit:
+    if not 0.0 <= p < 1.0:
+        from ..errors import WeightsmithError
+        raise WeightsmithError(f"DARE drop probability must be in [0, 1), got {p}.")
+    gen = torch.Generator().manual_seed(int(seed))
+    deltas = {}
+    for n in _modules(loras):
+        out = None
+        for l, w in zip(loras, weights):
+            if n not in l.modules:
+                continue
+            d = l.modules[n].delta(torch.float64)
+            keep = torch.rand(d.shape, generator=gen, dtype=torch.float64) >= p
+            d = w * d * keep / (1.0 - p)
+            out = d if out is None else out + d
+        deltas[n] = out
+    e = _edit(model.family, model.unet_config, deltas, {}, "dare")
+    e.report.update({"p": p, "seed": seed})
+    return e

@@ -1,0 +1,200 @@
+"""``weightsmith merge``: merge LoRAs with IterIS or a baseline and write a LoRA or a checkpoint."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from ..errors import WeightsmithError
+from .options import METHODS, MergeOptions
+
+EPILOG = """examples:
+  weightsmith merge --model sd15.safetensors --lora a.safetensors --lora b.safetensors:0.8 --out ab.safetensors
+  weightsmith merge --model sd15.safetensors --lora a.safetensors --lora b.safetensors \\
+      --prompts a.safetensors "a photo of zq; zq on a table" --prompts b.safetensors "zx style city" \\
+      --iterations 10 --samples 16 --rank 32 --out ab.safetensors --report ab.json
+  weightsmith merge --model sd15.safetensors --lora a.safetensors --lora b.safetensors --method ties \\
+      --format checkpoint --out merged-model.safetensors
+Prompts are split at ';'. Without --prompts, each LoRA's training tags (ss_tag_frequency) are used."""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "merge", help="merge LoRAs (IterIS, linear, concat, svd, ties, dare, regmean)",
+        description="Merge LoRAs into one LoRA (or a merged checkpoint). IterIS solves, for every module, "
+                    "a closed-form least-squares problem on features of sampled generations, iterated to "
+                    "convergence; the baselines work on the weights alone.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="base model: single-file .safetensors or diffusers folder")
+    p.add_argument("--lora", action="append", required=True, metavar="FILE[:WEIGHT]",
+                   help="a LoRA to merge (repeat); optional weight after ':' (default 1)")
+    p.add_argument("--prompts", action="append", nargs="+", metavar="ARG",
+                   help="'p1; p2' for every LoRA, or LORA_FILE 'p1; p2' for one LoRA (repeatable)")
+    p.add_argument("--method", choices=METHODS, default="iteris")
+    d = MergeOptions()
+    p.add_argument("--iterations", type=int, default=d.iterations, help=f"IterIS iterations (default {d.iterations})")
+    p.add_argument("--tol", type=float, default=d.tol, help="stop when the relative change falls below this")
+    p.add_argument("--samples", type=int, default=d.samples, help=f"(prompt, seed) samples per LoRA (default {d.samples})")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"DDIM steps per sample trajectory (default {d.steps})")
+    p.add_argument("--latent-size", type=int, default=None,
+                   help="latent side length for sampling (default: the model's; e.g. 32 = 256 px on SD1.5)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--alpha", type=float, default=d.alpha1, help="ridge α₁ = α₂ (default 1e-5)")
+    p.add_argument("--reg-ceof", type=float, default=d.reg_ceof, help="reference knob ρ (default 0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rank", type=int, default=None,
+                   help="compress the written LoRA to this rank (truncated SVD; error reported). "
+                        "svd method: its merge rank")
+    p.add_argument("--density", type=float, default=d.ties_density, help="TIES keep fraction")
+    p.add_argument("--drop", type=float, default=d.dare_p, help="DARE drop probability")
+    p.add_argument("--format", choices=("lora", "diff", "checkpoint"), default="lora")
+    p.add_argument("--out", required=True, help="output file (.safetensors; a folder for diffusers checkpoints)")
+    p.add_argument("--report", default=None, help="write a JSON report here")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    p.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder for single-file checkpoints")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def parse_lora_arg(arg: str) -> tuple[str, float]:
+    """``FILE[:WEIGHT]`` (a drive letter like ``C:`` is not a weight)."""
+    head, sep, tail = arg.rpartition(":")
+    if sep and head and not tail.startswith(("\\", "/")):
+        try:
+            w = float(tail)
+        except ValueError:
+            return arg, 1.0
+        if not math.isfinite(w):
+            raise WeightsmithError(f"weight of {head} is not a finite number: {tail!r}")
+        return head, w
+    return arg, 1.0
+
+
+def _split_prompts(s: str) -> list[str]:
+    return [p.strip() for p in s.split(";") if p.strip()]
+
+
+def _prompt_map(groups, lora_paths):
+    """--prompts groups -> per-LoRA lists (None = default)."""
+    per = [None] * len(lora_paths)
+    for g in groups or []:
+        if len(g) == 1:
+            per = [(p or []) + _split_prompts(g[0]) for p in per]
+        elif len(g) == 2:
+            key = Path(g[0])
+            idx = [i for i, lp in enumerate(lora_paths)
+                   if Path(lp) == key or Path(lp).name == key.name or Path(lp).stem == g[0]]
+            if not idx:
+                raise WeightsmithError(f"--prompts names {g[0]}, which is not one of the --lora files.")
+            for i in idx:
+                per[i] = (per[i] or []) + _split_prompts(g[1])
+        else:
+            raise WeightsmithError("--prompts takes 'p1; p2' or LORA_FILE 'p1; p2'.")
+    return per
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise WeightsmithError("--device cuda: no CUDA device is available; use --device cpu.")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise WeightsmithError("--device mps: MPS is not available; use --device cpu.")
+    return name
+
+
+def _json_safe(x):
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    return str(x)
+
+
+def run(args) -> int:
+    from ..lora_read import load_lora
+    from ..model_io import check_output_path, load_model
+    from ..progress import tqdm_progress
+    from . import merge, save_merge
+
+    if not args.lora:
+        raise WeightsmithError("no LoRAs to merge; pass at least one --lora FILE.")
+    pairs = [parse_lora_arg(a) for a in args.lora]
+    out = Path(args.out)
+    check_output_path(out, [p for p, _ in pairs] + [args.model])
+    if args.format != "checkpoint" and out.suffix.lower() != ".safetensors":
+        raise WeightsmithError(f"--out must end in .safetensors for a LoRA, not {out.name!r}.")
+    prompts = _prompt_map(args.prompts, [p for p, _ in pairs])
+    opts = MergeOptions(iterations=args.iterations, tol=args.tol, samples=args.samples, steps=args.steps,
+                        latent_size=args.latent_size, batch_size=args.batch_size, alpha1=args.alpha,
+                        alpha2=args.alpha, reg_ceof=args.reg_ceof, seed=args.seed, svd_rank=args.rank,
+                        ties_density=args.density, dare_p=args.drop)
+    model = load_model(args.model, tokenizer=args.tokenizer)
+    loras = [load_lora(p, model) for p, _ in pairs]
+    for l in loras:
+        if l.unmatched:
+            print(f"weightsmith: note: {l.name}: {len(l.unmatched)} keys name no module of this model and are "
+                  f"ignored (e.g. {l.unmatched[0]})", file=sys.stderr)
+    dev = _device(args.device)
+    if dev != "cpu" and args.method in ("iteris", "regmean"):
+        for te in model.text_encoders.values():
+            te.to(dev)
+        model.unet.to(dev)
+    progress = None if args.no_progress else tqdm_progress(f"merge ({args.method})")
+    try:
+        edit = merge(model, loras, args.method, weights=[w for _, w in pairs], prompts=prompts, options=opts,
+                     progress=progress, cancel=None)
+    finally:
+        if progress is not None:
+            progress.close()
+    if dev != "cpu":
+        for te in model.text_encoders.values():
+            te.to("cpu")
+        model.unet.to("cpu")
+    fmt_rank = args.rank if args.method != "svd" else None
+    written = save_merge(edit, model, out, fmt=args.format, rank=fmt_rank, loras=loras)
+    rep = dict(edit.report)
+    rep["output"] = {k: v for k, v in written.items() if k != "errors"}
+    if written.get("errors"):
+        rep["output"]["export_errors"] = written["errors"]
+    if args.report:
+        _write_json(Path(args.report), _json_safe(rep))
+    curve = rep.get("curve") or []
+    last = next((c for c in reversed(curve) if c.get("objective") is not None), None)
+    msg = f"wrote {out} ({args.method}, {len(loras)} LoRAs, {rep['time_s']:.1f}s"
+    if args.method == "iteris":
+        msg += f", {rep.get('iterations', 0)} iterations"
+        if last:
+            msg += f", objective {last['objective']:.4g}"
+    if written.get("rank") is not None:
+        msg += f", rank {written['rank']}, export error {written.get('max_error', 0):.2e}"
+    print(msg + ")")
+    return 0
+
+
+def _write_json(path: Path, data) -> None:
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".ws-", suffix=".json.tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

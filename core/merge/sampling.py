@@ -1,0 +1,154 @@
+"""The Stable Diffusion sampling protocol for IterIS statistics (spec iteris.md §4, this project's
+design: the paper's diffusion code was never released).
+
+Samples of LoRA *i* are ``(prompt, seed)`` pairs: prompts are the user's, or by default built from
+the most frequent tags of the LoRA's ``ss_tag_frequency`` metadata (else its file name). For each
+sample a short DDIM trajectory (``steps`` steps, conditional branch only, no guidance) runs with
+**LoRA i** from seeded noise ``torch.randn((C, L, L), generator=torch.Generator().manual_seed(seed))``;
+at every visited ``(x_t, t)`` the LoRA-i model's module inputs give rows of ``X_i`` and the
+**merged** model, run at the very same ``(x_t, t, prompt)``, gives the paired rows of ``X̃_i``.
+Text-encoder modules see the prompt's tokens (all 77 positions: the UNet cross-attends to every
+one of them, padding included, so they are kept everywhere, consistently). When the LoRAs touch
+no UNet module other than cross-attention ``to_k``/``to_v``, no UNet pass runs: those modules read
+the text encoder's output directly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import WeightsmithError
+from ..naming import TE2
+
+FALLBACK_PROMPTS = ("a photo of {}", "{}", "a picture of {}, detailed", "{} in a garden")
+
+
+@dataclass(frozen=True)
+class Sample:
+    prompt: str
+    seed: int
+
+
+def default_prompts(lora, count: int = 4, tags_per_prompt: int = 4) -> tuple[list[str], str]:
+    """Prompts for a LoRA without user prompts: windows over its most frequent training tags
+    (``ss_tag_frequency``), else its trigger phrase or file name. Returns (prompts, source)."""
+    freq = lora.tag_frequency()
+    if freq:
+        tags = [t for t, _ in sorted(freq.items(), key=lambda kv: (-kv[1], kv[0]))]
+        prompts = []
+        for k in range(count):
+            window = tags[k: k + tags_per_prompt] or tags[:tags_per_prompt]
+            prompts.append(", ".join(window))
+        return list(dict.fromkeys(prompts)), "ss_tag_frequency"
+    trig = lora.metadata.get("modelspec.trigger_phrase") or lora.metadata.get("ss_output_name")
+    word = (trig or lora.name).replace("_", " ").strip() or "an image"
+    return [p.format(word) for p in FALLBACK_PROMPTS[:max(1, count)]], "file name" if not trig else "trigger phrase"
+
+
+def make_samples(prompts: list[str], n: int, seed: int) -> list[Sample]:
+    """``n`` samples cycling through ``prompts`` with seeds ``seed, seed+1, …``."""
+    if not prompts:
+        raise WeightsmithError("no prompts to sample with; pass --prompts.")
+    return [Sample(prompts[k % len(prompts)], seed + k) for k in range(int(n))]
+
+
+def make_scheduler(model):
+    from diffusers import DDIMScheduler
+
+    if model.scheduler is not None:
+        return DDIMScheduler.from_config(model.scheduler.config)
+    return DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                         beta_end=0.012)
+
+
+def is_context_only(name: str) -> bool:
+    """UNet modules whose input is the text conditioning (cross-attention keys/values)."""
+    return name.startswith("unet.") and (name.endswith("attn2.to_k") or name.endswith("attn2.to_v"))
+
+
+class Protocol:
+    """Runs samples through paired passes. ``phases``: [(delta set, stats mode), …]; the first phase's
+    model drives the trajectory, the others are evaluated at the same ``(x_t, t, prompt)``."""
+
+    def __init__(self, model, hooks, stats, *, steps: int = 4, latent_size: int | None = None,
+                 batch_size: int = 4, need_unet: bool = True, context_modules=(), check=None):
+        self.model = model
+        self.hooks = hooks
+        self.stats = stats
+        self.steps = max(1, int(steps))
+        cfg = model.unet_config
+        self.latent = int(latent_size or cfg.get("sample_size", 64))
+        self.channels = int(cfg.get("in_channels", 4))
+        self.batch_size = max(1, int(batch_size))
+        self.need_unet = need_unet
+        self.context_modules = list(context_modules)
+        self.check = check or (lambda: None)
+        self.unet_passes = 0
+        self.te_passes = 0
+
+    def batches(self, samples):
+        for i in range(0, len(samples), self.batch_size):
+            yield samples[i:i + self.batch_size]
+
+    def _encode(self, prompts):
+        self.te_passes += 1
+        return self.model.encode(prompts)
+
+    @torch.no_grad()
+    def run(self, samples, phases) -> None:
+        for batch in self.batches(samples):
+            self.check()
+            self._run_batch(batch, phases)
+        self.stats.mode = "off"
+        self.hooks.use(None)
+
+    def _run_batch(self, batch, phases):
+        prompts = [s.prompt for s in batch]
+        conds = []
+        for key, mode in phases:
+            self.hooks.use(key)
+            self.stats.mode = mode
+            conds.append(self._encode(prompts))
+        if not self.need_unet:
+            for (key, mode), cond in zip(phases, conds):
+                self.stats.mode = mode
+                for n in self.context_modules:
+                    self.stats.feed(n, cond.context.reshape(-1, cond.context.shape[-1]))
+            self.stats.mode = "off"
+            return
+        unet = self.model.unet
+        p = next(unet.parameters())
+        sched = make_scheduler(self.model)
+        sched.set_timesteps(self.steps)
+        z = torch.stack([torch.randn((self.channels, self.latent, self.latent),
+                                     generator=torch.Generator().manual_seed(s.seed)) for s in batch])
+        z = (z * sched.init_noise_sigma).to(device=p.device, dtype=p.dtype)
+        extra = []
+        for cond in conds:
+            kw = {}
+            if self.model.family == "sdxl":
+                px = self.latent * 8
+                tid = torch.tensor([[px, px, 0, 0, px, px]] * len(batch), device=p.device, dtype=p.dtype)
+                kw["added_cond_kwargs"] = {"text_embeds": cond.pooled.to(p.device, p.dtype), "time_ids": tid}
+            extra.append(kw)
+        for t in sched.timesteps:
+            self.check()
+            zin = sched.scale_model_input(z, t)
+            eps = None
+            for (key, mode), cond, kw in zip(phases, conds, extra):
+                self.hooks.use(key)
+                self.stats.mode = mode
+                out = unet(zin, t.to(p.device), encoder_hidden_states=cond.context.to(p.device, p.dtype), **kw).sample
+                self.unet_passes += 1
+                if eps is None:
+                    eps = out
+            self.stats.mode = "off"
+            z = sched.step(eps, t, z).prev_sample
+
+
+def encoder_components(names) -> set:
+    return {n.partition(".")[0] for n in names}
+
+
+__all__ = ["Sample", "default_prompts", "make_samples", "Protocol", "is_context_only", "TE2"]

@@ -1,0 +1,187 @@
+"""Forward hooks for merging: low-rank deltas on the fly, and streaming Gram statistics.
+
+:class:`DeltaHooks` makes one shared base model behave as "base + LoRA i" or "base + current merge"
+without copying or changing a single weight: a forward hook adds ``x·downᵀ·upᵀ`` (a conv pair for
+conv modules) to each touched module's output. Switching between delta sets is a pointer change.
+
+:class:`GramStats` accumulates, per module, the Gram matrices of spec iteris.md §1 while features
+stream through forward hooks, never keeping them:
+
+- ``gram`` mode: ``G += XᵀX`` (iteration 0, where ``X̃ = X``);
+- ``x`` mode: keep the inputs of the *current forward pass only* (one batch) in a queue;
+- ``pair`` mode: take the queued ``X`` rows of the same module and accumulate
+  ``C += XᵀX̃``, ``H += X̃ᵀX̃`` (with ``X̃ ← (1−ρ)X̃ + ρX`` for ``reg_ceof`` ρ), then drop them.
+
+The state is three ``d_in × d_in`` matrices per module at most, independent of the number of
+samples; transient memory is one batch of inputs. Rows are tokens (text encoder, cross-attention
+``to_k``/``to_v``), pixels (linear layers and 1×1 convs in the UNet) or unfolded patches for
+larger kernels (``d_in = c_in·kh·kw``, matching ``weight.reshape(out, -1)``). Modules with
+``d_in > max_dim`` get no statistics (the caller falls back to the weighted sum there).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+
+
+def module_rows(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The inputs of a Linear/Conv2d as rows of ``X`` (one row per token/pixel/patch)."""
+    if isinstance(module, torch.nn.Conv2d):
+        k = module.kernel_size
+        if k == (1, 1) and module.stride == (1, 1) and module.padding in ((0, 0), 0):
+            return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+        cols = F.unfold(x, k, dilation=module.dilation, padding=module.padding, stride=module.stride)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    return x.reshape(-1, x.shape[-1])
+
+
+def in_dim(module: torch.nn.Module) -> int:
+    w = module.weight
+    return int(w[0].numel())
+
+
+class DeltaHooks:
+    """Named sets of low-rank deltas applied through forward hooks; ``use(key)`` switches sets."""
+
+    def __init__(self, model, names):
+        self.model = model
+        self.names = list(names)
+        self.sets: dict[str, dict] = {}
+        self.active: str | None = None
+        self._handles = []
+        for n in self.names:
+            mod = model.module(n)
+            self._handles.append(mod.register_forward_hook(self._hook(n)))
+
+    def add(self, key: str, factors: dict) -> None:
+        """``factors``: module -> (up out×R, down R×in·kh·kw), ``up@down`` = ΔW (scale folded in)."""
+        prepared = {}
+        for n, (up, down) in factors.items():
+            mod = self.model.module(n)
+            w = mod.weight
+            up = up.to(device=w.device, dtype=w.dtype)
+            down = down.to(device=w.device, dtype=w.dtype)
+            if isinstance(mod, torch.nn.Conv2d):
+                down = down.reshape(down.shape[0], *w.shape[1:])
+                up = up.reshape(up.shape[0], up.shape[1], 1, 1)
+            prepared[n] = (up.contiguous(), down.contiguous())
+        self.sets[key] = prepared
+
+    def use(self, key: str | None) -> None:
+        self.active = key
+
+    def _hook(self, name):
+        def hook(module, inputs, output):
+            if self.active is None:
+                return None
+            fac = self.sets[self.active].get(name)
+            if fac is None:
+                return None
+            up, down = fac
+            x = inputs[0]
+            if isinstance(module, torch.nn.Conv2d):
+                h = F.conv2d(x, down, None, module.stride, module.padding, module.dilation, module.groups)
+                return output + F.conv2d(h, up)
+            return output + F.linear(F.linear(x, down), up)
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+class GramStats:
+    """Streaming ``G``, ``C``, ``H`` per module (see module docstring). Call :meth:`reset` between LoRAs."""
+
+    def __init__(self, model, names, *, dtype=torch.float64, device="cpu", max_dim: int = 6144,
+                 reg_ceof: float = 0.0):
+        self.model = model
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.reg_ceof = float(reg_ceof)
+        self.mode = "off"
+        self.dims: dict[str, int] = {}
+        self.tracked: list[str] = []
+        self.skipped: list[str] = []
+        self._handles = []
+        self._queue: dict[str, list] = defaultdict(list)
+        self.acc: dict[str, dict[str, torch.Tensor]] = {}
+        self.rows: dict[str, int] = defaultdict(int)
+        self.peak_queue_bytes = 0
+        self._queue_bytes = 0
+        for n in names:
+            mod = model.module(n)
+            d = in_dim(mod)
+            self.dims[n] = d
+            if d > max_dim:
+                self.skipped.append(n)
+                continue
+            self.tracked.append(n)
+            self._handles.append(mod.register_forward_hook(self._hook(n)))
+
+    # -- accumulation ---------------------------------------------------------------------------
+    def _hook(self, name):
+        def hook(module, inputs, output):
+            if self.mode != "off":
+                self.feed(name, module_rows(module, inputs[0]))
+        return hook
+
+    def _add(self, name, key, a, b):
+        d = self.dims[name]
+        acc = self.acc.setdefault(name, {})
+        if key not in acc:
+            acc[key] = torch.zeros(d, d, dtype=self.dtype, device=self.device)
+        acc[key].addmm_(a.t(), b)
+
+    def feed(self, name: str, rows: torch.Tensor) -> None:
+        """Give rows of module ``name``'s input to the accumulator (hooks call this; the sampler calls
+        it directly for cross-attention ``to_k``/``to_v`` when no UNet pass is needed)."""
+        if name not in self.dims or name in self.skipped:
+            return
+        mode = self.mode
+        if mode == "gram":
+            x = rows.to(device=self.device, dtype=self.dtype)
+            self._add(name, "G", x, x)
+            self.rows[name] += x.shape[0]
+        elif mode == "x":
+            r = rows.detach()
+            self._queue[name].append(r)
+            self._queue_bytes += r.numel() * r.element_size()
+            self.peak_queue_bytes = max(self.peak_queue_bytes, self._queue_bytes)
+        elif mode == "pair":
+            if not self._queue[name]:
+                raise RuntimeError(f"unpaired features for {name}: the merged pass saw a call the "
+                                   "LoRA pass did not")
+            xr = self._queue[name].pop(0)
+            self._queue_bytes -= xr.numel() * xr.element_size()
+            if xr.shape != rows.shape:
+                raise RuntimeError(f"paired passes disagree at {name}: {tuple(xr.shape)} vs {tuple(rows.shape)}")
+            x = xr.to(device=self.device, dtype=self.dtype)
+            xt = rows.to(device=self.device, dtype=self.dtype)
+            if self.reg_ceof:
+                xt = (1.0 - self.reg_ceof) * xt + self.reg_ceof * x
+            self._add(name, "C", x, xt)
+            self._add(name, "H", xt, xt)
+            self.rows[name] += x.shape[0]
+
+    def check_paired(self) -> None:
+        left = [n for n, q in self._queue.items() if q]
+        if left:
+            raise RuntimeError(f"{len(left)} modules have LoRA-pass features without a merged pass (e.g. {left[0]})")
+
+    def reset(self) -> None:
+        self.acc = {}
+        self.rows = defaultdict(int)
+        self._queue = defaultdict(list)
+        self._queue_bytes = 0
+
+    def state_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for a in self.acc.values() for t in a.values())
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
