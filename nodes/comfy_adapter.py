@@ -1,0 +1,280 @@
+"""ComfyUI MODEL/CLIP <-> Weightsmith core (spec hosts.md, ComfyUI).
+
+- :func:`sdmodel_from_comfy` reads the *effective* weights of a ComfyUI ``ModelPatcher`` and
+  ``CLIP`` (the checkpoint plus every patch already on them, e.g. LoRAs applied upstream) and
+  builds a core :class:`~weightsmith.core.sdmodel.SDModel` with
+  :func:`~weightsmith.core.model_io.model_from_state_dict`. Nothing is copied until a weight is
+  read: UNet weights are fetched one by one when a solver asks for them.
+- :func:`comfy_patches` maps an :class:`~weightsmith.core.edit.Edit`'s canonical names to ComfyUI
+  state-dict keys; :func:`apply_edit` puts them as ``("diff", (ΔW,))`` patches on *clones* of the
+  inputs, and checks that ComfyUI accepted every key (``add_patches`` silently ignores unknown ones).
+
+ComfyUI keys: UNet ``diffusion_model.<ldm path>``; text encoders in transformers format
+``clip_l.transformer.text_model.…`` (SD1, SDXL's CLIP-L), ``clip_h.transformer.…`` (SD2, q/k/v
+already split), ``clip_g.transformer.…`` (SDXL's bigG).
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+import torch
+
+from ..core.errors import WeightsmithError
+from ..core.naming import TE1, TE2, UNetLayout, comfy_key
+
+UNET_PREFIX = "diffusion_model."
+# component -> (ComfyUI CLIP attribute / state-dict prefix of its encoder)
+TE_PREFIXES = {
+    "sd1": {TE1: "clip_l"},
+    "sd2": {TE1: "clip_h"},
+    "sdxl": {TE1: "clip_l", TE2: "clip_g"},
+}
+FAMILY_BY_CONFIG = {"SD15": "sd1", "SD20": "sd2", "SD21UnclipL": "sd2", "SD21UnclipH": "sd2",
+                    "SDXL": "sdxl", "SSD1B": "sdxl", "Segmind_Vega": "sdxl", "KOALA_700M": "sdxl",
+                    "KOALA_1B": "sdxl"}
+
+
+# ----------------------------------------------------------------------------------------------
+# effective weights
+def _calculate_weight(patcher, patches, weight, key):
+    try:
+        import comfy.lora
+
+        if hasattr(comfy.lora, "calculate_weight"):
+            return comfy.lora.calculate_weight(patches, weight, key)
+    except ImportError:  # pragma: no cover - very old ComfyUI
+        pass
+    return patcher.calculate_weight(patches, weight, key)
+
+
+def effective_weight(patcher, key: str, entry) -> torch.Tensor:
+    """One weight as the sampler will see it, from a ``get_key_patches()`` entry.
+
+    The entry's shape changed across ComfyUI versions: ``(w,)`` / ``[w, *patches]`` (old) or
+    ``[(w, convert_fn), *patches]`` (current). Accept both.
+    """
+    first, patches = entry[0], list(entry[1:])
+    convert = None
+    if isinstance(first, (tuple, list)):
+        weight = first[0]
+        convert = first[1] if len(first) > 1 else None
+    else:
+        weight = first
+    w = weight.detach().to("cpu", torch.float32, copy=True)
+    if convert is not None:
+        try:
+            w = convert(w, inplace=True)
+        except TypeError:
+            w = convert(w)
+    if patches:
+        w = _calculate_weight(patcher, patches, w, key)
+    return w.float()
+
+
+class EffectiveWeights(Mapping):
+    """Read-only ``{key: effective float32 CPU tensor}`` view of a ModelPatcher, computed lazily.
+
+    ``get_key_patches`` hands out the stored tensors (no copy); only weights that are read are
+    converted, and patched ones are recomputed with ComfyUI's own ``calculate_weight``.
+    """
+
+    def __init__(self, patcher, prefixes: tuple[str, ...]):
+        self._patcher = patcher
+        kp = patcher.get_key_patches()
+        self._entries = {k: v for k, v in kp.items() if k.startswith(prefixes)}
+
+    def __getitem__(self, key):
+        if key not in self._entries:
+            raise KeyError(key)
+        return effective_weight(self._patcher, key, self._entries[key])
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def __len__(self):
+        return len(self._entries)
+
+    def shape(self, key):
+        first = self._entries[key][0]
+        w = first[0] if isinstance(first, (tuple, list)) else first
+        return tuple(w.shape)
+
+
+class LazyState(Mapping):
+    """The union of several :class:`EffectiveWeights`; text-encoder tensors are cached (they are
+    read once more when core builds the encoders), UNet tensors are not (read once each)."""
+
+    def __init__(self, sources: list[EffectiveWeights]):
+        self._src = {}
+        for s in sources:
+            for k in s:
+                self._src[k] = s
+        self._cache = {}
+
+    def __getitem__(self, key):
+        if key in self._cache:
+            return self._cache[key]
+        v = self._src[key][key]
+        if not key.startswith(UNET_PREFIX):
+            self._cache[key] = v
+        return v
+
+    def __iter__(self):
+        return iter(self._src)
+
+    def __len__(self):
+        return len(self._src)
+
+
+# ----------------------------------------------------------------------------------------------
+# family and encoders
+def detect_family(model, clip) -> str:
+    cfg = getattr(getattr(model, "model", None), "model_config", None)
+    name = type(cfg).__name__ if cfg is not None else "?"
+    fam = FAMILY_BY_CONFIG.get(name)
+    inner = getattr(clip, "cond_stage_model", None)
+    has = {p: hasattr(inner, p) for p in ("clip_l", "clip_h", "clip_g")}
+    clip_fam = "sdxl" if (has["clip_g"] and has["clip_l"]) else "sd2" if has["clip_h"] else (
+        "sd1" if has["clip_l"] and not has["clip_g"] else None)
+    if fam is None:
+        # unknown config class (fork or fine-tune type): fall back to the key layout
+        uc = getattr(cfg, "unet_config", {}) or {}
+        ctx = uc.get("context_dim")
+        fam = {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(ctx)
+        if fam is None or not uc.get("model_channels"):
+            raise WeightsmithError(
+                f"Weightsmith edits SD1.x, SD2.x and SDXL models; this MODEL is {name!r}. Load an "
+                "SD1.x/SD2.x/SDXL checkpoint (Load Checkpoint) and connect its MODEL and CLIP.")
+    if clip_fam != fam:
+        raise WeightsmithError(
+            f"the MODEL is {fam} but the CLIP is {clip_fam or type(inner).__name__}: connect the MODEL and CLIP "
+            "outputs of the same checkpoint loader.")
+    return fam
+
+
+def comfy_tokenizers(clip, family: str) -> dict:
+    """HF CLIPTokenizers from a ComfyUI CLIP object (copies, with each encoder's pad token)."""
+    from ..core.tokenizer import EOS
+
+    out = {}
+    for comp, attr in TE_PREFIXES[family].items():
+        sd_tok = getattr(clip.tokenizer, attr, None)
+        tok = getattr(sd_tok, "tokenizer", None)
+        if tok is None:
+            from ..core.tokenizer import find_clip_tokenizer
+
+            tok = find_clip_tokenizer()
+        tok = copy.deepcopy(tok)
+        if tok.model_max_length > 1000:
+            tok.model_max_length = 77
+        # OpenCLIP encoders (SD2's H, SDXL's bigG) pad with "!" (id 0), CLIP-L with the end token
+        pad = "!" if attr in ("clip_h", "clip_g") else EOS
+        if tok.pad_token != pad:
+            tok.pad_token = pad
+        out[comp] = tok
+    return out
+
+
+def clip_skip_from_clip(clip, family: str) -> int | None:
+    """ComfyUI's ``CLIPSetLastLayer`` (``clip.layer_idx``) as core's clip-skip (1 = family default)."""
+    idx = getattr(clip, "layer_idx", None)
+    if idx is None or family == "sdxl":
+        return None
+    idx = int(idx)
+    if idx >= 0:
+        raise WeightsmithError("CLIPSetLastLayer with a non-negative layer is not supported; use -1, -2, ...")
+    # SD1 default is the last layer (-1); SD2's default is already the penultimate layer (-2)
+    return max(1, -idx - (1 if family == "sd2" else 0))
+
+
+def te_heads(clip, family: str) -> dict:
+    heads = {}
+    inner = clip.cond_stage_model
+    for comp, attr in TE_PREFIXES[family].items():
+        enc = getattr(inner, attr)
+        n = None
+        for obj in (getattr(enc, "transformer", None), enc):
+            cfg = getattr(obj, "config", None) or getattr(obj, "config_dict", None)
+            if isinstance(cfg, dict) and "num_attention_heads" in cfg:
+                n = int(cfg["num_attention_heads"])
+                break
+        try:
+            n = n or int(enc.transformer.text_model.encoder.layers[0].self_attn.heads)
+        except AttributeError:
+            pass
+        if n:
+            heads[comp] = n
+    return heads
+
+
+# ----------------------------------------------------------------------------------------------
+# ComfyUI -> SDModel
+def sdmodel_from_comfy(model, clip, *, clip_skip: int | None = None, need_unet: bool = False):
+    """Build a core SDModel from the effective weights of a ComfyUI MODEL and CLIP."""
+    from ..core.model_io import model_from_state_dict
+
+    family = detect_family(model, clip)
+    te_src = {comp: (attr + ".transformer.", False) for comp, attr in TE_PREFIXES[family].items()}
+    unet_w = EffectiveWeights(model, (UNET_PREFIX,))
+    te_w = EffectiveWeights(clip.patcher, tuple(p for p, _ in te_src.values()))
+    if not any(k.endswith("attn2.to_k.weight") for k in unet_w):
+        raise WeightsmithError("this MODEL has no cross-attention UNet (diffusion_model.*attn2*); "
+                               "Weightsmith edits SD1.x, SD2.x and SDXL models.")
+    tensors = LazyState([unet_w, te_w])
+    if clip_skip is None:
+        clip_skip = clip_skip_from_clip(clip, family)
+    sd = model_from_state_dict(tensors, family, te_sources=te_src, unet_prefix=UNET_PREFIX,
+                               tokenizers=comfy_tokenizers(clip, family), clip_skip=clip_skip,
+                               te_heads=te_heads(clip, family))
+    if need_unet:
+        sd.unet  # noqa: B018  (build it now, inside the node's progress)
+    return sd
+
+
+# ----------------------------------------------------------------------------------------------
+# Edit -> ComfyUI patches
+def comfy_patches(edit) -> tuple[dict, dict]:
+    """(unet patches, clip patches) as ``{key: ("diff", (ΔW,))}`` for ``add_patches``."""
+    layout = UNetLayout.from_config(edit.unet_config)
+    unet, clip = {}, {}
+    for name, delta in edit.deltas.items():
+        key = comfy_key(name + ".weight", edit.family, layout)
+        entry = ("diff", (delta.detach().float().cpu().contiguous(),))
+        (unet if key.startswith(UNET_PREFIX) else clip)[key] = entry
+    return unet, clip
+
+
+def apply_edit(model, clip, edit, strength: float = 1.0):
+    """Clones of ``model`` and ``clip`` with the edit added as patches (inputs untouched)."""
+    unet_p, clip_p = comfy_patches(edit)
+    m, c = model, clip
+    if unet_p:
+        m = model.clone()
+        got = set(m.add_patches(unet_p, float(strength)))
+        _check_applied(unet_p, got, "MODEL")
+    if clip_p:
+        c = clip.clone()
+        got = set(c.add_patches(clip_p, float(strength)))
+        _check_applied(clip_p, got, "CLIP")
+    return m, c
+
+
+def _check_applied(wanted: dict, got: set, what: str) -> None:
+    missing = sorted(k for k in wanted if k not in got)
+    if missing:
+        raise WeightsmithError(
+            f"ComfyUI did not accept {len(missing)} of {len(wanted)} {what} patches (first: {missing[0]}). "
+            "The edit was computed for a different model: connect the MODEL/CLIP it was made from.")
+
+
+def weight_norms(sdmodel, edit) -> dict[str, float]:
+    """‖ΔW‖/‖W‖ per edited module, W the effective weight the edit was computed from."""
+    out = {}
+    for name, d in edit.deltas.items():
+        try:
+            w = sdmodel.weight(name)
+            out[name] = float(d.float().norm() / w.float().norm().clamp_min(1e-12))
+        except Exception:
+            out[name] = float("nan")
+    return out

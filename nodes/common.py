@@ -1,0 +1,107 @@
+"""What every Weightsmith node shares: progress/cancel wiring, input parsing, reports.
+
+Only ComfyUI's light modules are imported here; torch, diffusers, transformers and the core
+solvers are imported inside the node functions, so ComfyUI starts fast.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+
+CATEGORY = "Weightsmith"
+EDIT_TYPE = "WEIGHTSMITH_EDIT"
+STACK_TYPE = "WEIGHTSMITH_LORA_STACK"
+
+
+def lines(text: str) -> list[str]:
+    """One item per non-empty line (commas inside a line are kept: "a cat, in a hat")."""
+    return [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+
+
+def host_progress(total_hint: int = 1):
+    """(progress, cancel) callables for core: ComfyUI's ProgressBar and its interrupt check."""
+    import comfy.model_management as mm
+    import comfy.utils
+
+    bar = comfy.utils.ProgressBar(max(1, total_hint))
+
+    def progress(done: int, total: int, label: str = "") -> None:
+        bar.update_absolute(int(done), int(total))
+
+    def cancel() -> bool:
+        # raises ComfyUI's InterruptProcessingException when the user pressed Cancel
+        mm.throw_exception_if_processing_interrupted()
+        return False
+
+    return progress, cancel
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Turn core's CancelledError into ComfyUI's interrupt; let WeightsmithError's message through."""
+    from ..core.errors import CancelledError
+
+    try:
+        yield
+    except CancelledError:
+        import comfy.model_management as mm
+
+        raise mm.InterruptProcessingException()
+
+
+def options_of(cls, **kw):
+    """Build a core options dataclass from the keys it actually has (solvers grow fields)."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in kw.items() if k in names and v is not None})
+
+
+def format_report(edit, rel: dict[str, float], title: str) -> str:
+    """A plain-text report: header, then one line per edited module."""
+    rep = edit.report or {}
+    head = [title]
+    for k in ("method", "family", "targets", "anchors", "preserve", "loras", "weights", "time_s"):
+        if k in rep and rep[k] not in (None, [], ""):
+            v = rep[k]
+            head.append(f"{k}: {', '.join(map(str, v)) if isinstance(v, (list, tuple)) else v}")
+    head.append(f"modules edited: {len(edit.deltas)}")
+    stages = {s.get("layer"): s for s in rep.get("stages", []) if isinstance(s, dict)}
+    body = []
+    for name in sorted(edit.deltas, key=_order):
+        s = stages.get(name, {})
+        line = f"{name}: |dW|/|W| = {rel.get(name, float('nan')):.3e}"
+        if "residual_before" in s:
+            line += f", residual {s['residual_before']:.3e} -> {s['residual_after']:.3e}"
+        body.append(line)
+    summary = rep.get("summary")
+    tail = [f"summary: {json.dumps(summary, default=str)}"] if summary else []
+    return "\n".join(head + [""] + body + tail)
+
+
+def _order(name: str):
+    """Text encoder(s) first, then the UNet; layer numbers in numeric order."""
+    import re
+
+    comp = name.split(".", 1)[0]
+    parts = [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+    return ({"text_encoder": 0, "text_encoder_2": 1, "unet": 2}.get(comp, 3), [(0, p) if isinstance(p, int) else (1, p) for p in parts])
+
+
+def report_picture(edit, rel: dict[str, float], title: str):
+    from .report_image import render_rows, to_comfy_image
+
+    stages = {s.get("layer"): s for s in (edit.report or {}).get("stages", []) if isinstance(s, dict)}
+    rows = []
+    for name in sorted(edit.deltas, key=_order):
+        s = stages.get(name, {})
+        rows.append({"name": name, "delta_rel": rel.get(name),
+                     "residual_before": s.get("residual_before"), "residual_after": s.get("residual_after")})
+    t = (edit.report or {}).get("time_s")
+    footer = f"{len(rows)} modules, {t} s" if t is not None else f"{len(rows)} modules"
+    return to_comfy_image(render_rows(title, rows, footer))
+
+
+def ui_text(text: str) -> dict:
+    """The ``ui`` part of a node result; web/weightsmith.js shows it on the node."""
+    return {"weightsmith_report": [text]}

@@ -1,0 +1,110 @@
+"""Weightsmith · Erase Concepts: closed-form concept erasure on a MODEL/CLIP pair.
+
+The edit is computed from the effective weights of the inputs (LoRAs applied upstream count) and
+returned as patches on clones: the inputs and every other branch of the graph are unchanged.
+"""
+from __future__ import annotations
+
+import logging
+
+from .common import CATEGORY, EDIT_TYPE, format_report, host_progress, lines, options_of, report_picture, ui_text, user_errors
+
+METHODS = ["erasepro", "zero-residual", "uce"]
+
+
+def parse_layer_range(text: str):
+    """'' / 'auto' -> None; '3-8' or '3..8' -> (3, 8); '5' -> (5, 5)."""
+    from ..core.errors import WeightsmithError
+
+    t = (text or "").strip().lower().replace("..", "-")
+    if t in ("", "auto", "all"):
+        return None
+    try:
+        if "-" in t:
+            a, b = t.split("-", 1)
+            lo, hi = int(a), int(b)
+        else:
+            lo = hi = int(t)
+    except ValueError:
+        raise WeightsmithError(f"layers {text!r} is not a range; write e.g. 0-7 (text-encoder layers, "
+                               "inclusive) or leave it empty for the default.") from None
+    if lo < 0 or hi < lo:
+        raise WeightsmithError(f"layers {text!r}: write first-last with 0 <= first <= last.")
+    return (lo, hi)
+
+
+class WeightsmithEraseConcepts:
+    DESCRIPTION = ("Erase concepts from a model in closed form (ErasePro, its zero-residual ablation, or UCE). "
+                   "Each target is mapped onto its anchor; preserved concepts are kept. Returns the edited "
+                   "MODEL and CLIP (patched clones; the inputs are unchanged), the edit (save it with "
+                   "Save Edit as LoRA) and a report.")
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("MODEL", "CLIP", EDIT_TYPE, "STRING", "IMAGE")
+    RETURN_NAMES = ("model", "clip", "edit", "report", "report_image")
+    OUTPUT_TOOLTIPS = ("The model with the erasure applied (UNet cross-attention patches).",
+                       "The CLIP with the erasure applied (text-encoder patches; ErasePro only).",
+                       "The edit itself: connect it to Save Edit as LoRA.",
+                       "Per-layer report: |dW|/|W| and residuals before -> after.",
+                       "The report as a picture.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The model to edit (SD1.x, SD2.x or SDXL). LoRAs applied upstream are part of it."}),
+                "clip": ("CLIP", {"tooltip": "The CLIP of the same checkpoint; prompts are encoded with it."}),
+                "targets": ("STRING", {"multiline": True, "default": "Van Gogh",
+                                       "tooltip": "Concepts to erase, one per line."}),
+                "anchors": ("STRING", {"multiline": True, "default": "art",
+                                       "tooltip": "What each target becomes, one per line (one line for all targets; "
+                                                  "empty = the unconditional prompt)."}),
+                "method": (METHODS, {"default": "erasepro",
+                                     "tooltip": "erasepro: text encoder + UNet, progressive (best). zero-residual: UNet "
+                                                "only. uce: Unified Concept Editing (UNet only)."}),
+                "strength": ("FLOAT", {"default": 1.0, "min": -2.0, "max": 2.0, "step": 0.05,
+                                       "tooltip": "Scale of the edit: 1 = the solved edit, 0 = none."}),
+            },
+            "optional": {
+                "preserve": ("STRING", {"multiline": True, "default": "",
+                                        "tooltip": "Concepts to keep unchanged, one per line."}),
+                "layers": ("STRING", {"default": "", "advanced": True,
+                                      "tooltip": "Text-encoder layers to edit (ErasePro), e.g. 0-7; empty = default."}),
+                "token_mode": (["suffix", "last"], {"default": "suffix", "advanced": True,
+                                                    "tooltip": "Which tokens carry the concept: suffix = the target's "
+                                                               "tokens and everything after them; last = end token only."}),
+                "lam": ("FLOAT", {"default": 0.5, "min": 1e-6, "max": 100.0, "step": 0.01, "advanced": True,
+                                  "tooltip": "λ: weight of keeping the original weights (UCE and preservation)."}),
+                "prompt_expansion": (["auto", "on", "off"], {"default": "auto", "advanced": True,
+                                                              "tooltip": "Expand each concept into template prompts (auto: "
+                                                                         "on for erasepro/zero-residual, off for uce)."}),
+                "clip_skip": ("INT", {"default": 0, "min": 0, "max": 12, "advanced": True,
+                                      "tooltip": "0 = take it from the CLIP input (Set Last Layer); 1 = last layer, "
+                                                 "2 = penultimate (SD1/SD2; SDXL is fixed)."}),
+            },
+        }
+
+    def run(self, model, clip, targets, anchors, method, strength, preserve="", layers="", token_mode="suffix",
+            lam=0.5, prompt_expansion="auto", clip_skip=0):
+        from ..core.erase import EraseOptions, erase
+        from . import comfy_adapter as ca
+
+        with user_errors():
+            progress, cancel = host_progress()
+            cancel()
+            sd = ca.sdmodel_from_comfy(model, clip, clip_skip=clip_skip or None)
+            opts = options_of(EraseOptions, tokens=token_mode, lam=float(lam),
+                              te_layers=parse_layer_range(layers),
+                              expand_prompts={"auto": None, "on": True, "off": False}[prompt_expansion])
+            anchor_list = lines(anchors) or [""]
+            logging.info("Weightsmith: erasing %s (%s)", lines(targets), method)
+            edit = erase(sd, lines(targets), anchor_list, lines(preserve), method=method, options=opts,
+                         progress=progress, cancel=cancel)
+            edit = edit.scaled(strength) if float(strength) != 1.0 else edit
+            edit.report["strength"] = float(strength)
+            m, c = ca.apply_edit(model, clip, edit, 1.0)
+            rel = ca.weight_norms(sd, edit)
+            title = f"Weightsmith erase ({method}): {', '.join(lines(targets))[:60]}"
+            text = format_report(edit, rel, title)
+            image = report_picture(edit, rel, title)
+        return {"ui": ui_text(text), "result": (m, c, edit, text, image)}

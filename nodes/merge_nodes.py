@@ -1,0 +1,136 @@
+"""Weightsmith · LoRA Stack and IterIS Merge: merge several LoRAs into one closed-form edit.
+
+A stack is an immutable tuple of entries ``{"name", "path", "weight", "prompts"}``; chaining
+Stack nodes appends. The merge reads the LoRA files with core's reader, computes the merged ΔW
+on the effective weights of the MODEL/CLIP (connect the *base* model, without these LoRAs) and
+returns it as patches on clones.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from .common import (CATEGORY, EDIT_TYPE, STACK_TYPE, format_report, host_progress, lines, options_of,
+                     report_picture, ui_text, user_errors)
+
+MERGE_METHODS = ["iteris", "linear", "concat", "svd", "ties", "dare", "regmean"]
+
+
+def _lora_list():
+    import folder_paths
+
+    return folder_paths.get_filename_list("loras")
+
+
+class WeightsmithLoraStack:
+    DESCRIPTION = ("Add a LoRA (with its weight and sample prompts) to a stack for IterIS Merge. Chain several "
+                   "Stack nodes to merge more LoRAs.")
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = (STACK_TYPE,)
+    RETURN_NAMES = ("stack",)
+    OUTPUT_TOOLTIPS = ("The stack: the LoRAs so far plus this one.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "lora_name": (_lora_list(), {"tooltip": "A LoRA file from the loras folder."}),
+                "weight": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05,
+                                     "tooltip": "The LoRA's strength in the merge."}),
+                "sample_prompts": ("STRING", {"multiline": True, "default": "",
+                                              "tooltip": "Prompts this LoRA is used with, one per line (IterIS and "
+                                                         "RegMean fit the merge on them; empty = read the LoRA's "
+                                                         "training tags if it has them)."}),
+            },
+            "optional": {
+                "stack": (STACK_TYPE, {"tooltip": "An earlier stack to extend (chain Stack nodes)."}),
+            },
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, lora_name, weight, sample_prompts, stack=None):
+        # re-run when the file on disk changes, not only when the inputs do
+        import folder_paths
+
+        path = folder_paths.get_full_path("loras", lora_name)
+        try:
+            st = os.stat(path)
+            return f"{lora_name}|{st.st_mtime_ns}|{st.st_size}|{weight}|{sample_prompts}"
+        except (OSError, TypeError):
+            return f"{lora_name}|missing|{weight}|{sample_prompts}"
+
+    def run(self, lora_name, weight, sample_prompts, stack=None):
+        import folder_paths
+
+        path = folder_paths.get_full_path_or_raise("loras", lora_name)
+        entry = {"name": lora_name, "path": path, "weight": float(weight),
+                 "prompts": tuple(lines(sample_prompts))}
+        return (tuple(stack or ()) + (entry,),)
+
+
+class WeightsmithIterISMerge:
+    DESCRIPTION = ("Merge a stack of LoRAs into the model in closed form: IterIS (iterative inference-solving "
+                   "alignment, default) or a baseline (linear, concat, svd, ties, dare, regmean). Connect the base "
+                   "MODEL/CLIP without these LoRAs. Returns patched clones, the edit and a report.")
+    CATEGORY = CATEGORY
+    FUNCTION = "run"
+    RETURN_TYPES = ("MODEL", "CLIP", EDIT_TYPE, "STRING", "IMAGE")
+    RETURN_NAMES = ("model", "clip", "edit", "report", "report_image")
+    OUTPUT_TOOLTIPS = ("The model with the merged LoRAs applied.", "The CLIP with the merged LoRAs applied.",
+                       "The merged edit: connect it to Save Edit as LoRA.", "Per-layer report.",
+                       "The report as a picture.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The base model (SD1.x, SD2.x or SDXL) the LoRAs were trained for."}),
+                "clip": ("CLIP", {"tooltip": "The CLIP of the same checkpoint."}),
+                "stack": (STACK_TYPE, {"tooltip": "The LoRAs to merge (LoRA Stack nodes)."}),
+                "method": (MERGE_METHODS, {"default": "iteris",
+                                           "tooltip": "iteris: IterIS (best, needs sample prompts). Baselines: "
+                                                      "linear (weighted sum), concat, svd, ties, dare, regmean."}),
+                "iterations": ("INT", {"default": 5, "min": 1, "max": 50,
+                                       "tooltip": "IterIS alternations between inference and solving."}),
+                "samples": ("INT", {"default": 4, "min": 1, "max": 64,
+                                    "tooltip": "Samples per LoRA used to collect layer inputs."}),
+                "steps": ("INT", {"default": 4, "min": 1, "max": 100,
+                                  "tooltip": "Denoising steps per sample when collecting layer inputs."}),
+                "resolution": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 64,
+                                       "tooltip": "Image size of the samples (lower is faster)."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1,
+                                 "tooltip": "Seed of the sampling noise: same seed, same merge."}),
+            },
+        }
+
+    def run(self, model, clip, stack, method, iterations, samples, steps, resolution, seed):
+        from ..core.errors import WeightsmithError
+        from ..core.lora_read import load_lora
+        from ..core.merge import MergeOptions, merge
+        from . import comfy_adapter as ca
+
+        with user_errors():
+            if not stack:
+                raise WeightsmithError("the LoRA stack is empty; add LoRA Stack nodes.")
+            progress, cancel = host_progress()
+            cancel()
+            sd = ca.sdmodel_from_comfy(model, clip)
+            loras = [load_lora(e["path"]) for e in stack]
+            cancel()
+            weights = [e["weight"] for e in stack]
+            prompts = [list(e["prompts"]) for e in stack]
+            prompts = prompts if any(prompts) else None
+            opts = options_of(MergeOptions, iterations=int(iterations), samples=int(samples), steps=int(steps),
+                              resolution=int(resolution), seed=int(seed))
+            logging.info("Weightsmith: merging %d LoRAs (%s)", len(loras), method)
+            edit = merge(sd, loras, method=method, weights=weights, prompts=prompts, options=opts,
+                         progress=progress, cancel=cancel)
+            edit.report.setdefault("loras", [e["name"] for e in stack])
+            edit.report.setdefault("weights", weights)
+            m, c = ca.apply_edit(model, clip, edit, 1.0)
+            rel = ca.weight_norms(sd, edit)
+            title = f"Weightsmith merge ({method}): {len(stack)} LoRAs"
+            text = format_report(edit, rel, title)
+            image = report_picture(edit, rel, title)
+        return {"ui": ui_text(text), "result": (m, c, edit, text, image)}
