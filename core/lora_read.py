@@ -96,6 +96,17 @@ class LoRA:
     formats: tuple = ()
     unmatched: list[str] = field(default_factory=list)   # keys naming no module of the model
     ignored: list[str] = field(default_factory=list)     # keys understood but not used (bias deltas)
+    raw: dict | None = field(default=None, repr=False)   # tensors of a file read without a model
+
+    @property
+    def bound(self) -> bool:
+        return self.raw is None
+
+    def bind(self, model) -> "LoRA":
+        """This LoRA mapped onto ``model`` (itself when it already is)."""
+        if self.raw is None:
+            return self
+        return lora_from_state_dict(self.raw, model, metadata=self.metadata, name=self.name, path=self.path)
 
     def deltas(self, dtype=torch.float32) -> dict[str, torch.Tensor]:
         return {k: m.delta(dtype) for k, m in self.modules.items()}
@@ -167,15 +178,20 @@ def read_lora_file(path) -> tuple[dict, dict]:
     raise WeightsmithError(f"{path.name}: unknown LoRA file type {path.suffix!r}; use .safetensors.")
 
 
-def load_lora(path, model, *, name: str | None = None) -> "LoRA":
+def load_lora(path, model=None, *, name: str | None = None) -> "LoRA":
     """Read a LoRA file and map it onto ``model`` (an :class:`~weightsmith.core.sdmodel.SDModel`).
 
     Raises :class:`WeightsmithError` when the file is unreadable, holds NaN/Inf, matches no module
     of the model, or was made for another base (shape mismatch or another family's key names).
-    Keys naming no module are listed in ``LoRA.unmatched``.
+    Keys naming no module are listed in ``LoRA.unmatched``. Without ``model`` the file is only read
+    and checked; :meth:`LoRA.bind` (which ``merge()`` calls) maps it later.
     """
     tensors, meta = read_lora_file(path)
     path = Path(path)
+    if model is None:
+        for k, t in tensors.items():
+            _finite(k, t, path.stem)
+        return LoRA(path, name or path.stem, {}, meta, raw=tensors)
     return lora_from_state_dict(tensors, model, metadata=meta, name=name or path.stem, path=path)
 
 

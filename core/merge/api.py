@@ -20,7 +20,7 @@ def _as_loras(model, loras):
     out = []
     for item in loras:
         if isinstance(item, LoRA):
-            out.append(item)
+            out.append(item.bind(model))
         elif isinstance(item, (str, Path)):
             out.append(load_lora(item, model))
         else:

@@ -98,7 +98,8 @@ class IterISSolver:
                                reg_ceof=0.0 if self.regmean else self.opts.reg_ceof)
         ctx_only = [n for n in self.names if is_context_only(n)]
         self.protocol = Protocol(self.model, self.hooks, self.stats, steps=self.opts.steps,
-                                 latent_size=self.opts.latent_size, batch_size=self.opts.batch_size,
+                                 latent_size=self.opts.latent_size or (
+                                     max(1, self.opts.resolution // 8) if self.opts.resolution else None), batch_size=self.opts.batch_size,
                                  need_unet=self.need_unet, context_modules=ctx_only, check=self.check)
 
     def _teardown(self):

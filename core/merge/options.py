@@ -19,7 +19,8 @@ class MergeOptions:
     # sampling protocol (spec §4)
     samples: int = 8             # (prompt, seed) samples per LoRA
     steps: int = 3               # DDIM steps of each short trajectory; statistics at every step
-    latent_size: int | None = None  # latent side length (default: the UNet's sample_size)
+    latent_size: int | None = None  # latent side length (default: resolution / 8, else the UNet's sample_size)
+    resolution: int | None = None   # image side length in pixels (latent_size = resolution // 8)
     batch_size: int = 4
     seed: int = 0
     max_gram_dim: int = 6144     # modules with a wider input (e.g. 3×3 convs over >682 channels)

@@ -1,0 +1,96 @@
+"""IterIS behaviour: fixed points, monotone objective on a deep chain, exact export and round trips."""
+import pytest
+import torch
+
+from weightsmith.core.errors import WeightsmithError
+from weightsmith.core.lora_read import load_lora, lora_from_state_dict
+from weightsmith.core.merge import MergeOptions, merge, save_merge
+from weightsmith.core.merge.random_loras import random_lora
+
+PROMPTS = ["a red cat on a tree", "a blue car in the city", "portrait of an old man",
+           "a dog and a horse at sunset", "a bright star in the night sky", "a small house by the river"]
+FAST = dict(samples=2, steps=1, latent_size=8, batch_size=2)
+
+
+def _lora(model, seed, **kw):
+    t, meta = random_lora(model, seed=seed, **kw)
+    return lora_from_state_dict(t, model, metadata=meta, name=f"l{seed}")
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def test_one_lora_and_identical_loras_give_that_delta(tiny_models):
+    model = tiny_models["sd1"]
+    a = _lora(model, 1, groups=("attn", "te"), rank=4, strength=0.3)
+    opts = MergeOptions(iterations=2, **FAST)
+    for loras in ([a], [a, a]):
+        edit = merge(model, loras, "iteris", options=opts)
+        assert set(edit.deltas) == set(a.modules)
+        worst = max(_rel(edit.deltas[n], a.modules[n].delta()) for n in a.modules)
+        assert worst < 1e-4, (len(loras), worst)
+    # a different second LoRA does change the result (the check above is not vacuous)
+    b = _lora(model, 2, groups=("attn", "te"), rank=4, strength=0.3)
+    edit = merge(model, [a, b], "iteris", options=opts)
+    assert max(_rel(edit.deltas[n], a.modules[n].delta()) for n in a.modules) > 1e-2
+
+
+def test_objective_does_not_increase_on_a_deep_chain(tiny_models):
+    """Text-encoder-only LoRAs: the inputs of deep layers depend on the shallow layers' merge."""
+    model = tiny_models["sd1"]
+    loras = [_lora(model, s, groups=("te",), rank=4, strength=0.2) for s in (1, 2)]
+    opts = MergeOptions(iterations=4, tol=0.0, samples=6, batch_size=6)
+    edit = merge(model, loras, "iteris", prompts=PROMPTS, options=opts)
+    objs = [c["objective"] for c in edit.report["curve"]]
+    assert len(objs) == 5 and all(o is not None for o in objs)
+    for before, after in zip(objs, objs[1:]):
+        assert after <= before * (1 + 1e-9), objs
+    assert objs[-1] < objs[0] * (1 - 1e-3), objs             # the iterations matter on this chain
+    changes = [c["change"] for c in edit.report["curve"][1:]]
+    assert changes[-1] < changes[0]                          # converging
+    res = edit.report["residuals"]
+    assert set(res) == set(edit.deltas) and all(0 <= v < 1 for v in res.values())
+
+
+def test_exact_export_and_round_trips(tiny_models, tmp_path):
+    model = tiny_models["sd1"]
+    a = _lora(model, 1, groups=("attn", "ff", "te", "conv"), rank=4)
+    b = _lora(model, 2, groups=("attn", "te"), rank=2)
+    edit = merge(model, [a, b], "iteris", options=MergeOptions(iterations=1, **FAST))
+    applied = edit.apply(model)
+    for n, d in edit.deltas.items():
+        up, down = edit.factors[n]
+        assert up.shape[1] == a.modules[n].rank + (b.modules[n].rank if n in b.modules else 0)   # rank Σ r_i
+        assert _rel((up.double() @ down.double()).reshape(d.shape), d) <= 1e-5
+        assert _rel(applied.module(n).weight - model.module(n).weight, d) <= 1e-5
+    out = tmp_path / "merged.safetensors"
+    info = save_merge(edit, model, out, loras=[a, b])
+    assert info["max_error"] == 0.0
+    back = load_lora(out, model)
+    assert set(back.modules) == set(edit.deltas)
+    assert max(_rel(back.modules[n].delta(), edit.deltas[n]) for n in edit.deltas) <= 1e-5
+    assert back.metadata["ws_method"] == "iteris" and back.metadata["ss_network_module"] == "networks.lora"
+    assert "l1/1_data" in back.metadata["ss_tag_frequency"]           # default prompts survive a re-merge
+    # compressed export: the reported error is the real one
+    small = tmp_path / "r2.safetensors"
+    info = save_merge(edit, model, small, rank=2, loras=[a, b])
+    back2 = load_lora(small, model)
+    for n in edit.deltas:
+        assert back2.modules[n].rank <= 2
+        assert abs(_rel(back2.modules[n].delta(), edit.deltas[n]) - info["errors"][n]) <= 1e-4
+    assert info["max_error"] > 0
+    # writing over an input is refused, nothing written
+    with pytest.raises(WeightsmithError):
+        save_merge(edit, model, out, loras=[back])
+
+
+def test_zero_loras_and_bad_arguments(tiny_models):
+    model = tiny_models["sd1"]
+    with pytest.raises(WeightsmithError, match="no LoRAs"):
+        merge(model, [], "iteris")
+    a = _lora(model, 1, groups=("te",), rank=2)
+    with pytest.raises(WeightsmithError, match="unknown merge method"):
+        merge(model, [a], "average")
+    with pytest.raises(WeightsmithError, match="weights"):
+        merge(model, [a], "linear", weights=[1.0, 2.0])
