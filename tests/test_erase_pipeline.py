@@ -125,3 +125,23 @@ def test_progress_and_cancel(tiny_models):
     with pytest.raises(CancelledError):
         erase(tiny_models["sd1"], ["cat"], ["dog"], options=FEASIBLE,
               cancel=lambda: len(calls.append(1) or calls) > 3)
+
+
+def test_our_uce_equals_the_public_script_algorithm(tiny_models):
+    """Single-token concepts, where the script's token rule and ours select the same rows."""
+    from weightsmith.core.erase.bench import reference_uce
+
+    import copy
+
+    model = copy.copy(tiny_models["sd1"])
+    # the script works in float32 with torch.inverse; run it in float64 so only the algorithm is compared
+    model.text_encoders = {c: copy.deepcopy(t).double() for c, t in model.text_encoders.items()}
+    unet = copy.deepcopy(model.unet).double()
+    model._unet, model.unet_loader = unet, (lambda: unet)
+    targets, preserve = ["monet", "picasso"], ["dog"]
+    ref = reference_uce(model, targets, ["art", "art"], preserve)
+    ours = erase(model, targets, ["art"], preserve, method="uce",
+                 options=EraseOptions(expand_prompts=False, preserve_captions=False))
+    for name, w in ref.items():
+        d_ref = w - model.weight(name)
+        assert torch.allclose(ours.deltas[name].double(), d_ref, atol=1e-5 * float(d_ref.abs().max())), name

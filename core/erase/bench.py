@@ -52,7 +52,7 @@ def reference_uce(model, old_texts, new_texts, retain_texts, lamb=0.5, erase_sca
         with torch.no_grad():
             W = weights[layer_num]
             mat1 = lamb * W
-            mat2 = lamb * torch.eye(W.shape[1])
+            mat2 = lamb * torch.eye(W.shape[1], dtype=W.dtype)
             for old_text, new_text in zip(old_texts, new_texts):
                 emb, mask = encode([old_text, new_text])
                 fi = int(mask[0].sum()) - 2
