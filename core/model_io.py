@@ -396,6 +396,8 @@ def _build_from_state(sf, family, te_sources, unet_prefix, toks, clip_skip, head
     for c, (prefix, oc) in te_sources.items():
         tok = toks[c]
         cfg, has_proj = _te_config_from_keys(sf, prefix, oc, heads.get(c), tok)
+        if family == "sd2" or c == TE2:  # OpenCLIP-H / bigG use gelu, also in transformers-format keys (ComfyUI)
+            cfg.hidden_act = "gelu"
         if len(tok) > cfg.vocab_size:
             raise WeightsmithError(
                 f"the tokenizer has {len(tok)} tokens but the checkpoint's text encoder only {cfg.vocab_size}; "

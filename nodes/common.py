@@ -61,22 +61,36 @@ def format_report(edit, rel: dict[str, float], title: str) -> str:
     """A plain-text report: header, then one line per edited module."""
     rep = edit.report or {}
     head = [title]
-    for k in ("method", "family", "targets", "anchors", "preserve", "loras", "weights", "time_s"):
+    for k in ("method", "family", "targets", "anchors", "preserve", "stack", "strength", "iterations", "time_s"):
         if k in rep and rep[k] not in (None, [], ""):
             v = rep[k]
             head.append(f"{k}: {', '.join(map(str, v)) if isinstance(v, (list, tuple)) else v}")
     head.append(f"modules edited: {len(edit.deltas)}")
-    stages = {s.get("layer"): s for s in rep.get("stages", []) if isinstance(s, dict)}
+    stages = _stages(rep)
     body = []
     for name in sorted(edit.deltas, key=_order):
         s = stages.get(name, {})
         line = f"{name}: |dW|/|W| = {rel.get(name, float('nan')):.3e}"
-        if "residual_before" in s:
+        if s.get("residual_before") is not None:
             line += f", residual {s['residual_before']:.3e} -> {s['residual_after']:.3e}"
+        elif s.get("residual_after") is not None:
+            line += f", residual {s['residual_after']:.3e}"
         body.append(line)
     summary = rep.get("summary")
     tail = [f"summary: {json.dumps(summary, default=str)}"] if summary else []
     return "\n".join(head + [""] + body + tail)
+
+
+def _stages(rep: dict) -> dict:
+    """Per-module residuals from either report shape: erase ``stages`` (list of dicts with
+    ``layer``, ``residual_before``/``after``) or merge ``residuals`` ({module: value})."""
+    out = {s.get("layer"): s for s in rep.get("stages", []) if isinstance(s, dict)}
+    res = rep.get("residuals")
+    if isinstance(res, dict):
+        for k, v in res.items():
+            if isinstance(v, (int, float)):
+                out.setdefault(k, {"residual_before": None, "residual_after": float(v)})
+    return out
 
 
 def _order(name: str):
@@ -91,7 +105,7 @@ def _order(name: str):
 def report_picture(edit, rel: dict[str, float], title: str):
     from .report_image import render_rows, to_comfy_image
 
-    stages = {s.get("layer"): s for s in (edit.report or {}).get("stages", []) if isinstance(s, dict)}
+    stages = _stages(edit.report or {})
     rows = []
     for name in sorted(edit.deltas, key=_order):
         s = stages.get(name, {})

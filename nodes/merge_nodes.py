@@ -106,7 +106,6 @@ class WeightsmithIterISMerge:
 
     def run(self, model, clip, stack, method, iterations, samples, steps, resolution, seed):
         from ..core.errors import WeightsmithError
-        from ..core.lora_read import load_lora
         from ..core.merge import MergeOptions, merge
         from . import comfy_adapter as ca
 
@@ -116,8 +115,7 @@ class WeightsmithIterISMerge:
             progress, cancel = host_progress()
             cancel()
             sd = ca.sdmodel_from_comfy(model, clip)
-            loras = [load_lora(e["path"]) for e in stack]
-            cancel()
+            loras = [e["path"] for e in stack]   # core reads and binds them to this model
             weights = [e["weight"] for e in stack]
             prompts = [list(e["prompts"]) for e in stack]
             prompts = prompts if any(prompts) else None
@@ -126,8 +124,7 @@ class WeightsmithIterISMerge:
             logging.info("Weightsmith: merging %d LoRAs (%s)", len(loras), method)
             edit = merge(sd, loras, method=method, weights=weights, prompts=prompts, options=opts,
                          progress=progress, cancel=cancel)
-            edit.report.setdefault("loras", [e["name"] for e in stack])
-            edit.report.setdefault("weights", weights)
+            edit.report["stack"] = [f"{e['name']} x{e['weight']:g}" for e in stack]
             m, c = ca.apply_edit(model, clip, edit, 1.0)
             rel = ca.weight_norms(sd, edit)
             title = f"Weightsmith merge ({method}): {len(stack)} LoRAs"

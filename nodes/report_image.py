@@ -42,7 +42,7 @@ def render_rows(title: str, rows: list[dict], footer: str = ""):
     """rows: {"name", "delta_rel", optional "residual_before", "residual_after"} -> PIL image."""
     from PIL import Image, ImageDraw
 
-    has_res = any(r.get("residual_before") is not None for r in rows)
+    has_res = any(r.get("residual_after") is not None for r in rows)
     width = LEFT + BAR_W + (RES_W if has_res else 0) + 3 * PAD
     height = 3 * ROW + PAD * 2 + max(1, len(rows)) * ROW + (ROW if footer else 0)
     img = Image.new("RGB", (width, height), BG)
@@ -66,14 +66,16 @@ def render_rows(title: str, rows: list[dict], footer: str = ""):
             d.rectangle([LEFT, y + 3, LEFT + int(frac * BAR_W), y + ROW - 3], fill=BAR)
         if rel is not None and rel == rel:
             d.text((LEFT + BAR_W - 62, y + 2), f"{rel:.2e}", fill=FG)
-        if has_res and r.get("residual_before") is not None:
+        if has_res and r.get("residual_after") is not None:
             x0 = LEFT + BAR_W + PAD
-            rb = float(r.get("residual_before") or 0)
+            rb = r.get("residual_before")
             ra = float(r.get("residual_after") or 0)
             half = (ROW - 6) // 2
-            d.rectangle([x0, y + 3, x0 + int(RES_W * 0.6 * rb / res_max), y + 3 + half], fill=BEFORE)
+            if rb is not None:
+                d.rectangle([x0, y + 3, x0 + int(RES_W * 0.6 * float(rb) / res_max), y + 3 + half], fill=BEFORE)
             d.rectangle([x0, y + 3 + half, x0 + int(RES_W * 0.6 * ra / res_max), y + ROW - 3], fill=AFTER)
-            d.text((x0 + int(RES_W * 0.62), y + 2), f"{rb:.1e}>{ra:.1e}", fill=FG)
+            label = f"{float(rb):.1e}>{ra:.1e}" if rb is not None else f"{ra:.1e}"
+            d.text((x0 + int(RES_W * 0.62), y + 2), label, fill=FG)
         y += ROW
     if footer:
         d.text((PAD, y + 4), footer[:130], fill=DIM)

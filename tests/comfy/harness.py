@@ -40,13 +40,13 @@ def skip_requested() -> bool:
     return os.environ.get("WEIGHTSMITH_SKIP_COMFY", "") not in ("", "0")
 
 
-def run_setup() -> None:
+def run_setup(checkpoint: bool = True) -> None:
     """Run setup_env.sh (cached) and build the checkpoint if missing."""
     t0 = time.time()
     r = subprocess.run(["bash", str(HERE / "setup_env.sh")], capture_output=True, text=True)
     if r.returncode != 0:
         raise SetupError(f"tests/comfy/setup_env.sh failed ({r.returncode}):\n{r.stderr[-4000:]}")
-    if not CKPT.exists():
+    if checkpoint and not CKPT.exists():
         CKPT.parent.mkdir(parents=True, exist_ok=True)
         r = subprocess.run([str(VENV_PY), str(HERE / "build_checkpoint.py"), str(CKPT), str(COMFY)],
                            env=venv_env(), capture_output=True, text=True)

@@ -1,0 +1,51 @@
+"""SD2 and SDXL: the adapter against ComfyUI's real CLIP/model classes (run in the ComfyUI venv
+by tests/comfy/inproc_adapters.py; asserted here). SD1 is covered end to end by
+tests/test_comfy_server.py."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "comfy"))
+import harness as H  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def measured():
+    if H.skip_requested():
+        pytest.skip("WEIGHTSMITH_SKIP_COMFY is set (developer escape hatch; CI runs these tests)")
+    try:
+        H.run_setup(checkpoint=False)
+    except H.SetupError as e:
+        pytest.fail(f"the ComfyUI test environment could not be set up: {e}")
+    r = subprocess.run([str(H.VENV_PY), str(H.HERE / "inproc_adapters.py"), str(H.COMFY)],
+                       env=H.venv_env(), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-5000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_sd2_adapter_matches_comfyui(measured):
+    r = measured["sd2"]
+    assert r["family"] == "sd2" and r["te_layers"] == {"text_encoder": 24} and r["context_dim"] == 1024
+    assert r["effective_weight_err"] < 1e-6          # upstream patches are part of the weights read
+    assert r["cond_shape"] == [1, 77, 1024]
+    assert r["cond_rel_err"] < 1e-4                  # penultimate layer + final LN, pad "!"
+    assert r["clip_skip"] == 2 and r["cond_skip_rel_err"] < 1e-4 and r["cond_skip_differs"] > 1e-2
+    assert r["inputs_untouched"]
+    assert r["patched_weight_err"] < 1e-6 and r["loaded_weight_err"] < 1e-6
+
+
+def test_sdxl_adapter_matches_comfyui(measured):
+    r = measured["sdxl"]
+    assert r["family"] == "sdxl" and r["context_dim"] == 2048
+    assert r["te_layers"] == {"text_encoder": 12, "text_encoder_2": 32}
+    assert r["effective_weight_err"] < 1e-6
+    assert r["cond_shape"] == [1, 77, 2048]
+    assert r["cond_rel_err"] < 1e-4                  # cat(L penultimate, G penultimate), no final LN
+    assert r["pooled_rel_err"] < 1e-4                # projected pooled output of bigG
+    assert r["inputs_untouched"]
+    assert r["patched_weight_err"] < 1e-6 and r["loaded_weight_err"] < 1e-6
