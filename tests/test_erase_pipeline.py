@@ -145,3 +145,31 @@ def test_our_uce_equals_the_public_script_algorithm(tiny_models):
     for name, w in ref.items():
         d_ref = w - model.weight(name)
         assert torch.allclose(ours.deltas[name].double(), d_ref, atol=1e-5 * float(d_ref.abs().max())), name
+
+
+def test_sdxl_text_encoder_stages_move_the_pooled_output(tiny_models):
+    model = tiny_models["sdxl"]
+    target, anchor = ["van gogh"], ["art"]
+    base_t, base_a = model.encode(target).pooled, model.encode(anchor).pooled
+    ep = erase(model, target, anchor, method="erasepro", options=FEASIBLE)
+    uce = erase(model, target, anchor, method="uce", options=FEASIBLE)
+    after = ep.apply(model).encode(target).pooled
+    assert torch.equal(uce.apply(model).encode(target).pooled, base_t)   # UCE edits only the UNet
+    assert (after - base_a).norm() < 0.9 * (base_t - base_a).norm()
+    assert any(k.startswith("text_encoder_2.") for k in ep.deltas)
+
+
+def test_clip_skip_limits_the_edited_text_encoder_layers(tiny_checkpoints, tokenizer_dir):
+    from weightsmith.core.model_io import load_model
+
+    m1 = load_model(tiny_checkpoints["sd1"], tokenizer=tokenizer_dir)
+    m2 = load_model(tiny_checkpoints["sd1"], tokenizer=tokenizer_dir, clip_skip=2)
+    assert m1.encoder_specs["text_encoder"].layer == -1 and m2.encoder_specs["text_encoder"].layer == -2
+    out = m2.text_encoders["text_encoder"](input_ids=m2.tokenize(["a cat"]), output_hidden_states=True)
+    ln = m2.text_encoders["text_encoder"].final_layer_norm
+    assert torch.allclose(m2.encode(["a cat"]).context, ln(out.hidden_states[-2]), atol=1e-6)
+    e = erase(m2, ["cat"], ["dog"], method="erasepro", options=FEASIBLE)
+    layers = {s["stage"] for s in e.report["stages"] if s["stage"] != "unet"}
+    n = m2.text_encoders["text_encoder"].config.num_hidden_layers
+    assert layers == {f"text_encoder.layer{i}" for i in range(n - 1)}
+    assert max(s["rho"] for s in e.report["stages"]) <= 1e-4
