@@ -1,8 +1,8 @@
 """CLIP-style tokenizers without the network.
 
 Real checkpoints need the CLIP BPE vocabulary: it is read from a diffusers folder's ``tokenizer/``,
-from ``--tokenizer DIR`` or ``WEIGHTSMITH_TOKENIZER``, or from a host's copy (ComfyUI ships one
-in ``comfy/sd1_tokenizer``). Tests and random models use :func:`build_word_tokenizer`, a real
+from ``--tokenizer DIR`` or ``WEIGHTSMITH_TOKENIZER``, from a host's copy (ComfyUI ships one in
+``comfy/sd1_tokenizer``), or built from the CLIP merge list shipped in ``assets/clip_bpe``. Tests and random models use :func:`build_word_tokenizer`, a real
 ``transformers.CLIPTokenizer`` whose vocabulary holds every byte plus whole-word merges for a
 word list, so common words are one token (as in CLIP) and any text still tokenizes.
 """
@@ -89,6 +89,35 @@ def build_word_tokenizer(model_max_length: int = 77, pad_token: str = EOS, words
     return CLIPTokenizer.from_pretrained(str(d), local_files_only=True)
 
 
+CLIP_BPE = Path(__file__).resolve().parent / "assets" / "clip_bpe" / "bpe_simple_vocab_16e6.txt.gz"
+
+
+def bundled_clip_tokenizer_dir() -> Path:
+    """vocab.json/merges.txt of OpenAI's CLIP tokenizer, built from the shipped BPE merge list
+    (the same construction as CLIP's SimpleTokenizer), cached in a user cache folder."""
+    import gzip
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "weightsmith" / "clip-tokenizer"
+    if (cache / "vocab.json").exists() and (cache / "merges.txt").exists():
+        return cache
+    lines = gzip.open(CLIP_BPE, "rt", encoding="utf-8").read().split("\n")
+    merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1]]
+    chars = list(_bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + [BOS, EOS]
+    tmp = Path(tempfile.mkdtemp(prefix="ws-cliptok-"))
+    (tmp / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
+    (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    (tmp / "tokenizer_config.json").write_text(json.dumps({
+        "model_max_length": 77, "bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS,
+        "do_lower_case": True, "tokenizer_class": "CLIPTokenizer"}))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, cache)
+    except OSError:        # another process won the race, or the cache is read-only
+        return cache if (cache / "vocab.json").exists() else tmp
+    return cache
+
+
 def find_clip_tokenizer(explicit: str | os.PathLike | None = None):
     """Locate a CLIP BPE tokenizer folder offline, or explain how to provide one."""
     from transformers import CLIPTokenizer
@@ -104,6 +133,8 @@ def find_clip_tokenizer(explicit: str | os.PathLike | None = None):
         candidates.append(Path(comfy.__file__).parent / "sd1_tokenizer")
     except Exception:
         pass
+    if CLIP_BPE.exists():
+        candidates.append(bundled_clip_tokenizer_dir())
     for c in candidates:
         if (c / "vocab.json").exists() and (c / "merges.txt").exists():
             tok = CLIPTokenizer.from_pretrained(str(c), local_files_only=True)

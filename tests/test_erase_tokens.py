@@ -70,3 +70,14 @@ def test_real_tokenizer_prompt_pair():
     words_a = tok.convert_ids_to_tokens([a[i] for i in p.anchor_pos[:4]])
     assert words_t[:2] == ["van</w>", "gogh</w>"] and words_a[:2] == ["art</w>", "art</w>"]
     assert words_t[2:4] == words_a[2:4] == ["at</w>", "night</w>"]
+
+
+def test_bundled_clip_vocabulary_gives_openai_clip_ids(tmp_path, monkeypatch):
+    from weightsmith.core.tokenizer import find_clip_tokenizer
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("WEIGHTSMITH_TOKENIZER", raising=False)
+    tok = find_clip_tokenizer()
+    # ids of OpenAI's CLIP tokenizer (openai/clip-vit-large-patch14) for this text
+    assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert len(tok) == 49408 and tok.model_max_length == 77
