@@ -6,6 +6,7 @@ returned as patches on clones: the inputs and every other branch of the graph ar
 from __future__ import annotations
 
 import logging
+import time
 
 from .common import CATEGORY, EDIT_TYPE, format_report, host_progress, lines, options_of, report_picture, ui_text, user_errors
 
@@ -90,6 +91,7 @@ class WeightsmithEraseConcepts:
         from . import comfy_adapter as ca
 
         with user_errors():
+            t0 = time.perf_counter()
             progress, cancel = host_progress()
             cancel()
             sd = ca.sdmodel_from_comfy(model, clip, clip_skip=clip_skip or None)
@@ -102,6 +104,7 @@ class WeightsmithEraseConcepts:
                          progress=progress, cancel=cancel)
             edit = edit.scaled(strength) if float(strength) != 1.0 else edit
             edit.report["strength"] = float(strength)
+            logging.info("Weightsmith: %d modules edited in %.1f s", len(edit.deltas), time.perf_counter() - t0)
             m, c = ca.apply_edit(model, clip, edit, 1.0)
             rel = ca.weight_norms(sd, edit)
             title = f"Weightsmith erase ({method}): {', '.join(lines(targets))[:60]}"

@@ -8,6 +8,7 @@ returns it as patches on clones.
 from __future__ import annotations
 
 import logging
+import time
 import os
 
 from .common import (CATEGORY, EDIT_TYPE, STACK_TYPE, format_report, host_progress, lines, options_of,
@@ -112,6 +113,7 @@ class WeightsmithIterISMerge:
         with user_errors():
             if not stack:
                 raise WeightsmithError("the LoRA stack is empty; add LoRA Stack nodes.")
+            t0 = time.perf_counter()
             progress, cancel = host_progress()
             cancel()
             sd = ca.sdmodel_from_comfy(model, clip)
@@ -125,6 +127,7 @@ class WeightsmithIterISMerge:
             edit = merge(sd, loras, method=method, weights=weights, prompts=prompts, options=opts,
                          progress=progress, cancel=cancel)
             edit.report["stack"] = [f"{e['name']} x{e['weight']:g}" for e in stack]
+            logging.info("Weightsmith: %d modules edited in %.1f s", len(edit.deltas), time.perf_counter() - t0)
             m, c = ca.apply_edit(model, clip, edit, 1.0)
             rel = ca.weight_norms(sd, edit)
             title = f"Weightsmith merge ({method}): {len(stack)} LoRAs"

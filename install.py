@@ -1,0 +1,50 @@
+"""Install Weightsmith's missing dependencies (requirements.txt) with pip.
+
+Run by A1111/Forge at start-up (their ``launch`` module is importable: use its pip helper) and by
+ComfyUI-Manager after an install (no ``launch``: plain ``python -m pip``). It only installs what is
+missing, never torch (every host brings its own build), and does nothing when all is present.
+"""
+import os
+import re
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def requirements():
+    with open(os.path.join(HERE, "requirements.txt"), encoding="utf-8") as f:
+        for line in f:
+            line = line.split("#", 1)[0].strip()
+            if line:
+                yield line
+
+
+def missing(reqs):
+    from importlib import metadata
+
+    out = []
+    for req in reqs:
+        name = re.split(r"[<>=!~ \[;]", req, 1)[0]
+        try:
+            metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out.append(req)
+    return out
+
+
+def main():
+    todo = missing(list(requirements()))
+    if not todo:
+        return
+    try:
+        import launch  # A1111 / Forge
+
+        for req in todo:
+            launch.run_pip(f'install "{req}"', f"Weightsmith requirement: {req}")
+    except ImportError:  # ComfyUI-Manager or by hand
+        subprocess.check_call([sys.executable, "-m", "pip", "install", *todo])
+
+
+if __name__ == "__main__":
+    main()
