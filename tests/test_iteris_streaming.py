@@ -47,7 +47,7 @@ def _features(models, names, prompts, seeds):
     try:
         for p, seed in zip(prompts, seeds):
             ctx = [m.encode([p]).context.double() for m in models]
-            sched = DDIMScheduler.from_config(models[0].scheduler.config)
+            sched = DDIMScheduler.from_config(models[0].scheduler.config, timestep_spacing="trailing")
             sched.set_timesteps(STEPS)
             z = torch.randn((4, LATENT, LATENT), generator=torch.Generator().manual_seed(seed))[None].double()
             for t in sched.timesteps:

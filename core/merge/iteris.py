@@ -119,13 +119,17 @@ class IterISSolver:
         return self.model.weight(n).reshape(self.model.weight(n).shape[0], -1).to(self.gdev, torch.float64)
 
     def _lambda(self, i, n, G):
+        """λ_i = ‖W0+ΔW_i‖² / ‖X_i (W0+ΔW_i)ᵀ‖²; the denominator (= tr(W G Wᵀ)) was streamed from the
+        outputs of "base + LoRA i" (context-only modules fed without a pass use G)."""
         if not self.adaptive:
             return 1.0
         W = self._base_weight(n)
         f = self.factors[i].get(n)
         if f is not None:
             W = W + f[0] @ f[1]
-        den = _tr_prod(W @ G, W.t())
+        den = self.stats.energy.get(n)
+        if den is None:
+            den = _tr_prod(W @ G, W.t())
         num = float((W * W).sum())
         if den <= 0 or num <= 0:
             return 1.0
@@ -135,7 +139,7 @@ class IterISSolver:
         """Fold LoRA i's fresh statistics into the numerators/denominators (and the objective)."""
         m_i = self.weights[i]
         for n in self.stats.tracked:
-            acc = self.stats.acc.get(n)
+            acc = self.stats.acc_for(n)
             if not acc:
                 continue
             if iteration == 0:
@@ -254,6 +258,28 @@ class IterISSolver:
         finally:
             self._teardown()
         return self._edit(cur, time.time() - t0, converged if not self.regmean else None)
+
+    def evaluate(self, factors: dict) -> tuple[float, dict]:
+        """The objective ``J`` of any merge given as factors ``{module: (U, V)}`` (``U @ V = ΔW``, 2-D)
+        on this solver's samples: λ from a plain pass of every LoRA, then one paired pass."""
+        k = len(self.loras)
+        self.lam = [dict() for _ in range(k)]
+        self.target = [dict() for _ in range(k)]
+        fac = {n: (U.to(self.gdev, torch.float64), V.reshape(V.shape[0], -1).to(self.gdev, torch.float64))
+               for n, (U, V) in factors.items()}
+        obj: dict = {}
+        self._setup()
+        try:
+            for i in range(k):
+                self._pass(i, False, f"objective: λ of LoRA {i + 1}/{k}")
+                self._accumulate(i, 0, {}, {}, None, {})
+            self.hooks.add("merged", fac)
+            for i in range(k):
+                self._pass(i, True, f"objective: LoRA {i + 1}/{k}")
+                self._accumulate(i, 1, {}, {}, fac, obj)
+        finally:
+            self._teardown()
+        return sum(obj.values()), obj
 
     def _edit(self, factors, elapsed, converged) -> Edit:
         deltas, facs = {}, {}

@@ -3,7 +3,7 @@ design: the paper's diffusion code was never released).
 
 Samples of LoRA *i* are ``(prompt, seed)`` pairs: prompts are the user's, or by default built from
 the most frequent tags of the LoRA's ``ss_tag_frequency`` metadata (else its file name). For each
-sample a short DDIM trajectory (``steps`` steps, conditional branch only, no guidance) runs with
+sample a short DDIM trajectory (``steps`` steps, "trailing" spacing, conditional branch only, no guidance) runs with
 **LoRA i** from seeded noise ``torch.randn((C, L, L), generator=torch.Generator().manual_seed(seed))``;
 at every visited ``(x_t, t)`` the LoRA-i model's module inputs give rows of ``X_i`` and the
 **merged** model, run at the very same ``(x_t, t, prompt)``, gives the paired rows of ``X̃_i``.
@@ -56,10 +56,12 @@ def make_samples(prompts: list[str], n: int, seed: int) -> list[Sample]:
 def make_scheduler(model):
     from diffusers import DDIMScheduler
 
+    """DDIM with the model's noise schedule and "trailing" timestep spacing, so a short trajectory
+    starts at the noisiest timestep (3 steps: 999, 666, 333)."""
     if model.scheduler is not None:
-        return DDIMScheduler.from_config(model.scheduler.config)
+        return DDIMScheduler.from_config(model.scheduler.config, timestep_spacing="trailing")
     return DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                         beta_end=0.012)
+                         beta_end=0.012, timestep_spacing="trailing")
 
 
 def is_context_only(name: str) -> bool:

@@ -7,12 +7,14 @@ conv modules) to each touched module's output. Switching between delta sets is a
 :class:`GramStats` accumulates, per module, the Gram matrices of spec iteris.md §1 while features
 stream through forward hooks, never keeping them:
 
-- ``gram`` mode: ``G += XᵀX`` (iteration 0, where ``X̃ = X``);
+- ``gram`` mode: ``G += XᵀX`` (iteration 0, where ``X̃ = X``), and the output energy
+  ``‖X Wᵀ‖²`` of the running model (= tr(W G Wᵀ), read from the module's output, for λ);
 - ``x`` mode: keep the inputs of the *current forward pass only* (one batch) in a queue;
 - ``pair`` mode: take the queued ``X`` rows of the same module and accumulate
   ``C += XᵀX̃``, ``H += X̃ᵀX̃`` (with ``X̃ ← (1−ρ)X̃ + ρX`` for ``reg_ceof`` ρ), then drop them.
 
-The state is three ``d_in × d_in`` matrices per module at most, independent of the number of
+Modules reading the same input (q/k/v projections, cross-attention k/v) share one set of
+matrices. The state is three ``d_in × d_in`` matrices per input at most, independent of the number of
 samples; transient memory is one batch of inputs. Rows are tokens (text encoder, cross-attention
 ``to_k``/``to_v``), pixels (linear layers and 1×1 convs in the UNet) or unfolded patches for
 larger kernels (``d_in = c_in·kh·kw``, matching ``weight.reshape(out, -1)``). Modules with
@@ -20,6 +22,7 @@ larger kernels (``d_in = c_in·kh·kw``, matching ``weight.reshape(out, -1)``). 
 """
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 
 import torch
@@ -93,6 +96,21 @@ class DeltaHooks:
         self._handles = []
 
 
+_SHARED_INPUT = [
+    (re.compile(r"^(.*\.self_attn)\.(q|k|v)_proj$"), r"\1.qkv"),    # CLIP attention
+    (re.compile(r"^(.*\.attn1)\.to_(q|k|v)$"), r"\1.qkv"),           # UNet self-attention
+    (re.compile(r"^(.*\.attn2)\.to_(k|v)$"), r"\1.kv"),              # UNet cross-attention: the context
+]
+
+
+def _input_group(name: str) -> str:
+    """Modules that read the very same input tensor share one set of Gram matrices."""
+    for pat, rep in _SHARED_INPUT:
+        if pat.match(name):
+            return pat.sub(rep, name)
+    return name
+
+
 class GramStats:
     """Streaming ``G``, ``C``, ``H`` per module (see module docstring). Call :meth:`reset` between LoRAs."""
 
@@ -110,8 +128,10 @@ class GramStats:
         self._queue: dict[str, list] = defaultdict(list)
         self.acc: dict[str, dict[str, torch.Tensor]] = {}
         self.rows: dict[str, int] = defaultdict(int)
+        self.energy: dict[str, float] = {}
         self.peak_queue_bytes = 0
         self._queue_bytes = 0
+        self.leader: dict[str, str] = {}
         for n in names:
             mod = model.module(n)
             d = in_dim(mod)
@@ -120,12 +140,21 @@ class GramStats:
                 self.skipped.append(n)
                 continue
             self.tracked.append(n)
+            self.leader.setdefault(_input_group(n), n)
             self._handles.append(mod.register_forward_hook(self._hook(n)))
+        self.leader_of = {n: self.leader[_input_group(n)] for n in self.tracked}
 
     # -- accumulation ---------------------------------------------------------------------------
     def _hook(self, name):
         def hook(module, inputs, output):
-            if self.mode != "off":
+            if self.mode == "off":
+                return
+            if self.mode == "gram":   # ‖X Wᵀ‖² of the running model (for λ), from the output it computed
+                y = output if module.bias is None else output - (
+                    module.bias.reshape(1, -1, 1, 1) if output.dim() == 4 and isinstance(module, torch.nn.Conv2d)
+                    else module.bias)
+                self.energy[name] = self.energy.get(name, 0.0) + float(y.double().pow(2).sum())
+            if self.leader_of[name] == name:
                 self.feed(name, module_rows(module, inputs[0]))
         return hook
 
@@ -139,8 +168,8 @@ class GramStats:
     def feed(self, name: str, rows: torch.Tensor) -> None:
         """Give rows of module ``name``'s input to the accumulator (hooks call this; the sampler calls
         it directly for cross-attention ``to_k``/``to_v`` when no UNet pass is needed)."""
-        if name not in self.dims or name in self.skipped:
-            return
+        if self.leader_of.get(name) != name:
+            return      # untracked, or shares its input with a module that already fed these rows
         mode = self.mode
         if mode == "gram":
             x = rows.to(device=self.device, dtype=self.dtype)
@@ -167,6 +196,11 @@ class GramStats:
             self._add(name, "H", xt, xt)
             self.rows[name] += x.shape[0]
 
+    def acc_for(self, name: str) -> dict | None:
+        """The statistics of module ``name`` (shared by modules reading the same input)."""
+        lead = self.leader_of.get(name)
+        return self.acc.get(lead) if lead else None
+
     def check_paired(self) -> None:
         left = [n for n, q in self._queue.items() if q]
         if left:
@@ -174,6 +208,7 @@ class GramStats:
 
     def reset(self) -> None:
         self.acc = {}
+        self.energy = {}
         self.rows = defaultdict(int)
         self._queue = defaultdict(list)
         self._queue_bytes = 0

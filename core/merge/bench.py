@@ -1,0 +1,307 @@
+"""``weightsmith bench merge``: streaming IterIS beside a reference-style implementation that stores
+every feature (as the public IterIS code does), on an SD1.5-architecture model with random weights.
+
+Two seeded random rank-8 LoRAs touch UNet attention (to_q/k/v/out), feed-forward (ff.net.0.proj,
+ff.net.2) and every text-encoder layer (q/k/v/out_proj, fc1, fc2). Both implementations run the same
+sampling protocol (spec iteris.md §4) and the same math, so their merges must agree (printed as a
+check); they differ in what they keep:
+
+- ``iteris`` (ours): Gram matrices accumulated through hooks; each iteration re-runs "base + LoRA i"
+  beside the merged model to pair ``X_i`` with ``X̃_i`` (two forward passes per sample and step);
+- ``reference``: stores ``X_i`` once (float32, one copy per hooked module, as the public code) and
+  ``X̃_i`` every iteration, then forms the Grams; one forward pass per sample and step per iteration.
+
+Printed per sample count: time and peak RSS of both, as ratios, the time of the forward passes ours
+needs (measured per pass, × the passes it ran) and ours / that; then the objective ``J`` of iteris and of
+linear merging on held-out samples (other prompts, other seeds). Peak memory is the process's RSS
+above the level at entry (PyTorch CPU allocations do not show in tracemalloc). Defaults are sized
+for a few minutes on 2 CPU cores: 8×8 latents, one timestep per sample, one iteration; inputs wider
+than ``--max-gram-dim`` (ff.net.2 of the 1280-channel blocks, 5120 wide) use the documented
+weighted-sum fallback so the float64 solves stay small. At SD's real 64×64 latents the reference's
+UNet features grow 64-fold per sample and step; the estimate is printed too.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+PROMPTS = [["a photo of a red cat", "a red cat on a tree", "a small red cat in a garden", "portrait of a red cat"],
+           ["a city street at night, van gogh style", "a river in van gogh style", "a church by van gogh",
+            "a bright sky over the sea, van gogh"]]
+HELD_OUT = [["a red cat and a dog", "a red cat by the river"], ["a mountain in van gogh style", "a house, van gogh"]]
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--size", choices=("full", "tiny"), default="full",
+                   help="full: SD1.5 architecture (default); tiny: a quick smoke run")
+    p.add_argument("--samples", default="8,32", help="sample counts per LoRA to compare (default 8,32)")
+    p.add_argument("--latent-size", type=int, default=8, help="latent side (default 8 = 64 px)")
+    p.add_argument("--steps", type=int, default=1, help="timesteps per sample (default 1)")
+    p.add_argument("--iterations", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--heldout", type=int, default=4, help="held-out samples per LoRA for the objective")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--max-gram-dim", type=int, default=3072)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def register_bench(subparsers_of_bench) -> None:
+    """Add ``merge`` to a ``bench`` sub-parser group (core/bench.py does the same through
+    :func:`add_arguments` / :func:`run`)."""
+    p = subparsers_of_bench.add_parser("merge", help="merging: streaming IterIS vs a store-all-features reference")
+    p.add_argument("--json", action="store_true")
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run_bench(args) -> int:
+    return run(args)
+
+
+# ----------------------------------------------------------------------------------------------
+def reference_iteris(model, loras, samples, opts):
+    """Store-all-features IterIS (the public code's memory behaviour, our sampling protocol and math).
+    Returns (factors, feature bytes {"text_encoder": b, "unet": b} at the peak)."""
+    import torch
+
+    from .iteris import lora_factors
+    from .sampling import make_scheduler
+    from .stats import DeltaHooks, module_rows
+
+    names = sorted(set().union(*[set(l.modules) for l in loras]))
+    facs = [lora_factors(l) for l in loras]
+    hooks = DeltaHooks(model, names)
+    for i, f in enumerate(facs):
+        hooks.add(f"lora{i}", f)
+    store = {"target": None}
+    handles = []
+    for n in names:
+        def cap(mod, inp, out, n=n):
+            if store["target"] is not None:
+                store["target"][n].append(module_rows(mod, inp[0]).float().cpu())
+        handles.append(model.module(n).register_forward_hook(cap))
+    widths = {n: model.module(n).weight[0].numel() for n in names}
+    k = len(loras)
+    X, traj = [], []
+    peak = {"text_encoder": 0, "unet": 0}
+
+    def feature_bytes(*sets):
+        out = {"text_encoder": 0, "unet": 0}
+        for s in sets:
+            for d in s:
+                for n, rows in d.items():
+                    out["unet" if n.startswith("unet.") else "text_encoder"] += sum(r.numel() * 4 for r in rows)
+        return out
+
+    def run_batches(i, key, record):
+        B = opts.batch_size
+        ss = samples[i]
+        for b in range(0, len(ss), B):
+            batch = ss[b:b + B]
+            prompts = [s.prompt for s in batch]
+            hooks.use(key)
+            cond = model.encode(prompts)
+            p = next(model.unet.parameters())
+            if record:
+                sched = make_scheduler(model)
+                sched.set_timesteps(opts.steps)
+                z = torch.stack([torch.randn((4, opts.latent_size, opts.latent_size),
+                                             generator=torch.Generator().manual_seed(s.seed)) for s in batch])
+                steps = []
+                for t in sched.timesteps:
+                    steps.append((z.clone(), t))
+                    eps = model.unet(z.to(p.dtype), t, encoder_hidden_states=cond.context).sample
+                    z = sched.step(eps, t, z).prev_sample
+                traj[i].append(steps)
+            else:
+                for z, t in traj[i][b // B]:
+                    model.unet(z.to(p.dtype), t, encoder_hidden_states=cond.context)
+
+    def solve(stats, lam):
+        out = {}
+        for n in names:
+            M = None
+            D = []
+            for i in range(k):
+                C, H = stats[i][n]
+                w = lam[i][n]
+                Hr = H + opts.alpha2 * torch.linalg.matrix_norm(H) * torch.eye(H.shape[0], dtype=H.dtype)
+                M = w * Hr if M is None else M + w * Hr
+                if n in facs[i]:
+                    D.append((i, facs[i][n][1] @ (C + opts.alpha1 * torch.linalg.matrix_norm(C)
+                                                  * torch.eye(C.shape[0], dtype=C.dtype))))
+            Dcat = torch.cat([d for _, d in D], 0)
+            down = torch.linalg.solve(M, Dcat.t()).t()
+            up = torch.cat([lam[i][n] * facs[i][n][0] for i, _ in D], 1)
+            out[n] = (up, down)
+        return out
+
+    try:
+        with torch.no_grad():
+            for i in range(k):
+                X.append({n: [] for n in names})
+                traj.append([])
+                store["target"] = X[i]
+                run_batches(i, f"lora{i}", True)
+                store["target"] = None
+            peak = feature_bytes(X)
+            lam, stats = [], []
+            for i in range(k):
+                lam.append({})
+                st = {}
+                for n in names:
+                    Xi = torch.cat(X[i][n]).double()
+                    W = model.weight(n).double().reshape(model.weight(n).shape[0], -1)
+                    if n in facs[i]:
+                        W = W + facs[i][n][0] @ facs[i][n][1]
+                    lam[i][n] = float(W.norm() ** 2 / (Xi @ W.t()).norm() ** 2)
+                    G = Xi.t() @ Xi
+                    st[n] = (G, G)
+                stats.append(st)
+            cur = solve(stats, lam)
+            for _ in range(opts.iterations):
+                hooks.add("merged", cur)
+                Xt = []
+                for i in range(k):
+                    Xt.append({n: [] for n in names})
+                    store["target"] = Xt[i]
+                    run_batches(i, "merged", False)
+                    store["target"] = None
+                fb = feature_bytes(X, Xt)
+                peak = {c: max(peak[c], fb[c]) for c in peak}
+                stats = []
+                for i in range(k):
+                    st = {}
+                    for n in names:
+                        Xi, Xti = torch.cat(X[i][n]).double(), torch.cat(Xt[i][n]).double()
+                        st[n] = (Xi.t() @ Xti, Xti.t() @ Xti)
+                    stats.append(st)
+                del Xt
+                cur = solve(stats, lam)
+    finally:
+        hooks.remove()
+        for h in handles:
+            h.remove()
+    del widths
+    return cur, peak
+
+
+def _trim() -> None:
+    """Give freed heap memory back to the OS so each RSS peak is measured from a clean level."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def run(args) -> int:
+    import torch
+
+    from ..bench import PeakRSS
+    from ..lora_read import lora_from_state_dict
+    from ..random_models import build_random_model
+    from . import MergeOptions, merge
+    from .baselines import concat
+    from .iteris import IterISSolver
+    from .random_loras import random_lora
+    from .sampling import make_samples
+
+    counts = [int(c) for c in str(args.samples).split(",") if c.strip()]
+    model = build_random_model("sd1", args.size, seed=args.seed)
+    _ = model.unet
+    groups = ("attn", "ff", "te")
+    loras = [lora_from_state_dict(random_lora(model, groups=groups, rank=args.rank, seed=args.seed + 1 + i,
+                                              strength=0.2)[0], model, name=f"lora{i + 1}") for i in range(2)]
+    base = dict(iterations=args.iterations, tol=0.0, steps=args.steps, latent_size=args.latent_size,
+                batch_size=args.batch_size, seed=args.seed, max_gram_dim=args.max_gram_dim, evaluate_final=False)
+    settings = {"model": f"sd1 random, size={args.size}, seed={args.seed}", "threads": torch.get_num_threads(),
+                "loras": f"2 random, rank {args.rank}, targets {'+'.join(groups)} "
+                         f"({len(loras[0].modules)} modules each)",
+                "latent": f"{args.latent_size}x{args.latent_size}", "timesteps_per_sample": args.steps,
+                "iterations": args.iterations, "batch_size": args.batch_size, "max_gram_dim": args.max_gram_dim,
+                "samples": counts, "heldout_samples": args.heldout}
+    if not args.json:
+        print("merge benchmark settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()), flush=True)
+
+    # time of one forward pass of each kind, with a LoRA's hooks on (what the passes cost without stats)
+    from .stats import DeltaHooks
+    from .iteris import lora_factors
+
+    hooks = DeltaHooks(model, sorted(loras[0].modules))
+    hooks.add("l", lora_factors(loras[0]))
+    hooks.use("l")
+    B = args.batch_size
+    with torch.no_grad():
+        cond = model.encode(PROMPTS[0][:1] * B)
+        z = torch.randn(B, 4, args.latent_size, args.latent_size)
+        model.unet(z, 999, encoder_hidden_states=cond.context)
+        t0 = time.perf_counter()
+        for _ in range(2):
+            model.unet(z, 999, encoder_hidden_states=cond.context)
+        t_unet = (time.perf_counter() - t0) / 2
+        t0 = time.perf_counter()
+        for _ in range(2):
+            model.encode(PROMPTS[0][:1] * B)
+        t_te = (time.perf_counter() - t0) / 2
+    hooks.remove()
+
+    rows = []
+    ours_edit = None
+    for n in counts:
+        opts = MergeOptions(samples=n, **base)
+        _trim()
+        with PeakRSS() as m_ours:
+            edit = merge(model, loras, "iteris", prompts=PROMPTS, options=opts)
+        ours_edit = edit
+        r = edit.report
+        forward_s = r["unet_passes"] * t_unet + r["text_encoder_passes"] * t_te
+        samples = [make_samples(p, n, args.seed) for p in PROMPTS]
+        _trim()
+        with PeakRSS() as m_ref:
+            ref_fac, ref_bytes = reference_iteris(model, loras, samples, opts)
+        diff = max(float(((U @ V).reshape(edit.deltas[k].shape).float() - edit.deltas[k]).norm()
+                         / edit.deltas[k].norm()) for k, (U, V) in ref_fac.items())
+        rows.append({"samples": n, "iteris_time_s": m_ours.seconds, "reference_time_s": m_ref.seconds,
+                     "time_ratio": m_ours.seconds / m_ref.seconds,
+                     "iteris_peak_mib": m_ours.mib, "reference_peak_mib": m_ref.mib,
+                     "mem_ratio": m_ours.mib / m_ref.mib if m_ref.mib > 0 else float("nan"),
+                     "forward_passes_s": forward_s, "time_vs_forward": m_ours.seconds / forward_s,
+                     "unet_passes": r["unet_passes"], "text_encoder_passes": r["text_encoder_passes"],
+                     "reference_feature_mib": {k: v / 2**20 for k, v in ref_bytes.items()},
+                     "max_rel_diff_vs_reference": diff,
+                     "weighted_sum_fallback_modules": len(r["fallback_weighted_sum"])})
+        if not args.json:
+            x = rows[-1]
+            print(f"samples={n:>3}: iteris {x['iteris_time_s']:.1f}s {x['iteris_peak_mib']:.0f} MiB | reference "
+                  f"{x['reference_time_s']:.1f}s {x['reference_peak_mib']:.0f} MiB | ratios time "
+                  f"{x['time_ratio']:.2f}x mem {x['mem_ratio']:.2f}x | forward passes {forward_s:.1f}s -> "
+                  f"iteris/forward {x['time_vs_forward']:.2f}x | merges agree to {diff:.1e}", flush=True)
+
+    held = [make_samples(p, args.heldout, args.seed + 1000) for p in HELD_OUT]
+    ev = IterISSolver(model, loras, [1.0, 1.0], held, MergeOptions(samples=args.heldout, **base))
+    j_iteris, _ = ev.evaluate(ours_edit.factors)
+    lin = concat(model, loras, [1.0, 1.0])
+    j_linear, _ = ev.evaluate(lin.factors)
+    ur = rows[-1]["reference_feature_mib"]["unet"] / max(rows[-1]["samples"], 1) / max(args.steps, 1)
+    est = ur * (64 / args.latent_size) ** 2 * 3
+    result = {"settings": settings, "rows": rows,
+              "heldout": {"iteris_objective": j_iteris, "linear_objective": j_linear,
+                          "iteris_vs_linear": j_iteris / j_linear if j_linear else float("nan")},
+              "reference_unet_feature_mib_per_sample_at_64x64_3_steps": est,
+              "goals": {"peak_memory": "flat in the number of samples",
+                        "time_vs_forward_passes_max": 1.3}}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        flat = rows[-1]["iteris_peak_mib"] / max(rows[0]["iteris_peak_mib"], 1e-9) if len(rows) > 1 else 1.0
+        print(f"held-out objective (lower is better): iteris {j_iteris:.4g}, linear {j_linear:.4g} "
+              f"-> iteris/linear {result['heldout']['iteris_vs_linear']:.3f}")
+        print(f"peak memory growth {counts[0]} -> {counts[-1]} samples: iteris x{flat:.2f}, reference x"
+              f"{rows[-1]['reference_peak_mib'] / max(rows[0]['reference_peak_mib'], 1e-9):.2f}")
+        print(f"reference UNet features per sample at 64x64 latents, 3 steps: ~{est:.0f} MiB (ours: none stored)")
+        print("goals: peak memory flat in samples; iteris time <= 1.3x its forward passes")
+    return 0
