@@ -1,0 +1,430 @@
+"""What the Weightsmith tab does, independent of the host (A1111, Forge, or the standalone app).
+
+A *backend* answers host questions: the loaded model's base weights as an
+:class:`~weightsmith.core.sdmodel.SDModel`, where each canonical weight lives in memory, where
+LoRAs and checkpoints go, how progress and Interrupt are wired. :class:`Workbench` holds the
+tab's state (the applied edit and the exact originals, see :mod:`.live_weights`) and does the
+work the buttons ask for. The Gradio layout lives in :mod:`.ui`.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from ..core.edit import Edit
+from ..core.errors import CancelledError, WeightsmithError, require
+from .live_weights import LiveEditor, Slot
+
+ERASE_METHODS = ("erasepro", "zero-residual", "uce")
+MERGE_METHODS_FALLBACK = ("iteris", "linear", "concat", "svd", "ties", "dare", "regmean")
+FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._ -]+")
+
+
+def merge_methods() -> tuple[str, ...]:
+    try:
+        from ..core.merge import METHODS
+        return tuple(METHODS)
+    except Exception:
+        return MERGE_METHODS_FALLBACK
+
+
+def items(text) -> list[str]:
+    """Concepts from a textbox: one per line; commas also separate (as in A1111 prompts)."""
+    if isinstance(text, (list, tuple)):
+        return [str(t).strip() for t in text if str(t).strip()]
+    out = []
+    for line in (text or "").splitlines():
+        out += [p.strip() for p in line.split(",") if p.strip()]
+    return out
+
+
+def output_name(name: str, default: str) -> str:
+    name = _SAFE_NAME.sub("_", (name or "").strip()) or default
+    name = name.strip(". ") or default
+    if not name.lower().endswith(".safetensors"):
+        name += ".safetensors"
+    return name
+
+
+def combine(a: Edit | None, b: Edit) -> Edit:
+    """The edit ``a`` followed by ``b`` (deltas add; exact factors concatenate)."""
+    if a is None:
+        return b
+    deltas = dict(a.deltas)
+    factors = dict(a.factors)
+    for k, d in b.deltas.items():
+        if k in deltas:
+            deltas[k] = deltas[k] + d
+            fa, fb = a.factors.get(k), b.factors.get(k)
+            if fa is not None and fb is not None:
+                factors[k] = (torch.cat([fa[0], fb[0]], 1), torch.cat([fa[1], fb[1]], 0))
+            else:
+                factors.pop(k, None)
+        else:
+            deltas[k] = d
+            if k in b.factors:
+                factors[k] = b.factors[k]
+    report = dict(b.report)
+    report["combined_with"] = [a.report.get("method", "?")] + list(a.report.get("combined_with", []))
+    return Edit(b.family, b.unet_config, deltas, factors, report)
+
+
+def complete_fused(edit: Edit, family: str) -> Edit:
+    """Add zero q/k/v/out entries next to edited OpenCLIP attention weights (SD2, SDXL's bigG).
+
+    A1111's Lora extension applies a LoRA to a fused ``nn.MultiheadAttention`` only when q, k, v
+    *and* out are all present, and skips the layer silently otherwise (hosts.md). Zero entries do
+    not change the weights anywhere; they make A1111 apply the k/v part."""
+    if family == "sd1":
+        return edit
+    deltas, factors = dict(edit.deltas), dict(edit.factors)
+    open_clip = "text_encoder." if family == "sd2" else "text_encoder_2."
+    for name in list(edit.deltas):
+        m = re.match(r"^(.*\.self_attn)\.(q_proj|k_proj|v_proj|out_proj)$", name)
+        if not m or not name.startswith(open_clip):
+            continue
+        shape = edit.deltas[name].shape
+        for sub in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            other = f"{m.group(1)}.{sub}"
+            if other not in deltas:
+                deltas[other] = torch.zeros(shape)
+                factors[other] = (torch.zeros(shape[0], 1), torch.zeros(1, shape[1]))
+    return Edit(edit.family, edit.unet_config, deltas, factors, dict(edit.report))
+
+
+# ----------------------------------------------------------------------------------------------
+class Backend:
+    """Host interface. Subclasses: :class:`StandaloneBackend`, ``a1111.A1111Backend``."""
+
+    name = "standalone"
+    can_apply = True
+    apply_note = ""
+
+    def __init__(self):
+        self._cancel = threading.Event()
+
+    # model ------------------------------------------------------------------------------------
+    def model(self):
+        """The loaded model's base weights (without LoRAs) as an SDModel (float32, CPU)."""
+        raise NotImplementedError
+
+    def slots(self, names) -> dict[str, Slot]:
+        raise NotImplementedError
+
+    def model_key(self):
+        """Identifies the loaded model; the tab drops its state when this changes."""
+        return None
+
+    def describe(self) -> str:
+        return ""
+
+    # files ------------------------------------------------------------------------------------
+    def lora_dir(self) -> Path:
+        raise NotImplementedError
+
+    def checkpoint_dir(self) -> Path:
+        raise NotImplementedError
+
+    def save_checkpoint(self, deltas: dict, out: Path, metadata: dict) -> Path:
+        raise NotImplementedError
+
+    def refresh_checkpoints(self) -> None:
+        pass
+
+    def refresh_loras(self) -> None:
+        pass
+
+    def list_loras(self) -> list[str]:
+        d = self.lora_dir()
+        if not d.is_dir():
+            return []
+        return sorted(str(p.relative_to(d)) for p in d.rglob("*.safetensors") if p.is_file())
+
+    # jobs -------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def job(self, title: str):
+        """Runs one long job; yields ``(progress, cancel)`` callables for core."""
+        self._cancel.clear()
+        yield (lambda done, total, label="": None), self._cancel.is_set
+
+    def interrupt(self) -> None:
+        self._cancel.set()
+
+
+class StandaloneBackend(Backend):
+    """A model loaded from a file or diffusers folder; Apply edits it in memory.
+
+    ``can_apply=False`` gives a save-only backend (used on Forge, see :mod:`.forge`)."""
+
+    def __init__(self, model_path, lora_dir, checkpoint_dir, *, tokenizer=None, clip_skip=None,
+                 can_apply: bool = True, apply_note: str = "", name: str = "standalone"):
+        super().__init__()
+        self.model_path = Path(model_path)
+        self._lora_dir = Path(lora_dir)
+        self._ckpt_dir = Path(checkpoint_dir)
+        self._tokenizer = tokenizer
+        self._clip_skip = clip_skip
+        self._model = None
+        self.can_apply = can_apply
+        self.apply_note = apply_note
+        self.name = name
+
+    def model(self):
+        if self._model is None:
+            from ..core.model_io import load_model
+
+            self._model = load_model(self.model_path, clip_skip=self._clip_skip, tokenizer=self._tokenizer)
+        return self._model
+
+    def slots(self, names) -> dict[str, Slot]:
+        m = self.model()
+        return {n: Slot(m.module(n), "weight") for n in names}
+
+    def model_key(self):
+        return str(self.model_path)
+
+    def describe(self) -> str:
+        m = self.model()
+        return f"{self.model_path.name} ({FAMILY_NAMES.get(m.family, m.family)})"
+
+    def lora_dir(self) -> Path:
+        return self._lora_dir
+
+    def checkpoint_dir(self) -> Path:
+        return self._ckpt_dir
+
+    def save_checkpoint(self, deltas, out, metadata):
+        from ..core.model_io import save_edited_model
+
+        m = self.model()
+        if m.source is not None and m.source.format == "diffusers":
+            out = out.with_suffix("")          # a diffusers model is saved as a folder
+        return save_edited_model(m, deltas, out, metadata)
+
+
+# ----------------------------------------------------------------------------------------------
+class Workbench:
+    """The tab's state and actions. Every public method returns a status message (and raises
+    :class:`WeightsmithError` with a user-facing message on bad input)."""
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+        self.editor = LiveEditor()
+        self.applied: Edit | None = None
+        self.applied_key = None
+        self.last: Edit | None = None
+        self.last_rows: list = []
+        self.lock = threading.RLock()
+
+    # state ------------------------------------------------------------------------------------
+    def _check_model(self) -> None:
+        if self.applied is not None and self.backend.model_key() != self.applied_key:
+            self.editor.forget()
+            self.applied = None
+            raise WeightsmithError(
+                "the loaded model changed since the last Apply; that edit is gone with the old model. "
+                "Nothing was changed; press the button again to work on the new model.")
+
+    def rows_for(self, edit: Edit) -> list:
+        if edit is self.last:
+            return self.last_rows
+        return layer_rows(edit, self.backend.model())
+
+    def state_text(self) -> str:
+        if self.applied is None:
+            return "No edit applied."
+        r = self.applied.report
+        what = r.get("method", "edit")
+        tgt = r.get("targets") or [l.get("name") for l in r.get("loras", []) if isinstance(l, dict)]
+        return f"Applied in memory: {what} {', '.join(map(str, tgt or []))} ({len(self.applied.deltas)} weights)."
+
+    # compute ----------------------------------------------------------------------------------
+    def compute_erase(self, targets, anchors, preserve, method, advanced: dict | None = None) -> Edit:
+        from ..core.erase import EraseOptions, erase
+
+        require(method in ERASE_METHODS, f"unknown method {method!r}; choose {', '.join(ERASE_METHODS)}.")
+        t = items(targets)
+        require(bool(t), "enter at least one concept to erase in Targets.")
+        a = items(anchors) or [""]
+        opts = _options(EraseOptions, advanced or {})
+        with self.backend.job("Weightsmith: erase") as (progress, cancel):
+            model = self.backend.model()
+            edit = erase(model, t, a, items(preserve), method=method, options=opts,
+                         progress=progress, cancel=cancel, warn=lambda m: None)
+            self.last, self.last_rows = edit, layer_rows(edit, model)
+        return edit
+
+    def compute_merge(self, lora_names, weights, prompts, method, settings: dict | None = None) -> tuple:
+        from ..core.lora_read import load_lora
+        from ..core.merge import MergeOptions, merge
+
+        names = list(lora_names or [])
+        require(bool(names), "pick at least one LoRA to merge.")
+        w = [float(x) for x in items(weights)] if items(weights) else None
+        require(w is None or len(w) == len(names),
+                f"give one weight per LoRA ({len(names)}), or leave Weights empty for 1 each.")
+        plines = [ln.strip() for ln in (prompts or "").splitlines()]
+        p = None
+        if any(plines):
+            require(len([x for x in plines if x]) in (1, len(names)),
+                    "sample prompts: one line for all LoRAs, or one line per LoRA in the order picked "
+                    "(several prompts on a line are separated by |).")
+            lines = [x for x in plines if x]
+            per = [[s.strip() for s in ln.split("|") if s.strip()] for ln in lines]
+            p = per[0] if len(per) == 1 and len(names) > 1 else per
+        opts = _options(MergeOptions, settings or {})
+        with self.backend.job("Weightsmith: merge LoRAs") as (progress, cancel):
+            model = self.backend.model()
+            loras = []
+            for n in names:
+                path = self.backend.lora_dir() / n
+                require(path.is_file(), f"LoRA {n} is not in {self.backend.lora_dir()}; press Refresh.")
+                loras.append(load_lora(path, model))
+            edit = merge(model, loras, method=method, weights=w, prompts=p, options=opts,
+                         progress=progress, cancel=cancel)
+            self.last, self.last_rows = edit, layer_rows(edit, model)
+        return edit, loras
+
+    # apply / undo -----------------------------------------------------------------------------
+    def apply(self, edit: Edit, strength: float = 1.0) -> str:
+        if not self.backend.can_apply:
+            raise WeightsmithError(f"Apply is not available here: {self.backend.apply_note}")
+        self._check_model()
+        model = self.backend.model()
+        require(edit.family == model.family,
+                f"this edit is for {FAMILY_NAMES.get(edit.family, edit.family)} but the loaded model is "
+                f"{FAMILY_NAMES.get(model.family, model.family)}; nothing was changed.")
+        slots = self.backend.slots(edit.deltas)
+        self.editor.apply(edit.deltas, slots, strength)
+        self.applied = combine(self.applied, edit.scaled(strength) if strength != 1 else edit)
+        self.applied_key = self.backend.model_key()
+        self.backend_changed()
+        return f"Applied to the loaded model: {len(edit.deltas)} weights changed. Generate to try it; Undo restores the original."
+
+    def undo(self) -> str:
+        if self.applied is None:
+            return "Nothing to undo: no edit is applied."
+        try:
+            self._check_model()
+            n = self.editor.undo()
+        finally:
+            self.applied = None
+            self.backend_changed()
+        return f"Undone: {n} tensors restored exactly to the original weights."
+
+    def backend_changed(self) -> None:
+        hook = getattr(self.backend, "weights_changed", None)
+        if hook:
+            hook()
+
+    # save -------------------------------------------------------------------------------------
+    def edit_to_save(self, compute) -> tuple[Edit, str]:
+        """The applied edit if there is one, else a freshly computed one (``compute()``)."""
+        if self.applied is not None:
+            self._check_model()
+            return self.applied, "the applied edit"
+        return compute(), "a newly computed edit (nothing was applied)"
+
+    def save_lora(self, edit: Edit, name: str, rank=None, fmt: str = "lora", extra_meta=None) -> str:
+        from ..core.lora_write import save_lora
+
+        d = self.backend.lora_dir()
+        out = d / output_name(name, f"ws-{edit.report.get('method', 'edit')}")
+        meta = {"ws_host": self.backend.name}
+        meta.update(extra_meta or {})
+        info = save_lora(complete_fused(edit, edit.family), out, rank=int(rank) if rank else None,
+                         fmt=fmt, metadata=meta)
+        self.backend.refresh_loras()
+        err = info.get("max_error", 0.0)
+        tail = f"; largest relative export error {err:.2e} (raise Rank to lower it)" if err > 1e-6 else "; exact"
+        return f"Saved LoRA {out} (rank {info.get('rank')}{tail})."
+
+    def save_checkpoint(self, edit: Edit, name: str) -> str:
+        d = self.backend.checkpoint_dir()
+        out = d / output_name(name, "weightsmith-edit")
+        require(not out.exists(), f"{out} already exists; choose another name.")
+        meta = {"ws_method": str(edit.report.get("method", "")),
+                "ws_targets": json.dumps(edit.report.get("targets", []))}
+        path = self.backend.save_checkpoint(edit.deltas, out, meta)
+        self.backend.refresh_checkpoints()
+        return f"Saved checkpoint {path}; it is in the checkpoint list now."
+
+
+def _options(cls, values: dict):
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in names and v is not None})
+
+
+# ----------------------------------------------------------------------------------------------
+# report
+def layer_rows(edit: Edit, model) -> list[list]:
+    """Per-layer table rows computed from the edit's ΔW and the model's weights (plus the solver's
+    residuals where it reported them)."""
+    stages = {s.get("layer"): s for s in edit.report.get("stages", []) if isinstance(s, dict)}
+    rows = []
+    for name in sorted(edit.deltas, key=_layer_order):
+        d = edit.deltas[name].float()
+        try:
+            w = float(model.weight(name).float().norm())
+        except Exception:
+            w = float("nan")
+        dn = float(d.norm())
+        s = stages.get(name, {})
+        rows.append([name, s.get("stage", name.split(".", 1)[0]), round(dn, 6),
+                     round(dn / w, 6) if w == w and w > 0 else None,
+                     _r(s.get("residual_before")), _r(s.get("residual_after"))])
+    return rows
+
+
+TABLE_HEADERS = ["layer", "stage", "‖ΔW‖_F", "‖ΔW‖/‖W‖", "residual before", "residual after"]
+
+
+def _r(x):
+    return None if x is None else round(float(x), 6)
+
+
+def _layer_order(name: str):
+    comp = name.split(".", 1)[0]
+    nums = [int(x) for x in re.findall(r"\d+", name)]
+    return (0 if comp.startswith("text_encoder") else 1, comp, nums, name)
+
+
+def plot(rows):
+    """A bar chart of ‖ΔW‖/‖W‖ per layer (matplotlib Figure; None without matplotlib)."""
+    try:
+        from matplotlib.figure import Figure
+    except Exception:
+        return None
+    fig = Figure(figsize=(8, 3), dpi=100)
+    ax = fig.add_subplot(111)
+    vals = [r[3] if r[3] is not None else 0.0 for r in rows]
+    colors = ["tab:orange" if str(r[0]).startswith("text_encoder") else "tab:blue" for r in rows]
+    ax.bar(range(len(vals)), vals, color=colors)
+    ax.set_ylabel("‖ΔW‖ / ‖W‖")
+    ax.set_xlabel("layer (text encoder: orange, UNet: blue), shallow → deep")
+    ax.set_title("Relative change per edited weight")
+    fig.tight_layout()
+    return fig
+
+
+def user_message(e: BaseException) -> str:
+    if isinstance(e, CancelledError):
+        return f"Stopped: {e}"
+    if isinstance(e, WeightsmithError):
+        return f"⚠ {e}"
+    return f"⚠ unexpected error ({type(e).__name__}: {e}); see the console for details."
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0

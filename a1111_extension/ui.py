@@ -1,0 +1,245 @@
+"""The Weightsmith tab: two sub-tabs (Erase, Merge LoRAs) built from plain Gradio components.
+
+``build_ui(backend)`` returns a ``gr.Blocks``; A1111/Forge put it in a tab (``scripts/
+weightsmith_tab.py``), and ``python -m weightsmith.a1111_extension.standalone MODEL`` serves it on
+its own. Written for gradio 3.41 (A1111 v1.10) and gradio 4 (Forge): only components and
+arguments both versions have.
+"""
+from __future__ import annotations
+
+import traceback
+
+from .backend import ERASE_METHODS, TABLE_HEADERS, Workbench, merge_methods, plot, user_message
+
+TE_SUBLAYERS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+
+
+def _layer_range(text: str):
+    text = (text or "").strip()
+    if not text:
+        return None
+    from ..core.errors import WeightsmithError
+
+    try:
+        a, _, b = text.partition("-")
+        lo = int(a)
+        hi = int(b) if b.strip() else lo
+    except ValueError:
+        raise WeightsmithError(f"text-encoder layers {text!r}: write a range like 0-5 or a single layer.") from None
+    return (lo, hi)
+
+
+def _float(x, default=None):
+    try:
+        return default if x is None or x == "" else float(x)
+    except (TypeError, ValueError):
+        return default
+
+
+def build_ui(backend, *, workbench: Workbench | None = None):
+    """A ``gr.Blocks`` with the Erase and Merge LoRAs sub-tabs, bound to ``backend``."""
+    import gradio as gr
+
+    wb = workbench or Workbench(backend)
+
+    def gr_progress(progress):
+        def cb(done, total, label=""):
+            try:
+                progress(done / max(1, total), desc=str(label)[:60])
+            except Exception:
+                pass
+        return cb
+
+    def with_progress(progress):
+        """Chain gradio's progress bar into the backend's job progress."""
+        orig_job = backend.job
+
+        def job(title):
+            import contextlib
+
+            @contextlib.contextmanager
+            def cm():
+                with orig_job(title) as (p, c):
+                    g = gr_progress(progress)
+
+                    def both(done, total, label=""):
+                        g(done, total, label)
+                        p(done, total, label)
+                    yield both, c
+            return cm()
+        return job
+
+    def run(fn, progress):
+        """Run an action; return (status, rows, figure, state)."""
+        try:
+            with wb.lock:
+                saved = backend.job
+                backend.job = with_progress(progress)
+                try:
+                    msg, edit = fn()
+                finally:
+                    backend.job = saved
+                rows = wb.rows_for(edit) if edit is not None else []
+            return msg, rows or None, plot(rows) if rows else None, wb.state_text()
+        except BaseException as e:  # noqa: BLE001  (everything becomes a message in the tab)
+            if not isinstance(e, Exception):
+                raise
+            from ..core.errors import WeightsmithError
+
+            if not isinstance(e, WeightsmithError):
+                traceback.print_exc()
+            return user_message(e), None, None, wb.state_text()
+
+    # -- erase actions ------------------------------------------------------------------------
+    def erase_args(targets, anchors, preserve, method, tokens, te_sub, te_layers, expand, lam, eta_p, rcond):
+        adv = {"tokens": tokens, "te_sublayers": tuple(te_sub or ("k_proj", "v_proj")),
+               "te_layers": _layer_range(te_layers), "expand_prompts": None if expand == "auto" else expand == "on",
+               "lam": _float(lam), "eta_preserve": _float(eta_p), "rcond": _float(rcond)}
+        return targets, anchors, preserve, method, adv
+
+    def on_apply(targets, anchors, preserve, method, tokens, te_sub, te_layers, expand, lam, eta_p, rcond,
+                 strength, progress=gr.Progress()):
+        def fn():
+            a = erase_args(targets, anchors, preserve, method, tokens, te_sub, te_layers, expand, lam, eta_p, rcond)
+            edit = wb.compute_erase(*a)
+            msg = wb.apply(edit, _float(strength, 1.0))
+            return f"{msg} ({edit.report.get('time_s', 0):.1f} s)", edit
+        return run(fn, progress)
+
+    def on_undo(progress=gr.Progress()):
+        return run(lambda: (wb.undo(), None), progress)
+
+    def on_save_lora(targets, anchors, preserve, method, tokens, te_sub, te_layers, expand, lam, eta_p, rcond,
+                     name, rank, fmt, progress=gr.Progress()):
+        def fn():
+            a = erase_args(targets, anchors, preserve, method, tokens, te_sub, te_layers, expand, lam, eta_p, rcond)
+            edit, which = wb.edit_to_save(lambda: wb.compute_erase(*a))
+            return f"{wb.save_lora(edit, name, int(_float(rank, 0)) or None, fmt)} Saved {which}.", edit
+        return run(fn, progress)
+
+    def on_save_ckpt(targets, anchors, preserve, method, tokens, te_sub, te_layers, expand, lam, eta_p, rcond,
+                     name, progress=gr.Progress()):
+        def fn():
+            a = erase_args(targets, anchors, preserve, method, tokens, te_sub, te_layers, expand, lam, eta_p, rcond)
+            edit, which = wb.edit_to_save(lambda: wb.compute_erase(*a))
+            return f"{wb.save_checkpoint(edit, name)} Saved {which}.", edit
+        return run(fn, progress)
+
+    # -- merge actions ------------------------------------------------------------------------
+    def on_merge(loras, weights, prompts, method, iterations, samples, steps, seed, name, rank, apply_too,
+                 progress=gr.Progress()):
+        def fn():
+            settings = {"iterations": int(_float(iterations, 8)), "samples": int(_float(samples, 8)),
+                        "steps": int(_float(steps, 3)), "seed": int(_float(seed, 0))}
+            edit, objs = wb.compute_merge(loras, weights, prompts, method, settings)
+            meta = {"ws_inputs": ",".join(l.name for l in objs)}
+            try:
+                from ..core.merge import merged_tag_frequency
+                import json
+
+                tf = merged_tag_frequency(objs)
+                if tf:
+                    meta["ss_tag_frequency"] = json.dumps(tf)
+            except Exception:
+                pass
+            msg = wb.save_lora(edit, name or f"ws-merge-{method}", int(_float(rank, 0)) or None, "lora", meta)
+            if apply_too:
+                msg += " " + wb.apply(edit)
+            return msg, edit
+        return run(fn, progress)
+
+    def on_refresh():
+        backend.refresh_loras()
+        return gr.update(choices=backend.list_loras())
+
+    def on_interrupt():
+        backend.interrupt()
+        return "Interrupt requested; the job stops at its next step."
+
+    def describe():
+        try:
+            return backend.describe()
+        except Exception as e:  # noqa: BLE001
+            return user_message(e)
+
+    with gr.Blocks(analytics_enabled=False) as demo:
+        gr.Markdown("### Weightsmith: closed-form concept erasure and LoRA merging")
+        note = "" if backend.can_apply else f"\n\n**Save-only here:** {backend.apply_note}"
+        model_info = gr.Markdown(f"Model: {describe()}{note}", elem_id="weightsmith_model_info")
+        with gr.Tab("Erase"):
+            with gr.Row():
+                targets = gr.Textbox(label="Targets (concepts to erase; one per line or comma-separated)",
+                                     lines=2, placeholder="Van Gogh", elem_id="weightsmith_targets")
+                anchors = gr.Textbox(label="Anchors (what each target becomes; one, or one per target)",
+                                     lines=2, placeholder="art", elem_id="weightsmith_anchors")
+                preserve = gr.Textbox(label="Preserve (concepts that must not change)", lines=2,
+                                      placeholder="Monet, Picasso", elem_id="weightsmith_preserve")
+            with gr.Row():
+                method = gr.Radio(list(ERASE_METHODS), value="erasepro", label="Method")
+                strength = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Apply strength")
+            with gr.Accordion("Advanced options", open=False):
+                with gr.Row():
+                    tokens = gr.Radio(["suffix", "last"], value="suffix", label="Tokens edited")
+                    te_sub = gr.CheckboxGroup(TE_SUBLAYERS, value=["k_proj", "v_proj"],
+                                              label="Text-encoder sub-layers (ErasePro)")
+                    te_layers = gr.Textbox(label="Text-encoder layers (e.g. 0-5; empty: automatic)", value="")
+                with gr.Row():
+                    expand = gr.Radio(["auto", "on", "off"], value="auto", label="Expand prompts with templates")
+                    lam = gr.Number(value=0.5, label="λ (UCE / preservation weight)")
+                    eta_p = gr.Number(value=1.0, label="η preserve")
+                    rcond = gr.Number(value=1e-4, label="rcond (pseudo-inverse cutoff)")
+            with gr.Row():
+                b_apply = gr.Button("Apply", variant="primary", elem_id="weightsmith_apply",
+                                    interactive=backend.can_apply)
+                b_undo = gr.Button("Undo", elem_id="weightsmith_undo", interactive=backend.can_apply)
+                b_stop = gr.Button("Interrupt", elem_id="weightsmith_interrupt")
+            with gr.Row():
+                ckpt_name = gr.Textbox(label="Checkpoint name", value="", placeholder="my-model-erased")
+                b_ckpt = gr.Button("Save as checkpoint", elem_id="weightsmith_save_ckpt")
+                lora_name = gr.Textbox(label="LoRA name", value="", placeholder="erase-van-gogh")
+                rank = gr.Number(value=0, label="LoRA rank (0: exact)")
+                fmt = gr.Radio(["lora", "diff"], value="lora", label="LoRA format")
+                b_lora = gr.Button("Save as LoRA", elem_id="weightsmith_save_lora")
+        with gr.Tab("Merge LoRAs"):
+            with gr.Row():
+                loras = gr.Dropdown(backend.list_loras(), multiselect=True, label="LoRAs (from the LoRA folder)",
+                                    elem_id="weightsmith_loras")
+                b_refresh = gr.Button("Refresh list")
+            with gr.Row():
+                weights = gr.Textbox(label="Weights (one per LoRA, comma-separated; empty: 1 each)", value="")
+                prompts = gr.Textbox(label="Sample prompts (one line per LoRA, several separated by |; "
+                                           "empty: from each LoRA's training tags)", lines=2, value="")
+            with gr.Row():
+                m_method = gr.Dropdown(list(merge_methods()), value="iteris", label="Method")
+                iterations = gr.Number(value=8, label="Iterations", precision=0)
+                samples = gr.Number(value=8, label="Samples per LoRA", precision=0)
+                steps = gr.Number(value=3, label="Denoising steps per sample", precision=0)
+                seed = gr.Number(value=0, label="Seed", precision=0)
+            with gr.Row():
+                m_name = gr.Textbox(label="Output LoRA name", value="", placeholder="merged")
+                m_rank = gr.Number(value=0, label="Rank (0: exact)", precision=0)
+                m_apply = gr.Checkbox(value=False, label="Also apply to the loaded model",
+                                      interactive=backend.can_apply)
+                b_merge = gr.Button("Merge → Save as LoRA", variant="primary", elem_id="weightsmith_merge")
+                b_stop2 = gr.Button("Interrupt")
+        status = gr.Textbox(label="Status", interactive=False, elem_id="weightsmith_status")
+        state = gr.Textbox(label="In memory", value=wb.state_text(), interactive=False, elem_id="weightsmith_state")
+        table = gr.Dataframe(headers=TABLE_HEADERS, label="Per-layer changes", interactive=False,
+                             elem_id="weightsmith_table")
+        figure = gr.Plot(label="Relative change per layer", elem_id="weightsmith_plot")
+
+        common = [targets, anchors, preserve, method, tokens, te_sub, te_layers, expand, lam, eta_p, rcond]
+        outs = [status, table, figure, state]
+        e1 = b_apply.click(on_apply, common + [strength], outs, api_name="apply")
+        e2 = b_undo.click(on_undo, [], outs, api_name="undo")
+        e3 = b_lora.click(on_save_lora, common + [lora_name, rank, fmt], outs, api_name="save_lora")
+        e4 = b_ckpt.click(on_save_ckpt, common + [ckpt_name], outs, api_name="save_checkpoint")
+        e5 = b_merge.click(on_merge, [loras, weights, prompts, m_method, iterations, samples, steps, seed,
+                                      m_name, m_rank, m_apply], outs, api_name="merge")
+        b_stop.click(on_interrupt, [], [status], api_name="interrupt", queue=False)
+        b_stop2.click(on_interrupt, [], [status], queue=False)
+        b_refresh.click(on_refresh, [], [loras], api_name="refresh_loras")
+        demo.load(lambda: (f"Model: {describe()}{note}", wb.state_text()), [], [model_info, state])
+        _ = (e1, e2, e3, e4, e5)
+    demo.weightsmith_workbench = wb
+    return demo
