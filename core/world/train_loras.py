@@ -246,13 +246,15 @@ def train_one(which: str, base: Path, steps: int, batch: int, lr: float, rank: i
     sd = lora_state_dict(hooks)
     for h in hooks.values():
         h.remove()
-    # kohya-style tag frequency: captions split on commas
+    # kohya-style tag frequency: captions split on commas; the trigger counts as a tag of
+    # every caption (so it is the top tag, as with a class/trigger token in kohya datasets)
     tags: Counter = Counter()
     for cap, c in captions.items():
-        for tg in cap.split(","):
-            tg = tg.strip()
-            if tg:
-                tags[tg] += c
+        parts = [tg.strip() for tg in cap.split(",") if tg.strip()]
+        if spec["trigger"] not in parts:
+            parts.append(spec["trigger"])
+        for tg in parts:
+            tags[tg] += c
     n_img = steps * (batch - n_prior)
     meta = {
         "ss_network_module": "networks.lora",

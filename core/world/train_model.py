@@ -59,7 +59,7 @@ def make_unet():
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         mid_block_type="UNetMidBlock2DCrossAttn",
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64, 64),
+        block_out_channels=(16, 32, 64),
         layers_per_block=1,
         cross_attention_dim=TEXT_DIM,
         attention_head_dim=4,
@@ -78,9 +78,9 @@ def make_scheduler():
         clip_sample=True,
         clip_sample_range=1.0,
         set_alpha_to_one=True,
-        steps_offset=0,
+        steps_offset=1,
         prediction_type="epsilon",
-        timestep_spacing="trailing",
+        timestep_spacing="leading",
     )
 
 
@@ -159,7 +159,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(DEFAULT_MODEL_DIR))
     ap.add_argument("--work", default="/tmp/weightsmith_world_model", help="checkpoints / logs")
-    ap.add_argument("--steps", type=int, default=8000)
+    ap.add_argument("--steps", type=int, default=6000)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=6e-4)
     ap.add_argument("--seed", type=int, default=0)
@@ -167,7 +167,10 @@ def main(argv=None):
     ap.add_argument("--max-minutes", type=float, default=0,
                     help="wall-time budget: stop (and export) after it; the LR schedule then follows "
                          "max(step/steps, elapsed/budget) so it fully decays on a busy machine too")
-    ap.add_argument("--min-snr", type=float, default=5.0, help="min-SNR-gamma loss weighting (0: off)")
+    ap.add_argument("--min-snr", type=float, default=5.0, help="min-SNR-gamma loss weighting (0: off) ...")
+    ap.add_argument("--min-snr-until", type=int, default=500,
+                    help="... for the first N steps only (it starves low-noise steps, which leaves grain)")
+    ap.add_argument("--ema-decay", type=float, default=0.995)
     ap.add_argument("--ckpt-every", type=int, default=250)
     ap.add_argument("--export-every", type=int, default=1000)
     ap.add_argument("--resume", action="store_true")
@@ -191,7 +194,7 @@ def main(argv=None):
     n_t = sum(p.numel() for p in text_encoder.parameters())
     print(f"unet {n_u/1e6:.3f}M params, text encoder {n_t/1e6:.3f}M params", flush=True)
     opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.99), weight_decay=0.01)
-    ema = EMA([unet, text_encoder], decay=0.999)
+    ema = EMA([unet, text_encoder], decay=a.ema_decay)
     step = 0
     ck = work / "ckpt.pt"
     if a.resume and ck.exists():
@@ -250,7 +253,7 @@ def main(argv=None):
         xt = noise_sched.add_noise(x0, noise, t)
         cond = text_encoder(ids).last_hidden_state
         pred = unet(xt, t, cond).sample
-        if a.min_snr:
+        if a.min_snr and step < a.min_snr_until:
             snr = acp[t] / (1 - acp[t])
             w = snr.clamp(max=a.min_snr) / snr
             loss = (F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3)) * w).mean()
