@@ -268,13 +268,51 @@ def _check_applied(wanted: dict, got: set, what: str) -> None:
             "The edit was computed for a different model: connect the MODEL/CLIP it was made from.")
 
 
+def edit_to_cpu(edit):
+    """The edit with CPU tensors (a WEIGHTSMITH_EDIT outlives the solver's device copy)."""
+    edit.deltas = {k: v.detach().float().cpu() for k, v in edit.deltas.items()}
+    edit.factors = {k: (u.detach().float().cpu(), d.detach().float().cpu()) for k, (u, d) in edit.factors.items()}
+    return edit
+
+
+def to_compute_device(sdmodel, need_unet: bool) -> str:
+    """Move the solver's copy of the model to ComfyUI's torch device (GPU when there is one),
+    after asking ComfyUI to make room; stay on the CPU when that fails. Returns the device used.
+    IterIS runs the UNet on sample prompts, which is slow on a CPU."""
+    import comfy.model_management as mm
+
+    dev = mm.get_torch_device()
+    if getattr(dev, "type", "cpu") == "cpu":
+        return "cpu"
+    try:
+        need = sum(p.numel() * 4 for t in sdmodel.text_encoders.values() for p in t.parameters())
+        if need_unet:
+            need += sum(p.numel() * 4 for p in sdmodel.unet.parameters())
+        mm.free_memory(need * 2, dev)
+        for t in sdmodel.text_encoders.values():
+            t.to(dev)
+        if need_unet:
+            sdmodel.unet.to(dev)
+        return str(dev)
+    except Exception as e:  # out of memory or an unusual device: the CPU always works
+        import logging
+
+        logging.warning("Weightsmith: running on the CPU (%s: %s)", type(e).__name__, e)
+        for t in sdmodel.text_encoders.values():
+            t.to("cpu")
+        if need_unet and sdmodel._unet is not None:
+            sdmodel._unet.to("cpu")
+        mm.soft_empty_cache()
+        return "cpu"
+
+
 def weight_norms(sdmodel, edit) -> dict[str, float]:
     """‖ΔW‖/‖W‖ per edited module, W the effective weight the edit was computed from."""
     out = {}
     for name, d in edit.deltas.items():
         try:
             w = sdmodel.weight(name)
-            out[name] = float(d.float().norm() / w.float().norm().clamp_min(1e-12))
+            out[name] = float(d.float().cpu().norm() / w.float().cpu().norm().clamp_min(1e-12))
         except Exception:
             out[name] = float("nan")
     return out

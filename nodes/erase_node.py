@@ -104,6 +104,7 @@ class WeightsmithEraseConcepts:
                          progress=progress, cancel=cancel)
             edit = edit.scaled(strength) if float(strength) != 1.0 else edit
             edit.report["strength"] = float(strength)
+            edit = ca.edit_to_cpu(edit)
             logging.info("Weightsmith: %d modules edited in %.1f s", len(edit.deltas), time.perf_counter() - t0)
             m, c = ca.apply_edit(model, clip, edit, 1.0)
             rel = ca.weight_norms(sd, edit)

@@ -117,6 +117,7 @@ class WeightsmithIterISMerge:
             progress, cancel = host_progress()
             cancel()
             sd = ca.sdmodel_from_comfy(model, clip)
+            ca.to_compute_device(sd, need_unet=method in ("iteris", "regmean"))
             loras = [e["path"] for e in stack]   # core reads and binds them to this model
             weights = [e["weight"] for e in stack]
             prompts = [list(e["prompts"]) for e in stack]
@@ -127,6 +128,7 @@ class WeightsmithIterISMerge:
             edit = merge(sd, loras, method=method, weights=weights, prompts=prompts, options=opts,
                          progress=progress, cancel=cancel)
             edit.report["stack"] = [f"{e['name']} x{e['weight']:g}" for e in stack]
+            edit = ca.edit_to_cpu(edit)
             logging.info("Weightsmith: %d modules edited in %.1f s", len(edit.deltas), time.perf_counter() - t0)
             m, c = ca.apply_edit(model, clip, edit, 1.0)
             rel = ca.weight_norms(sd, edit)

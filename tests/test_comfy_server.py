@@ -280,3 +280,32 @@ def test_merge_linear_equals_weighted_sum_and_interrupt_leaves_no_file(server, c
     after = set(server.output("loras").rglob("*.safetensors"))
     assert after == before, f"an interrupted merge left files: {after - before}"
     assert not list(server.output("loras").rglob("*.tmp")), "an interrupted merge left a temp file"
+
+
+# ----------------------------------------------------------------------------------------------
+def test_front_end_search_examples_and_inline_report(server):
+    """Headless Chromium with ComfyUI's real front end (comfyui-frontend-package as pinned)."""
+    import json
+    import subprocess
+
+    art = H.REPO / "tests" / "artifacts"
+    r = subprocess.run([str(H.VENV_PY), str(H.HERE / "browser_check.py"), server.url, str(H.REPO), str(art),
+                        "--run-report"], env=H.venv_env(), capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-4000:]
+    found = json.loads(r.stdout.strip().splitlines()[-1])
+    assert NODE_IDS <= set(found["registered"])
+    assert found["extension_loaded"], "web/weightsmith.js was not loaded (WEB_DIRECTORY)"
+    assert "Erase Concepts (Weightsmith)" in found["search_text"], found["search_text"][:500]
+    files = sorted(p.name for p in (H.REPO / "example_workflows").glob("*.json"))
+    assert sorted(found["examples"]) == files and files
+    used = set()
+    for name, res in found["examples"].items():
+        assert res["missing"] == [] and res["dialog"] == [], (name, res)
+        used |= set(res["types"])
+    assert NODE_IDS <= used, f"nodes without an example workflow: {NODE_IDS - used}"
+    # the report arrived over the websocket and the extension put it on the node
+    assert found["report_text"].startswith("Weightsmith erase (erasepro): Van Gogh")
+    assert "|dW|/|W|" in found["report_text"]
+    assert any(t.startswith("Weightsmith erase") for t in found["report_dom"])
+    for shot in ["node_search.png", "report_on_node.png"] + [f"workflow_{Path(f).stem}.png" for f in files]:
+        assert (art / shot).stat().st_size > 10_000, shot

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import aiohttp
 
+EXAMPLE_CKPT = "v1-5-pruned-emaonly-fp16.safetensors"  # what the shipped examples name
 CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync", "--no-first-run",
                 "--window-size=1600,1000", "--hide-scrollbars"]
@@ -195,7 +196,7 @@ async def main(url, repo, art, generate, run_report):
                 ckpt = await cdp.js("(async () => (await (await fetch('/object_info/CheckpointLoaderSimple')).json())"
                                     ".CheckpointLoaderSimple.input.required.ckpt_name[0][0])()")
                 if generate:
-                    wfs = await cdp.js(EXAMPLES_JS.replace("CKPT", json.dumps(ckpt)))
+                    wfs = await cdp.js(EXAMPLES_JS.replace("CKPT", json.dumps(EXAMPLE_CKPT)))
                     d = Path(repo) / "example_workflows"
                     d.mkdir(exist_ok=True)
                     for name, wf in wfs.items():
@@ -243,10 +244,16 @@ async def main(url, repo, art, generate, run_report):
                         f"(async () => {{ await app.loadGraphData({json.dumps(wf)});"
                         " const nodes = app.graph._nodes || app.graph.nodes;"
                         " const er = nodes.find(n => n.type === 'WeightsmithEraseConcepts');"
+                        f" nodes.find(n => n.type === 'CheckpointLoaderSimple').widgets[0].value = {json.dumps(ckpt)};"
                         " er.widgets.find(w => w.name === 'prompt_expansion').value = 'off';"
+                        # ComfyUI re-uses cached outputs without re-sending their ui: make this run new
+                        " er.widgets.find(w => w.name === 'strength').value = 1 - (Date.now() % 89) / 1000;"
+                        " const sv = nodes.find(n => n.type === 'WeightsmithSaveEditAsLora');"
+                        " sv.widgets.find(w => w.name === 'filename_prefix').value = 'ws_browser/run' + Date.now();"
                         " for (const n of nodes) { if (n.type === 'EmptyLatentImage') { n.widgets.find(w => w.name === 'width').value = 64;"
                         "   n.widgets.find(w => w.name === 'height').value = 64; }"
-                        "   if (n.type === 'KSampler') n.widgets.find(w => w.name === 'steps').value = 1; }"
+                        "   if (n.type === 'KSampler') { n.widgets.find(w => w.name === 'steps').value = 1;"
+                        "     n.widgets.find(w => w.name === 'seed').value = Date.now() % 1000000; } }"
                         " await app.queuePrompt(0); return er.id; })()")
                     found["report_node"] = res
                     text = await cdp.wait_js(
@@ -254,12 +261,17 @@ async def main(url, repo, art, generate, run_report):
                         " const w = n.widgets?.find(w => w.name === 'weightsmith_report'); return w && w.value; })()",
                         timeout=900, every=2)
                     found["report_text"] = text
+                    found["save_report_text"] = await cdp.wait_js(
+                        "(() => { const nodes = app.graph._nodes || app.graph.nodes;"
+                        " const n = nodes.find(n => n.type === 'WeightsmithSaveEditAsLora');"
+                        " const w = n.widgets?.find(w => w.name === 'weightsmith_report'); return w && w.value; })()",
+                        timeout=300, every=1)
                     await asyncio.sleep(1.0)
                     found["report_dom"] = await cdp.js(
                         "[...document.querySelectorAll('textarea.weightsmith-report')].map(t => t.value.slice(0, 200))")
                     await cdp.js(f"(() => {{ const n = app.graph.getNodeById({res}); app.canvas.ds.scale = 1.0;"
-                                 " app.canvas.ds.offset = [-n.pos[0] + 60, -n.pos[1] + 120]; app.canvas.setDirty(true, true);"
-                                 " return true; }})()")
+                                 " app.canvas.ds.offset = [-n.pos[0] + 90, -n.pos[1] + 120]; app.canvas.setDirty(true, true);"
+                                 " return true; })()")
                     await asyncio.sleep(1.0)
                     await cdp.shot(art / "report_on_node.png")
                 cdp.reader.cancel()
