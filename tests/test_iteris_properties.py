@@ -21,15 +21,19 @@ def _rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-def test_one_lora_and_identical_loras_give_that_delta(tiny_models):
-    model = tiny_models["sd1"]
-    a = _lora(model, 1, groups=("attn", "te"), rank=4, strength=0.3)
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_one_lora_and_identical_loras_give_that_delta(tiny_models, family):
+    model = tiny_models[family]
+    a = _lora(model, 1, groups=("attn", "ff", "te", "conv") if family == "sdxl" else ("attn", "te"),
+              rank=4, strength=0.3)
     opts = MergeOptions(iterations=2, **FAST)
-    for loras in ([a], [a, a]):
+    for loras in ([a], [a, a]) if family == "sd1" else ([a],):
         edit = merge(model, loras, "iteris", options=opts)
         assert set(edit.deltas) == set(a.modules)
         worst = max(_rel(edit.deltas[n], a.modules[n].delta()) for n in a.modules)
         assert worst < 1e-4, (len(loras), worst)
+    if family != "sd1":
+        return
     # a different second LoRA does change the result (the check above is not vacuous)
     b = _lora(model, 2, groups=("attn", "te"), rank=4, strength=0.3)
     edit = merge(model, [a, b], "iteris", options=opts)
@@ -94,3 +98,16 @@ def test_zero_loras_and_bad_arguments(tiny_models):
         merge(model, [a], "average")
     with pytest.raises(WeightsmithError, match="weights"):
         merge(model, [a], "linear", weights=[1.0, 2.0])
+
+
+def test_wide_inputs_fall_back_to_the_weighted_sum(tiny_models):
+    model = tiny_models["sd1"]
+    a, b = (_lora(model, s, groups=("te",), rank=2) for s in (1, 2))
+    edit = merge(model, [a, b], "iteris", weights=[1.0, 0.5],
+                 options=MergeOptions(iterations=1, max_gram_dim=200, **FAST))
+    wide = [n for n in edit.deltas if model.weight(n).shape[1] > 200]          # mlp.fc2 (256 wide)
+    assert wide and sorted(wide) == edit.report["fallback_weighted_sum"]
+    for n in wide:
+        assert _rel(edit.deltas[n], a.modules[n].delta() + 0.5 * b.modules[n].delta()) <= 1e-5
+    narrow = [n for n in edit.deltas if n not in wide]
+    assert max(_rel(edit.deltas[n], a.modules[n].delta() + 0.5 * b.modules[n].delta()) for n in narrow) > 1e-3

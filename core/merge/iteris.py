@@ -198,8 +198,8 @@ class IterISSolver:
                 self.weighted_sum.add(n)
                 for i, f in enumerate(self.factors):
                     if n in f:
-                        ups.append(self.weights[i] * f[0])
-                        downs.append(f[1])
+                        ups.append(self.weights[i] * f[n][0])
+                        downs.append(f[n][1])
             out[n] = (torch.cat(ups, 1), torch.cat(downs, 0))
         return out
 
