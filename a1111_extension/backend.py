@@ -157,6 +157,11 @@ class Backend:
     def interrupt(self) -> None:
         self._cancel.set()
 
+    @contextlib.contextmanager
+    def exclusive(self):
+        """Held while weights are changed (A1111: its generation queue lock)."""
+        yield
+
 
 class StandaloneBackend(Backend):
     """A model loaded from a file or diffusers folder; Apply edits it in memory.
@@ -302,7 +307,8 @@ class Workbench:
                 f"this edit is for {FAMILY_NAMES.get(edit.family, edit.family)} but the loaded model is "
                 f"{FAMILY_NAMES.get(model.family, model.family)}; nothing was changed.")
         slots = self.backend.slots(edit.deltas)
-        self.editor.apply(edit.deltas, slots, strength)
+        with self.backend.exclusive():
+            self.editor.apply(edit.deltas, slots, strength)
         self.applied = combine(self.applied, edit.scaled(strength) if strength != 1 else edit)
         self.applied_key = self.backend.model_key()
         self.backend_changed()
@@ -313,7 +319,8 @@ class Workbench:
             return "Nothing to undo: no edit is applied."
         try:
             self._check_model()
-            n = self.editor.undo()
+            with self.backend.exclusive():
+                n = self.editor.undo()
         finally:
             self.applied = None
             self.backend_changed()

@@ -1,0 +1,369 @@
+"""The AUTOMATIC1111 (v1.10) backend: the loaded model, its folders, progress and Interrupt.
+
+Everything A1111-specific the tab touches is here (spec hosts.md, A1111 section):
+
+- ``modules.shared``: ``sd_model`` (``is_sdxl``/``is_sd2``/``is_sd1``/``is_sd3``,
+  ``sd_checkpoint_info.filename``), ``state`` (``begin``/``end``/``interrupt``/``interrupted``,
+  ``sampling_step(s)``, ``textinfo``), ``opts.CLIP_stop_at_last_layers``, ``cmd_opts.ckpt_dir``/
+  ``lora_dir``.
+- ``modules.sd_models``: ``read_state_dict``, ``list_models``, ``model_path``.
+- ``modules.call_queue.queue_lock``: held while we compute or change weights, so no generation
+  runs on half-edited weights.
+- The Lora extension's per-layer backups (``network_weights_backup``/``network_bias_backup``/
+  ``network_current_names``): see :mod:`.live_weights`.
+
+Live modules → LDM checkpoint keys (the names :func:`weightsmith.core.naming.checkpoint_slot`
+speaks): SD1 ``cond_stage_model.wrapped.transformer`` (HF CLIP) → ``cond_stage_model.transformer.``;
+SD2 ``cond_stage_model.wrapped.model`` (OpenCLIP, fused ``in_proj``) → ``cond_stage_model.model.``;
+SDXL ``conditioner.embedders[i].wrapped.{transformer|model}`` → ``conditioner.embedders.i.…``;
+UNet ``model.diffusion_model`` → ``model.diffusion_model.``.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from ..core.errors import WeightsmithError, require
+from ..core.naming import TE1, TE2, checkpoint_slot
+from .backend import FAMILY_NAMES, Backend
+from .live_weights import Slot, lora_backup
+
+UNET_PREFIX = "model.diffusion_model."
+
+
+def _unwrap(m):
+    return getattr(m, "wrapped", m)
+
+
+def model_family(sd_model) -> str:
+    """sd1 / sd2 / sdxl, or a WeightsmithError naming what is loaded."""
+    require(sd_model is not None, "no model is loaded; pick a checkpoint at the top of the page first.")
+    if getattr(sd_model, "is_sd3", False):
+        raise WeightsmithError("the loaded model is SD3; Weightsmith edits SD1.x, SD2.x and SDXL. "
+                               "Load one of those checkpoints.")
+    if getattr(sd_model, "is_sdxl", False):
+        tx = text_embedders(sd_model)
+        require([k for k, _, _ in tx] == ["hf", "openclip"],
+                "the loaded SDXL model is not an SDXL base (a refiner has only the bigG encoder); "
+                "Weightsmith edits SDXL base models. Load an SDXL base checkpoint.")
+        return "sdxl"
+    if getattr(sd_model, "cond_stage_model", None) is None:
+        raise WeightsmithError("the loaded model has no text encoder Weightsmith recognises (SD1.x, "
+                               "SD2.x or SDXL); load one of those checkpoints.")
+    if getattr(sd_model, "is_sd2", False):
+        return "sd2"
+    inner = _unwrap(sd_model.cond_stage_model)
+    if hasattr(inner, "transformer"):
+        return "sd1"
+    if hasattr(inner, "model"):
+        return "sd2"
+    raise WeightsmithError("the loaded model's text encoder is of an unknown kind; Weightsmith edits "
+                           "SD1.x, SD2.x and SDXL.")
+
+
+def text_embedders(sd_model):
+    """SDXL: [(kind, index, module)] for the text embedders of the conditioner."""
+    out = []
+    for i, e in enumerate(sd_model.conditioner.embedders):
+        inner = _unwrap(e)
+        if hasattr(inner, "transformer") and hasattr(inner, "tokenizer"):
+            out.append(("hf", i, inner))
+        elif hasattr(inner, "model") and hasattr(getattr(inner, "model"), "transformer"):
+            out.append(("openclip", i, inner))
+    return out
+
+
+def live_roots(sd_model, family: str):
+    """[(LDM key prefix, module, kind, component)]: where each part's weights live."""
+    roots = []
+    if family == "sdxl":
+        tx = text_embedders(sd_model)
+        hf = tx[0]
+        oc = tx[1]
+        roots.append((f"conditioner.embedders.{hf[1]}.transformer.", hf[2].transformer, "hf", TE1))
+        roots.append((f"conditioner.embedders.{oc[1]}.model.", oc[2].model, "openclip", TE2))
+    else:
+        inner = _unwrap(sd_model.cond_stage_model)
+        if family == "sd1":
+            roots.append(("cond_stage_model.transformer.", inner.transformer, "hf", TE1))
+        else:
+            roots.append(("cond_stage_model.model.", inner.model, "openclip", TE1))
+    roots.append((UNET_PREFIX, sd_model.model.diffusion_model, "unet", "unet"))
+    return roots
+
+
+def _hf_name(path: str) -> str:
+    # transformers 5.x has no ``text_model`` module in memory; files always say ``text_model.``
+    if path.startswith(("text_model.", "text_model", "text_projection")) or path == "":
+        return path
+    return "text_model." + path
+
+
+class LiveIndex:
+    """LDM key -> (module, parameter name, parent MHA or None) for every live parameter."""
+
+    def __init__(self, roots):
+        self.entries: dict[str, tuple] = {}
+        for prefix, root, kind, _ in roots:
+            mods = dict(root.named_modules())
+            for mname, mod in mods.items():
+                parent = None
+                if mname.endswith(".out_proj") or mname == "out_proj":
+                    p = mods.get(mname.rpartition(".")[0]) if "." in mname else root
+                    if isinstance(p, torch.nn.MultiheadAttention):
+                        parent = p
+                for pname, _ in mod.named_parameters(recurse=False):
+                    path = f"{mname}.{pname}" if mname else pname
+                    if kind == "hf":
+                        path = _hf_name(path)
+                    self.entries[prefix + path] = (mod, pname, parent)
+
+    def base(self, key: str) -> torch.Tensor:
+        """The tensor without LoRAs (the Lora extension's backup where it keeps one)."""
+        mod, pname, parent = self.entries[key]
+        if parent is not None:
+            wb = getattr(parent, "network_weights_backup", None)
+            if wb is not None and pname == "weight":
+                return wb[1]
+            bb = getattr(parent, "network_bias_backup", None)
+            if bb is not None and pname == "bias":
+                return bb
+            return getattr(mod, pname)
+        b = lora_backup(mod, pname)
+        if b is not None:
+            return b
+        if pname == "bias" and getattr(mod, "network_weights_backup", None) is not None \
+                and not isinstance(mod, torch.nn.MultiheadAttention):
+            bb = getattr(mod, "network_bias_backup", None)
+            if bb is not None:
+                return bb
+        return getattr(mod, pname)
+
+
+class _BaseTensors(Mapping):
+    """Read-only view of the base weights in LDM keys; tensors are copied to CPU on access."""
+
+    def __init__(self, index: LiveIndex):
+        self._index = index
+        self._keys = list(index.entries)
+
+    def __getitem__(self, key):
+        return self._index.base(key).detach().to("cpu")
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self):
+        return len(self._keys)
+
+
+def _tokenizers(sd_model, family: str, roots) -> dict:
+    from ..core.model_io import _tokenizer_for
+
+    toks = {}
+    for prefix, root, kind, comp in roots:
+        if kind == "unet":
+            continue
+        tok = None
+        if family == "sd1":
+            tok = getattr(_unwrap(sd_model.cond_stage_model), "tokenizer", None)
+        elif family == "sdxl":
+            tok = getattr(text_embedders(sd_model)[0][2], "tokenizer", None)
+        if tok is not None and hasattr(tok, "convert_tokens_to_ids"):
+            tok = copy.deepcopy(tok)
+            if tok.model_max_length > 1000:
+                tok.model_max_length = 77
+            if kind == "openclip":
+                tok.pad_token = "!"
+            toks[comp] = tok
+        else:   # SD2's open_clip tokenizer is not a transformers one: use CLIP's BPE from disk
+            toks[comp] = _tokenizer_for(None, family, comp)
+    return toks
+
+
+def _heads(roots) -> dict:
+    out = {}
+    for _, root, kind, comp in roots:
+        if kind == "hf":
+            out[comp] = int(root.config.num_attention_heads)
+        elif kind == "openclip":
+            mha = next(m for m in root.modules() if isinstance(m, torch.nn.MultiheadAttention))
+            out[comp] = int(mha.num_heads)
+    return out
+
+
+def sdmodel_from_live(sd_model, clip_skip: int | None = None):
+    """An SDModel (float32, CPU) of the loaded model's base weights, plus its LiveIndex."""
+    from ..core.model_io import model_from_state_dict
+
+    family = model_family(sd_model)
+    roots = live_roots(sd_model, family)
+    index = LiveIndex(roots)
+    te_sources = {comp: (prefix, kind == "openclip") for prefix, _, kind, comp in roots if kind != "unet"}
+    model = model_from_state_dict(_BaseTensors(index), family, te_sources, UNET_PREFIX,
+                                  _tokenizers(sd_model, family, roots),
+                                  clip_skip=clip_skip if family != "sdxl" else None, te_heads=_heads(roots))
+    return model, index
+
+
+# ----------------------------------------------------------------------------------------------
+class A1111Backend(Backend):
+    name = "a1111"
+
+    def __init__(self):
+        super().__init__()
+        self._cache = None
+        self._gen = 0
+
+    # host modules, imported late (the tab module is imported before the model loads)
+    @property
+    def shared(self):
+        from modules import shared
+        return shared
+
+    @property
+    def sd_models(self):
+        from modules import sd_models
+        return sd_models
+
+    def _sd_model(self):
+        sm = self.shared.sd_model
+        require(sm is not None, "no model is loaded; pick a checkpoint at the top of the page first.")
+        return sm
+
+    def _clip_skip(self):
+        try:
+            return int(getattr(self.shared.opts, "CLIP_stop_at_last_layers", 1) or 1)
+        except Exception:
+            return None
+
+    def model_key(self):
+        sm = self.shared.sd_model
+        info = getattr(sm, "sd_checkpoint_info", None)
+        return (id(sm), getattr(info, "filename", None))
+
+    def describe(self) -> str:
+        sm = self.shared.sd_model
+        if sm is None:
+            return "no model loaded"
+        info = getattr(sm, "sd_checkpoint_info", None)
+        try:
+            fam = FAMILY_NAMES[model_family(sm)]
+        except WeightsmithError as e:
+            fam = f"not editable: {e}"
+        return f"{getattr(info, 'title', None) or getattr(info, 'filename', '?')} ({fam})"
+
+    def weights_changed(self) -> None:
+        self._gen += 1
+        self._cache = None
+
+    def _built(self):
+        key = (self.model_key(), self._gen, self._clip_skip())
+        if self._cache is None or self._cache[0] != key:
+            self._cache = None
+            model, index = sdmodel_from_live(self._sd_model(), self._clip_skip())
+            self._cache = (key, model, index)
+        return self._cache[1], self._cache[2]
+
+    def model(self):
+        return self._built()[0]
+
+    def slots(self, names) -> dict[str, Slot]:
+        model, index = self._built()
+        hidden = {c: t.config.hidden_size for c, t in model.text_encoders.items()}
+        out = {}
+        for n in names:
+            cs = checkpoint_slot(n + ".weight", model.family, model.layout, hidden)
+            require(cs.key in index.entries, f"the loaded model has no weight {cs.key} for {n}.")
+            mod, pname, parent = index.entries[cs.key]
+            out[n] = Slot(mod, pname, cs.rows)
+        return out
+
+    # folders ----------------------------------------------------------------------------------
+    def lora_dir(self) -> Path:
+        d = getattr(self.shared.cmd_opts, "lora_dir", None)
+        if not d:
+            from modules import paths
+            d = os.path.join(paths.models_path, "Lora")
+        return Path(d)
+
+    def checkpoint_dir(self) -> Path:
+        return Path(getattr(self.shared.cmd_opts, "ckpt_dir", None) or self.sd_models.model_path)
+
+    def checkpoint_file(self) -> Path:
+        info = getattr(self._sd_model(), "sd_checkpoint_info", None)
+        fn = getattr(info, "filename", None)
+        require(fn and os.path.isfile(fn), "the loaded model's checkpoint file was not found on disk, so it "
+                "cannot be saved with the edit; save as LoRA instead.")
+        return Path(fn)
+
+    def save_checkpoint(self, deltas, out, metadata):
+        from ..core.model_io import atomic_save_file
+
+        src = self.checkpoint_file()
+        require(Path(out).resolve() != src.resolve(), "choose a new name; the loaded checkpoint is kept as it is.")
+        model = self.model()
+        hidden = {c: t.config.hidden_size for c, t in model.text_encoders.items()}
+        sd = self.sd_models.read_state_dict(str(src))
+        for name, d in deltas.items():
+            slot = checkpoint_slot(name + ".weight", model.family, model.layout, hidden)
+            require(slot.key in sd, f"the checkpoint file {src.name} has no {slot.key}; it does not match the "
+                    "loaded model (was it changed on disk?).")
+            base = sd[slot.key]
+            upd = base.detach().to("cpu", torch.float32, copy=True)
+            d = d.float().t() if slot.transposed else d.float()
+            if slot.rows is not None:
+                upd[slot.rows[0]:slot.rows[1]] += d.reshape(upd[slot.rows[0]:slot.rows[1]].shape)
+            else:
+                upd += d.reshape(upd.shape)
+            sd[slot.key] = upd.to(base.dtype)
+        sd = {k: v.detach().to("cpu").contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}
+        atomic_save_file(sd, Path(out), metadata)
+        return Path(out)
+
+    def refresh_checkpoints(self) -> None:
+        self.sd_models.list_models()
+
+    def refresh_loras(self) -> None:
+        try:
+            import networks  # the built-in Lora extension's module
+            networks.list_available_networks()
+        except Exception:
+            pass
+
+    # jobs -------------------------------------------------------------------------------------
+    def _queue_lock(self):
+        try:
+            from modules import call_queue
+            return call_queue.queue_lock
+        except Exception:
+            return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        with self._queue_lock():
+            yield
+
+    @contextlib.contextmanager
+    def job(self, title: str):
+        state = self.shared.state
+        with self._queue_lock():
+            state.begin(job=title)
+            state.job_count = 1
+            try:
+                def progress(done, total, label=""):
+                    state.sampling_steps = int(total)
+                    state.sampling_step = int(done)
+                    state.textinfo = f"{title}: {label}"
+
+                yield progress, (lambda: bool(state.interrupted))
+            finally:
+                state.end()
+
+    def interrupt(self) -> None:
+        self.shared.state.interrupt()

@@ -1,0 +1,12 @@
+"""modules.shared (A1111 v1.10): only the attributes the Weightsmith tab reads."""
+import os
+from types import SimpleNamespace
+
+from modules import paths
+from modules.shared_state import State
+
+sd_model = None
+state = State()
+opts = SimpleNamespace(CLIP_stop_at_last_layers=1)
+# --ckpt-dir defaults to None; --lora-dir is added by the Lora extension's preload.py
+cmd_opts = SimpleNamespace(ckpt_dir=None, lora_dir=os.path.join(paths.models_path, "Lora"))
