@@ -9,7 +9,8 @@ from weightsmith.core.lora_read import lora_from_state_dict
 from weightsmith.core.merge import MergeOptions, merge
 from weightsmith.core.merge.random_loras import random_lora, target_modules
 
-PROMPTS = [["a red cat on a tree", "a dog at night"], ["a blue car in the city", "an old man"]]
+# LoRA 2 has one prompt for both samples: its text features count twice (weighted rows)
+PROMPTS = [["a red cat on a tree", "a dog at night"], ["a blue car in the city"]]
 ALPHA = 1e-5
 STEPS = 2
 LATENT = 8
@@ -95,7 +96,8 @@ def test_streaming_equals_brute_force(tiny_models):
     names = sorted(set(loras[0].modules) | set(loras[1].modules))
     seeds = [5, 6]
     lora_models = [Edit("sd1", base.unet_config, l.deltas(torch.float64)).apply(base) for l in loras]
-    X = [_features([lm], names, PROMPTS[i], seeds)[0] for i, lm in enumerate(lora_models)]
+    per_sample = [[p[k % len(p)] for k in range(2)] for p in PROMPTS]
+    X = [_features([lm], names, per_sample[i], seeds)[0] for i, lm in enumerate(lora_models)]
     lam = []
     for i, l in enumerate(loras):
         lam.append({})
@@ -109,7 +111,7 @@ def test_streaming_equals_brute_force(tiny_models):
     merged0 = Edit("sd1", base.unet_config, dw0).apply(base)
     stats1 = []
     for i, lm in enumerate(lora_models):
-        Xi, Xt = _features([lm, merged0], names, PROMPTS[i], seeds)
+        Xi, Xt = _features([lm, merged0], names, per_sample[i], seeds)
         torch.testing.assert_close(Xi[names[0]], X[i][names[0]])        # same samples, same rows
         stats1.append({n: (Xi[n].t() @ Xt[n], Xt[n].t() @ Xt[n]) for n in names})
     dw1 = _solve(base, loras, names, stats1, lam)
@@ -117,7 +119,12 @@ def test_streaming_equals_brute_force(tiny_models):
     for n in names:
         rel = float((edit.deltas[n].double() - dw1[n]).norm() / dw1[n].norm())
         assert rel <= 1e-6, (n, rel)
+        # our protocol counts the context rows of cross-attention k/v once per sample (text stage),
+        # the brute force once per UNet call (STEPS per sample): λ differs by that constant factor,
+        # which cancels in λ·C and λ·H, so the solutions agree (checked above)
+        factor = STEPS if n.endswith(("attn2.to_k", "attn2.to_v")) else 1
         lam_ours = edit.report["lambdas"][n]
-        assert abs(lam_ours[0] - lam[0][n]) <= 1e-9 * lam[0][n]
+        for i in range(2):
+            assert abs(lam_ours[i] - factor * lam[i][n]) <= 1e-9 * factor * lam[i][n], (n, i)
     # the iteration changed something (the test would be vacuous if X̃ had no effect)
     assert max(float((dw1[n] - dw0[n]).norm() / dw1[n].norm()) for n in names) > 1e-4

@@ -8,9 +8,11 @@ sample a short DDIM trajectory (``steps`` steps, "trailing" spacing, conditional
 at every visited ``(x_t, t)`` the LoRA-i model's module inputs give rows of ``X_i`` and the
 **merged** model, run at the very same ``(x_t, t, prompt)``, gives the paired rows of ``X̃_i``.
 Text-encoder modules see the prompt's tokens (all 77 positions: the UNet cross-attends to every
-one of them, padding included, so they are kept everywhere, consistently). When the LoRAs touch
-no UNet module other than cross-attention ``to_k``/``to_v``, no UNet pass runs: those modules read
-the text encoder's output directly.
+one of them, padding included, so they are kept everywhere, consistently). Their features depend on
+the prompt only, so each distinct prompt runs through the text encoders once per phase, its rows
+weighted by the number of samples that use it (exactly the sum over samples); UNet
+cross-attention ``to_k``/``to_v`` read that context there too. When the LoRAs touch no other UNet
+module, no UNet pass runs at all.
 """
 from __future__ import annotations
 
@@ -99,26 +101,48 @@ class Protocol:
 
     @torch.no_grad()
     def run(self, samples, phases) -> None:
-        for batch in self.batches(samples):
+        """Text stage: every *distinct* prompt once per phase (text-encoder features depend on the
+        prompt only), its rows weighted by how many samples use it; cross-attention ``to_k``/``to_v``
+        read the resulting context there too. UNet stage: every sample's trajectory, paired."""
+        counts: dict[str, int] = {}
+        for s in samples:
+            counts[s.prompt] = counts.get(s.prompt, 0) + 1
+        unique = list(counts)
+        contexts: list[dict] = [dict() for _ in phases]
+        for i in range(0, len(unique), self.batch_size):
             self.check()
-            self._run_batch(batch, phases)
+            chunk = unique[i:i + self.batch_size]
+            self.stats.item_weights = torch.tensor([float(counts[p]) for p in chunk], dtype=torch.float64)
+            conds = []
+            for key, mode in phases:
+                self.hooks.use(key)
+                self.stats.mode = mode
+                conds.append(self._encode(chunk))
+            for (key, mode), cond in zip(phases, conds):
+                self.hooks.use(key)
+                self.stats.mode = mode
+                ctx = cond.context
+                for n in self.context_modules:          # hooks see the context and the module's output
+                    mod = self.model.module(n)
+                    w = mod.weight
+                    mod(ctx.to(w.device, w.dtype))
+            for k, cond in enumerate(conds):
+                for j, p in enumerate(chunk):
+                    contexts[k][p] = (cond.context[j], None if cond.pooled is None else cond.pooled[j])
+        self.stats.item_weights = None
+        self.stats.mode = "off"
+        if self.need_unet:
+            self.stats.context_enabled = False            # already counted in the text stage
+            try:
+                for batch in self.batches(samples):
+                    self.check()
+                    self._run_unet(batch, phases, contexts)
+            finally:
+                self.stats.context_enabled = True
         self.stats.mode = "off"
         self.hooks.use(None)
 
-    def _run_batch(self, batch, phases):
-        prompts = [s.prompt for s in batch]
-        conds = []
-        for key, mode in phases:
-            self.hooks.use(key)
-            self.stats.mode = mode
-            conds.append(self._encode(prompts))
-        if not self.need_unet:
-            for (key, mode), cond in zip(phases, conds):
-                self.stats.mode = mode
-                for n in self.context_modules:
-                    self.stats.feed(n, cond.context.reshape(-1, cond.context.shape[-1]))
-            self.stats.mode = "off"
-            return
+    def _run_unet(self, batch, phases, contexts):
         unet = self.model.unet
         p = next(unet.parameters())
         sched = make_scheduler(self.model)
@@ -126,22 +150,25 @@ class Protocol:
         z = torch.stack([torch.randn((self.channels, self.latent, self.latent),
                                      generator=torch.Generator().manual_seed(s.seed)) for s in batch])
         z = (z * sched.init_noise_sigma).to(device=p.device, dtype=p.dtype)
-        extra = []
-        for cond in conds:
+        ctxs, extra = [], []
+        for k in range(len(phases)):
+            ctx = torch.stack([contexts[k][s.prompt][0] for s in batch]).to(p.device, p.dtype)
+            ctxs.append(ctx)
             kw = {}
             if self.model.family == "sdxl":
                 px = self.latent * 8
+                pooled = torch.stack([contexts[k][s.prompt][1] for s in batch]).to(p.device, p.dtype)
                 tid = torch.tensor([[px, px, 0, 0, px, px]] * len(batch), device=p.device, dtype=p.dtype)
-                kw["added_cond_kwargs"] = {"text_embeds": cond.pooled.to(p.device, p.dtype), "time_ids": tid}
+                kw["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": tid}
             extra.append(kw)
         for t in sched.timesteps:
             self.check()
             zin = sched.scale_model_input(z, t)
             eps = None
-            for (key, mode), cond, kw in zip(phases, conds, extra):
+            for (key, mode), ctx, kw in zip(phases, ctxs, extra):
                 self.hooks.use(key)
                 self.stats.mode = mode
-                out = unet(zin, t.to(p.device), encoder_hidden_states=cond.context.to(p.device, p.dtype), **kw).sample
+                out = unet(zin, t.to(p.device), encoder_hidden_states=ctx, **kw).sample
                 self.unet_passes += 1
                 if eps is None:
                     eps = out

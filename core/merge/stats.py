@@ -131,6 +131,8 @@ class GramStats:
         self.energy: dict[str, float] = {}
         self.peak_queue_bytes = 0
         self._queue_bytes = 0
+        self.item_weights: torch.Tensor | None = None   # per batch item (rows are weighted by them)
+        self.context_enabled = True                       # False: ignore cross-attention k/v calls
         self.leader: dict[str, str] = {}
         for n in names:
             mod = model.module(n)
@@ -143,17 +145,22 @@ class GramStats:
             self.leader.setdefault(_input_group(n), n)
             self._handles.append(mod.register_forward_hook(self._hook(n)))
         self.leader_of = {n: self.leader[_input_group(n)] for n in self.tracked}
+        self.context_names = {n for n in self.tracked if _input_group(n).endswith(".kv") or
+                              re.search(r"\.attn2\.to_[kv]$", n)}
 
     # -- accumulation ---------------------------------------------------------------------------
     def _hook(self, name):
         def hook(module, inputs, output):
-            if self.mode == "off":
+            if self.mode == "off" or (not self.context_enabled and name in self.context_names):
                 return
             if self.mode == "gram":   # ‖X Wᵀ‖² of the running model (for λ), from the output it computed
                 y = output if module.bias is None else output - (
                     module.bias.reshape(1, -1, 1, 1) if output.dim() == 4 and isinstance(module, torch.nn.Conv2d)
                     else module.bias)
-                self.energy[name] = self.energy.get(name, 0.0) + float(y.double().pow(2).sum())
+                e = y.double().pow(2)
+                if self.item_weights is not None:
+                    e = e.reshape(len(self.item_weights), -1).sum(1) @ self.item_weights.to(e.device)
+                self.energy[name] = self.energy.get(name, 0.0) + float(e.sum())
             if self.leader_of[name] == name:
                 self.feed(name, module_rows(module, inputs[0]))
         return hook
@@ -173,7 +180,7 @@ class GramStats:
         mode = self.mode
         if mode == "gram":
             x = rows.to(device=self.device, dtype=self.dtype)
-            self._add(name, "G", x, x)
+            self._add(name, "G", self._weighted(x), x)
             self.rows[name] += x.shape[0]
         elif mode == "x":
             r = rows.detach()
@@ -192,9 +199,17 @@ class GramStats:
             xt = rows.to(device=self.device, dtype=self.dtype)
             if self.reg_ceof:
                 xt = (1.0 - self.reg_ceof) * xt + self.reg_ceof * x
-            self._add(name, "C", x, xt)
-            self._add(name, "H", xt, xt)
+            self._add(name, "C", self._weighted(x), xt)
+            self._add(name, "H", self._weighted(xt), xt)
             self.rows[name] += x.shape[0]
+
+    def _weighted(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows times their item's weight (the text stage counts each distinct prompt once)."""
+        w = self.item_weights
+        if w is None:
+            return x
+        per = x.shape[0] // len(w)
+        return x * w.to(x.device, x.dtype).repeat_interleave(per)[:, None]
 
     def acc_for(self, name: str) -> dict | None:
         """The statistics of module ``name`` (shared by modules reading the same input)."""
