@@ -33,16 +33,35 @@ def missing(reqs):
     return out
 
 
+# Packages a host pins (A1111 v1.10: torch 2.1, transformers 4.30.2 which needs huggingface_hub<1):
+# held at their installed versions, so installing e.g. diffusers never upgrades them under the host.
+HOLD = ("torch", "torchvision", "transformers", "huggingface_hub", "numpy", "safetensors", "gradio")
+
+
+def held():
+    from importlib import metadata
+
+    out = []
+    for name in HOLD:
+        try:
+            out.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
 def main():
     todo = missing(list(requirements()))
     if not todo:
         return
     try:
         import launch  # A1111 / Forge
-
-        for req in todo:
-            launch.run_pip(f'install "{req}"', f"Weightsmith requirement: {req}")
     except ImportError:  # ComfyUI-Manager or by hand
+        launch = None
+    if launch is not None:
+        args = " ".join(f'"{r}"' for r in todo + held())
+        launch.run_pip(f"install {args}", "Weightsmith requirements: " + ", ".join(todo))
+    else:
         subprocess.check_call([sys.executable, "-m", "pip", "install", *todo])
 
 

@@ -211,6 +211,24 @@ def sdmodel_from_live(sd_model, clip_skip: int | None = None):
     return model, index
 
 
+@contextlib.contextmanager
+def state_job(state, title: str, lock=None):
+    """A long job the A1111 way: ``shared.state.begin/end`` around it, the generation lock held,
+    progress in ``sampling_step(s)``/``textinfo``, Interrupt read from ``state.interrupted``."""
+    with (lock if lock is not None else contextlib.nullcontext()):
+        state.begin(job=title)
+        state.job_count = 1
+        try:
+            def progress(done, total, label=""):
+                state.sampling_steps = int(total)
+                state.sampling_step = int(done)
+                state.textinfo = f"{title}: {label}"
+
+            yield progress, (lambda: bool(state.interrupted))
+        finally:
+            state.end()
+
+
 # ----------------------------------------------------------------------------------------------
 class A1111Backend(Backend):
     name = "a1111"
@@ -349,21 +367,8 @@ class A1111Backend(Backend):
         with self._queue_lock():
             yield
 
-    @contextlib.contextmanager
     def job(self, title: str):
-        state = self.shared.state
-        with self._queue_lock():
-            state.begin(job=title)
-            state.job_count = 1
-            try:
-                def progress(done, total, label=""):
-                    state.sampling_steps = int(total)
-                    state.sampling_step = int(done)
-                    state.textinfo = f"{title}: {label}"
-
-                yield progress, (lambda: bool(state.interrupted))
-            finally:
-                state.end()
+        return state_job(self.shared.state, title, self._queue_lock())
 
     def interrupt(self) -> None:
         self.shared.state.interrupt()

@@ -80,7 +80,7 @@ def build_ui(backend, *, workbench: Workbench | None = None):
                 finally:
                     backend.job = saved
                 rows = wb.rows_for(edit) if edit is not None else []
-            return msg, rows or None, plot(rows) if rows else None, wb.state_text()
+            return msg, rows or None, plot(rows) if rows else None, wb.state_text(), model_text()
         except BaseException as e:  # noqa: BLE001  (everything becomes a message in the tab)
             if not isinstance(e, Exception):
                 raise
@@ -88,7 +88,7 @@ def build_ui(backend, *, workbench: Workbench | None = None):
 
             if not isinstance(e, WeightsmithError):
                 traceback.print_exc()
-            return user_message(e), None, None, wb.state_text()
+            return user_message(e), None, None, wb.state_text(), model_text()
 
     # -- erase actions ------------------------------------------------------------------------
     def erase_args(targets, anchors, preserve, method, tokens, te_sub, te_layers, expand, lam, eta_p, rcond):
@@ -162,10 +162,14 @@ def build_ui(backend, *, workbench: Workbench | None = None):
         except Exception as e:  # noqa: BLE001
             return user_message(e)
 
+    note = "" if backend.can_apply else f"\n\n**Save-only here:** {backend.apply_note}"
+
+    def model_text():
+        return f"Model: {describe()}{note}"
+
     with gr.Blocks(analytics_enabled=False) as demo:
         gr.Markdown("### Weightsmith: closed-form concept erasure and LoRA merging")
-        note = "" if backend.can_apply else f"\n\n**Save-only here:** {backend.apply_note}"
-        model_info = gr.Markdown(f"Model: {describe()}{note}", elem_id="weightsmith_model_info")
+        model_info = gr.Markdown(model_text(), elem_id="weightsmith_model_info")
         with gr.Tab("Erase"):
             with gr.Row():
                 targets = gr.Textbox(label="Targets (concepts to erase; one per line or comma-separated)",
@@ -229,7 +233,7 @@ def build_ui(backend, *, workbench: Workbench | None = None):
         figure = gr.Plot(label="Relative change per layer", elem_id="weightsmith_plot")
 
         common = [targets, anchors, preserve, method, tokens, te_sub, te_layers, expand, lam, eta_p, rcond]
-        outs = [status, table, figure, state]
+        outs = [status, table, figure, state, model_info]
         e1 = b_apply.click(on_apply, common + [strength], outs, api_name="apply")
         e2 = b_undo.click(on_undo, [], outs, api_name="undo")
         e3 = b_lora.click(on_save_lora, common + [lora_name, rank, fmt], outs, api_name="save_lora")
@@ -239,7 +243,7 @@ def build_ui(backend, *, workbench: Workbench | None = None):
         b_stop.click(on_interrupt, [], [status], api_name="interrupt", queue=False)
         b_stop2.click(on_interrupt, [], [status], queue=False)
         b_refresh.click(on_refresh, [], [loras], api_name="refresh_loras")
-        demo.load(lambda: (f"Model: {describe()}{note}", wb.state_text()), [], [model_info, state])
+        demo.load(lambda: (model_text(), wb.state_text()), [], [model_info, state])
         _ = (e1, e2, e3, e4, e5)
     demo.weightsmith_workbench = wb
     return demo
