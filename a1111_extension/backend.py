@@ -211,6 +211,7 @@ class StandaloneBackend(Backend):
         m = self.model()
         if m.source is not None and m.source.format == "diffusers":
             out = out.with_suffix("")          # a diffusers model is saved as a folder
+            require(not out.exists(), f"{out} already exists; choose another name.")
         return save_edited_model(m, deltas, out, metadata)
 
 
@@ -355,6 +356,7 @@ class Workbench:
 
     def save_checkpoint(self, edit: Edit, name: str) -> str:
         d = self.backend.checkpoint_dir()
+        d.mkdir(parents=True, exist_ok=True)
         out = d / output_name(name, "weightsmith-edit")
         require(not out.exists(), f"{out} already exists; choose another name.")
         meta = {"ws_method": str(edit.report.get("method", "")),
