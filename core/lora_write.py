@@ -5,10 +5,15 @@
   without factors, or when ``rank`` is smaller than the exact rank, ΔW is factorised by truncated
   SVD and the relative Frobenius error ‖ΔW − up·down‖/‖ΔW‖ is reported per module.
 - ``diff``: full-rank ``<prefix>.diff`` tensors (ComfyUI, A1111 and Forge apply them as is).
+
+With ``complete_fused=True``, missing q/k/v/out siblings of an edited attention weight of SD2's
+text encoder or SDXL's bigG are written as zero rank-1 entries, so A1111 does not skip the fused
+layer (hosts.md); merges write them (:func:`weightsmith.core.merge.save_merge`).
 """
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import torch
@@ -48,12 +53,42 @@ def compress_factors(up: torch.Tensor, down: torch.Tensor, rank: int):
     return (Qu @ (U[:, :r] * S[:r])).float(), (Vh[:r] @ Qd.t()).float(), err
 
 
-def lora_tensors(edit: Edit, rank: int | None = None, fmt: str = "lora"):
+_FUSED_ATTN = re.compile(r"^(.*\.self_attn)\.(q_proj|k_proj|v_proj|out_proj)$")
+
+
+def _fused_siblings(edit: Edit) -> dict:
+    """Zero rank-1 entries for the q/k/v/out siblings of edited OpenCLIP attention weights (SD2's
+    encoder, SDXL's bigG): A1111 applies a LoRA to a fused ``nn.MultiheadAttention`` only when all
+    four are present and skips the layer silently otherwise (hosts.md). Zero entries change nothing."""
+    fused = "text_encoder." if edit.family == "sd2" else ("text_encoder_2." if edit.family == "sdxl" else None)
+    extra = {}
+    if fused is None:
+        return extra
+    for name, d in edit.deltas.items():
+        m = _FUSED_ATTN.match(name)
+        if not m or not name.startswith(fused):
+            continue
+        for sub in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            other = f"{m.group(1)}.{sub}"
+            if other not in edit.deltas and other not in extra:
+                extra[other] = (torch.zeros(d.shape[0], 1), torch.zeros(1, d.shape[1]))
+    return extra
+
+
+def lora_tensors(edit: Edit, rank: int | None = None, fmt: str = "lora", complete_fused: bool = False):
     """kohya tensors for an edit, and per-module export errors."""
     if fmt not in ("lora", "diff"):
         raise WeightsmithError(f"unknown LoRA format {fmt!r}; use 'lora' or 'diff'.")
     layout = UNetLayout.from_config(edit.unet_config)
     out, errors = {}, {}
+    for name, (up, down) in (_fused_siblings(edit) if complete_fused else {}).items():
+        prefix = kohya_prefix(name, edit.family, layout)
+        if fmt == "diff":
+            out[prefix + ".diff"] = up @ down
+        else:
+            out[prefix + ".lora_up.weight"] = up
+            out[prefix + ".lora_down.weight"] = down
+            out[prefix + ".alpha"] = torch.tensor(1.0)
     for name in sorted(edit.deltas):
         prefix = kohya_prefix(name, edit.family, layout)
         delta = edit.deltas[name]
@@ -82,9 +117,10 @@ def lora_tensors(edit: Edit, rank: int | None = None, fmt: str = "lora"):
 
 
 def save_lora(edit: Edit, path, rank: int | None = None, fmt: str = "lora",
-              metadata: dict | None = None, dtype=torch.float32) -> dict:
-    """Write ``edit`` as a kohya LoRA (atomic). Returns ``{"errors": {...}, "max_error": e, "rank": r}``."""
-    tensors, errors = lora_tensors(edit, rank, fmt)
+              metadata: dict | None = None, dtype=torch.float32, complete_fused: bool = False) -> dict:
+    """Write ``edit`` as a kohya LoRA (atomic). Returns ``{"errors": {...}, "max_error": e, "rank": r}``.
+    ``complete_fused``: add zero q/k/v/out siblings on OpenCLIP encoders for A1111 (see above)."""
+    tensors, errors = lora_tensors(edit, rank, fmt, complete_fused)
     if not tensors:
         raise WeightsmithError("the edit is empty; there is nothing to write.")
     ranks = [t.shape[0] for k, t in tensors.items() if k.endswith("lora_down.weight")]

@@ -66,3 +66,23 @@ def test_written_lora_loads_in_diffusers(tiny_models, tmp_path):
         torch.testing.assert_close(e_theirs, e_ours, rtol=1e-4, atol=1e-4)
         base = model.unet(x, 500, encoder_hidden_states=ctx_ours).sample
         assert float((e_ours - base).abs().max()) > 1e-3          # the LoRA does something
+
+
+def test_fused_open_clip_siblings_are_completed(tiny_models, tmp_path):
+    """SD2's OpenCLIP attention is fused in A1111: q, k, v and out must all be in the file."""
+    from weightsmith.core.edit import Edit
+    from weightsmith.core.lora_read import load_lora
+    from weightsmith.core.lora_write import save_lora
+
+    model = tiny_models["sd2"]
+    n = "text_encoder.text_model.encoder.layers.1.self_attn.k_proj"
+    up, down = torch.randn(model.weight(n).shape[0], 2), torch.randn(2, model.weight(n).shape[1])
+    e = Edit("sd2", model.unet_config, {n: up @ down}, {n: (up, down)}, {"method": "test"})
+    save_lora(e, tmp_path / "plain.safetensors")
+    save_lora(e, tmp_path / "full.safetensors", complete_fused=True)
+    assert len(load_file(str(tmp_path / "plain.safetensors"))) == 3
+    back = load_lora(tmp_path / "full.safetensors", model)
+    subs = {k.rsplit(".", 1)[1] for k in back.modules}
+    assert subs == {"q_proj", "k_proj", "v_proj", "out_proj"}
+    torch.testing.assert_close(back.modules[n].delta(), up @ down, rtol=1e-5, atol=1e-6)
+    assert all(float(m.delta().abs().max()) == 0 for k, m in back.modules.items() if k != n)

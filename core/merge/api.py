@@ -163,6 +163,6 @@ def save_merge(edit: Edit, model, out, fmt: str = "lora", rank: int | None = Non
     tf = merged_tag_frequency(loras)
     if tf:
         meta["ss_tag_frequency"] = json.dumps(tf)
-    res = save_lora(edit, out, rank=rank, fmt=fmt, metadata=meta)
+    res = save_lora(edit, out, rank=rank, fmt=fmt, metadata=meta, complete_fused=True)
     return {"path": str(out), "format": fmt, "rank": res["rank"], "max_error": res["max_error"],
             "errors": res["errors"]}

@@ -61,7 +61,8 @@ def make_scheduler(model):
     """DDIM with the model's noise schedule and "trailing" timestep spacing, so a short trajectory
     starts at the noisiest timestep (3 steps: 999, 666, 333)."""
     if model.scheduler is not None:
-        return DDIMScheduler.from_config(model.scheduler.config, timestep_spacing="trailing")
+        # steps_offset is unused with trailing spacing; 1 keeps diffusers from warning about old configs
+        return DDIMScheduler.from_config(model.scheduler.config, timestep_spacing="trailing", steps_offset=1)
     return DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                          beta_end=0.012, timestep_spacing="trailing")
 
