@@ -16,8 +16,9 @@ needs (measured per pass, × the passes it ran) and ours / that; then the object
 linear merging on held-out samples (other prompts, other seeds). Peak memory is the process's RSS
 above the level at entry (PyTorch CPU allocations do not show in tracemalloc). Defaults are sized
 for a few minutes on 2 CPU cores: 8×8 latents, one timestep per sample, one iteration; inputs wider
-than ``--max-gram-dim`` (ff.net.2 of the 1280-channel blocks, 5120 wide) use the documented
-weighted-sum fallback so the float64 solves stay small. At SD's real 64×64 latents the reference's
+than ``--max-gram-dim`` (default 2560: the text encoder's fc2, 3072 wide, and ff.net.2 of the
+1280-channel blocks, 5120 wide) use the documented weighted-sum fallback so the float64 state and
+solves stay small (raise it to include them). At SD's real 64×64 latents the reference's
 UNet features grow 64-fold per sample and step; the estimate is printed too.
 """
 from __future__ import annotations
@@ -41,7 +42,9 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--heldout", type=int, default=4, help="held-out samples per LoRA for the objective")
     p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--max-gram-dim", type=int, default=3072)
+    p.add_argument("--max-gram-dim", type=int, default=2560,
+                   help="wider inputs use the weighted sum (default 2560: the text encoder's fc2 and the "
+                        "1280-channel ff.net.2 fall back, keeping the float64 state and solves small)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -68,9 +71,12 @@ def reference_iteris(model, loras, samples, opts):
     from .sampling import make_scheduler
     from .stats import DeltaHooks, module_rows
 
-    names = sorted(set().union(*[set(l.modules) for l in loras]))
+    every = sorted(set().union(*[set(l.modules) for l in loras]))
     facs = [lora_factors(l) for l in loras]
-    hooks = DeltaHooks(model, names)
+    # same modules as ours: inputs wider than max_gram_dim take the weighted sum, nothing stored
+    wide = [n for n in every if model.module(n).weight[0].numel() > opts.max_gram_dim]
+    names = [n for n in every if n not in wide]
+    hooks = DeltaHooks(model, every)
     for i, f in enumerate(facs):
         hooks.add(f"lora{i}", f)
     store = {"target": None}
@@ -117,13 +123,14 @@ def reference_iteris(model, loras, samples, opts):
                 for z, t in traj[i][b // B]:
                     model.unet(z.to(p.dtype), t, encoder_hidden_states=cond.context)
 
-    def solve(stats, lam):
+    def solve(grams, lam):
+        """Per module, as the public code's layer loop: Grams from the stored features, then solve."""
         out = {}
         for n in names:
             M = None
             D = []
             for i in range(k):
-                C, H = stats[i][n]
+                C, H = grams(i, n)
                 w = lam[i][n]
                 Hr = H + opts.alpha2 * torch.linalg.matrix_norm(H) * torch.eye(H.shape[0], dtype=H.dtype)
                 M = w * Hr if M is None else M + w * Hr
@@ -134,6 +141,8 @@ def reference_iteris(model, loras, samples, opts):
             down = torch.linalg.solve(M, Dcat.t()).t()
             up = torch.cat([lam[i][n] * facs[i][n][0] for i, _ in D], 1)
             out[n] = (up, down)
+        for n in wide:
+            out[n] = (torch.cat([f[n][0] for f in facs if n in f], 1), torch.cat([f[n][1] for f in facs if n in f], 0))
         return out
 
     try:
@@ -145,20 +154,22 @@ def reference_iteris(model, loras, samples, opts):
                 run_batches(i, f"lora{i}", True)
                 store["target"] = None
             peak = feature_bytes(X)
-            lam, stats = [], []
+            lam = []
             for i in range(k):
                 lam.append({})
-                st = {}
                 for n in names:
                     Xi = torch.cat(X[i][n]).double()
                     W = model.weight(n).double().reshape(model.weight(n).shape[0], -1)
                     if n in facs[i]:
                         W = W + facs[i][n][0] @ facs[i][n][1]
                     lam[i][n] = float(W.norm() ** 2 / (Xi @ W.t()).norm() ** 2)
-                    G = Xi.t() @ Xi
-                    st[n] = (G, G)
-                stats.append(st)
-            cur = solve(stats, lam)
+
+            def grams0(i, n):
+                Xi = torch.cat(X[i][n]).double()
+                G = Xi.t() @ Xi
+                return G, G
+
+            cur = solve(grams0, lam)
             for _ in range(opts.iterations):
                 hooks.add("merged", cur)
                 Xt = []
@@ -169,15 +180,13 @@ def reference_iteris(model, loras, samples, opts):
                     store["target"] = None
                 fb = feature_bytes(X, Xt)
                 peak = {c: max(peak[c], fb[c]) for c in peak}
-                stats = []
-                for i in range(k):
-                    st = {}
-                    for n in names:
-                        Xi, Xti = torch.cat(X[i][n]).double(), torch.cat(Xt[i][n]).double()
-                        st[n] = (Xi.t() @ Xti, Xti.t() @ Xti)
-                    stats.append(st)
+
+                def grams(i, n, Xt=Xt):
+                    Xi, Xti = torch.cat(X[i][n]).double(), torch.cat(Xt[i][n]).double()
+                    return Xi.t() @ Xti, Xti.t() @ Xti
+
+                cur = solve(grams, lam)
                 del Xt
-                cur = solve(stats, lam)
     finally:
         hooks.remove()
         for h in handles:
