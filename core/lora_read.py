@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from .errors import WeightsmithError
-from .naming import TE1, TE2, UNET, UNetLayout, comfy_te_prefix
+from .naming import TE1, UNET, comfy_te_prefix
 
 # suffix -> role. Order matters: longest first.
 _SUFFIXES = [

@@ -1,6 +1,5 @@
 """IterIS behaviour: fixed points, monotone objective on a deep chain, exact export and round trips."""
 import pytest
-import torch
 
 from weightsmith.core.errors import WeightsmithError
 from weightsmith.core.lora_read import load_lora, lora_from_state_dict

@@ -27,7 +27,6 @@ import time
 import torch
 
 from ..edit import Edit
-from ..errors import WeightsmithError
 from .options import MergeOptions
 from .sampling import Protocol, is_context_only
 from .stats import DeltaHooks, GramStats
