@@ -60,7 +60,7 @@ def _other_formats(model, kohya):
     return {"peft": peft, "comfy": comfy, "diff": diff}
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 def test_every_format_maps_to_the_same_deltas(tiny_models, family):
     model = tiny_models[family]
     kohya, meta = random_lora(model, groups=("attn", "ff", "te", "conv"), rank=4, seed=3)
