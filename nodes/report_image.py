@@ -9,9 +9,10 @@ from __future__ import annotations
 import math
 
 ROW = 16
-LEFT = 330
-BAR_W = 300
-RES_W = 220
+LEFT = 250
+BAR_W = 260
+NUM_W = 70
+RES_W = 240
 PAD = 10
 BG = (24, 26, 30)
 FG = (225, 228, 232)
@@ -43,7 +44,7 @@ def render_rows(title: str, rows: list[dict], footer: str = ""):
     from PIL import Image, ImageDraw
 
     has_res = any(r.get("residual_after") is not None for r in rows)
-    width = LEFT + BAR_W + (RES_W if has_res else 0) + 3 * PAD
+    width = LEFT + BAR_W + NUM_W + (RES_W if has_res else 0) + 3 * PAD
     height = 3 * ROW + PAD * 2 + max(1, len(rows)) * ROW + (ROW if footer else 0)
     img = Image.new("RGB", (width, height), BG)
     d = ImageDraw.Draw(img)
@@ -51,23 +52,23 @@ def render_rows(title: str, rows: list[dict], footer: str = ""):
     y = PAD + ROW
     d.text((LEFT, y), "|dW|/|W|  (log, 1e-6 .. 10)", fill=DIM)
     if has_res:
-        d.text((LEFT + BAR_W + PAD, y), "residual before -> after", fill=DIM)
+        d.text((LEFT + BAR_W + NUM_W + PAD, y), "residual before -> after", fill=DIM)
     y += ROW + 4
     res_max = max([float(r.get("residual_before") or 0) for r in rows] +
                   [float(r.get("residual_after") or 0) for r in rows] + [1e-12])
     if not rows:
         d.text((PAD, y), "(the edit changed no weights)", fill=DIM)
     for r in rows:
-        d.text((PAD, y + 2), short_name(r["name"])[:52], fill=FG)
+        d.text((PAD, y + 2), short_name(r["name"])[:40], fill=FG)
         rel = r.get("delta_rel")
         frac = _log_pos(rel)
         d.rectangle([LEFT, y + 3, LEFT + BAR_W, y + ROW - 3], outline=(60, 64, 70))
         if frac > 0:
             d.rectangle([LEFT, y + 3, LEFT + int(frac * BAR_W), y + ROW - 3], fill=BAR)
         if rel is not None and rel == rel:
-            d.text((LEFT + BAR_W - 62, y + 2), f"{rel:.2e}", fill=FG)
+            d.text((LEFT + BAR_W + 6, y + 2), f"{rel:.2e}", fill=FG)
         if has_res and r.get("residual_after") is not None:
-            x0 = LEFT + BAR_W + PAD
+            x0 = LEFT + BAR_W + NUM_W + PAD
             rb = r.get("residual_before")
             ra = float(r.get("residual_after") or 0)
             half = (ROW - 6) // 2

@@ -90,6 +90,14 @@ def test_object_info_lists_every_node_with_tooltips(server):
     assert erase["input"]["required"]["method"][0] == ["erasepro", "zero-residual", "uce"]
     assert erase["output"] == ["MODEL", "CLIP", "WEIGHTSMITH_EDIT", "STRING", "IMAGE"]
     assert info["WeightsmithSaveEditAsLora"]["output_node"] is True
+    # example workflows are offered in the template browser, the web extension is served
+    templates = server.get("/api/workflow_templates")
+    shipped = sorted(p.stem for p in (H.REPO / "example_workflows").glob("*.json"))
+    assert sorted(templates.get("weightsmith", [])) == shipped and shipped
+    import urllib.request
+
+    with urllib.request.urlopen(server.url + "/extensions/weightsmith/weightsmith.js", timeout=30) as r:
+        assert b"weightsmith_report" in r.read()
     log = server.log()
     assert "IMPORT FAILED" not in "\n".join(ln for ln in log.splitlines() if "weightsmith" in ln.lower())
     m = re.search(r"([\d.]+) seconds: \S*custom_nodes/weightsmith\b", log)

@@ -14,7 +14,8 @@ function showReport(node, text) {
   if (!w) {
     w = ComfyWidgets.STRING(node, WIDGET, ["STRING", { multiline: true }], app).widget;
     w.serialize = false;
-    w.options = { ...(w.options || {}), serialize: false };
+    // a taller box than the input text boxes (DOM widget size hints of the front end)
+    w.options = { ...(w.options || {}), serialize: false, getMinHeight: () => 220, getHeight: () => 260 };
     if (w.inputEl) {
       w.inputEl.readOnly = true;
       w.inputEl.classList.add("weightsmith-report");
@@ -25,8 +26,9 @@ function showReport(node, text) {
   }
   w.value = text;
   if (w.inputEl) w.inputEl.value = text;
+  // make room for the report box (about twenty lines; it scrolls for the rest)
   const min = node.computeSize?.();
-  if (min && node.size) node.setSize([Math.max(node.size[0], 420), Math.max(node.size[1], min[1] + 160)]);
+  if (min && node.size) node.setSize([Math.max(node.size[0], min[0], 440), Math.max(node.size[1], min[1])]);
   node.setDirtyCanvas?.(true, true);
 }
 

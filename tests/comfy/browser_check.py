@@ -150,10 +150,30 @@ EXAMPLES_JS = r"""
 """
 
 
+FRONTEND_SETTINGS = {
+    "Comfy.TutorialCompleted": True,                    # no getting-started template on first start
+    "Comfy.Workflow.ShowMissingModelsWarning": False,   # the test checkpoint is all there is
+    "Comfy.Workflow.ShowMissingNodesWarning": True,     # this one we want to see
+}
+
+
+def prepare_settings(url: str) -> None:
+    req = urllib.request.Request(url + "/api/settings", data=json.dumps(FRONTEND_SETTINGS).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    urllib.request.urlopen(req, timeout=30).read()
+
+
+async def close_dialogs(cdp):
+    await cdp.js("document.querySelectorAll('.p-dialog-close-button').forEach(b => b.click()); "
+                 "[...document.querySelectorAll('button')].filter(b => /close/i.test(b.getAttribute('aria-label') || ''))"
+                 ".forEach(b => b.click()); true")
+
+
 async def main(url, repo, art, generate, run_report):
     art = Path(art)
     art.mkdir(parents=True, exist_ok=True)
     found = {}
+    prepare_settings(url)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -183,10 +203,7 @@ async def main(url, repo, art, generate, run_report):
                 await cdp.wait_js("!!(window.app && window.app.graph && window.LiteGraph && "
                                   "window.LiteGraph.registered_node_types['KSampler'])", timeout=180)
                 await asyncio.sleep(2)
-                # dismiss first-run dialogs and banners, if any
-                await cdp.js("document.querySelectorAll('.p-dialog-close-button').forEach(b => b.click()); "
-                             "[...document.querySelectorAll('button')].filter(b => /close/i.test(b.getAttribute('aria-label') || ''))"
-                             ".forEach(b => b.click()); true")
+                await close_dialogs(cdp)  # first-run dialogs and banners, if any
                 found["registered"] = await cdp.js(
                     "Object.keys(LiteGraph.registered_node_types).filter(k => k.startsWith('Weightsmith'))")
                 found["extension_loaded"] = await cdp.js(
@@ -203,6 +220,7 @@ async def main(url, repo, art, generate, run_report):
                         (d / f"{name}.json").write_text(json.dumps(wf, indent=1) + "\n")
                     found["generated"] = sorted(wfs)
                 # node search: double-click the empty canvas, type, read the results list
+                await close_dialogs(cdp)
                 await cdp.js("app.graph.clear(); app.canvas.setDirty(true, true); true")
                 box = await cdp.js("(() => { const r = app.canvasEl.getBoundingClientRect(); "
                                    "return [r.left + r.width / 2, r.top + r.height / 2]; })()")
@@ -266,11 +284,17 @@ async def main(url, repo, art, generate, run_report):
                         " const n = nodes.find(n => n.type === 'WeightsmithSaveEditAsLora');"
                         " const w = n.widgets?.find(w => w.name === 'weightsmith_report'); return w && w.value; })()",
                         timeout=300, every=1)
+                    t_q = time.time()  # let the rest of the graph finish before the screenshot
+                    while (await cdp.js("(async () => { const q = await (await fetch('/queue')).json();"
+                                        " return q.queue_running.length + q.queue_pending.length; })()")) and time.time() - t_q < 300:
+                        await asyncio.sleep(1.0)
                     await asyncio.sleep(1.0)
                     found["report_dom"] = await cdp.js(
                         "[...document.querySelectorAll('textarea.weightsmith-report')].map(t => t.value.slice(0, 200))")
                     await cdp.js(f"(() => {{ const n = app.graph.getNodeById({res}); app.canvas.ds.scale = 1.0;"
-                                 " app.canvas.ds.offset = [-n.pos[0] + 90, -n.pos[1] + 120]; app.canvas.setDirty(true, true);"
+                                 " const r = app.canvasEl.getBoundingClientRect();"
+                                 " app.canvas.ds.offset = [-n.pos[0] + 130, Math.min(-n.pos[1] + 150, r.height - 20 - n.pos[1] - n.size[1])];"
+                                 " app.canvas.setDirty(true, true);"
                                  " return true; })()")
                     await asyncio.sleep(1.0)
                     await cdp.shot(art / "report_on_node.png")
