@@ -73,7 +73,7 @@ def text_embedders(sd_model):
         inner = _unwrap(e)
         if hasattr(inner, "transformer") and hasattr(inner, "tokenizer"):
             out.append(("hf", i, inner))
-        elif hasattr(inner, "model") and hasattr(getattr(inner, "model"), "transformer"):
+        elif hasattr(inner, "model") and hasattr(inner.model, "transformer"):
             out.append(("openclip", i, inner))
     return out
 
@@ -166,7 +166,7 @@ def _tokenizers(sd_model, family: str, roots) -> dict:
     from ..core.model_io import _tokenizer_for
 
     toks = {}
-    for prefix, root, kind, comp in roots:
+    for _, _, kind, comp in roots:
         if kind == "unet":
             continue
         tok = None

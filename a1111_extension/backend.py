@@ -12,7 +12,6 @@ import contextlib
 import json
 import re
 import threading
-import time
 from pathlib import Path
 
 import torch
@@ -431,9 +430,3 @@ def user_message(e: BaseException) -> str:
     if isinstance(e, WeightsmithError):
         return f"⚠ {e}"
     return f"⚠ unexpected error ({type(e).__name__}: {e}); see the console for details."
-
-
-def timed(fn):
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0
