@@ -97,3 +97,20 @@ def test_a1111_entry_script_and_forge_save_only(venv_python, tmp_path):
     assert "Save-only here" in res["model_info"]
     assert res["changed"] == [] and res["undo_bit_exact"] is True
     assert res["lora_files"] == ["tab-lora.safetensors"]
+
+
+@pytest.mark.skipif(os.environ.get("WEIGHTSMITH_TEST_FORGE_GRADIO4") != "1",
+                    reason="Forge's gradio 4.40 venv is optional (WEIGHTSMITH_TEST_FORGE_GRADIO4=1; ~2 min to build)")
+def test_tab_under_forge_gradio4(tmp_path):
+    """Forge runs gradio 4.40 with transformers 4.x: the same tab, standalone and through the
+    entry script (save-only), in that environment."""
+    r = subprocess.run(["bash", str(A1111 / "setup_env.sh"), "forge"], capture_output=True, text=True,
+                       timeout=900, env=dict(os.environ, PYTHON=sys.executable))
+    assert r.returncode == 0, r.stderr[-3000:]
+    py = r.stdout.strip().splitlines()[-1]
+    res = _drive(py, "drive_standalone.py", tmp_path / "s")
+    assert res["gradio"] == "4.40.0" and res["apply_max_err"] == 0.0 and res["undo_bit_exact"] is True
+    assert len(res["lora_files"]) == 1
+    res = _drive(py, "drive_a1111_tab.py", tmp_path / "f", "forge")
+    assert res["backend"] == "ForgeBackend" and res["apply_status"].startswith("⚠ Apply is not available")
+    assert res["lora_files"] == ["tab-lora.safetensors"]
