@@ -362,7 +362,7 @@ class Workbench:
                 "ws_targets": json.dumps(edit.report.get("targets", []))}
         path = self.backend.save_checkpoint(edit.deltas, out, meta)
         self.backend.refresh_checkpoints()
-        return f"Saved checkpoint {path}; it is in the checkpoint list now."
+        return f"Saved checkpoint {path}; the checkpoint list was re-read (press its refresh button to see it)."
 
 
 def _options(cls, values: dict):
