@@ -559,7 +559,8 @@ def _save_diffusers_edit(model, deltas, out: Path, metadata):
     src = Path(model.source.path)
     if out.exists():
         raise WeightsmithError(f"{out} already exists; choose a new folder name for the edited model.")
-    tmp = Path(tempfile.mkdtemp(prefix=".ws-", dir=out.parent if out.parent.exists() else None))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".ws-", dir=out.parent))   # same filesystem: the rename is atomic
     try:
         shutil.copytree(src, tmp / "m")
         by_comp = defaultdict(dict)
