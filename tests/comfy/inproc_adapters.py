@@ -149,7 +149,12 @@ def main(comfy_dir: str) -> dict:
         live = m2.model.state_dict()[key0].float()
         r["loaded_weight_err"] = float((live - sdm.weight(n0) - deltas[n0]).abs().max())
         mm.unload_all_models()
-        del clip, up_c, c2, sdm, model, up_m, m2, bm
+        del clip, up_c, c2, sdm, model, up_m, m2, bm, eff_m, eff_c, enc, cond, pooled, tokens
+        if fam == "sd2":
+            del c3, cond3, sdm3
+        import gc
+
+        gc.collect()
     return results
 
 
