@@ -199,7 +199,9 @@ def evaluate(model, which: str, n: int = 70, steps: int = 25, guidance: float = 
 
 
 def train_one(which: str, base: Path, steps: int, batch: int, lr: float, rank: int, alpha: float, seed: int,
-              out: Path | None = None, prior: float = 0.25, log_every: int = 50) -> dict:
+              out: Path | None = None, prior: float = 0.25, log_every: int = 50, max_minutes: float = 0) -> dict:
+    """Train one LoRA; with ``max_minutes`` the cosine LR follows max(step/steps, elapsed/budget)
+    and training stops when the budget is spent."""
     from diffusers import DDPMScheduler
 
     from .sample import load_model
@@ -217,14 +219,22 @@ def train_one(which: str, base: Path, steps: int, batch: int, lr: float, rank: i
     params = [p for h in hooks.values() for p in (h.down, h.up)]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     noise_sched = DDPMScheduler.from_config(m.scheduler.config)
+    pred_type = m.scheduler.config.prediction_type
     unet.train()
     te.train()
     captions: Counter = Counter()
     t0 = time.time()
     losses = []
     n_prior = int(round(batch * prior))
+    done = 0
     for step in range(steps):
-        lr_now = lr * min(1.0, (step + 1) / 50) * (0.5 * (1 + math.cos(math.pi * step / steps)) * 0.9 + 0.1)
+        prog = step / steps
+        if max_minutes:
+            prog = max(prog, (time.time() - t0) / (60 * max_minutes))
+        if prog >= 1.0:
+            break
+        done = step + 1
+        lr_now = lr * min(1.0, (step + 1) / 50) * (0.5 * (1 + math.cos(math.pi * prog)) * 0.9 + 0.1)
         for g in opt.param_groups:
             g["lr"] = lr_now
         x1, ids1, p1 = batch_data(rng, batch - n_prior, tok, p_drop=0.05, scene_fn=spec["scene_fn"])
@@ -235,7 +245,8 @@ def train_one(which: str, base: Path, steps: int, batch: int, lr: float, rank: i
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (x0.shape[0],))
         xt = noise_sched.add_noise(x0, noise, t)
         pred = unet(xt, t, te(ids)[0]).sample
-        loss = F.mse_loss(pred, noise)
+        target = noise_sched.get_velocity(x0, noise, t) if pred_type == "v_prediction" else noise
+        loss = F.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -255,6 +266,7 @@ def train_one(which: str, base: Path, steps: int, batch: int, lr: float, rank: i
             parts.append(spec["trigger"])
         for tg in parts:
             tags[tg] += c
+    steps = done
     n_img = steps * (batch - n_prior)
     meta = {
         "ss_network_module": "networks.lora",
@@ -306,6 +318,7 @@ def main(argv=None):
     ap.add_argument("--alpha", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-minutes", type=float, default=0, help="wall-time budget per LoRA (0: none)")
     ap.add_argument("--out-dir", default=None, help="write <name>.safetensors here instead of assets/loras")
     ap.add_argument("--eval", type=int, default=70, help="trigger prompts to judge with/without the LoRA (0: skip)")
     a = ap.parse_args(argv)
@@ -313,7 +326,8 @@ def main(argv=None):
     whichs = ["subject", "style"] if a.which == "both" else [a.which]
     for w in whichs:
         out = Path(a.out_dir) / f"{SPECS[w]['name']}.safetensors" if a.out_dir else None
-        info = train_one(w, Path(a.base), a.steps, a.batch, a.lr, a.rank, a.alpha, a.seed + (w == "style"), out)
+        info = train_one(w, Path(a.base), a.steps, a.batch, a.lr, a.rank, a.alpha, a.seed + (w == "style"), out,
+                         max_minutes=a.max_minutes)
         if a.eval:
             from .sample import load_model
 

@@ -4,11 +4,13 @@
 
 Components are the stock SD classes (``transformers.CLIPTextModel`` + ``CLIPTokenizer``,
 ``diffusers.UNet2DConditionModel`` with cross-attention, ``DDIMScheduler``) so every
-erase/merge code path runs on it unchanged. Training: DDPM epsilon prediction on 32x32 RGB
-renders of :mod:`render` (freshly rendered every step, base shapes/patterns only), the text
-encoder trained jointly from scratch, 10% text dropout (empty prompt) for classifier-free
-guidance, AdamW + cosine LR, EMA of the weights (the EMA weights are exported).
-Defaults reproduce the shipped model in ~75 min on 2 CPU cores.
+erase/merge code path runs on it unchanged. Training: DDPM on 32x32 RGB renders of
+:mod:`render` (freshly rendered every step, base shapes/patterns only) with a linear beta
+schedule rescaled to zero terminal SNR and v-prediction, the text encoder trained jointly
+from scratch, 10% text dropout (empty prompt) for classifier-free guidance, AdamW + cosine LR,
+EMA of the weights (the EMA weights are exported). ``--max-minutes`` makes the run fit a wall
+time budget (the LR schedule then follows elapsed time). See assets/tiny-sd/README.md for the
+exact commands and phases of the shipped run.
 """
 from __future__ import annotations
 
@@ -67,7 +69,7 @@ def make_unet():
     )
 
 
-def make_scheduler():
+def make_scheduler(prediction_type: str = "v_prediction", zero_snr: bool = True):
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(
@@ -78,9 +80,10 @@ def make_scheduler():
         clip_sample=True,
         clip_sample_range=1.0,
         set_alpha_to_one=True,
-        steps_offset=1,
-        prediction_type="epsilon",
-        timestep_spacing="leading",
+        steps_offset=0,
+        prediction_type=prediction_type,
+        rescale_betas_zero_snr=zero_snr,
+        timestep_spacing="trailing",
     )
 
 
@@ -171,6 +174,8 @@ def main(argv=None):
     ap.add_argument("--min-snr-until", type=int, default=500,
                     help="... for the first N steps only (it starves low-noise steps, which leaves grain)")
     ap.add_argument("--ema-decay", type=float, default=0.995)
+    ap.add_argument("--prediction-type", choices=["v_prediction", "epsilon"], default="v_prediction")
+    ap.add_argument("--no-zero-snr", action="store_true", help="keep the plain linear betas (non-zero terminal SNR)")
     ap.add_argument("--ckpt-every", type=int, default=250)
     ap.add_argument("--export-every", type=int, default=1000)
     ap.add_argument("--resume", action="store_true")
@@ -185,10 +190,11 @@ def main(argv=None):
     tokenizer = load_tokenizer(tok_dir)
     text_encoder = make_text_encoder(tokenizer)
     unet = make_unet()
-    scheduler = make_scheduler()
+    scheduler = make_scheduler(a.prediction_type, not a.no_zero_snr)
     from diffusers import DDPMScheduler
 
     noise_sched = DDPMScheduler.from_config(scheduler.config)
+    pred_type = scheduler.config.prediction_type
     params = list(unet.parameters()) + list(text_encoder.parameters())
     n_u = sum(p.numel() for p in unet.parameters())
     n_t = sum(p.numel() for p in text_encoder.parameters())
@@ -253,12 +259,13 @@ def main(argv=None):
         xt = noise_sched.add_noise(x0, noise, t)
         cond = text_encoder(ids).last_hidden_state
         pred = unet(xt, t, cond).sample
+        target = noise_sched.get_velocity(x0, noise, t) if pred_type == "v_prediction" else noise
         if a.min_snr and step < a.min_snr_until:
             snr = acp[t] / (1 - acp[t])
             w = snr.clamp(max=a.min_snr) / snr
-            loss = (F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3)) * w).mean()
+            loss = (F.mse_loss(pred, target, reduction="none").mean((1, 2, 3)) * w).mean()
         else:
-            loss = F.mse_loss(pred, noise)
+            loss = F.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
