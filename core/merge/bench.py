@@ -45,6 +45,7 @@ def add_arguments(p) -> None:
     p.add_argument("--max-gram-dim", type=int, default=2560,
                    help="wider inputs use the weighted sum (default 2560: the text encoder's fc2 and the "
                         "1280-channel ff.net.2 fall back, keeping the float64 state and solves small)")
+    p.add_argument("--alpha", type=float, default=None, help="ridge α₁ = α₂ (default: MergeOptions' 1e-4)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -227,12 +228,15 @@ def run(args) -> int:
                                               strength=0.2)[0], model, name=f"lora{i + 1}") for i in range(2)]
     base = dict(iterations=args.iterations, tol=0.0, steps=args.steps, latent_size=args.latent_size,
                 batch_size=args.batch_size, seed=args.seed, max_gram_dim=args.max_gram_dim, evaluate_final=False)
+    if args.alpha is not None:
+        base.update(alpha1=args.alpha, alpha2=args.alpha)
     settings = {"model": f"sd1 random, size={args.size}, seed={args.seed}", "threads": torch.get_num_threads(),
                 "loras": f"2 random, rank {args.rank}, targets {'+'.join(groups)} "
                          f"({len(loras[0].modules)} modules each)",
                 "latent": f"{args.latent_size}x{args.latent_size}", "timesteps_per_sample": args.steps,
                 "iterations": args.iterations, "batch_size": args.batch_size, "max_gram_dim": args.max_gram_dim,
-                "samples": counts, "heldout_samples": args.heldout}
+                "samples": counts, "heldout_samples": args.heldout,
+                "alpha": base.get("alpha1", MergeOptions.alpha1)}
     if not args.json:
         print("merge benchmark settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()), flush=True)
 

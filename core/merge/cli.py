@@ -41,7 +41,7 @@ def register(subparsers) -> None:
     p.add_argument("--latent-size", type=int, default=None,
                    help="latent side length for sampling (default: the model's; e.g. 32 = 256 px on SD1.5)")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--alpha", type=float, default=d.alpha1, help="ridge α₁ = α₂ (default 1e-5)")
+    p.add_argument("--alpha", type=float, default=d.alpha1, help=f"ridge α₁ = α₂ (default {d.alpha1:g})")
     p.add_argument("--reg-ceof", type=float, default=d.reg_ceof, help="reference knob ρ (default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rank", type=int, default=None,
