@@ -18,7 +18,7 @@ def _pipeline(model):
                         up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=8)
     return StableDiffusionPipeline(vae=vae, text_encoder=copy.deepcopy(model.text_encoders["text_encoder"]),
                                    tokenizer=model.tokenizers["text_encoder"], unet=copy.deepcopy(model.unet),
-                                   scheduler=DDIMScheduler(clip_sample=False), safety_checker=None, feature_extractor=None,
+                                   scheduler=DDIMScheduler(clip_sample=False, steps_offset=1), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
 
 
