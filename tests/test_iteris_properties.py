@@ -110,3 +110,19 @@ def test_wide_inputs_fall_back_to_the_weighted_sum(tiny_models):
         assert _rel(edit.deltas[n], a.modules[n].delta() + 0.5 * b.modules[n].delta()) <= 1e-5
     narrow = [n for n in edit.deltas if n not in wide]
     assert max(_rel(edit.deltas[n], a.modules[n].delta() + 0.5 * b.modules[n].delta()) for n in narrow) > 1e-3
+
+
+def test_progress_and_cancel(tiny_models):
+    from weightsmith.core.errors import CancelledError
+
+    model = tiny_models["sd1"]
+    a = _lora(model, 1, groups=("te",), rank=2)
+    calls = []
+    merge(model, [a], "iteris", options=MergeOptions(iterations=3, **FAST),
+          progress=lambda done, total, label: calls.append((done, total, label)))
+    assert calls and calls[-1][0] == calls[-1][1] and [c[0] for c in calls] == sorted(c[0] for c in calls)
+    seen = []
+    with pytest.raises(CancelledError):
+        merge(model, [a], "iteris", options=MergeOptions(iterations=3, **FAST),
+              progress=lambda d, t, l: seen.append(d), cancel=lambda: len(seen) >= 1)
+    assert len(seen) == 1

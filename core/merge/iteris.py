@@ -256,6 +256,9 @@ class IterISSolver:
                 converged = change < self.opts.tol
         finally:
             self._teardown()
+        sc = self.steps_counter
+        if sc is not None and sc.done < sc.total:      # stopped early: finish the bar
+            sc.step("converged", n=sc.total - sc.done)
         return self._edit(cur, time.time() - t0, converged if not self.regmean else None)
 
     def evaluate(self, factors: dict) -> tuple[float, dict]:
