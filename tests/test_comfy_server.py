@@ -317,3 +317,37 @@ def test_front_end_search_examples_and_inline_report(server):
     assert any(t.startswith("Weightsmith erase") for t in found["report_dom"])
     for shot in ["node_search.png", "report_on_node.png"] + [f"workflow_{Path(f).stem}.png" for f in files]:
         assert (art / shot).stat().st_size > 10_000, shot
+
+
+@pytest.mark.skipif(not _merge_available(), reason="core.merge (issue 4) has not landed yet")
+def test_iteris_merge_node_runs_to_a_loadable_lora(server, core_model):
+    """IterIS itself through the node (tiny settings): patched clones, report, a saved LoRA that
+    ComfyUI's own LoraLoader accepts with every key."""
+    loras = _write_test_loras(server, core_model)
+    spec = [(loras[0][0], 1.0, "a photo of a cat"), (loras[1][0], 1.0, "a photo of a dog")]
+    g, mg, sv = _merge_graph(spec, "iteris", "ws_test/merge_iteris", iterations=1, samples=1, steps=1,
+                             resolution=64)
+    h = server.run(g.nodes)
+    rep = h["outputs"][mg]["weightsmith_report"][0]
+    assert rep.startswith("Weightsmith merge (iteris): 2 LoRAs") and "|dW|/|W|" in rep
+    text = h["outputs"][sv]["weightsmith_report"][0]
+    name = re.search(r"load it with Load LoRA as '([^']+)'", text).group(1)
+    assert server.output("loras", name).exists()
+    # the merged edit touches exactly the modules the two LoRAs touch
+    from safetensors import safe_open
+
+    from weightsmith.core.naming import kohya_prefix
+
+    with safe_open(str(server.output("loras", name)), "pt") as f:
+        prefixes = {k.rsplit(".", 2)[0] for k in f.keys() if k.endswith("lora_down.weight")}
+    want = {kohya_prefix(n, "sd1", core_model.layout) for n in loras[0][1]}
+    assert prefixes == want
+    # and ComfyUI's LoraLoader maps every key of it (unmapped keys are logged as "lora key not loaded")
+    g2 = H.Graph()
+    ck2 = g2.add("CheckpointLoaderSimple", ckpt_name=H.CKPT_NAME)
+    lo2 = g2.add("LoraLoader", model=[ck2, 0], clip=[ck2, 1], lora_name=name, strength_model=1.0, strength_clip=1.0)
+    pos = g2.add("CLIPTextEncode", clip=[lo2, 1], text="a photo of a cat")
+    g2.add("WeightsmithTestProbe", model=[lo2, 0], conditioning=[pos, 0], name="iteris_lora")
+    n_before = server.log().count("lora key not loaded")
+    server.run(g2.nodes)
+    assert server.log().count("lora key not loaded") == n_before
