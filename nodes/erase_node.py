@@ -90,7 +90,11 @@ class WeightsmithEraseConcepts:
         from ..core.erase import EraseOptions, erase
         from . import comfy_adapter as ca
 
+        from ..core.errors import WeightsmithError
+
         with user_errors():
+            if not lines(targets):
+                raise WeightsmithError("targets is empty: write at least one concept to erase, one per line.")
             t0 = time.perf_counter()
             progress, cancel = host_progress()
             cancel()

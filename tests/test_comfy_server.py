@@ -105,6 +105,20 @@ def test_object_info_lists_every_node_with_tooltips(server):
     assert float(m.group(1)) < 2.0, "the pack imports slowly: heavy imports must be lazy"
 
 
+def test_user_errors_reach_the_ui_as_messages(server):
+    """A bad input stops the graph with Weightsmith's message (what to fix), not a deep traceback."""
+    g = H.Graph()
+    ck = g.add("CheckpointLoaderSimple", ckpt_name=H.CKPT_NAME)
+    er = g.add("WeightsmithEraseConcepts", model=[ck, 0], clip=[ck, 1], **{**ERASE_ARGS, "targets": "  \n "})
+    g.add("WeightsmithSaveEditAsLora", edit=[er, 2], filename_prefix="ws_test/never", rank=0)
+    h = server.wait(server.queue(g.nodes), timeout=300)
+    assert h["status"]["status_str"] == "error"
+    err = next(m[1] for m in h["status"]["messages"] if m[0] == "execution_error")
+    assert err["exception_type"].endswith("WeightsmithError"), err["exception_type"]
+    assert err["exception_message"].startswith("targets is empty: write at least one concept")
+    assert not server.output("loras", "ws_test").exists() or not list(server.output("loras", "ws_test").glob("never*"))
+
+
 @pytest.fixture(scope="module")
 def erase_run(server):
     """One graph: base branch and erased branch from one checkpoint loader, probes on both,
