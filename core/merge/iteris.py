@@ -76,7 +76,7 @@ class IterISSolver:
         self.steps_counter = steps
         self.check = check or (lambda: None)
         self.names = sorted(set().union(*[set(l.modules) for l in self.loras]))
-        self.gdev = _gram_device(model)
+        self.gdev = torch.device(options.gram_device) if options.gram_device else _gram_device(model)
         self.factors = [lora_factors(l, self.gdev) for l in self.loras]
         self.alpha1 = 0.0 if regmean else options.alpha1
         self.alpha2 = 0.0 if regmean else options.alpha2

@@ -25,6 +25,8 @@ class MergeOptions:
     seed: int = 0
     max_gram_dim: int = 6144     # modules with a wider input (e.g. 3×3 convs over >682 channels)
                                  # fall back to the weighted sum (reported)
+    gram_device: str | None = None  # where the float64 statistics live (default: the model's device,
+                                    # the CPU for MPS); "cpu" saves GPU memory on small cards
     # baselines (spec §5)
     svd_rank: int | None = None  # SVD merge rank (default: the largest input rank)
     svd_clamp_quantile: float = 0.99
