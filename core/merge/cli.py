@@ -53,6 +53,9 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="output file (.safetensors; a folder for diffusers checkpoints)")
     p.add_argument("--report", default=None, help="write a JSON report here")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    p.add_argument("--max-gram-dim", type=int, default=d.max_gram_dim,
+                   help=f"modules with wider inputs use the weighted sum (default {d.max_gram_dim}; "
+                        "lower it to save memory)")
     p.add_argument("--stats-on-cpu", action="store_true",
                    help="keep IterIS' float64 statistics in CPU memory (saves GPU memory)")
     p.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder for single-file checkpoints")
@@ -143,7 +146,7 @@ def run(args) -> int:
                         latent_size=args.latent_size, batch_size=args.batch_size, alpha1=args.alpha,
                         alpha2=args.alpha, reg_ceof=args.reg_ceof, seed=args.seed, svd_rank=args.rank,
                         ties_density=args.density, dare_p=args.drop,
-                        gram_device="cpu" if args.stats_on_cpu else None)
+                        gram_device="cpu" if args.stats_on_cpu else None, max_gram_dim=args.max_gram_dim)
     model = load_model(args.model, tokenizer=args.tokenizer)
     loras = [load_lora(p, model) for p, _ in pairs]
     for l in loras:
