@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import WeightsmithError
-from ..naming import TE2
 
 FALLBACK_PROMPTS = ("a photo of {}", "{}", "a picture of {}, detailed", "{} in a garden")
 
@@ -177,8 +176,4 @@ class Protocol:
             z = sched.step(eps, t, z).prev_sample
 
 
-def encoder_components(names) -> set:
-    return {n.partition(".")[0] for n in names}
-
-
-__all__ = ["Sample", "default_prompts", "make_samples", "Protocol", "is_context_only", "TE2"]
+__all__ = ["Sample", "default_prompts", "make_samples", "make_scheduler", "Protocol", "is_context_only"]
