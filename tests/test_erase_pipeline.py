@@ -7,7 +7,9 @@ from weightsmith.core.erase.pipeline import _gather, build_prompts, validate_con
 from weightsmith.core.erase.tokens import align
 
 FAMILIES = ("sd1", "sd2", "sdxl")
-FEASIBLE = EraseOptions(expand_prompts=False, max_pad=2)   # few feature columns: the system is feasible
+# few feature columns: the system is feasible; ridge=0 asks for the exact pseudoinverse solve even
+# where the default would fall back to a ridge because the features are ill-conditioned
+FEASIBLE = EraseOptions(expand_prompts=False, max_pad=2, ridge=0)
 
 
 def _aligned(model, targets, anchors, opts):
@@ -89,7 +91,7 @@ def test_preserve_concepts_reduce_collateral_change(tiny_models):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_stage_report_and_erasepro_unet_stage_is_smaller(tiny_models, family):
     model = tiny_models[family]
-    opts = EraseOptions(expand_prompts=False, max_pad=2)
+    opts = EraseOptions(expand_prompts=False, max_pad=2, ridge=0)
     ep = erase(model, ["van gogh"], ["art"], method="erasepro", options=opts)
     zr = erase(model, ["van gogh"], ["art"], method="zero-residual", options=opts)
     for s in ep.report["stages"]:
@@ -173,3 +175,20 @@ def test_clip_skip_limits_the_edited_text_encoder_layers(tiny_checkpoints, token
     n = m2.text_encoders["text_encoder"].config.num_hidden_layers
     assert layers == {f"text_encoder.layer{i}" for i in range(n - 1)}
     assert max(s["rho"] for s in e.report["stages"]) <= 1e-4
+
+
+def test_default_solver_is_exact_when_well_conditioned_and_falls_back_to_ridge_otherwise(tiny_models):
+    model = tiny_models["sd1"]
+    # one short target, few rows: well-conditioned, solved exactly by default
+    e = erase(model, ["van gogh"], ["art"], method="zero-residual", options=EraseOptions(expand_prompts=False, max_pad=2))
+    assert {s["solver"] for s in e.report["stages"]} == {"exact"}
+    assert max(s["rho"] for s in e.report["stages"]) <= 1e-4
+    # many templates: more rows than dimensions, near-collinear padding -> ridge fallback, reported
+    opts = EraseOptions(expand_prompts=True)
+    auto = erase(model, ["van gogh"], ["art"], method="zero-residual", options=opts)
+    exact = erase(model, ["van gogh"], ["art"], method="zero-residual",
+                  options=EraseOptions(expand_prompts=True, ridge=0))
+    assert {s["solver"] for s in auto.report["stages"]} == {"ridge"}
+    assert all(0 < s["rho"] < 1 for s in auto.report["stages"])
+    norm = lambda e: sum(float(d.norm()) for d in e.deltas.values())  # noqa: E731
+    assert norm(auto) < 0.5 * norm(exact)

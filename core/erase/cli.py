@@ -60,8 +60,12 @@ def register(sub) -> None:
     g.add_argument("--te-layers", type=_layer_range, default=None, help="text-encoder layer range, e.g. 0-11")
     g.add_argument("--lam", type=float, default=0.5, help="λ of UCE and of the preservation weight")
     g.add_argument("--eta-preserve", type=float, default=1.0, help="η_p, weight of preserved concepts")
-    g.add_argument("--rcond", type=float, default=1e-4, help="relative singular-value cutoff")
-    g.add_argument("--ridge", type=float, default=0.0, help="ridge (× ‖XᵀX‖_F) instead of a cutoff")
+    g.add_argument("--rcond", type=float, default=1e-6, help="numerical-rank cutoff (relative singular value)")
+    g.add_argument("--ridge", type=float, default=None,
+                   help="ridge (× ‖XᵀX‖_F); default: exact when the features are well-conditioned, else 1e-2; "
+                        "0: always the exact pseudoinverse")
+    g.add_argument("--cond-limit", type=float, default=1e-2,
+                   help="smallest kept singular value (relative) for the exact solve")
     g.add_argument("--max-pad", type=int, default=None, help="padding tokens kept after EOS")
     g.add_argument("--clip-skip", type=int, default=None, help="CLIP layer the UNet reads (SD1/SD2)")
     g.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder for single-file checkpoints")
@@ -94,7 +98,8 @@ def run(args) -> int:
         require(Path(args.report).resolve() != Path(args.model).resolve(), "--report must not be the model.")
     opts = EraseOptions(tokens=args.tokens, expand_prompts=args.expand, extra_templates=tuple(args.template),
                         te_sublayers=args.te_sublayers, te_layers=args.te_layers, lam=args.lam,
-                        eta_preserve=args.eta_preserve, rcond=args.rcond, ridge=args.ridge, max_pad=args.max_pad)
+                        eta_preserve=args.eta_preserve, rcond=args.rcond, ridge=args.ridge,
+                        cond_limit=args.cond_limit, max_pad=args.max_pad)
     opts.validate()
     from .pipeline import validate_concepts
 

@@ -57,8 +57,10 @@ class EraseOptions:
     lam: float = 0.5                          # λ (UCE; and C = λI + η_p PPᵀ with preservation)
     eta_erase: float = 1.0                    # η_e (UCE)
     eta_preserve: float = 1.0                 # η_p
-    rcond: float = 1e-4                       # relative singular-value cutoff of the pseudoinverse
-    ridge: float = 0.0                        # ridge · ‖XᵀX‖_F instead of a cutoff (0: off)
+    rcond: float = 1e-6                       # numerical-rank cutoff (relative singular value)
+    ridge: float | None = None                # None: exact if well-conditioned, else ridge 1e-2·‖XᵀX‖_F;
+                                              # 0: always the pseudoinverse; > 0: always this ridge
+    cond_limit: float = 1e-2                  # well-conditioned: smallest kept σ ≥ cond_limit·σ_max
     max_pad: int | None = None                # padding rows kept after EOS (None: all)
     preserve_captions: bool = True            # add the shipped ordinary captions to preserve sets
 
@@ -69,7 +71,8 @@ class EraseOptions:
         require(all(s in ("to_k", "to_v") for s in self.unet_sublayers),
                 "UNet sub-layers must be to_k and/or to_v (the cross-attention projections).")
         require(self.lam > 0, "lam (λ) must be > 0.")
-        require(self.rcond >= 0 and self.ridge >= 0, "rcond and ridge must be >= 0.")
+        require(self.rcond >= 0 and (self.ridge is None or self.ridge >= 0) and self.cond_limit >= 0,
+                "rcond, ridge and cond_limit must be >= 0.")
 
 
 @dataclass
@@ -159,7 +162,7 @@ def _all_tokens(feats: torch.Tensor) -> torch.Tensor:
     return feats.reshape(-1, feats.shape[-1]).T
 
 
-def _stat(name, stage, W_o, delta, X, Y, X0, rank) -> dict:
+def _stat(name, stage, W_o, delta, X, Y, X0, rank, basis=None) -> dict:
     W_o, delta = W_o.to(F64), delta.to(F64)
     X, Y, X0 = X.to(F64), Y.to(F64), X0.to(F64)
     WY = W_o @ Y
@@ -173,6 +176,7 @@ def _stat(name, stage, W_o, delta, X, Y, X0, rank) -> dict:
         "residual_before": gap / gap0 if gap0 else 0.0, "residual_after": after / gap0 if gap0 else 0.0,
         "rho": after / gap if gap > 0 else 0.0, "residual_abs_before": gap, "residual_abs_after": after,
         "rank": int(rank), "features": int(X.shape[1]),
+        "solver": getattr(basis, "solver", "uce"), "conditioning": getattr(basis, "kappa", None),
     }
 
 
@@ -266,7 +270,7 @@ def _te_stage(model, enc: _Encoders, comp: str, edited_te, opts: EraseOptions, s
                 X0 = _gather(feats_t0[key], tpos)
                 C = preserve_matrix(_all_tokens(feats_p[key]) if key in feats_p else None,
                                     X.shape[0], opts.lam, opts.eta_preserve)
-                basis = ZeroResidualBasis(X, C, opts.rcond, opts.ridge)
+                basis = ZeroResidualBasis(X, C, opts.rcond, opts.ridge, opts.cond_limit)
                 for sub in g:
                     name = f"{comp}.text_model.encoder.layers.{l}.{_SUB_PATH[sub]}"
                     mod_o = layers_o[l].get_submodule(_SUB_PATH[sub])
@@ -278,7 +282,7 @@ def _te_stage(model, enc: _Encoders, comp: str, edited_te, opts: EraseOptions, s
                         mod_e.weight.copy_((W_o + delta).to(mod_e.weight.dtype))
                     deltas[name] = delta.float()
                     factors[name] = (up.float(), down.float())
-                    stats.append(_stat(name, f"{comp}.layer{l}", W_o, delta, X, Y, X0, basis.rank))
+                    stats.append(_stat(name, f"{comp}.layer{l}", W_o, delta, X, Y, X0, basis.rank, basis))
                 steps.step(f"{comp} layer {l}")
         hidden = run_layer(layer_e, hidden)
 
@@ -297,7 +301,7 @@ def _unet_stage(model, enc_model, enc: _Encoders, ps: _PromptSet, method: str, o
         rank = X.shape[1]
     else:
         basis = ZeroResidualBasis(X, preserve_matrix(P, X.shape[0], opts.lam, opts.eta_preserve),
-                                  opts.rcond, opts.ridge)
+                                  opts.rcond, opts.ridge, opts.cond_limit)
         rank = basis.rank
     for block in model.unet_cross_attention_names():
         for sub in opts.unet_sublayers:
@@ -310,7 +314,7 @@ def _unet_stage(model, enc_model, enc: _Encoders, ps: _PromptSet, method: str, o
             deltas[name] = delta.float()
             if up.shape[1] < min(W_o.shape):
                 factors[name] = (up.float(), down.float())
-            stats.append(_stat(name, "unet", W_o, delta, X, Y, X0, rank))
+            stats.append(_stat(name, "unet", W_o, delta, X, Y, X0, rank, basis))
             steps.step(name.split(".", 1)[1])
 
 

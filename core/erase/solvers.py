@@ -31,23 +31,34 @@ def preserve_matrix(P: torch.Tensor | None, d_in: int, lam: float, eta_p: float)
     return lam * torch.eye(d_in, dtype=F64) + eta_p * (P @ P.T)
 
 
+FALLBACK_RIDGE = 1e-2
+
+
 @dataclass
 class ZeroResidualBasis:
-    """Min-norm (or C-weighted) solution of ``Δ X = R`` for any ``R`` (spec §2.1).
+    """Min-norm (or C-weighted) solution of ``Δ X = R`` for any ``R`` (spec §2.1), with a ridge
+    fallback for ill-conditioned systems (§2.2.6).
 
     - without preservation: ``Δ = R X⁺`` (rows of Δ in span(X));
     - with ``C = λI + η_p P Pᵀ``: ``Δ = R (C^{-1/2} X)⁺ C^{-1/2}`` = argmin tr(Δ C Δᵀ) s.t. ΔX = R.
 
-    ``rcond``: singular values of (weighted) X below ``rcond·σ_max`` are dropped (pseudoinverse
-    cutoff for collinear features, §2.2.6). ``ridge``: alternatively add ``ridge·‖XᵀX‖_F`` to the
-    Gram matrix (Tikhonov); 0 disables it. Either makes the residual non-zero on dropped directions;
-    it is always measured.
+    Solver choice (``self.solver``):
+    - ``"exact"``: the (weighted) features are well-conditioned — every singular value kept by the
+      numerical-rank cutoff ``rcond·σ_max`` is at least ``cond_limit·σ_max`` — so the min-norm
+      pseudoinverse solution is used; the residual is zero whenever the system is consistent.
+    - ``"ridge"``: otherwise (near-collinear features, e.g. padding rows of many similar prompts,
+      or more features than dimensions), exactness would cost a large weight change along weak
+      directions, so ``Δ = R Xᵀ(XXᵀ + μI)⁻¹`` with ``μ = ridge·‖XᵀX‖_F`` is used instead.
+    ``ridge=None`` (default) picks automatically with the fallback strength ``FALLBACK_RIDGE``;
+    ``ridge=0`` always uses the pseudoinverse; ``ridge>0`` always uses that ridge. The residual is
+    measured and reported by the caller either way.
     """
 
     X: torch.Tensor                 # d_in × N
     C: torch.Tensor | None = None   # d_in × d_in
-    rcond: float = 1e-4
-    ridge: float = 0.0
+    rcond: float = 1e-6
+    ridge: float | None = None
+    cond_limit: float = 1e-2
 
     def __post_init__(self):
         X = self.X.to(F64)
@@ -60,17 +71,22 @@ class ZeroResidualBasis:
             Xw = X
         U, S, Vh = torch.linalg.svd(Xw, full_matrices=False)
         if S.numel() == 0 or S[0] <= 0:
-            self.rank = 0
+            self.rank, self.kappa, self.solver = 0, 0.0, "exact"
             self._left = torch.zeros(X.shape[1], 0, dtype=F64)
             self._down = torch.zeros(0, X.shape[0], dtype=F64)
             return
-        if self.ridge > 0:
-            mu = self.ridge * float((Xw.T @ Xw).norm())
-            keep = S > 0
+        keep = S > self.rcond * S[0]
+        self.kappa = float(S[keep][-1] / S[0])          # smallest kept σ relative to σ_max
+        ridge = self.ridge
+        if ridge is None:
+            ridge = 0.0 if self.kappa >= self.cond_limit else FALLBACK_RIDGE
+        if ridge > 0:
+            mu = ridge * float((Xw.T @ Xw).norm())
             inv = S[keep] / (S[keep] ** 2 + mu)
+            self.solver = "ridge"
         else:
-            keep = S > self.rcond * S[0]
             inv = 1.0 / S[keep]
+            self.solver = "exact"
         self.rank = int(keep.sum())
         # Δ = R · V_r diag(inv) · U_rᵀ · (C^{-1/2})
         self._left = Vh[keep].T * inv          # N × r
