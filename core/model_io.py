@@ -44,6 +44,20 @@ class ModelSource:
 
 # ----------------------------------------------------------------------------------------------
 # helpers
+def fast_init():
+    """Skip random initialisation while building modules whose every weight is loaded next
+    (transformers' ``no_init_weights`` no-ops torch's init functions: SDXL's bigG encoder builds in
+    0.03 s instead of 15 s on a CPU, the SD1.5 UNet in 0.06 s instead of 8 s)."""
+    import contextlib
+
+    for mod in ("transformers.initialization", "transformers.modeling_utils"):
+        try:
+            return __import__(mod, fromlist=["no_init_weights"]).no_init_weights()
+        except (ImportError, AttributeError):
+            continue
+    return contextlib.nullcontext()
+
+
 def te_params(te: torch.nn.Module):
     """(canonical parameter path inside the encoder, tensor): always with ``text_model.``."""
     for k, v in te.state_dict().items():
@@ -403,7 +417,8 @@ def _build_from_state(sf, family, te_sources, unet_prefix, toks, clip_skip, head
                 f"the tokenizer has {len(tok)} tokens but the checkpoint's text encoder only {cfg.vocab_size}; "
                 "pass the tokenizer that belongs to this model with --tokenizer.")
         cls = CLIPTextModelWithProjection if (has_proj and c == TE2) else CLIPTextModel
-        te = cls(cfg)
+        with fast_init():
+            te = cls(cfg)
         hidden[c] = cfg.hidden_size
         sd = {}
         for name, ref in te.state_dict().items():
@@ -437,7 +452,8 @@ def _build_from_state(sf, family, te_sources, unet_prefix, toks, clip_skip, head
     def load_unet():
         from diffusers import UNet2DConditionModel
 
-        u = UNet2DConditionModel(**unet_cfg)
+        with fast_init():
+            u = UNet2DConditionModel(**unet_cfg)
         sd = {}
         for name, ref in u.state_dict().items():
             try:
