@@ -75,10 +75,11 @@ def run(args) -> int:
 
     t0 = time.perf_counter()
     out = Path(args.out)
-    if not DEFAULT_MODEL_DIR.exists() or not JUDGE_PATH.exists():
-        raise WeightsmithError(f"the embedded default world is missing ({DEFAULT_MODEL_DIR}); reinstall Weightsmith "
-                               "or retrain it with `python -m weightsmith.core.world.train_model`.")
+    if out.exists() and not out.is_dir():
+        raise WeightsmithError(f"--out {out} is a file; pass a folder for the report.")
     out.mkdir(parents=True, exist_ok=True)
+    if not DEFAULT_MODEL_DIR.exists() or not JUDGE_PATH.exists():
+        return run_without_world(out, t0)
     torch.manual_seed(0)
     say = lambda m: print(f"[{time.perf_counter() - t0:6.1f}s] {m}", flush=True)  # noqa: E731
     model = load_model(DEFAULT_MODEL_DIR)
@@ -127,6 +128,28 @@ def run(args) -> int:
     say(f"done in {report['time_s']} s")
     print(f"report: {(out / 'report.html').resolve()}")
     _print_tables(report)
+    return 0
+
+
+def run_without_world(out: Path, t0: float) -> int:
+    """Fallback when the embedded world's files are missing: the erase half on a seeded random
+    model built in-process, clearly labelled, with numbers but no pictures."""
+    from ..erase.cli import print_summary
+    from ..random_models import build_random_model
+
+    print("NOTE: the embedded default world (core/world/assets) is missing; running the erasure half on a "
+          "RANDOM-WEIGHT tiny SD1-architecture model built in-process. No pictures or quality numbers.")
+    from ..erase import erase
+
+    model = build_random_model("sd1", "tiny", seed=0)
+    report = {"model": "random-weight tiny SD1 architecture (in-process, seed 0)", "erase": {}}
+    for m in ERASE_METHODS:
+        edit = erase(model, ["van gogh"], ["art"], method=m)
+        print_summary(edit.report, out / "report.json")
+        report["erase"][m] = {"time_s": edit.report["time_s"], "summary": edit.report["summary"]}
+    report["time_s"] = round(time.perf_counter() - t0, 1)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    print(f"report: {(out / 'report.json').resolve()}")
     return 0
 
 
