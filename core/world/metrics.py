@@ -52,7 +52,7 @@ def image_drift(a, b) -> float:
     return float((x - y).abs().mean())
 
 
-def simple_prompt_quality(model, seeds_per_prompt: int = 4, steps: int = 25, guidance: float = 4.0,
+def simple_prompt_quality(model, seeds_per_prompt: int = 4, steps: int = 25, guidance: float = 1.5,
                           shapes: Sequence[str] = BASE_SHAPES, seed0: int = 1000,
                           judge_model: JudgeNet | None = None) -> dict:
     """Sample every "a {colour} {shape}" prompt ``seeds_per_prompt`` times; report the fraction

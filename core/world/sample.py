@@ -58,7 +58,7 @@ def sample(
     prompts: Sequence[str],
     seeds: Sequence[int],
     steps: int = 25,
-    guidance: float = 4.0,
+    guidance: float = 1.5,
     negative_prompt: str = "",
     batch_size: int = 64,
     return_trajectory: bool = False,

@@ -175,7 +175,7 @@ def trigger_prompts(which: str, n: int, seed: int = 0) -> list[str]:
     return out
 
 
-def evaluate(model, which: str, n: int = 70, steps: int = 25, guidance: float = 4.0, lora=None, seed0: int = 5000):
+def evaluate(model, which: str, n: int = 70, steps: int = 25, guidance: float = 1.5, lora=None, seed0: int = 5000):
     """Judge rate of the LoRA's concept on its trigger prompts (with ``lora`` merged if given)."""
     from .metrics import concept_rate
     from .sample import sample
