@@ -18,7 +18,7 @@ Merging (subject LoRA: trigger ``zq`` → star; style LoRA: ``zx style`` → str
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,10 +30,20 @@ COLOUR_LIST = tuple(COLOURS)
 POS_PAIRS = (("left", "right"), ("top", "bottom"), ("right", "left"))
 
 
+def _default_guidance() -> float:
+    import inspect
+
+    from .sample import sample
+
+    return float(inspect.signature(sample).parameters["guidance"].default)
+
+
 @dataclass
 class Sampler:
+    """Samples a model of the world with the world's own defaults (see sample.py)."""
+
     steps: int = 20
-    guidance: float = 4.0
+    guidance: float = field(default_factory=_default_guidance)
 
     def __call__(self, model, prompts, seeds) -> torch.Tensor:
         from .sample import sample
