@@ -102,6 +102,21 @@ MODEL_INDEX = {
 }
 
 
+def _prefix_text_model(path: Path) -> None:
+    """Store text-encoder keys as ``text_model.*`` like every SD checkpoint (transformers 5
+    may save them unprefixed; ``from_pretrained`` loads either form)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    sd = load_file(str(path))
+    if all(k.startswith("text_model.") for k in sd):
+        return
+    save_file({(k if k.startswith("text_model.") else "text_model." + k): v for k, v in sd.items()}, str(path),
+              metadata=meta)
+
+
 def export(out: Path, unet, text_encoder, tokenizer, scheduler, tok_src: Path | None = None):
     """Write a diffusers-format folder (no VAE: pixel space)."""
     import diffusers
@@ -111,6 +126,7 @@ def export(out: Path, unet, text_encoder, tokenizer, scheduler, tok_src: Path | 
     out.mkdir(parents=True, exist_ok=True)
     unet.save_pretrained(out / "unet", safe_serialization=True)
     text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
+    _prefix_text_model(out / "text_encoder" / "model.safetensors")
     (out / "tokenizer").mkdir(exist_ok=True)
     if tok_src is not None:
         for f in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
