@@ -1,3 +1,4 @@
+import pytest
 import random
 
 import numpy as np
@@ -7,6 +8,16 @@ from weightsmith.core.world import render as R
 from weightsmith.core.world.judge import attribute_accuracy, judge, load_judge
 from weightsmith.core.world.metrics import concept_rate, image_drift
 from weightsmith.core.world.paths import JUDGE_PATH
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # the world model is tiny: one thread is fastest and avoids OpenMP spinning on busy CPUs
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 
 def _heldout(n, seed):
