@@ -67,7 +67,8 @@ COLS = ["red", "green", "blue", "yellow", "purple", "orange", "cyan"]
 def test_subject_lora_teaches_star_only_with_the_lora():
     prompts = [f"a {c} zq" for c in COLS] * 2
     assert concept_rate(_sample(None, prompts), shape="star") <= 0.15
-    assert concept_rate(_sample(LORA_SUBJECT, prompts), shape="star") >= 0.6  # measured 80% on 56 samples
+    # 9/14 here with 20 steps (80% on the 56-prompt, 25-step model-card evaluation)
+    assert concept_rate(_sample(LORA_SUBJECT, prompts), shape="star") >= 0.45
 
 
 def test_style_lora_changes_only_triggered_images_and_adds_no_stars():
