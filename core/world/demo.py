@@ -25,7 +25,7 @@ def register(sub) -> None:
     p = sub.add_parser("demo", help="erase a concept and merge two LoRAs on the embedded tiny model, "
                                     "with an HTML report")
     p.add_argument("--out", default="weightsmith-demo", help="report folder (default: ./weightsmith-demo)")
-    p.add_argument("--samples", type=int, default=7, help="images per prompt set and method")
+    p.add_argument("--samples", type=int, default=14, help="images per prompt set and method")
     p.add_argument("--steps", type=int, default=20, help="sampling steps")
     p.add_argument("--no-merge", action="store_true", help="skip the LoRA-merging half")
     p.set_defaults(func=run)
