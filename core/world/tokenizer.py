@@ -19,21 +19,9 @@ from pathlib import Path
 
 from .render import prompt_corpus
 
+from ..tokenizer import BOS, EOS, _bytes_to_unicode  # noqa: F401  (shared with core's CLIP tokenizer)
+
 MODEL_MAX_LENGTH = 32
-BOS = "<|startoftext|>"
-EOS = "<|endoftext|>"
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
 
 
 def learn_merges(words: list[str]) -> list[tuple[str, str]]:
