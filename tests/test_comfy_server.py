@@ -291,14 +291,13 @@ def test_merge_linear_equals_weighted_sum_and_interrupt_leaves_no_file(server, c
     t0 = time.time()
     while server.log().count(started) == n0:  # an interrupt sent before the prompt starts is dropped
         assert time.time() - t0 < 300, "the merge never started:\n" + server.log()[-3000:]
-        time.sleep(0.5)
-    time.sleep(2.0)
-    server.post("/interrupt")
+        time.sleep(0.1)
+    server.post("/interrupt")   # at once: on a fast, idle machine the whole merge can take seconds
     t1 = time.time()
     hist = server.wait(pid, timeout=180)
     assert time.time() - t1 < 120, "the merge did not stop promptly after /interrupt"
     msgs = [m[0] for m in hist["status"]["messages"]]
-    assert "execution_interrupted" in msgs, msgs
+    assert "execution_interrupted" in msgs, f"{msgs}\n{server.log()[-2500:]}"
     after = set(server.output("loras").rglob("*.safetensors"))
     assert after == before, f"an interrupted merge left files: {after - before}"
     assert not list(server.output("loras").rglob("*.tmp")), "an interrupted merge left a temp file"
