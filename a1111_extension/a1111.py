@@ -321,25 +321,13 @@ class A1111Backend(Backend):
         return Path(fn)
 
     def save_checkpoint(self, deltas, out, metadata):
-        from ..core.model_io import atomic_save_file
+        from ..core.model_io import add_deltas_to_ldm_state, atomic_save_file
 
         src = self.checkpoint_file()
         require(Path(out).resolve() != src.resolve(), "choose a new name; the loaded checkpoint is kept as it is.")
         model = self.model()
-        hidden = {c: t.config.hidden_size for c, t in model.text_encoders.items()}
         sd = self.sd_models.read_state_dict(str(src))
-        for name, d in deltas.items():
-            slot = checkpoint_slot(name + ".weight", model.family, model.layout, hidden)
-            require(slot.key in sd, f"the checkpoint file {src.name} has no {slot.key}; it does not match the "
-                    "loaded model (was it changed on disk?).")
-            base = sd[slot.key]
-            upd = base.detach().to("cpu", torch.float32, copy=True)
-            d = d.float().t() if slot.transposed else d.float()
-            if slot.rows is not None:
-                upd[slot.rows[0]:slot.rows[1]] += d.reshape(upd[slot.rows[0]:slot.rows[1]].shape)
-            else:
-                upd += d.reshape(upd.shape)
-            sd[slot.key] = upd.to(base.dtype)
+        add_deltas_to_ldm_state(sd, deltas, model, f"the checkpoint file {src.name} (changed on disk?)")
         sd = {k: v.detach().to("cpu").contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}
         atomic_save_file(sd, Path(out), metadata)
         return Path(out)

@@ -538,21 +538,29 @@ def save_edited_model(model: SDModel, deltas: dict[str, torch.Tensor], out, meta
     return _save_diffusers_edit(model, deltas, out, metadata)
 
 
-def _save_single_file_edit(model, deltas, out, metadata):
-    sf = _StateFile(model.source.path)
-    sd = {k: sf.get(k) for k in sf.keys()}
-    layout = model.layout
-    hidden = _te_hidden(model)
+def add_deltas_to_ldm_state(sd: dict, deltas: dict, model: SDModel, source_name: str = "the checkpoint") -> dict:
+    """``sd[key] += Δ`` for every canonical delta, in an LDM single-file state dict (in place on
+    ``sd``'s entries, which are replaced by new tensors of the original dtype)."""
+    layout, hidden = model.layout, _te_hidden(model)
     for name, d in deltas.items():
         slot = checkpoint_slot(name + ".weight", model.family, layout, hidden)
+        require(slot.key in sd, f"{source_name} has no {slot.key}; it does not match the model the edit "
+                "was computed on.")
         base = sd[slot.key]
-        upd = base.float().clone()
+        upd = base.detach().to("cpu", torch.float32, copy=True)
         d = d.float().t() if slot.transposed else d.float()
         if slot.rows is not None:
             upd[slot.rows[0]:slot.rows[1]] += d.reshape(upd[slot.rows[0]:slot.rows[1]].shape)
         else:
             upd += d.reshape(upd.shape)
         sd[slot.key] = upd.to(base.dtype)
+    return sd
+
+
+def _save_single_file_edit(model, deltas, out, metadata):
+    sf = _StateFile(model.source.path)
+    sd = {k: sf.get(k) for k in sf.keys()}
+    add_deltas_to_ldm_state(sd, deltas, model)
     meta = dict(sf.metadata)
     meta.update(metadata or {})
     if out.suffix.lower() != ".safetensors":
