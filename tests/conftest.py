@@ -33,3 +33,12 @@ def tiny_checkpoints(tiny_models, tmp_path_factory):
 
     d = tmp_path_factory.mktemp("ckpt")
     return {f: save_single_file(m, d / f"tiny_{f}.safetensors") for f, m in tiny_models.items()}
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the tiny world model: fastest, and no OpenMP spinning on busy CPUs."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

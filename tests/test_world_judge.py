@@ -10,13 +10,7 @@ from weightsmith.core.world.metrics import concept_rate, image_drift
 from weightsmith.core.world.paths import JUDGE_PATH
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the world model is tiny: one thread is fastest and avoids OpenMP spinning on busy CPUs
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 from safetensors import safe_open
 
 from weightsmith.core.world.metrics import concept_rate, image_drift
@@ -10,13 +9,7 @@ from weightsmith.core.world.sample import load_model, sample
 from weightsmith.core.world.train_loras import apply_lora, lora_target_modules
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the world model is tiny: one thread is fastest and avoids OpenMP spinning on busy CPUs
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 LORAS = [LORA_SUBJECT, LORA_STYLE]
