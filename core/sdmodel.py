@@ -205,12 +205,12 @@ class SDModel:
         return Conditioning(torch.cat(ctx, dim=-1), pooled)
 
     def check_prompt_length(self, prompts: list[str], warn: Callable[[str], None]) -> None:
-        """Warn (not fail) when a prompt is longer than the encoder's context and gets truncated."""
-        for comp, tok in self.tokenizers.items():
-            limit = tok.model_max_length
-            for p in prompts:
-                n = len(tok(p, truncation=False).input_ids)
-                if n > limit:
-                    warn(f"prompt is {n} tokens, longer than the {limit}-token context of {comp}; "
-                         f"it was truncated: {p[:60]!r}...")
-            break
+        """Warn (not fail) when a prompt is longer than the encoder's context and gets truncated
+        (every encoder of a family tokenizes the same words, so the first tokenizer decides)."""
+        comp, tok = next(iter(self.tokenizers.items()))
+        limit = tok.model_max_length
+        for p in prompts:
+            n = len(tok(p, truncation=False).input_ids)
+            if n > limit:
+                warn(f"prompt is {n} tokens, longer than the {limit}-token context of {comp}; "
+                     f"it was truncated: {p[:60]!r}...")

@@ -84,8 +84,6 @@ def reference_uce(model, old_texts, new_texts, retain_texts, lamb=0.5, erase_sca
 
 def heldout_rho(model, edited_encoder_model, deltas) -> float:
     """Mean K/V residual ratio on held-out in-context prompts (UNet cross-attention)."""
-    import torch
-
     from .pipeline import _gather
     from .tokens import align
 

@@ -82,18 +82,17 @@ class _PromptSet:
     preserve: list[str] = field(default_factory=list)
 
 
-def _clean(items, what: str) -> list[str]:
+def _clean(items) -> list[str]:
     if isinstance(items, str):
         items = [items]
-    out = [" ".join(str(x).split()) for x in (items or [])]
-    return out
+    return [" ".join(str(x).split()) for x in (items or [])]
 
 
 def validate_concepts(targets, anchors, preserve) -> tuple[list[str], list[str], list[str]]:
     """Boundary checks with messages a user can act on."""
-    targets = _clean(targets, "target")
-    anchors = _clean(anchors, "anchor")
-    preserve = [p for p in _clean(preserve, "preserve") if p]
+    targets = _clean(targets)
+    anchors = _clean(anchors)
+    preserve = [p for p in _clean(preserve) if p]
     require(len(targets) > 0, "no target concept given; pass at least one --target \"concept\".")
     require(all(t for t in targets), "a target concept is empty; every --target needs some text.")
     if not anchors:

@@ -17,7 +17,6 @@ Merging (subject LoRA: trigger ``zq`` → star; style LoRA: ``zx style`` → str
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -145,7 +144,3 @@ def with_lora(model, lora, weight: float = 1.0):
     from ..edit import Edit
 
     return Edit(model.family, dict(model.unet_config), lora.deltas()).apply(model, weight)
-
-
-def copy_model(model):
-    return copy.copy(model)
