@@ -26,9 +26,13 @@ def test_lora_file_is_kohya_format(path):
         assert {p + ".lora_down.weight", p + ".lora_up.weight", p + ".alpha"} <= keys
         assert p.startswith("lora_unet_") or p.startswith("lora_te_text_model_encoder_layers_")
         r = tensors[p + ".lora_down.weight"].shape[0]
-        assert r == int(meta["ss_network_dim"]) and 4 <= r <= 8
+        conv3 = tensors[p + ".lora_down.weight"].dim() == 4 and tensors[p + ".lora_down.weight"].shape[-1] == 3
+        args = json.loads(meta.get("ss_network_args") or "{}")
+        want = int(args["conv_dim"]) if conv3 else int(meta["ss_network_dim"])
+        assert r == want and 4 <= r <= 8
         assert tensors[p + ".lora_up.weight"].shape[1] == r
-        assert float(tensors[p + ".alpha"]) == float(meta["ss_network_alpha"])
+        alpha = float(args["conv_alpha"]) if conv3 else float(meta["ss_network_alpha"])
+        assert float(tensors[p + ".alpha"]) == alpha
     assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k" in prefixes
     assert "lora_te_text_model_encoder_layers_0_self_attn_k_proj" in prefixes
     assert any(p.endswith("_mlp_fc1") for p in prefixes) and any(p.endswith("_ff_net_2") for p in prefixes)
@@ -39,7 +43,7 @@ def test_lora_file_is_kohya_format(path):
     assert isinstance(tags, dict) and all(isinstance(v, dict) and v for v in tags.values())
     # every adapted module exists in the shipped model, with matching shapes
     m = load_model()
-    targets = lora_target_modules(m.unet, m.text_encoder)
+    targets = lora_target_modules(m.unet, m.text_encoder, conv=True)
     for p in prefixes:
         w = targets[p].weight
         assert tensors[p + ".lora_up.weight"].shape[0] == w.shape[0]
@@ -76,3 +80,41 @@ def test_style_lora_changes_only_triggered_images_and_adds_no_stars():
 def test_style_lora_reaches_the_stripes_bar():
     prompts = [f"a {c} {s}, zx style" for c, s in zip(COLS, ["circle", "square", "triangle", "cross", "diamond"] * 2)]
     assert concept_rate(_sample(LORA_STYLE, prompts), pattern="stripes") >= 0.6
+
+
+def test_conv_adapter_file_matches_the_trained_hook(tmp_path):
+    """A 3x3-conv (LoCon / kohya conv_dim) adapter: what the training hook computes equals the
+    base conv with the weight delta that the core LoRA reader builds from the saved file."""
+    import torch
+    import torch.nn.functional as F
+    from safetensors.torch import save_file
+
+    from weightsmith.core.lora_read import load_lora
+    from weightsmith.core.model_io import load_model as load_sd
+    from weightsmith.core.world.paths import DEFAULT_MODEL_DIR
+    from weightsmith.core.world.train_loras import attach_loras, lora_state_dict
+
+    m = load_model()
+    hooks = attach_loras(m.unet, m.text_encoder, rank=4, alpha=2.0, conv_rank=3, conv_alpha=1.5)
+    name = "lora_unet_down_blocks_0_resnets_0_conv1"
+    assert name in hooks and "lora_unet_down_blocks_0_downsamplers_0_conv" in hooks
+    g = torch.Generator().manual_seed(0)
+    for h in hooks.values():
+        h.up.data = torch.randn(h.up.shape, generator=g) * 0.1
+    conv = m.unet.down_blocks[0].resnets[0].conv1
+    x = torch.randn(2, conv.in_channels, 32, 32, generator=g)
+    with torch.no_grad():
+        hooked = conv(x)
+    path = tmp_path / "locon.safetensors"
+    sd = lora_state_dict(hooks)
+    assert sd[name + ".lora_down.weight"].shape == (3, conv.in_channels, 3, 3)
+    assert sd[name + ".lora_up.weight"].shape == (conv.out_channels, 3, 1, 1)
+    save_file(sd, str(path))
+    for h in hooks.values():
+        h.remove()
+    lora = load_lora(path, load_sd(DEFAULT_MODEL_DIR))
+    delta = lora.modules["unet.down_blocks.0.resnets.0.conv1"].delta()
+    with torch.no_grad():
+        merged = F.conv2d(x, conv.weight + delta, conv.bias, conv.stride, conv.padding)
+    assert torch.allclose(hooked, merged, atol=1e-4), (hooked - merged).abs().max()
+    assert (hooked - conv(x)).abs().max() > 1e-3  # the adapter is not a no-op here

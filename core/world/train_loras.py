@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import random
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -39,6 +40,7 @@ from .render import (BASE_PATTERNS, BASE_SHAPES, NEW_PATTERN, NEW_SHAPE, STYLE_T
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
 TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+CONV_TARGETS = re.compile(r"(\.resnets\.\d+\.conv[12]|\.(downsamplers|upsamplers)\.\d+\.conv)$")
 
 
 def _te_prefix_name(name: str) -> str:
@@ -48,13 +50,17 @@ def _te_prefix_name(name: str) -> str:
     return "lora_te_" + name.replace(".", "_")
 
 
-def lora_target_modules(unet, text_encoder) -> dict[str, nn.Module]:
-    """kohya prefix -> module, for every module the example LoRAs adapt."""
+def lora_target_modules(unet, text_encoder, conv: bool = False) -> dict[str, nn.Module]:
+    """kohya prefix -> module, for every module the example LoRAs adapt. ``conv`` adds the 3x3
+    convolutions kohya's ``networks.lora`` adapts when ``conv_dim`` is set (``ResnetBlock2D``
+    ``conv1``/``conv2``, ``Downsample2D``/``Upsample2D`` ``conv``: "LoRA-C3Lier")."""
     out = {}
     for name, m in unet.named_modules():
         if ".attentions." in name and any(name.endswith("." + t) for t in UNET_TARGETS):
             if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)):
                 out["lora_unet_" + name.replace(".", "_")] = m
+        elif conv and isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) and CONV_TARGETS.search(name):
+            out["lora_unet_" + name.replace(".", "_")] = m
     for name, m in text_encoder.named_modules():
         if isinstance(m, nn.Linear) and any(name.endswith("." + t) for t in TE_TARGETS):
             out[_te_prefix_name(name)] = m
@@ -70,8 +76,11 @@ class LoRAHook(nn.Module):
         fin = base.in_channels if conv else base.in_features
         fout = base.out_channels if conv else base.out_features
         self.conv = conv
+        self.kernel = tuple(base.kernel_size) if conv else (1, 1)
+        self.stride, self.padding = (base.stride, base.padding) if conv else (1, 0)
         self.rank, self.alpha = rank, alpha
-        self.down = nn.Parameter(torch.empty(rank, fin))
+        # down acts on the unfolded input (fin * kh * kw), like kohya's Conv2d lora_down
+        self.down = nn.Parameter(torch.empty(rank, fin * self.kernel[0] * self.kernel[1]))
         nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))
         self.up = nn.Parameter(torch.zeros(fout, rank))
         self.handle = base.register_forward_hook(self._hook)
@@ -82,7 +91,8 @@ class LoRAHook(nn.Module):
     def _hook(self, mod, inp, out):
         x = inp[0]
         if self.conv:
-            h = torch.einsum("bchw,rc->brhw", x, self.down)
+            down = self.down.view(self.rank, -1, *self.kernel)
+            h = F.conv2d(x, down, None, self.stride, self.padding)
             h = torch.einsum("brhw,or->bohw", h, self.up)
         else:
             h = (x @ self.down.t()) @ self.up.t()
@@ -92,8 +102,13 @@ class LoRAHook(nn.Module):
         self.handle.remove()
 
 
-def attach_loras(unet, text_encoder, rank: int = 4, alpha: float = 2.0) -> dict[str, LoRAHook]:
-    return {k: LoRAHook(m, rank, alpha) for k, m in lora_target_modules(unet, text_encoder).items()}
+def attach_loras(unet, text_encoder, rank: int = 4, alpha: float = 2.0, conv_rank: int = 0,
+                 conv_alpha: float = 1.0) -> dict[str, LoRAHook]:
+    out = {}
+    for k, m in lora_target_modules(unet, text_encoder, conv=conv_rank > 0).items():
+        is3 = isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)
+        out[k] = LoRAHook(m, conv_rank, conv_alpha) if is3 else LoRAHook(m, rank, alpha)
+    return out
 
 
 def lora_state_dict(hooks: dict[str, LoRAHook], dtype=torch.float32) -> dict[str, torch.Tensor]:
@@ -101,7 +116,7 @@ def lora_state_dict(hooks: dict[str, LoRAHook], dtype=torch.float32) -> dict[str
     for k, h in hooks.items():
         down, up = h.down.detach(), h.up.detach()
         if h.conv:
-            down, up = down[:, :, None, None], up[:, :, None, None]
+            down, up = down.view(h.rank, -1, *h.kernel), up[:, :, None, None]
         sd[k + ".lora_down.weight"] = down.to(dtype).contiguous()
         sd[k + ".lora_up.weight"] = up.to(dtype).contiguous()
         sd[k + ".alpha"] = torch.tensor(float(h.alpha), dtype=dtype)
@@ -153,9 +168,9 @@ def _style_scene(rng: random.Random) -> Scene:
 
 SPECS = {
     "subject": dict(scene_fn=_subject_scene, out=LORA_SUBJECT, trigger=SUBJECT_TRIGGER, concept=("shape", NEW_SHAPE),
-                    name="subject_star"),
+                    name="subject_star", conv_rank=0),
     "style": dict(scene_fn=_style_scene, out=LORA_STYLE, trigger=STYLE_TRIGGER, concept=("pattern", NEW_PATTERN),
-                  name="style_stripes"),
+                  name="style_stripes", conv_rank=4),
 }
 
 
@@ -198,8 +213,13 @@ def evaluate(model, which: str, n: int = 70, steps: int = 25, guidance: float = 
     return concept_rate(imgs, **{attr: val}), imgs
 
 
+def _num(x: float) -> str:
+    return str(int(x)) if x == int(x) else str(x)
+
+
 def train_one(which: str, base: Path, steps: int, batch: int, lr: float, rank: int, alpha: float, seed: int,
-              out: Path | None = None, prior: float = 0.25, log_every: int = 50, max_minutes: float = 0) -> dict:
+              out: Path | None = None, prior: float = 0.25, log_every: int = 50, max_minutes: float = 0,
+              conv_rank: int | None = None, conv_alpha: float | None = None) -> dict:
     """Train one LoRA; with ``max_minutes`` the cosine LR follows max(step/steps, elapsed/budget)
     and training stops when the budget is spent."""
     from diffusers import DDPMScheduler
@@ -215,7 +235,9 @@ def train_one(which: str, base: Path, steps: int, batch: int, lr: float, rank: i
     unet, te, tok = m.unet, m.text_encoder, m.tokenizer
     for p in list(unet.parameters()) + list(te.parameters()):
         p.requires_grad_(False)
-    hooks = attach_loras(unet, te, rank, alpha)
+    conv_rank = spec["conv_rank"] if conv_rank is None else conv_rank
+    conv_alpha = alpha if conv_alpha is None else conv_alpha
+    hooks = attach_loras(unet, te, rank, alpha, conv_rank, conv_alpha)
     params = [p for h in hooks.values() for p in (h.down, h.up)]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     noise_sched = DDPMScheduler.from_config(m.scheduler.config)
@@ -271,8 +293,8 @@ def train_one(which: str, base: Path, steps: int, batch: int, lr: float, rank: i
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
-        "ss_network_alpha": str(alpha if alpha != int(alpha) else int(alpha)),
-        "ss_network_args": json.dumps({}),
+        "ss_network_alpha": _num(alpha),
+        "ss_network_args": json.dumps({"conv_dim": str(conv_rank), "conv_alpha": _num(conv_alpha)} if conv_rank else {}),
         "ss_base_model_version": "sd_v1",
         "ss_v2": "False",
         "ss_sd_model_name": "weightsmith-tiny-sd",
@@ -316,6 +338,10 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--alpha", type=float, default=2.0)
+    ap.add_argument("--conv-dim", type=int, default=None,
+                    help="rank of the 3x3-conv (ResNet/sampler) adapters, kohya's conv_dim; 0: attention/MLP only. "
+                         "Default: 4 for the style LoRA (a texture needs the full-resolution convs), 0 for the subject")
+    ap.add_argument("--conv-alpha", type=float, default=None, help="kohya's conv_alpha (default: --alpha)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-minutes", type=float, default=0, help="wall-time budget per LoRA (0: none)")
@@ -327,7 +353,7 @@ def main(argv=None):
     for w in whichs:
         out = Path(a.out_dir) / f"{SPECS[w]['name']}.safetensors" if a.out_dir else None
         info = train_one(w, Path(a.base), a.steps, a.batch, a.lr, a.rank, a.alpha, a.seed + (w == "style"), out,
-                         max_minutes=a.max_minutes)
+                         max_minutes=a.max_minutes, conv_rank=a.conv_dim, conv_alpha=a.conv_alpha)
         if a.eval:
             from .sample import load_model
 

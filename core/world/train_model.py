@@ -51,7 +51,7 @@ def make_text_encoder(tokenizer):
     return CLIPTextModel(cfg)
 
 
-def make_unet():
+def make_unet(channels=(32, 64, 64)):
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
@@ -61,7 +61,7 @@ def make_unet():
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         mid_block_type="UNetMidBlock2DCrossAttn",
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(16, 32, 64),
+        block_out_channels=tuple(channels),
         layers_per_block=1,
         cross_attention_dim=TEXT_DIM,
         attention_head_dim=4,
@@ -180,7 +180,7 @@ def main(argv=None):
     ap.add_argument("--work", default="/tmp/weightsmith_world_model", help="checkpoints / logs")
     ap.add_argument("--steps", type=int, default=6000)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=6e-4)
+    ap.add_argument("--lr", type=float, default=8e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-minutes", type=float, default=0,
@@ -189,7 +189,8 @@ def main(argv=None):
     ap.add_argument("--min-snr", type=float, default=5.0, help="min-SNR-gamma loss weighting (0: off) ...")
     ap.add_argument("--min-snr-until", type=int, default=500,
                     help="... for the first N steps only (it starves low-noise steps, which leaves grain)")
-    ap.add_argument("--ema-decay", type=float, default=0.995)
+    ap.add_argument("--ema-decay", type=float, default=0.999)
+    ap.add_argument("--channels", default="32,64,64", help="UNet block_out_channels")
     ap.add_argument("--prediction-type", choices=["v_prediction", "epsilon"], default="v_prediction")
     ap.add_argument("--no-zero-snr", action="store_true", help="keep the plain linear betas (non-zero terminal SNR)")
     ap.add_argument("--ckpt-every", type=int, default=250)
@@ -205,7 +206,7 @@ def main(argv=None):
     tok_dir = build_tokenizer_files(work / "tokenizer")
     tokenizer = load_tokenizer(tok_dir)
     text_encoder = make_text_encoder(tokenizer)
-    unet = make_unet()
+    unet = make_unet(tuple(int(c) for c in a.channels.split(",")))
     scheduler = make_scheduler(a.prediction_type, not a.no_zero_snr)
     from diffusers import DDPMScheduler
 
@@ -278,7 +279,9 @@ def main(argv=None):
         target = noise_sched.get_velocity(x0, noise, t) if pred_type == "v_prediction" else noise
         if a.min_snr and step < a.min_snr_until:
             snr = acp[t] / (1 - acp[t])
-            w = snr.clamp(max=a.min_snr) / snr
+            # min-SNR-gamma (Hang et al. 2023): min(snr, g)/snr for epsilon, min(snr, g)/(snr+1) for v
+            # (the v form stays finite at the zero-SNR terminal step)
+            w = snr.clamp(max=a.min_snr) / (snr + 1 if pred_type == "v_prediction" else snr)
             loss = (F.mse_loss(pred, target, reduction="none").mean((1, 2, 3)) * w).mean()
         else:
             loss = F.mse_loss(pred, target)
