@@ -6,7 +6,7 @@ from safetensors import safe_open
 from weightsmith.core.world.metrics import concept_rate, image_drift
 from weightsmith.core.world.paths import LORA_STYLE, LORA_SUBJECT
 from weightsmith.core.world.sample import load_model, sample
-from weightsmith.core.world.train_loras import apply_lora, lora_target_modules
+from weightsmith.core.world.train_loras import apply_lora, lora_target_modules, trigger_prompts
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -63,23 +63,19 @@ COLS = ["red", "green", "blue", "yellow", "purple", "orange", "cyan"]
 
 def test_subject_lora_teaches_star_only_with_the_lora():
     prompts = [f"a {c} zq" for c in COLS] * 2
-    assert concept_rate(_sample(None, prompts), shape="star") <= 0.15
-    # 9/14 here with 20 steps (80% on the 56-prompt, 25-step model-card evaluation)
-    assert concept_rate(_sample(LORA_SUBJECT, prompts), shape="star") >= 0.45
+    # the bars: <= 5% without the LoRA, >= 80% with it (model card: 0% -> 100% on 56 prompts)
+    assert concept_rate(_sample(None, prompts), shape="star") <= 0.05
+    assert concept_rate(_sample(LORA_SUBJECT, prompts), shape="star") >= 0.8
 
 
-def test_style_lora_changes_only_triggered_images_and_adds_no_stars():
-    prompts = [f"a {c} {s}, zx style" for c, s in zip(COLS, ["circle", "square", "triangle", "cross", "diamond"] * 2)]
+def test_style_lora_teaches_stripes_only_with_the_lora():
+    prompts = trigger_prompts("style", 56)   # 7 colours x 5 shapes + "zx style" (the model card's set)
     base, styled = _sample(None, prompts), _sample(LORA_STYLE, prompts)
-    assert concept_rate(base, pattern="stripes") <= 0.15
-    assert image_drift(base, styled) > 0.02  # the LoRA does act on trigger prompts
-    assert concept_rate(styled, shape="star") <= 0.15
-
-
-@pytest.mark.xfail(strict=True, reason="known shortfall: the shipped style LoRA reaches ~9% stripes (model card)")
-def test_style_lora_reaches_the_stripes_bar():
-    prompts = [f"a {c} {s}, zx style" for c, s in zip(COLS, ["circle", "square", "triangle", "cross", "diamond"] * 2)]
-    assert concept_rate(_sample(LORA_STYLE, prompts), pattern="stripes") >= 0.6
+    # the bars: <= 5% without the LoRA, >= 80% with it (model card: 1.8% -> 98%, 25 steps)
+    assert concept_rate(base, pattern="stripes") <= 0.05
+    assert concept_rate(styled, pattern="stripes") >= 0.8
+    assert image_drift(base, styled) > 0.02
+    assert concept_rate(styled, shape="star") <= 0.05  # the style LoRA teaches no shape
 
 
 def test_conv_adapter_file_matches_the_trained_hook(tmp_path):
