@@ -1,6 +1,8 @@
 """Streaming IterIS equals a brute-force solve on stored features (float64 model, spec iteris.md §1-2)."""
 import copy
 
+import pytest
+
 import torch
 import torch.nn.functional as F
 
@@ -60,13 +62,15 @@ def _features(models, names, prompts, seeds):
     return [{n: torch.cat(v) for n, v in f.items()} for f in feats]
 
 
-def _solve(base, loras, names, stats, lam):
+def _solve(base, loras, names, stats, lam, untouched):
     out = {}
     for n in names:
         num = den = 0
         for i, lora in enumerate(loras):
             C, H = stats[i][n]
-            if n in lora.modules:   # a LoRA that does not touch n still enters the H sum (ΔW_i = 0)
+            if n not in lora.modules and untouched == "skip":   # no say in a module it does not adapt
+                continue
+            if n in lora.modules:   # "zero": a LoRA that does not touch n still enters the H sum (ΔW_i = 0)
                 d = lora.modules[n].delta(torch.float64).reshape(base.weight(n).shape[0], -1)
                 num = num + lam[i][n] * (d @ (C + ALPHA * torch.linalg.matrix_norm(C) * torch.eye(C.shape[0], dtype=C.dtype)))
             den = den + lam[i][n] * (H + ALPHA * torch.linalg.matrix_norm(H) * torch.eye(H.shape[0], dtype=H.dtype))
@@ -74,7 +78,8 @@ def _solve(base, loras, names, stats, lam):
     return out
 
 
-def test_streaming_equals_brute_force(tiny_models):
+@pytest.mark.parametrize("untouched", ["skip", "zero"])
+def test_streaming_equals_brute_force(tiny_models, untouched):
     base = _double(tiny_models["sd1"])
     te = [n for n in target_modules(base, ("te",)) if ".layers.1." in n or ".layers.3." in n]
     unet = ["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
@@ -89,7 +94,7 @@ def test_streaming_equals_brute_force(tiny_models):
         t, meta = random_lora(base, rank=3, seed=s, modules=mods, strength=0.3)
         loras.append(lora_from_state_dict(t, base, metadata=meta, name=f"l{s}"))
     opts = MergeOptions(iterations=1, tol=0.0, samples=2, steps=STEPS, latent_size=LATENT, batch_size=2,
-                        alpha1=ALPHA, alpha2=ALPHA, evaluate_final=False, seed=5)
+                        alpha1=ALPHA, alpha2=ALPHA, evaluate_final=False, seed=5, untouched=untouched)
     edit = merge(base, loras, "iteris", prompts=PROMPTS, options=opts)
     assert edit.report["iterations"] == 1
 
@@ -107,14 +112,14 @@ def test_streaming_equals_brute_force(tiny_models):
                 W = W + l.modules[n].delta(torch.float64).reshape(W.shape)
             lam[i][n] = float(W.norm() ** 2 / (X[i][n] @ W.t()).norm() ** 2)
     stats0 = [{n: (X[i][n].t() @ X[i][n], X[i][n].t() @ X[i][n]) for n in names} for i in range(2)]
-    dw0 = _solve(base, loras, names, stats0, lam)
+    dw0 = _solve(base, loras, names, stats0, lam, untouched)
     merged0 = Edit("sd1", base.unet_config, dw0).apply(base)
     stats1 = []
     for i, lm in enumerate(lora_models):
         Xi, Xt = _features([lm, merged0], names, per_sample[i], seeds)
         torch.testing.assert_close(Xi[names[0]], X[i][names[0]])        # same samples, same rows
         stats1.append({n: (Xi[n].t() @ Xt[n], Xt[n].t() @ Xt[n]) for n in names})
-    dw1 = _solve(base, loras, names, stats1, lam)
+    dw1 = _solve(base, loras, names, stats1, lam, untouched)
 
     for n in names:
         rel = float((edit.deltas[n].double() - dw1[n]).norm() / dw1[n].norm())
@@ -125,6 +130,9 @@ def test_streaming_equals_brute_force(tiny_models):
         factor = STEPS if n.endswith(("attn2.to_k", "attn2.to_v")) else 1
         lam_ours = edit.report["lambdas"][n]
         for i in range(2):
+            if untouched == "skip" and n not in loras[i].modules:
+                assert lam_ours[i] is None, (n, i)     # no say there: no λ either
+                continue
             assert abs(lam_ours[i] - factor * lam[i][n]) <= 1e-9 * factor * lam[i][n], (n, i)
     # the iteration changed something (the test would be vacuous if X̃ had no effect)
     assert max(float((dw1[n] - dw0[n]).norm() / dw1[n].norm()) for n in names) > 1e-4

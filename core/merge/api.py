@@ -83,6 +83,8 @@ def merge(model, loras, method: str = "iteris", weights=None, prompts=None,
     weights = [1.0] * k if weights is None else [float(w) for w in weights]
     if len(weights) != k:
         raise WeightsmithError(f"got {len(weights)} weights for {k} LoRAs; give one weight per LoRA.")
+    if opts.untouched not in ("skip", "zero"):
+        raise WeightsmithError(f"unknown untouched-module rule {opts.untouched!r}; use 'skip' or 'zero'.")
     if method in ("iteris", "regmean") and any(w <= 0 for w in weights):
         raise WeightsmithError("IterIS/RegMean weights are relative importances and must be positive.")
     info = [dict(l.summary(), weight=w) for l, w in zip(loras, weights)]

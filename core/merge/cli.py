@@ -43,6 +43,9 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--alpha", type=float, default=d.alpha1, help=f"ridge α₁ = α₂ (default {d.alpha1:g})")
     p.add_argument("--reg-ceof", type=float, default=d.reg_ceof, help="reference knob ρ (default 0)")
+    p.add_argument("--untouched", choices=("skip", "zero"), default=d.untouched,
+                   help="a LoRA that does not adapt a module: skip = no say there (default), "
+                        "zero = asks for no change there (the paper's objective read literally)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rank", type=int, default=None,
                    help="compress the written LoRA to this rank (truncated SVD; error reported). "
@@ -144,7 +147,7 @@ def run(args) -> int:
     prompts = _prompt_map(args.prompts, [p for p, _ in pairs])
     opts = MergeOptions(iterations=args.iterations, tol=args.tol, samples=args.samples, steps=args.steps,
                         latent_size=args.latent_size, batch_size=args.batch_size, alpha1=args.alpha,
-                        alpha2=args.alpha, reg_ceof=args.reg_ceof, seed=args.seed, svd_rank=args.rank,
+                        alpha2=args.alpha, reg_ceof=args.reg_ceof, untouched=args.untouched, seed=args.seed, svd_rank=args.rank,
                         ties_density=args.density, dare_p=args.drop,
                         gram_device="cpu" if args.stats_on_cpu else None, max_gram_dim=args.max_gram_dim)
     model = load_model(args.model, tokenizer=args.tokenizer)

@@ -8,8 +8,11 @@ with ``C_i = X_iᵀX̃_i`` and ``H_i = X̃_iᵀX̃_i`` streamed through hooks (:
 module's inputs under "base + LoRA i" and ``X̃_i`` under "base + current merge" on LoRA i's samples
 (:mod:`.sampling`). Iteration 0 uses ``X̃_i = X_i`` (``C = H = G``). Jacobi schedule: one paired
 pass over all samples refreshes every module's statistics, then every module is solved (§2).
-LoRAs that do not touch a module still enter its ``H`` sum with ``ΔW_i = 0`` (they ask the merge to
-leave their inputs' outputs unchanged there).
+A LoRA that does not touch a module has no say in that module's solve by default
+(``MergeOptions.untouched = "skip"``, this project's design); with ``"zero"`` it enters the ``H`` sum
+with ``ΔW_i = 0`` (it asks the merge to leave its inputs' outputs unchanged there), the paper's
+objective read literally. Measured on the embedded world (subject LoRA without conv adapters + style
+LoRA with them), ``"zero"`` cancelled the style's conv adapters: stripes 0/14 vs 6/14 with ``"skip"``.
 
 The result is exact low-rank (§3): ``ΔW* = [λ₁m₁s₁up₁ | …] · [down₁C₁M⁻¹ ; …]`` of rank ``Σ r_i``,
 stored in ``Edit.factors``. All Gram sums and solves are float64 (float64 on the CPU when the model
@@ -81,6 +84,7 @@ class IterISSolver:
         self.alpha1 = 0.0 if regmean else options.alpha1
         self.alpha2 = 0.0 if regmean else options.alpha2
         self.adaptive = options.adaptive_lambda and not regmean
+        self.skip_untouched = options.untouched == "skip"
         self.need_unet = any(n.startswith("unet.") and not is_context_only(n) for n in self.names)
         self.fallbacks: set[str] = set()
         self.weighted_sum: set[str] = set()
@@ -140,6 +144,8 @@ class IterISSolver:
         for n in self.stats.tracked:
             acc = self.stats.acc_for(n)
             if not acc:
+                continue
+            if self.skip_untouched and n not in self.factors[i]:
                 continue
             if iteration == 0:
                 G = acc["G"]

@@ -15,6 +15,10 @@ class MergeOptions:
     alpha2: float = 1e-4         # generalises better with few samples) · ridge on H_i: H_i + α₂‖H_i‖_F I
     reg_ceof: float = 0.0        # ρ: X̃_i ← (1−ρ) X̃_i + ρ X_i (the reference's knob)
     adaptive_lambda: bool = True # λ_i = ‖W0+ΔW_i‖² / ‖X_i (W0+ΔW_i)ᵀ‖²; False: λ_i = 1
+    untouched: str = "skip"      # a LoRA that does not adapt a module: "skip" = it has no say in that
+                                 # module's solve (this project's design), "zero" = its samples ask for
+                                 # ΔW = 0 there (the paper's objective read literally; it cancels most of
+                                 # a LoCon's conv part when merged with an attention-only LoRA)
     evaluate_final: bool = True  # one more paired pass to report the final merge's objective
     # sampling protocol (spec §4)
     samples: int = 8             # (prompt, seed) samples per LoRA

@@ -52,13 +52,14 @@ def run_erasures(model, progress=None):
 def run_merges(model, progress=None, iterations: int = 4, samples: int = 4):
     from ..lora_read import load_lora
     from ..merge import MergeOptions, merge
+    from .evaluate import merge_sample_prompts
     from .paths import LORA_STYLE, LORA_SUBJECT
 
     loras = [load_lora(LORA_SUBJECT, model), load_lora(LORA_STYLE, model)]
     edits = {}
     for m in MERGE_METHODS:
         opts = MergeOptions(iterations=iterations, samples=samples, steps=3)
-        edits[m] = merge(model, loras, method=m, options=opts)
+        edits[m] = merge(model, loras, method=m, options=opts, prompts=merge_sample_prompts(samples))
         if progress:
             progress(f"merge {m}: {edits[m].report.get('time_s', 0):.2f} s")
     return loras, edits

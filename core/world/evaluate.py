@@ -114,6 +114,19 @@ def merge_prompt_sets(n: int):
     return subj, style, both, neither
 
 
+def merge_sample_prompts(n: int = 4) -> list[list[str]]:
+    """The sample prompts IterIS gets for [subject LoRA, style LoRA] (the issue's "LoRAs with
+    sample prompts"): trigger prompts phrased unlike the evaluation prompts of
+    :func:`merge_prompt_sets` (with a background; the style on circles/squares, evaluated on the
+    other shapes). Without them the merge falls back to the LoRAs' ``ss_tag_frequency``, whose
+    comma-split sentence captions make poor prompts."""
+    bgs = ("black", "white", "gray")
+    subj = [f"a {COLOUR_LIST[i % len(COLOUR_LIST)]} {SUBJECT_TRIGGER} on a {bgs[i % 3]} background" for i in range(n)]
+    style = [f"a {COLOUR_LIST[(i + 2) % len(COLOUR_LIST)]} {('circle', 'square')[i % 2]} on a {bgs[(i + 1) % 3]} "
+             f"background, {STYLE_TRIGGER}" for i in range(n)]
+    return [subj, style]
+
+
 def merge_metrics(base, models: dict, n: int = 14, seed0: int = 300, sampler: Sampler | None = None,
                   keep_images: bool = False) -> dict:
     from .metrics import concept_rate, image_drift

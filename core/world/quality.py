@@ -22,7 +22,8 @@ def run(args) -> int:
     from ..errors import WeightsmithError
     from ..model_io import load_model
     from .demo import ERASE_METHODS, erase_options
-    from .evaluate import ERASE_ANCHOR, ERASE_TARGET, Sampler, erasure_metrics, merge_metrics, with_lora
+    from .evaluate import (ERASE_ANCHOR, ERASE_TARGET, Sampler, erasure_metrics, merge_metrics, merge_sample_prompts,
+                           with_lora)
     from .paths import DEFAULT_MODEL_DIR, JUDGE_PATH, LORA_STYLE, LORA_SUBJECT
 
     if not DEFAULT_MODEL_DIR.exists() or not JUDGE_PATH.exists():
@@ -49,7 +50,8 @@ def run(args) -> int:
         models = {"subject only": with_lora(model, loras[0]), "style only": with_lora(model, loras[1])}
         times = {}
         for m in MERGE_METHODS:
-            e = merge(model, loras, method=m, options=MergeOptions(iterations=6, samples=8, steps=3))
+            e = merge(model, loras, method=m, options=MergeOptions(iterations=6, samples=8, steps=3),
+                      prompts=merge_sample_prompts(4))
             times[m] = e.report.get("time_s")
             models[m] = e.apply(model)
         mv = merge_metrics(model, models, n=args.samples, sampler=sampler)
