@@ -1,7 +1,7 @@
 """``weightsmith demo``: the main job on the embedded default world, with pictures.
 
-1. Erase ``circle`` → ``square`` from the shipped tiny text-to-image model with ``uce``,
-   ``zero-residual`` and ``erasepro``.
+1. Erase ``circle`` → ``square`` (preserving triangle, cross, diamond) from the shipped tiny
+   text-to-image model with ``uce``, ``zero-residual`` and ``erasepro``.
 2. Merge the two shipped LoRAs (subject: ``zq`` → star; style: ``zx style`` → stripes) with
    ``linear`` and ``iteris``.
 3. Write ``report.html`` (image grids: rows = prompts, simple and complex; columns = base and each
@@ -39,11 +39,12 @@ def erase_options():
 
 def run_erasures(model, progress=None):
     from ..erase import erase
-    from .evaluate import ERASE_ANCHOR, ERASE_TARGET
+    from .evaluate import ERASE_ANCHOR, ERASE_TARGET, PRESERVE_SHAPES
 
     edits = {}
     for m in ERASE_METHODS:
-        edits[m] = erase(model, [ERASE_TARGET], [ERASE_ANCHOR], method=m, options=erase_options())
+        edits[m] = erase(model, [ERASE_TARGET], [ERASE_ANCHOR], preserve=list(PRESERVE_SHAPES), method=m,
+                         options=erase_options())
         if progress:
             progress(f"erase {m}: {edits[m].report['time_s']:.2f} s")
     return edits

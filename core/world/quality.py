@@ -21,7 +21,6 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from ..errors import WeightsmithError
     from ..model_io import load_model
-    from .demo import ERASE_METHODS, erase_options
     from .evaluate import (ERASE_ANCHOR, ERASE_TARGET, Sampler, erasure_metrics, merge_metrics, merge_sample_prompts,
                            with_lora)
     from .paths import DEFAULT_MODEL_DIR, JUDGE_PATH, LORA_STYLE, LORA_SUBJECT
@@ -33,10 +32,9 @@ def run(args) -> int:
     sampler = Sampler(steps=args.steps)
     result: dict = {"model": DEFAULT_MODEL_DIR.name, "samples_per_set": args.samples, "steps": args.steps}
     if not args.skip_erase:
-        from ..erase import erase
+        from .demo import run_erasures
 
-        edits = {m: erase(model, [ERASE_TARGET], [ERASE_ANCHOR], method=m, options=erase_options())
-                 for m in ERASE_METHODS}
+        edits = run_erasures(model)
         ev = erasure_metrics(model, {m: e.apply(model) for m, e in edits.items()}, n=args.samples, sampler=sampler)
         ev["edit_time_s"] = {m: e.report["time_s"] for m, e in edits.items()}
         ev["unet_delta_rel"] = {m: next(s["delta_rel_mean"] for s in e.report["summary"] if s["stage"] == "unet")
