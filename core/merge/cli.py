@@ -147,8 +147,8 @@ def run(args) -> int:
     prompts = _prompt_map(args.prompts, [p for p, _ in pairs])
     opts = MergeOptions(iterations=args.iterations, tol=args.tol, samples=args.samples, steps=args.steps,
                         latent_size=args.latent_size, batch_size=args.batch_size, alpha1=args.alpha,
-                        alpha2=args.alpha, reg_ceof=args.reg_ceof, untouched=args.untouched, seed=args.seed, svd_rank=args.rank,
-                        ties_density=args.density, dare_p=args.drop,
+                        alpha2=args.alpha, reg_ceof=args.reg_ceof, untouched=args.untouched, seed=args.seed,
+                        svd_rank=args.rank, ties_density=args.density, dare_p=args.drop,
                         gram_device="cpu" if args.stats_on_cpu else None, max_gram_dim=args.max_gram_dim)
     model = load_model(args.model, tokenizer=args.tokenizer)
     loras = [load_lora(p, model) for p, _ in pairs]

@@ -13,8 +13,8 @@ LoRA (rank 4, alpha 2, scale alpha/rank) on every UNet attention module kohya's
 1x1-conv ``proj_in``/``proj_out``) and on the text encoder's attention/MLP
 (``q/k/v/out_proj``, ``fc1``, ``fc2``); the style LoRA also adapts the UNet's 3x3 convolutions
 (ResNet ``conv1``/``conv2``, down/upsampler ``conv``) with kohya's ``conv_dim`` 8 / ``conv_alpha`` 2
-(stripes are a full-resolution texture that attention alone did not learn: 9% -> 98% with them). 25% of each batch is plain base data with the base
-prompts (prior preservation). Keys: ``lora_unet_<diffusers path>`` /
+(stripes are a full-resolution texture that attention alone did not learn: 9% -> 98% with them).
+25% of each batch is plain base data with the base prompts (prior preservation). Keys: ``lora_unet_<diffusers path>`` /
 ``lora_te_text_model_<path>`` + ``.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``;
 ``ss_*`` metadata as kohya's sd-scripts write it.
 
@@ -354,8 +354,9 @@ def main(argv=None):
     whichs = ["subject", "style"] if a.which == "both" else [a.which]
     for w in whichs:
         out = Path(a.out_dir) / f"{SPECS[w]['name']}.safetensors" if a.out_dir else None
-        info = train_one(w, Path(a.base), a.steps or SPECS[w]["steps"], a.batch, a.lr, a.rank, a.alpha, a.seed + (w == "style"), out,
-                         max_minutes=a.max_minutes, conv_rank=a.conv_dim, conv_alpha=a.conv_alpha)
+        info = train_one(w, Path(a.base), a.steps or SPECS[w]["steps"], a.batch, a.lr, a.rank, a.alpha,
+                         a.seed + (w == "style"), out, max_minutes=a.max_minutes, conv_rank=a.conv_dim,
+                         conv_alpha=a.conv_alpha)
         if a.eval:
             from .sample import load_model
 
