@@ -103,9 +103,16 @@ class WeightsmithIterISMerge:
                 "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1,
                                  "tooltip": "Seed of the sampling noise: same seed, same merge."}),
             },
+            "optional": {
+                "untouched": (("skip", "zero"), {
+                    "default": "skip",
+                    "tooltip": "IterIS, for a layer only some LoRAs adapt: skip = the others have no say there "
+                               "(keeps e.g. a LoCon's conv part when merged with a plain LoRA); zero = they ask "
+                               "for no change there (the paper's objective read literally)."}),
+            },
         }
 
-    def run(self, model, clip, stack, method, iterations, samples, steps, resolution, seed):
+    def run(self, model, clip, stack, method, iterations, samples, steps, resolution, seed, untouched="skip"):
         from ..core.errors import WeightsmithError
         from ..core.merge import MergeOptions, merge
         from . import comfy_adapter as ca
@@ -123,7 +130,7 @@ class WeightsmithIterISMerge:
             prompts = [list(e["prompts"]) for e in stack]
             prompts = prompts if any(prompts) else None
             opts = options_of(MergeOptions, iterations=int(iterations), samples=int(samples), steps=int(steps),
-                              resolution=int(resolution), seed=int(seed))
+                              resolution=int(resolution), seed=int(seed), untouched=untouched)
             logging.info("Weightsmith: merging %d LoRAs (%s)", len(loras), method)
             edit = merge(sd, loras, method=method, weights=weights, prompts=prompts, options=opts,
                          progress=progress, cancel=cancel)
