@@ -45,7 +45,7 @@ def add_arguments(p) -> None:
     p.add_argument("--max-gram-dim", type=int, default=2560,
                    help="wider inputs use the weighted sum (default 2560: the text encoder's fc2 and the "
                         "1280-channel ff.net.2 fall back, keeping the float64 state and solves small)")
-    p.add_argument("--alpha", type=float, default=None, help="ridge α₁ = α₂ (default: MergeOptions' 1e-4)")
+    p.add_argument("--alpha", type=float, default=None, help="ridge α₁ = α₂ (default: MergeOptions' 1e-2)")
     p.add_argument("--seed", type=int, default=0)
 
 

@@ -11,8 +11,9 @@ class MergeOptions:
     # IterIS loop (spec iteris.md §1-2)
     iterations: int = 8          # Jacobi iterations after iteration 0 (0 = λ-weighted RegMean only)
     tol: float = 1e-3            # stop when ‖ΔW(t) − ΔW(t−1)‖_F / ‖ΔW(t)‖_F < tol
-    alpha1: float = 1e-4         # ridge on C_i: C_i + α₁‖C_i‖_F I (paper: ≈1e-4 or smaller; larger
-    alpha2: float = 1e-4         # generalises better with few samples) · ridge on H_i: H_i + α₂‖H_i‖_F I
+    alpha1: float = 1e-2         # ridge on C_i: C_i + α₁‖C_i‖_F I · ridge on H_i: H_i + α₂‖H_i‖_F I
+    alpha2: float = 1e-2         # (paper: ≈1e-4 or smaller; 1e-2 measured better with few samples,
+                                 # see docs/merge.md; larger pulls toward the *mean* of the deltas)
     reg_ceof: float = 0.0        # ρ: X̃_i ← (1−ρ) X̃_i + ρ X_i (the reference's knob)
     adaptive_lambda: bool = True # λ_i = ‖W0+ΔW_i‖² / ‖X_i (W0+ΔW_i)ᵀ‖²; False: λ_i = 1
     untouched: str = "skip"      # a LoRA that does not adapt a module: "skip" = it has no say in that
