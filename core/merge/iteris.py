@@ -12,7 +12,8 @@ A LoRA that does not touch a module has no say in that module's solve by default
 (``MergeOptions.untouched = "skip"``, this project's design); with ``"zero"`` it enters the ``H`` sum
 with ``ΔW_i = 0`` (it asks the merge to leave its inputs' outputs unchanged there), the paper's
 objective read literally. Measured on the embedded world (subject LoRA without conv adapters + style
-LoRA with them), ``"zero"`` cancelled the style's conv adapters: stripes 0/14 vs 6/14 with ``"skip"``.
+LoRA with them, ridge 1e-4), ``"zero"`` cancelled the style's conv adapters: stripes 0/14 vs 6/14 with
+``"skip"``.
 
 The result is exact low-rank (§3): ``ΔW* = [λ₁m₁s₁up₁ | …] · [down₁C₁M⁻¹ ; …]`` of rank ``Σ r_i``,
 stored in ``Edit.factors``. All Gram sums and solves are float64 (float64 on the CPU when the model
