@@ -31,20 +31,14 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def erase_options():
-    from ..erase import EraseOptions
-
-    return EraseOptions(expand_prompts=False, extra_templates=ERASE_TEMPLATES)
-
-
 def run_erasures(model, progress=None):
-    from ..erase import erase
+    from ..erase import EraseOptions, erase
     from .evaluate import ERASE_ANCHOR, ERASE_TARGET, PRESERVE_SHAPES
 
     edits = {}
     for m in ERASE_METHODS:
         edits[m] = erase(model, [ERASE_TARGET], [ERASE_ANCHOR], preserve=list(PRESERVE_SHAPES), method=m,
-                         options=erase_options())
+                         options=EraseOptions(expand_prompts=False, extra_templates=ERASE_TEMPLATES))
         if progress:
             progress(f"erase {m}: {edits[m].report['time_s']:.2f} s")
     return edits

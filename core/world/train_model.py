@@ -51,7 +51,10 @@ def make_text_encoder(tokenizer):
     return CLIPTextModel(cfg)
 
 
-def make_unet(channels=(32, 64, 64)):
+UNET_CHANNELS = (32, 64, 64)
+
+
+def make_unet(channels=UNET_CHANNELS):
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
@@ -190,7 +193,7 @@ def main(argv=None):
     ap.add_argument("--min-snr-until", type=int, default=500,
                     help="... for the first N steps only (it starves low-noise steps, which leaves grain)")
     ap.add_argument("--ema-decay", type=float, default=0.999)
-    ap.add_argument("--channels", default="32,64,64", help="UNet block_out_channels")
+    ap.add_argument("--channels", default=",".join(map(str, UNET_CHANNELS)), help="UNet block_out_channels")
     ap.add_argument("--prediction-type", choices=["v_prediction", "epsilon"], default="v_prediction")
     ap.add_argument("--no-zero-snr", action="store_true", help="keep the plain linear betas (non-zero terminal SNR)")
     ap.add_argument("--ckpt-every", type=int, default=250)
