@@ -1,14 +1,21 @@
 """Writing edits as LoRA files every host reads (kohya format, spec hosts.md "LoRA files").
 
 - ``lora``: ``<prefix>.lora_down.weight`` (r × in [× kh × kw]), ``<prefix>.lora_up.weight``
-  (out × r [× 1 × 1]) and ``<prefix>.alpha`` = r (scale 1). Exact factors are written as they are;
-  without factors, or when ``rank`` is smaller than the exact rank, ΔW is factorised by truncated
-  SVD and the relative Frobenius error ‖ΔW − up·down‖/‖ΔW‖ is reported per module.
-- ``diff``: full-rank ``<prefix>.diff`` tensors (ComfyUI, A1111 and Forge apply them as is).
+  (out × r [× 1 × 1]) and ``<prefix>.alpha``. **One alpha for the whole file**: every module's
+  ``.alpha`` is the file's largest rank R (= ``ss_network_dim`` = ``ss_network_alpha``) and a module
+  of rank r has its up factor scaled by r/R, so ``alpha/r · up @ down`` is ΔW for every reader.
+  (diffusers' kohya loader keeps one ``lora_alpha`` plus an ``alpha_pattern`` that misses modules,
+  so per-module alphas = r loaded some modules at R'/r× their size; with one alpha only the
+  ``rank_pattern`` is used, which it gets right.) Exact factors are written as they are; without
+  factors, or when ``rank`` is smaller than the exact rank, ΔW is factorised by truncated SVD and
+  the relative Frobenius error ‖ΔW − up·down‖/‖ΔW‖ is reported per module.
+- ``diff``: full-rank ``<prefix>.diff`` tensors (ComfyUI, A1111 and Forge apply them as is;
+  diffusers has no full-delta format, so use ``lora`` for diffusers).
 
-With ``complete_fused=True``, missing q/k/v/out siblings of an edited attention weight of SD2's
-text encoder or SDXL's bigG are written as zero rank-1 entries, so A1111 does not skip the fused
-layer (hosts.md); merges write them (:func:`weightsmith.core.merge.save_merge`).
+With ``complete_fused=True`` (the default), missing q/k/v/out siblings of an edited text-encoder
+attention weight are written as zero rank-1 entries: A1111 applies a LoRA to the fused attention of
+SD2's encoder and SDXL's bigG only when all four are present (hosts.md), and diffusers recognises
+kohya text-encoder keys only when an ``out_proj`` entry is among them. Zero entries change nothing.
 """
 from __future__ import annotations
 
@@ -56,16 +63,15 @@ _FUSED_ATTN = re.compile(r"^(.*\.self_attn)\.(q_proj|k_proj|v_proj|out_proj)$")
 
 
 def _fused_siblings(edit: Edit) -> dict:
-    """Zero rank-1 entries for the q/k/v/out siblings of edited OpenCLIP attention weights (SD2's
-    encoder, SDXL's bigG): A1111 applies a LoRA to a fused ``nn.MultiheadAttention`` only when all
-    four are present and skips the layer silently otherwise (hosts.md). Zero entries change nothing."""
-    fused = "text_encoder." if edit.family == "sd2" else ("text_encoder_2." if edit.family == "sdxl" else None)
+    """Zero rank-1 entries for the missing q/k/v/out siblings of every edited text-encoder attention
+    weight. A1111 applies a LoRA to a fused ``nn.MultiheadAttention`` (SD2's encoder, SDXL's bigG)
+    only when all four are present and skips the layer silently otherwise (hosts.md); diffusers
+    0.42 infers the key type of kohya text-encoder LoRAs from an ``out_proj`` (``to_out_lora``)
+    entry and refuses a file with only k/v ("Could not automatically infer state dict type")."""
     extra = {}
-    if fused is None:
-        return extra
     for name, d in edit.deltas.items():
         m = _FUSED_ATTN.match(name)
-        if not m or not name.startswith(fused):
+        if not m or not name.startswith(("text_encoder.", "text_encoder_2.")):
             continue
         for sub in ("q_proj", "k_proj", "v_proj", "out_proj"):
             other = f"{m.group(1)}.{sub}"
@@ -74,10 +80,12 @@ def _fused_siblings(edit: Edit) -> dict:
     return extra
 
 
-def lora_tensors(edit: Edit, rank: int | None = None, fmt: str = "lora", complete_fused: bool = False):
+def lora_tensors(edit: Edit, rank: int | None = None, fmt: str = "lora", complete_fused: bool = True):
     """kohya tensors for an edit, and per-module export errors."""
     if fmt not in ("lora", "diff"):
         raise WeightsmithError(f"unknown LoRA format {fmt!r}; use 'lora' or 'diff'.")
+    if rank is not None and (isinstance(rank, bool) or int(rank) < 1):
+        raise WeightsmithError(f"rank must be a positive integer (or None for exact), got {rank!r}.")
     layout = UNetLayout.from_config(edit.unet_config)
     out, errors = {}, {}
     for name, (up, down) in (_fused_siblings(edit) if complete_fused else {}).items():
@@ -87,7 +95,6 @@ def lora_tensors(edit: Edit, rank: int | None = None, fmt: str = "lora", complet
         else:
             out[prefix + ".lora_up.weight"] = up
             out[prefix + ".lora_down.weight"] = down
-            out[prefix + ".alpha"] = torch.tensor(1.0)
     for name in sorted(edit.deltas):
         prefix = kohya_prefix(name, edit.family, layout)
         delta = edit.deltas[name]
@@ -107,18 +114,33 @@ def lora_tensors(edit: Edit, rank: int | None = None, fmt: str = "lora", complet
         if delta.dim() == 4 and up.dim() == 2:
             up = up.reshape(*up.shape, 1, 1)
             down = down.reshape(down.shape[0], *delta.shape[1:])
-        r = up.shape[1]
         out[prefix + ".lora_up.weight"] = up.float().contiguous()
         out[prefix + ".lora_down.weight"] = down.float().contiguous()
-        out[prefix + ".alpha"] = torch.tensor(float(r))
         errors[name] = err
+    if fmt == "lora":
+        _one_alpha(out)
     return out, errors
 
 
+def _one_alpha(tensors: dict) -> None:
+    """Give every module the file's largest rank R as alpha, scaling each up factor by r/R (in
+    float64, so ``alpha/r · up @ down`` stays ΔW to float32 rounding)."""
+    ups = [k for k in tensors if k.endswith(".lora_up.weight")]
+    if not ups:
+        return
+    R = max(int(tensors[k].shape[1]) for k in ups)
+    for k in ups:
+        r = int(tensors[k].shape[1])
+        if r != R:
+            tensors[k] = (tensors[k].double() * (r / R)).float().contiguous()
+        tensors[k[: -len(".lora_up.weight")] + ".alpha"] = torch.tensor(float(R))
+
+
 def save_lora(edit: Edit, path, rank: int | None = None, fmt: str = "lora",
-              metadata: dict | None = None, dtype=torch.float32, complete_fused: bool = False) -> dict:
+              metadata: dict | None = None, dtype=torch.float32, complete_fused: bool = True) -> dict:
     """Write ``edit`` as a kohya LoRA (atomic). Returns ``{"errors": {...}, "max_error": e, "rank": r}``.
-    ``complete_fused``: add zero q/k/v/out siblings on OpenCLIP encoders for A1111 (see above)."""
+    ``complete_fused``: add zero q/k/v/out siblings of edited text-encoder attention weights, which
+    A1111 and diffusers need (see above)."""
     tensors, errors = lora_tensors(edit, rank, fmt, complete_fused)
     if not tensors:
         raise WeightsmithError("the edit is empty; there is nothing to write.")

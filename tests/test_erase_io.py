@@ -82,14 +82,19 @@ def test_diffusers_folder_round_trip(tiny_models, tmp_path):
 
 
 def _apply_kohya(lora_path, model, family):
-    """Independent kohya application: W + (alpha/r)·up@down, or W + diff."""
+    """Independent kohya application: W + (alpha/r)·up@down, or W + diff. The zero q/out entries
+    written beside edited text-encoder k/v for A1111 and diffusers must be exactly zero; they are
+    left out of the result."""
     sd = load_file(str(lora_path))
     layout = UNetLayout.from_config(model.unet_config)
     names = [n + "." + s for n in model.unet_cross_attention_names() for s in ("to_k", "to_v")]
+    zero_siblings = []
     for comp, te in model.text_encoders.items():
         names += [f"{comp}.text_model.encoder.layers.{i}.self_attn.{p}"
                   for i in range(te.config.num_hidden_layers) for p in ("k_proj", "v_proj")]
-    index = kohya_index(names, family, layout)
+        zero_siblings += [f"{comp}.text_model.encoder.layers.{i}.self_attn.{p}"
+                          for i in range(te.config.num_hidden_layers) for p in ("q_proj", "out_proj")]
+    index = kohya_index(names + zero_siblings, family, layout)
     out = {}
     prefixes = {k.split(".")[0] for k in sd}
     for p in prefixes:
@@ -99,6 +104,9 @@ def _apply_kohya(lora_path, model, family):
         else:
             up, down = sd[p + ".lora_up.weight"], sd[p + ".lora_down.weight"]
             d = float(sd[p + ".alpha"]) / down.shape[0] * (up.flatten(1) @ down.flatten(1))
+        if name in zero_siblings:
+            assert float(d.abs().max()) == 0.0, name
+            continue
         out[name] = d
     return out
 

@@ -78,7 +78,7 @@ def test_fused_open_clip_siblings_are_completed(tiny_models, tmp_path):
     n = "text_encoder.text_model.encoder.layers.1.self_attn.k_proj"
     up, down = torch.randn(model.weight(n).shape[0], 2), torch.randn(2, model.weight(n).shape[1])
     e = Edit("sd2", model.unet_config, {n: up @ down}, {n: (up, down)}, {"method": "test"})
-    save_lora(e, tmp_path / "plain.safetensors")
+    save_lora(e, tmp_path / "plain.safetensors", complete_fused=False)
     save_lora(e, tmp_path / "full.safetensors", complete_fused=True)
     assert len(load_file(str(tmp_path / "plain.safetensors"))) == 3
     back = load_lora(tmp_path / "full.safetensors", model)
@@ -86,3 +86,121 @@ def test_fused_open_clip_siblings_are_completed(tiny_models, tmp_path):
     assert subs == {"q_proj", "k_proj", "v_proj", "out_proj"}
     torch.testing.assert_close(back.modules[n].delta(), up @ down, rtol=1e-5, atol=1e-6)
     assert all(float(m.delta().abs().max()) == 0 for k, m in back.modules.items() if k != n)
+
+
+# ----------------------------------------------------------------------------------------------
+# every LoRA we write loads exactly in diffusers' load_lora_weights: erase (all methods) and merge,
+# SD1 / SD2 / SDXL (issue 12: an erasepro LoRA with text-encoder k/v was refused, and modules of a
+# rank other than the file's most common one loaded at the wrong scale)
+def _family_pipeline(model):
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=8)
+    te = {c: copy.deepcopy(t) for c, t in model.text_encoders.items()}
+    sched = DDIMScheduler(clip_sample=False, steps_offset=1)
+    if model.family == "sdxl":
+        return StableDiffusionXLPipeline(vae=vae, text_encoder=te["text_encoder"], text_encoder_2=te["text_encoder_2"],
+                                         tokenizer=model.tokenizers["text_encoder"],
+                                         tokenizer_2=model.tokenizers["text_encoder_2"],
+                                         unet=copy.deepcopy(model.unet), scheduler=sched)
+    return StableDiffusionPipeline(vae=vae, text_encoder=te["text_encoder"], tokenizer=model.tokenizers["text_encoder"],
+                                   unet=copy.deepcopy(model.unet), scheduler=sched, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
+def _diffusers_roots(pipe):
+    roots = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        roots["text_encoder_2"] = pipe.text_encoder_2
+    return roots
+
+
+def _canonical(comp, n):
+    if comp != "unet" and not n.startswith(("text_model.", "text_projection")):
+        n = "text_model." + n
+    return f"{comp}.{n}"
+
+
+def _diffusers_deltas(pipe):
+    """canonical module name -> the ΔW diffusers/PEFT will add (scaling · B @ A, float64), for every
+    module that got a LoRA layer."""
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for comp, root in _diffusers_roots(pipe).items():
+        for n, m in root.named_modules():
+            if isinstance(m, LoraLayer):
+                for a in m.lora_A:
+                    A, B = m.lora_A[a].weight.double(), m.lora_B[a].weight.double()
+                    d = m.scaling[a] * (B.reshape(B.shape[0], -1) @ A.reshape(A.shape[0], -1))
+                    out[_canonical(comp, n)] = d.reshape(m.get_base_layer().weight.shape)
+    return out
+
+
+def _diffusers_weights(pipe):
+    out = {}
+    for comp, root in _diffusers_roots(pipe).items():
+        for n, m in root.named_modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and ".lora_" not in n:
+                out[_canonical(comp, n.replace(".base_layer", ""))] = m.weight.detach().double().clone()
+    return out
+
+
+def assert_loads_exactly_in_diffusers(model, edit, path):
+    """After load_lora_weights, diffusers holds a LoRA layer on exactly the edited modules whose
+    ΔW = scaling·B@A equals ours (relative error <= 1e-5; zero entries we add for the hosts may be
+    there too, and must be zero), and fuse_lora changes each weight by that ΔW and no other weight.
+    Returns the largest relative error of the loaded ΔW."""
+    pipe = _family_pipeline(model)
+    before = _diffusers_weights(pipe)
+    pipe.load_lora_weights(load_file(str(path)))
+    loaded = _diffusers_deltas(pipe)
+    assert set(edit.deltas) <= set(loaded), sorted(set(edit.deltas) - set(loaded))[:3]
+    worst = 0.0
+    for n, got in loaded.items():
+        if n not in edit.deltas:
+            assert float(got.abs().max()) == 0.0, n            # a zero sibling (A1111 / diffusers)
+            continue
+        want = edit.deltas[n].double().reshape(got.shape)
+        err = float((got - want).norm() / want.norm())
+        assert err <= 1e-5, (n, err)
+        worst = max(worst, err)
+    pipe.fuse_lora()
+    for n, w in _diffusers_weights(pipe).items():
+        want = edit.deltas[n].double().reshape(w.shape) if n in edit.deltas else 0.0
+        tol = 1e-6 * float(before[n].abs().max()) + 1e-4 * (float(want.abs().max()) if n in edit.deltas else 0.0)
+        assert float((w - before[n] - want).abs().max()) <= tol, n
+    return worst
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+@pytest.mark.parametrize("method", ["erasepro", "zero-residual", "uce"])
+def test_erase_lora_loads_exactly_in_diffusers(tiny_models, tmp_path, family, method):
+    pytest.importorskip("peft", reason="diffusers' load_lora_weights needs peft (pip install peft)")
+    from weightsmith.core.erase.pipeline import EraseOptions, erase
+    from weightsmith.core.lora_write import save_lora
+
+    model = tiny_models[family]
+    edit = erase(model, ["cat"], ["dog"], method=method, options=EraseOptions(expand_prompts=False))
+    assert any(k.startswith("text_encoder") for k in edit.deltas) == (method == "erasepro")
+    out = tmp_path / "erase.safetensors"
+    save_lora(edit, out)
+    alphas = {float(v) for k, v in load_file(str(out)).items() if k.endswith(".alpha")}
+    assert len(alphas) == 1                                   # one alpha convention for the file
+    worst = assert_loads_exactly_in_diffusers(model, edit, out)
+    print(f"diffusers load {family} {method}: max rel err {worst:.2e}")
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+@pytest.mark.parametrize("method", ["concat", "ties"])
+def test_merge_lora_loads_exactly_in_diffusers(tiny_models, tmp_path, family, method):
+    pytest.importorskip("peft", reason="diffusers' load_lora_weights needs peft (pip install peft)")
+    model = tiny_models[family]
+    loras = [lora_from_state_dict(random_lora(model, groups=g, rank=r, seed=s)[0], model, name=f"l{s}")
+             for s, g, r in ((1, ("attn", "ff", "te", "conv"), 4), (2, ("kv", "te"), 2))]
+    edit = merge(model, loras, method, weights=[1.0, 0.5])
+    out = tmp_path / "merged.safetensors"
+    save_merge(edit, model, out, loras=loras)
+    worst = assert_loads_exactly_in_diffusers(model, edit, out)
+    print(f"diffusers load {family} {method}: max rel err {worst:.2e}")
