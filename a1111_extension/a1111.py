@@ -17,6 +17,18 @@ speaks): SD1 ``cond_stage_model.wrapped.transformer`` (HF CLIP) → ``cond_stage
 SD2 ``cond_stage_model.wrapped.model`` (OpenCLIP, fused ``in_proj``) → ``cond_stage_model.model.``;
 SDXL ``conditioner.embedders[i].wrapped.{transformer|model}`` → ``conditioner.embedders.i.…``;
 UNet ``model.diffusion_model`` → ``model.diffusion_model.``.
+
+Two things the real A1111 does to the loaded model that the tab must undo or respect:
+
+- ``modules/sd_hijack.py`` wraps every text encoder's token embedding in ``EmbeddingsWithFixes``
+  (textual inversion), so the live parameter is ``…token_embedding.wrapped.weight``. Module paths
+  are read without ``wrapped`` levels (:func:`_live_path`), giving the checkpoint's key.
+- ``modules/processing.py`` keeps the last prompt's conditioning (the "Persistent cond cache",
+  on by default: ``StableDiffusionProcessing.cached_c``/``cached_uc`` and txt2img's hires
+  ``cached_hr_c``/``cached_hr_uc``), keyed on the prompt, checkpoint and settings but not on the
+  weights. After every change of the weights in memory it is emptied
+  (:func:`clear_cond_cache`), or the next image of the same prompt is still encoded by the old
+  text encoder.
 """
 from __future__ import annotations
 
@@ -38,6 +50,39 @@ UNET_PREFIX = "model.diffusion_model."
 
 def _unwrap(m):
     return getattr(m, "wrapped", m)
+
+
+WRAPPER_LEVEL = "wrapped"
+
+
+def _live_path(mname: str) -> str:
+    """A live module path without host wrapper levels (``token_embedding.wrapped`` → ``token_embedding``)."""
+    if WRAPPER_LEVEL not in mname.split("."):
+        return mname
+    return ".".join(p for p in mname.split(".") if p != WRAPPER_LEVEL)
+
+
+COND_CACHES = (("StableDiffusionProcessing", ("cached_c", "cached_uc")),
+               ("StableDiffusionProcessingTxt2Img", ("cached_hr_c", "cached_hr_uc")))
+
+
+def clear_cond_cache(processing=None) -> int:
+    """Empty A1111's persistent conditioning caches in place (``[params, conds]`` lists shared by
+    the class and every live processing object). Returns how many caches held something."""
+    if processing is None:
+        try:
+            from modules import processing
+        except Exception:   # noqa: BLE001  (not inside A1111: nothing is cached)
+            return 0
+    n = 0
+    for cls_name, attrs in COND_CACHES:
+        cls = getattr(processing, cls_name, None)
+        for a in attrs:
+            cache = getattr(cls, a, None)
+            if isinstance(cache, list):
+                n += any(x is not None for x in cache)
+                cache[:] = [None] * len(cache)
+    return n
 
 
 def model_family(sd_model) -> str:
@@ -112,13 +157,14 @@ class LiveIndex:
         for prefix, root, kind, _ in roots:
             mods = dict(root.named_modules())
             for mname, mod in mods.items():
+                key_path = _live_path(mname)
                 parent = None
                 if mname.endswith(".out_proj") or mname == "out_proj":
                     p = mods.get(mname.rpartition(".")[0]) if "." in mname else root
                     if isinstance(p, torch.nn.MultiheadAttention):
                         parent = p
                 for pname, _ in mod.named_parameters(recurse=False):
-                    path = f"{mname}.{pname}" if mname else pname
+                    path = f"{key_path}.{pname}" if key_path else pname
                     if kind == "hf":
                         path = _hf_name(path)
                     self.entries[prefix + path] = (mod, pname, parent)
@@ -279,6 +325,7 @@ class A1111Backend(Backend):
     def weights_changed(self) -> None:
         self._gen += 1
         self._cache = None
+        clear_cond_cache()
 
     def _built(self):
         key = (self.model_key(), self._gen, self._clip_skip())

@@ -304,3 +304,66 @@ def test_reloaded_weights_are_not_overwritten_by_undo(webui):
     with pytest.raises(WeightsmithError, match="replaced"):
         wb.undo()
     assert wb.applied is None
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_hijacked_token_embedding_reads_as_the_checkpoint_key(webui, family):
+    """A1111's sd_hijack puts every token embedding under EmbeddingsWithFixes (``….wrapped.weight``
+    live); the tab still reads it as the checkpoint's ``…token_embedding.weight``."""
+    m, sm, ck = _load(webui, family)
+    wrapped = [n for n, mod in sm.named_modules() if type(mod).__name__ == "EmbeddingsWithFixes"]
+    assert len(wrapped) == (2 if family == "sdxl" else 1), wrapped
+    live = {n for n, _ in sm.named_parameters()}
+    assert any(n.endswith("token_embedding.wrapped.weight") for n in live)
+    b, _ = _backend()
+    lm = b.model()
+    comp = "text_encoder_2" if family == "sdxl" else "text_encoder"
+    emb = lambda te: te.get_input_embeddings().weight          # noqa: E731
+    assert torch.equal(emb(lm.text_encoders[comp]), emb(m.text_encoders[comp]))
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_apply_and_undo_reach_the_next_image_despite_the_cond_cache(webui, family):
+    """A1111 keeps the last prompt's conds (persistent cond cache, also the hires pair) keyed on
+    the prompt, not the weights: right after Apply the same prompt must be encoded by the edited
+    text encoder, and right after Undo by the original one, bit for bit."""
+    from modules import processing
+
+    import fake_sd
+
+    m, sm, ck = _load(webui, family)
+    b, wb = _backend()
+    prompt, neg = "a cat", "blurry"
+    c0, uc0, hc0, huc0 = processing.txt2img(prompt, neg, enable_hr=True)
+    again = processing.txt2img(prompt, neg, enable_hr=True)
+    assert again[0] is c0 and again[1] is uc0 and again[2] is hc0   # the caches answer
+
+    edit = wb.compute_erase("cat", "dog", "", "erasepro", ERASE_ADV)
+    assert any(k.startswith("text_encoder") for k in edit.deltas)
+    wb.apply(edit)
+    c1, uc1, hc1, huc1 = processing.txt2img(prompt, neg, enable_hr=True)
+    fresh = fake_sd.encode(sm, [prompt])                   # the live weights, no cache
+    assert torch.equal(c1, fresh) and torch.equal(hc1, fresh)
+    assert torch.equal(uc1, fake_sd.encode(sm, [neg])) and torch.equal(huc1, uc1)
+    assert not torch.allclose(c1, c0, atol=1e-4)            # the edit is in the very next image
+
+    wb.undo()
+    c2, uc2, hc2, huc2 = processing.txt2img(prompt, neg, enable_hr=True)
+    assert torch.equal(c2, c0) and torch.equal(uc2, uc0) and torch.equal(hc2, c0) and torch.equal(huc2, uc0)
+    assert c2 is not c0                                    # recomputed after Undo, not the stale entry
+
+
+def test_clear_cond_cache_empties_shared_lists_in_place(webui):
+    """Processing objects hold the class-level lists themselves, so they are emptied in place."""
+    from modules import processing
+
+    from weightsmith.a1111_extension.a1111 import clear_cond_cache
+
+    _load(webui, "sd1")
+    processing.txt2img("x", "y", enable_hr=True)
+    p = processing.StableDiffusionProcessingTxt2Img("x", "y")
+    held = [p.cached_c, p.cached_uc, p.cached_hr_c, p.cached_hr_uc]
+    assert held[0][0] is not None and held[1][0] is not None
+    assert clear_cond_cache() >= 2
+    assert all(c == [None, None] for c in held)
+    assert clear_cond_cache() == 0

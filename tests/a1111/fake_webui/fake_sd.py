@@ -118,4 +118,53 @@ def build_sd_model(family, ldm_sd, hf_encoders, heads, filename, unet_dtype=torc
         sm.cond_stage_model = None
     sm.sd_checkpoint_info = CheckpointInfo(str(filename))
     sm.requires_grad_(False)
+    sm.fake_tokenizer = hf_encoders.get("tokenizer")     # the stand-in's own, for encode() only
+    from modules import sd_hijack
+    sd_hijack.hijack(sm)                                # token embeddings → EmbeddingsWithFixes
     return sm
+
+
+# ---- text conditioning (what prompt_parser.get_learned_conditioning ends up calling) ---------------
+def _ids(tok, prompts, length):
+    return tok(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+
+
+def _hf_encode(inner, tok, prompts):
+    te = inner.transformer.text_model                   # the transformers CLIPTextModel
+    ids = _ids(tok, prompts, te.config.max_position_embeddings)
+    return te(input_ids=ids).last_hidden_state
+
+
+def _openclip_encode(oc, tok, prompts):
+    """open_clip's text transformer (ldm FrozenOpenCLIPEmbedder.encode_with_transformer): token
+    embedding + positions, pre-LN residual blocks with causal nn.MultiheadAttention, final LN."""
+    n = oc.positional_embedding.shape[0]
+    x = oc.token_embedding(_ids(tok, prompts, n)) + oc.positional_embedding
+    mask = torch.full((n, n), float("-inf")).triu_(1)
+    x = x.permute(1, 0, 2)
+    for _, blk in sorted(oc.transformer.resblocks.named_children(), key=lambda t: int(t[0])):
+        h = blk.ln_1(x)
+        x = x + blk.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
+        x = x + blk.mlp.c_proj(torch.nn.functional.gelu(blk.mlp.c_fc(blk.ln_2(x))))
+    return oc.ln_final(x.permute(1, 0, 2))
+
+
+def encode(sd_model, prompts):
+    """The conditioning for ``prompts`` computed with the live weights, through the wrapped
+    embeddings (SDXL: both embedders' outputs side by side)."""
+    tok = sd_model.fake_tokenizer
+    with torch.no_grad():
+        if getattr(sd_model, "is_sdxl", False):
+            outs = []
+            for e in sd_model.conditioner.embedders:
+                inner = getattr(e, "wrapped", None)
+                if inner is not None and hasattr(inner, "transformer"):
+                    outs.append(_hf_encode(inner, tok, prompts).float())
+                elif inner is not None:
+                    outs.append(_openclip_encode(inner.model, tok, prompts).float())
+            n = min(o.shape[1] for o in outs)
+            return torch.cat([o[:, :n] for o in outs], -1)
+        inner = sd_model.cond_stage_model.wrapped
+        if hasattr(inner, "transformer"):
+            return _hf_encode(inner, tok, prompts).float()
+        return _openclip_encode(inner.model, tok, prompts).float()
