@@ -41,26 +41,43 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _interrupted(n_before: int) -> str:
+    from .safe_io import WRITTEN
+
+    done = WRITTEN[n_before:]
+    if done:
+        return f"weightsmith: interrupted; {', '.join(str(p) for p in done)} had been written completely, nothing else."
+    return "weightsmith: interrupted; nothing was written."
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
+    from .safe_io import WRITTEN
+
+    n_before = len(WRITTEN)
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
         return int(args.func(args) or 0)
     except CancelledError as e:
         print(f"weightsmith: cancelled: {e}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
-        print("weightsmith: interrupted; nothing was written.", file=sys.stderr)
+        print(_interrupted(n_before), file=sys.stderr)
         return 130
     except WeightsmithError as e:
         print(f"weightsmith: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:     # a file-system error not caught closer to its cause: one line, no traceback
+        from .safe_io import os_error_message
+
+        print(f"weightsmith: error: {os_error_message(e, what='access')}", file=sys.stderr)
         return 2
 
 

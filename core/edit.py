@@ -22,11 +22,12 @@ class Edit:
     deltas: dict[str, torch.Tensor]                                  # canonical module -> ΔW
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # (up, down)
     report: dict = field(default_factory=dict)
+    sources: dict = field(default_factory=dict)   # label -> path of every input file (never written to)
 
     def scaled(self, strength: float) -> "Edit":
         s = float(strength)
         return Edit(self.family, self.unet_config, {k: v * s for k, v in self.deltas.items()},
-                    {k: (u * s, d) for k, (u, d) in self.factors.items()}, dict(self.report))
+                    {k: (u * s, d) for k, (u, d) in self.factors.items()}, dict(self.report), dict(self.sources))
 
     def apply(self, model, strength: float = 1.0):
         """A copy of ``model`` with ``W + strength·ΔW`` (the input model is left untouched)."""

@@ -97,6 +97,7 @@ class LoRA:
     unmatched: list[str] = field(default_factory=list)   # keys naming no module of the model
     ignored: list[str] = field(default_factory=list)     # keys understood but not used (bias deltas)
     raw: dict | None = field(default=None, repr=False)   # tensors of a file read without a model
+    notes: list[str] = field(default_factory=list)       # how the file was read where it is ambiguous
 
     @property
     def bound(self) -> bool:
@@ -136,7 +137,7 @@ class LoRA:
         ranks = sorted(set(self.ranks.values()))
         return {"name": self.name, "path": str(self.path) if self.path else None,
                 "modules": len(self.modules), "ranks": ranks, "formats": list(self.formats),
-                "unmatched": len(self.unmatched), "ignored": len(self.ignored)}
+                "unmatched": len(self.unmatched), "ignored": len(self.ignored), "notes": list(self.notes)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,7 +306,8 @@ def _lora_to_factors(parts: dict, prefix: str, lora_name: str):
         kind = "locon"
     alpha = parts.get("alpha")
     alpha = float(alpha.float().reshape(-1)[0]) if alpha is not None else None
-    scale = (alpha / r) if alpha is not None else 1.0
+    # alpha 0: kohya's sd-scripts (networks/lora.py) and LyCORIS read it as alpha = rank
+    scale = (alpha / r) if alpha else 1.0
     return up.reshape(up.shape[0], r), down.reshape(r, -1), scale, kind, alpha
 
 
@@ -350,6 +352,7 @@ def lora_from_state_dict(tensors: dict, model, *, metadata: dict | None = None, 
     if not tensors:
         raise WeightsmithError(f"LoRA {name} holds no tensors; the file is empty or damaged.")
     groups: dict[str, dict] = defaultdict(dict)
+    file_keys: dict[str, dict] = defaultdict(dict)      # prefix -> role -> the key as the file spells it
     unknown = []
     for k, v in tensors.items():
         s = _split_key(k)
@@ -357,11 +360,13 @@ def lora_from_state_dict(tensors: dict, model, *, metadata: dict | None = None, 
             unknown.append(k)
             continue
         groups[s[0]][s[1]] = v
+        file_keys[s[0]][s[1]] = k
     index = ModuleIndex(model)
     hint = _family_hint(list(groups), meta)
     modules: dict[str, LoRAModule] = {}
     unmatched = list(unknown)
     ignored, formats = [], set()
+    zero_alpha: list[str] = []
     refused: dict[str, list[str]] = defaultdict(list)
     for prefix, parts in groups.items():
         roles = set(parts) - {"alpha"}
@@ -374,7 +379,7 @@ def lora_from_state_dict(tensors: dict, model, *, metadata: dict | None = None, 
             continue
         for r, t in parts.items():
             if isinstance(t, torch.Tensor):
-                _finite(f"{prefix}{_role_suffix(r)}", t, name)
+                _finite(file_keys[prefix].get(r, f"{prefix}{_role_suffix(r)}"), t, name)
         bad = [r for r in roles if r in _REFUSED or r in ("oft", "dora", "glora", "norm", "set_weight")]
         if bad:
             refused[_REFUSED.get(bad[0], bad[0])].append(prefix)
@@ -393,6 +398,8 @@ def lora_from_state_dict(tensors: dict, model, *, metadata: dict | None = None, 
                 raise WeightsmithError(f"LoRA {name}: {prefix} has only one of its two factors (up/down); "
                                        "the file is damaged.")
             up, down, scale, kind, alpha = _lora_to_factors(parts, prefix, name)
+            if alpha == 0:
+                zero_alpha.append(prefix)
         else:
             role_kind = "diff" if "diff" in roles else ("loha" if any(r.startswith("hada") for r in roles) else "lokr")
             try:
@@ -425,7 +432,12 @@ def lora_from_state_dict(tensors: dict, model, *, metadata: dict | None = None, 
     if model.family != "sdxl" and any(p.startswith(("lora_te1_", "lora_te2_")) for p in groups):
         raise WeightsmithError(f"LoRA {name} has SDXL text-encoder keys (lora_te1_/lora_te2_) but the model is "
                                f"{model.family.upper()}; use a LoRA made for this base model.")
-    return LoRA(Path(path) if path else None, name, modules, meta, tuple(sorted(formats)), unmatched, ignored)
+    notes = []
+    if zero_alpha:
+        notes.append(f"{len(zero_alpha)} module(s) have alpha 0 (e.g. {zero_alpha[0]}); read as alpha = rank "
+                     "(scale 1), as kohya's sd-scripts and LyCORIS load them (a literal 0 would make them no-ops)")
+    return LoRA(Path(path) if path else None, name, modules, meta, tuple(sorted(formats)), unmatched, ignored,
+                notes=notes)
 
 
 def _role_suffix(role: str) -> str:

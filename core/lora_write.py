@@ -140,7 +140,15 @@ def save_lora(edit: Edit, path, rank: int | None = None, fmt: str = "lora",
               metadata: dict | None = None, dtype=torch.float32, complete_fused: bool = True) -> dict:
     """Write ``edit`` as a kohya LoRA (atomic). Returns ``{"errors": {...}, "max_error": e, "rank": r}``.
     ``complete_fused``: add zero q/k/v/out siblings of edited text-encoder attention weights, which
-    A1111 and diffusers need (see above)."""
+    A1111 and diffusers need (see above). Refuses a ``path`` that is one of the edit's inputs
+    (``edit.sources``) and an edit holding NaN/Inf."""
+    from .safe_io import check_paths
+
+    check_paths({"the LoRA output": path}, dict(getattr(edit, "sources", None) or {}))
+    bad = [n for n in sorted(edit.deltas) if not bool(torch.isfinite(edit.deltas[n]).all())]
+    if bad:
+        raise WeightsmithError(f"the edit's ΔW for {bad[0]} ({len(bad)} module(s) in all) holds NaN or infinite "
+                               "values; nothing was written.")
     tensors, errors = lora_tensors(edit, rank, fmt, complete_fused)
     if not tensors:
         raise WeightsmithError("the edit is empty; there is nothing to write.")

@@ -92,35 +92,51 @@ def _safetensors_bytes_header(tensors: dict, metadata: dict) -> tuple[bytes, lis
     return raw, order
 
 
+def nonfinite_keys(tensors: dict) -> list[str]:
+    """Keys of floating tensors holding NaN or ±Inf."""
+    return [k for k in sorted(tensors) if isinstance(tensors[k], torch.Tensor) and tensors[k].is_floating_point()
+            and not bool(torch.isfinite(tensors[k]).all())]
+
+
 def atomic_save_file(tensors: dict, path: Path, metadata: dict | None = None) -> None:
-    """Write a .safetensors file atomically (temp file + rename) and deterministically."""
+    """Write a .safetensors file atomically (temp file + rename, mode as under the umask) and
+    deterministically. Refuses to write NaN/Inf (naming the tensor): nothing non-finite is ever
+    written."""
     import struct
 
+    from .safe_io import atomic_write
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    bad = nonfinite_keys(tensors)
+    if bad:
+        raise WeightsmithError(
+            f"refusing to write {path.name}: {len(bad)} tensor(s) hold NaN or infinite values (e.g. {bad[0]}). "
+            "Nothing was written.")
     header, order = _safetensors_bytes_header(tensors, metadata or {})
-    fd, tmp = tempfile.mkstemp(prefix=".ws-", suffix=".safetensors.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(header)))
-            f.write(header)
-            for t in order:
-                if t.numel():
-                    f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+
+    def write(f):
+        f.write(struct.pack("<Q", len(header)))
+        f.write(header)
+        for t in order:
+            if t.numel():
+                f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+    atomic_write(path, write, suffix=".safetensors.tmp")
 
 
-def check_output_path(out: Path, inputs: list) -> Path:
+def check_output_path(out: Path, inputs: list, label: str = "the output path") -> Path:
+    """``out`` is none of ``inputs`` (paths, or (label, path) pairs) and not inside an input folder."""
+    from .safe_io import check_paths
+
     out = Path(out)
-    for i in inputs:
-        if i is not None and out.resolve() == Path(i).resolve():
-            raise WeightsmithError(
-                f"the output path {out} is the input model; choose another --out so the original is kept.")
     require(out.name != "", "the output path is empty; pass --out FILE.safetensors")
+    named = {}
+    for i, item in enumerate(inputs):
+        if isinstance(item, tuple):
+            named[item[0]] = item[1]
+        elif item is not None:
+            named[f"the input {item}"] = item
+    check_paths({label: out}, named)
     return out
 
 
@@ -532,7 +548,10 @@ def save_edited_model(model: SDModel, deltas: dict[str, torch.Tensor], out, meta
     out = Path(out)
     if src is None or src.format == "memory":
         raise WeightsmithError("this model was built in memory; save it with save_single_file first.")
-    check_output_path(out, [src.path])
+    check_output_path(out, [("the input model", src.path)], "the checkpoint output")
+    if src.format == "diffusers" and out.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".bin"):
+        raise WeightsmithError(f"the input model is a diffusers folder, so the edited model is a folder too; "
+                               f"--out {out} looks like a file name. Pass a new folder name (e.g. {out.with_suffix('')}).")
     if src.format == "single_file":
         return _save_single_file_edit(model, deltas, out, metadata)
     return _save_diffusers_edit(model, deltas, out, metadata)
@@ -546,6 +565,8 @@ def add_deltas_to_ldm_state(sd: dict, deltas: dict, model: SDModel, source_name:
         slot = checkpoint_slot(name + ".weight", model.family, layout, hidden)
         require(slot.key in sd, f"{source_name} has no {slot.key}; it does not match the model the edit "
                 "was computed on.")
+        require(bool(torch.isfinite(d).all()), f"the edit's ΔW for {name} holds NaN or infinite values; "
+                "nothing was written.")
         base = sd[slot.key]
         upd = base.detach().to("cpu", torch.float32, copy=True)
         d = d.float().t() if slot.transposed else d.float()
@@ -553,13 +574,28 @@ def add_deltas_to_ldm_state(sd: dict, deltas: dict, model: SDModel, source_name:
             upd[slot.rows[0]:slot.rows[1]] += d.reshape(upd[slot.rows[0]:slot.rows[1]].shape)
         else:
             upd += d.reshape(upd.shape)
-        sd[slot.key] = upd.to(base.dtype)
+        new = upd.to(base.dtype)
+        if not bool(torch.isfinite(new).all()):
+            if not bool(torch.isfinite(base).all()):
+                raise WeightsmithError(f"{source_name} already holds NaN or infinite values in {slot.key}; it is "
+                                       "damaged: repair or re-download it. Nothing was written.")
+            raise WeightsmithError(
+                f"adding the edit to {slot.key} overflows {str(base.dtype).replace('torch.', '')} "
+                f"(largest |w + Δ| = {float(upd.abs().max()):.3g}): the edit is too strong for this precision. "
+                "Lower the LoRA weights or strength, or use a float32 checkpoint. Nothing was written.")
+        sd[slot.key] = new
     return sd
 
 
 def _save_single_file_edit(model, deltas, out, metadata):
     sf = _StateFile(model.source.path)
     sd = {k: sf.get(k) for k in sf.keys()}
+    bad = nonfinite_keys(sd)
+    if bad:
+        raise WeightsmithError(
+            f"the input checkpoint {model.source.path.name} holds NaN or infinite values in {len(bad)} tensor(s) "
+            f"(e.g. {bad[0]}); Weightsmith does not write non-finite files. Repair or re-download the "
+            "checkpoint, or save only the edit (--format lora).")
     add_deltas_to_ldm_state(sd, deltas, model)
     meta = dict(sf.metadata)
     meta.update(metadata or {})
@@ -580,13 +616,20 @@ def _weights_file(folder: Path) -> Path:
 def _save_diffusers_edit(model, deltas, out: Path, metadata):
     from safetensors.torch import load_file, save_file
 
+    from .safe_io import WRITTEN, os_error_message, umask_mode
+
     src = Path(model.source.path)
     if out.exists():
         raise WeightsmithError(f"{out} already exists; choose a new folder name for the edited model.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".ws-", dir=out.parent))   # same filesystem: the rename is atomic
+    tmp = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".ws-", dir=out.parent))   # same filesystem: the rename is atomic
         shutil.copytree(src, tmp / "m")
+        for root, dirs, files in os.walk(tmp / "m"):     # modes as a plain write gives, not the source's
+            os.chmod(root, umask_mode(0o777))
+            for f in files:
+                os.chmod(os.path.join(root, f), umask_mode(0o666))
         by_comp = defaultdict(dict)
         for name, d in deltas.items():
             comp, _, path = name.partition(".")
@@ -598,9 +641,20 @@ def _save_diffusers_edit(model, deltas, out: Path, metadata):
                 cands = [path + ".weight", path.removeprefix("text_model.") + ".weight"]
                 key = next((k for k in cands if k in sd), None)
                 require(key is not None, f"cannot find {path} in {wf}")
-                sd[key] = (sd[key].float() + d.float().reshape(sd[key].shape)).to(sd[key].dtype)
+                new = (sd[key].float() + d.float().reshape(sd[key].shape)).to(sd[key].dtype)
+                require(bool(torch.isfinite(new).all()),
+                        f"{comp}/{key} of the edited model would hold NaN or infinite values (the input "
+                        "already does, or the edit overflows its precision); nothing was written.")
+                sd[key] = new
+            bad = nonfinite_keys(sd)
+            require(not bad, f"the input model's {comp} holds NaN or infinite values (e.g. {bad[:1]}); "
+                    "Weightsmith does not write non-finite files. Nothing was written.")
             save_file(sd, str(wf), metadata={"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}})
         os.replace(tmp / "m", out)
+    except OSError as e:
+        raise WeightsmithError(os_error_message(e, out)) from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    WRITTEN.append(out)
     return out

@@ -68,6 +68,9 @@ def default_encoder_specs(family: str, num_layers: dict[str, int], from_diffuser
                           clip_skip: int | None = None) -> dict[str, EncoderSpec]:
     """Family defaults. ``clip_skip`` follows A1111/ComfyUI: 1 = the family's default layer,
     2 = one layer earlier, ... (applies to SD1/SD2; SDXL always uses the penultimate layer)."""
+    if clip_skip is not None and (isinstance(clip_skip, bool) or int(clip_skip) != clip_skip or clip_skip < 1):
+        raise WeightsmithError(f"clip-skip must be a whole number from 1 (the family's default layer) up, "
+                               f"got {clip_skip!r}.")
     skip = max(1, int(clip_skip or 1)) - 1
     if family == "sdxl":
         if clip_skip not in (None, 1, 2):

@@ -74,16 +74,36 @@ def register(sub) -> None:
 
 
 def _check_out(args) -> Path:
+    """Every written path (--out, --report) is new to the run: none is an input or inside an input
+    folder, they differ from each other, and their folders exist and are writable."""
+    from ..safe_io import check_paths, check_writable_file
+
     out = Path(args.out)
     model = Path(args.model)
-    require(out.resolve() != model.resolve(),
-            f"--out {out} is the input model; choose another path so the original is kept.")
-    if args.format != "checkpoint" or model.is_file():
+    report = Path(args.report) if args.report else None
+    inputs = {"the input model (--model)": model}
+    if args.tokenizer:
+        inputs["the --tokenizer folder"] = args.tokenizer
+    check_paths({"--out": out, "--report": report}, inputs)
+    if args.format == "checkpoint" and model.is_dir():
+        require(out.suffix.lower() != ".safetensors",
+                f"--model is a diffusers folder, so the edited model is written as a folder too; --out {out} "
+                f"is a file name. Pass a new folder name (e.g. {out.with_suffix('')}), or --format lora.")
+        require(not out.exists(), f"--out {out} already exists; choose a new folder name for the edited model.")
+    else:
         require(out.suffix.lower() == ".safetensors",
                 f"--out must be a .safetensors file for --format {args.format}, got {out.name!r}.")
     require(out.parent.exists() or not str(out.parent), f"the folder {out.parent} does not exist; create it first.")
+    check_writable_file(out, "--out")
+    if report is not None:
+        require(report.parent.exists() or not str(report.parent),
+                f"the folder {report.parent} of --report does not exist; create it first.")
+        check_writable_file(report, "--report")
     if args.rank is not None:
         require(args.rank > 0, "--rank must be a positive integer.")
+    if args.tokenizer:
+        require(Path(args.tokenizer).exists(), f"--tokenizer {args.tokenizer} does not exist; pass a CLIP "
+                "tokenizer folder (vocab.json + merges.txt) or leave it out.")
     return out
 
 
@@ -94,8 +114,6 @@ def run(args) -> int:
     from .pipeline import erase
 
     out = _check_out(args)
-    if args.report:
-        require(Path(args.report).resolve() != Path(args.model).resolve(), "--report must not be the model.")
     opts = EraseOptions(tokens=args.tokens, expand_prompts=args.expand, extra_templates=tuple(args.template),
                         te_sublayers=args.te_sublayers, te_layers=args.te_layers, lam=args.lam,
                         eta_preserve=args.eta_preserve, rcond=args.rcond, ridge=args.ridge,
@@ -122,20 +140,18 @@ def run(args) -> int:
         edit.report["export"] = {"format": args.format, "rank": info["rank"],
                                  "max_rel_error": info["max_error"], "errors": info["errors"]}
     if args.report:
-        write_report(edit.report, Path(args.report))
+        from ..safe_io import write_report_after
+
+        write_report_after(edit.report, Path(args.report), out)
     print_summary(edit.report, out)
     return 0
 
 
 def write_report(report: dict, path: Path) -> None:
-    import os
-    import tempfile
+    """The JSON report, written atomically (no temp file is left behind on any error)."""
+    from ..safe_io import write_json
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".ws-", suffix=".json.tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, path)
+    write_json(path, report)
 
 
 def print_summary(report: dict, out: Path) -> None:

@@ -22,13 +22,14 @@ up as ``residual_before`` < 1), and ``rho`` = ‖W'X − W_o Y‖_F / ‖W_o (Y 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 
 import torch
 
 from ..edit import Edit
-from ..errors import require
+from ..errors import WeightsmithError, require
 from ..naming import TE2
 from ..progress import Steps
 from .prompts import PRESERVE_CAPTIONS, concept_kind, fill, templates_for
@@ -70,9 +71,32 @@ class EraseOptions:
         require(not bad, f"unknown text-encoder sub-layer(s) {bad}; choose from {', '.join(TE_SUBLAYERS)}.")
         require(all(s in ("to_k", "to_v") for s in self.unet_sublayers),
                 "UNet sub-layers must be to_k and/or to_v (the cross-attention projections).")
+        nums = {"lam (λ, --lam)": self.lam, "eta_erase": self.eta_erase, "eta_preserve (--eta-preserve)": self.eta_preserve,
+                "rcond (--rcond)": self.rcond, "cond_limit (--cond-limit)": self.cond_limit}
+        if self.ridge is not None:
+            nums["ridge (--ridge)"] = self.ridge
+        for k, v in nums.items():
+            require(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+                    f"{k} must be a finite number, got {v!r}.")
         require(self.lam > 0, "lam (λ) must be > 0.")
         require(self.rcond >= 0 and (self.ridge is None or self.ridge >= 0) and self.cond_limit >= 0,
                 "rcond, ridge and cond_limit must be >= 0.")
+        require(self.rcond < 1, f"rcond must be below 1 (a relative singular-value cutoff; 1e-6 is usual), "
+                f"got {self.rcond!r}.")
+        require(self.cond_limit <= 1, f"cond_limit must be at most 1 (relative to the largest singular value), "
+                f"got {self.cond_limit!r}.")
+        require(self.eta_preserve >= 0, f"eta_preserve (η_p) must be >= 0, got {self.eta_preserve!r}.")
+        require(self.eta_erase > 0, f"eta_erase (η_e) must be > 0, got {self.eta_erase!r}.")
+        require(self.max_pad is None or (int(self.max_pad) == self.max_pad and self.max_pad >= 0),
+                f"max_pad (--max-pad) must be a whole number >= 0 (padding tokens kept after EOS), got {self.max_pad!r}.")
+        if self.te_layers is not None:
+            a, b = self.te_layers
+            require(0 <= a <= b, f"invalid text-encoder layer range {a}-{b}; use START-END with 0 <= START <= END.")
+        for t in self.extra_templates:
+            require(isinstance(t, str) and t.count("{}") == 1 and "{" not in t.replace("{}", "")
+                    and "}" not in t.replace("{}", ""),
+                    f"template {t!r} must contain exactly one {{}} where the concept goes and no other braces, "
+                    "e.g. \"a photo of {} at night\".")
 
 
 @dataclass
@@ -104,7 +128,17 @@ def validate_concepts(targets, anchors, preserve) -> tuple[list[str], list[str],
             "anchor for all of them.")
     for t, a in zip(targets, anchors):
         require(t.lower() != a.lower(), f"target and anchor are the same ({t!r}); choose a different anchor.")
+    both = sorted({p for p in preserve if p.lower() in {t.lower() for t in targets}})
+    if both:
+        raise WeightsmithError(f"{both[0]!r} is both a target and a preserve concept; a concept cannot be erased "
+                               "and kept at once. Remove it from --preserve or from --target.")
     return targets, anchors, preserve
+
+
+def _check_finite(t: torch.Tensor, what: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise WeightsmithError(f"{what} holds NaN or infinite values; the model file is damaged (re-download or "
+                               "repair it). Nothing was written.")
 
 
 def build_prompts(targets, anchors, preserve, opts: EraseOptions, expand: bool) -> _PromptSet:
@@ -306,6 +340,7 @@ def _unet_stage(model, enc_model, enc: _Encoders, ps: _PromptSet, method: str, o
         for sub in opts.unet_sublayers:
             name = f"{block}.{sub}"
             W_o = model.weight(name).to(F64)
+            _check_finite(W_o, f"the model's weight {name}")
             if method == "uce":
                 delta, up, down = basis.delta(W_o)
             else:
@@ -336,12 +371,24 @@ def erase(model, targets, anchors=("",), preserve=(), method: str = "erasepro",
     ps = build_prompts(targets, anchors, preserve, opts, expand)
     model.check_prompt_length(ps.targets + ps.anchors + ps.preserve,
                               warn or (lambda m: warnings.warn(m, stacklevel=3)))
+    for comp, te in model.text_encoders.items():     # inputs checked where they enter
+        for n, prm in te.named_parameters():
+            _check_finite(prm, f"the model's text-encoder weight {comp}.{n}")
     enc = _Encoders(model, ps, opts)
     n_unet = len(model.unet_cross_attention_names()) * len(opts.unet_sublayers)
     te_plan = {}
     if method == "erasepro":
         for comp in model.text_encoders:
             te_plan[comp] = _select_layers(enc.n_used_layers(comp), opts.te_layers)
+        if opts.te_layers is not None:
+            used = {c: enc.n_used_layers(c) for c in model.text_encoders}
+            span = ", ".join(f"{c}: 0-{n - 1}" for c, n in used.items())
+            require(any(te_plan.values()), f"--te-layers {opts.te_layers[0]}-{opts.te_layers[1]} selects no layer the "
+                    f"UNet reads ({span}); pick a range inside it.")
+            if opts.te_layers[1] >= min(used.values()):
+                (warn or (lambda m: warnings.warn(m, stacklevel=3)))(
+                    f"--te-layers {opts.te_layers[0]}-{opts.te_layers[1]} reaches past the layers the UNet reads "
+                    f"({span}); only those are edited.")
     steps = Steps(n_unet + sum(len(v) for v in te_plan.values()), progress, cancel)
     steps.check()
     deltas, factors, stats = {}, {}, []
@@ -359,7 +406,12 @@ def erase(model, targets, anchors=("",), preserve=(), method: str = "erasepro",
         "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(opts).items()},
         "stages": stats, "summary": summarize(stats),
     }
-    return Edit(model.family, dict(model.unet_config), deltas, factors, report)
+    for n, d in deltas.items():                  # outputs checked before anyone writes them
+        require(bool(torch.isfinite(d).all()), f"the solve for {n} gave NaN or infinite values; the features are "
+                "too ill-conditioned: raise --ridge (e.g. 1e-2) or --rcond.")
+    src = getattr(getattr(model, "source", None), "path", None)
+    return Edit(model.family, dict(model.unet_config), deltas, factors, report,
+                {"the input model": src} if src is not None else {})
 
 
 def summarize(stats: list[dict]) -> list[dict]:

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
+
+import torch
 
 from ..edit import Edit
 from ..errors import WeightsmithError
@@ -73,6 +76,7 @@ def merge(model, loras, method: str = "iteris", weights=None, prompts=None,
     """
     t0 = time.time()
     opts = options or MergeOptions()
+    opts.validate()
     method = (method or "iteris").lower()
     if method not in METHODS:
         raise WeightsmithError(f"unknown merge method {method!r}; use one of {', '.join(METHODS)}.")
@@ -80,9 +84,15 @@ def merge(model, loras, method: str = "iteris", weights=None, prompts=None,
         raise WeightsmithError("no LoRAs to merge; pass at least one (--lora FILE).")
     loras = _as_loras(model, loras)
     k = len(loras)
-    weights = [1.0] * k if weights is None else [float(w) for w in weights]
+    try:
+        weights = [1.0] * k if weights is None else [float(w) for w in weights]
+    except (TypeError, ValueError):
+        raise WeightsmithError(f"weights must be numbers, one per LoRA; got {weights!r}.") from None
     if len(weights) != k:
         raise WeightsmithError(f"got {len(weights)} weights for {k} LoRAs; give one weight per LoRA.")
+    bad = [(l.name, w) for l, w in zip(loras, weights) if not math.isfinite(w)]
+    if bad:
+        raise WeightsmithError(f"the weight of LoRA {bad[0][0]} is {bad[0][1]}; weights must be finite numbers.")
     if opts.untouched not in ("skip", "zero"):
         raise WeightsmithError(f"unknown untouched-module rule {opts.untouched!r}; use 'skip' or 'zero'.")
     if method in ("iteris", "regmean") and any(w <= 0 for w in weights):
@@ -117,7 +127,24 @@ def merge(model, loras, method: str = "iteris", weights=None, prompts=None,
         edit.report.setdefault("residuals", {})
     edit.report.update(method=method, family=model.family, loras=info, options=opts.to_dict(),
                        time_s=time.time() - t0)
+    bad = [n for n in sorted(edit.deltas) if not bool(torch.isfinite(edit.deltas[n]).all())]
+    if bad:
+        raise WeightsmithError(f"the merge gave NaN or infinite values for {bad[0]} ({len(bad)} module(s)); the "
+                               "base model or a LoRA is out of range there. Check the inputs, or raise --alpha.")
+    edit.sources = _sources(model, loras)
     return edit
+
+
+def _sources(model, loras) -> dict:
+    """label -> path of the merge's input files (outputs must differ from all of them)."""
+    out = {}
+    src = getattr(getattr(model, "source", None), "path", None)
+    if src is not None:
+        out["the input model"] = src
+    for l in loras:
+        if getattr(l, "path", None):
+            out[f"the input LoRA {l.path}"] = l.path
+    return out
 
 
 def merged_tag_frequency(loras) -> dict:
@@ -143,9 +170,9 @@ def save_merge(edit: Edit, model, out, fmt: str = "lora", rank: int | None = Non
     from ..model_io import check_output_path, save_edited_model
 
     out = Path(out)
-    inputs = [l.path for l in loras if getattr(l, "path", None)]
-    src = getattr(getattr(model, "source", None), "path", None)
-    check_output_path(out, inputs + [src])
+    named = dict(edit.sources)
+    named.update(_sources(model, loras))
+    check_output_path(out, list(named.items()), "the merge output")
     if fmt == "checkpoint":
         save_edited_model(model, edit.deltas, out, metadata={"ws_method": edit.report.get("method", ""),
                                                               "ws_inputs": json.dumps([l.name for l in loras])})

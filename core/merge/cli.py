@@ -73,6 +73,9 @@ def parse_lora_arg(arg: str) -> tuple[str, float]:
         try:
             w = float(tail)
         except ValueError:
+            if not Path(arg).exists() and Path(head).exists():
+                raise WeightsmithError(f"--lora {arg}: the weight {tail!r} after ':' is not a number; write "
+                                       f"{head}:0.8, or {head} for weight 1.") from None
             return arg, 1.0
         if not math.isfinite(w):
             raise WeightsmithError(f"weight of {head} is not a finite number: {tail!r}")
@@ -89,6 +92,10 @@ def _prompt_map(groups, lora_paths):
     per = [None] * len(lora_paths)
     for g in groups or []:
         if len(g) == 1:
+            if any(Path(lp) == Path(g[0]) or Path(lp).name == g[0] for lp in lora_paths) or (
+                    g[0].lower().endswith((".safetensors", ".pt", ".ckpt")) and Path(g[0]).exists()):
+                raise WeightsmithError(f"--prompts {g[0]} names a LoRA file but gives no prompts; write "
+                                       f"--prompts {g[0]} 'p1; p2' (or --prompts 'p1; p2' for every LoRA).")
             per = [(p or []) + _split_prompts(g[0]) for p in per]
         elif len(g) == 2:
             key = Path(g[0])
@@ -120,39 +127,39 @@ def _device(name: str) -> str:
 
 
 def _json_safe(x):
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, (str, int, float, bool)) or x is None:
-        return x
-    return str(x)
+    from ..safe_io import json_safe
+
+    return json_safe(x)
 
 
 def run(args) -> int:
     from ..lora_read import load_lora
-    from ..model_io import check_output_path, load_model
+    from ..model_io import load_model
     from ..progress import tqdm_progress
     from . import merge, save_merge
 
     if not args.lora:
         raise WeightsmithError("no LoRAs to merge; pass at least one --lora FILE.")
     pairs = [parse_lora_arg(a) for a in args.lora]
-    out = Path(args.out)
-    check_output_path(out, [p for p, _ in pairs] + [args.model])
-    if args.format != "checkpoint" and out.suffix.lower() != ".safetensors":
-        raise WeightsmithError(f"--out must end in .safetensors for a LoRA, not {out.name!r}.")
+    out = _check_outputs(args, pairs)
     prompts = _prompt_map(args.prompts, [p for p, _ in pairs])
     opts = MergeOptions(iterations=args.iterations, tol=args.tol, samples=args.samples, steps=args.steps,
                         latent_size=args.latent_size, batch_size=args.batch_size, alpha1=args.alpha,
                         alpha2=args.alpha, reg_ceof=args.reg_ceof, untouched=args.untouched, seed=args.seed,
                         svd_rank=args.rank, ties_density=args.density, dare_p=args.drop,
                         gram_device="cpu" if args.stats_on_cpu else None, max_gram_dim=args.max_gram_dim)
+    opts.validate()                     # before loading anything
     model = load_model(args.model, tokenizer=args.tokenizer)
     loras = [load_lora(p, model) for p, _ in pairs]
+    from ..safe_io import same_path
+
+    for i, (p, _) in enumerate(pairs):
+        if any(same_path(p, q) for q, _ in pairs[:i]):
+            print(f"weightsmith: warning: {p} is given more than once; each copy counts as a LoRA of its own "
+                  "(its effect adds up). Give a weight instead (FILE:2) if that is what you mean.", file=sys.stderr)
     for l in loras:
+        for n in l.notes:
+            print(f"weightsmith: note: {l.name}: {n}", file=sys.stderr)
         if l.unmatched:
             print(f"weightsmith: note: {l.name}: {len(l.unmatched)} keys name no module of this model and are "
                   f"ignored (e.g. {l.unmatched[0]})", file=sys.stderr)
@@ -179,7 +186,9 @@ def run(args) -> int:
     if written.get("errors"):
         rep["output"]["export_errors"] = written["errors"]
     if args.report:
-        _write_json(Path(args.report), _json_safe(rep))
+        from ..safe_io import write_report_after
+
+        write_report_after(rep, Path(args.report), out)
     curve = rep.get("curve") or []
     last = next((c for c in reversed(curve) if c.get("objective") is not None), None)
     msg = f"wrote {out} ({args.method}, {len(loras)} LoRAs, {rep['time_s']:.1f}s"
@@ -193,17 +202,35 @@ def run(args) -> int:
     return 0
 
 
-def _write_json(path: Path, data) -> None:
-    import os
-    import tempfile
+def _check_outputs(args, pairs) -> Path:
+    """--out and --report are new paths: neither is an input (model, LoRA, tokenizer), inside an
+    input folder, or the other; their folders are writable (checked before any work)."""
+    from ..safe_io import check_paths, check_writable_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".ws-", suffix=".json.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    out = Path(args.out)
+    report = Path(args.report) if args.report else None
+    inputs = {"the input model (--model)": args.model}
+    for p, _ in pairs:
+        inputs.setdefault(f"the input LoRA {p}", p)
+    if args.tokenizer:
+        inputs["the --tokenizer folder"] = args.tokenizer
+    check_paths({"--out": out, "--report": report}, inputs)
+    model = Path(args.model)
+    if args.format == "checkpoint" and model.is_dir():
+        if out.suffix.lower() == ".safetensors":
+            raise WeightsmithError(f"--model is a diffusers folder, so the merged model is written as a folder "
+                                   f"too; --out {out} is a file name. Pass a new folder name (e.g. "
+                                   f"{out.with_suffix('')}), or --format lora.")
+        if out.exists():
+            raise WeightsmithError(f"--out {out} already exists; choose a new folder name for the merged model.")
+    elif out.suffix.lower() != ".safetensors":
+        raise WeightsmithError(f"--out must end in .safetensors for a LoRA, not {out.name!r}."
+                               if args.format != "checkpoint" else
+                               f"--out must end in .safetensors for a checkpoint, not {out.name!r}.")
+    check_writable_file(out, "--out")
+    if report is not None:
+        check_writable_file(report, "--report")
+    if args.tokenizer and not Path(args.tokenizer).exists():
+        raise WeightsmithError(f"--tokenizer {args.tokenizer} does not exist; pass a CLIP tokenizer folder "
+                               "(vocab.json + merges.txt) or leave it out.")
+    return out

@@ -1,7 +1,10 @@
 """Settings of every merge method (one dataclass so front ends can show and store them)."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
+
+from ..errors import require
 
 METHODS = ("iteris", "linear", "concat", "svd", "ties", "dare", "regmean")
 
@@ -41,3 +44,43 @@ class MergeOptions:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def validate(self) -> None:
+        """Refuse settings outside each method's meaning (one message naming the setting and its range;
+        CLI flag in brackets)."""
+        def num(name, v, flag):
+            require(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+                    f"{name} ({flag}) must be a finite number, got {v!r}.")
+
+        def whole(name, v, lo, flag, none_ok=False):
+            if v is None and none_ok:
+                return
+            require(isinstance(v, int) and not isinstance(v, bool) and v >= lo,
+                    f"{name} ({flag}) must be a whole number >= {lo}, got {v!r}.")
+
+        whole("iterations", self.iterations, 0, "--iterations")
+        whole("samples", self.samples, 1, "--samples")
+        whole("steps", self.steps, 1, "--steps")
+        whole("batch_size", self.batch_size, 1, "--batch-size")
+        whole("latent_size", self.latent_size, 1, "--latent-size", none_ok=True)
+        whole("resolution", self.resolution, 8, "resolution", none_ok=True)
+        whole("max_gram_dim", self.max_gram_dim, 1, "--max-gram-dim")
+        whole("svd_rank", self.svd_rank, 1, "--rank", none_ok=True)
+        whole("seed", self.seed, 0, "--seed")
+        for name, v, flag in (("tol", self.tol, "--tol"), ("alpha1", self.alpha1, "--alpha"),
+                              ("alpha2", self.alpha2, "--alpha"), ("reg_ceof", self.reg_ceof, "--reg-ceof"),
+                              ("ties_density", self.ties_density, "--density"), ("ties_lambda", self.ties_lambda, "ties_lambda"),
+                              ("dare_p", self.dare_p, "--drop"), ("svd_clamp_quantile", self.svd_clamp_quantile, "svd_clamp_quantile")):
+            num(name, v, flag)
+        require(self.tol >= 0, f"tol (--tol) must be >= 0, got {self.tol!r}.")
+        require(self.alpha1 >= 0 and self.alpha2 >= 0,
+                f"the ridge α (--alpha) must be >= 0 (0 = none, default {MergeOptions.alpha1:g}), got "
+                f"{min(self.alpha1, self.alpha2)!r}.")
+        require(0 <= self.reg_ceof <= 1, f"reg_ceof ρ (--reg-ceof) must be in [0, 1], got {self.reg_ceof!r}.")
+        require(0 < self.ties_density <= 1, f"TIES density (--density) is the kept fraction: it must be in (0, 1], "
+                f"got {self.ties_density!r}.")
+        require(self.ties_lambda > 0, f"ties_lambda must be > 0, got {self.ties_lambda!r}.")
+        require(0 <= self.dare_p < 1, f"DARE drop probability (--drop) must be in [0, 1), got {self.dare_p!r}.")
+        require(0 < self.svd_clamp_quantile <= 1, f"svd_clamp_quantile must be in (0, 1], got {self.svd_clamp_quantile!r}.")
+        require(self.untouched in ("skip", "zero"),
+                f"unknown untouched-module rule {self.untouched!r}; use 'skip' or 'zero'.")
