@@ -9,9 +9,16 @@
   same prompts and seeds.
 - :func:`simple_prompt_quality(model, seeds_per_prompt=4, ...) -> dict`: the model-card figure:
   fraction of "a {colour} {shape}" samples where the judge reads that shape and colour.
+- :func:`scene_prompt_quality(model, kind, n, ...) -> dict`: the model card's compositional bars:
+  one object with size, position and background in the prompt (``kind="context"``: everything
+  right) and two-object prompts (``kind="two"``: both objects' shape and colour at their places).
+- :func:`wilson(k, n) -> (lo, hi)`: 95% Wilson score interval of a rate; :func:`rate_ci(hits)`
+  and :func:`mean_ci(values)`: ``{"rate"|"mean", "n", "ci": [lo, hi]}``.
 """
 from __future__ import annotations
 
+import math
+import random
 from typing import Sequence
 
 import numpy as np
@@ -19,6 +26,33 @@ import torch
 
 from .judge import JudgeNet, judge, prepare
 from .render import BASE_SHAPES, simple_prompts
+
+
+def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of ``k`` successes in ``n`` trials (``(nan, nan)`` for n = 0)."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    p = k / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
+def rate_ci(hits: Sequence[bool]) -> dict:
+    """``{"rate", "k", "n", "ci"}`` of a list of per-image hits (Wilson 95%)."""
+    k, n = int(sum(bool(h) for h in hits)), len(hits)
+    lo, hi = wilson(k, n)
+    return {"rate": k / n if n else float("nan"), "k": k, "n": n, "ci": [lo, hi]}
+
+
+def mean_ci(values: Sequence[float]) -> dict:
+    """``{"mean", "n", "ci"}``: mean with a normal-approximation 95% interval."""
+    v = np.asarray(values, dtype=np.float64)
+    n = len(v)
+    m = float(v.mean()) if n else float("nan")
+    h = 1.959964 * float(v.std(ddof=1)) / math.sqrt(n) if n > 1 else float("nan")
+    return {"mean": m, "n": n, "ci": [m - h, m + h]}
 
 
 def concept_hits(images, shape: str | None = None, colour: str | None = None, pattern: str | None = None,
@@ -42,6 +76,14 @@ def concept_rate(images, shape: str | None = None, colour: str | None = None, pa
     """Fraction of ``images`` showing an object with every given attribute (judge-read)."""
     h = concept_hits(images, shape, colour, pattern, position, background, model)
     return float(np.mean(h)) if h else float("nan")
+
+
+def image_drifts(a, b) -> list[float]:
+    """Per-image mean absolute pixel distance between two image batches."""
+    x, y = prepare(a), prepare(b)
+    if x.shape != y.shape:
+        raise ValueError(f"shape mismatch {tuple(x.shape)} vs {tuple(y.shape)}")
+    return (x - y).abs().flatten(1).mean(1).tolist()
 
 
 def image_drift(a, b) -> float:
@@ -76,3 +118,68 @@ def simple_prompt_quality(model, seeds_per_prompt: int = 4, steps: int = 25, gui
     n = len(specs)
     return {"n": n, "both": both / n, "shape": shape_ok / n, "colour": colour_ok / n, "steps": steps, "guidance": guidance,
             "images": imgs}
+
+
+CONTEXT_TEMPLATES_BAR = (
+    "a {size} {colour} {shape} on the {pos}, on a {bg} background",
+    "a drawing of a {size} {colour} {shape} on the {pos} of a {bg} background",
+    "a {bg} background with a {size} {colour} {shape} on the {pos}",
+)
+TWO_TEMPLATES_BAR = (
+    "a {z1} {c1} {s1} on the {p1} and a {z2} {c2} {s2} on the {p2}, on a {bg} background",
+    "a {c1} {s1} on the {p1} and a {c2} {s2} on the {p2}",
+    "a {bg} background with a {z1} {c1} {s1} on the {p1} and a {z2} {c2} {s2} on the {p2}",
+)
+
+
+def scene_cases(kind: str, n: int, seed: int = 0, shapes: Sequence[str] = BASE_SHAPES):
+    """``n`` (prompt, scene) pairs for the compositional bars (fixed seed)."""
+    from .render import POSITIONS, Scene, prompt_for, random_scene
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        if kind == "context":
+            sc = random_scene(rng, shapes=shapes, p_two=0.0, p_placed=1.0)
+            o = sc.objects[0]
+            t = CONTEXT_TEMPLATES_BAR[i % len(CONTEXT_TEMPLATES_BAR)]
+            out.append((t.format(size=o.size, colour=o.colour, shape=o.shape, pos=o.position, bg=sc.background), sc))
+        elif kind == "two":
+            sc = random_scene(rng, shapes=shapes, p_two=1.0)
+            out.append((prompt_for(sc, template=TWO_TEMPLATES_BAR[i % len(TWO_TEMPLATES_BAR)]), sc))
+        else:
+            raise ValueError(f"unknown kind {kind!r}")
+    assert all(o.position in POSITIONS for _, sc in out for o in sc.objects)
+    return out
+
+
+def scene_hits(reads, scenes, kind: str) -> list[bool]:
+    """Per image: ``context`` = the object's shape, colour, size, position and the background all
+    right; ``two`` = both objects' shape and colour read at their prompted positions."""
+    hits = []
+    for r, sc in zip(reads, scenes):
+        ok = True
+        for o in sc.objects:
+            if kind == "context":
+                ok &= any(x["position"] == o.position and x["shape"] == o.shape and x["colour"] == o.colour
+                          and x["size"] == o.size for x in r["objects"])
+            else:
+                ok &= any(x["position"] == o.position and x["shape"] == o.shape and x["colour"] == o.colour
+                          for x in r["objects"])
+        if kind == "context":
+            ok &= r["background"] == sc.background
+        hits.append(bool(ok))
+    return hits
+
+
+def scene_prompt_quality(model, kind: str, n: int = 140, steps: int = 25, guidance: float = 1.5, seed: int = 0,
+                         seed0: int = 2000, judge_model: JudgeNet | None = None) -> dict:
+    """The compositional bars of the model card (see :func:`scene_hits`), with a Wilson 95% interval."""
+    from .sample import sample
+
+    cases = scene_cases(kind, n, seed)
+    imgs = sample(model.unet, model.text_encoder, model.tokenizer, model.scheduler, [p for p, _ in cases],
+                  list(range(seed0, seed0 + n)), steps, guidance)
+    hits = scene_hits(judge(imgs, judge_model), [sc for _, sc in cases], kind)
+    return {**rate_ci(hits), "kind": kind, "steps": steps, "guidance": guidance, "images": imgs,
+            "prompts": [p for p, _ in cases]}
