@@ -1,8 +1,10 @@
 """CLIP-style tokenizers without the network.
 
 Real checkpoints need the CLIP BPE vocabulary: it is read from a diffusers folder's ``tokenizer/``,
-from ``--tokenizer DIR`` or ``WEIGHTSMITH_TOKENIZER``, from a host's copy (ComfyUI ships one in
-``comfy/sd1_tokenizer``), or built from the CLIP merge list shipped in ``assets/clip_bpe``. Tests and random models use :func:`build_word_tokenizer`, a real
+from ``--tokenizer DIR`` or ``WEIGHTSMITH_TOKENIZER``, from folders a host adapter passes in
+(ComfyUI's adapter passes its ``comfy/sd1_tokenizer``; core never imports a host), or built from
+the CLIP merge list shipped in ``assets/clip_bpe``. Tests and random models use
+:func:`build_word_tokenizer`, a real
 ``transformers.CLIPTokenizer`` whose vocabulary holds every byte plus whole-word merges for a
 word list, so common words are one token (as in CLIP) and any text still tokenizes.
 """
@@ -118,8 +120,11 @@ def bundled_clip_tokenizer_dir() -> Path:
     return cache
 
 
-def find_clip_tokenizer(explicit: str | os.PathLike | None = None):
-    """Locate a CLIP BPE tokenizer folder offline, or explain how to provide one."""
+def find_clip_tokenizer(explicit: str | os.PathLike | None = None, host_dirs=()):
+    """Locate a CLIP BPE tokenizer folder offline, or explain how to provide one.
+
+    Looked up in order: ``explicit``, ``WEIGHTSMITH_TOKENIZER``, ``host_dirs`` (folders a host
+    adapter knows, e.g. ComfyUI's ``comfy/sd1_tokenizer``), the bundled CLIP merge list."""
     from transformers import CLIPTokenizer
 
     candidates = []
@@ -127,12 +132,7 @@ def find_clip_tokenizer(explicit: str | os.PathLike | None = None):
         candidates.append(Path(explicit))
     if os.environ.get("WEIGHTSMITH_TOKENIZER"):
         candidates.append(Path(os.environ["WEIGHTSMITH_TOKENIZER"]))
-    try:  # ComfyUI's own copy when running inside ComfyUI
-        import comfy  # noqa: F401  (host package, optional)
-
-        candidates.append(Path(comfy.__file__).parent / "sd1_tokenizer")
-    except Exception:
-        pass
+    candidates += [Path(d) for d in host_dirs]
     if CLIP_BPE.exists():
         candidates.append(bundled_clip_tokenizer_dir())
     for c in candidates:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
@@ -162,6 +163,16 @@ def detect_family(model, clip) -> str:
     return fam
 
 
+def comfy_tokenizer_dirs() -> list:
+    """ComfyUI's own CLIP tokenizer folder (``comfy/sd1_tokenizer``), for core's tokenizer lookup."""
+    try:
+        import comfy
+
+        return [Path(comfy.__file__).parent / "sd1_tokenizer"]
+    except Exception:
+        return []
+
+
 def comfy_tokenizers(clip, family: str) -> dict:
     """HF CLIPTokenizers from a ComfyUI CLIP object (copies, with each encoder's pad token)."""
     from ..core.tokenizer import EOS
@@ -173,7 +184,7 @@ def comfy_tokenizers(clip, family: str) -> dict:
         if tok is None:
             from ..core.tokenizer import find_clip_tokenizer
 
-            tok = find_clip_tokenizer()
+            tok = find_clip_tokenizer(host_dirs=comfy_tokenizer_dirs())
         tok = copy.deepcopy(tok)
         if tok.model_max_length > 1000:
             tok.model_max_length = 77
