@@ -626,10 +626,6 @@ def _save_diffusers_edit(model, deltas, out: Path, metadata):
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".ws-", dir=out.parent))   # same filesystem: the rename is atomic
         shutil.copytree(src, tmp / "m")
-        for root, dirs, files in os.walk(tmp / "m"):     # modes as a plain write gives, not the source's
-            os.chmod(root, umask_mode(0o777))
-            for f in files:
-                os.chmod(os.path.join(root, f), umask_mode(0o666))
         by_comp = defaultdict(dict)
         for name, d in deltas.items():
             comp, _, path = name.partition(".")
@@ -650,6 +646,10 @@ def _save_diffusers_edit(model, deltas, out: Path, metadata):
             require(not bad, f"the input model's {comp} holds NaN or infinite values (e.g. {bad[:1]}); "
                     "Weightsmith does not write non-finite files. Nothing was written.")
             save_file(sd, str(wf), metadata={"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}})
+        for root, dirs, files in os.walk(tmp / "m"):     # modes as a plain write gives (safetensors'
+            os.chmod(root, umask_mode(0o777))             # save_file and mkdtemp would leave 0600/0700)
+            for f in files:
+                os.chmod(os.path.join(root, f), umask_mode(0o666))
         os.replace(tmp / "m", out)
     except OSError as e:
         raise WeightsmithError(os_error_message(e, out)) from None

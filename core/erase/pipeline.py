@@ -81,11 +81,11 @@ class EraseOptions:
         require(self.lam > 0, "lam (λ) must be > 0.")
         require(self.rcond >= 0 and (self.ridge is None or self.ridge >= 0) and self.cond_limit >= 0,
                 "rcond, ridge and cond_limit must be >= 0.")
-        require(self.rcond < 1, f"rcond must be below 1 (a relative singular-value cutoff; 1e-6 is usual), "
+        require(self.rcond < 1, f"rcond (--rcond) must be below 1 (a relative singular-value cutoff; 1e-6 is usual), "
                 f"got {self.rcond!r}.")
-        require(self.cond_limit <= 1, f"cond_limit must be at most 1 (relative to the largest singular value), "
+        require(self.cond_limit <= 1, f"cond_limit (--cond-limit) must be at most 1 (relative to the largest singular value), "
                 f"got {self.cond_limit!r}.")
-        require(self.eta_preserve >= 0, f"eta_preserve (η_p) must be >= 0, got {self.eta_preserve!r}.")
+        require(self.eta_preserve >= 0, f"eta_preserve (η_p, --eta-preserve) must be >= 0, got {self.eta_preserve!r}.")
         require(self.eta_erase > 0, f"eta_erase (η_e) must be > 0, got {self.eta_erase!r}.")
         require(self.max_pad is None or (int(self.max_pad) == self.max_pad and self.max_pad >= 0),
                 f"max_pad (--max-pad) must be a whole number >= 0 (padding tokens kept after EOS), got {self.max_pad!r}.")

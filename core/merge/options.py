@@ -74,13 +74,13 @@ class MergeOptions:
             num(name, v, flag)
         require(self.tol >= 0, f"tol (--tol) must be >= 0, got {self.tol!r}.")
         require(self.alpha1 >= 0 and self.alpha2 >= 0,
-                f"the ridge α (--alpha) must be >= 0 (0 = none, default {MergeOptions.alpha1:g}), got "
+                f"alpha1/alpha2, the ridge α (--alpha), must be >= 0 (0 = none, default {MergeOptions.alpha1:g}), got "
                 f"{min(self.alpha1, self.alpha2)!r}.")
         require(0 <= self.reg_ceof <= 1, f"reg_ceof ρ (--reg-ceof) must be in [0, 1], got {self.reg_ceof!r}.")
-        require(0 < self.ties_density <= 1, f"TIES density (--density) is the kept fraction: it must be in (0, 1], "
+        require(0 < self.ties_density <= 1, f"ties_density (--density) is TIES' kept fraction: it must be in (0, 1], "
                 f"got {self.ties_density!r}.")
         require(self.ties_lambda > 0, f"ties_lambda must be > 0, got {self.ties_lambda!r}.")
-        require(0 <= self.dare_p < 1, f"DARE drop probability (--drop) must be in [0, 1), got {self.dare_p!r}.")
+        require(0 <= self.dare_p < 1, f"dare_p, DARE's drop probability (--drop), must be in [0, 1), got {self.dare_p!r}.")
         require(0 < self.svd_clamp_quantile <= 1, f"svd_clamp_quantile must be in (0, 1], got {self.svd_clamp_quantile!r}.")
         require(self.untouched in ("skip", "zero"),
                 f"unknown untouched-module rule {self.untouched!r}; use 'skip' or 'zero'.")
