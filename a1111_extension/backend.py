@@ -72,7 +72,7 @@ def combine(a: Edit | None, b: Edit) -> Edit:
                 factors[k] = b.factors[k]
     report = dict(b.report)
     report["combined_with"] = [a.report.get("method", "?")] + list(a.report.get("combined_with", []))
-    return Edit(b.family, b.unet_config, deltas, factors, report)
+    return Edit(b.family, b.unet_config, deltas, factors, report, {**a.sources, **b.sources})
 
 
 def complete_fused(edit: Edit, family: str) -> Edit:
@@ -95,7 +95,7 @@ def complete_fused(edit: Edit, family: str) -> Edit:
             if other not in deltas:
                 deltas[other] = torch.zeros(shape)
                 factors[other] = (torch.zeros(shape[0], 1), torch.zeros(1, shape[1]))
-    return Edit(edit.family, edit.unet_config, deltas, factors, dict(edit.report))
+    return Edit(edit.family, edit.unet_config, deltas, factors, dict(edit.report), dict(edit.sources))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,6 +344,7 @@ class Workbench:
 
         d = self.backend.lora_dir()
         out = d / output_name(name, f"ws-{edit.report.get('method', 'edit')}")
+        require(not out.exists(), f"{out} already exists (it may be one of your LoRAs); choose another name.")
         meta = {"ws_host": self.backend.name}
         meta.update(extra_meta or {})
         info = save_lora(complete_fused(edit, edit.family), out, rank=int(rank) if rank else None,

@@ -53,3 +53,38 @@ def test_erase_and_merge_loras_apply_exactly_in_a1111(webui, tmp_path, family):
         assert max(errs.values()) <= 1e-5, max(errs.items(), key=lambda kv: kv[1])
         worst[method] = max(errs.values())
     print(f"A1111 stand-in {family}: " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
+
+
+def test_a1111_tab_save_never_replaces_an_input_or_existing_lora(tmp_path):
+    """The tab's Save as LoRA (Workbench, host-independent): the name of an input LoRA of the merge,
+    or of any LoRA already in the folder, is refused and the file is left as it was (issue 12)."""
+    import hashlib
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from weightsmith.a1111_extension.backend import StandaloneBackend, Workbench
+    from weightsmith.core.errors import WeightsmithError
+    from weightsmith.core.merge.random_loras import random_lora
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "a1111"))
+    from helpers import tiny_diffusers_folder
+
+    src = tiny_diffusers_folder(tmp_path / "model", "sd1", seed=7)
+    (tmp_path / "loras").mkdir()
+    b = StandaloneBackend(src, tmp_path / "loras", tmp_path / "ckpts")
+    wb = Workbench(b)
+    paths = []
+    for i in range(3):
+        t, meta = random_lora(b.model(), groups=("attn", "te"), rank=2, seed=10 + i)
+        paths.append(b.lora_dir() / f"r{i}.safetensors")
+        save_file(t, str(paths[-1]), metadata={k: str(v) for k, v in meta.items()})
+    sha = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
+    edit, _ = wb.compute_merge(["r0.safetensors", "r1.safetensors"], "1, 0.5", "", "linear", {"seed": 0})
+    for name in ("r0", "r1.safetensors", "r2"):
+        with pytest.raises(WeightsmithError, match="already exists|is the input"):
+            wb.save_lora(edit, name)
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in paths} == sha
+    wb.save_lora(edit, "merged")
+    assert (b.lora_dir() / "merged.safetensors").exists()
