@@ -20,15 +20,36 @@ def requirements():
                 yield line
 
 
+def _name(req):
+    return re.split(r"[<>=!~ \[;]", req, 1)[0]
+
+
+def _satisfied(version, req):
+    """Whether an installed ``version`` meets the requirement's specifier (``packaging`` where it
+    is importable, as it is beside pip; without it only presence is checked)."""
+    try:
+        from packaging.requirements import Requirement
+        from packaging.version import InvalidVersion
+    except ImportError:
+        return True
+    try:
+        return Requirement(req).specifier.contains(version, prereleases=True)
+    except (InvalidVersion, ValueError):
+        return True
+
+
 def missing(reqs):
+    """Requirements that are not installed or installed at a version outside their specifier."""
     from importlib import metadata
 
     out = []
     for req in reqs:
-        name = re.split(r"[<>=!~ \[;]", req, 1)[0]
         try:
-            metadata.version(name)
+            v = metadata.version(_name(req))
         except metadata.PackageNotFoundError:
+            out.append(req)
+            continue
+        if not _satisfied(v, req):
             out.append(req)
     return out
 
@@ -59,7 +80,17 @@ def main():
     except ImportError:  # ComfyUI-Manager or by hand
         launch = None
     if launch is not None:
-        args = " ".join(f'"{r}"' for r in todo + held())
+        pins = held()
+        pinned = {_name(p).lower() for p in pins}
+        too_old = [r for r in todo if _name(r).lower() in pinned]
+        if too_old:     # the host pins these: upgrading them could break it, so say so instead
+            print("Weightsmith: the WebUI has " + ", ".join(p for p in pins if _name(p).lower() in
+                  {_name(r).lower() for r in too_old}) + " but Weightsmith needs " + ", ".join(too_old) +
+                  "; not upgraded (the WebUI pins it). Update the WebUI, or upgrade it yourself at your own risk.")
+            todo = [r for r in todo if r not in too_old]
+            if not todo:
+                return
+        args = " ".join(f'"{r}"' for r in todo + pins)
         launch.run_pip(f"install {args}", "Weightsmith requirements: " + ", ".join(todo))
     else:
         subprocess.check_call([sys.executable, "-m", "pip", "install", *todo])

@@ -46,3 +46,32 @@ def test_under_a1111_holds_installed_host_packages(monkeypatch):
     assert len(got) == 1 and got[0].startswith("install ")
     assert '"ws-surely-not-installed-pkg>=1"' in got[0]
     assert f'"torch=={metadata.version("torch")}"' in got[0]          # the host's torch is held
+
+
+def test_a_too_old_version_counts_as_missing(monkeypatch):
+    """install.py checks the versions in requirements.txt, not only presence (issue 12)."""
+    from importlib import metadata
+
+    inst = _install_module()
+    have = metadata.version("safetensors")
+    assert inst.missing([f"safetensors>={have}", "safetensors"]) == []
+    assert inst.missing(["safetensors>=999", "safetensors<0.0.1"]) == ["safetensors>=999", "safetensors<0.0.1"]
+    calls = []
+    monkeypatch.setitem(sys.modules, "launch", None)
+    monkeypatch.setattr(inst.subprocess, "check_call", lambda cmd, **k: calls.append(cmd))
+    monkeypatch.setattr(inst, "requirements", lambda: iter(["safetensors>=999"]))
+    inst.main()
+    assert calls == [[sys.executable, "-m", "pip", "install", "safetensors>=999"]]
+
+
+def test_under_a1111_a_too_old_pinned_package_is_reported_not_upgraded(monkeypatch, capsys):
+    from importlib import metadata
+
+    inst = _install_module()
+    got = []
+    monkeypatch.setitem(sys.modules, "launch", types.SimpleNamespace(run_pip=lambda a, d: got.append(a)))
+    monkeypatch.setattr(inst, "requirements", lambda: iter(["safetensors>=999"]))
+    inst.main()
+    assert got == []
+    out = capsys.readouterr().out
+    assert f"safetensors=={metadata.version('safetensors')}" in out and "not upgraded" in out
