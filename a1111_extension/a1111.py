@@ -327,6 +327,14 @@ class A1111Backend(Backend):
         self._cache = None
         clear_cond_cache()
 
+    def idle(self) -> None:
+        """After each tab action: drop the float32 CPU copy of the model (as large as the loaded
+        model itself; it is rebuilt from the live weights in seconds at the next action)."""
+        if self._cache is not None:
+            self._cache = None
+            import gc
+            gc.collect()
+
     def _built(self):
         key = (self.model_key(), self._gen, self._clip_skip())
         if self._cache is None or self._cache[0] != key:

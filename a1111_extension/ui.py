@@ -29,6 +29,11 @@ def _layer_range(text: str):
     return (lo, hi)
 
 
+def _short(label: str, n: int = 90) -> str:
+    """A progress label that fits the bar, keeping its end (core puts the time left there)."""
+    return label if len(label) <= n else label[:n // 2 - 1] + "…" + label[-(n - n // 2):]
+
+
 def _float(x, default=None):
     try:
         return default if x is None or x == "" else float(x)
@@ -45,7 +50,7 @@ def build_ui(backend, *, workbench: Workbench | None = None):
     def gr_progress(progress):
         def cb(done, total, label=""):
             try:
-                progress(done / max(1, total), desc=str(label)[:60])
+                progress(done / max(1, total), desc=_short(str(label)))
             except Exception:
                 pass
         return cb
@@ -89,6 +94,10 @@ def build_ui(backend, *, workbench: Workbench | None = None):
             if not isinstance(e, WeightsmithError):
                 traceback.print_exc()
             return user_message(e), None, None, wb.state_text(), model_text()
+        finally:
+            idle = getattr(backend, "idle", None)
+            if idle is not None:
+                idle()
 
     # -- erase actions ------------------------------------------------------------------------
     def erase_args(targets, anchors, preserve, method, tokens, te_sub, te_layers, expand, lam, eta_p, rcond):
@@ -143,6 +152,9 @@ def build_ui(backend, *, workbench: Workbench | None = None):
             except Exception:
                 pass
             msg = wb.save_lora(edit, name or f"ws-merge-{method}", int(_float(rank, 0)) or None, "lora", meta)
+            if edit.report.get("time_s") is not None:
+                from ..core.progress import format_duration
+                msg += f" Merge took {format_duration(edit.report['time_s'])}."
             if apply_too:
                 msg += " " + wb.apply(edit)
             return msg, edit

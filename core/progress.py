@@ -5,6 +5,7 @@ tqdm bar, ComfyUI its ProgressBar and interrupt check, A1111 its ``shared.state`
 """
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 from .errors import CancelledError
@@ -13,23 +14,60 @@ ProgressFn = Callable[[int, int, str], None]
 CancelFn = Callable[[], bool]
 
 
-class Steps:
-    """Counts steps of a long job, reports them and raises CancelledError when asked to stop."""
+def format_duration(seconds: float) -> str:
+    """``45 s``, ``3 min``, ``1 h 05 min``: how long estimates are written everywhere."""
+    s = max(0, int(round(seconds)))
+    if s < 90:
+        return f"{s} s"
+    m = int(round(s / 60))
+    return f"{m} min" if m < 60 else f"{m // 60} h {m % 60:02d} min"
 
-    def __init__(self, total: int, progress: ProgressFn | None = None, cancel: CancelFn | None = None):
+
+class Steps:
+    """Counts steps of a long job, reports them and raises CancelledError when asked to stop.
+
+    ``costs`` (optional, one relative cost per step) lets it estimate the time left from the time
+    the finished steps took; the estimate is added to each label (``… · ≈3 min left``) and is
+    available as :meth:`eta_s`."""
+
+    def __init__(self, total: int, progress: ProgressFn | None = None, cancel: CancelFn | None = None,
+                 costs: list[float] | None = None):
         self.total = max(1, int(total))
         self.done = 0
         self._progress = progress
         self._cancel = cancel
+        self._costs = [float(c) for c in costs] if costs is not None else [1.0] * self.total
+        if len(self._costs) != self.total or any(c <= 0 for c in self._costs):
+            raise ValueError("Steps: costs needs one positive cost per step")
+        self._t0 = time.monotonic()
 
     def check(self) -> None:
         if self._cancel is not None and self._cancel():
             raise CancelledError("stopped by the user before finishing; nothing was written.")
 
+    def start(self, label: str = "") -> None:
+        """Report the job before its first step (bar at 0) and restart the clock."""
+        self._t0 = time.monotonic()
+        if self._progress is not None:
+            self._progress(0, self.total, label)
+
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self._t0
+
+    def eta_s(self) -> float | None:
+        """Seconds left, from the time per unit of cost so far (None before the first step)."""
+        done_cost = sum(self._costs[:self.done])
+        if self.done == 0 or done_cost <= 0:
+            return None
+        return self.elapsed_s() / done_cost * (sum(self._costs) - done_cost)
+
     def step(self, label: str = "", n: int = 1) -> None:
         self.check()
         self.done = min(self.total, self.done + n)
         if self._progress is not None:
+            eta = self.eta_s()
+            if eta is not None and self.done < self.total:
+                label = f"{label} · ≈{format_duration(eta)} left" if label else f"≈{format_duration(eta)} left"
             self._progress(self.done, self.total, label)
 
 

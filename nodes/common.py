@@ -6,6 +6,7 @@ solvers are imported inside the node functions, so ComfyUI starts fast.
 from __future__ import annotations
 
 import contextlib
+import logging
 import json
 
 CATEGORY = "Weightsmith"
@@ -24,9 +25,13 @@ def host_progress(total_hint: int = 1):
     import comfy.utils
 
     bar = comfy.utils.ProgressBar(max(1, total_hint))
+    last = [None]
 
     def progress(done: int, total: int, label: str = "") -> None:
         bar.update_absolute(int(done), int(total))
+        if label and label != last[0]:      # ComfyUI's bar has no text: stage and time left go to the console
+            last[0] = label
+            logging.info("[Weightsmith] %d/%d %s", int(done), int(total), label)
 
     def cancel() -> bool:
         # raises ComfyUI's InterruptProcessingException when the user pressed Cancel

@@ -121,3 +121,39 @@ def test_refusals_are_clear(bench, tmp_path):
     with pytest.raises(WeightsmithError, match="SDXL"):
         wb.apply(e)
     assert wb.applied is None
+
+
+def test_iteris_in_the_tab_announces_its_passes_and_then_the_time_left(bench):
+    """Before the first pass the job says how many passes it will run; from the first pass on
+    each label ends with the estimated time left (none on the last step)."""
+    import contextlib
+
+    b, wb = bench
+    _random_loras(b.model(), b.lora_dir())
+    seen = []
+
+    @contextlib.contextmanager
+    def job(title):
+        yield (lambda done, total, label="": seen.append((done, total, label))), (lambda: False)
+
+    b.job = job
+    wb.compute_merge(["r0.safetensors", "r1.safetensors"], "", "a cat\na dog", "iteris",
+                     {"iterations": 2, "samples": 1, "steps": 1, "seed": 0})
+    total = 2 * (1 + 2 + 1)                              # 2 LoRAs × (iteration 0 + 2 + final objective)
+    assert seen[0][:2] == (0, total) and f"{total} passes" in seen[0][2] and "estimated after the first pass" in seen[0][2]
+    mids = [s for s in seen[1:] if s[0] < total]
+    assert mids and all(s[2].endswith(" left") and "≈" in s[2] for s in mids), mids
+    assert seen[-1][0] == total and "left" not in seen[-1][2]
+
+
+def test_steps_estimate_follows_step_costs():
+    from weightsmith.core.progress import Steps, format_duration
+
+    got = []
+    s = Steps(3, lambda d, t, l: got.append(l), costs=[1, 2, 2])
+    s._t0 -= 10.0                       # the first step (cost 1) took 10 s
+    s.step("a")
+    assert got[0].startswith("a · ≈") and abs(s.eta_s() - 40.0) < 1.0     # 4 units left at 10 s each
+    assert format_duration(40) == "40 s" and format_duration(200) == "3 min" and format_duration(3900) == "1 h 05 min"
+    with pytest.raises(ValueError):
+        Steps(2, costs=[1])

@@ -104,7 +104,12 @@ def merge(model, loras, method: str = "iteris", weights=None, prompts=None,
         for d, p, s in zip(info, plist, sources):
             d.update(prompts=p, prompts_source=s)
         iters = 0 if method == "regmean" else opts.iterations
-        steps = Steps(k * (1 + iters + (1 if opts.evaluate_final else 0)), progress, cancel)
+        later = iters + (1 if opts.evaluate_final else 0)
+        # a pass over LoRA i's samples: iteration 0 runs one forward phase per batch, later
+        # passes two (LoRA i and the current merge), hence cost 1 and 2
+        steps = Steps(k * (1 + later), progress, cancel, costs=[1.0] * k + [2.0] * (k * later))
+        steps.start(f"{method}: {k * (1 + later)} passes ({k} LoRAs × {1 + later}), each {opts.samples} "
+                    f"samples × {opts.steps} steps; time left is estimated after the first pass")
         solver = IterISSolver(model, loras, weights, samples, opts, steps, regmean=(method == "regmean"),
                               check=steps.check)
         edit = solver.run()
