@@ -69,16 +69,21 @@ def test_standalone_tab_end_to_end(venv_python, tmp_path):
                  options=EraseOptions(tokens="suffix", te_sublayers=("k_proj", "v_proj"), expand_prompts=False,
                                       lam=0.5, eta_preserve=1.0, rcond=1e-4))
     lora = load_lora(lora_path, model)
-    assert set(lora.modules) == set(edit.deltas) and not lora.unmatched
+    # the edited modules, plus zero q_proj/out_proj entries beside each edited text-encoder k/v
+    # (diffusers recognises kohya text-encoder keys only with an out_proj among them; issue 12)
+    siblings = {n.rsplit(".", 1)[0] + "." + s for n in edit.deltas if n.startswith("text_encoder")
+                for s in ("q_proj", "out_proj")}
+    assert set(lora.modules) == set(edit.deltas) | siblings and not lora.unmatched
     for n, d in edit.deltas.items():
         assert torch.allclose(lora.modules[n].delta(), d, atol=1e-5 * max(1.0, float(d.abs().max()))), n
+    assert all(float(lora.modules[n].delta().abs().max()) == 0.0 for n in siblings)
 
     # and diffusers reads it as a kohya LoRA covering the same modules
     sd, alphas = StableDiffusionPipeline.lora_state_dict(str(lora_path))
     flat = " ".join(sd)
     assert "unet." in flat and "text_encoder." in flat
     n_up = sum(k.endswith(("lora_B.weight", "lora.up.weight")) for k in sd)
-    assert n_up == len(edit.deltas)
+    assert n_up == len(edit.deltas) + len(siblings)
 
 
 def test_a1111_entry_script_and_forge_save_only(venv_python, tmp_path):
