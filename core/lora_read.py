@@ -1,6 +1,6 @@
 """Reading LoRA files of every common layout and mapping them onto a loaded base model.
 
-Understood key layouts (spec hosts.md "LoRA files"), mixed freely within one file:
+Understood key layouts (docs/method.md, "LoRA files"), mixed freely within one file:
 
 - **kohya**: ``lora_unet_<path>`` (SD1/SD2 diffusers paths, SDXL LDM paths; both are accepted for
   every family), ``lora_te_…`` (SD1/SD2), ``lora_te1_…`` / ``lora_te2_…`` (SDXL), with

@@ -2,7 +2,7 @@
 
 An :class:`SDModel` bundles the text encoder(s), their tokenizers, the UNet (possibly built lazily
 from a single-file checkpoint) and how the UNet's conditioning is read from the encoders for the
-family (spec erasure.md §2.4):
+family (docs/method.md, "Model families"):
 
 - ``sd1``: CLIP-L, last layer (or the clip-skip layer) through the final LayerNorm, context 768.
 - ``sd2``: OpenCLIP-H, penultimate layer through the final LayerNorm, context 1024.

@@ -1,4 +1,4 @@
-"""ErasePro / zero-residual / UCE on tiny models of every family (spec erasure.md §1, §2)."""
+"""ErasePro / zero-residual / UCE on tiny models of every family (docs/method.md, "Concept erasure")."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""Closed forms of spec §1 and §2.1 against independent computations."""
+"""Closed forms of docs/method.md ("UCE", "Zero-residual solve") against independent computations."""
 import torch
 
 from weightsmith.core.erase.solvers import UCEBasis, ZeroResidualBasis, preserve_matrix

@@ -1,4 +1,4 @@
-"""Token alignment rule of spec §2.3 (documented in core/erase/tokens.py)."""
+"""Token alignment rule of docs/method.md, "Token features and pairing" (core/erase/tokens.py)."""
 import pytest
 
 from weightsmith.core.erase.tokens import align

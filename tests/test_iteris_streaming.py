@@ -1,4 +1,5 @@
-"""Streaming IterIS equals a brute-force solve on stored features (float64 model, spec iteris.md §1-2)."""
+"""Streaming IterIS equals a brute-force solve on stored features (float64 model; docs/method.md,
+"LoRA merging")."""
 import copy
 
 import pytest

@@ -1,4 +1,4 @@
-"""Data-free baselines against independent implementations (spec iteris.md §5)."""
+"""Data-free baselines against independent implementations (docs/method.md, "Merge baselines")."""
 import math
 
 import numpy as np

@@ -1,4 +1,5 @@
-"""Closed-form concept erasure (spec erasure.md): ErasePro, its zero-residual ablation, and UCE.
+"""Closed-form concept erasure: ErasePro, its zero-residual ablation, and UCE (docs/method.md,
+"Concept erasure").
 
     from weightsmith.core.model_io import load_model
     from weightsmith.core.erase import erase, EraseOptions

@@ -7,7 +7,7 @@ On an SD1.5-architecture model with random weights at full size (UNet 320 channe
   (``rohitgandikota/unified-concept-editing``, older token rule): for every projection matrix
   in turn it re-encodes every target/guide pair, projects the features through every matrix,
   accumulates ``mat1 = λW + Σ v kᵀ`` and ``mat2 = λI + Σ k kᵀ`` and sets ``W = mat1 · mat2⁻¹``
-  (float32, ``torch.inverse``), ``technique="replace"`` so that ``v* = W_o c*`` as in spec §1;
+  (float32, ``torch.inverse``), ``technique="replace"`` so that ``v* = W_o c*`` as in docs/method.md, "UCE";
 - our ``uce``, ``zero-residual`` and ``erasepro``.
 
 Printed: time and peak memory of each, as ratios to the reference, and the K/V residual ratio

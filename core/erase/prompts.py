@@ -1,6 +1,6 @@
 """Prompt sets for erasure: UCE's expansion templates, context templates and preserve captions.
 
-Spec erasure.md §1 (prompt expansion) and §2.3 (several prompts per concept, complex prompts that
+docs/method.md, "Prompt sets" (prompt expansion, several prompts per concept, complex prompts that
 put the concept in context, a shipped list of ordinary captions for preservation).
 """
 from __future__ import annotations

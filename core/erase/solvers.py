@@ -1,6 +1,6 @@
 """Closed-form solvers for one linear layer ``y = W x`` (features are matrix **columns**).
 
-Spec erasure.md §1 (UCE) and §2.1 (zero-residual). Everything here runs in float64.
+docs/method.md, "UCE" and "Zero-residual solve". Everything here runs in float64.
 
 Layers that read the same inputs (all UNet cross-attention ``to_k``/``to_v``; a text-encoder
 layer's ``k_proj``/``v_proj``) share one factorisation of their features: build a
@@ -36,8 +36,9 @@ FALLBACK_RIDGE = 1e-2
 
 @dataclass
 class ZeroResidualBasis:
-    """Min-norm (or C-weighted) solution of ``Δ X = R`` for any ``R`` (spec §2.1), with a ridge
-    fallback for ill-conditioned systems (§2.2.6).
+    """Min-norm (or C-weighted) solution of ``Δ X = R`` for any ``R`` (docs/method.md,
+    "Zero-residual solve"), with a ridge fallback for ill-conditioned systems ("Conditioning: exact or
+    ridge").
 
     - without preservation: ``Δ = R X⁺`` (rows of Δ in span(X));
     - with ``C = λI + η_p P Pᵀ``: ``Δ = R (C^{-1/2} X)⁺ C^{-1/2}`` = argmin tr(Δ C Δᵀ) s.t. ΔX = R.
@@ -101,7 +102,8 @@ class ZeroResidualBasis:
 
 @dataclass
 class UCEBasis:
-    """UCE's closed form (spec §1), sharing ``M⁻¹`` across every matrix that reads the same inputs:
+    """UCE's closed form (docs/method.md, "UCE"), sharing ``M⁻¹`` across every matrix that reads the
+    same inputs:
 
         W' = (λW_o + η_e W_o Y Xᵀ + η_p W_o P Pᵀ)(λI + η_e X Xᵀ + η_p P Pᵀ)⁻¹
         ⇒ ΔW = W' − W_o = η_e · W_o (Y − X) · Xᵀ M⁻¹     with M = λI + η_e XXᵀ + η_p PPᵀ.

@@ -1,6 +1,7 @@
 """Which token positions become edit features, and how target tokens pair with anchor tokens.
 
-Spec erasure.md §1 (UCE token modes) and §2.3. The rule, written down once:
+docs/method.md, "Token features and pairing" (UCE's token modes included). The rule, written
+down once:
 
 Given a target prompt and the anchor prompt made from the same template (padded to the context
 length T), let ``s`` be the length of their common token prefix and ``q`` the length of their

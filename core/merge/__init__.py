@@ -1,4 +1,4 @@
-"""LoRA merging: IterIS (spec iteris.md) and the baselines users compare it with.
+"""LoRA merging: IterIS (docs/method.md, "LoRA merging") and the baselines users compare it with.
 
     from weightsmith.core.model_io import load_model
     from weightsmith.core.lora_read import load_lora

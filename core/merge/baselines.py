@@ -1,4 +1,4 @@
-"""Data-free merge baselines (spec iteris.md §5). All work on the LoRAs' deltas per module.
+"""Data-free merge baselines (docs/method.md, "Merge baselines"). All work on the LoRAs' deltas per module.
 
 - ``linear``: task arithmetic ``Σ w_i ΔW_i`` (what stacking LoRA loaders does); dense result.
 - ``concat``: the same sum kept exact as factors of rank ``Σ r_i`` (kohya ``--concat``).

@@ -3,8 +3,8 @@ every feature (as the public IterIS code does), on an SD1.5-architecture model w
 
 Two seeded random rank-8 LoRAs touch UNet attention (to_q/k/v/out), feed-forward (ff.net.0.proj,
 ff.net.2) and every text-encoder layer (q/k/v/out_proj, fc1, fc2). Both implementations run the same
-sampling protocol (spec iteris.md §4) and the same math, so their merges must agree (printed as a
-check); they differ in what they keep:
+sampling protocol (docs/method.md, "IterIS sampling protocol") and the same math, so their merges
+must agree (printed as a check); they differ in what they keep:
 
 - ``iteris`` (ours): Gram matrices accumulated through hooks; each iteration re-runs "base + LoRA i"
   beside the merged model to pair ``X_i`` with ``X̃_i`` (two forward passes per sample and step);

@@ -1,13 +1,14 @@
-"""IterIS: iterative inference-solving LoRA merging (spec iteris.md §1-3).
+"""IterIS: iterative inference-solving LoRA merging (docs/method.md, "LoRA merging").
 
 For every module touched by any input LoRA, with ``ΔW_i = s_i·up_i·down_i`` (``s_i = alpha/r``)::
 
-    ΔW* = ( Σ_i λ_i m_i ΔW_i (C_i + α₁‖C_i‖I) ) ( Σ_i λ_i m_i (H_i + α₂‖H_i‖I) )⁻¹          (§1)
+    ΔW* = ( Σ_i λ_i m_i ΔW_i (C_i + α₁‖C_i‖I) ) ( Σ_i λ_i m_i (H_i + α₂‖H_i‖I) )⁻¹
 
 with ``C_i = X_iᵀX̃_i`` and ``H_i = X̃_iᵀX̃_i`` streamed through hooks (:mod:`.stats`), ``X_i`` the
 module's inputs under "base + LoRA i" and ``X̃_i`` under "base + current merge" on LoRA i's samples
 (:mod:`.sampling`). Iteration 0 uses ``X̃_i = X_i`` (``C = H = G``). Jacobi schedule: one paired
-pass over all samples refreshes every module's statistics, then every module is solved (§2).
+pass over all samples refreshes every module's statistics, then every module is solved
+("IterIS loop and convergence").
 A LoRA that does not touch a module has no say in that module's solve by default
 (``MergeOptions.untouched = "skip"``, this project's design); with ``"zero"`` it enters the ``H`` sum
 with ``ΔW_i = 0`` (it asks the merge to leave its inputs' outputs unchanged there), the paper's
@@ -15,9 +16,9 @@ objective read literally. Measured on the embedded world (subject LoRA without c
 LoRA with them, ridge 1e-4), ``"zero"`` cancelled the style's conv adapters: stripes 0/14 vs 6/14 with
 ``"skip"``.
 
-The result is exact low-rank (§3): ``ΔW* = [λ₁m₁s₁up₁ | …] · [down₁C₁M⁻¹ ; …]`` of rank ``Σ r_i``,
-stored in ``Edit.factors``. All Gram sums and solves are float64 (float64 on the CPU when the model
-runs on MPS, which has no float64).
+The result is exact low-rank ("IterIS exact LoRA export"):
+``ΔW* = [λ₁m₁s₁up₁ | …] · [down₁C₁M⁻¹ ; …]`` of rank ``Σ r_i``, stored in ``Edit.factors``. All Gram
+sums and solves are float64 (float64 on the CPU when the model runs on MPS, which has no float64).
 
 The objective reported per iteration is the weighted, ridge-free one,
 ``J(ΔW) = Σ_modules Σ_i λ_i m_i ‖X_i ΔW_iᵀ − X̃_i ΔWᵀ‖²``, evaluated with the ``X̃`` of the merge

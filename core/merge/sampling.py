@@ -1,5 +1,5 @@
-"""The Stable Diffusion sampling protocol for IterIS statistics (spec iteris.md §4, this project's
-design: the paper's diffusion code was never released).
+"""The Stable Diffusion sampling protocol for IterIS statistics (docs/method.md, "IterIS sampling
+protocol"; this project's design: the paper's diffusion code was never released).
 
 Samples of LoRA *i* are ``(prompt, seed)`` pairs: prompts are the user's, or by default built from
 the most frequent tags of the LoRA's ``ss_tag_frequency`` metadata (else its file name). For each

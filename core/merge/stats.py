@@ -4,8 +4,8 @@
 without copying or changing a single weight: a forward hook adds ``x·downᵀ·upᵀ`` (a conv pair for
 conv modules) to each touched module's output. Switching between delta sets is a pointer change.
 
-:class:`GramStats` accumulates, per module, the Gram matrices of spec iteris.md §1 while features
-stream through forward hooks, never keeping them:
+:class:`GramStats` accumulates, per module, the Gram matrices of IterIS (docs/method.md,
+"Streaming Gram statistics") while features stream through forward hooks, never keeping them:
 
 - ``gram`` mode: ``G += XᵀX`` (iteration 0, where ``X̃ = X``), and the output energy
   ``‖X Wᵀ‖²`` of the running model (= tr(W G Wᵀ), read from the module's output, for λ);
