@@ -353,10 +353,12 @@ def test_iteris_merge_node_runs_to_a_loadable_lora(server, core_model):
 
     with safe_open(str(server.output("loras", name)), "pt") as f:
         prefixes = {k.rsplit(".", 2)[0] for k in f.keys() if k.endswith("lora_down.weight")}
-        # plus zero q_proj/out_proj entries beside the edited text-encoder k_proj (diffusers needs an
+        # plus zero q/k/v/out siblings of each edited text-encoder attention weight (diffusers needs an
         # out_proj among kohya text-encoder keys, A1111 all four on fused attention; issue 12)
+        edited = {kohya_prefix(n, "sd1", core_model.layout) for n in loras[0][1]}
         zero = {kohya_prefix(n.rsplit(".", 1)[0] + "." + sub, "sd1", core_model.layout)
-                for n in loras[0][1] if n.startswith("text_encoder") for sub in ("q_proj", "out_proj")}
+                for n in loras[0][1] if n.startswith("text_encoder") and ".self_attn." in n
+                for sub in ("q_proj", "k_proj", "v_proj", "out_proj")} - edited
         assert all(float(f.get_tensor(p + ".lora_up.weight").abs().max()) == 0.0 for p in zero)
     want = {kohya_prefix(n, "sd1", core_model.layout) for n in loras[0][1]}
     assert prefixes == want | zero

@@ -25,7 +25,9 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 CACHE = Path(os.environ.get("WEIGHTSMITH_TEST_CACHE", Path.home() / ".cache" / "weightsmith-tests"))
 VENV_PY = CACHE / "comfy-venv" / "bin" / "python"
-COMFY = CACHE / "comfyui"
+# WEIGHTSMITH_COMFY_DIR: run the server from another ComfyUI code folder (a newer build, e.g.
+# pollockjj/ComfyUI 0.8.0) with the same venv; default: the cached 0.3.75
+COMFY = Path(os.environ["WEIGHTSMITH_COMFY_DIR"]) if os.environ.get("WEIGHTSMITH_COMFY_DIR") else CACHE / "comfyui"
 CKPT_NAME = "ws-random-sd15.safetensors"
 CKPT = CACHE / "models" / ("v2-" + CKPT_NAME)
 SERVER_FLAGS = ["--cpu", "--force-fp32", "--fp32-text-enc", "--fp32-vae", "--disable-auto-launch",
