@@ -1,6 +1,6 @@
 """The AUTOMATIC1111 (v1.10) backend: the loaded model, its folders, progress and Interrupt.
 
-Everything A1111-specific the tab touches is here (spec hosts.md, A1111 section):
+Everything A1111-specific the tab touches is here (docs/method.md, "A1111"):
 
 - ``modules.shared``: ``sd_model`` (``is_sdxl``/``is_sd2``/``is_sd1``/``is_sd3``,
   ``sd_checkpoint_info.filename``), ``state`` (``begin``/``end``/``interrupt``/``interrupted``,

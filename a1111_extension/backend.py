@@ -79,8 +79,8 @@ def complete_fused(edit: Edit, family: str) -> Edit:
     """Add zero q/k/v/out entries next to edited OpenCLIP attention weights (SD2, SDXL's bigG).
 
     A1111's Lora extension applies a LoRA to a fused ``nn.MultiheadAttention`` only when q, k, v
-    *and* out are all present, and skips the layer silently otherwise (hosts.md). Zero entries do
-    not change the weights anywhere; they make A1111 apply the k/v part."""
+    *and* out are all present, and skips the layer silently otherwise (docs/method.md, "LoRA
+    files"). Zero entries do not change the weights anywhere; they make A1111 apply the k/v part."""
     if family == "sd1":
         return edit
     deltas, factors = dict(edit.deltas), dict(edit.factors)

@@ -2,7 +2,7 @@
 
 Why no in-memory Apply: Forge does not run A1111's model objects (``cond_stage_model`` is None)
 but ComfyUI-style patchers (``sd_model.forge_objects.unet``/``.clip``) that it rebuilds whenever
-the LoRA set changes, dropping any patch we would add (spec hosts.md, Forge). An edit applied there
+the LoRA set changes, dropping any patch we would add (docs/method.md, "Forge"). An edit applied there
 would silently vanish at the next LoRA change, so the tab computes the edit from the loaded
 checkpoint file and offers Save as LoRA (use it with ``<lora:NAME:1>``: Forge applies LoRAs
 through its own patchers, which hold) and Save as checkpoint.

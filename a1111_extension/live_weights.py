@@ -1,7 +1,7 @@
 """Reversible in-place edits of a host's loaded weights (A1111 and the standalone app).
 
 A host keeps one copy of the model, so "Apply" has to change its tensors in place. Two rules make
-that safe (spec hosts.md, A1111 section):
+that safe (docs/method.md, "A1111"):
 
 - **Edit the restored weights, not the LoRA-patched ones.** A1111's Lora extension keeps CPU
   backups of every layer it patched (``network_weights_backup``; a tuple ``(in_proj_weight,

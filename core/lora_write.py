@@ -1,4 +1,4 @@
-"""Writing edits as LoRA files every host reads (kohya format, spec hosts.md "LoRA files").
+"""Writing edits as LoRA files every host reads (kohya format, docs/method.md, "LoRA files").
 
 - ``lora``: ``<prefix>.lora_down.weight`` (r × in [× kh × kw]), ``<prefix>.lora_up.weight``
   (out × r [× 1 × 1]) and ``<prefix>.alpha``. **One alpha for the whole file**: every module's
@@ -14,8 +14,9 @@
 
 With ``complete_fused=True`` (the default), missing q/k/v/out siblings of an edited text-encoder
 attention weight are written as zero rank-1 entries: A1111 applies a LoRA to the fused attention of
-SD2's encoder and SDXL's bigG only when all four are present (hosts.md), and diffusers recognises
-kohya text-encoder keys only when an ``out_proj`` entry is among them. Zero entries change nothing.
+SD2's encoder and SDXL's bigG only when all four are present (docs/method.md, "LoRA files"), and
+diffusers recognises kohya text-encoder keys only when an ``out_proj`` entry is among them. Zero
+entries change nothing.
 """
 from __future__ import annotations
 
@@ -65,9 +66,9 @@ _FUSED_ATTN = re.compile(r"^(.*\.self_attn)\.(q_proj|k_proj|v_proj|out_proj)$")
 def _fused_siblings(edit: Edit) -> dict:
     """Zero rank-1 entries for the missing q/k/v/out siblings of every edited text-encoder attention
     weight. A1111 applies a LoRA to a fused ``nn.MultiheadAttention`` (SD2's encoder, SDXL's bigG)
-    only when all four are present and skips the layer silently otherwise (hosts.md); diffusers
-    0.42 infers the key type of kohya text-encoder LoRAs from an ``out_proj`` (``to_out_lora``)
-    entry and refuses a file with only k/v ("Could not automatically infer state dict type")."""
+    only when all four are present and skips the layer silently otherwise (docs/method.md, "LoRA
+    files"); diffusers 0.42 infers the key type of kohya text-encoder LoRAs from an ``out_proj``
+    (``to_out_lora``) entry and refuses a file with only k/v ("Could not automatically infer state dict type")."""
     extra = {}
     for name, d in edit.deltas.items():
         m = _FUSED_ATTN.match(name)

@@ -1,4 +1,4 @@
-"""ComfyUI MODEL/CLIP <-> Weightsmith core (spec hosts.md, ComfyUI).
+"""ComfyUI MODEL/CLIP <-> Weightsmith core (docs/method.md, "ComfyUI").
 
 - :func:`sdmodel_from_comfy` reads the *effective* weights of a ComfyUI ``ModelPatcher`` and
   ``CLIP`` (the checkpoint plus every patch already on them, e.g. LoRAs applied upstream) and

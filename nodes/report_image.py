@@ -1,7 +1,7 @@
 """A picture of an edit's report, drawn with PIL only (no matplotlib).
 
 One row per edited module: a bar for ‖ΔW‖/‖W‖ (log scale, so 1e-4 and 0.5 are both visible) and,
-where the solver reported them, the residual before → after (spec erasure.md, report stages).
+where the solver reported them, the residual before → after (docs/method.md, "Erase report").
 Returned as ComfyUI's IMAGE layout: float tensor [1, H, W, 3] in 0..1.
 """
 from __future__ import annotations

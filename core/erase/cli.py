@@ -49,7 +49,7 @@ def register(sub) -> None:
     p.add_argument("--report", default=None, help="write the JSON report here")
     g = p.add_argument_group("advanced")
     g.add_argument("--tokens", choices=("suffix", "last"), default="suffix",
-                   help="which token features to edit (spec §1/§2.3)")
+                   help="which token features to edit (docs/method.md, 'Token features and pairing')")
     g.add_argument("--expand", dest="expand", action="store_true", default=None,
                    help="use prompt templates (default for erasepro/zero-residual)")
     g.add_argument("--no-expand", dest="expand", action="store_false", help="use the bare concepts only")

@@ -1,6 +1,6 @@
 """Concept erasure: ErasePro's progressive pipeline, its zero-residual ablation, and UCE.
 
-Spec erasure.md §2.2 (the schedule), §2.3 (features), §1 (UCE). Methods:
+docs/method.md, "The ErasePro schedule", "Token features and pairing", "UCE". Methods:
 
 - ``erasepro``: text-encoder stages shallow → deep (each layer's ``k_proj``/``v_proj`` by default;
   ``q_proj``, ``out_proj``, ``fc1``, ``fc2`` optional), then the UNet cross-attention ``to_k``/
@@ -10,14 +10,15 @@ Spec erasure.md §2.2 (the schedule), §2.3 (features), §1 (UCE). Methods:
 - ``zero-residual``: the UNet stage alone (no text-encoder stages).
 - ``uce``: UCE's closed form on the UNet stage.
 
-Cost (§2.2.5): the original encoder runs once over anchor, target and preserve prompts (all
-sub-layer inputs captured by hooks); the edited encoder then runs one layer at a time from a
-cached hidden state, so the whole schedule costs about two encoder passes.
+Cost (docs/method.md, "Cost of the schedule"): the original encoder runs once over anchor, target
+and preserve prompts (all sub-layer inputs captured by hooks); the edited encoder then runs one
+layer at a time from a cached hidden state, so the whole schedule costs about two encoder passes.
 
 Reported per edited matrix: ``delta_fro`` = ‖Δ‖_F, ``delta_rel`` = ‖Δ‖_F/‖W_o‖_F,
 ``residual_before``/``residual_after`` = ‖W X − W_o Y‖_F before/after the edit divided by the
 unedited gap ‖W_o (Y − X⁰)‖_F (X⁰: target features of the original model; so earlier stages show
-up as ``residual_before`` < 1), and ``rho`` = ‖W'X − W_o Y‖_F / ‖W_o (Y − X)‖_F as in §2.1.
+up as ``residual_before`` < 1), and ``rho`` = ‖W'X − W_o Y‖_F / ‖W_o (Y − X)‖_F
+(docs/method.md, "Erase report").
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ _SUB_PATH = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj
 
 @dataclass
 class EraseOptions:
-    """Settings of an erasure. Defaults follow the spec and the public UCE script."""
+    """Settings of an erasure. Defaults follow docs/method.md and the public UCE script."""
 
     tokens: str = "suffix"                    # "suffix" | "last" (see tokens.py)
     expand_prompts: bool | None = None        # None: on for erasepro/zero-residual, off for uce
@@ -252,7 +253,8 @@ def _select_layers(n_used: int, rng) -> list[int]:
 
 def _te_stage(model, enc: _Encoders, comp: str, edited_te, opts: EraseOptions, steps: Steps,
               deltas: dict, factors: dict, stats: list) -> None:
-    """Progressive shallow→deep zero-residual edits of one text encoder (spec §2.2.1, §2.2.5)."""
+    """Progressive shallow→deep zero-residual edits of one text encoder (docs/method.md, "The ErasePro
+    schedule")."""
     te_o = model.text_encoders[comp]
     layers_o, layers_e = _layers(te_o), _layers(edited_te)
     edit_layers = _select_layers(enc.n_used_layers(comp), opts.te_layers)
@@ -322,7 +324,8 @@ def _te_stage(model, enc: _Encoders, comp: str, edited_te, opts: EraseOptions, s
 
 def _unet_stage(model, enc_model, enc: _Encoders, ps: _PromptSet, method: str, opts: EraseOptions,
                 steps: Steps, deltas: dict, factors: dict, stats: list) -> None:
-    """UNet cross-attention k/v: zero-residual (spec §2.2.2) or UCE (§1) with shared factorisation."""
+    """UNet cross-attention k/v: zero-residual or UCE, with shared factorisation (docs/method.md, "The
+    ErasePro schedule", "UCE")."""
     first = next(iter(model.tokenizers))
     tpos, apos = enc.pairs[first]
     X = _gather(enc_model.encode(ps.targets).context, tpos)          # edited encoders

@@ -11,7 +11,7 @@ METHODS = ("iteris", "linear", "concat", "svd", "ties", "dare", "regmean")
 
 @dataclass
 class MergeOptions:
-    # IterIS loop (spec iteris.md §1-2)
+    # IterIS loop (docs/method.md, "LoRA merging")
     iterations: int = 8          # Jacobi iterations after iteration 0 (0 = λ-weighted RegMean only)
     tol: float = 1e-3            # stop when ‖ΔW(t) − ΔW(t−1)‖_F / ‖ΔW(t)‖_F < tol
     alpha1: float = 1e-2         # ridge on C_i: C_i + α₁‖C_i‖_F I · ridge on H_i: H_i + α₂‖H_i‖_F I
@@ -24,7 +24,7 @@ class MergeOptions:
                                  # ΔW = 0 there (the paper's objective read literally; it cancels most of
                                  # a LoCon's conv part when merged with an attention-only LoRA)
     evaluate_final: bool = True  # one more paired pass to report the final merge's objective
-    # sampling protocol (spec §4)
+    # sampling protocol (docs/method.md, "IterIS sampling protocol")
     samples: int = 8             # (prompt, seed) samples per LoRA
     steps: int = 3               # DDIM steps of each short trajectory; statistics at every step
     latent_size: int | None = None  # latent side length (default: resolution / 8, else the UNet's sample_size)
@@ -35,7 +35,7 @@ class MergeOptions:
                                  # fall back to the weighted sum (reported)
     gram_device: str | None = None  # where the float64 statistics live (default: the model's device,
                                     # the CPU for MPS); "cpu" saves GPU memory on small cards
-    # baselines (spec §5)
+    # baselines (docs/method.md, "Merge baselines")
     svd_rank: int | None = None  # SVD merge rank (default: the largest input rank)
     svd_clamp_quantile: float = 0.99
     ties_density: float = 0.2    # TIES: keep this fraction of each delta's largest entries
