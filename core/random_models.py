@@ -2,11 +2,15 @@
 
 Used by tests (``size="tiny"``: a few hundred thousand parameters, unusual widths on purpose) and
 by the benchmarks (``size="full"``: the SD1.5 architecture, UNet 320 channels and CLIP-L 12×768).
+``size="reduced"`` (SDXL only, for ``bench erase --sweep --family sdxl``): SDXL's widths — CLIP-L
+12×768 and a bigG-width encoder (1280, 20 heads) cut to 4 of its 32 layers, cross-attention 2048 —
+with a two-level UNet (320, 640 channels), so the whole model stays near 1 GB.
 """
 from __future__ import annotations
 
 import torch
 
+from .errors import require
 from .naming import TE1, TE2
 from .sdmodel import SDModel, default_encoder_specs, detect_family
 from .tokenizer import EOS, build_word_tokenizer
@@ -17,7 +21,10 @@ TINY_TE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_
 def _te_config(family: str, which: str, size: str, vocab: int, max_len: int):
     from transformers import CLIPTextConfig
 
-    if size == "full":
+    if size == "reduced":
+        require(family == "sdxl", "size 'reduced' exists for the sdxl family only.")
+        h, i, n, heads = (768, 3072, 12, 12) if which == TE1 else (1280, 5120, 4, 20)
+    elif size == "full":
         dims = {("sd1", TE1): (768, 3072, 12, 12), ("sd2", TE1): (1024, 4096, 23, 16),
                 ("sdxl", TE1): (768, 3072, 12, 12), ("sdxl", TE2): (1280, 5120, 32, 20)}[(family, which)]
         h, i, n, heads = dims
@@ -32,7 +39,12 @@ def _te_config(family: str, which: str, size: str, vocab: int, max_len: int):
 
 
 def unet_config(family: str, size: str, context: int, pixel: bool = False) -> dict:
-    if size == "full":
+    if size == "reduced":
+        cfg = dict(sample_size=32, in_channels=4, out_channels=4, block_out_channels=(320, 640),
+                   layers_per_block=1, cross_attention_dim=context, attention_head_dim=8,
+                   down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    elif size == "full":
         cfg = dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
                    layers_per_block=2, cross_attention_dim=context, attention_head_dim=8,
                    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -46,9 +58,10 @@ def unet_config(family: str, size: str, context: int, pixel: bool = False) -> di
     if family == "sd2":
         cfg["use_linear_projection"] = True
     if family == "sdxl":
-        cfg.update(addition_embed_type="text_time", addition_time_embed_dim=8 if size != "full" else 256,
+        big = size in ("full", "reduced")
+        cfg.update(addition_embed_type="text_time", addition_time_embed_dim=256 if big else 8,
                    use_linear_projection=True,
-                   projection_class_embeddings_input_dim=(96 if size != "full" else 1280) + 6 * (8 if size != "full" else 256))
+                   projection_class_embeddings_input_dim=(1280 if big else 96) + 6 * (256 if big else 8))
         if size != "full":
             cfg["transformer_layers_per_block"] = (2, 1)
     return cfg

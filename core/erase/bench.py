@@ -30,6 +30,14 @@ def add_arguments(p) -> None:
                    help="full: SD1.5 architecture (default); tiny: a quick smoke run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=1, help="time each method this many times (best is kept)")
+    p.add_argument("--sweep", action="store_true",
+                   help="instead of timing: sweep the zero-residual solver's knobs (ridge, cond_limit fallback, "
+                        "max_pad, exact_subspace, merge_tol) and print ρ on the edit and held-out prompts, drift "
+                        "on held-out preserve prompts and ‖Δ‖/‖W‖ per stage (see core/erase/sweep.py)")
+    p.add_argument("--family", choices=("sd1", "sdxl"), default="sd1",
+                   help="--sweep only: sd1 (SD1.5 architecture) or sdxl (the reduced SDXL architecture: "
+                        "see core/random_models.py, size 'reduced')")
+    p.add_argument("--quick", action="store_true", help="--sweep only: tiny model and three settings (smoke run)")
 
 
 def reference_uce(model, old_texts, new_texts, retain_texts, lamb=0.5, erase_scale=1.0, preserve_scale=1.0):
@@ -105,6 +113,10 @@ def heldout_rho(model, edited_encoder_model, deltas) -> float:
 
 
 def run(args) -> int:
+    if getattr(args, "sweep", False):
+        from .sweep import run_sweep
+
+        return run_sweep(args)
     import torch
 
     from ..bench import PeakRSS

@@ -67,6 +67,13 @@ def register(sub) -> None:
     g.add_argument("--cond-limit", type=float, default=1e-2,
                    help="smallest kept singular value (relative) for the exact solve")
     g.add_argument("--max-pad", type=int, default=None, help="padding tokens kept after EOS")
+    g.add_argument("--exact-subspace", type=float, default=None, metavar="T",
+                   help="split solve: exact on the features' principal subspace (singular values ≥ T·σ_max), "
+                        "ridge (--ridge, default 1e-2) on the rest; default off (docs/method.md, 'Split solve and "
+                        "column merging')")
+    g.add_argument("--merge-tol", type=float, default=None, metavar="TAU",
+                   help="merge feature columns closer than TAU·‖column‖ before the solve (0: exact duplicates); "
+                        "default off")
     g.add_argument("--clip-skip", type=int, default=None, help="CLIP layer the UNet reads (SD1/SD2)")
     g.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder for single-file checkpoints")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -117,9 +124,12 @@ def run(args) -> int:
     opts = EraseOptions(tokens=args.tokens, expand_prompts=args.expand, extra_templates=tuple(args.template),
                         te_sublayers=args.te_sublayers, te_layers=args.te_layers, lam=args.lam,
                         eta_preserve=args.eta_preserve, rcond=args.rcond, ridge=args.ridge,
-                        cond_limit=args.cond_limit, max_pad=args.max_pad)
+                        cond_limit=args.cond_limit, max_pad=args.max_pad,
+                        exact_subspace=args.exact_subspace, merge_tol=args.merge_tol)
     opts.validate()
-    from .pipeline import validate_concepts
+    from .pipeline import check_method_options, validate_concepts
+
+    check_method_options(args.method, opts)
 
     validate_concepts(args.target, args.anchor, args.preserve)     # fail before loading the model
     model = load_model(args.model, clip_skip=args.clip_skip, tokenizer=args.tokenizer)

@@ -64,6 +64,10 @@ class EraseOptions:
                                               # 0: always the pseudoinverse; > 0: always this ridge
     cond_limit: float = 1e-2                  # well-conditioned: smallest kept σ ≥ cond_limit·σ_max
     max_pad: int | None = None                # padding rows kept after EOS (None: all)
+    exact_subspace: float | None = None       # split solve: exact on σ ≥ exact_subspace·σ_max, ridge on
+                                              # the rest (None: off; docs/method.md, "Split solve ...")
+    merge_tol: float | None = None            # merge feature columns within this relative distance
+                                              # before the solve (None: off; 0: exact duplicates)
     preserve_captions: bool = True            # add the shipped ordinary captions to preserve sets
 
     def validate(self) -> None:
@@ -90,6 +94,20 @@ class EraseOptions:
         require(self.eta_erase > 0, f"eta_erase (η_e) must be > 0, got {self.eta_erase!r}.")
         require(self.max_pad is None or (int(self.max_pad) == self.max_pad and self.max_pad >= 0),
                 f"max_pad (--max-pad) must be a whole number >= 0 (padding tokens kept after EOS), got {self.max_pad!r}.")
+        for k, v in (("exact_subspace (--exact-subspace)", self.exact_subspace), ("merge_tol (--merge-tol)", self.merge_tol)):
+            require(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)),
+                    f"{k} must be a finite number, got {v!r}.")
+        if self.exact_subspace is not None:
+            require(self.rcond < self.exact_subspace <= 1,
+                    f"exact_subspace (--exact-subspace) must be above rcond ({self.rcond!r}) and at most 1 (a singular "
+                    f"value relative to the largest; 1e-2 is usual), got {self.exact_subspace!r}.")
+            require(self.ridge != 0,
+                    "exact_subspace (--exact-subspace) puts a ridge on the weak directions, but ridge (--ridge) is 0; "
+                    "leave --ridge out (1e-2) or give a positive one. For an exact solve everywhere use --ridge 0 alone.")
+        if self.merge_tol is not None:
+            require(0 <= self.merge_tol < 1,
+                    f"merge_tol (--merge-tol) must be >= 0 and below 1 (a distance relative to a column's norm; "
+                    f"0 merges exact duplicates, 0.05 near-duplicates), got {self.merge_tol!r}.")
         if self.te_layers is not None:
             a, b = self.te_layers
             require(0 <= a <= b, f"invalid text-encoder layer range {a}-{b}; use START-END with 0 <= START <= END.")
@@ -98,6 +116,13 @@ class EraseOptions:
                     and "}" not in t.replace("{}", ""),
                     f"template {t!r} must contain exactly one {{}} where the concept goes and no other braces, "
                     "e.g. \"a photo of {} at night\".")
+
+
+def check_method_options(method: str, opts: EraseOptions) -> None:
+    """Options that only some methods read are refused for the others (instead of silently ignored)."""
+    require(method != "uce" or (opts.exact_subspace is None and opts.merge_tol is None),
+            "exact_subspace (--exact-subspace) and merge_tol (--merge-tol) shape the zero-residual solve; UCE has "
+            "its own closed form and would ignore them. Use --method erasepro or zero-residual, or drop them.")
 
 
 @dataclass
@@ -211,6 +236,8 @@ def _stat(name, stage, W_o, delta, X, Y, X0, rank, basis=None) -> dict:
         "rho": after / gap if gap > 0 else 0.0, "residual_abs_before": gap, "residual_abs_after": after,
         "rank": int(rank), "features": int(X.shape[1]),
         "solver": getattr(basis, "solver", "uce"), "conditioning": getattr(basis, "kappa", None),
+        "solved_columns": int(getattr(basis, "columns", X.shape[1])),
+        "exact_rank": getattr(basis, "exact_rank", None),
     }
 
 
@@ -305,7 +332,8 @@ def _te_stage(model, enc: _Encoders, comp: str, edited_te, opts: EraseOptions, s
                 X0 = _gather(feats_t0[key], tpos)
                 C = preserve_matrix(_all_tokens(feats_p[key]) if key in feats_p else None,
                                     X.shape[0], opts.lam, opts.eta_preserve)
-                basis = ZeroResidualBasis(X, C, opts.rcond, opts.ridge, opts.cond_limit)
+                basis = ZeroResidualBasis(X, C, opts.rcond, opts.ridge, opts.cond_limit,
+                                          opts.exact_subspace, opts.merge_tol)
                 for sub in g:
                     name = f"{comp}.text_model.encoder.layers.{l}.{_SUB_PATH[sub]}"
                     mod_o = layers_o[l].get_submodule(_SUB_PATH[sub])
@@ -337,7 +365,7 @@ def _unet_stage(model, enc_model, enc: _Encoders, ps: _PromptSet, method: str, o
         rank = X.shape[1]
     else:
         basis = ZeroResidualBasis(X, preserve_matrix(P, X.shape[0], opts.lam, opts.eta_preserve),
-                                  opts.rcond, opts.ridge, opts.cond_limit)
+                                  opts.rcond, opts.ridge, opts.cond_limit, opts.exact_subspace, opts.merge_tol)
         rank = basis.rank
     for block in model.unet_cross_attention_names():
         for sub in opts.unet_sublayers:
@@ -369,6 +397,7 @@ def erase(model, targets, anchors=("",), preserve=(), method: str = "erasepro",
     opts = options or EraseOptions()
     opts.validate()
     require(method in METHODS, f"unknown method {method!r}; use one of {', '.join(METHODS)}.")
+    check_method_options(method, opts)
     targets, anchors, preserve = validate_concepts(targets, anchors, preserve)
     expand = opts.expand_prompts if opts.expand_prompts is not None else method != "uce"
     ps = build_prompts(targets, anchors, preserve, opts, expand)

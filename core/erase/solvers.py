@@ -53,6 +53,18 @@ class ZeroResidualBasis:
     ``ridge=None`` (default) picks automatically with the fallback strength ``FALLBACK_RIDGE``;
     ``ridge=0`` always uses the pseudoinverse; ``ridge>0`` always uses that ridge. The residual is
     measured and reported by the caller either way.
+
+    Options (docs/method.md, "Split solve and column merging"; both off by default):
+    - ``exact_subspace=t`` (``solver = "split"``): the constraint is exact on the principal subspace —
+      the kept directions with ``σ ≥ t·σ_max`` get ``1/σ`` — and a ridge on the rest (``σ/(σ² + μ)``,
+      ``μ = ridge·‖X_wᵀX_w‖_F``, ``ridge=None`` meaning ``FALLBACK_RIDGE``). Equivalently, with
+      ``X_w = U S Vᵀ``: ``(ΔX − R) V_p = 0`` exactly for the principal right singular vectors ``V_p``,
+      and ``Δ`` minimises ``tr(Δ C Δᵀ) + ‖(ΔX − R) V_⊥‖²/μ`` under that constraint.
+    - ``merge_tol=τ``: before the solve, near-identical feature columns are merged greedily in column
+      order: column ``j`` joins the group of the first earlier unassigned leader ``i`` with
+      ``‖x_j − x_i‖ ≤ τ·‖x_i‖``. A group of ``m`` columns becomes one column ``√m·mean(x)`` with target
+      ``√m·mean(r)`` (the √m keeps the group's weight in a ridge), i.e. the constraints are ``Δ X G = R G``
+      for the N × M grouping matrix ``G``. ``τ = 0`` merges exact duplicates only.
     """
 
     X: torch.Tensor                 # d_in × N
@@ -60,9 +72,19 @@ class ZeroResidualBasis:
     rcond: float = 1e-6
     ridge: float | None = None
     cond_limit: float = 1e-2
+    exact_subspace: float | None = None
+    merge_tol: float | None = None
 
     def __post_init__(self):
         X = self.X.to(F64)
+        self._group = None
+        self.columns = int(X.shape[1])       # columns actually solved (after merging)
+        if self.merge_tol is not None and X.shape[1] > 1:
+            G = merge_columns(X, self.merge_tol)
+            if G.shape[1] < X.shape[1]:
+                self._group = G
+                X = X @ G
+                self.columns = int(G.shape[1])
         self._right = None
         if self.C is not None:
             Cis, _ = _inv_sqrt_psd(self.C.to(F64))
@@ -73,24 +95,37 @@ class ZeroResidualBasis:
         U, S, Vh = torch.linalg.svd(Xw, full_matrices=False)
         if S.numel() == 0 or S[0] <= 0:
             self.rank, self.kappa, self.solver = 0, 0.0, "exact"
-            self._left = torch.zeros(X.shape[1], 0, dtype=F64)
+            self._left = torch.zeros(self.X.shape[1], 0, dtype=F64)
             self._down = torch.zeros(0, X.shape[0], dtype=F64)
             return
         keep = S > self.rcond * S[0]
         self.kappa = float(S[keep][-1] / S[0])          # smallest kept σ relative to σ_max
         ridge = self.ridge
-        if ridge is None:
-            ridge = 0.0 if self.kappa >= self.cond_limit else FALLBACK_RIDGE
-        if ridge > 0:
+        Sk = S[keep]
+        self.exact_rank = int(keep.sum())      # directions solved exactly (all of them for "exact")
+        if self.exact_subspace is not None:
+            ridge = FALLBACK_RIDGE if ridge is None else ridge
             mu = ridge * float((Xw.T @ Xw).norm())
-            inv = S[keep] / (S[keep] ** 2 + mu)
-            self.solver = "ridge"
+            principal = Sk >= self.exact_subspace * S[0]
+            inv = torch.where(principal, 1.0 / Sk, Sk / (Sk ** 2 + mu))
+            self.exact_rank = int(principal.sum())
+            self.solver = "split"
         else:
-            inv = 1.0 / S[keep]
-            self.solver = "exact"
+            if ridge is None:
+                ridge = 0.0 if self.kappa >= self.cond_limit else FALLBACK_RIDGE
+            if ridge > 0:
+                mu = ridge * float((Xw.T @ Xw).norm())
+                inv = Sk / (Sk ** 2 + mu)
+                self.solver = "ridge"
+                self.exact_rank = 0
+            else:
+                inv = 1.0 / Sk
+                self.solver = "exact"
         self.rank = int(keep.sum())
-        # Δ = R · V_r diag(inv) · U_rᵀ · (C^{-1/2})
-        self._left = Vh[keep].T * inv          # N × r
+        # Δ = R · G · V_r diag(inv) · U_rᵀ · (C^{-1/2})
+        self._left = Vh[keep].T * inv          # M × r
+        if self._group is not None:
+            self._left = self._group @ self._left      # N × r
         down = U[:, keep].T                    # r × d_in
         self._down = down @ self._right if self._right is not None else down
 
@@ -98,6 +133,30 @@ class ZeroResidualBasis:
         """(ΔW, up, down) with ΔW = up @ down, for the residual target ``R`` (d_out × N)."""
         up = R.to(F64) @ self._left
         return up @ self._down, up, self._down
+
+
+def merge_columns(X: torch.Tensor, tol: float) -> torch.Tensor:
+    """The N × M grouping matrix ``G`` of :class:`ZeroResidualBasis`'s ``merge_tol`` (greedy, in column
+    order; a group of ``m`` columns gets ``1/√m`` in each member's row, so ``X G`` = √m·group mean)."""
+    X = X.to(F64)
+    N = X.shape[1]
+    norms = X.norm(dim=0)
+    # direct differences (not the Gram form), so exact duplicates are at distance 0 and merge at tol = 0
+    D = torch.cdist(X.T, X.T, compute_mode="donot_use_mm_for_euclid_dist")
+    free = torch.ones(N, dtype=torch.bool)
+    groups = []
+    for i in range(N):
+        if not free[i]:
+            continue
+        members = free & (D[i] <= tol * norms[i])
+        members[i] = True
+        idx = members.nonzero().flatten()
+        free[idx] = False
+        groups.append(idx)
+    G = torch.zeros(N, len(groups), dtype=F64)
+    for k, idx in enumerate(groups):
+        G[idx, k] = 1.0 / len(idx) ** 0.5
+    return G
 
 
 @dataclass

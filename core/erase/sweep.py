@@ -1,0 +1,230 @@
+"""``weightsmith bench erase --sweep``: the zero-residual solver's knobs side by side.
+
+docs/erase-sweep.md. On a seeded random SD-architecture model (SD1.5 size by default; ``--family
+sdxl``: the reduced SDXL architecture; ``--quick``: the tiny SD1 model and three settings), the same
+erasure (targets ``van gogh``, ``monet`` → ``art``, preserve ``picasso``) is run with ErasePro under
+each setting of :data:`SWEEP` (plus ``zero-residual`` and ``uce`` for reference), and printed:
+
+- ``ρ edit``: mean over the UNet cross-attention ``to_k``/``to_v`` of
+  ``‖W' X' − W_o Y‖ / ‖W_o (Y − X⁰)‖`` on the edit's own prompts, over **every** paired row
+  (concept, template suffix, EOS and all padding — the rows the UNet reads), whatever the setting
+  solved on; ``X'`` are the target features of the edited encoders, ``X⁰`` of the original ones;
+- ``ρ solved``: the same ratio on the rows the solver was given (``residual_after`` of the report; it
+  differs from ``ρ edit`` when ``max_pad`` drops padding rows);
+- ``ρ held``: as ``ρ edit`` on held-out prompts (other templates and contexts, not used by the edit);
+- ``drift``: mean over the same matrices of ``‖W' P' − W_o P⁰‖ / ‖W_o P⁰‖`` on held-out preserve
+  prompts (the preserve concept in the held-out templates, and ordinary captions not in the shipped
+  preserve list), all tokens;
+- ``‖Δ‖/‖W‖`` per stage: mean over the stage's matrices (each text-encoder layer's ``k_proj``/
+  ``v_proj``; the UNet's cross-attention ``to_k``/``to_v``), and whether it falls with depth
+  (Spearman correlation of the text-encoder layers' values with the layer index, and how many
+  layer-to-layer steps go down).
+
+Random weights carry no meaning: these figures describe the solver on SD-shaped features, not
+erasure quality on a trained model.
+"""
+from __future__ import annotations
+
+import json
+
+from .bench import ANCHOR, HELD_OUT, PRESERVE, TARGETS
+
+# ordinary captions that are not in prompts.PRESERVE_CAPTIONS (held-out preservation)
+DRIFT_CAPTIONS = ("a kitchen with a blue door and a cat on a chair", "two boats on a lake in the morning",
+                  "a child reading a book under a lamp", "a train crossing a bridge in the snow")
+
+# (label, method, EraseOptions fields); the first row is today's default
+SWEEP = (
+    ("auto (default)", "erasepro", {}),
+    ("ridge 0 (exact)", "erasepro", {"ridge": 0}),
+    ("ridge 1e-3", "erasepro", {"ridge": 1e-3}),
+    ("ridge 1e-4", "erasepro", {"ridge": 1e-4}),
+    ("cond_limit 1e-4", "erasepro", {"cond_limit": 1e-4}),
+    ("max_pad 0", "erasepro", {"max_pad": 0}),
+    ("max_pad 4", "erasepro", {"max_pad": 4}),
+    ("max_pad 0, ridge 0", "erasepro", {"max_pad": 0, "ridge": 0}),
+    ("max_pad 4, ridge 0", "erasepro", {"max_pad": 4, "ridge": 0}),
+    ("split 1e-1", "erasepro", {"exact_subspace": 1e-1}),
+    ("split 1e-2", "erasepro", {"exact_subspace": 1e-2}),
+    ("split 1e-3", "erasepro", {"exact_subspace": 1e-3}),
+    ("merge 0.05", "erasepro", {"merge_tol": 0.05}),
+    ("merge 0.05, ridge 0", "erasepro", {"merge_tol": 0.05, "ridge": 0}),
+    ("merge 0.2, ridge 0", "erasepro", {"merge_tol": 0.2, "ridge": 0}),
+    ("max_pad 4, split 1e-2", "erasepro", {"max_pad": 4, "exact_subspace": 1e-2}),
+    ("zero-residual (default)", "zero-residual", {}),
+    ("zero-residual, ridge 0", "zero-residual", {"ridge": 0}),
+    ("uce", "uce", {"expand_prompts": False, "preserve_captions": False}),
+)
+QUICK = ("auto (default)", "ridge 0 (exact)", "split 1e-2")
+# the reduced SDXL run (two encoders, slower per setting): the settings that bracket the SD1 table
+SDXL = ("auto (default)", "ridge 0 (exact)", "ridge 1e-3", "max_pad 4", "max_pad 0, ridge 0", "split 1e-1",
+        "split 1e-2", "merge 0.05", "merge 0.2, ridge 0", "zero-residual (default)", "uce")
+
+
+def _kv_ratios(model, enc_model, deltas, targets, anchors):
+    """Mean over UNet to_k/to_v of ‖W'X' − W_oY‖/‖W_o(Y − X⁰)‖ on every paired row of the prompts."""
+    from .pipeline import _gather
+    from .tokens import align
+
+    tok = model.tokenizers[next(iter(model.tokenizers))]
+    pairs = [align(a.tolist(), b.tolist(), tok.eos_token_id, tok.bos_token_id)
+             for a, b in zip(model.tokenize(targets), model.tokenize(anchors))]
+    tpos, apos = [p.target_pos for p in pairs], [p.anchor_pos for p in pairs]
+    X = _gather(enc_model.encode(targets).context, tpos).double()
+    X0 = _gather(model.encode(targets).context, tpos).double()
+    Y = _gather(model.encode(anchors).context, apos).double()
+    out = []
+    for name in _unet_names(model):
+        W = model.weight(name).double()
+        d = deltas.get(name)
+        Wn = W + d.double() if d is not None else W
+        out.append(float((Wn @ X - W @ Y).norm() / (W @ (Y - X0)).norm()))
+    return sum(out) / len(out)
+
+
+def _drift(model, enc_model, deltas, prompts):
+    c0 = model.encode(prompts).context.double()
+    P0 = c0.reshape(-1, c0.shape[-1]).T
+    P = enc_model.encode(prompts).context.double().reshape(-1, c0.shape[-1]).T
+    out = []
+    for name in _unet_names(model):
+        W = model.weight(name).double()
+        d = deltas.get(name)
+        Wn = W + d.double() if d is not None else W
+        out.append(float((Wn @ P - W @ P0).norm() / (W @ P0).norm()))
+    return sum(out) / len(out)
+
+
+def _unet_names(model):
+    return [f"{b}.{s}" for b in model.unet_cross_attention_names() for s in ("to_k", "to_v")]
+
+
+def _spearman(ys):
+    """Spearman correlation of ys with their index (no ties expected in float data)."""
+    n = len(ys)
+    if n < 3:
+        return float("nan")
+    order = sorted(range(n), key=lambda i: ys[i])
+    rank = [0] * n
+    for r, i in enumerate(order):
+        rank[i] = r
+    d2 = sum((rank[i] - i) ** 2 for i in range(n))
+    return 1 - 6 * d2 / (n * (n * n - 1))
+
+
+def _stage_label(stage: str) -> str:
+    if stage == "unet":
+        return "U"
+    comp, _, layer = stage.partition(".layer")
+    return ("b" if comp.endswith("_2") else "L") + layer
+
+
+def sweep(model, settings=SWEEP, progress=None) -> list[dict]:
+    """Run every setting on ``model``; one result row per setting (see the module docstring)."""
+    from .bench import _encoders_only
+    from .pipeline import EraseOptions, erase
+    from .prompts import PRESERVE_CAPTIONS
+
+    assert not set(DRIFT_CAPTIONS) & set(PRESERVE_CAPTIONS)
+    held_t = [t.format(c) for c in TARGETS for t in HELD_OUT]
+    held_a = [t.format(ANCHOR) for _ in TARGETS for t in HELD_OUT]
+    drift_prompts = [t.format(p) for p in PRESERVE for t in HELD_OUT] + list(DRIFT_CAPTIONS)
+    rows = []
+    for label, method, fields in settings:
+        if progress:
+            progress(label)
+        edit = erase(model, TARGETS, [ANCHOR], PRESERVE, method, EraseOptions(**fields), warn=lambda m: None)
+        enc = _encoders_only(model, edit) if method == "erasepro" else model
+        rep = edit.report
+        stages = {}
+        for s in rep["summary"]:
+            stages[s["stage"]] = s["delta_rel_mean"]
+        unet = [s for s in rep["stages"] if s["stage"] == "unet"]
+        row = {
+            "setting": label, "method": method, "options": fields,
+            "rho_edit": _kv_ratios(model, enc, edit.deltas, rep["prompts"]["targets"], rep["prompts"]["anchors"]),
+            "rho_solved": sum(s["residual_after"] for s in unet) / len(unet),
+            "rho_heldout": _kv_ratios(model, enc, edit.deltas, held_t, held_a),
+            "drift_heldout": _drift(model, enc, edit.deltas, drift_prompts),
+            "delta_rel": stages,
+            "solvers": sorted({s["solver"] for s in rep["stages"]}),
+            "unet_features": unet[0]["features"], "unet_solved_columns": unet[0]["solved_columns"],
+            "unet_rank": unet[0]["rank"], "unet_exact_rank": unet[0]["exact_rank"],
+        }
+        depth = {}
+        for comp in model.text_encoders:
+            ys = [v for k, v in stages.items() if k.startswith(comp + ".layer")]
+            if len(ys) >= 3:
+                depth[comp] = {"spearman": _spearman(ys), "spearman_from_1": _spearman(ys[1:]),
+                               "falls": sum(b < a for a, b in zip(ys, ys[1:])),
+                               "steps": len(ys) - 1, "first": ys[0], "last": ys[-1], "max_layer": ys.index(max(ys))}
+        row["depth"] = depth
+        rows.append(row)
+        del edit, enc
+    return rows
+
+
+def print_table(rows, title, out=print) -> None:
+    out(title)
+    out(f"{'setting':<24}{'solver':>12}{'cols':>11}{'ρ edit':>9}{'ρ solved':>10}{'ρ held':>9}{'drift':>9}"
+        f"{'U ‖Δ‖/‖W‖':>11}{'TE ‖Δ‖/‖W‖':>12}{'depth r':>9}")
+    for r in rows:
+        te = [v for k, v in r["delta_rel"].items() if k != "unet"]
+        dep = [d["spearman"] for d in r["depth"].values()]
+        cols = f"{r['unet_solved_columns']}/{r['unet_features']}"
+        out(f"{r['setting']:<24}{'+'.join(r['solvers']):>12}{cols:>11}{r['rho_edit']:>9.3f}{r['rho_solved']:>10.3f}"
+            f"{r['rho_heldout']:>9.3f}{r['drift_heldout']:>9.4f}{r['delta_rel'].get('unet', 0):>11.4f}"
+            f"{(sum(te) / len(te) if te else float('nan')):>12.4f}"
+            f"{('/'.join(f'{x:+.2f}' for x in dep) if dep else '-'):>9}")
+    labels = list(dict.fromkeys(k for r in rows for k in r["delta_rel"]))
+    out("")
+    out("‖Δ‖/‖W‖ per stage (mean over the stage's matrices; L<l>: text-encoder layer l, b<l>: second "
+        "encoder, U: UNet)")
+    out(f"{'setting':<24}" + "".join(f" {_stage_label(k):>8}" for k in labels))
+    for r in rows:
+        out(f"{r['setting']:<24}" + "".join(
+            f" {r['delta_rel'][k]:>8.4g}" if k in r["delta_rel"] else f" {'-':>8}" for k in labels))
+    out("")
+    out("does ‖Δ‖/‖W‖ fall with depth? (Spearman r of the text-encoder layers' values against the layer index, "
+        "over all layers and from layer 1 on)")
+    for r in rows:
+        for comp, d in r["depth"].items():
+            out(f"depth, {r['setting']}, {comp}: r = {d['spearman']:+.2f} (from layer 1: {d['spearman_from_1']:+.2f}), "
+                f"{d['falls']}/{d['steps']} steps fall, layer 0 {d['first']:.4g}, peak at layer {d['max_layer']}, "
+                f"last {d['last']:.4g}: " + _verdict(d))
+
+
+def _verdict(d) -> str:
+    if d["spearman"] <= -0.8 and d["last"] < d["first"]:
+        return "falls with depth"
+    if d["spearman_from_1"] <= -0.8:
+        return "falls from layer 1 on" + (" (layer 0 lower than the last layer)" if d["first"] < d["last"] else "")
+    return "does not fall with depth"
+
+
+def run_sweep(args) -> int:
+    import sys
+
+    import torch
+
+    from ..random_models import build_random_model
+
+    torch.manual_seed(args.seed)
+    if args.quick:
+        family, size, settings = "sd1", "tiny", [s for s in SWEEP if s[0] in QUICK]
+    else:
+        family = args.family
+        size = "reduced" if family == "sdxl" else args.size
+        settings = [s for s in SWEEP if s[0] in SDXL] if family == "sdxl" else SWEEP
+    model = build_random_model(family, size, seed=args.seed)
+    _ = model.unet
+    rows = sweep(model, settings, progress=None if args.json else
+                 (lambda lab: print(f"  running {lab} …", file=sys.stderr, flush=True)))
+    title = (f"erase solver sweep on the {family} random model, size={size}, seed={args.seed}: targets "
+             f"{', '.join(TARGETS)} → {ANCHOR!r}, preserve {', '.join(PRESERVE)}; UNet means over "
+             f"{len(_unet_names(model))} to_k/to_v matrices")
+    if args.json:
+        print(json.dumps({"model": title, "rows": rows}, indent=2))
+    else:
+        print_table(rows, title)
+    return 0
