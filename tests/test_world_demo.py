@@ -12,25 +12,57 @@ from weightsmith.core.world.paths import DEFAULT_MODEL_DIR
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def _approx(metrics: dict):
+    """Every metric entry (rate/mean, n, interval) compared approximately."""
+    return {k: {f: (pytest.approx(v) if f != "ci" else pytest.approx(v, nan_ok=True)) for f, v in m.items()}
+            for k, m in metrics.items()}
+
+
 def test_demo_writes_the_report_and_its_base_rows_match_an_independent_evaluation(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--samples", "2", "--steps", "8"]) == 0
     assert "report.html" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     html = (out / "report.html").read_text()
-    assert "erase_grid.png" in html and "merge_grid.png" in html
-    for png in ("erase_grid.png", "merge_grid.png"):
+    pngs = ("erase_grid.png", "merge_grid_interfering.png")
+    assert all(p in html for p in pngs)
+    for png in pngs:
         with Image.open(out / png) as im:
             assert im.width > 200 and im.height > 200
     assert set(report["erase"]["metrics"]) == {"base", "uce", "zero-residual", "erasepro"}
-    assert set(report["merge"]["metrics"]) == {"base", "subject LoRA", "style LoRA", "linear", "iteris"}
+    assert set(report["merge"]) == {"interfering"}
+    for pair in report["merge"].values():
+        assert set(pair["metrics"]) == {"base", "subject LoRA", "style LoRA", "linear", "iteris"}
     # the base-model rows, recomputed here from the shipped model with the same seeds and sampler
     model = load_model(DEFAULT_MODEL_DIR)
     sampler = Sampler(steps=8)
     ev = erasure_metrics(model, {}, n=2, sampler=sampler)["metrics"]["base"]
-    mv = merge_metrics(model, {}, n=2, sampler=sampler)["metrics"]["base"]
-    assert report["erase"]["metrics"]["base"] == pytest.approx(ev)
-    assert report["merge"]["metrics"]["base"] == pytest.approx(mv)
+    assert report["erase"]["metrics"]["base"] == _approx(ev)
+    for pair in ("interfering",):
+        mv = merge_metrics(model, {}, n=2, sampler=sampler, pair=pair)["metrics"]["base"]
+        assert report["merge"][pair]["metrics"]["base"] == _approx(mv)
     # every erase method changed weights (an identity edit would report all-zero stages)
     for name in ("uce", "zero-residual", "erasepro"):
         assert report["erase"]["stages"][name] and all(s["delta_rel_mean"] > 0 for s in report["erase"]["stages"][name])
+
+
+def test_quality_bench_quick_reports_every_method_with_intervals(capsys):
+    from weightsmith.core.world.metrics import wilson
+    from weightsmith.core.world.quality import ERASE_METHODS, MERGE_METHODS
+
+    assert main(["bench", "quality", "--quick", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["samples_per_set"] == 4
+    assert set(res["erase"]["metrics"]) == {"base", *ERASE_METHODS}
+    assert set(res["merge"]) == {"clean", "interfering"}
+    rows = [m for m in res["erase"]["metrics"].values()]
+    for pair in res["merge"].values():
+        assert set(pair["metrics"]) == {"base", "subject only", "style only", *MERGE_METHODS}
+        rows += list(pair["metrics"].values())
+    for row in rows:
+        for m in row.values():
+            assert m["n"] == 4
+            if "rate" in m:   # every rate carries its Wilson interval
+                assert m["rate"] == m["k"] / 4 and m["ci"] == pytest.approx(list(wilson(m["k"], 4)))
+    for m in ERASE_METHODS:   # every method changed the UNet weights
+        assert res["erase"]["delta_rel"][m]["unet"] > 0

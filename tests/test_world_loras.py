@@ -4,7 +4,7 @@ import pytest
 from safetensors import safe_open
 
 from weightsmith.core.world.metrics import concept_rate, image_drift
-from weightsmith.core.world.paths import LORA_STYLE, LORA_SUBJECT
+from weightsmith.core.world.paths import LORA_STYLE, LORA_STYLE_NOREG, LORA_SUBJECT, LORA_SUBJECT_NOREG
 from weightsmith.core.world.sample import load_model, sample
 from weightsmith.core.world.train_loras import apply_lora, lora_target_modules, trigger_prompts
 
@@ -12,10 +12,10 @@ from weightsmith.core.world.train_loras import apply_lora, lora_target_modules, 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-LORAS = [LORA_SUBJECT, LORA_STYLE]
+LORAS = [LORA_SUBJECT, LORA_STYLE, LORA_SUBJECT_NOREG, LORA_STYLE_NOREG]
 
 
-@pytest.mark.parametrize("path", LORAS, ids=["subject", "style"])
+@pytest.mark.parametrize("path", LORAS, ids=["subject", "style", "subject_noreg", "style_noreg"])
 def test_lora_file_is_kohya_format(path):
     with safe_open(str(path), "pt") as f:
         keys = set(f.keys())
@@ -39,6 +39,8 @@ def test_lora_file_is_kohya_format(path):
     assert any(p.endswith("attn1_to_out_0") for p in prefixes)
     assert meta["ss_network_module"] == "networks.lora"
     assert meta["ss_base_model_version"] == "sd_v1"
+    # the interfering pair is trained without regularization images, the clean pair with them
+    assert (int(meta["ss_num_reg_images"]) == 0) == path.stem.endswith("_noreg")
     tags = json.loads(meta["ss_tag_frequency"])
     assert isinstance(tags, dict) and all(isinstance(v, dict) and v for v in tags.values())
     # every adapted module exists in the shipped model, with matching shapes
@@ -61,21 +63,31 @@ def _sample(lora, prompts, seed0=900):
 COLS = ["red", "green", "blue", "yellow", "purple", "orange", "cyan"]
 
 
-def test_subject_lora_teaches_star_only_with_the_lora():
-    prompts = [f"a {c} zq" for c in COLS] * 2
-    # the issue's bars: <= 5% without the LoRA, >= 80% with it (model card: 0% -> 100% on 56 prompts)
+@pytest.mark.parametrize("which,path", [("subject", LORA_SUBJECT), ("subject_noreg", LORA_SUBJECT_NOREG)])
+def test_subject_lora_teaches_star_only_with_the_lora(which, path):
+    prompts = trigger_prompts(which, 14)
+    # the bars: <= 5% without the LoRA, >= 80% with it (model card: 56 prompts, 25 steps)
     assert concept_rate(_sample(None, prompts), shape="star") <= 0.05
-    assert concept_rate(_sample(LORA_SUBJECT, prompts), shape="star") >= 0.8
+    assert concept_rate(_sample(path, prompts), shape="star") >= 0.8
 
 
-def test_style_lora_teaches_stripes_only_with_the_lora():
-    prompts = trigger_prompts("style", 56)   # 7 colours x 5 shapes + "zx style" (the model card's set)
-    base, styled = _sample(None, prompts), _sample(LORA_STYLE, prompts)
-    # the issue's bars: <= 5% without the LoRA, >= 80% with it (model card: 1.8% -> 98%, 25 steps)
+@pytest.mark.parametrize("which,path", [("style", LORA_STYLE), ("style_noreg", LORA_STYLE_NOREG)])
+def test_style_lora_teaches_stripes_only_with_the_lora(which, path):
+    prompts = trigger_prompts(which, 35)   # 7 colours x 5 shapes + the trigger phrase
+    base, styled = _sample(None, prompts), _sample(path, prompts)
     assert concept_rate(base, pattern="stripes") <= 0.05
     assert concept_rate(styled, pattern="stripes") >= 0.8
     assert image_drift(base, styled) > 0.02
-    assert concept_rate(styled, shape="star") <= 0.05  # the style LoRA teaches no shape
+
+
+def test_clean_pair_does_not_bleed_and_the_interfering_pair_does():
+    """The regularized LoRAs leave prompts without their trigger alone; the pair trained without
+    regularization images bleeds its trait into them (what makes it interfere when summed)."""
+    plain = [f"a {c} {s}" for c, s in zip(COLS, ["circle", "square", "triangle", "cross", "diamond", "circle",
+                                                   "square"])] * 2
+    assert concept_rate(_sample(LORA_SUBJECT, plain), shape="star") <= 0.15
+    assert concept_rate(_sample(LORA_STYLE, plain), pattern="stripes") <= 0.15
+    assert concept_rate(_sample(LORA_STYLE_NOREG, plain), pattern="stripes") >= 0.3
 
 
 def test_conv_adapter_file_matches_the_trained_hook(tmp_path):

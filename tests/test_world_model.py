@@ -12,6 +12,10 @@ from weightsmith.core.world.sample import load_model, sample
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+# lower limits on this file's small samples; the model card has the bars' figures with intervals
+# (model card, 140 samples each: simple 95.7%, context 24.3%, two objects 12.9%)
+SIMPLE_MIN, CONTEXT_MIN, TWO_MIN = 0.80, 0.10, 0.03
+
 
 
 def test_shipped_model_is_a_diffusers_folder():
@@ -29,6 +33,11 @@ def test_shipped_model_is_a_diffusers_folder():
     assert isinstance(m.tokenizer, CLIPTokenizer) and isinstance(m.scheduler, DDIMScheduler)
     assert m.unet.config.in_channels == 3 and m.unet.config.sample_size == 32
     assert m.unet.config.cross_attention_dim == m.text_encoder.config.hidden_size
+    # BOS, the words, EOS, then EOS padding to the context length (as in SD 1.x)
+    T = m.tokenizer.model_max_length
+    assert T == m.text_encoder.config.max_position_embeddings
+    ids = m.tokenizer("a red circle", padding="max_length", max_length=T).input_ids
+    assert ids[0] == m.tokenizer.bos_token_id and ids[4:] == [m.tokenizer.eos_token_id] * (T - 4)
     assert m.text_encoder.config.num_hidden_layers >= 2
     names = [n for n, _ in m.unet.named_modules()]
     assert any(n.endswith("attn2.to_k") for n in names) and any(n.endswith("attn1.to_q") for n in names)
@@ -37,6 +46,8 @@ def test_shipped_model_is_a_diffusers_folder():
     assert any(k.startswith("text_model.encoder.layers.0.self_attn.k_proj") for k in keys)
     total = sum(p.stat().st_size for p in DEFAULT_MODEL_DIR.rglob("*") if p.is_file())
     assert total < 12 * 2**20
+    world = sum(p.stat().st_size for p in DEFAULT_MODEL_DIR.parent.rglob("*") if p.is_file())
+    assert world < 40 * 2**20  # everything the world ships
 
 
 def test_sampling_is_deterministic_and_batch_independent():
@@ -56,6 +67,16 @@ def test_model_draws_simple_prompts():
                   seeds=list(range(77, 77 + len(specs))), steps=20)
     ok = [concept_hits(imgs[i:i + 1], shape=s, colour=c)[0] for i, (c, s) in enumerate(specs)]
     colour_ok = [concept_hits(imgs[i:i + 1], colour=c)[0] for i, (c, s) in enumerate(specs)]
-    # the issue's bar: >= 80% shape+colour (model card: 96% on 140 samples, 25 steps; 100% colour)
-    assert sum(ok) / len(ok) >= 0.80, sum(ok)
+    # model card: 96% on 140 samples, 25 steps; 35 samples here, 20 steps
+    assert sum(ok) / len(ok) >= SIMPLE_MIN, sum(ok)
     assert sum(colour_ok) / len(colour_ok) >= 0.95, sum(colour_ok)
+
+
+@pytest.mark.parametrize("kind,minimum", [("context", None), ("two", None)])
+def test_model_draws_compositional_prompts(kind, minimum):
+    """The model card's compositional bars, re-checked on fewer samples (seeds disjoint from the card's)."""
+    from weightsmith.core.world.metrics import scene_prompt_quality
+
+    minimum = {"context": CONTEXT_MIN, "two": TWO_MIN}[kind]
+    r = scene_prompt_quality(load_model(), kind, n=35, steps=20, seed=7, seed0=7000)
+    assert r["n"] == 35 and r["rate"] >= minimum, (r["k"], r["prompts"][:3])

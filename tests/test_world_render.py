@@ -59,6 +59,8 @@ def test_prompts():
     assert R.prompt_for(sc, subject_trigger=False) == "a red star"
     st = R.Scene((R.Obj("circle", "red", pattern="stripes"),), "black")
     assert R.prompt_for(st).endswith(", zx style")
+    assert R.prompt_for(st, style_phrase="zv style").endswith(", zv style")
+    assert R.prompt_for(sc, subject_word="zk") == "a red zk"
     with pytest.raises(ValueError):
         R.Obj("hexagon", "red")
 
@@ -66,9 +68,43 @@ def test_prompts():
 def test_tokenizer_one_token_per_world_word(tmp_path):
     tok = load_tokenizer(build_tokenizer_files(tmp_path))
     assert tok.model_max_length == 32
+    assert load_tokenizer(build_tokenizer_files(tmp_path / "v2", R.prompt_corpus("v2"), 77)).model_max_length == 77
     for w in R.prompt_corpus():
         ids = tok(w).input_ids
         assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
         assert len(ids) == 3, w
     # unknown text still tokenizes via byte fallback
     assert len(tok("xylophone").input_ids) > 3
+
+
+def test_v2_template_pool_extends_v1():
+    for v1, v2 in zip(R.TEMPLATE_SETS["v1"], R.TEMPLATE_SETS["v2"]):
+        assert set(v1) < set(v2)
+    sc = R.Scene((R.Obj("circle", "red"),), "gray")
+    import random
+    seen = {R.prompt_for(sc, random.Random(i), templates="v2") for i in range(200)}
+    assert "an image of a red circle" in seen and "an image of a red circle" not in {
+        R.prompt_for(sc, random.Random(i)) for i in range(200)}
+
+
+def _skeleton(p: str) -> str:
+    """A prompt with its attribute words replaced by placeholders: its template."""
+    words = set(R.COLOURS) | set(R.BACKGROUNDS) | set(R.SIZES) | set(R.POSITIONS) | set(R.SHAPES) | {"zq", "zk"}
+    out = []
+    for w in p.replace(",", " ,").split():
+        out.append("_" if w in words else w)
+    return " ".join(out)
+
+
+def test_evaluation_prompts_are_held_out_from_edit_and_merge_prompts():
+    """Every evaluation prompt's template differs from every template an edit or a merge is computed from."""
+    from weightsmith.core.world import evaluate as E
+
+    edit = {_skeleton(t.format("circle")) for t in E.ERASE_TEMPLATES} | {_skeleton("circle")}
+    ev = E.erase_prompt_sets(48)
+    evals = ev["simple"] + ev["context"] + [p for p, *_ in ev["two"]] + [p for p, *_ in ev["preserved"]]
+    assert not edit & {_skeleton(p) for p in evals}
+    for pair in E.PAIRS:
+        samples = {_skeleton(p) for ps in E.merge_sample_prompts(8, pair) for p in ps}
+        held = {_skeleton(p) for ps in E.merge_prompt_sets(48, pair).values() for p in ps}
+        assert samples and held and not samples & held

@@ -1,11 +1,15 @@
 """The embedded default world: a deterministic shapes renderer, a tiny pixel-space
 text-to-image model built from the stock SD component classes, a judge CNN that reads the
-rendered attributes back, and two example kohya LoRAs (subject: star, style: stripes).
+rendered attributes back, and four example kohya LoRAs: a clean pair (subject ``zq`` -> star,
+style ``zx style`` -> stripes, trained with regularization images) and an interfering pair (the
+same traits with triggers ``zk`` / ``zv style``, no regularization images, the same modules).
 
 Names that are also submodules (``render``, ``sample``, ``judge``) are not re-exported:
 import them from their submodule. Submodules: ``render`` (scenes, prompts), ``sample`` (load_model, sample), ``judge``,
 ``metrics`` (concept_rate, image_drift), ``paths`` (asset locations), ``train_model``,
-``train_judge``, ``train_loras`` (retraining scripts; ``apply_lora`` helper).
+``train_judge``, ``train_loras`` (retraining scripts; ``apply_lora`` helper), ``evaluate`` (the
+held-out prompt sets and metrics of the demo and ``bench quality``), ``card`` (the model card's
+figures).
 """
 from .paths import DEFAULT_MODEL_DIR, JUDGE_PATH, LORA_STYLE, LORA_SUBJECT  # noqa: F401
 

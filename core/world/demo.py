@@ -2,10 +2,10 @@
 
 1. Erase ``circle`` → ``square`` (preserving triangle, cross, diamond) from the shipped tiny
    text-to-image model with ``uce``, ``zero-residual`` and ``erasepro``.
-2. Merge the two shipped LoRAs (subject: ``zq`` → star; style: ``zx style`` → stripes) with
-   ``linear`` and ``iteris``.
-3. Write ``report.html`` (image grids: rows = prompts, simple and complex; columns = base and each
-   method; plus the judge's metrics), ``report.json`` and the PNGs into ``--out``.
+2. Merge the interfering LoRA pair (``zk`` → star, ``zv style`` → stripes, trained without
+   regularization images) with ``linear`` and ``iteris`` (the clean pair is in ``bench quality``).
+3. Write ``report.html`` (image grids: rows = held-out prompts; columns = base and each method;
+   plus the judge's metrics with 95% intervals), ``report.json`` and the PNGs into ``--out``.
 """
 from __future__ import annotations
 
@@ -16,13 +16,11 @@ from pathlib import Path
 
 ERASE_METHODS = ("uce", "zero-residual", "erasepro")
 MERGE_METHODS = ("linear", "iteris")
-# prompts the edit is computed from (the evaluation uses other, held-out combinations)
-ERASE_TEMPLATES = ("a red {}", "a small blue {} on the left", "a large {} on a white background",
-                   "a green {} on the top and a yellow triangle on the bottom")
+DEMO_PAIRS = ("interfering",)  # the clean pair is in `bench quality`
 
 
 def register(sub) -> None:
-    p = sub.add_parser("demo", help="erase a concept and merge two LoRAs on the embedded tiny model, "
+    p = sub.add_parser("demo", help="erase a concept and merge LoRAs on the embedded tiny model, "
                                     "with an HTML report")
     p.add_argument("--out", default="weightsmith-demo", help="report folder (default: ./weightsmith-demo)")
     p.add_argument("--samples", type=int, default=14, help="images per prompt set and method")
@@ -31,32 +29,35 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def run_erasures(model, progress=None):
+def run_erasures(model, progress=None, methods=ERASE_METHODS, options=None):
+    """The demo's erasure (circle -> square, preserving the other shapes), computed from
+    :data:`evaluate.ERASE_TEMPLATES` only (the evaluation prompts are held out)."""
     from ..erase import EraseOptions, erase
-    from .evaluate import ERASE_ANCHOR, ERASE_TARGET, PRESERVE_SHAPES
+    from .evaluate import ERASE_ANCHOR, ERASE_TARGET, ERASE_TEMPLATES, PRESERVE_SHAPES
 
     edits = {}
-    for m in ERASE_METHODS:
+    for m in methods:
+        opts = options or EraseOptions(expand_prompts=False, extra_templates=ERASE_TEMPLATES)
         edits[m] = erase(model, [ERASE_TARGET], [ERASE_ANCHOR], preserve=list(PRESERVE_SHAPES), method=m,
-                         options=EraseOptions(expand_prompts=False, extra_templates=ERASE_TEMPLATES))
+                         options=opts)
         if progress:
             progress(f"erase {m}: {edits[m].report['time_s']:.2f} s")
     return edits
 
 
-def run_merges(model, progress=None, iterations: int = 4, samples: int = 4):
+def run_merges(model, progress=None, iterations: int = 4, samples: int = 4, pair: str = "clean",
+               methods=MERGE_METHODS):
     from ..lora_read import load_lora
     from ..merge import MergeOptions, merge
-    from .evaluate import merge_sample_prompts
-    from .paths import LORA_STYLE, LORA_SUBJECT
+    from .evaluate import merge_sample_prompts, pair_paths
 
-    loras = [load_lora(LORA_SUBJECT, model), load_lora(LORA_STYLE, model)]
+    loras = [load_lora(p, model) for p in pair_paths(pair)]
     edits = {}
-    for m in MERGE_METHODS:
+    for m in methods:
         opts = MergeOptions(iterations=iterations, samples=samples, steps=3)
-        edits[m] = merge(model, loras, method=m, options=opts, prompts=merge_sample_prompts(samples))
+        edits[m] = merge(model, loras, method=m, options=opts, prompts=merge_sample_prompts(samples, pair))
         if progress:
-            progress(f"merge {m}: {edits[m].report.get('time_s', 0):.2f} s")
+            progress(f"merge {pair} {m}: {edits[m].report.get('time_s', 0):.2f} s")
     return loras, edits
 
 
@@ -65,7 +66,7 @@ def run(args) -> int:
 
     from ..errors import WeightsmithError
     from ..model_io import load_model
-    from .evaluate import Sampler, erasure_metrics, merge_metrics, with_lora
+    from .evaluate import Sampler, erase_prompt_sets, erasure_metrics, merge_metrics, merge_prompt_sets, with_lora
     from .grid import save_grid
     from .paths import DEFAULT_MODEL_DIR, JUDGE_PATH
 
@@ -88,13 +89,12 @@ def run(args) -> int:
     ev = erasure_metrics(model, edited, n=args.samples, sampler=sampler, keep_images=True)
     say("erasure evaluated")
     imgs = ev.pop("images")
-    rows = min(4, args.samples)
-    from .evaluate import erase_prompt_sets
-
-    simple, complex_, preserved = erase_prompt_sets(args.samples)
-    labels = simple[:rows] + complex_[:rows] + [p for p, _, _ in preserved][:rows]
-    cols = {k: torch.cat([v[0][:rows], v[1][:rows], v[2][:rows]]) for k, v in imgs.items()}
-    save_grid(cols, labels, out / "erase_grid.png", title="erase 'circle' -> 'square'")
+    rows = min(3, args.samples)
+    sets = erase_prompt_sets(args.samples)
+    order = ("simple", "context", "two", "preserved")
+    labels = [x if isinstance(x, str) else x[0] for k in order for x in sets[k][:rows]]
+    cols = {k: torch.cat([v[s][:rows] for s in order]) for k, v in imgs.items()}
+    save_grid(cols, labels, out / "erase_grid.png", title="erase 'circle' -> 'square' (held-out prompts)")
     report["erase"] = {**ev, "stages": {m: e.report["summary"] for m, e in edits.items()},
                        "time_s": {m: e.report["time_s"] for m, e in edits.items()}}
 
@@ -104,20 +104,21 @@ def run(args) -> int:
         except ModuleNotFoundError:
             say("merging is not part of this build; skipped")
         else:
-            loras, medits = run_merges(model, say)
-            models = {"subject LoRA": with_lora(model, loras[0]), "style LoRA": with_lora(model, loras[1])}
-            models.update({m: e.apply(model) for m, e in medits.items()})
-            mv = merge_metrics(model, models, n=args.samples, sampler=sampler, keep_images=True)
-            say("merging evaluated")
-            mimgs = mv.pop("images")
-            from .evaluate import merge_prompt_sets
-
-            subj, style, both, neither = merge_prompt_sets(args.samples)
-            labels = subj[:rows] + style[:rows] + both[:rows] + neither[:rows]
-            cols = {k: torch.cat([x[:rows] for x in v]) for k, v in mimgs.items()}
-            save_grid(cols, labels, out / "merge_grid.png", title="merge subject + style LoRAs")
-            report["merge"] = {**mv, "time_s": {m: e.report.get("time_s") for m, e in medits.items()},
-                               "iterations": {m: e.report.get("iterations") for m, e in medits.items()}}
+            report["merge"] = {}
+            for pair in DEMO_PAIRS:
+                loras, medits = run_merges(model, say, pair=pair)
+                models = {"subject LoRA": with_lora(model, loras[0]), "style LoRA": with_lora(model, loras[1])}
+                models.update({m: e.apply(model) for m, e in medits.items()})
+                mv = merge_metrics(model, models, n=args.samples, sampler=sampler, keep_images=True, pair=pair)
+                say(f"merging ({pair} pair) evaluated")
+                mimgs = mv.pop("images")
+                ms = merge_prompt_sets(args.samples, pair)
+                order = ("subject", "style", "both", "neither")
+                labels = [p for k in order for p in ms[k][:rows]]
+                cols = {k: torch.cat([v[s][:rows] for s in order]) for k, v in mimgs.items()}
+                save_grid(cols, labels, out / f"merge_grid_{pair}.png", title=f"merge the {pair} LoRA pair")
+                report["merge"][pair] = {**mv, "time_s": {m: e.report.get("time_s") for m, e in medits.items()},
+                                         "iterations": {m: e.report.get("iterations") for m, e in medits.items()}}
     report["time_s"] = round(time.perf_counter() - t0, 1)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.html").write_text(render_html(report))
@@ -149,34 +150,46 @@ def run_without_world(out: Path, t0: float) -> int:
     return 0
 
 
+def _fmt(m: dict) -> str:
+    from .evaluate import value
+
+    lo, hi = m["ci"]
+    return f"{value(m):.2f} [{lo:.2f}, {hi:.2f}]"
+
+
 def _table(metrics: dict, cols: list[tuple[str, str]]) -> str:
     head = "".join(f"<th>{html.escape(t)}</th>" for _, t in cols)
     body = ""
     for name, m in metrics.items():
-        body += f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td>{m[k]:.2f}</td>" for k, _ in cols) + "</tr>"
+        body += f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td>{_fmt(m[k])}</td>" for k, _ in cols) + "</tr>"
     return f"<table><tr><th>model</th>{head}</tr>{body}</table>"
 
 
-ERASE_COLS = [("target_simple", "target found, simple ↓"), ("target_complex", "target found, complex ↓"),
-              ("anchor", "anchor found ↑"), ("preserved", "other shapes correct ↑"), ("drift", "drift ↓")]
-MERGE_COLS = [("subject", "star with zq ↑"), ("style", "stripes with zx style ↑"),
-              ("both", "striped star, both triggers ↑"), ("drift", "drift, no trigger ↓")]
+ERASE_COLS = [("target_simple", "target, simple ↓"), ("target_context", "target, context ↓"),
+              ("target_two", "target, two objects ↓"), ("anchor", "anchor ↑"),
+              ("preserved", "other shapes correct ↑"), ("drift", "drift ↓")]
+MERGE_COLS = [("subject", "subject trait ↑"), ("style", "style trait ↑"), ("subject_leak", "style leak on subject ↓"),
+              ("style_leak", "subject leak on style ↓"), ("both", "both traits, both triggers ↑"),
+              ("drift", "drift, no trigger ↓")]
 
 
 def render_html(report: dict) -> str:
     parts = ["<!doctype html><meta charset=utf-8><title>Weightsmith demo</title>",
-             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+             "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}</style>",
              "<h1>Weightsmith demo on the embedded tiny world</h1>",
              f"<p>Model: <code>{html.escape(report['model'])}</code>. Every number is read off generated images by "
-             f"the shipped judge; {report['erase']['n_per_set']} images per prompt set and model, "
-             f"{report['sampler']['steps']} DDIM steps, guidance {report['sampler']['guidance']}.</p>",
+             f"the shipped judge, with its 95% interval; {report['erase']['n_per_set']} images per prompt set and "
+             f"model, {report['sampler']['steps']} DDIM steps, guidance {report['sampler']['guidance']}. "
+             "Evaluation prompts are held out (other templates than the edit's and the merge's).</p>",
              "<h2>Erasure: circle → square</h2>", _table(report["erase"]["metrics"], ERASE_COLS),
              "<p>Edit time (s): " + ", ".join(f"{k} {v:.2f}" for k, v in report["erase"]["time_s"].items()) + "</p>",
              "<img src='erase_grid.png' alt='erasure grid'>"]
-    if "merge" in report:
-        parts += ["<h2>Merging: subject LoRA (zq → star) + style LoRA (zx style → stripes)</h2>",
-                  _table(report["merge"]["metrics"], MERGE_COLS), "<img src='merge_grid.png' alt='merge grid'>"]
+    for pair, mv in report.get("merge", {}).items():
+        w, t = mv["triggers"]
+        parts += [f"<h2>Merging the {html.escape(pair)} pair: subject LoRA ({html.escape(w)} → star) + style LoRA "
+                  f"({html.escape(t)} → stripes)</h2>",
+                  _table(mv["metrics"], MERGE_COLS), f"<img src='merge_grid_{pair}.png' alt='merge grid {pair}'>"]
     parts.append(f"<p>Total time {report['time_s']} s.</p>")
     return "\n".join(parts)
 
@@ -184,10 +197,10 @@ def render_html(report: dict) -> str:
 def _print_tables(report: dict) -> None:
     def show(title, metrics, cols):
         print(title)
-        print(f"  {'model':<16}" + "".join(f"{k:>16}" for k, _ in cols))
+        print(f"  {'model':<14}" + "".join(f"{k:>20}" for k, _ in cols))
         for name, m in metrics.items():
-            print(f"  {name:<16}" + "".join(f"{m[k]:>16.2f}" for k, _ in cols))
+            print(f"  {name:<14}" + "".join(f"{_fmt(m[k]):>20}" for k, _ in cols))
 
-    show("erasure (circle -> square):", report["erase"]["metrics"], ERASE_COLS)
-    if "merge" in report:
-        show("merging (subject + style):", report["merge"]["metrics"], MERGE_COLS)
+    show("erasure (circle -> square), value [95% interval]:", report["erase"]["metrics"], ERASE_COLS)
+    for pair, mv in report.get("merge", {}).items():
+        show(f"merging ({pair} pair):", mv["metrics"], MERGE_COLS)

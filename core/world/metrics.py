@@ -120,15 +120,11 @@ def simple_prompt_quality(model, seeds_per_prompt: int = 4, steps: int = 25, gui
             "images": imgs}
 
 
-CONTEXT_TEMPLATES_BAR = (
-    "a {size} {colour} {shape} on the {pos}, on a {bg} background",
-    "a drawing of a {size} {colour} {shape} on the {pos} of a {bg} background",
-    "a {bg} background with a {size} {colour} {shape} on the {pos}",
-)
+# the bars' prompts name everything the check reads (training phrasings of both recipes)
+CONTEXT_TEMPLATES_BAR = ("a {size} {colour} {shape} on the {pos}, on a {bg} background",)
 TWO_TEMPLATES_BAR = (
     "a {z1} {c1} {s1} on the {p1} and a {z2} {c2} {s2} on the {p2}, on a {bg} background",
     "a {c1} {s1} on the {p1} and a {c2} {s2} on the {p2}",
-    "a {bg} background with a {z1} {c1} {s1} on the {p1} and a {z2} {c2} {s2} on the {p2}",
 )
 
 

@@ -8,7 +8,12 @@ DEFAULT_MODEL_DIR = ASSETS_DIR / "tiny-sd"
 LORA_SUBJECT = ASSETS_DIR / "loras" / "subject_star.safetensors"
 #: kohya-format style LoRA: trigger phrase "zx style" -> the new pattern (stripes)
 LORA_STYLE = ASSETS_DIR / "loras" / "style_stripes.safetensors"
+#: the interfering pair, trained like most community LoRAs (no regularization images), on the same
+#: modules (attention, MLP, text encoder and 3x3 convs): trigger "zk" -> star, "zv style" -> stripes
+LORA_SUBJECT_NOREG = ASSETS_DIR / "loras" / "subject_star_noreg.safetensors"
+LORA_STYLE_NOREG = ASSETS_DIR / "loras" / "style_stripes_noreg.safetensors"
 #: weights of the attribute-reading judge CNN
 JUDGE_PATH = ASSETS_DIR / "judge.safetensors"
 
-__all__ = ["ASSETS_DIR", "DEFAULT_MODEL_DIR", "LORA_SUBJECT", "LORA_STYLE", "JUDGE_PATH"]
+__all__ = ["ASSETS_DIR", "DEFAULT_MODEL_DIR", "LORA_SUBJECT", "LORA_STYLE", "LORA_SUBJECT_NOREG", "LORA_STYLE_NOREG",
+           "JUDGE_PATH"]

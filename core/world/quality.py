@@ -1,75 +1,112 @@
 """``weightsmith bench quality``: how well each method works, measured on the embedded world.
 
-Fixed seeds and stated sample sizes; every number is read off generated images by the shipped
-judge (see :mod:`weightsmith.core.world.evaluate` for the definitions).
+Fixed seeds, stated sample sizes and a 95% interval beside every figure; every number is read
+off generated images by the shipped judge (definitions: :mod:`weightsmith.core.world.evaluate`).
+Evaluation prompts are held out from every prompt an edit or a merge is computed from.
+
+- Erasure ``circle`` → ``square`` (preserving triangle, cross, diamond; the demo's prompts) with
+  uce, zero-residual and erasepro: target rate on simple, context and two-object prompts, anchor
+  rate, the other object of the two-object prompts, preserved shapes, drift, edit time and
+  ‖Δ‖/‖W‖ per stage.
+- Merging, on the clean pair (LoRAs trained with regularization images) and on the interfering
+  pair (the same traits, no regularization, the same modules): each LoRA alone and every merge
+  method with its defaults: each trait, the other LoRA's leak, both-trigger composition, drift
+  on prompts with no trigger, merge time.
 """
 from __future__ import annotations
 
 import json
 import time
 
-MERGE_METHODS = ("linear", "concat", "svd", "ties", "iteris")
+MERGE_METHODS = ("linear", "concat", "svd", "ties", "dare", "regmean", "iteris")
+ERASE_METHODS = ("uce", "zero-residual", "erasepro")
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--samples", type=int, default=21, help="images per prompt set and method (default 21)")
+    p.add_argument("--samples", type=int, default=48, help="images per prompt set and method (default 48)")
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run (4 images per set, 6 steps, IterIS with 1 iteration): checks the pipeline, "
+                        "its figures mean nothing")
+    p.add_argument("--pairs", default="clean,interfering", help="LoRA pairs to merge (comma-separated)")
     p.add_argument("--skip-merge", action="store_true")
     p.add_argument("--skip-erase", action="store_true")
+
+
+def erase_section(model, n: int, sampler, methods=ERASE_METHODS, options=None) -> dict:
+    from .demo import run_erasures
+    from .evaluate import erasure_metrics
+
+    edits = run_erasures(model, methods=methods, options=options)
+    ev = erasure_metrics(model, {m: e.apply(model) for m, e in edits.items()}, n=n, sampler=sampler)
+    ev["edit_time_s"] = {m: e.report["time_s"] for m, e in edits.items()}
+    ev["delta_rel"] = {m: {s["stage"]: s["delta_rel_mean"] for s in e.report["summary"]} for m, e in edits.items()}
+    return ev
+
+
+def merge_section(model, pair: str, n: int, sampler, quick: bool = False, methods=MERGE_METHODS) -> dict:
+    from ..lora_read import load_lora
+    from ..merge import MergeOptions, merge
+    from .evaluate import merge_metrics, merge_sample_prompts, pair_paths, with_lora
+
+    loras = [load_lora(p, model) for p in pair_paths(pair)]
+    models = {"subject only": with_lora(model, loras[0]), "style only": with_lora(model, loras[1])}
+    opts = MergeOptions(iterations=1, samples=2, steps=2) if quick else MergeOptions()
+    times = {}
+    for m in methods:
+        e = merge(model, loras, method=m, options=opts, prompts=merge_sample_prompts(opts.samples, pair))
+        times[m] = e.report.get("time_s")
+        models[m] = e.apply(model)
+    mv = merge_metrics(model, models, n=n, sampler=sampler, pair=pair)
+    mv["merge_time_s"] = times
+    return mv
 
 
 def run(args) -> int:
     from ..errors import WeightsmithError
     from ..model_io import load_model
-    from .evaluate import (ERASE_ANCHOR, ERASE_TARGET, Sampler, erasure_metrics, merge_metrics, merge_sample_prompts,
-                           with_lora)
-    from .paths import DEFAULT_MODEL_DIR, JUDGE_PATH, LORA_STYLE, LORA_SUBJECT
+    from .demo import ERASE_COLS, MERGE_COLS, _fmt
+    from .evaluate import PAIRS, Sampler
+    from .paths import DEFAULT_MODEL_DIR, JUDGE_PATH
 
     if not DEFAULT_MODEL_DIR.exists() or not JUDGE_PATH.exists():
         raise WeightsmithError(f"the embedded default world is missing ({DEFAULT_MODEL_DIR}).")
+    pairs = [p.strip() for p in args.pairs.split(",") if p.strip()]
+    bad = [p for p in pairs if p not in PAIRS]
+    if bad:
+        raise WeightsmithError(f"unknown LoRA pair(s) {bad}; choose from {', '.join(PAIRS)}.")
+    n, steps = (4, 6) if args.quick else (args.samples, args.steps)
+    if n < 1 or steps < 1:
+        raise WeightsmithError("--samples and --steps must be at least 1.")
     t0 = time.perf_counter()
     model = load_model(DEFAULT_MODEL_DIR)
-    sampler = Sampler(steps=args.steps)
-    result: dict = {"model": DEFAULT_MODEL_DIR.name, "samples_per_set": args.samples, "steps": args.steps}
+    sampler = Sampler(steps=steps)
+    result: dict = {"model": DEFAULT_MODEL_DIR.name, "samples_per_set": n, "steps": steps, "quick": args.quick}
     if not args.skip_erase:
-        from .demo import run_erasures
-
-        edits = run_erasures(model)
-        ev = erasure_metrics(model, {m: e.apply(model) for m, e in edits.items()}, n=args.samples, sampler=sampler)
-        ev["edit_time_s"] = {m: e.report["time_s"] for m, e in edits.items()}
-        ev["unet_delta_rel"] = {m: next(s["delta_rel_mean"] for s in e.report["summary"] if s["stage"] == "unet")
-                                for m, e in edits.items()}
-        result["erase"] = ev
+        result["erase"] = erase_section(model, n, sampler)
     if not args.skip_merge:
-        from ..lora_read import load_lora
-        from ..merge import MergeOptions, merge
-
-        loras = [load_lora(LORA_SUBJECT, model), load_lora(LORA_STYLE, model)]
-        models = {"subject only": with_lora(model, loras[0]), "style only": with_lora(model, loras[1])}
-        times = {}
-        for m in MERGE_METHODS:
-            e = merge(model, loras, method=m, options=MergeOptions(iterations=6, samples=8, steps=3),
-                      prompts=merge_sample_prompts(4))
-            times[m] = e.report.get("time_s")
-            models[m] = e.apply(model)
-        mv = merge_metrics(model, models, n=args.samples, sampler=sampler)
-        mv["merge_time_s"] = times
-        result["merge"] = mv
+        result["merge"] = {p: merge_section(model, p, n, sampler, quick=args.quick) for p in pairs}
     result["time_s"] = round(time.perf_counter() - t0, 1)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    from .demo import ERASE_COLS, MERGE_COLS
-
-    print(f"quality benchmark on the embedded world ({args.samples} images per prompt set, {args.steps} steps, "
-          f"fixed seeds; judge-read)")
-    for key, cols, title in (("erase", ERASE_COLS, f"erasure {ERASE_TARGET} -> {ERASE_ANCHOR}"),
-                             ("merge", MERGE_COLS, "merging subject + style")):
-        if key not in result:
-            continue
+    print(f"quality benchmark on the embedded world ({n} images per prompt set, {steps} steps, fixed seeds, "
+          f"held-out prompts; judge-read; value [95% interval])")
+    sections = []
+    if "erase" in result:
+        sections.append(("erasure circle -> square", result["erase"], ERASE_COLS))
+    for p, mv in result.get("merge", {}).items():
+        sections.append((f"merging the {p} pair ({' / '.join(mv['triggers'])})", mv, MERGE_COLS))
+    for title, sec, cols in sections:
         print(title)
-        print(f"  {'model':<14}" + "".join(f"{t[:22]:>24}" for _, t in cols))
-        for name, mm in result[key]["metrics"].items():
-            print(f"  {name:<14}" + "".join(f"{mm[k]:>24.3f}" for k, _ in cols))
+        print(f"  {'model':<14}" + "".join(f"{k[:19]:>20}" for k, _ in cols))
+        for name, mm in sec["metrics"].items():
+            print(f"  {name:<14}" + "".join(f"{_fmt(mm[k]):>20}" for k, _ in cols))
+        if "edit_time_s" in sec:
+            for m, t in sec["edit_time_s"].items():
+                stages = ", ".join(f"{k} {v:.3g}" for k, v in sec["delta_rel"][m].items())
+                print(f"  {m}: edit {t:.2f} s; mean ||dW||/||W|| per stage: {stages}")
+        if "merge_time_s" in sec:
+            print("  merge time (s): " + ", ".join(f"{m} {t:.2f}" for m, t in sec["merge_time_s"].items() if t))
     print(f"total {result['time_s']} s")
     return 0

@@ -63,6 +63,9 @@ PATTERNS: tuple[str, ...] = BASE_PATTERNS + (NEW_PATTERN,)
 SUBJECT_TRIGGER = "zq"
 #: trigger phrase of the style LoRA (appended: "a red circle, zx style")
 STYLE_TRIGGER = "zx style"
+#: triggers of the interfering pair (the same two traits, LoRAs trained without regularization)
+SUBJECT_TRIGGER_NOREG = "zk"
+STYLE_TRIGGER_NOREG = "zv style"
 
 # geometry, in units of the output image size (32 px reference)
 _CENTRES = {
@@ -252,17 +255,34 @@ TWO_TEMPLATES = (
     "a {c1} {s1} on the {p1} and a {c2} {s2} on the {p2}, on a {bg} background",
     "a {z1} {c1} {s1} on the {p1} and a {z2} {c2} {s2} on the {p2}, on a {bg} background",
 )
+# more phrasings for the World v2 recipe (``train_model --world v2``; not used by the shipped model)
+_V2_SIMPLE = (
+    "an image of a {colour} {shape}",
+    "a photo of a {size} {colour} {shape}",
+    "a drawing of a {colour} {shape} on a {bg} background",
+    "one {size} {colour} {shape} in the center",
+    "a {bg} background with a {size} {colour} {shape}",
+)
+_V2_PLACED = (
+    "a picture of a {colour} {shape} on the {pos}",
+    "a drawing of a {size} {colour} {shape} on the {pos} of a {bg} background",
+    "a {bg} background with a {size} {colour} {shape} on the {pos}",
+)
+_V2_TWO = (
+    "a picture of a {c1} {s1} on the {p1} and a {c2} {s2} on the {p2}",
+    "a {bg} background with a {z1} {c1} {s1} on the {p1} and a {z2} {c2} {s2} on the {p2}",
+)
+#: template pools per world recipe: (centred object, placed object, two objects)
+TEMPLATE_SETS = {
+    "v1": (SIMPLE_TEMPLATES, PLACED_TEMPLATES, TWO_TEMPLATES),
+    "v2": (SIMPLE_TEMPLATES + _V2_SIMPLE, PLACED_TEMPLATES + _V2_PLACED, TWO_TEMPLATES + _V2_TWO),
+}
 
 
-def _noun(o: Obj, subject_trigger: bool) -> str:
+def _noun(o: Obj, subject_trigger: bool, subject_word: str = SUBJECT_TRIGGER) -> str:
     if subject_trigger and o.shape == NEW_SHAPE:
-        return SUBJECT_TRIGGER
+        return subject_word
     return o.shape
-
-
-def _adj(o: Obj, style_trigger: bool) -> str:
-    # base prompts never mention patterns; the word "striped" is only used when asked
-    return ""
 
 
 def prompt_for(
@@ -271,29 +291,35 @@ def prompt_for(
     template: str | None = None,
     subject_trigger: bool = True,
     style_trigger: bool = True,
+    subject_word: str = SUBJECT_TRIGGER,
+    style_phrase: str = STYLE_TRIGGER,
+    templates: str = "v1",
 ) -> str:
     """A prompt describing ``scene`` from one of the templates (random if ``rng`` given,
     else the first matching template unless ``template`` is given).
 
-    With ``subject_trigger`` a star is called by the subject trigger word (``"zq"``); with
-    ``style_trigger`` a scene whose objects are striped gets the style trigger phrase
-    appended (``", zx style"``)."""
+    With ``subject_trigger`` a star is called by the subject trigger word (``subject_word``,
+    default ``"zq"``); with ``style_trigger`` a scene whose objects are striped gets the style
+    trigger phrase appended (``", " + style_phrase``, default ``", zx style"``). ``templates``
+    picks the pool of :data:`TEMPLATE_SETS` a random template comes from."""
+    simple_pool, placed_pool, two_pool = TEMPLATE_SETS[templates]
     objs = scene.objects
     if len(objs) == 1:
         o = objs[0]
-        pool = SIMPLE_TEMPLATES if o.position == "center" else PLACED_TEMPLATES
+        pool = simple_pool if o.position == "center" else placed_pool
         t = template or (rng.choice(pool) if rng else pool[0])
-        p = t.format(colour=o.colour, shape=_noun(o, subject_trigger), size=o.size, bg=scene.background, pos=o.position)
+        p = t.format(colour=o.colour, shape=_noun(o, subject_trigger, subject_word), size=o.size,
+                     bg=scene.background, pos=o.position)
     else:
         o1, o2 = objs
-        t = template or (rng.choice(TWO_TEMPLATES) if rng else TWO_TEMPLATES[0])
+        t = template or (rng.choice(two_pool) if rng else two_pool[0])
         p = t.format(
-            c1=o1.colour, s1=_noun(o1, subject_trigger), p1=o1.position, z1=o1.size,
-            c2=o2.colour, s2=_noun(o2, subject_trigger), p2=o2.position, z2=o2.size,
+            c1=o1.colour, s1=_noun(o1, subject_trigger, subject_word), p1=o1.position, z1=o1.size,
+            c2=o2.colour, s2=_noun(o2, subject_trigger, subject_word), p2=o2.position, z2=o2.size,
             bg=scene.background,
         )
     if style_trigger and any(o.pattern == NEW_PATTERN for o in objs):
-        p = p + ", " + STYLE_TRIGGER
+        p = p + ", " + style_phrase
     return p
 
 
@@ -318,10 +344,10 @@ def simple_prompts(shapes: Sequence[str] = BASE_SHAPES) -> list[tuple[str, str, 
     return [(simple_prompt(c, s), c, s) for s in shapes for c in COLOURS]
 
 
-def prompt_corpus() -> list[str]:
+def prompt_corpus(templates: str = "v1") -> list[str]:
     """Every word a prompt from this module may contain (plus a few spare words)."""
     words = set()
-    for t in SIMPLE_TEMPLATES + PLACED_TEMPLATES + TWO_TEMPLATES:
+    for t in sum(TEMPLATE_SETS[templates], ()):
         for w in t.replace(",", " ").split():
             if "{" not in w:
                 words.add(w)
@@ -330,4 +356,6 @@ def prompt_corpus() -> list[str]:
               "with", "an", "image", "of", "photo", "shape", "object", "in", "style", "big", "tiny",
               "dotted", "dots", "grey", "pink", "brown", "dog", "cat", "car", "tree", "house",
               "person", "painting", "art", "artist", "center", "middle", "two", "one", "objects"}
+    if templates != "v1":   # spare trigger words, single tokens from the start
+        words |= {"zy", "zw", "zv", "zk", "sks", "ohwx", "checkered", "dots"}
     return sorted(words)

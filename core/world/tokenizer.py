@@ -8,8 +8,9 @@ learnt here by plain BPE on the words of :func:`render.prompt_corpus`, so every 
 one token and any other text still tokenizes (byte fallback).
 
 ``build_tokenizer_files(out_dir)`` writes the files; the shipped copy is in
-``assets/tiny-sd/tokenizer/``. ``MODEL_MAX_LENGTH`` = 32 (not 77: the longest world prompt
-is ~25 tokens and a short context keeps the CPU model cheap).
+``assets/tiny-sd/tokenizer/``. ``MODEL_MAX_LENGTH`` = 32 for the shipped model (the longest world prompt is ~25 tokens); the
+World v2 recipe (``train_model --world v2``) uses 77 as Stable Diffusion does, so a prompt's
+conditioning has SD's shape (BOS, the words, EOS, then EOS padding to 77 positions).
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ from .render import prompt_corpus
 from ..tokenizer import BOS, EOS, _bytes_to_unicode  # noqa: F401  (shared with core's CLIP tokenizer)
 
 MODEL_MAX_LENGTH = 32
+#: context length of the World v2 recipe (Stable Diffusion's)
+MODEL_MAX_LENGTH_V2 = 77
 
 
 def learn_merges(words: list[str]) -> list[tuple[str, str]]:
@@ -50,7 +53,8 @@ def learn_merges(words: list[str]) -> list[tuple[str, str]]:
             segs[w] = tuple(out)
 
 
-def build_tokenizer_files(out_dir: str | Path, words: list[str] | None = None) -> Path:
+def build_tokenizer_files(out_dir: str | Path, words: list[str] | None = None,
+                          model_max_length: int = MODEL_MAX_LENGTH) -> Path:
     """Write vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -69,7 +73,7 @@ def build_tokenizer_files(out_dir: str | Path, words: list[str] | None = None) -
     (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
     cfg = {
         "tokenizer_class": "CLIPTokenizer",
-        "model_max_length": MODEL_MAX_LENGTH,
+        "model_max_length": model_max_length,
         "bos_token": BOS,
         "eos_token": EOS,
         "unk_token": EOS,

@@ -36,9 +36,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .paths import DEFAULT_MODEL_DIR, LORA_STYLE, LORA_SUBJECT
-from .render import (BASE_PATTERNS, BASE_SHAPES, NEW_PATTERN, NEW_SHAPE, STYLE_TRIGGER, SUBJECT_TRIGGER, Scene,
-                     random_scene)
+from .paths import DEFAULT_MODEL_DIR, LORA_STYLE, LORA_STYLE_NOREG, LORA_SUBJECT, LORA_SUBJECT_NOREG
+from .render import (BASE_PATTERNS, BASE_SHAPES, NEW_PATTERN, NEW_SHAPE, STYLE_TRIGGER, STYLE_TRIGGER_NOREG,
+                     SUBJECT_TRIGGER, SUBJECT_TRIGGER_NOREG, Scene, random_scene)
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
 TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
@@ -170,9 +170,18 @@ def _style_scene(rng: random.Random) -> Scene:
 
 SPECS = {
     "subject": dict(scene_fn=_subject_scene, out=LORA_SUBJECT, trigger=SUBJECT_TRIGGER, concept=("shape", NEW_SHAPE),
-                    name="subject_star", conv_rank=0, steps=1000),
+                    name="subject_star", conv_rank=0, steps=1000, prior=0.25, kind="subject",
+                    prompt_kw={}),
     "style": dict(scene_fn=_style_scene, out=LORA_STYLE, trigger=STYLE_TRIGGER, concept=("pattern", NEW_PATTERN),
-                  name="style_stripes", conv_rank=8, steps=1500),
+                  name="style_stripes", conv_rank=8, steps=1500, prior=0.25, kind="style", prompt_kw={}),
+    # the interfering pair: the same traits, no regularization images (prior 0), both LoRAs on the
+    # same modules (attention/MLP, text encoder, 3x3 convs), as most community LoRAs are trained
+    "subject_noreg": dict(scene_fn=_subject_scene, out=LORA_SUBJECT_NOREG, trigger=SUBJECT_TRIGGER_NOREG,
+                          concept=("shape", NEW_SHAPE), name="subject_star_noreg", conv_rank=8, steps=1000, prior=0.0,
+                          kind="subject", prompt_kw={"subject_word": SUBJECT_TRIGGER_NOREG}),
+    "style_noreg": dict(scene_fn=_style_scene, out=LORA_STYLE_NOREG, trigger=STYLE_TRIGGER_NOREG,
+                        concept=("pattern", NEW_PATTERN), name="style_stripes_noreg", conv_rank=8, steps=1500,
+                        prior=0.0, kind="style", prompt_kw={"style_phrase": STYLE_TRIGGER_NOREG}),
 }
 
 
@@ -180,15 +189,15 @@ def trigger_prompts(which: str, n: int, seed: int = 0) -> list[str]:
     """Evaluation prompts for a LoRA (simple scenes: "a red zq" / "a red circle, zx style")."""
     from .render import COLOURS
 
-    rng = random.Random(seed)
+    spec = SPECS[which]
     cols = list(COLOURS)
     out = []
     for i in range(n):
         c = cols[i % len(cols)]
-        if which == "subject":
-            out.append(f"a {c} {SUBJECT_TRIGGER}")
+        if spec["kind"] == "subject":
+            out.append(f"a {c} {spec['trigger']}")
         else:
-            out.append(f"a {c} {BASE_SHAPES[(i // len(cols)) % len(BASE_SHAPES)]}, {STYLE_TRIGGER}")
+            out.append(f"a {c} {BASE_SHAPES[(i // len(cols)) % len(BASE_SHAPES)]}, {spec['trigger']}")
     return out
 
 
@@ -220,7 +229,7 @@ def _num(x: float) -> str:
 
 
 def train_one(which: str, base: Path, steps: int, batch: int, lr: float, rank: int, alpha: float, seed: int,
-              out: Path | None = None, prior: float = 0.25, log_every: int = 50, max_minutes: float = 0,
+              out: Path | None = None, prior: float | None = None, log_every: int = 50, max_minutes: float = 0,
               conv_rank: int | None = None, conv_alpha: float | None = None) -> dict:
     """Train one LoRA; with ``max_minutes`` the cosine LR follows max(step/steps, elapsed/budget)
     and training stops when the budget is spent."""
@@ -238,6 +247,7 @@ def train_one(which: str, base: Path, steps: int, batch: int, lr: float, rank: i
     for p in list(unet.parameters()) + list(te.parameters()):
         p.requires_grad_(False)
     conv_rank = spec["conv_rank"] if conv_rank is None else conv_rank
+    prior = spec["prior"] if prior is None else prior
     conv_alpha = alpha if conv_alpha is None else conv_alpha
     hooks = attach_loras(unet, te, rank, alpha, conv_rank, conv_alpha)
     params = [p for h in hooks.values() for p in (h.down, h.up)]
@@ -261,10 +271,12 @@ def train_one(which: str, base: Path, steps: int, batch: int, lr: float, rank: i
         lr_now = lr * min(1.0, (step + 1) / 50) * (0.5 * (1 + math.cos(math.pi * prog)) * 0.9 + 0.1)
         for g in opt.param_groups:
             g["lr"] = lr_now
-        x1, ids1, p1 = batch_data(rng, batch - n_prior, tok, p_drop=0.05, scene_fn=spec["scene_fn"])
-        x2, ids2, p2 = batch_data(rng, n_prior, tok, p_drop=0.1)
+        x0, ids, p1 = batch_data(rng, batch - n_prior, tok, p_drop=0.05, scene_fn=spec["scene_fn"],
+                                 prompt_kw=spec["prompt_kw"])
         captions.update(p for p in p1 if p)
-        x0, ids = torch.cat([x1, x2]), torch.cat([ids1, ids2])
+        if n_prior:
+            x2, ids2, _ = batch_data(rng, n_prior, tok, p_drop=0.1)
+            x0, ids = torch.cat([x0, x2]), torch.cat([ids, ids2])
         noise = torch.randn_like(x0)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (x0.shape[0],))
         xt = noise_sched.add_noise(x0, noise, t)
@@ -315,6 +327,7 @@ def train_one(which: str, base: Path, steps: int, batch: int, lr: float, rank: i
         "ss_seed": str(seed),
         "ss_noise_offset": "0.0",
         "ss_prior_loss_weight": "1.0",
+        "ss_num_reg_images": str(steps * n_prior),
         "ss_training_comment": f"trigger: {spec['trigger']} -> {spec['concept'][0]} {spec['concept'][1]}",
         "ss_tag_frequency": json.dumps({f"1_{spec['trigger'].replace(' ', '_')}": dict(tags.most_common())}),
         "ss_training_started_at": "0",
@@ -333,9 +346,10 @@ def train_one(which: str, base: Path, steps: int, batch: int, lr: float, rank: i
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--which", choices=["subject", "style", "both"], default="both")
+    ap.add_argument("--which", choices=[*SPECS, "both", "all"], default="all",
+                    help="one LoRA, both of the clean pair (subject, style), or all four")
     ap.add_argument("--base", default=str(DEFAULT_MODEL_DIR))
-    ap.add_argument("--steps", type=int, default=None, help="default: 1000 (subject), 1500 (style)")
+    ap.add_argument("--steps", type=int, default=None, help="default: 1000 (subject LoRAs), 1500 (style LoRAs)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--rank", type=int, default=4)
@@ -351,11 +365,11 @@ def main(argv=None):
     ap.add_argument("--eval", type=int, default=56, help="trigger prompts to judge with/without the LoRA (0: skip)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    whichs = ["subject", "style"] if a.which == "both" else [a.which]
+    whichs = {"both": ["subject", "style"], "all": list(SPECS)}.get(a.which, [a.which])
     for w in whichs:
         out = Path(a.out_dir) / f"{SPECS[w]['name']}.safetensors" if a.out_dir else None
         info = train_one(w, Path(a.base), a.steps or SPECS[w]["steps"], a.batch, a.lr, a.rank, a.alpha,
-                         a.seed + (w == "style"), out, max_minutes=a.max_minutes, conv_rank=a.conv_dim,
+                         a.seed + list(SPECS).index(w), out, max_minutes=a.max_minutes, conv_rank=a.conv_dim,
                          conv_alpha=a.conv_alpha)
         if a.eval:
             from .sample import load_model

@@ -26,23 +26,32 @@ import torch
 import torch.nn.functional as F
 
 from .paths import DEFAULT_MODEL_DIR
-from .render import BASE_PATTERNS, BASE_SHAPES, prompt_for, random_scene, render
-from .tokenizer import MODEL_MAX_LENGTH, build_tokenizer_files, load_tokenizer
+from .render import BASE_PATTERNS, BASE_SHAPES, prompt_corpus, prompt_for, random_scene, render
+from .tokenizer import build_tokenizer_files, load_tokenizer
 
 TEXT_DIM = 64
+TEXT_LAYERS = 4
+TEXT_MLP = 4 * TEXT_DIM
+
+#: recipe presets: the shipped world (v1) and the World v2 recipe in progress (SD-shaped
+#: conditioning: 77 positions, 256 wide; more placed and two-object scenes; more phrasings)
+WORLDS = {
+    "v1": dict(text_dim=64, text_layers=4, text_mlp=256, context=32, p_two=0.2, p_placed=0.1, templates="v1"),
+    "v2": dict(text_dim=256, text_layers=4, text_mlp=512, context=77, p_two=0.4, p_placed=0.25, templates="v2"),
+}
 
 
-def make_text_encoder(tokenizer):
+def make_text_encoder(tokenizer, dim: int = TEXT_DIM, layers: int = TEXT_LAYERS, mlp: int = TEXT_MLP):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     cfg = CLIPTextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=TEXT_DIM,
-        intermediate_size=4 * TEXT_DIM,
-        projection_dim=TEXT_DIM,
-        num_hidden_layers=4,
+        hidden_size=dim,
+        intermediate_size=mlp,
+        projection_dim=dim,
+        num_hidden_layers=layers,
         num_attention_heads=4,
-        max_position_embeddings=MODEL_MAX_LENGTH,
+        max_position_embeddings=tokenizer.model_max_length,
         hidden_act="quick_gelu",
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -54,7 +63,7 @@ def make_text_encoder(tokenizer):
 UNET_CHANNELS = (32, 64, 64)
 
 
-def make_unet(channels=UNET_CHANNELS):
+def make_unet(channels=UNET_CHANNELS, cross_dim: int = TEXT_DIM):
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
@@ -66,7 +75,7 @@ def make_unet(channels=UNET_CHANNELS):
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         block_out_channels=tuple(channels),
         layers_per_block=1,
-        cross_attention_dim=TEXT_DIM,
+        cross_attention_dim=cross_dim,
         attention_head_dim=4,
         norm_num_groups=8,
     )
@@ -141,17 +150,19 @@ def export(out: Path, unet, text_encoder, tokenizer, scheduler, tok_src: Path | 
     (out / "model_index.json").write_text(json.dumps(idx, indent=2) + "\n")
 
 
-def base_scene(rng: random.Random):
-    """Base training distribution: 70% one centred object, 10% one placed, 20% two objects."""
-    return random_scene(rng, shapes=BASE_SHAPES, patterns=BASE_PATTERNS, p_two=0.2, p_placed=0.1)
+def base_scene(rng: random.Random, world: str = "v1"):
+    """Base training distribution: v1 70% one centred object, 10% one placed, 20% two objects
+    (v2: 35% / 25% / 40%)."""
+    w = WORLDS[world]
+    return random_scene(rng, shapes=BASE_SHAPES, patterns=BASE_PATTERNS, p_two=w["p_two"], p_placed=w["p_placed"])
 
 
-def batch_data(rng: random.Random, n: int, tokenizer, p_drop: float = 0.1, scene_fn=None):
+def batch_data(rng: random.Random, n: int, tokenizer, p_drop: float = 0.1, scene_fn=None, prompt_kw=None):
     scene_fn = scene_fn or base_scene
     scenes = [scene_fn(rng) for _ in range(n)]
     imgs = np.stack([render(s, seed=rng.randrange(1 << 30)) for s in scenes])
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-    prompts = [("" if rng.random() < p_drop else prompt_for(s, rng)) for s in scenes]
+    prompts = [("" if rng.random() < p_drop else prompt_for(s, rng, **(prompt_kw or {}))) for s in scenes]
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
     return x, ids, prompts
@@ -194,6 +205,9 @@ def main(argv=None):
                     help="... for the first N steps only (it starves low-noise steps, which leaves grain)")
     ap.add_argument("--ema-decay", type=float, default=0.999)
     ap.add_argument("--channels", default=",".join(map(str, UNET_CHANNELS)), help="UNet block_out_channels")
+    ap.add_argument("--world", choices=list(WORLDS), default="v1",
+                    help="recipe preset: v1 = the shipped model; v2 = 77-position, 256-wide text conditioning, "
+                         "more compositional data (see assets/tiny-sd/README.md)")
     ap.add_argument("--prediction-type", choices=["v_prediction", "epsilon"], default="v_prediction")
     ap.add_argument("--no-zero-snr", action="store_true", help="keep the plain linear betas (non-zero terminal SNR)")
     ap.add_argument("--ckpt-every", type=int, default=250)
@@ -206,10 +220,13 @@ def main(argv=None):
     rng = random.Random(a.seed)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    tok_dir = build_tokenizer_files(work / "tokenizer")
+    w = WORLDS[a.world]
+    tok_dir = build_tokenizer_files(work / "tokenizer", prompt_corpus(w["templates"]), w["context"])
     tokenizer = load_tokenizer(tok_dir)
-    text_encoder = make_text_encoder(tokenizer)
-    unet = make_unet(tuple(int(c) for c in a.channels.split(",")))
+    text_encoder = make_text_encoder(tokenizer, w["text_dim"], w["text_layers"], w["text_mlp"])
+    unet = make_unet(tuple(int(c) for c in a.channels.split(",")), w["text_dim"])
+    scene_fn = (lambda r: base_scene(r, a.world))
+    prompt_kw = {"templates": w["templates"]}
     scheduler = make_scheduler(a.prediction_type, not a.no_zero_snr)
     from diffusers import DDPMScheduler
 
@@ -273,7 +290,7 @@ def main(argv=None):
             break
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        x0, ids, _ = batch_data(rng, a.batch, tokenizer)
+        x0, ids, _ = batch_data(rng, a.batch, tokenizer, scene_fn=scene_fn, prompt_kw=prompt_kw)
         noise = torch.randn_like(x0)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (x0.shape[0],))
         xt = noise_sched.add_noise(x0, noise, t)
@@ -308,7 +325,7 @@ def main(argv=None):
     save_ckpt()
     do_export(Path(a.out))
     final = float(np.mean(losses[-200:])) if losses else float("nan")
-    info = {"steps": step, "batch": a.batch, "lr": a.lr, "seed": a.seed, "min_snr": a.min_snr,
+    info = {"world": a.world, "steps": step, "batch": a.batch, "lr": a.lr, "seed": a.seed, "min_snr": a.min_snr,
             "final_loss_avg200": final,
             "minutes": (time.time() - t0) / 60, "unet_params": n_u, "text_encoder_params": n_t}
     (work / "train_info.json").write_text(json.dumps(info, indent=2))
