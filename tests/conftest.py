@@ -1,3 +1,4 @@
+import json
 import os
 import warnings
 
@@ -42,3 +43,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def write_diffusers_folder(model, d):
+    """Write an SD1-layout model (UNet, one text encoder and tokenizer) as a diffusers folder ``d``."""
+    model.unet.save_pretrained(d / "unet")
+    model.text_encoders["text_encoder"].save_pretrained(d / "text_encoder")
+    model.tokenizers["text_encoder"].save_pretrained(d / "tokenizer")
+    (d / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"]}))
+    return d
+
+
+@pytest.fixture
+def diffusers_folder():
+    """:func:`write_diffusers_folder` as a fixture (tests cannot import conftest reliably)."""
+    return write_diffusers_folder

@@ -58,19 +58,13 @@ def test_single_file_checkpoint_round_trip_equals_base_plus_delta(tiny_models, t
                            or "in_proj" in k for k in changed)
 
 
-def test_diffusers_folder_round_trip(tiny_models, tmp_path):
+def test_diffusers_folder_round_trip(tiny_models, tmp_path, diffusers_folder):
     from diffusers import UNet2DConditionModel
 
     from weightsmith.core.erase import EraseOptions, erase
 
     base = tiny_models["sd1"]
-    src = tmp_path / "model"
-    base.unet.save_pretrained(src / "unet")
-    base.text_encoders["text_encoder"].save_pretrained(src / "text_encoder")
-    base.tokenizers["text_encoder"].save_pretrained(src / "tokenizer")
-    (src / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"]}))
+    src = diffusers_folder(base, tmp_path / "model")
     out = tmp_path / "edited"
     assert run_cli("erase", "--model", src, "--target", "cat", "--anchor", "dog", "--no-expand",
                    "--max-pad", "3", "--quiet", "--out", out) == 0

@@ -4,7 +4,6 @@ validated, file-system faults give one line and leave no temp file, outputs get 
 docs/reliability.md tabulates these cases."""
 import errno
 import hashlib
-import json
 import os
 import stat
 
@@ -130,21 +129,12 @@ def test_api_save_lora_and_save_merge_refuse_their_inputs(tiny_models, tiny_chec
     assert (tmp_path / "fine.safetensors").exists()
 
 
-def _diffusers_folder(model, d):
-    model.unet.save_pretrained(d / "unet")
-    model.text_encoders["text_encoder"].save_pretrained(d / "text_encoder")
-    model.tokenizers["text_encoder"].save_pretrained(d / "tokenizer")
-    (d / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"]}))
-    return d
-
-
 @pytest.mark.parametrize("case", ["inside", "file_name"])
-def test_diffusers_output_inside_the_model_or_named_as_a_file_is_refused(case, tiny_models, tmp_path, capsys):
+def test_diffusers_output_inside_the_model_or_named_as_a_file_is_refused(case, tiny_models, tmp_path, capsys,
+                                                                         diffusers_folder):
     import time
 
-    src = _diffusers_folder(tiny_models["sd1"], tmp_path / "model")
+    src = diffusers_folder(tiny_models["sd1"], tmp_path / "model")
     files = sorted(p for p in src.rglob("*"))
     out = src / "edited" if case == "inside" else tmp_path / "x.safetensors"
     t0 = time.time()
@@ -375,7 +365,8 @@ def test_ctrl_c_during_start_up_is_one_line(capsys, monkeypatch):
 # ----------------------------------------------------------------------------------------------
 # 6. file modes follow the umask (as a plain open() would), not mkstemp's 0600
 @pytest.mark.parametrize("umask", [0o022, 0o002])
-def test_outputs_get_the_umask_mode(umask, tiny_models, tiny_checkpoints, tokenizer_dir, tmp_path, capsys):
+def test_outputs_get_the_umask_mode(umask, tiny_models, tiny_checkpoints, tokenizer_dir, tmp_path, capsys,
+                                   diffusers_folder):
     old = os.umask(umask)
     try:
         ck = tmp_path / "ck.safetensors"
@@ -383,7 +374,7 @@ def test_outputs_get_the_umask_mode(umask, tiny_models, tiny_checkpoints, tokeni
         args = _erase(tiny_checkpoints["sd1"], tokenizer_dir, ck)
         assert main(args) == 0
         assert main(_erase(tiny_checkpoints["sd1"], tokenizer_dir, lo, "--format", "lora", "--report", rep)) == 0
-        src = _diffusers_folder(tiny_models["sd1"], tmp_path / "dm")
+        src = diffusers_folder(tiny_models["sd1"], tmp_path / "dm")
         dout = tmp_path / "dm-edited"
         assert main(["erase", "--model", str(src), "--target", "cat", "--anchor", "dog", "--no-expand", "--quiet",
                      "--out", str(dout)]) == 0
