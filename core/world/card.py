@@ -22,11 +22,11 @@ def _fmt(m: dict) -> str:
 
 
 def quality_bars(model, n: int = 140, steps: int = 25) -> dict:
-    from .metrics import rate_ci, scene_prompt_quality, simple_prompt_quality
+    from .metrics import scene_prompt_quality, simple_prompt_quality, wilson
 
     s = simple_prompt_quality(model, seeds_per_prompt=max(1, n // 35), steps=steps)
-    hits = round(s["both"] * s["n"])
-    out = {"simple": rate_ci([True] * hits + [False] * (s["n"] - hits))}
+    k = round(s["both"] * s["n"])   # both = k / n
+    out = {"simple": {"rate": k / s["n"], "k": k, "n": s["n"], "ci": list(wilson(k, s["n"]))}}
     for kind in ("context", "two"):
         r = scene_prompt_quality(model, kind, n=n, steps=steps)
         out[kind] = {k: r[k] for k in ("rate", "k", "n", "ci")}
