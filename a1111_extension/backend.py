@@ -17,21 +17,17 @@ from pathlib import Path
 import torch
 
 from ..core.edit import Edit
+from ..core.erase.options import METHODS as ERASE_METHODS
 from ..core.errors import CancelledError, WeightsmithError, require
+from ..core.merge.options import METHODS as MERGE_METHODS
 from .live_weights import LiveEditor, Slot
 
-ERASE_METHODS = ("erasepro", "zero-residual", "uce")
-MERGE_METHODS_FALLBACK = ("iteris", "linear", "concat", "svd", "ties", "dare", "regmean")
 FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._ -]+")
 
 
 def merge_methods() -> tuple[str, ...]:
-    try:
-        from ..core.merge import METHODS
-        return tuple(METHODS)
-    except Exception:
-        return MERGE_METHODS_FALLBACK
+    return tuple(MERGE_METHODS)
 
 
 def items(text) -> list[str]:
@@ -367,10 +363,10 @@ class Workbench:
 
 
 def _options(cls, values: dict):
-    import dataclasses
+    """Core options from the tab's values, strictly (core.optspec.from_values)."""
+    from ..core.optspec import from_values
 
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in values.items() if k in names and v is not None})
+    return from_values(cls, values, where="Weightsmith tab")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,24 +9,19 @@ from __future__ import annotations
 
 import traceback
 
+from ..core.erase.options import TE_SUBLAYERS, EraseOptions
+from ..core.merge.options import MergeOptions
+from ..core.optspec import spec
 from .backend import ERASE_METHODS, TABLE_HEADERS, Workbench, merge_methods, plot, user_message
 
-TE_SUBLAYERS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+E = lambda name: spec(EraseOptions, name)   # noqa: E731  defaults, labels and help: declared once in core
+M = lambda name: spec(MergeOptions, name)   # noqa: E731
 
 
 def _layer_range(text: str):
-    text = (text or "").strip()
-    if not text:
-        return None
-    from ..core.errors import WeightsmithError
+    from ..core.optspec import parse_layer_range
 
-    try:
-        a, _, b = text.partition("-")
-        lo = int(a)
-        hi = int(b) if b.strip() else lo
-    except ValueError:
-        raise WeightsmithError(f"text-encoder layers {text!r}: write a range like 0-5 or a single layer.") from None
-    return (lo, hi)
+    return parse_layer_range(text)
 
 
 def _short(label: str, n: int = 90) -> str:
@@ -101,7 +96,7 @@ def build_ui(backend, *, workbench: Workbench | None = None):
 
     # -- erase actions ------------------------------------------------------------------------
     def erase_args(targets, anchors, preserve, method, tokens, te_sub, te_layers, expand, lam, eta_p, rcond):
-        adv = {"tokens": tokens, "te_sublayers": tuple(te_sub or ("k_proj", "v_proj")),
+        adv = {"tokens": tokens, "te_sublayers": tuple(te_sub or E("te_sublayers").default),
                "te_layers": _layer_range(te_layers), "expand_prompts": None if expand == "auto" else expand == "on",
                "lam": _float(lam), "eta_preserve": _float(eta_p), "rcond": _float(rcond)}
         return targets, anchors, preserve, method, adv
@@ -138,8 +133,8 @@ def build_ui(backend, *, workbench: Workbench | None = None):
     def on_merge(loras, weights, prompts, method, iterations, samples, steps, seed, name, rank, apply_too,
                  progress=gr.Progress()):
         def fn():
-            settings = {"iterations": int(_float(iterations, 8)), "samples": int(_float(samples, 8)),
-                        "steps": int(_float(steps, 3)), "seed": int(_float(seed, 0))}
+            settings = {k: int(_float(v, M(k).default)) for k, v in
+                        (("iterations", iterations), ("samples", samples), ("steps", steps), ("seed", seed))}
             edit, objs = wb.compute_merge(loras, weights, prompts, method, settings)
             meta = {"ws_inputs": ",".join(l.name for l in objs)}
             try:
@@ -191,19 +186,19 @@ def build_ui(backend, *, workbench: Workbench | None = None):
                 preserve = gr.Textbox(label="Preserve (concepts that must not change)", lines=2,
                                       placeholder="Monet, Picasso", elem_id="weightsmith_preserve")
             with gr.Row():
-                method = gr.Radio(list(ERASE_METHODS), value="erasepro", label="Method")
+                method = gr.Radio(list(ERASE_METHODS), value=ERASE_METHODS[0], label="Method")
                 strength = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Apply strength")
             with gr.Accordion("Advanced options", open=False):
                 with gr.Row():
-                    tokens = gr.Radio(["suffix", "last"], value="suffix", label="Tokens edited")
-                    te_sub = gr.CheckboxGroup(TE_SUBLAYERS, value=["k_proj", "v_proj"],
-                                              label="Text-encoder sub-layers (ErasePro)")
-                    te_layers = gr.Textbox(label="Text-encoder layers (e.g. 0-5; empty: automatic)", value="")
+                    tokens = gr.Radio(list(E("tokens").choices), value=E("tokens").default, label=E("tokens").label)
+                    te_sub = gr.CheckboxGroup(list(TE_SUBLAYERS), value=list(E("te_sublayers").default),
+                                              label=E("te_sublayers").label)
+                    te_layers = gr.Textbox(label=E("te_layers").label, value="")
                 with gr.Row():
                     expand = gr.Radio(["auto", "on", "off"], value="auto", label="Expand prompts with templates")
-                    lam = gr.Number(value=0.5, label="λ (UCE / preservation weight)")
-                    eta_p = gr.Number(value=1.0, label="η preserve")
-                    rcond = gr.Number(value=1e-4, label="rcond (pseudo-inverse cutoff)")
+                    lam = gr.Number(value=E("lam").default, label=E("lam").label)
+                    eta_p = gr.Number(value=E("eta_preserve").default, label=E("eta_preserve").label)
+                    rcond = gr.Number(value=E("rcond").default, label=E("rcond").label)
             with gr.Row():
                 b_apply = gr.Button("Apply", variant="primary", elem_id="weightsmith_apply",
                                     interactive=backend.can_apply)
@@ -226,11 +221,11 @@ def build_ui(backend, *, workbench: Workbench | None = None):
                 prompts = gr.Textbox(label="Sample prompts (one line per LoRA, several separated by |; "
                                            "empty: from each LoRA's training tags)", lines=2, value="")
             with gr.Row():
-                m_method = gr.Dropdown(list(merge_methods()), value="iteris", label="Method")
-                iterations = gr.Number(value=8, label="Iterations", precision=0)
-                samples = gr.Number(value=8, label="Samples per LoRA", precision=0)
-                steps = gr.Number(value=3, label="Denoising steps per sample", precision=0)
-                seed = gr.Number(value=0, label="Seed", precision=0)
+                m_method = gr.Dropdown(list(merge_methods()), value=merge_methods()[0], label="Method")
+                iterations = gr.Number(value=M("iterations").default, label=M("iterations").label, precision=0)
+                samples = gr.Number(value=M("samples").default, label=M("samples").label, precision=0)
+                steps = gr.Number(value=M("steps").default, label=M("steps").label, precision=0)
+                seed = gr.Number(value=M("seed").default, label=M("seed").label, precision=0)
             with gr.Row():
                 m_name = gr.Textbox(label="Output LoRA name", value="", placeholder="merged")
                 m_rank = gr.Number(value=0, label="Rank (0: exact)", precision=0)

@@ -55,11 +55,27 @@ def user_errors():
 
 
 def options_of(cls, **kw):
-    """Build a core options dataclass from the keys it actually has (solvers grow fields)."""
-    import dataclasses
+    """A core options dataclass from node inputs, strictly (core.optspec.from_values: an unknown key
+    is an error, None keeps the default)."""
+    from ..core.optspec import from_values
 
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in kw.items() if k in names and v is not None})
+    return from_values(cls, kw, where="Weightsmith node")
+
+
+def widget(cls, name: str, kind: str, **extra):
+    """A ComfyUI input declaration for core option ``name``: default, range and tooltip come from
+    core's declaration (core.optspec), so the node cannot drift from the CLI and the A1111 tab."""
+    from ..core.optspec import spec
+
+    s = spec(cls, name)
+    if kind == "choice":
+        return (list(s.choices), {"default": s.default, "tooltip": s.help, **extra})
+    opts = {"default": s.default, "tooltip": s.help}
+    for key in ("lo", "hi", "step"):
+        v = getattr(s, key)
+        if v is not None:
+            opts[{"lo": "min", "hi": "max", "step": "step"}[key]] = v
+    return (kind, {**opts, **extra})
 
 
 def format_report(edit, rel: dict[str, float], title: str) -> str:

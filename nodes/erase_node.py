@@ -8,30 +8,19 @@ from __future__ import annotations
 import logging
 import time
 
-from .common import CATEGORY, EDIT_TYPE, format_report, host_progress, lines, options_of, report_picture, ui_text, user_errors
+from ..core.optspec import spec
+from ..core.erase.options import METHOD_HELP, METHODS as _METHODS, EraseOptions
+from .common import (CATEGORY, EDIT_TYPE, format_report, host_progress, lines, options_of, report_picture, ui_text,
+                     user_errors, widget)
 
-METHODS = ["erasepro", "zero-residual", "uce"]
+METHODS = list(_METHODS)
 
 
 def parse_layer_range(text: str):
-    """'' / 'auto' -> None; '3-8' or '3..8' -> (3, 8); '5' -> (5, 5)."""
-    from ..core.errors import WeightsmithError
+    """'' / 'auto' -> None; '3-8' or '3..8' -> (3, 8); '5' -> (5, 5) (core.optspec.parse_layer_range)."""
+    from ..core.optspec import parse_layer_range as parse
 
-    t = (text or "").strip().lower().replace("..", "-")
-    if t in ("", "auto", "all"):
-        return None
-    try:
-        if "-" in t:
-            a, b = t.split("-", 1)
-            lo, hi = int(a), int(b)
-        else:
-            lo = hi = int(t)
-    except ValueError:
-        raise WeightsmithError(f"layers {text!r} is not a range; write e.g. 0-7 (text-encoder layers, "
-                               "inclusive) or leave it empty for the default.") from None
-    if lo < 0 or hi < lo:
-        raise WeightsmithError(f"layers {text!r}: write first-last with 0 <= first <= last.")
-    return (lo, hi)
+    return parse(text, "layers")
 
 
 class WeightsmithEraseConcepts:
@@ -60,9 +49,7 @@ class WeightsmithEraseConcepts:
                 "anchors": ("STRING", {"multiline": True, "default": "art",
                                        "tooltip": "What each target becomes, one per line (one line for all targets; "
                                                   "empty = the unconditional prompt)."}),
-                "method": (METHODS, {"default": "erasepro",
-                                     "tooltip": "erasepro: text encoder + UNet, progressive (best). zero-residual: UNet "
-                                                "only. uce: Unified Concept Editing (UNet only)."}),
+                "method": (METHODS, {"default": METHODS[0], "tooltip": METHOD_HELP}),
                 "strength": ("FLOAT", {"default": 1.0, "min": -2.0, "max": 2.0, "step": 0.05,
                                        "tooltip": "Scale of the edit: 1 = the solved edit, 0 = none."}),
             },
@@ -70,12 +57,9 @@ class WeightsmithEraseConcepts:
                 "preserve": ("STRING", {"multiline": True, "default": "",
                                         "tooltip": "Concepts to keep unchanged, one per line."}),
                 "layers": ("STRING", {"default": "", "advanced": True,
-                                      "tooltip": "Text-encoder layers to edit (ErasePro), e.g. 0-7; empty = default."}),
-                "token_mode": (["suffix", "last"], {"default": "suffix", "advanced": True,
-                                                    "tooltip": "Which tokens carry the concept: suffix = the target's "
-                                                               "tokens and everything after them; last = end token only."}),
-                "lam": ("FLOAT", {"default": 0.5, "min": 1e-6, "max": 100.0, "step": 0.01, "advanced": True,
-                                  "tooltip": "λ: weight of keeping the original weights (UCE and preservation)."}),
+                                      "tooltip": spec(EraseOptions, "te_layers").help}),
+                "token_mode": widget(EraseOptions, "tokens", "choice", advanced=True),
+                "lam": widget(EraseOptions, "lam", "FLOAT", advanced=True),
                 "prompt_expansion": (["auto", "on", "off"], {"default": "auto", "advanced": True,
                                                               "tooltip": "Expand each concept into template prompts (auto: "
                                                                          "on for erasepro/zero-residual, off for uce)."}),
@@ -85,9 +69,9 @@ class WeightsmithEraseConcepts:
             },
         }
 
-    def run(self, model, clip, targets, anchors, method, strength, preserve="", layers="", token_mode="suffix",
-            lam=0.5, prompt_expansion="auto", clip_skip=0):
-        from ..core.erase import EraseOptions, erase
+    def run(self, model, clip, targets, anchors, method, strength, preserve="", layers="", token_mode=None,
+            lam=None, prompt_expansion="auto", clip_skip=0):
+        from ..core.erase import erase
         from . import comfy_adapter as ca
 
         from ..core.errors import WeightsmithError
@@ -99,7 +83,7 @@ class WeightsmithEraseConcepts:
             progress, cancel = host_progress()
             cancel()
             sd = ca.sdmodel_from_comfy(model, clip, clip_skip=clip_skip or None)
-            opts = options_of(EraseOptions, tokens=token_mode, lam=float(lam),
+            opts = options_of(EraseOptions, tokens=token_mode, lam=None if lam is None else float(lam),
                               te_layers=parse_layer_range(layers),
                               expand_prompts={"auto": None, "on": True, "off": False}[prompt_expansion])
             anchor_list = lines(anchors) or [""]

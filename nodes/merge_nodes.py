@@ -11,10 +11,11 @@ import logging
 import time
 import os
 
+from ..core.merge.options import METHODS, MergeOptions
 from .common import (CATEGORY, EDIT_TYPE, STACK_TYPE, format_report, host_progress, lines, options_of,
-                     report_picture, ui_text, user_errors)
+                     report_picture, ui_text, user_errors, widget)
 
-MERGE_METHODS = ["iteris", "linear", "concat", "svd", "ties", "dare", "regmean"]
+MERGE_METHODS = list(METHODS)
 
 
 def _lora_list():
@@ -92,29 +93,21 @@ class WeightsmithIterISMerge:
                 "method": (MERGE_METHODS, {"default": "iteris",
                                            "tooltip": "iteris: IterIS (best, needs sample prompts). Baselines: "
                                                       "linear (weighted sum), concat, svd, ties, dare, regmean."}),
-                "iterations": ("INT", {"default": 5, "min": 1, "max": 50,
-                                       "tooltip": "IterIS alternations between inference and solving."}),
-                "samples": ("INT", {"default": 4, "min": 1, "max": 64,
-                                    "tooltip": "Samples per LoRA used to collect layer inputs."}),
-                "steps": ("INT", {"default": 4, "min": 1, "max": 100,
-                                  "tooltip": "Denoising steps per sample when collecting layer inputs."}),
-                "resolution": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 64,
-                                       "tooltip": "Image size of the samples (lower is faster)."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1,
-                                 "tooltip": "Seed of the sampling noise: same seed, same merge."}),
+                "iterations": widget(MergeOptions, "iterations", "INT"),
+                "samples": widget(MergeOptions, "samples", "INT"),
+                "steps": widget(MergeOptions, "steps", "INT"),
+                # ComfyUI's INT widget needs a number: 512 here (core's default is the model's native size)
+                "resolution": widget(MergeOptions, "resolution", "INT", default=512),
+                "seed": widget(MergeOptions, "seed", "INT"),
             },
             "optional": {
-                "untouched": (("skip", "zero"), {
-                    "default": "skip",
-                    "tooltip": "IterIS, for a layer only some LoRAs adapt: skip = the others have no say there "
-                               "(keeps e.g. a LoCon's conv part when merged with a plain LoRA); zero = they ask "
-                               "for no change there (the paper's objective read literally)."}),
+                "untouched": widget(MergeOptions, "untouched", "choice"),
             },
         }
 
-    def run(self, model, clip, stack, method, iterations, samples, steps, resolution, seed, untouched="skip"):
+    def run(self, model, clip, stack, method, iterations, samples, steps, resolution, seed, untouched=None):
         from ..core.errors import WeightsmithError
-        from ..core.merge import MergeOptions, merge
+        from ..core.merge import merge
         from . import comfy_adapter as ca
 
         with user_errors():

@@ -242,7 +242,7 @@ def test_nan_message_names_the_key_as_the_file_spells_it(tiny_models, tmp_path):
 @pytest.mark.parametrize("field,value", [("alpha1", -1.0), ("svd_rank", -2), ("svd_rank", 0), ("samples", 0),
                                          ("ties_density", 0.0), ("ties_density", -1.0), ("iterations", -3),
                                          ("steps", 0), ("batch_size", 0), ("latent_size", 0), ("dare_p", 1.0),
-                                         ("tol", float("nan")), ("reg_ceof", 2.0), ("untouched", "all")])
+                                         ("tol", float("nan")), ("reg_coef", 2.0), ("untouched", "all")])
 def test_merge_options_validate(field, value, tiny_models, lora_files):
     from weightsmith.core.merge import MergeOptions, merge
 

@@ -6,18 +6,18 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import require
-from .pipeline import METHODS, TE_SUBLAYERS, EraseOptions
+from ..errors import WeightsmithError, require
+from ..optspec import from_values, parse_layer_range, spec
+from .options import METHODS, METHOD_HELP, TE_SUBLAYERS, EraseOptions
 
 FORMATS = ("checkpoint", "lora", "diff")
 
 
 def _layer_range(text: str):
     try:
-        a, _, b = text.partition("-")
-        return (int(a), int(b or a))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a layer range like 0-11, got {text!r}") from None
+        return parse_layer_range(text)
+    except WeightsmithError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _sublayers(text: str):
@@ -29,6 +29,8 @@ def _sublayers(text: str):
 
 
 def register(sub) -> None:
+    O = {k: spec(EraseOptions, k) for k in ("tokens", "te_sublayers", "te_layers", "lam", "eta_preserve", "rcond",
+                                            "cond_limit")}
     p = sub.add_parser(
         "erase", help="erase concepts from a model (ErasePro, zero-residual, UCE)",
         description="Erase target concepts by mapping them onto anchor concepts in closed form.",
@@ -40,7 +42,7 @@ def register(sub) -> None:
                    help='concept to map each target onto (one per target, or one for all; default "")')
     p.add_argument("--preserve", action="append", default=[], metavar="TEXT",
                    help="concept whose outputs should stay as they are (repeatable)")
-    p.add_argument("--method", choices=METHODS, default="erasepro")
+    p.add_argument("--method", choices=METHODS, default=METHODS[0], help=METHOD_HELP)
     p.add_argument("--format", choices=FORMATS, default="checkpoint",
                    help="checkpoint: the edited model in its input format; lora: only the edit as a kohya "
                         "LoRA (exact rank, or --rank via SVD); diff: the edit as full-rank .diff LoRA")
@@ -48,23 +50,23 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output file (or folder for a diffusers checkpoint)")
     p.add_argument("--report", default=None, help="write the JSON report here")
     g = p.add_argument_group("advanced")
-    g.add_argument("--tokens", choices=("suffix", "last"), default="suffix",
+    g.add_argument("--tokens", choices=O["tokens"].choices, default=O["tokens"].default,
                    help="which token features to edit (docs/method.md, 'Token features and pairing')")
     g.add_argument("--expand", dest="expand", action="store_true", default=None,
                    help="use prompt templates (default for erasepro/zero-residual)")
     g.add_argument("--no-expand", dest="expand", action="store_false", help="use the bare concepts only")
     g.add_argument("--template", action="append", default=[], metavar="TEXT",
                    help='extra prompt template with {} for the concept, e.g. "a photo of {} at night"')
-    g.add_argument("--te-sublayers", type=_sublayers, default=("k_proj", "v_proj"),
+    g.add_argument("--te-sublayers", type=_sublayers, default=O["te_sublayers"].default,
                    help="text-encoder sub-layers edited by erasepro (comma list)")
-    g.add_argument("--te-layers", type=_layer_range, default=None, help="text-encoder layer range, e.g. 0-11")
-    g.add_argument("--lam", type=float, default=0.5, help="λ of UCE and of the preservation weight")
-    g.add_argument("--eta-preserve", type=float, default=1.0, help="η_p, weight of preserved concepts")
-    g.add_argument("--rcond", type=float, default=1e-6, help="numerical-rank cutoff (relative singular value)")
+    g.add_argument("--te-layers", type=_layer_range, default=None, help=O["te_layers"].help)
+    g.add_argument("--lam", type=float, default=O["lam"].default, help=O["lam"].help)
+    g.add_argument("--eta-preserve", type=float, default=O["eta_preserve"].default, help=O["eta_preserve"].help)
+    g.add_argument("--rcond", type=float, default=O["rcond"].default, help=O["rcond"].help)
     g.add_argument("--ridge", type=float, default=None,
                    help="ridge (× ‖XᵀX‖_F); default: exact when the features are well-conditioned, else 1e-2; "
                         "0: always the exact pseudoinverse")
-    g.add_argument("--cond-limit", type=float, default=1e-2,
+    g.add_argument("--cond-limit", type=float, default=O["cond_limit"].default,
                    help="smallest kept singular value (relative) for the exact solve")
     g.add_argument("--max-pad", type=int, default=None, help="padding tokens kept after EOS")
     g.add_argument("--exact-subspace", type=float, default=None, metavar="T",
@@ -114,6 +116,14 @@ def _check_out(args) -> Path:
     return out
 
 
+def options_values(args) -> dict:
+    """The EraseOptions fields the command line sets (the rest keep their defaults)."""
+    return dict(tokens=args.tokens, expand_prompts=args.expand, extra_templates=tuple(args.template),
+                te_sublayers=args.te_sublayers, te_layers=args.te_layers, lam=args.lam,
+                eta_preserve=args.eta_preserve, rcond=args.rcond, ridge=args.ridge, cond_limit=args.cond_limit,
+                max_pad=args.max_pad, exact_subspace=args.exact_subspace, merge_tol=args.merge_tol)
+
+
 def run(args) -> int:
     from ..model_io import load_model, save_edited_model
     from ..lora_write import save_lora
@@ -121,12 +131,7 @@ def run(args) -> int:
     from .pipeline import erase
 
     out = _check_out(args)
-    opts = EraseOptions(tokens=args.tokens, expand_prompts=args.expand, extra_templates=tuple(args.template),
-                        te_sublayers=args.te_sublayers, te_layers=args.te_layers, lam=args.lam,
-                        eta_preserve=args.eta_preserve, rcond=args.rcond, ridge=args.ridge,
-                        cond_limit=args.cond_limit, max_pad=args.max_pad,
-                        exact_subspace=args.exact_subspace, merge_tol=args.merge_tol)
-    opts.validate()
+    opts = from_values(EraseOptions, options_values(args), where="weightsmith erase")
     from .pipeline import check_method_options, validate_concepts
 
     check_method_options(args.method, opts)

@@ -29,8 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import WeightsmithError
-
-TOKEN_MODES = ("suffix", "last")
+from .options import TOKEN_MODES
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,14 @@
 
 See docs/merge.md.
 """
-from .api import merge, merged_tag_frequency, save_merge
 from .options import METHODS, MergeOptions
 
 __all__ = ["merge", "save_merge", "MergeOptions", "METHODS", "merged_tag_frequency"]
+
+
+def __getattr__(name):          # torch is imported on first use, so the options load without it
+    if name in ("merge", "save_merge", "merged_tag_frequency"):
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

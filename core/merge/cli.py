@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..errors import WeightsmithError
+from ..optspec import spec
 from .options import METHODS, MergeOptions
 
 EPILOG = """examples:
@@ -42,11 +43,11 @@ def register(subparsers) -> None:
                    help="latent side length for sampling (default: the model's; e.g. 32 = 256 px on SD1.5)")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--alpha", type=float, default=d.alpha1, help=f"ridge α₁ = α₂ (default {d.alpha1:g})")
-    p.add_argument("--reg-ceof", type=float, default=d.reg_ceof, help="reference knob ρ (default 0)")
-    p.add_argument("--untouched", choices=("skip", "zero"), default=d.untouched,
-                   help="a LoRA that does not adapt a module: skip = no say there (default), "
-                        "zero = asks for no change there (the paper's objective read literally)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reg-coef", "--reg-ceof", dest="reg_coef", type=float, default=d.reg_coef,
+                   help=spec(MergeOptions, "reg_coef").help + " (--reg-ceof: the reference code's spelling)")
+    p.add_argument("--untouched", choices=spec(MergeOptions, "untouched").choices, default=d.untouched,
+                   help=spec(MergeOptions, "untouched").help)
+    p.add_argument("--seed", type=int, default=d.seed, help=spec(MergeOptions, "seed").help)
     p.add_argument("--rank", type=int, default=None,
                    help="compress the written LoRA to this rank (truncated SVD; error reported). "
                         "svd method: its merge rank")
@@ -145,7 +146,7 @@ def run(args) -> int:
     prompts = _prompt_map(args.prompts, [p for p, _ in pairs])
     opts = MergeOptions(iterations=args.iterations, tol=args.tol, samples=args.samples, steps=args.steps,
                         latent_size=args.latent_size, batch_size=args.batch_size, alpha1=args.alpha,
-                        alpha2=args.alpha, reg_ceof=args.reg_ceof, untouched=args.untouched, seed=args.seed,
+                        alpha2=args.alpha, reg_coef=args.reg_coef, untouched=args.untouched, seed=args.seed,
                         svd_rank=args.rank, ties_density=args.density, dare_p=args.drop,
                         gram_device="cpu" if args.stats_on_cpu else None, max_gram_dim=args.max_gram_dim)
     opts.validate()                     # before loading anything

@@ -100,7 +100,7 @@ class IterISSolver:
         for i, f in enumerate(self.factors):
             self.hooks.add(f"lora{i}", f)
         self.stats = GramStats(self.model, self.names, device=self.gdev, max_dim=self.opts.max_gram_dim,
-                               reg_ceof=0.0 if self.regmean else self.opts.reg_ceof)
+                               reg_coef=0.0 if self.regmean else self.opts.reg_coef)
         ctx_only = [n for n in self.names if is_context_only(n)]
         self.protocol = Protocol(self.model, self.hooks, self.stats, steps=self.opts.steps,
                                  latent_size=self.opts.latent_size or (

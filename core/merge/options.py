@@ -1,10 +1,15 @@
-"""Settings of every merge method (one dataclass so front ends can show and store them)."""
+"""Settings of every merge method, declared once for every front end (CLI, ComfyUI, A1111).
+
+Each field carries its default, help text, range and CLI flag (:func:`..optspec.option`).
+Importable without torch.
+"""
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
 
 from ..errors import require
+from ..optspec import option
 
 METHODS = ("iteris", "linear", "concat", "svd", "ties", "dare", "regmean")
 
@@ -12,35 +17,48 @@ METHODS = ("iteris", "linear", "concat", "svd", "ties", "dare", "regmean")
 @dataclass
 class MergeOptions:
     # IterIS loop (docs/method.md, "LoRA merging")
-    iterations: int = 8          # Jacobi iterations after iteration 0 (0 = λ-weighted RegMean only)
-    tol: float = 1e-3            # stop when ‖ΔW(t) − ΔW(t−1)‖_F / ‖ΔW(t)‖_F < tol
-    alpha1: float = 1e-2         # ridge on C_i: C_i + α₁‖C_i‖_F I · ridge on H_i: H_i + α₂‖H_i‖_F I
-    alpha2: float = 1e-2         # (paper: ≈1e-4 or smaller; 1e-2 measured better with few samples,
-                                 # see docs/merge.md; larger pulls toward the *mean* of the deltas)
-    reg_ceof: float = 0.0        # ρ: X̃_i ← (1−ρ) X̃_i + ρ X_i (the reference's knob)
-    adaptive_lambda: bool = True # λ_i = ‖W0+ΔW_i‖² / ‖X_i (W0+ΔW_i)ᵀ‖²; False: λ_i = 1
-    untouched: str = "skip"      # a LoRA that does not adapt a module: "skip" = it has no say in that
-                                 # module's solve (this project's design), "zero" = its samples ask for
-                                 # ΔW = 0 there (the paper's objective read literally; it cancels most of
-                                 # a LoCon's conv part when merged with an attention-only LoRA)
-    evaluate_final: bool = True  # one more paired pass to report the final merge's objective
+    iterations: int = option(8, "IterIS Jacobi iterations after iteration 0 (0 = λ-weighted RegMean only).",
+                             label="Iterations", flag="--iterations", lo=0, hi=50)
+    tol: float = option(1e-3, "Stop when ‖ΔW(t) − ΔW(t−1)‖_F / ‖ΔW(t)‖_F falls below this.", flag="--tol", lo=0.0)
+    # ridge on C_i: C_i + α₁‖C_i‖_F I · ridge on H_i: H_i + α₂‖H_i‖_F I (paper: ≈1e-4 or smaller; 1e-2 measured
+    # better with few samples, see docs/merge.md; larger pulls toward the *mean* of the deltas)
+    alpha1: float = option(1e-2, "Ridge α₁ on the inner Gram matrices C_i (relative to ‖C_i‖_F).", flag="--alpha",
+                           lo=0.0)
+    alpha2: float = option(1e-2, "Ridge α₂ on the outer Gram matrices H_i (relative to ‖H_i‖_F).", flag="--alpha",
+                           lo=0.0)
+    reg_coef: float = option(0.0, "ρ: X̃_i ← (1−ρ) X̃_i + ρ X_i (the reference code's reg_ceof knob).",
+                             flag="--reg-coef", lo=0.0, hi=1.0)
+    adaptive_lambda: bool = option(True, "λ_i = ‖W0+ΔW_i‖² / ‖X_i (W0+ΔW_i)ᵀ‖²; False: λ_i = 1.")
+    untouched: str = option("skip", "IterIS, for a layer only some LoRAs adapt: skip = the others have no say "
+                            "there (keeps e.g. a LoCon's conv part when merged with a plain LoRA; this project's "
+                            "design); zero = they ask for no change there (the paper's objective read literally).",
+                            label="Layers a LoRA does not adapt", flag="--untouched", choices=("skip", "zero"))
+    evaluate_final: bool = option(True, "One more paired pass to report the final merge's objective.")
     # sampling protocol (docs/method.md, "IterIS sampling protocol")
-    samples: int = 8             # (prompt, seed) samples per LoRA
-    steps: int = 3               # DDIM steps of each short trajectory; statistics at every step
-    latent_size: int | None = None  # latent side length (default: resolution / 8, else the UNet's sample_size)
-    resolution: int | None = None   # image side length in pixels (latent_size = resolution // 8)
-    batch_size: int = 4
-    seed: int = 0
-    max_gram_dim: int = 6144     # modules with a wider input (e.g. 3×3 convs over >682 channels)
-                                 # fall back to the weighted sum (reported)
-    gram_device: str | None = None  # where the float64 statistics live (default: the model's device,
-                                    # the CPU for MPS); "cpu" saves GPU memory on small cards
+    samples: int = option(8, "(prompt, seed) samples per LoRA used to collect layer inputs.",
+                          label="Samples per LoRA", flag="--samples", lo=1, hi=64)
+    steps: int = option(3, "DDIM steps of each short sample trajectory; statistics at every step.",
+                        label="Denoising steps per sample", flag="--steps", lo=1, hi=100)
+    latent_size: int | None = option(None, "Latent side length (default: resolution / 8, else the UNet's "
+                                     "sample_size).", flag="--latent-size", lo=1)
+    resolution: int | None = option(None, "Image side length of the samples in pixels (latent = resolution / 8; "
+                                    "default: the model's native size). Lower is faster.", label="Resolution",
+                                    lo=64, hi=2048, step=64)
+    batch_size: int = option(4, "Samples per batch while collecting statistics.", flag="--batch-size", lo=1)
+    seed: int = option(0, "Seed of the sampling noise: same seed, same merge.", label="Seed", flag="--seed",
+                       lo=0, hi=2 ** 31 - 1)
+    max_gram_dim: int = option(6144, "Modules with a wider input (e.g. 3×3 convs over > 682 channels) fall back "
+                               "to the weighted sum (reported).", flag="--max-gram-dim", lo=1)
+    gram_device: str | None = option(None, "Where the float64 statistics live (default: the model's device, the "
+                                     "CPU for MPS); cpu saves GPU memory on small cards.")
     # baselines (docs/method.md, "Merge baselines")
-    svd_rank: int | None = None  # SVD merge rank (default: the largest input rank)
-    svd_clamp_quantile: float = 0.99
-    ties_density: float = 0.2    # TIES: keep this fraction of each delta's largest entries
-    ties_lambda: float = 1.0
-    dare_p: float = 0.5          # DARE: drop probability (survivors rescaled by 1/(1−p))
+    svd_rank: int | None = option(None, "SVD merge rank (default: the largest input rank).", flag="--rank", lo=1)
+    svd_clamp_quantile: float = option(0.99, "SVD merge: clamp entries at this quantile.", lo=0.0, hi=1.0)
+    ties_density: float = option(0.2, "TIES: keep this fraction of each delta's largest entries.",
+                                 flag="--density", lo=0.0, hi=1.0)
+    ties_lambda: float = option(1.0, "TIES: scale of the merged delta.")
+    dare_p: float = option(0.5, "DARE: drop probability (survivors rescaled by 1/(1−p)).", flag="--drop",
+                           lo=0.0, hi=1.0)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,7 +86,7 @@ class MergeOptions:
         whole("svd_rank", self.svd_rank, 1, "--rank", none_ok=True)
         whole("seed", self.seed, 0, "--seed")
         for name, v, flag in (("tol", self.tol, "--tol"), ("alpha1", self.alpha1, "--alpha"),
-                              ("alpha2", self.alpha2, "--alpha"), ("reg_ceof", self.reg_ceof, "--reg-ceof"),
+                              ("alpha2", self.alpha2, "--alpha"), ("reg_coef", self.reg_coef, "--reg-coef"),
                               ("ties_density", self.ties_density, "--density"), ("ties_lambda", self.ties_lambda, "ties_lambda"),
                               ("dare_p", self.dare_p, "--drop"), ("svd_clamp_quantile", self.svd_clamp_quantile, "svd_clamp_quantile")):
             num(name, v, flag)
@@ -76,7 +94,7 @@ class MergeOptions:
         require(self.alpha1 >= 0 and self.alpha2 >= 0,
                 f"alpha1/alpha2, the ridge α (--alpha), must be >= 0 (0 = none, default {MergeOptions.alpha1:g}), got "
                 f"{min(self.alpha1, self.alpha2)!r}.")
-        require(0 <= self.reg_ceof <= 1, f"reg_ceof ρ (--reg-ceof) must be in [0, 1], got {self.reg_ceof!r}.")
+        require(0 <= self.reg_coef <= 1, f"reg_coef ρ (--reg-coef) must be in [0, 1], got {self.reg_coef!r}.")
         require(0 < self.ties_density <= 1, f"ties_density (--density) is TIES' kept fraction: it must be in (0, 1], "
                 f"got {self.ties_density!r}.")
         require(self.ties_lambda > 0, f"ties_lambda must be > 0, got {self.ties_lambda!r}.")
@@ -84,3 +102,6 @@ class MergeOptions:
         require(0 < self.svd_clamp_quantile <= 1, f"svd_clamp_quantile must be in (0, 1], got {self.svd_clamp_quantile!r}.")
         require(self.untouched in ("skip", "zero"),
                 f"unknown untouched-module rule {self.untouched!r}; use 'skip' or 'zero'.")
+
+
+ALIASES = {"reg_ceof": "reg_coef"}     # the reference code's spelling, still accepted from hosts

@@ -11,7 +11,7 @@ conv modules) to each touched module's output. Switching between delta sets is a
   ``‖X Wᵀ‖²`` of the running model (= tr(W G Wᵀ), read from the module's output, for λ);
 - ``x`` mode: keep the inputs of the *current forward pass only* (one batch) in a queue;
 - ``pair`` mode: take the queued ``X`` rows of the same module and accumulate
-  ``C += XᵀX̃``, ``H += X̃ᵀX̃`` (with ``X̃ ← (1−ρ)X̃ + ρX`` for ``reg_ceof`` ρ), then drop them.
+  ``C += XᵀX̃``, ``H += X̃ᵀX̃`` (with ``X̃ ← (1−ρ)X̃ + ρX`` for ``reg_coef`` ρ), then drop them.
 
 Modules reading the same input (q/k/v projections, cross-attention k/v) share one set of
 matrices. The state is three ``d_in × d_in`` matrices per input at most, independent of the number of
@@ -115,11 +115,11 @@ class GramStats:
     """Streaming ``G``, ``C``, ``H`` per module (see module docstring). Call :meth:`reset` between LoRAs."""
 
     def __init__(self, model, names, *, dtype=torch.float64, device="cpu", max_dim: int = 6144,
-                 reg_ceof: float = 0.0):
+                 reg_coef: float = 0.0):
         self.model = model
         self.dtype = dtype
         self.device = torch.device(device)
-        self.reg_ceof = float(reg_ceof)
+        self.reg_coef = float(reg_coef)
         self.mode = "off"
         self.dims: dict[str, int] = {}
         self.tracked: list[str] = []
@@ -197,8 +197,8 @@ class GramStats:
                 raise RuntimeError(f"paired passes disagree at {name}: {tuple(xr.shape)} vs {tuple(rows.shape)}")
             x = xr.to(device=self.device, dtype=self.dtype)
             xt = rows.to(device=self.device, dtype=self.dtype)
-            if self.reg_ceof:
-                xt = (1.0 - self.reg_ceof) * xt + self.reg_ceof * x
+            if self.reg_coef:
+                xt = (1.0 - self.reg_coef) * xt + self.reg_coef * x
             self._add(name, "C", self._weighted(x), xt)
             self._add(name, "H", self._weighted(xt), xt)
             self.rows[name] += x.shape[0]
