@@ -71,29 +71,6 @@ def combine(a: Edit | None, b: Edit) -> Edit:
     return Edit(b.family, b.unet_config, deltas, factors, report, {**a.sources, **b.sources})
 
 
-def complete_fused(edit: Edit, family: str) -> Edit:
-    """Add zero q/k/v/out entries next to edited OpenCLIP attention weights (SD2, SDXL's bigG).
-
-    A1111's Lora extension applies a LoRA to a fused ``nn.MultiheadAttention`` only when q, k, v
-    *and* out are all present, and skips the layer silently otherwise (docs/method.md, "LoRA
-    files"). Zero entries do not change the weights anywhere; they make A1111 apply the k/v part."""
-    if family == "sd1":
-        return edit
-    deltas, factors = dict(edit.deltas), dict(edit.factors)
-    open_clip = "text_encoder." if family == "sd2" else "text_encoder_2."
-    for name in list(edit.deltas):
-        m = re.match(r"^(.*\.self_attn)\.(q_proj|k_proj|v_proj|out_proj)$", name)
-        if not m or not name.startswith(open_clip):
-            continue
-        shape = edit.deltas[name].shape
-        for sub in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            other = f"{m.group(1)}.{sub}"
-            if other not in deltas:
-                deltas[other] = torch.zeros(shape)
-                factors[other] = (torch.zeros(shape[0], 1), torch.zeros(1, shape[1]))
-    return Edit(edit.family, edit.unet_config, deltas, factors, dict(edit.report), dict(edit.sources))
-
-
 # ----------------------------------------------------------------------------------------------
 class Backend:
     """Host interface. Subclasses: :class:`StandaloneBackend`, ``a1111.A1111Backend``."""
@@ -343,8 +320,7 @@ class Workbench:
         require(not out.exists(), f"{out} already exists (it may be one of your LoRAs); choose another name.")
         meta = {"ws_host": self.backend.name}
         meta.update(extra_meta or {})
-        info = save_lora(complete_fused(edit, edit.family), out, rank=int(rank) if rank else None,
-                         fmt=fmt, metadata=meta)
+        info = save_lora(edit, out, rank=int(rank) if rank else None, fmt=fmt, metadata=meta)  # siblings: the writer's rule
         self.backend.refresh_loras()
         err = info.get("max_error", 0.0)
         tail = f"; largest relative export error {err:.2e} (raise Rank to lower it)" if err > 1e-6 else "; exact"

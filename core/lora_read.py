@@ -99,10 +99,6 @@ class LoRA:
     raw: dict | None = field(default=None, repr=False)   # tensors of a file read without a model
     notes: list[str] = field(default_factory=list)       # how the file was read where it is ambiguous
 
-    @property
-    def bound(self) -> bool:
-        return self.raw is None
-
     def bind(self, model) -> "LoRA":
         """This LoRA mapped onto ``model`` (itself when it already is)."""
         if self.raw is None:

@@ -141,10 +141,6 @@ class SDModel:
             return self.unet_weight_reader(path + ".weight")
         return self.module(canonical).weight.detach()
 
-    def te_layer_names(self, comp: str) -> list[str]:
-        n = self.text_encoders[comp].config.num_hidden_layers
-        return [f"{comp}.text_model.encoder.layers.{i}" for i in range(n)]
-
     def unet_cross_attention_names(self) -> list[str]:
         """Canonical names of every UNet cross-attention (``attn2``) block, shallow to deep."""
         names = []

@@ -23,7 +23,6 @@ up as ``residual_before`` < 1), and ``rho`` = ‖W'X − W_o Y‖_F / ‖W_o (Y 
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import dataclass, field
 

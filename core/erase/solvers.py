@@ -191,8 +191,3 @@ class UCEBasis:
     def delta(self, W_o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         up = W_o.to(F64) @ self._YmX          # d_out × N
         return up @ self._down, up, self._down
-
-
-def residual_norm(W: torch.Tensor, X: torch.Tensor, target: torch.Tensor) -> float:
-    """‖W X − target‖_F (float64)."""
-    return float((W.to(F64) @ X.to(F64) - target.to(F64)).norm())

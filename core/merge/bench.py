@@ -49,13 +49,7 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def register_bench(subparsers_of_bench) -> None:
-    """Add ``merge`` to a ``bench`` sub-parser group (core/bench.py does the same through
-    :func:`add_arguments` / :func:`run`)."""
-    p = subparsers_of_bench.add_parser("merge", help="merging: streaming IterIS vs a store-all-features reference")
-    p.add_argument("--json", action="store_true")
-    add_arguments(p)
-    p.set_defaults(func=run)
+
 
 
 def run_bench(args) -> int:

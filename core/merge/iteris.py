@@ -33,7 +33,7 @@ import torch
 
 from ..edit import Edit
 from .options import MergeOptions
-from .sampling import Protocol, is_context_only
+from .sampling import SamplingProtocol, is_context_only
 from .stats import DeltaHooks, GramStats
 
 
@@ -102,7 +102,7 @@ class IterISSolver:
         self.stats = GramStats(self.model, self.names, device=self.gdev, max_dim=self.opts.max_gram_dim,
                                reg_coef=0.0 if self.regmean else self.opts.reg_coef)
         ctx_only = [n for n in self.names if is_context_only(n)]
-        self.protocol = Protocol(self.model, self.hooks, self.stats, steps=self.opts.steps,
+        self.protocol = SamplingProtocol(self.model, self.hooks, self.stats, steps=self.opts.steps,
                                  latent_size=self.opts.latent_size or (
                                      max(1, self.opts.resolution // 8) if self.opts.resolution else None), batch_size=self.opts.batch_size,
                                  need_unet=self.need_unet, context_modules=ctx_only, check=self.check)

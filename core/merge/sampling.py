@@ -71,7 +71,7 @@ def is_context_only(name: str) -> bool:
     return name.startswith("unet.") and (name.endswith("attn2.to_k") or name.endswith("attn2.to_v"))
 
 
-class Protocol:
+class SamplingProtocol:
     """Runs samples through paired passes. ``phases``: [(delta set, stats mode), …]; the first phase's
     model drives the trajectory, the others are evaluated at the same ``(x_t, t, prompt)``."""
 
@@ -176,4 +176,4 @@ class Protocol:
             z = sched.step(eps, t, z).prev_sample
 
 
-__all__ = ["Sample", "default_prompts", "make_samples", "make_scheduler", "Protocol", "is_context_only"]
+__all__ = ["Sample", "default_prompts", "make_samples", "make_scheduler", "SamplingProtocol", "is_context_only"]

@@ -228,9 +228,6 @@ class GramStats:
         self._queue = defaultdict(list)
         self._queue_bytes = 0
 
-    def state_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for a in self.acc.values() for t in a.values())
-
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
