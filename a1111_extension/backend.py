@@ -199,6 +199,7 @@ class Workbench:
         self.applied_key = None
         self.last: Edit | None = None
         self.last_rows: list = []
+        self._last_report: list[dict] = []
         self.lock = threading.RLock()
 
     # state ------------------------------------------------------------------------------------
@@ -210,10 +211,14 @@ class Workbench:
                 "the loaded model changed since the last Apply; that edit is gone with the old model. "
                 "Nothing was changed; press the button again to work on the new model.")
 
-    def rows_for(self, edit: Edit) -> list:
-        if edit is self.last:
-            return self.last_rows
-        return layer_rows(edit, self.backend.model())
+    def _remember(self, edit: Edit, model) -> None:
+        self.last, self._last_report = edit, report_rows(edit, model)
+        self.last_rows = layer_table(self._last_report)
+
+    def report_for(self, edit: Edit) -> tuple[list[list], object]:
+        """(table rows, picture) of ``edit``'s report (core.report)."""
+        rows = self._last_report if edit is self.last else report_rows(edit, self.backend.model())
+        return layer_table(rows), picture(edit, rows)
 
     def state_text(self) -> str:
         if self.applied is None:
@@ -236,7 +241,7 @@ class Workbench:
             model = self.backend.model()
             edit = erase(model, t, a, items(preserve), method=method, options=opts,
                          progress=progress, cancel=cancel, warn=lambda m: None)
-            self.last, self.last_rows = edit, layer_rows(edit, model)
+            self._remember(edit, model)
         return edit
 
     def compute_merge(self, lora_names, weights, prompts, method, settings: dict | None = None) -> tuple:
@@ -267,7 +272,7 @@ class Workbench:
                 loras.append(load_lora(path, model))
             edit = merge(model, loras, method=method, weights=w, prompts=p, options=opts,
                          progress=progress, cancel=cancel)
-            self.last, self.last_rows = edit, layer_rows(edit, model)
+            self._remember(edit, model)
         return edit, loras
 
     # apply / undo -----------------------------------------------------------------------------
@@ -347,54 +352,27 @@ def _options(cls, values: dict):
 
 # ----------------------------------------------------------------------------------------------
 # report
-def layer_rows(edit: Edit, model) -> list[list]:
-    """Per-layer table rows computed from the edit's ΔW and the model's weights (plus the solver's
-    residuals where it reported them)."""
-    stages = {s.get("layer"): s for s in edit.report.get("stages", []) if isinstance(s, dict)}
-    rows = []
-    for name in sorted(edit.deltas, key=_layer_order):
-        d = edit.deltas[name].float()
-        try:
-            w = float(model.weight(name).float().norm())
-        except Exception:
-            w = float("nan")
-        dn = float(d.norm())
-        s = stages.get(name, {})
-        rows.append([name, s.get("stage", name.split(".", 1)[0]), round(dn, 6),
-                     round(dn / w, 6) if w == w and w > 0 else None,
-                     _r(s.get("residual_before")), _r(s.get("residual_after"))])
-    return rows
+def report_rows(edit: Edit, model) -> list[dict]:
+    """The report rows (core.report.rows: ΔW against the model's weights, the solver's residuals
+    for erasures and merges alike)."""
+    from ..core import report
+
+    return report.rows(edit, report.relative_changes(edit, model))
 
 
-TABLE_HEADERS = ["layer", "stage", "‖ΔW‖_F", "‖ΔW‖/‖W‖", "residual before", "residual after"]
+def layer_table(rows: list[dict]) -> list[list]:
+    """Report rows as the tab's table (core.report.table, columns core.report.TABLE_HEADERS)."""
+    from ..core import report
+
+    return report.table(rows)
 
 
-def _r(x):
-    return None if x is None else round(float(x), 6)
+def picture(edit: Edit, rows: list[dict]):
+    """The report picture (core.report.picture, the same one the ComfyUI nodes show)."""
+    from ..core import report
 
-
-def _layer_order(name: str):
-    comp = name.split(".", 1)[0]
-    nums = [int(x) for x in re.findall(r"\d+", name)]
-    return (0 if comp.startswith("text_encoder") else 1, comp, nums, name)
-
-
-def plot(rows):
-    """A bar chart of ‖ΔW‖/‖W‖ per layer (matplotlib Figure; None without matplotlib)."""
-    try:
-        from matplotlib.figure import Figure
-    except Exception:
-        return None
-    fig = Figure(figsize=(8, 3), dpi=100)
-    ax = fig.add_subplot(111)
-    vals = [r[3] if r[3] is not None else 0.0 for r in rows]
-    colors = ["tab:orange" if str(r[0]).startswith("text_encoder") else "tab:blue" for r in rows]
-    ax.bar(range(len(vals)), vals, color=colors)
-    ax.set_ylabel("‖ΔW‖ / ‖W‖")
-    ax.set_xlabel("layer (text encoder: orange, UNet: blue), shallow → deep")
-    ax.set_title("Relative change per edited weight")
-    fig.tight_layout()
-    return fig
+    title = f"Weightsmith {(edit.report or {}).get('method', 'edit')}"
+    return report.picture(rows, title, report.footer(edit, len(rows)))
 
 
 def user_message(e: BaseException) -> str:

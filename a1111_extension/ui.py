@@ -12,7 +12,8 @@ import traceback
 from ..core.erase.options import TE_SUBLAYERS, EraseOptions
 from ..core.merge.options import MergeOptions
 from ..core.optspec import spec
-from .backend import ERASE_METHODS, TABLE_HEADERS, Workbench, merge_methods, plot, user_message
+from ..core.report import TABLE_HEADERS
+from .backend import ERASE_METHODS, Workbench, merge_methods, user_message
 
 E = lambda name: spec(EraseOptions, name)   # noqa: E731  defaults, labels and help: declared once in core
 M = lambda name: spec(MergeOptions, name)   # noqa: E731
@@ -79,8 +80,8 @@ def build_ui(backend, *, workbench: Workbench | None = None):
                     msg, edit = fn()
                 finally:
                     backend.job = saved
-                rows = wb.rows_for(edit) if edit is not None else []
-            return msg, rows or None, plot(rows) if rows else None, wb.state_text(), model_text()
+                rows, pic = wb.report_for(edit) if edit is not None else ([], None)
+            return msg, rows or None, pic if rows else None, wb.state_text(), model_text()
         except BaseException as e:  # noqa: BLE001  (everything becomes a message in the tab)
             if not isinstance(e, Exception):
                 raise
@@ -237,7 +238,8 @@ def build_ui(backend, *, workbench: Workbench | None = None):
         state = gr.Textbox(label="In memory", value=wb.state_text(), interactive=False, elem_id="weightsmith_state")
         table = gr.Dataframe(headers=TABLE_HEADERS, label="Per-layer changes", interactive=False,
                              elem_id="weightsmith_table")
-        figure = gr.Plot(label="Relative change per layer", elem_id="weightsmith_plot")
+        figure = gr.Image(label="Per-layer changes (the picture ComfyUI's report_image shows)", type="pil",
+                          interactive=False, elem_id="weightsmith_plot")
 
         common = [targets, anchors, preserve, method, tokens, te_sub, te_layers, expand, lam, eta_p, rcond]
         outs = [status, table, figure, state, model_info]

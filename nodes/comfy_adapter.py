@@ -330,11 +330,6 @@ def to_compute_device(sdmodel, need_unet: bool) -> str:
 
 def weight_norms(sdmodel, edit) -> dict[str, float]:
     """‖ΔW‖/‖W‖ per edited module, W the effective weight the edit was computed from."""
-    out = {}
-    for name, d in edit.deltas.items():
-        try:
-            w = sdmodel.weight(name)
-            out[name] = float(d.float().cpu().norm() / w.float().cpu().norm().clamp_min(1e-12))
-        except Exception:
-            out[name] = float("nan")
-    return out
+    from ..core.report import relative_changes
+
+    return relative_changes(edit, sdmodel)

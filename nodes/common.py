@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import json
 
 CATEGORY = "Weightsmith"
 EDIT_TYPE = "WEIGHTSMITH_EDIT"
@@ -79,62 +78,19 @@ def widget(cls, name: str, kind: str, **extra):
 
 
 def format_report(edit, rel: dict[str, float], title: str) -> str:
-    """A plain-text report: header, then one line per edited module."""
-    rep = edit.report or {}
-    head = [title]
-    for k in ("method", "family", "targets", "anchors", "preserve", "stack", "strength", "iterations", "time_s"):
-        if k in rep and rep[k] not in (None, [], ""):
-            v = rep[k]
-            head.append(f"{k}: {', '.join(map(str, v)) if isinstance(v, (list, tuple)) else v}")
-    head.append(f"modules edited: {len(edit.deltas)}")
-    stages = _stages(rep)
-    body = []
-    for name in sorted(edit.deltas, key=_order):
-        s = stages.get(name, {})
-        line = f"{name}: |dW|/|W| = {rel.get(name, float('nan')):.3e}"
-        if s.get("residual_before") is not None:
-            line += f", residual {s['residual_before']:.3e} -> {s['residual_after']:.3e}"
-        elif s.get("residual_after") is not None:
-            line += f", residual {s['residual_after']:.3e}"
-        body.append(line)
-    summary = rep.get("summary")
-    tail = [f"summary: {json.dumps(summary, default=str)}"] if summary else []
-    return "\n".join(head + [""] + body + tail)
+    """The report as text (core.report: the same rows the A1111 tab shows)."""
+    from ..core import report
 
-
-def _stages(rep: dict) -> dict:
-    """Per-module residuals from either report shape: erase ``stages`` (list of dicts with
-    ``layer``, ``residual_before``/``after``) or merge ``residuals`` ({module: value})."""
-    out = {s.get("layer"): s for s in rep.get("stages", []) if isinstance(s, dict)}
-    res = rep.get("residuals")
-    if isinstance(res, dict):
-        for k, v in res.items():
-            if isinstance(v, (int, float)):
-                out.setdefault(k, {"residual_before": None, "residual_after": float(v)})
-    return out
-
-
-def _order(name: str):
-    """Text encoder(s) first, then the UNet; layer numbers in numeric order."""
-    import re
-
-    comp = name.split(".", 1)[0]
-    parts = [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
-    return ({"text_encoder": 0, "text_encoder_2": 1, "unet": 2}.get(comp, 3), [(0, p) if isinstance(p, int) else (1, p) for p in parts])
+    return report.text(edit, report.rows(edit, rel), title)
 
 
 def report_picture(edit, rel: dict[str, float], title: str):
-    from .report_image import render_rows, to_comfy_image
+    """The report picture (core.report.picture) as a ComfyUI IMAGE."""
+    from ..core import report
+    from .report_image import to_comfy_image
 
-    stages = _stages(edit.report or {})
-    rows = []
-    for name in sorted(edit.deltas, key=_order):
-        s = stages.get(name, {})
-        rows.append({"name": name, "delta_rel": rel.get(name),
-                     "residual_before": s.get("residual_before"), "residual_after": s.get("residual_after")})
-    t = (edit.report or {}).get("time_s")
-    footer = f"{len(rows)} modules, {t} s" if t is not None else f"{len(rows)} modules"
-    return to_comfy_image(render_rows(title, rows, footer))
+    rows = report.rows(edit, rel)
+    return to_comfy_image(report.picture(rows, title, report.footer(edit, len(rows))))
 
 
 def ui_text(text: str) -> dict:
