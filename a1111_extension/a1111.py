@@ -33,7 +33,6 @@ Two things the real A1111 does to the loaded model that the tab must undo or res
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -209,7 +208,8 @@ class _BaseTensors(Mapping):
 
 
 def _tokenizers(sd_model, family: str, roots) -> dict:
-    from ..core.model_io import _tokenizer_for
+    from ..core.model_io import encoder_tokenizer
+    from ..core.tokenizer import fit_tokenizer
 
     toks = {}
     for _, _, kind, comp in roots:
@@ -221,14 +221,9 @@ def _tokenizers(sd_model, family: str, roots) -> dict:
         elif family == "sdxl":
             tok = getattr(text_embedders(sd_model)[0][2], "tokenizer", None)
         if tok is not None and hasattr(tok, "convert_tokens_to_ids"):
-            tok = copy.deepcopy(tok)
-            if tok.model_max_length > 1000:
-                tok.model_max_length = 77
-            if kind == "openclip":
-                tok.pad_token = "!"
-            toks[comp] = tok
+            toks[comp] = fit_tokenizer(tok, family, comp)
         else:   # SD2's open_clip tokenizer is not a transformers one: use CLIP's BPE from disk
-            toks[comp] = _tokenizer_for(None, family, comp)
+            toks[comp] = encoder_tokenizer(None, family, comp)
     return toks
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from .errors import WeightsmithError
-from .naming import TE1, UNET, comfy_te_prefix
+from .naming import TE1, UNET, comfy_te_prefix, te_path
 
 # suffix -> role. Order matters: longest first.
 _SUFFIXES = [
@@ -207,7 +207,7 @@ class ModuleIndex:
             for n, m in te.named_modules():
                 if not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
                     continue
-                path = n if n.startswith(("text_model.", "text_projection")) else "text_model." + n
+                path = te_path(n)
                 canon = f"{c}.{path}"
                 self.shapes[canon] = tuple(m.weight.shape)
                 kpre = ("lora_te1_" if fam == "sdxl" else "lora_te_") if c == TE1 else "lora_te2_"

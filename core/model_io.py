@@ -27,9 +27,9 @@ import torch
 
 from .errors import WeightsmithError, require
 from .naming import (LDM_UNET_PREFIX, TE1, TE2, UNET, CheckpointSlot, UNetLayout, checkpoint_slot,
-                     open_clip_slot, te_checkpoint_prefix)
+                     open_clip_slot, te_checkpoint_prefix, te_path)
 from .sdmodel import SDModel, default_encoder_specs, detect_family
-from .tokenizer import EOS, find_clip_tokenizer
+from .tokenizer import find_clip_tokenizer
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -61,10 +61,7 @@ def fast_init():
 def te_params(te: torch.nn.Module):
     """(canonical parameter path inside the encoder, tensor): always with ``text_model.``."""
     for k, v in te.state_dict().items():
-        if k.startswith("text_model.") or k.startswith("text_projection"):
-            yield k, v
-        else:
-            yield "text_model." + k, v
+        yield te_path(k), v
 
 
 _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -373,8 +370,12 @@ def _load_diffusers(path: Path, clip_skip) -> SDModel:
                    source=ModelSource("diffusers", path))
 
 
-def _tokenizer_for(tokenizer, family: str, comp: str):
+def encoder_tokenizer(tokenizer, family: str, comp: str):
+    """The tokenizer of encoder ``comp``: ``tokenizer`` (an object, a folder, or None = look one up,
+    see :func:`..tokenizer.find_clip_tokenizer`) fitted with :func:`..tokenizer.fit_tokenizer`."""
     from transformers import CLIPTokenizer
+
+    from .tokenizer import fit_tokenizer
 
     if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
         tok = find_clip_tokenizer(tokenizer)
@@ -382,13 +383,7 @@ def _tokenizer_for(tokenizer, family: str, comp: str):
         tok = tokenizer
     tok = CLIPTokenizer.from_pretrained(tok.name_or_path, local_files_only=True) if (
         Path(str(tok.name_or_path)).is_dir()) else tok
-    if tok.model_max_length > 1000:
-        tok.model_max_length = 77
-    # OpenCLIP encoders (SD2, SDXL's bigG) pad with "!" (id 0), CLIP-L pads with EOS
-    pad = "!" if (family == "sd2" or comp == TE2) else EOS
-    if tok.pad_token != pad:
-        tok.pad_token = pad
-    return tok
+    return fit_tokenizer(tok, family, comp, copy=tok is tokenizer)
 
 
 def _load_single_file(path: Path, clip_skip, tokenizer) -> SDModel:
@@ -396,7 +391,7 @@ def _load_single_file(path: Path, clip_skip, tokenizer) -> SDModel:
     family = detect_checkpoint_family(sf.keys())
     heads = json.loads(sf.metadata.get("ws_text_encoder_heads", "{}"))
     comps = [TE1, TE2] if family == "sdxl" else [TE1]
-    toks = {c: _tokenizer_for(tokenizer, family, c) for c in comps}
+    toks = {c: encoder_tokenizer(tokenizer, family, c) for c in comps}
     te_sources = {c: te_checkpoint_prefix(family, c) for c in comps}
     model = _build_from_state(sf, family, te_sources, LDM_UNET_PREFIX, toks, clip_skip, heads,
                               from_diffusers=False)
@@ -438,7 +433,7 @@ def _build_from_state(sf, family, te_sources, unet_prefix, toks, clip_skip, head
         hidden[c] = cfg.hidden_size
         sd = {}
         for name, ref in te.state_dict().items():
-            canon = name if name.startswith(("text_model.", "text_projection")) else "text_model." + name
+            canon = te_path(name)
             if canon.endswith("position_ids"):
                 sd[name] = ref
                 continue

@@ -37,6 +37,13 @@ _RESNET_LDM = {
 _RESNET_DIFF = {v: k for k, v in _RESNET_LDM.items()}
 
 
+def te_path(name: str) -> str:
+    """A text-encoder parameter or module path in canonical form: with ``text_model.`` (transformers
+    5 keeps no nested ``text_model`` module in memory; checkpoints and kohya names always have it),
+    except CLIPTextModelWithProjection's top-level ``text_projection``. The one place this rule lives."""
+    return name if name.startswith(("text_model.", "text_projection")) else "text_model." + name
+
+
 def _cfg_get(config, key, default=None):
     if isinstance(config, dict):
         return config.get(key, default)

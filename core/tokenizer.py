@@ -42,6 +42,28 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
+def pad_token_for(family: str, comp: str) -> str:
+    """OpenCLIP encoders (SD2's ViT-H, SDXL's bigG) pad with "!" (id 0), CLIP-L pads with EOS."""
+    from .naming import TE2
+
+    return "!" if (family == "sd2" or comp == TE2) else EOS
+
+
+def fit_tokenizer(tok, family: str, comp: str, *, copy: bool = True):
+    """``tok`` with Stable Diffusion's conventions for encoder ``comp`` of ``family``: 77 positions
+    (a tokenizer saved without a length says 1e30) and the encoder's pad token. The one place these
+    fix-ups live; every host adapter calls it. A copy unless ``copy=False``."""
+    import copy as _copy
+
+    tok = _copy.deepcopy(tok) if copy else tok
+    if tok.model_max_length > 1000:
+        tok.model_max_length = 77
+    pad = pad_token_for(family, comp)
+    if tok.pad_token != pad:
+        tok.pad_token = pad
+    return tok
+
+
 def write_word_vocab(folder: Path, words=DEFAULT_WORDS, model_max_length: int = 77,
                      pad_token: str = EOS) -> Path:
     """Write vocab.json / merges.txt / tokenizer_config.json for a word-level CLIP tokenizer."""

@@ -15,7 +15,6 @@ already split), ``clip_g.transformer.…`` (SDXL's bigG).
 """
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -175,7 +174,7 @@ def comfy_tokenizer_dirs() -> list:
 
 def comfy_tokenizers(clip, family: str) -> dict:
     """HF CLIPTokenizers from a ComfyUI CLIP object (copies, with each encoder's pad token)."""
-    from ..core.tokenizer import EOS
+    from ..core.tokenizer import fit_tokenizer
 
     out = {}
     for comp, attr in TE_PREFIXES[family].items():
@@ -185,14 +184,7 @@ def comfy_tokenizers(clip, family: str) -> dict:
             from ..core.tokenizer import find_clip_tokenizer
 
             tok = find_clip_tokenizer(host_dirs=comfy_tokenizer_dirs())
-        tok = copy.deepcopy(tok)
-        if tok.model_max_length > 1000:
-            tok.model_max_length = 77
-        # OpenCLIP encoders (SD2's H, SDXL's bigG) pad with "!" (id 0), CLIP-L with the end token
-        pad = "!" if attr in ("clip_h", "clip_g") else EOS
-        if tok.pad_token != pad:
-            tok.pad_token = pad
-        out[comp] = tok
+        out[comp] = fit_tokenizer(tok, family, comp)
     return out
 
 

@@ -6,7 +6,7 @@ import re
 
 import torch
 
-from ..naming import kohya_prefix
+from ..naming import kohya_prefix, te_path
 
 # which modules each target group touches (canonical-name patterns)
 TARGETS = {
@@ -23,7 +23,7 @@ def target_modules(model, groups=("attn", "ff", "te")) -> list[str]:
     for c, te in model.text_encoders.items():
         for n, m in te.named_modules():
             if isinstance(m, torch.nn.Linear):
-                p = n if n.startswith("text_model.") else "text_model." + n
+                p = te_path(n)
                 names.append(f"{c}.{p}")
     if any(g not in ("te",) for g in groups):
         for n, m in model.unet.named_modules():

@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..naming import te_path
 from .paths import DEFAULT_MODEL_DIR, LORA_STYLE, LORA_STYLE_NOREG, LORA_SUBJECT, LORA_SUBJECT_NOREG
 from .render import (BASE_PATTERNS, BASE_SHAPES, NEW_PATTERN, NEW_SHAPE, STYLE_TRIGGER, STYLE_TRIGGER_NOREG,
                      SUBJECT_TRIGGER, SUBJECT_TRIGGER_NOREG, Scene, random_scene)
@@ -46,10 +47,7 @@ CONV_TARGETS = re.compile(r"(\.resnets\.\d+\.conv[12]|\.(downsamplers|upsamplers
 
 
 def _te_prefix_name(name: str) -> str:
-    # transformers 5 keeps no nested ``text_model`` module in memory; kohya names always have it
-    if not name.startswith("text_model."):
-        name = "text_model." + name
-    return "lora_te_" + name.replace(".", "_")
+    return "lora_te_" + te_path(name).replace(".", "_")
 
 
 def lora_target_modules(unet, text_encoder, conv: bool = False) -> dict[str, nn.Module]:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..naming import te_path
 from .paths import DEFAULT_MODEL_DIR
 from .render import BASE_PATTERNS, BASE_SHAPES, prompt_corpus, prompt_for, random_scene, render
 from .tokenizer import build_tokenizer_files, load_tokenizer
@@ -125,7 +126,7 @@ def _prefix_text_model(path: Path) -> None:
     sd = load_file(str(path))
     if all(k.startswith("text_model.") for k in sd):
         return
-    save_file({(k if k.startswith("text_model.") else "text_model." + k): v for k, v in sd.items()}, str(path),
+    save_file({te_path(k): v for k, v in sd.items()}, str(path),
               metadata=meta)
 
 
