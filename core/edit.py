@@ -31,14 +31,9 @@ class Edit:
 
     def apply(self, model, strength: float = 1.0):
         """A copy of ``model`` with ``W + strength·ΔW`` (the input model is left untouched)."""
-        new = copy.copy(model)
-        new.text_encoders = {c: copy.deepcopy(t) for c, t in model.text_encoders.items()}
         touches_unet = any(k.startswith(UNET + ".") for k in self.deltas)
-        if touches_unet:
-            unet = copy.deepcopy(model.unet)
-            new._unet = unet
-            new.unet_loader = lambda: unet
-            new.unet_weight_reader = None
+        new = model.with_unet(copy.deepcopy(model.unet)) if touches_unet else copy.copy(model)
+        new.text_encoders = {c: copy.deepcopy(t) for c, t in model.text_encoders.items()}
         for name, d in self.deltas.items():
             mod = new.module(name)
             with torch.no_grad():

@@ -121,6 +121,21 @@ class SDModel:
         return self._unet
 
     @property
+    def loaded_unet(self) -> torch.nn.Module | None:
+        """The UNet if it has been built, else None (never builds it)."""
+        return self._unet
+
+    def with_unet(self, unet: torch.nn.Module) -> "SDModel":
+        """A shallow copy of this model whose UNet is ``unet`` (weights read from it, not the file)."""
+        import copy
+
+        new = copy.copy(self)
+        new._unet = unet
+        new.unet_loader = lambda: unet
+        new.unet_weight_reader = None
+        return new
+
+    @property
     def layout(self) -> UNetLayout:
         return UNetLayout.from_config(self.unet_config)
 

@@ -314,8 +314,8 @@ def to_compute_device(sdmodel, need_unet: bool) -> str:
         logging.warning("Weightsmith: running on the CPU (%s: %s)", type(e).__name__, e)
         for t in sdmodel.text_encoders.values():
             t.to("cpu")
-        if need_unet and sdmodel._unet is not None:
-            sdmodel._unet.to("cpu")
+        if need_unet and sdmodel.loaded_unet is not None:
+            sdmodel.loaded_unet.to("cpu")
         mm.soft_empty_cache()
         return "cpu"
 
