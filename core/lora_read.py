@@ -343,20 +343,12 @@ def factor_full(delta2d: torch.Tensor, rtol: float = 1e-9):
 
 def lora_from_state_dict(tensors: dict, model, *, metadata: dict | None = None, name: str = "lora",
                          path=None) -> LoRA:
-    """Map an in-memory LoRA state dict (any supported layout) onto ``model``."""
+    """Map an in-memory LoRA state dict (any supported layout) onto ``model``: group the keys by
+    module, build each module's exact factors, then refuse what cannot be used as a whole."""
     meta = dict(metadata or {})
     if not tensors:
         raise WeightsmithError(f"LoRA {name} holds no tensors; the file is empty or damaged.")
-    groups: dict[str, dict] = defaultdict(dict)
-    file_keys: dict[str, dict] = defaultdict(dict)      # prefix -> role -> the key as the file spells it
-    unknown = []
-    for k, v in tensors.items():
-        s = _split_key(k)
-        if s is None:
-            unknown.append(k)
-            continue
-        groups[s[0]][s[1]] = v
-        file_keys[s[0]][s[1]] = k
+    groups, file_keys, unknown = _group_keys(tensors)
     index = ModuleIndex(model)
     hint = _family_hint(list(groups), meta)
     modules: dict[str, LoRAModule] = {}
@@ -380,60 +372,85 @@ def lora_from_state_dict(tensors: dict, model, *, metadata: dict | None = None, 
         if bad:
             refused[_REFUSED.get(bad[0], bad[0])].append(prefix)
             continue
-        if roles == {"diff_b"}:
-            ignored.append(prefix + ".diff_b")
-            continue
         if "diff_b" in roles:
             ignored.append(prefix + ".diff_b")
             roles = roles - {"diff_b"}
-        shape = index.shapes[canon]
-        out_dim, in_dim = shape[0], int(math.prod(shape[1:]))
-        formats.add(_key_format(prefix))
-        if roles & {"up", "down"}:
-            if not {"up", "down"} <= roles:
-                raise WeightsmithError(f"LoRA {name}: {prefix} has only one of its two factors (up/down); "
-                                       "the file is damaged.")
-            up, down, scale, kind, alpha = _lora_to_factors(parts, prefix, name)
-            if alpha == 0:
-                zero_alpha.append(prefix)
-        else:
-            role_kind = "diff" if "diff" in roles else ("loha" if any(r.startswith("hada") for r in roles) else "lokr")
-            try:
-                full, kind = _full_delta(parts, prefix, role_kind, name)
-            except KeyError as e:
-                raise WeightsmithError(f"LoRA {name}: {prefix} lacks {e.args[0]}; the file is damaged "
-                                       "or uses a LyCORIS variant Weightsmith does not read.") from None
-            if full.numel() != out_dim * in_dim:
-                _shape_error(name, prefix, canon, shape, tuple(full.shape), hint, model.family)
-            up, down = factor_full(full.reshape(out_dim, in_dim))
-            scale, alpha = 1.0, None
-            formats.add("full" if kind == "full" else kind)
-        if up.shape[0] != out_dim or down.shape[1] != in_dim:
-            _shape_error(name, prefix, canon, shape, (up.shape[0], down.shape[1]), hint, model.family)
+            if not roles:
+                continue
         if canon in modules:
             raise WeightsmithError(f"LoRA {name} names module {canon} twice (e.g. in two key layouts); "
                                    "the file is ambiguous.")
-        modules[canon] = LoRAModule(canon, up.contiguous(), down.contiguous(), float(scale), shape, kind, alpha)
-    if refused:
-        why, prefixes = next(iter(refused.items()))
-        raise WeightsmithError(f"LoRA {name} cannot be used: {why} ({len(prefixes)} modules, e.g. "
-                               f"{prefixes[0]}). Convert it to a plain LoRA or a full-delta (.diff) file.")
-    if not modules:
-        if hint and hint != model.family:
-            raise WeightsmithError(f"LoRA {name} was made for {hint.upper()} but the model is "
-                                   f"{model.family.upper()}; none of its keys fit. Use a LoRA made for this base model.")
-        raise WeightsmithError(
-            f"LoRA {name} matches no module of this {model.family.upper()} model ({len(unmatched)} keys, "
-            f"e.g. {unmatched[:1]}). It was made for another base model or uses an unknown key layout.")
-    if model.family != "sdxl" and any(p.startswith(("lora_te1_", "lora_te2_")) for p in groups):
-        raise WeightsmithError(f"LoRA {name} has SDXL text-encoder keys (lora_te1_/lora_te2_) but the model is "
-                               f"{model.family.upper()}; use a LoRA made for this base model.")
+        mod, fmt = _build_module(parts, roles, prefix, canon, index.shapes[canon], name, hint, model.family)
+        formats |= fmt
+        if mod.alpha == 0:
+            zero_alpha.append(prefix)
+        modules[canon] = mod
+    _refuse_unusable(name, model.family, refused, modules, unmatched, hint, groups)
     notes = []
     if zero_alpha:
         notes.append(f"{len(zero_alpha)} module(s) have alpha 0 (e.g. {zero_alpha[0]}); read as alpha = rank "
                      "(scale 1), as kohya's sd-scripts and LyCORIS load them (a literal 0 would make them no-ops)")
     return LoRA(Path(path) if path else None, name, modules, meta, tuple(sorted(formats)), unmatched, ignored,
                 notes=notes)
+
+
+def _group_keys(tensors: dict):
+    """prefix -> role -> tensor, prefix -> role -> the key as the file spells it, and unknown keys."""
+    groups: dict[str, dict] = defaultdict(dict)
+    file_keys: dict[str, dict] = defaultdict(dict)
+    unknown = []
+    for k, v in tensors.items():
+        s = _split_key(k)
+        if s is None:
+            unknown.append(k)
+            continue
+        groups[s[0]][s[1]] = v
+        file_keys[s[0]][s[1]] = k
+    return groups, file_keys, unknown
+
+
+def _build_module(parts: dict, roles: set, prefix: str, canon: str, shape, name: str, hint, family: str):
+    """One module's exact 2-D factors (``ΔW = scale · up · down``) and the formats it was read as."""
+    out_dim, in_dim = shape[0], int(math.prod(shape[1:]))
+    formats = {_key_format(prefix)}
+    if roles & {"up", "down"}:
+        if not {"up", "down"} <= roles:
+            raise WeightsmithError(f"LoRA {name}: {prefix} has only one of its two factors (up/down); "
+                                   "the file is damaged.")
+        up, down, scale, kind, alpha = _lora_to_factors(parts, prefix, name)
+    else:
+        role_kind = "diff" if "diff" in roles else ("loha" if any(r.startswith("hada") for r in roles) else "lokr")
+        try:
+            full, kind = _full_delta(parts, prefix, role_kind, name)
+        except KeyError as e:
+            raise WeightsmithError(f"LoRA {name}: {prefix} lacks {e.args[0]}; the file is damaged "
+                                   "or uses a LyCORIS variant Weightsmith does not read.") from None
+        if full.numel() != out_dim * in_dim:
+            _shape_error(name, prefix, canon, shape, tuple(full.shape), hint, family)
+        up, down = factor_full(full.reshape(out_dim, in_dim))
+        scale, alpha = 1.0, None
+        formats.add("full" if kind == "full" else kind)
+    if up.shape[0] != out_dim or down.shape[1] != in_dim:
+        _shape_error(name, prefix, canon, shape, (up.shape[0], down.shape[1]), hint, family)
+    return LoRAModule(canon, up.contiguous(), down.contiguous(), float(scale), shape, kind, alpha), formats
+
+
+def _refuse_unusable(name, family, refused, modules, unmatched, hint, groups) -> None:
+    """Refuse a file as a whole: unsupported module types, nothing that fits, another family's keys."""
+    if refused:
+        why, prefixes = next(iter(refused.items()))
+        raise WeightsmithError(f"LoRA {name} cannot be used: {why} ({len(prefixes)} modules, e.g. "
+                               f"{prefixes[0]}). Convert it to a plain LoRA or a full-delta (.diff) file.")
+    if not modules:
+        if hint and hint != family:
+            raise WeightsmithError(f"LoRA {name} was made for {hint.upper()} but the model is "
+                                   f"{family.upper()}; none of its keys fit. Use a LoRA made for this base model.")
+        raise WeightsmithError(
+            f"LoRA {name} matches no module of this {family.upper()} model ({len(unmatched)} keys, "
+            f"e.g. {unmatched[:1]}). It was made for another base model or uses an unknown key layout.")
+    if family != "sdxl" and any(p.startswith(("lora_te1_", "lora_te2_")) for p in groups):
+        raise WeightsmithError(f"LoRA {name} has SDXL text-encoder keys (lora_te1_/lora_te2_) but the model is "
+                               f"{family.upper()}; use a LoRA made for this base model.")
 
 
 def _role_suffix(role: str) -> str:
