@@ -201,6 +201,7 @@ class Workbench:
         self.last_rows: list = []
         self._last_report: list[dict] = []
         self.lock = threading.RLock()
+        self._observer = None          # an extra progress callback (the tab's progress bar), see observing()
 
     # state ------------------------------------------------------------------------------------
     def _check_model(self) -> None:
@@ -210,6 +211,31 @@ class Workbench:
             raise WeightsmithError(
                 "the loaded model changed since the last Apply; that edit is gone with the old model. "
                 "Nothing was changed; press the button again to work on the new model.")
+
+    @contextlib.contextmanager
+    def observing(self, progress):
+        """Also report the progress of jobs started inside this block to ``progress(done, total, label)``."""
+        prev, self._observer = self._observer, progress
+        try:
+            yield
+        finally:
+            self._observer = prev
+
+    @contextlib.contextmanager
+    def _job(self, title: str):
+        """The backend's job (host progress, Interrupt) with the observer chained in."""
+        with self.backend.job(title) as (progress, cancel):
+            extra = self._observer
+            if extra is None:
+                yield progress, cancel
+                return
+
+            def both(done, total, label=""):
+                try:
+                    extra(done, total, label)
+                finally:
+                    progress(done, total, label)
+            yield both, cancel
 
     def _remember(self, edit: Edit, model) -> None:
         self.last, self._last_report = edit, report_rows(edit, model)
@@ -237,7 +263,7 @@ class Workbench:
         require(bool(t), "enter at least one concept to erase in Targets.")
         a = items(anchors) or [""]
         opts = _options(EraseOptions, advanced or {})
-        with self.backend.job("Weightsmith: erase") as (progress, cancel):
+        with self._job("Weightsmith: erase") as (progress, cancel):
             model = self.backend.model()
             edit = erase(model, t, a, items(preserve), method=method, options=opts,
                          progress=progress, cancel=cancel, warn=lambda m: None)
@@ -263,7 +289,7 @@ class Workbench:
             per = [[s.strip() for s in ln.split("|") if s.strip()] for ln in lines]
             p = per[0] if len(per) == 1 and len(names) > 1 else per
         opts = _options(MergeOptions, settings or {})
-        with self.backend.job("Weightsmith: merge LoRAs") as (progress, cancel):
+        with self._job("Weightsmith: merge LoRAs") as (progress, cancel):
             model = self.backend.model()
             loras = []
             for n in names:

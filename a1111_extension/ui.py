@@ -8,6 +8,7 @@ arguments both versions have.
 from __future__ import annotations
 
 import traceback
+from types import SimpleNamespace
 
 from ..core.erase.options import TE_SUBLAYERS, EraseOptions
 from ..core.merge.options import MergeOptions
@@ -37,6 +38,72 @@ def _float(x, default=None):
         return default
 
 
+def _erase_tab(gr, backend):
+    """The Erase sub-tab's components (defaults and labels from core's option declarations)."""
+    with gr.Tab("Erase"):
+        with gr.Row():
+            targets = gr.Textbox(label="Targets (concepts to erase; one per line or comma-separated)",
+                                 lines=2, placeholder="Van Gogh", elem_id="weightsmith_targets")
+            anchors = gr.Textbox(label="Anchors (what each target becomes; one, or one per target)",
+                                 lines=2, placeholder="art", elem_id="weightsmith_anchors")
+            preserve = gr.Textbox(label="Preserve (concepts that must not change)", lines=2,
+                                  placeholder="Monet, Picasso", elem_id="weightsmith_preserve")
+        with gr.Row():
+            method = gr.Radio(list(ERASE_METHODS), value=ERASE_METHODS[0], label="Method")
+            strength = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Apply strength")
+        with gr.Accordion("Advanced options", open=False):
+            with gr.Row():
+                tokens = gr.Radio(list(E("tokens").choices), value=E("tokens").default, label=E("tokens").label)
+                te_sub = gr.CheckboxGroup(list(TE_SUBLAYERS), value=list(E("te_sublayers").default),
+                                          label=E("te_sublayers").label)
+                te_layers = gr.Textbox(label=E("te_layers").label, value="")
+            with gr.Row():
+                expand = gr.Radio(["auto", "on", "off"], value="auto", label="Expand prompts with templates")
+                lam = gr.Number(value=E("lam").default, label=E("lam").label)
+                eta_p = gr.Number(value=E("eta_preserve").default, label=E("eta_preserve").label)
+                rcond = gr.Number(value=E("rcond").default, label=E("rcond").label)
+        with gr.Row():
+            b_apply = gr.Button("Apply", variant="primary", elem_id="weightsmith_apply",
+                                interactive=backend.can_apply)
+            b_undo = gr.Button("Undo", elem_id="weightsmith_undo", interactive=backend.can_apply)
+            b_stop = gr.Button("Interrupt", elem_id="weightsmith_interrupt")
+        with gr.Row():
+            ckpt_name = gr.Textbox(label="Checkpoint name", value="", placeholder="my-model-erased")
+            b_ckpt = gr.Button("Save as checkpoint", elem_id="weightsmith_save_ckpt")
+            lora_name = gr.Textbox(label="LoRA name", value="", placeholder="erase-van-gogh")
+            rank = gr.Number(value=0, label="LoRA rank (0: exact)")
+            fmt = gr.Radio(["lora", "diff"], value="lora", label="LoRA format")
+            b_lora = gr.Button("Save as LoRA", elem_id="weightsmith_save_lora")
+    return SimpleNamespace(targets=targets, anchors=anchors, preserve=preserve, method=method, strength=strength, tokens=tokens, te_sub=te_sub, te_layers=te_layers, expand=expand, lam=lam, eta_p=eta_p, rcond=rcond, b_apply=b_apply, b_undo=b_undo, b_stop=b_stop, ckpt_name=ckpt_name, b_ckpt=b_ckpt, lora_name=lora_name, rank=rank, fmt=fmt, b_lora=b_lora)
+
+
+def _merge_tab(gr, backend):
+    """The Merge LoRAs sub-tab's components."""
+    with gr.Tab("Merge LoRAs"):
+        with gr.Row():
+            loras = gr.Dropdown(backend.list_loras(), multiselect=True, label="LoRAs (from the LoRA folder)",
+                                elem_id="weightsmith_loras")
+            b_refresh = gr.Button("Refresh list")
+        with gr.Row():
+            weights = gr.Textbox(label="Weights (one per LoRA, comma-separated; empty: 1 each)", value="")
+            prompts = gr.Textbox(label="Sample prompts (one line per LoRA, several separated by |; "
+                                       "empty: from each LoRA's training tags)", lines=2, value="")
+        with gr.Row():
+            m_method = gr.Dropdown(list(merge_methods()), value=merge_methods()[0], label="Method")
+            iterations = gr.Number(value=M("iterations").default, label=M("iterations").label, precision=0)
+            samples = gr.Number(value=M("samples").default, label=M("samples").label, precision=0)
+            steps = gr.Number(value=M("steps").default, label=M("steps").label, precision=0)
+            seed = gr.Number(value=M("seed").default, label=M("seed").label, precision=0)
+        with gr.Row():
+            m_name = gr.Textbox(label="Output LoRA name", value="", placeholder="merged")
+            m_rank = gr.Number(value=0, label="Rank (0: exact)", precision=0)
+            m_apply = gr.Checkbox(value=False, label="Also apply to the loaded model",
+                                  interactive=backend.can_apply)
+            b_merge = gr.Button("Merge → Save as LoRA", variant="primary", elem_id="weightsmith_merge")
+            b_stop2 = gr.Button("Interrupt")
+    return SimpleNamespace(loras=loras, b_refresh=b_refresh, weights=weights, prompts=prompts, m_method=m_method, iterations=iterations, samples=samples, steps=steps, seed=seed, m_name=m_name, m_rank=m_rank, m_apply=m_apply, b_merge=b_merge, b_stop2=b_stop2)
+
+
 def build_ui(backend, *, workbench: Workbench | None = None):
     """A ``gr.Blocks`` with the Erase and Merge LoRAs sub-tabs, bound to ``backend``."""
     import gradio as gr
@@ -51,35 +118,11 @@ def build_ui(backend, *, workbench: Workbench | None = None):
                 pass
         return cb
 
-    def with_progress(progress):
-        """Chain gradio's progress bar into the backend's job progress."""
-        orig_job = backend.job
-
-        def job(title):
-            import contextlib
-
-            @contextlib.contextmanager
-            def cm():
-                with orig_job(title) as (p, c):
-                    g = gr_progress(progress)
-
-                    def both(done, total, label=""):
-                        g(done, total, label)
-                        p(done, total, label)
-                    yield both, c
-            return cm()
-        return job
-
     def run(fn, progress):
         """Run an action; return (status, rows, figure, state)."""
         try:
-            with wb.lock:
-                saved = backend.job
-                backend.job = with_progress(progress)
-                try:
-                    msg, edit = fn()
-                finally:
-                    backend.job = saved
+            with wb.lock, wb.observing(gr_progress(progress)):
+                msg, edit = fn()
                 rows, pic = wb.report_for(edit) if edit is not None else ([], None)
             return msg, rows or None, pic if rows else None, wb.state_text(), model_text()
         except BaseException as e:  # noqa: BLE001  (everything becomes a message in the tab)
@@ -178,62 +221,8 @@ def build_ui(backend, *, workbench: Workbench | None = None):
     with gr.Blocks(analytics_enabled=False) as demo:
         gr.Markdown("### Weightsmith: closed-form concept erasure and LoRA merging")
         model_info = gr.Markdown(model_text(), elem_id="weightsmith_model_info")
-        with gr.Tab("Erase"):
-            with gr.Row():
-                targets = gr.Textbox(label="Targets (concepts to erase; one per line or comma-separated)",
-                                     lines=2, placeholder="Van Gogh", elem_id="weightsmith_targets")
-                anchors = gr.Textbox(label="Anchors (what each target becomes; one, or one per target)",
-                                     lines=2, placeholder="art", elem_id="weightsmith_anchors")
-                preserve = gr.Textbox(label="Preserve (concepts that must not change)", lines=2,
-                                      placeholder="Monet, Picasso", elem_id="weightsmith_preserve")
-            with gr.Row():
-                method = gr.Radio(list(ERASE_METHODS), value=ERASE_METHODS[0], label="Method")
-                strength = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Apply strength")
-            with gr.Accordion("Advanced options", open=False):
-                with gr.Row():
-                    tokens = gr.Radio(list(E("tokens").choices), value=E("tokens").default, label=E("tokens").label)
-                    te_sub = gr.CheckboxGroup(list(TE_SUBLAYERS), value=list(E("te_sublayers").default),
-                                              label=E("te_sublayers").label)
-                    te_layers = gr.Textbox(label=E("te_layers").label, value="")
-                with gr.Row():
-                    expand = gr.Radio(["auto", "on", "off"], value="auto", label="Expand prompts with templates")
-                    lam = gr.Number(value=E("lam").default, label=E("lam").label)
-                    eta_p = gr.Number(value=E("eta_preserve").default, label=E("eta_preserve").label)
-                    rcond = gr.Number(value=E("rcond").default, label=E("rcond").label)
-            with gr.Row():
-                b_apply = gr.Button("Apply", variant="primary", elem_id="weightsmith_apply",
-                                    interactive=backend.can_apply)
-                b_undo = gr.Button("Undo", elem_id="weightsmith_undo", interactive=backend.can_apply)
-                b_stop = gr.Button("Interrupt", elem_id="weightsmith_interrupt")
-            with gr.Row():
-                ckpt_name = gr.Textbox(label="Checkpoint name", value="", placeholder="my-model-erased")
-                b_ckpt = gr.Button("Save as checkpoint", elem_id="weightsmith_save_ckpt")
-                lora_name = gr.Textbox(label="LoRA name", value="", placeholder="erase-van-gogh")
-                rank = gr.Number(value=0, label="LoRA rank (0: exact)")
-                fmt = gr.Radio(["lora", "diff"], value="lora", label="LoRA format")
-                b_lora = gr.Button("Save as LoRA", elem_id="weightsmith_save_lora")
-        with gr.Tab("Merge LoRAs"):
-            with gr.Row():
-                loras = gr.Dropdown(backend.list_loras(), multiselect=True, label="LoRAs (from the LoRA folder)",
-                                    elem_id="weightsmith_loras")
-                b_refresh = gr.Button("Refresh list")
-            with gr.Row():
-                weights = gr.Textbox(label="Weights (one per LoRA, comma-separated; empty: 1 each)", value="")
-                prompts = gr.Textbox(label="Sample prompts (one line per LoRA, several separated by |; "
-                                           "empty: from each LoRA's training tags)", lines=2, value="")
-            with gr.Row():
-                m_method = gr.Dropdown(list(merge_methods()), value=merge_methods()[0], label="Method")
-                iterations = gr.Number(value=M("iterations").default, label=M("iterations").label, precision=0)
-                samples = gr.Number(value=M("samples").default, label=M("samples").label, precision=0)
-                steps = gr.Number(value=M("steps").default, label=M("steps").label, precision=0)
-                seed = gr.Number(value=M("seed").default, label=M("seed").label, precision=0)
-            with gr.Row():
-                m_name = gr.Textbox(label="Output LoRA name", value="", placeholder="merged")
-                m_rank = gr.Number(value=0, label="Rank (0: exact)", precision=0)
-                m_apply = gr.Checkbox(value=False, label="Also apply to the loaded model",
-                                      interactive=backend.can_apply)
-                b_merge = gr.Button("Merge → Save as LoRA", variant="primary", elem_id="weightsmith_merge")
-                b_stop2 = gr.Button("Interrupt")
+        er = _erase_tab(gr, backend)
+        mg = _merge_tab(gr, backend)
         status = gr.Textbox(label="Status", interactive=False, elem_id="weightsmith_status")
         state = gr.Textbox(label="In memory", value=wb.state_text(), interactive=False, elem_id="weightsmith_state")
         table = gr.Dataframe(headers=TABLE_HEADERS, label="Per-layer changes", interactive=False,
@@ -241,17 +230,18 @@ def build_ui(backend, *, workbench: Workbench | None = None):
         figure = gr.Image(label="Per-layer changes (the picture ComfyUI's report_image shows)", type="pil",
                           interactive=False, elem_id="weightsmith_plot")
 
-        common = [targets, anchors, preserve, method, tokens, te_sub, te_layers, expand, lam, eta_p, rcond]
+        common = [er.targets, er.anchors, er.preserve, er.method, er.tokens, er.te_sub, er.te_layers, er.expand,
+                  er.lam, er.eta_p, er.rcond]
         outs = [status, table, figure, state, model_info]
-        e1 = b_apply.click(on_apply, common + [strength], outs, api_name="apply")
-        e2 = b_undo.click(on_undo, [], outs, api_name="undo")
-        e3 = b_lora.click(on_save_lora, common + [lora_name, rank, fmt], outs, api_name="save_lora")
-        e4 = b_ckpt.click(on_save_ckpt, common + [ckpt_name], outs, api_name="save_checkpoint")
-        e5 = b_merge.click(on_merge, [loras, weights, prompts, m_method, iterations, samples, steps, seed,
-                                      m_name, m_rank, m_apply], outs, api_name="merge")
-        b_stop.click(on_interrupt, [], [status], api_name="interrupt", queue=False)
-        b_stop2.click(on_interrupt, [], [status], queue=False)
-        b_refresh.click(on_refresh, [], [loras], api_name="refresh_loras")
+        e1 = er.b_apply.click(on_apply, common + [er.strength], outs, api_name="apply")
+        e2 = er.b_undo.click(on_undo, [], outs, api_name="undo")
+        e3 = er.b_lora.click(on_save_lora, common + [er.lora_name, er.rank, er.fmt], outs, api_name="save_lora")
+        e4 = er.b_ckpt.click(on_save_ckpt, common + [er.ckpt_name], outs, api_name="save_checkpoint")
+        e5 = mg.b_merge.click(on_merge, [mg.loras, mg.weights, mg.prompts, mg.m_method, mg.iterations, mg.samples,
+                                         mg.steps, mg.seed, mg.m_name, mg.m_rank, mg.m_apply], outs, api_name="merge")
+        er.b_stop.click(on_interrupt, [], [status], api_name="interrupt", queue=False)
+        mg.b_stop2.click(on_interrupt, [], [status], queue=False)
+        mg.b_refresh.click(on_refresh, [], [mg.loras], api_name="refresh_loras")
         demo.load(lambda: (model_text(), wb.state_text()), [], [model_info, state])
         _ = (e1, e2, e3, e4, e5)
     demo.weightsmith_workbench = wb
