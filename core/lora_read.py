@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from .errors import WeightsmithError
+from .safe_io import PICKLE_SUFFIXES, load_plain_pickle
 from .naming import TE1, UNET, comfy_te_prefix, te_path
 
 # suffix -> role. Order matters: longest first.
@@ -162,16 +163,8 @@ def read_lora_file(path) -> tuple[dict, dict]:
                 f"could not read LoRA {path.name}: the file is damaged or not a safetensors file "
                 f"({type(e).__name__}: {str(e)[:120]}). Re-download or re-save it.") from None
         return tensors, meta
-    if path.suffix.lower() in (".pt", ".ckpt", ".bin", ".pth"):
-        try:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise WeightsmithError(f"could not read LoRA {path.name} ({type(e).__name__}); only plain "
-                                   "tensor files are read (weights_only). Convert it to .safetensors.") from None
-        if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-            sd = sd["state_dict"]
-        tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-        return tensors, {}
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        return load_plain_pickle(path, f"LoRA {path.name}"), {}
     raise WeightsmithError(f"{path.name}: unknown LoRA file type {path.suffix!r}; use .safetensors.")
 
 
@@ -331,14 +324,11 @@ def _full_delta(parts: dict, prefix: str, role_kind: str, lora_name: str):
     return torch.kron(w1, w2.reshape(w2.shape[0], -1)) * scale, "lokr"
 
 
-def factor_full(delta2d: torch.Tensor, rtol: float = 1e-9):
-    """Exact factors of a full delta (SVD at numerical rank): ``(up, down)`` with up@down == Δ."""
-    U, S, Vh = torch.linalg.svd(delta2d.double(), full_matrices=False)
-    if S.numel() == 0 or S[0] == 0:
-        r = 1
-    else:
-        r = max(1, int((S > rtol * S[0]).sum()))
-    return (U[:, :r] * S[:r]).float(), Vh[:r].float()
+def factor_full(delta2d: torch.Tensor, rtol: float | None = None):
+    """Exact factors of a full delta (core.factor.exact_factors): ``(up, down)`` with up@down == Δ."""
+    from .factor import READ_RTOL, exact_factors
+
+    return exact_factors(delta2d, READ_RTOL if rtol is None else rtol)
 
 
 def lora_from_state_dict(tensors: dict, model, *, metadata: dict | None = None, name: str = "lora",

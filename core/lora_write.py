@@ -27,26 +27,11 @@ import torch
 
 from .edit import Edit
 from .errors import WeightsmithError
+from .factor import svd_factor
 from .model_io import atomic_save_file
 from .naming import UNetLayout, kohya_prefix
 
 BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-
-
-def svd_factor(delta: torch.Tensor, rank: int | None, rtol: float = 1e-6):
-    """ΔW (2-D or conv) -> (up, down, relative error). ``rank=None``: numerical rank (exact)."""
-    shape = delta.shape
-    d2 = delta.reshape(shape[0], -1).double()
-    U, S, Vh = torch.linalg.svd(d2, full_matrices=False)
-    num_rank = int((S > rtol * S[0]).sum()) if S.numel() and S[0] > 0 else 1
-    r = max(1, min(num_rank if rank is None else rank, num_rank, S.numel()))
-    up = U[:, :r] * S[:r]
-    down = Vh[:r]
-    err = float(S[r:].norm() / S.norm()) if S.norm() > 0 else 0.0
-    if len(shape) == 4:
-        up = up.reshape(shape[0], r, 1, 1)
-        down = down.reshape(r, *shape[1:])
-    return up.float(), down.float(), err
 
 
 def compress_factors(up: torch.Tensor, down: torch.Tensor, rank: int):

@@ -28,10 +28,10 @@ import torch
 from .errors import WeightsmithError, require
 from .naming import (LDM_UNET_PREFIX, TE1, TE2, UNET, CheckpointSlot, UNetLayout, checkpoint_slot,
                      open_clip_slot, te_checkpoint_prefix, te_path)
+from .safe_io import PICKLE_SUFFIXES, load_plain_pickle
 from .sdmodel import SDModel, default_encoder_specs, detect_family
 from .tokenizer import find_clip_tokenizer
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
 @dataclass
@@ -157,17 +157,7 @@ class _StateFile:
                     "corrupt or truncated: download or export it again.") from None
             self._sd = None
         elif suffix in PICKLE_SUFFIXES:
-            try:
-                sd = torch.load(str(path), map_location="cpu", weights_only=True)
-            except Exception as e:
-                raise WeightsmithError(
-                    f"{path} could not be loaded safely with torch.load(weights_only=True) ({type(e).__name__}). "
-                    "Pickle files can run code, so Weightsmith only reads plain-tensor pickles: convert the "
-                    "model to .safetensors.") from None
-            if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-                sd = sd["state_dict"]
-            require(isinstance(sd, dict), f"{path} holds no state dict; it is not a Stable Diffusion checkpoint.")
-            self._sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+            self._sd = load_plain_pickle(path, str(path))
             self._keys = list(self._sd)
         else:
             raise WeightsmithError(

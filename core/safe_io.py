@@ -153,3 +153,27 @@ def write_report_after(report: dict, path, out) -> None:
         write_json(path, report)
     except WeightsmithError as e:
         raise WeightsmithError(f"{out} was written and is complete, but the report was not: {e}") from None
+
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def load_plain_pickle(path, what: str) -> dict:
+    """The tensors of a pickle file (``.ckpt``/``.pt``/``.pth``/``.bin``) read with
+    ``torch.load(weights_only=True)``, which refuses anything but plain tensors and containers
+    (pickles can run code). A ``state_dict`` wrapper is unwrapped; non-tensor entries are dropped.
+    ``what`` names the file in the error (e.g. "LoRA x.pt")."""
+    import torch
+
+    try:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise WeightsmithError(
+            f"{what} could not be loaded safely with torch.load(weights_only=True) ({type(e).__name__}). "
+            "Pickle files can run code, so Weightsmith only reads plain-tensor pickles: convert it to "
+            ".safetensors.") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise WeightsmithError(f"{what} holds no state dict (a {type(sd).__name__}); it is not a weights file.")
+    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}

@@ -1,0 +1,34 @@
+"""The one SVD factoriser: ΔW -> (up, down) with ``up @ down`` ≈ ΔW (docs/method.md, "LoRA files").
+
+The writer uses it to turn a delta without exact factors into a LoRA (rank ≤ the numerical rank,
+error reported); the reader uses it, with a stricter cutoff, to hold a full-delta (``.diff``,
+LoHa, LoKr) module as exact factors.
+"""
+from __future__ import annotations
+
+import torch
+
+WRITE_RTOL = 1e-6     # singular values below this fraction of the largest are numerical zero when writing
+READ_RTOL = 1e-9      # ... when reading a full delta (it must come back as it was in the file)
+
+
+def svd_factor(delta: torch.Tensor, rank: int | None, rtol: float = WRITE_RTOL):
+    """ΔW (2-D or conv) -> (up, down, relative error). ``rank=None``: numerical rank (exact)."""
+    shape = delta.shape
+    d2 = delta.reshape(shape[0], -1).double()
+    U, S, Vh = torch.linalg.svd(d2, full_matrices=False)
+    num_rank = int((S > rtol * S[0]).sum()) if S.numel() and S[0] > 0 else 1
+    r = max(1, min(num_rank if rank is None else rank, num_rank, S.numel()))
+    up = U[:, :r] * S[:r]
+    down = Vh[:r]
+    err = float(S[r:].norm() / S.norm()) if S.norm() > 0 else 0.0
+    if len(shape) == 4:
+        up = up.reshape(shape[0], r, 1, 1)
+        down = down.reshape(r, *shape[1:])
+    return up.float(), down.float(), err
+
+
+def exact_factors(delta2d: torch.Tensor, rtol: float = READ_RTOL):
+    """Exact factors of a full 2-D delta at its numerical rank: ``(up, down)`` with up@down == Δ."""
+    up, down, _ = svd_factor(delta2d, None, rtol)
+    return up, down
