@@ -201,10 +201,14 @@ class SDModel:
         return te(input_ids=ids.to(te.device), output_hidden_states=True)
 
     def conditioning_from_outputs(self, comp: str, out) -> torch.Tensor:
-        spec = self.encoder_specs[comp]
-        h = out.hidden_states[spec.layer]
-        if spec.final_ln:
-            h = _te_submodule(self.text_encoders[comp], "text_model.final_layer_norm")(h)
+        return self.conditioning_from_hidden(comp, out.hidden_states[self.encoder_specs[comp].layer])
+
+    def conditioning_from_hidden(self, comp: str, h: torch.Tensor) -> torch.Tensor:
+        """The UNet's conditioning from the hidden state it reads: the final LayerNorm applied where
+        the family does (``encoder_specs[comp].final_ln``)."""
+        if self.encoder_specs[comp].final_ln:
+            with torch.no_grad():
+                h = _te_submodule(self.text_encoders[comp], "text_model.final_layer_norm")(h)
         return h
 
     @torch.no_grad()

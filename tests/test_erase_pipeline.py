@@ -192,3 +192,22 @@ def test_default_solver_is_exact_when_well_conditioned_and_falls_back_to_ridge_o
     assert all(0 < s["rho"] < 1 for s in auto.report["stages"])
     norm = lambda e: sum(float(d.norm()) for d in e.deltas.values())  # noqa: E731
     assert norm(auto) < 0.5 * norm(exact)
+
+
+def test_erase_bench_reports_the_floor_and_where_time_went(capsys):
+    """``bench erase --size tiny``: the floor is the sum of its parts, every method has its ratio to
+    it, and erasepro's timing split adds up to no more than its total time."""
+    import json
+
+    from weightsmith.core.cli import main
+
+    assert main(["bench", "erase", "--size", "tiny", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    f = res["erasepro_floor"]
+    assert abs(f["time_s"] - (f["encode_all_s"] + f["encode_targets_s"] + f["solve_s"])) < 1e-9
+    assert f["prompts"] > f["targets"] > 0
+    for name, r in res["methods"].items():
+        assert abs(r["floor_ratio"] - r["time_s"] / f["time_s"]) < 1e-9, name
+    t = res["methods"]["erasepro"]["timing_s"]
+    assert min(t.values()) >= 0 and sum(t.values()) <= res["methods"]["erasepro"]["time_s"] + 1e-6
+    assert set(res["methods"]) == {"reference-uce", "uce", "uce, same prompts", "zero-residual", "erasepro"}

@@ -110,17 +110,22 @@ def _layers(te) -> torch.nn.ModuleList:
     return enc.layers
 
 
-def _capture(modules: dict[str, torch.nn.Module], run) -> dict[str, torch.Tensor]:
-    """Inputs of the given modules during ``run()``."""
+def _capture(modules: dict[str, torch.nn.Module], run, stop: bool = False) -> dict[str, torch.Tensor]:
+    """Inputs of the given modules during ``run()``; ``stop``: end ``run`` as soon as they are all in
+    (the rest of the forward pass is not computed)."""
     got: dict[str, torch.Tensor] = {}
     hooks = []
     for name, mod in modules.items():
         def pre(_m, args, _name=name):
             got[_name] = args[0].detach()
+            if stop and len(got) == len(modules):
+                raise _Stop
         hooks.append(mod.register_forward_pre_hook(pre))
     try:
         with torch.no_grad():
             run()
+    except _Stop:
+        pass
     finally:
         for h in hooks:
             h.remove()
@@ -139,15 +144,24 @@ def _all_tokens(feats: torch.Tensor) -> torch.Tensor:
     return feats.reshape(-1, feats.shape[-1]).T
 
 
-def _stat(name, stage, W_o, delta, X, Y, X0, rank, basis=None) -> dict:
-    W_o, delta = W_o.to(F64), delta.to(F64)
-    X, Y, X0 = X.to(F64), Y.to(F64), X0.to(F64)
-    WY = W_o @ Y
-    gap0 = float((W_o @ X0 - WY).norm())
-    gap = float((W_o @ X - WY).norm())
-    after = float(((W_o + delta) @ X - WY).norm())
+def _stat(name, stage, W_o, delta, X, Y, X0, rank, basis=None, R=None, factors=None) -> dict:
+    """Report row of one edited matrix (docs/method.md, "Erase report"). ``R = W_o (Y − X)`` and the
+    delta's factors ``(up, down)`` are reused when the caller has them: then the residuals cost one
+    product with ``W_o`` (the unedited gap) instead of four."""
+    W_o = W_o.to(F64)
+    same = X0 is X                       # no earlier stage moved the targets: the unedited gap is R's
+    X, Y = X.to(F64), Y.to(F64)
+    X0 = X if same else X0.to(F64)
+    R = W_o @ (Y - X) if R is None else R.to(F64)
+    if factors is not None:
+        dX = factors[0].to(F64) @ (factors[1].to(F64) @ X)
+    else:
+        dX = delta.to(F64) @ X
+    gap = float(R.norm())
+    gap0 = gap if same else float((W_o @ (X0 - Y)).norm())
+    after = float((dX - R).norm())
     wn = float(W_o.norm())
-    dn = float(delta.norm())
+    dn = float(delta.to(F64).norm())
     return {
         "layer": name, "stage": stage, "delta_fro": dn, "delta_rel": dn / wn if wn else 0.0,
         "residual_before": gap / gap0 if gap0 else 0.0, "residual_after": after / gap0 if gap0 else 0.0,
@@ -175,10 +189,52 @@ class _Encoders:
             pr = [align(t.tolist(), a.tolist(), eos, bos, opts.tokens, opts.max_pad)
                   for t, a in zip(self.ids_t[comp], self.ids_a[comp])]
             self.pairs[comp] = ([p.target_pos for p in pr], [p.anchor_pos for p in pr])
+        self.clock = {"encode": 0.0, "report": 0.0}   # seconds in encoder passes and in report rows
+        self._ctx: dict = {}          # (comp, "t"|"a"|"p") -> original conditioning of that prompt set
+        self._ctx_edited: dict = {}   # comp -> conditioning of the edited encoder on the targets
         first = next(iter(model.tokenizers))
         require(any(self.pairs[first][0]),
                 "the target and anchor prompts tokenize identically, so there is nothing to erase; "
                 "check the target and anchor texts.")
+
+    def ids(self, comp: str, which: str):
+        return {"t": self.ids_t, "a": self.ids_a, "p": self.ids_p}[which][comp]
+
+    def original_pass(self, comp: str, which: str, hooks: dict) -> dict:
+        """One pass of the original encoder ``comp`` over prompt set ``which``: the inputs of the
+        ``hooks`` modules (by name) are returned and the UNet's conditioning is kept for later."""
+        ids = self.ids(comp, which)
+        if ids is None:
+            return {}
+        box = {}
+
+        def run():
+            out = self.model.encoder_outputs(comp, ids)
+            box["ctx"] = self.model.conditioning_from_outputs(comp, out).float()
+
+        t0 = time.perf_counter()
+        feats = _capture(hooks, run)
+        self.clock["encode"] += time.perf_counter() - t0
+        self._ctx[(comp, which)] = box["ctx"]
+        return feats
+
+    def set_edited(self, comp: str, context: torch.Tensor) -> None:
+        self._ctx_edited[comp] = context.float()
+
+    def context(self, which: str, edited: bool = False) -> torch.Tensor | None:
+        """The UNet conditioning of prompt set ``which`` (all encoders, concatenated), from the cached
+        passes; an encoder not run yet runs now. ``edited``: the edited encoders' (targets only)."""
+        parts = []
+        for comp in self.model.text_encoders:
+            if edited and comp in self._ctx_edited:
+                parts.append(self._ctx_edited[comp])
+                continue
+            if (comp, which) not in self._ctx:
+                if self.ids(comp, which) is None:
+                    return None
+                self.original_pass(comp, which, {})
+            parts.append(self._ctx[(comp, which)])
+        return torch.cat(parts, dim=-1)
 
     def n_used_layers(self, comp: str) -> int:
         te = self.model.text_encoders[comp]
@@ -196,12 +252,12 @@ def _select_layers(n_used: int, rng) -> list[int]:
     return [i for i in range(a, b + 1) if i < n_used]
 
 
-def _te_stage(model, enc: _Encoders, comp: str, edited_te, opts: EraseOptions, steps: Steps,
+def _te_stage(model, enc: _Encoders, comp: str, opts: EraseOptions, steps: Steps,
               deltas: dict, factors: dict, stats: list) -> None:
     """Progressive shallow→deep zero-residual edits of one text encoder (docs/method.md, "The ErasePro
     schedule")."""
     te_o = model.text_encoders[comp]
-    layers_o, layers_e = _layers(te_o), _layers(edited_te)
+    layers_o = _layers(te_o)
     edit_layers = _select_layers(enc.n_used_layers(comp), opts.te_layers)
     if not edit_layers:
         return
@@ -211,9 +267,9 @@ def _te_stage(model, enc: _Encoders, comp: str, edited_te, opts: EraseOptions, s
     # group's first module captured at every edited layer
     hook_mods = {(l, g[0]): layers_o[l].get_submodule(_SUB_PATH[g[0]]) for l in edit_layers for g in groups}
     named = {f"{l}:{g}": m for (l, g), m in hook_mods.items()}
-    feats_a = _capture(named, lambda: te_o(input_ids=enc.ids_a[comp]))
-    feats_t0 = _capture(named, lambda: te_o(input_ids=enc.ids_t[comp]))
-    feats_p = _capture(named, lambda: te_o(input_ids=enc.ids_p[comp])) if enc.ids_p[comp] is not None else {}
+    feats_a = enc.original_pass(comp, "a", named)
+    feats_t0 = enc.original_pass(comp, "t", named)
+    feats_p = enc.original_pass(comp, "p", named)
     tpos, apos = enc.pairs[comp]
     # the edited encoder, one layer at a time from the cached hidden state entering it
     call: dict = {}
@@ -222,10 +278,11 @@ def _te_stage(model, enc: _Encoders, comp: str, edited_te, opts: EraseOptions, s
         call["args"], call["kwargs"] = args, kwargs
         raise _Stop
 
-    h0 = layers_e[0].register_forward_pre_hook(grab, with_kwargs=True)
+    # the hidden state entering layer 0 (embeddings are never edited, so the original encoder's)
+    h0 = layers_o[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
         with torch.no_grad():
-            edited_te(input_ids=enc.ids_t[comp])
+            te_o(input_ids=enc.ids_t[comp])
     except _Stop:
         pass
     finally:
@@ -235,20 +292,33 @@ def _te_stage(model, enc: _Encoders, comp: str, edited_te, opts: EraseOptions, s
     rest = args[1:] if args else ()
 
     def run_layer(layer, h):
+        t0 = time.perf_counter()
         with torch.no_grad():
             out = layer(h, *rest, **kwargs)
+        enc.clock["encode"] += time.perf_counter() - t0
         return out[0] if isinstance(out, tuple) else out
 
-    for l in range(max(edit_layers) + 1):
-        layer_e = layers_e[l]
+    # the UNet reads hidden state ``ctx_at`` (the output of layer ctx_at − 1); run the edited layers
+    # at least that far so the edited conditioning comes from this same pass
+    spec = model.encoder_specs[comp]
+    n_layers = len(layers_o)
+    ctx_at = spec.layer if spec.layer >= 0 else n_layers + 1 + spec.layer
+    ctx_hidden = hidden if ctx_at == 0 else None
+    for l in range(max(max(edit_layers) + 1, ctx_at)):
+        # the edited encoder exists one layer at a time: a copy of layer l while it is edited and
+        # run, the original layer where nothing is edited (memory: one layer, not a whole encoder)
+        layer_e = copy.deepcopy(layers_o[l]) if l in edit_layers else layers_o[l]
         if l in edit_layers:
             for g in groups:
                 key = f"{l}:{g[0]}"
-                cur = _capture({key: layer_e.get_submodule(_SUB_PATH[g[0]])}, lambda: run_layer(layer_e, hidden))
+                # the group's input in the model edited so far: the layer runs only up to that module
+                cur = _capture({key: layer_e.get_submodule(_SUB_PATH[g[0]])}, lambda: run_layer(layer_e, hidden),
+                               stop=True)
                 X = _gather(cur[key], tpos)
-                Y = _gather(feats_a[key], apos)
-                X0 = _gather(feats_t0[key], tpos)
-                C = preserve_matrix(_all_tokens(feats_p[key]) if key in feats_p else None,
+                Y = _gather(feats_a.pop(key), apos)           # each layer's features are freed once used
+                X0 = _gather(feats_t0.pop(key), tpos)
+                P_l = feats_p.pop(key, None)
+                C = preserve_matrix(_all_tokens(P_l) if P_l is not None else None,
                                     X.shape[0], opts.lam, opts.eta_preserve)
                 basis = ZeroResidualBasis(X, C, opts.rcond, opts.ridge, opts.cond_limit,
                                           opts.exact_subspace, opts.merge_tol)
@@ -263,21 +333,32 @@ def _te_stage(model, enc: _Encoders, comp: str, edited_te, opts: EraseOptions, s
                         mod_e.weight.copy_((W_o + delta).to(mod_e.weight.dtype))
                     deltas[name] = delta.float()
                     factors[name] = (up.float(), down.float())
-                    stats.append(_stat(name, f"{comp}.layer{l}", W_o, delta, X, Y, X0, basis.rank, basis))
+                    t_r = time.perf_counter()
+                    stats.append(_stat(name, f"{comp}.layer{l}", W_o, delta, X, Y, X0, basis.rank, basis,
+                                       R=R, factors=(up, down)))
+                    enc.clock["report"] += time.perf_counter() - t_r
                 steps.step(f"{comp} layer {l}")
         hidden = run_layer(layer_e, hidden)
+        if l + 1 == ctx_at:
+            ctx_hidden = hidden
+    enc.set_edited(comp, model.conditioning_from_hidden(comp, ctx_hidden))   # final LN: never edited
 
 
-def _unet_stage(model, enc_model, enc: _Encoders, ps: _PromptSet, method: str, opts: EraseOptions,
+def _unet_stage(model, enc: _Encoders, ps: _PromptSet, method: str, opts: EraseOptions,
                 steps: Steps, deltas: dict, factors: dict, stats: list) -> None:
     """UNet cross-attention k/v: zero-residual or UCE, with shared factorisation (docs/method.md, "The
     ErasePro schedule", "UCE")."""
     first = next(iter(model.tokenizers))
     tpos, apos = enc.pairs[first]
-    X = _gather(enc_model.encode(ps.targets).context, tpos)          # edited encoders
-    X0 = _gather(model.encode(ps.targets).context, tpos)             # original encoders
-    Y = _gather(model.encode(ps.anchors).context, apos)              # original anchors
-    P = _all_tokens(model.encode(ps.preserve).context) if ps.preserve else None
+    ctx = {k: enc.context(k) for k in ("t", "a", "p")}            # original encoders (cached passes)
+    X0 = _gather(ctx["t"], tpos)
+    Y = _gather(ctx["a"], apos)
+    P = _all_tokens(ctx["p"]) if ps.preserve else None
+    # edited encoders: the conditioning their layer-by-layer run produced (docs/method.md, "Cost of
+    # the schedule"); without text-encoder stages it is the original one
+    X = _gather(enc.context("t", edited=True), tpos) if method == "erasepro" else X0
+    X64, Y64 = X.to(F64), Y.to(F64)
+    X064 = X64 if X is X0 else X0.to(F64)
     if method == "uce":
         basis = UCEBasis(X, Y, P, opts.lam, opts.eta_erase, opts.eta_preserve)
         rank = X.shape[1]
@@ -290,14 +371,14 @@ def _unet_stage(model, enc_model, enc: _Encoders, ps: _PromptSet, method: str, o
             name = f"{block}.{sub}"
             W_o = model.weight(name).to(F64)
             _check_finite(W_o, f"the model's weight {name}")
-            if method == "uce":
-                delta, up, down = basis.delta(W_o)
-            else:
-                delta, up, down = basis.delta(W_o @ (Y.to(F64) - X.to(F64)))
+            R = W_o @ (Y64 - X64)
+            delta, up, down = basis.delta(W_o) if method == "uce" else basis.delta(R)
             deltas[name] = delta.float()
             if up.shape[1] < min(W_o.shape):
                 factors[name] = (up.float(), down.float())
-            stats.append(_stat(name, "unet", W_o, delta, X, Y, X0, rank, basis))
+            t_r = time.perf_counter()
+            stats.append(_stat(name, "unet", W_o, delta, X64, Y64, X064, rank, basis, R=R, factors=(up, down)))
+            enc.clock["report"] += time.perf_counter() - t_r
             steps.step(name.split(".", 1)[1])
 
 
@@ -342,16 +423,17 @@ def erase(model, targets, anchors=("",), preserve=(), method: str = "erasepro",
     steps = Steps(n_unet + sum(len(v) for v in te_plan.values()), progress, cancel)
     steps.check()
     deltas, factors, stats = {}, {}, []
-    enc_model = model
     if method == "erasepro":
-        enc_model = copy.copy(model)
-        enc_model.text_encoders = {c: copy.deepcopy(t) for c, t in model.text_encoders.items()}
         for comp in model.text_encoders:
-            _te_stage(model, enc, comp, enc_model.text_encoders[comp], opts, steps, deltas, factors, stats)
-    _unet_stage(model, enc_model, enc, ps, method, opts, steps, deltas, factors, stats)
+            _te_stage(model, enc, comp, opts, steps, deltas, factors, stats)
+    _unet_stage(model, enc, ps, method, opts, steps, deltas, factors, stats)
     report = {
         "method": method, "family": model.family, "targets": targets, "anchors": anchors,
         "preserve": preserve, "time_s": round(time.perf_counter() - t0, 4),
+        # where the time went: encoder passes (original once over every prompt set, edited layers
+        # over the targets), the report's rows, and the rest (feature gathering, solves, deltas)
+        "timing_s": {"encode": round(enc.clock["encode"], 4), "report": round(enc.clock["report"], 4),
+                     "solve": round(time.perf_counter() - t0 - enc.clock["encode"] - enc.clock["report"], 4)},
         "prompts": {"targets": ps.targets, "anchors": ps.anchors, "preserve": len(ps.preserve)},
         "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(opts).items()},
         "stages": stats, "summary": summarize(stats),
