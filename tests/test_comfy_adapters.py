@@ -49,3 +49,18 @@ def test_sdxl_adapter_matches_comfyui(measured):
     assert r["pooled_rel_err"] < 1e-4                # projected pooled output of bigG
     assert r["inputs_untouched"]
     assert r["patched_weight_err"] < 1e-6 and r["loaded_weight_err"] < 1e-6
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_our_loras_load_exactly_in_comfyui_loraloader(measured, family):
+    """Erase (all three methods; erasepro with its text-encoder part) and merge LoRAs written by core, applied by
+    ComfyUI's own LoraLoader path: every key loads, the applied deltas equal the edit's to 1e-5 of
+    ‖ΔW‖ beyond the float32 rounding of the stored sum W + ΔW (reported as ``float32_floor``;
+    issue 12)."""
+    res = measured[family]["loraloader"]
+    assert set(res) == {"erasepro", "zero-residual", "uce", "merge-concat"}
+    for label, r in res.items():
+        assert r["n_not_loaded"] == 0, (label, r["not_loaded"])
+        assert r["modules"] > 0 and r["max_rel_err"] <= 1e-5 + r["float32_floor"], (label, r)
+    print(f"ComfyUI LoraLoader {family}: " + ", ".join(
+        f"{k} {v['max_rel_err']:.1e} (float32 floor {v['float32_floor']:.1e})" for k, v in res.items()))

@@ -17,6 +17,72 @@ import torch
 PROMPT = "a watercolor painting of a lighthouse at dusk"
 
 
+def _loraloader_errors(fam, up_m, up_c, sdm, comps) -> dict:
+    """Per written LoRA (erase: each method; merge: concat), the worst ‖applied − ΔW‖/‖ΔW‖ over its
+    modules after ComfyUI's own loader applied it, and the keys ComfyUI did not load."""
+    import logging
+    import tempfile
+
+    import comfy.sd
+    import comfy.utils
+
+    from weightsmith.core.erase import EraseOptions, erase
+    from weightsmith.core.lora_read import lora_from_state_dict
+    from weightsmith.core.lora_write import save_lora
+    from weightsmith.core.merge import merge, save_merge
+    from weightsmith.core.merge.random_loras import random_lora
+    from weightsmith.core.naming import UNetLayout, comfy_key
+    from weightsmith.nodes import comfy_adapter as ca
+
+    class Grab(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.missed = []
+
+        def emit(self, rec):
+            msg = rec.getMessage()
+            if "not loaded" in msg:
+                self.missed.append(msg)
+
+    edits = {}
+    for method in ("erasepro", "zero-residual", "uce"):
+        edits[method] = erase(sdm, ["cat"], ["dog"], method=method, options=EraseOptions(expand_prompts=False))
+    loras = [lora_from_state_dict(random_lora(sdm, groups=g, rank=rk, seed=sd_, strength=0.05)[0], sdm, name=f"l{sd_}")
+             for sd_, g, rk in ((1, ("attn", "te"), 4), (2, ("kv", "te"), 2))]
+    edits["merge-concat"] = merge(sdm, loras, "concat", weights=[1.0, 0.5])
+    out = {}
+    layout = UNetLayout.from_config(sdm.unet_config)
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, edit in edits.items():
+            path = f"{tmp}/{label}.safetensors"
+            if label.startswith("merge"):
+                save_merge(edit, sdm, path, loras=loras)
+            else:
+                save_lora(edit, path)
+            grab = Grab()
+            logging.getLogger().addHandler(grab)
+            try:
+                m2, c2 = comfy.sd.load_lora_for_models(up_m, up_c, comfy.utils.load_torch_file(path), 1.0, 1.0)
+            finally:
+                logging.getLogger().removeHandler(grab)
+            eff_m = ca.EffectiveWeights(m2, ("diffusion_model.",))
+            eff_c = ca.EffectiveWeights(c2.patcher, tuple(p + "." for p in comps.values()))
+            worst, floor = 0.0, 0.0
+            for name, d in edit.deltas.items():
+                key = comfy_key(name + ".weight", fam, layout)
+                eff = eff_m if key.startswith("diffusion_model.") else eff_c
+                w = sdm.weight(name).double()
+                got = eff[key].double().reshape(d.shape) - w
+                dn = d.double().norm()
+                worst = max(worst, float((got - d.double()).norm() / dn))
+                # storing W + ΔW in float32 alone moves each entry by up to 2^-24 of it: the part of the
+                # error no loader can avoid, relative to ‖ΔW‖
+                floor = max(floor, float(2.0 ** -24 * (w + d.double()).norm() / dn))
+            out[label] = {"max_rel_err": worst, "float32_floor": floor, "modules": len(edit.deltas),
+                          "not_loaded": grab.missed[:3], "n_not_loaded": len(grab.missed)}
+    return out
+
+
 def main(comfy_dir: str) -> dict:
     sys.path.insert(0, comfy_dir)
     from comfy.cli_args import args
@@ -118,6 +184,10 @@ def main(comfy_dir: str) -> dict:
             r["cond_skip_rel_err"] = float((sdm3.encode([PROMPT]).context[0] - cond3[0].float()).norm()
                                            / cond3.float().norm())
             r["cond_skip_differs"] = float((cond3 - cond).norm() / cond.norm())
+
+        # our LoRA files through ComfyUI's LoraLoader path (comfy.sd.load_lora_for_models, what the
+        # node calls): every key loads and the weights the sampler gets are base + ΔW (issue 12)
+        r["loraloader"] = _loraloader_errors(fam, up_m, up_c, sdm, comps)
 
         # a hand-made edit: ComfyUI must accept every key, on clones only
         deltas = {}
