@@ -198,7 +198,6 @@ class Workbench:
         self.applied: Edit | None = None
         self.applied_key = None
         self.last: Edit | None = None
-        self.last_rows: list = []
         self._last_report: list[dict] = []
         self.lock = threading.RLock()
         self._observer = None          # an extra progress callback (the tab's progress bar), see observing()
@@ -239,7 +238,11 @@ class Workbench:
 
     def _remember(self, edit: Edit, model) -> None:
         self.last, self._last_report = edit, report_rows(edit, model)
-        self.last_rows = layer_table(self._last_report)
+
+    @property
+    def last_rows(self) -> list[list]:
+        """The last computed edit's report as the tab's table."""
+        return layer_table(self._last_report)
 
     def report_for(self, edit: Edit) -> tuple[list[list], object]:
         """(table rows, picture) of ``edit``'s report (core.report)."""

@@ -144,19 +144,16 @@ def _all_tokens(feats: torch.Tensor) -> torch.Tensor:
     return feats.reshape(-1, feats.shape[-1]).T
 
 
-def _stat(name, stage, W_o, delta, X, Y, X0, rank, basis=None, R=None, factors=None) -> dict:
-    """Report row of one edited matrix (docs/method.md, "Erase report"). ``R = W_o (Y − X)`` and the
-    delta's factors ``(up, down)`` are reused when the caller has them: then the residuals cost one
-    product with ``W_o`` (the unedited gap) instead of four."""
+def _stat(name, stage, W_o, delta, X, Y, X0, rank, basis, R, factors) -> dict:
+    """Report row of one edited matrix (docs/method.md, "Erase report"). The solve's ``R = W_o (Y − X)``
+    and the delta's factors ``(up, down)`` are reused, so the residuals cost one product with ``W_o``
+    (the unedited gap, skipped when no earlier stage moved the targets)."""
     W_o = W_o.to(F64)
     same = X0 is X                       # no earlier stage moved the targets: the unedited gap is R's
     X, Y = X.to(F64), Y.to(F64)
     X0 = X if same else X0.to(F64)
-    R = W_o @ (Y - X) if R is None else R.to(F64)
-    if factors is not None:
-        dX = factors[0].to(F64) @ (factors[1].to(F64) @ X)
-    else:
-        dX = delta.to(F64) @ X
+    R = R.to(F64)
+    dX = factors[0].to(F64) @ (factors[1].to(F64) @ X)
     gap = float(R.norm())
     gap0 = gap if same else float((W_o @ (X0 - Y)).norm())
     after = float((dX - R).norm())
