@@ -94,6 +94,9 @@ def _merge_tab(gr, backend):
             samples = gr.Number(value=M("samples").default, label=M("samples").label, precision=0)
             steps = gr.Number(value=M("steps").default, label=M("steps").label, precision=0)
             seed = gr.Number(value=M("seed").default, label=M("seed").label, precision=0)
+        with gr.Accordion("Advanced", open=False):
+            max_memory = gr.Number(value=M("max_memory_gb").default, label=M("max_memory_gb").label,
+                                   info=M("max_memory_gb").help)
         with gr.Row():
             m_name = gr.Textbox(label="Output LoRA name", value="", placeholder="merged")
             m_rank = gr.Number(value=0, label="Rank (0: exact)", precision=0)
@@ -101,7 +104,7 @@ def _merge_tab(gr, backend):
                                   interactive=backend.can_apply)
             b_merge = gr.Button("Merge → Save as LoRA", variant="primary", elem_id="weightsmith_merge")
             b_stop2 = gr.Button("Interrupt")
-    return SimpleNamespace(loras=loras, b_refresh=b_refresh, weights=weights, prompts=prompts, m_method=m_method, iterations=iterations, samples=samples, steps=steps, seed=seed, m_name=m_name, m_rank=m_rank, m_apply=m_apply, b_merge=b_merge, b_stop2=b_stop2)
+    return SimpleNamespace(loras=loras, b_refresh=b_refresh, weights=weights, prompts=prompts, m_method=m_method, iterations=iterations, samples=samples, steps=steps, seed=seed, max_memory=max_memory, m_name=m_name, m_rank=m_rank, m_apply=m_apply, b_merge=b_merge, b_stop2=b_stop2)
 
 
 def build_ui(backend, *, workbench: Workbench | None = None):
@@ -175,10 +178,11 @@ def build_ui(backend, *, workbench: Workbench | None = None):
 
     # -- merge actions ------------------------------------------------------------------------
     def on_merge(loras, weights, prompts, method, iterations, samples, steps, seed, name, rank, apply_too,
-                 progress=gr.Progress()):
+                 max_memory=0.0, progress=gr.Progress()):
         def fn():
             settings = {k: int(_float(v, M(k).default)) for k, v in
                         (("iterations", iterations), ("samples", samples), ("steps", steps), ("seed", seed))}
+            settings["max_memory_gb"] = _float(max_memory, M("max_memory_gb").default)
             edit, objs = wb.compute_merge(loras, weights, prompts, method, settings)
             meta = {"ws_inputs": ",".join(l.name for l in objs)}
             try:
@@ -238,7 +242,7 @@ def build_ui(backend, *, workbench: Workbench | None = None):
         e3 = er.b_lora.click(on_save_lora, common + [er.lora_name, er.rank, er.fmt], outs, api_name="save_lora")
         e4 = er.b_ckpt.click(on_save_ckpt, common + [er.ckpt_name], outs, api_name="save_checkpoint")
         e5 = mg.b_merge.click(on_merge, [mg.loras, mg.weights, mg.prompts, mg.m_method, mg.iterations, mg.samples,
-                                         mg.steps, mg.seed, mg.m_name, mg.m_rank, mg.m_apply], outs, api_name="merge")
+                                         mg.steps, mg.seed, mg.m_name, mg.m_rank, mg.m_apply, mg.max_memory], outs, api_name="merge")
         er.b_stop.click(on_interrupt, [], [status], api_name="interrupt", queue=False)
         mg.b_stop2.click(on_interrupt, [], [status], queue=False)
         mg.b_refresh.click(on_refresh, [], [mg.loras], api_name="refresh_loras")

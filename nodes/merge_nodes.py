@@ -102,10 +102,12 @@ class WeightsmithIterISMerge:
             },
             "optional": {
                 "untouched": widget(MergeOptions, "untouched", "choice"),
+                "max_memory_gb": widget(MergeOptions, "max_memory_gb", "FLOAT"),
             },
         }
 
-    def run(self, model, clip, stack, method, iterations, samples, steps, resolution, seed, untouched=None):
+    def run(self, model, clip, stack, method, iterations, samples, steps, resolution, seed, untouched=None,
+            max_memory_gb=None):
         from ..core.errors import WeightsmithError
         from ..core.merge import merge
         from . import comfy_adapter as ca
@@ -123,7 +125,8 @@ class WeightsmithIterISMerge:
             prompts = [list(e["prompts"]) for e in stack]
             prompts = prompts if any(prompts) else None
             opts = options_of(MergeOptions, iterations=int(iterations), samples=int(samples), steps=int(steps),
-                              resolution=int(resolution), seed=int(seed), untouched=untouched)
+                              resolution=int(resolution), seed=int(seed), untouched=untouched,
+                              max_memory_gb=None if max_memory_gb is None else float(max_memory_gb))
             logging.info("Weightsmith: merging %d LoRAs (%s)", len(loras), method)
             edit = merge(sd, loras, method=method, weights=weights, prompts=prompts, options=opts,
                          progress=progress, cancel=cancel)

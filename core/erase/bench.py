@@ -119,7 +119,7 @@ def run(args) -> int:
         return run_sweep(args)
     import torch
 
-    from ..bench import PeakRSS
+    from ..memory import PeakRSS
     from ..random_models import build_random_model
     from . import EraseOptions, erase
 

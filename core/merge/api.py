@@ -10,6 +10,7 @@ import torch
 
 from ..edit import Edit
 from ..errors import WeightsmithError
+from ..memory import gib
 from ..progress import Steps
 from . import baselines
 from .iteris import IterISSolver
@@ -103,15 +104,15 @@ def merge(model, loras, method: str = "iteris", weights=None, prompts=None,
         samples = [make_samples(p, opts.samples, opts.seed) for p in plist]
         for d, p, s in zip(info, plist, sources):
             d.update(prompts=p, prompts_source=s)
-        iters = 0 if method == "regmean" else opts.iterations
-        later = iters + (1 if opts.evaluate_final else 0)
-        # a pass over LoRA i's samples: iteration 0 runs one forward phase per batch, later
-        # passes two (LoRA i and the current merge), hence cost 1 and 2
-        steps = Steps(k * (1 + later), progress, cancel, costs=[1.0] * k + [2.0] * (k * later))
-        steps.start(f"{method}: {k * (1 + later)} passes ({k} LoRAs × {1 + later}), each {opts.samples} "
-                    f"samples × {opts.steps} steps; time left is estimated after the first pass")
-        solver = IterISSolver(model, loras, weights, samples, opts, steps, regmean=(method == "regmean"),
-                              check=steps.check)
+        solver = IterISSolver(model, loras, weights, samples, opts, regmean=(method == "regmean"))
+        costs = solver.pass_costs()      # a UNet pass of iteration 0 = 1; paired passes 2; text-only less
+        steps = Steps(len(costs), progress, cancel, costs=costs)
+        plan = solver.memory
+        groups = (f" in {plan['chunks']} layer groups (memory budget {gib(plan['budget_bytes'])})"
+                  if plan["chunks"] > 1 else "")
+        steps.start(f"{method}: {len(costs)} passes ({k} LoRAs{groups}), each {opts.samples} samples × "
+                    f"{opts.steps} steps; time left is estimated after the first pass")
+        solver.steps_counter, solver.check = steps, steps.check
         edit = solver.run()
     else:
         steps = Steps(1, progress, cancel)

@@ -47,6 +47,18 @@ def add_arguments(p) -> None:
                         "1280-channel ff.net.2 fall back, keeping the float64 state and solves small)")
     p.add_argument("--alpha", type=float, default=None, help="ridge α₁ = α₂ (default: MergeOptions' 1e-2)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--family", choices=("sd1", "sdxl"), default=None,
+                   help="memory mode: IterIS on the full SD1.5 or SDXL architecture (random, seeded) with LoRAs "
+                        "on every transformer linear layer and both text encoders, default merge settings but "
+                        "--samples/--steps/--iterations/--latent-size sized for a CPU; prints peak RSS (model "
+                        "included), time, passes and layer groups")
+    p.add_argument("--loras", type=int, default=3, help="memory mode: number of LoRAs (default 3)")
+    p.add_argument("--weights", choices=("bf16", "fp16", "fp32"), default="bf16",
+                   help="memory mode: dtype the model's weights are held in (computed in float32)")
+    p.add_argument("--max-memory", type=float, default=0.0, metavar="GB",
+                   help="memory mode: the merge's budget (default 0 = automatic, as a user gets it)")
+    p.add_argument("--compare", action="store_true",
+                   help="memory mode: also run today's one-pass path (no budget) and check both merges agree")
 
 
 
@@ -54,6 +66,81 @@ def add_arguments(p) -> None:
 
 def run_bench(args) -> int:
     return run(args)
+
+
+def run_memory(args) -> int:
+    """``--family``: IterIS at full size under the memory budget (docs/merge.md, "Memory")."""
+    import torch
+
+    from .. import memory
+    from ..lora_read import lora_from_state_dict
+    from ..random_models import build_random_model
+    from . import MergeOptions, merge
+    from .random_loras import random_lora
+
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.weights]
+    samples = int(str(args.samples).split(",")[0]) if args.samples != "8,32" else 4
+    watch = memory.PeakRSS(interval=0.02).__enter__()
+    t0 = time.perf_counter()
+    model = build_random_model(args.family, "full", seed=args.seed, weights_dtype=dt)
+    _ = model.unet
+    t_model = time.perf_counter() - t0
+    rss_model = memory.rss()
+    groups = ("attn", "ff", "proj", "te")
+    loras = [lora_from_state_dict(random_lora(model, groups=groups, rank=args.rank, seed=args.seed + 1 + i,
+                                              strength=0.2)[0], model, name=f"lora{i + 1}")
+             for i in range(args.loras)]
+    _trim()
+    rss_inputs = memory.rss()
+    prompts = [[p + f" {i}" for p in PROMPTS[i % 2]] for i in range(args.loras)]
+    base = dict(iterations=args.iterations, tol=0.0, steps=args.steps, latent_size=args.latent_size,
+                batch_size=args.batch_size, seed=args.seed, samples=samples, evaluate_final=False)
+    if args.alpha is not None:
+        base.update(alpha1=args.alpha, alpha2=args.alpha)
+    n_mod = len(set().union(*[set(l.modules) for l in loras]))
+    settings = {"model": f"{args.family} full architecture, random, seed {args.seed}, weights {args.weights}",
+                "threads": torch.get_num_threads(), "loras": f"{args.loras} random, rank {args.rank}, "
+                f"{'+'.join(groups)} ({n_mod} modules)", "samples": samples, "steps": args.steps,
+                "latent": args.latent_size, "iterations": args.iterations, "batch_size": args.batch_size,
+                "max_gram_dim": MergeOptions.max_gram_dim, "max_memory_gb": args.max_memory or "auto"}
+    if not args.json:
+        print("merge memory benchmark: " + ", ".join(f"{k}={v}" for k, v in settings.items()), flush=True)
+        print(f"model built in {t_model:.0f}s: RSS {memory.gib(rss_model)}; with the LoRAs "
+              f"{memory.gib(rss_inputs)}", flush=True)
+    runs = []
+    plans = [("budget", args.max_memory)] + ([("one pass (today's path)", 1e6)] if args.compare else [])
+    edits = []
+    for label, gb in plans:
+        _trim()
+        with memory.PeakRSS() as m:
+            edit = merge(model, loras, "iteris", prompts=prompts, options=MergeOptions(max_memory_gb=gb, **base))
+        edits.append(edit)
+        mem = edit.report["memory"]
+        row = {"run": label, "time_s": m.seconds, "peak_rss_bytes": m.peak, "budget_bytes": mem["budget_bytes"],
+               "layer_groups": mem["chunks"], "unet_groups": mem["unet_chunks"], "passes": mem["passes"],
+               "unet_passes": edit.report["unet_passes"],
+               "weighted_sum": len(edit.report["fallback_weighted_sum"]),
+               "weighted_sum_reasons": sorted(set(edit.report["fallback_reasons"].values()))}
+        runs.append(row)
+        if not args.json:
+            print(f"{label}: {m.seconds:.0f}s, peak RSS {memory.gib(m.peak)} (model included; budget "
+                  f"{memory.gib(mem['budget_bytes'])}), {mem['chunks']} layer groups ({mem['unet_chunks']} with "
+                  f"UNet passes), {mem['passes']} passes, {edit.report['unet_passes']} UNet forward passes, "
+                  f"{row['weighted_sum']} modules on the weighted sum"
+                  + (f" ({'; '.join(row['weighted_sum_reasons'])})" if row["weighted_sum"] else ""), flush=True)
+    watch.__exit__(None, None, None)
+    result = {"settings": settings, "model_rss_bytes": rss_model, "inputs_rss_bytes": rss_inputs,
+              "process_peak_rss_bytes": watch.peak, "runs": runs}
+    if len(edits) == 2:
+        a, b = edits
+        result["max_rel_diff"] = max(float((a.deltas[n] - b.deltas[n]).norm() / b.deltas[n].norm().clamp_min(1e-30))
+                                     for n in b.deltas)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"process peak RSS {memory.gib(watch.peak)} (model, LoRAs and merge)"
+              + (f"; budget and one-pass merges agree to {result['max_rel_diff']:.1e}" if len(edits) == 2 else ""))
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,7 +292,7 @@ def _trim() -> None:
 def run(args) -> int:
     import torch
 
-    from ..bench import PeakRSS
+    from ..memory import PeakRSS
     from ..lora_read import lora_from_state_dict
     from ..random_models import build_random_model
     from . import MergeOptions, merge
@@ -214,6 +301,8 @@ def run(args) -> int:
     from .random_loras import random_lora
     from .sampling import make_samples
 
+    if args.family:
+        return run_memory(args)
     counts = [int(c) for c in str(args.samples).split(",") if c.strip()]
     model = build_random_model("sd1", args.size, seed=args.seed)
     _ = model.unet

@@ -59,6 +59,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-gram-dim", type=int, default=d.max_gram_dim,
                    help=f"modules with wider inputs use the weighted sum (default {d.max_gram_dim}; "
                         "lower it to save memory)")
+    p.add_argument("--max-memory", type=float, default=d.max_memory_gb, metavar="GB",
+                   help=spec(MergeOptions, "max_memory_gb").help)
     p.add_argument("--stats-on-cpu", action="store_true",
                    help="keep IterIS' float64 statistics in CPU memory (saves GPU memory)")
     p.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder for single-file checkpoints")
@@ -147,7 +149,8 @@ def run(args) -> int:
                         latent_size=args.latent_size, batch_size=args.batch_size, alpha1=args.alpha,
                         alpha2=args.alpha, reg_coef=args.reg_coef, untouched=args.untouched, seed=args.seed,
                         svd_rank=args.rank, ties_density=args.density, dare_p=args.drop,
-                        gram_device="cpu" if args.stats_on_cpu else None, max_gram_dim=args.max_gram_dim)
+                        gram_device="cpu" if args.stats_on_cpu else None, max_gram_dim=args.max_gram_dim,
+                        max_memory_gb=args.max_memory)
     opts.validate()                     # before loading anything
     model = load_model(args.model, tokenizer=args.tokenizer)
     loras = [load_lora(p, model) for p, _ in pairs]

@@ -27,24 +27,23 @@ The objective reported per iteration is the weighted, ridge-free one,
 """
 from __future__ import annotations
 
+import re
 import time
+from dataclasses import dataclass
 
 import torch
 
+from .. import memory
 from ..edit import Edit
+from ..errors import WeightsmithError
 from .options import MergeOptions
 from .sampling import SamplingProtocol, is_context_only
-from .stats import DeltaHooks, GramStats
+from .stats import DeltaHooks, GramStats, _input_group, in_dim
 
 
 def _gram_device(model):
     p = next(iter(model.text_encoders.values())).parameters().__next__()
     return torch.device("cpu") if p.device.type == "mps" else p.device
-
-
-def lora_factors(lora, device="cpu") -> dict:
-    """module -> (s·up, down) as float64 2-D tensors."""
-    return {n: ((m.scale * m.up.double()).to(device), m.down.double().to(device)) for n, m in lora.modules.items()}
 
 
 def _tr_prod(A, B):
@@ -66,9 +65,41 @@ def _solve_sym(M, B):
     return X, True
 
 
+def _level_rows(name: str, model, batch: int, latent: int, tokens: int) -> int:
+    """Rows one forward batch feeds module ``name`` (for the memory plan): tokens in the text encoders
+    and cross-attention k/v, pixels of the block's resolution in the UNet."""
+    if not name.startswith("unet.") or is_context_only(name):
+        return batch * tokens
+    levels = len(model.unet_config.get("block_out_channels", (1,)))
+    m = re.match(r"unet\.(down|up)_blocks\.(\d+)\.", name)
+    lv = levels - 1 if m is None else (int(m.group(2)) if m.group(1) == "down" else levels - 1 - int(m.group(2)))
+    side = max(1, latent >> lv)
+    return batch * side * side
+
+
+@dataclass
+class _Chunk:
+    """Modules whose statistics are collected in the same passes."""
+    names: list
+    need_unet: bool
+    context: list
+    bytes: int
+
+
+def lora_factors(lora, device="cpu") -> dict:
+    """module -> (s·up, down) as float64 2-D tensors."""
+    return {n: ((m.scale * m.up.double()).to(device), m.down.double().to(device)) for n, m in lora.modules.items()}
+
+
 class IterISSolver:
     """The IterIS loop on one model. ``loras``: mapped :class:`~weightsmith.core.lora_read.LoRA` objects;
-    ``weights``: m_i; ``samples``: per-LoRA lists of :class:`~.sampling.Sample`."""
+    ``weights``: m_i; ``samples``: per-LoRA lists of :class:`~.sampling.Sample`.
+
+    Memory (docs/merge.md, "Memory"): the LoRAs' factors are converted to float64 one module at a
+    time, never kept; the merge is kept as its ``down`` factors only (``up`` is the LoRAs' scaled
+    ``up``s, rebuilt when needed); and the modules are planned into chunks whose statistics fit the
+    budget ``options.max_memory_gb``: each chunk gets its own passes over the samples (Jacobi: every
+    chunk of an iteration sees the same merge), so the result does not depend on the chunking."""
 
     def __init__(self, model, loras, weights, samples, options: MergeOptions, steps=None, *,
                  regmean: bool = False, check=None):
@@ -82,41 +113,205 @@ class IterISSolver:
         self.check = check or (lambda: None)
         self.names = sorted(set().union(*[set(l.modules) for l in self.loras]))
         self.gdev = torch.device(options.gram_device) if options.gram_device else _gram_device(model)
-        self.factors = [lora_factors(l, self.gdev) for l in self.loras]
+        self.touch = [set(l.modules) for l in self.loras]
         self.alpha1 = 0.0 if regmean else options.alpha1
         self.alpha2 = 0.0 if regmean else options.alpha2
         self.adaptive = options.adaptive_lambda and not regmean
         self.skip_untouched = options.untouched == "skip"
-        self.need_unet = any(n.startswith("unet.") and not is_context_only(n) for n in self.names)
         self.fallbacks: set[str] = set()
         self.weighted_sum: set[str] = set()
+        self.fallback_reasons: dict[str, str] = {}
         self.curve: list[dict] = []
         self.module_objective: dict[str, float] = {}
         self.module_target: dict[str, float] = {}
+        self.lam = [dict() for _ in self.loras]
+        self._given_U = None          # evaluate(): the ups of the factors being evaluated
+        self.n_passes = 0
+        wdt = model.weight(self.names[0]).dtype if self.names else torch.float32
+        # the merge's factors are stored at the model's precision, at least float32 (a float64 model
+        # keeps everything float64; hooks use the model's dtype anyway)
+        self.store_dtype = torch.float64 if wdt == torch.float64 else torch.float32
+        self.plan = self._plan()
+
+    # -- factors, on demand ----------------------------------------------------------------------
+    def _fac(self, i, n):
+        """(s·up, down) of LoRA i at module n, float64 2-D on the statistics device (None if untouched)."""
+        m = self.loras[i].modules.get(n)
+        if m is None:
+            return None
+        return (m.scale * m.up.double()).to(self.gdev), m.down.double().to(self.gdev)
+
+    def _idx(self, n):
+        return [i for i in range(len(self.loras)) if n in self.touch[i]]
+
+    def _U(self, n, weighted_sum: bool):
+        """The merge's ``up`` at module n: ``[λ_i m_i s_i up_i | …]`` (``m_i s_i up_i`` for the weighted sum)."""
+        if self._given_U is not None:
+            return self._given_U[n]
+        ups = []
+        for i in self._idx(n):
+            m = self.loras[i].modules[n]
+            c = self.weights[i] * (1.0 if weighted_sum else self.lam[i][n])
+            ups.append(c * m.scale * m.up.double().to(self.gdev))
+        return torch.cat(ups, 1)
+
+    def _merged(self, state):
+        """(module, (U, V)) pairs of a merge state ``(V by module, weighted-sum modules)``, one at a time."""
+        downs, ws = state
+        for n, V in downs.items():
+            yield n, (self._U(n, n in ws), V.to(self.gdev, torch.float64))
+
+    # -- memory plan ------------------------------------------------------------------------------
+    def _plan(self) -> list:
+        """Chunks of modules whose statistics fit the memory budget (docs/merge.md, "Memory")."""
+        o = self.opts
+        latent = o.latent_size or (max(1, o.resolution // 8) if o.resolution else
+                                   int(self.model.unet_config.get("sample_size", 64)))
+        batch = max(1, int(o.batch_size))
+        tokens = 77
+        later = not self.regmean and (o.iterations > 0 or o.evaluate_final)
+        c_norm = later and self.alpha1 > 0
+        groups: dict[str, list] = {}
+        self.dims = {}
+        for n in self.names:
+            d = in_dim(self.model.module(n))
+            self.dims[n] = d
+            if d > o.max_gram_dim:
+                self.fallback_reasons[n] = f"input {d} wide > max_gram_dim {o.max_gram_dim}"
+                continue
+            groups.setdefault(_input_group(n), []).append(n)
+        act = 8 if self.store_dtype == torch.float64 else 4
+        wsz = self.model.weight(self.names[0]).element_size() if self.names else 4
+
+        def group_bytes(members):
+            d = self.dims[members[0]]
+            b = 8 * d * d + (4 * d * d if c_norm else 0)                  # H (or G) float64, C float32
+            b += len(members) * 8 * d * d                                 # one denominator per module
+            b += sum(8 * self.loras[i].modules[n].rank * d for n in members for i in self._idx(n)) * 2  # D
+            b += _level_rows(members[0], self.model, batch, latent, tokens) * d * act   # queued X rows
+            return b
+
+        def merged_bytes(n):
+            r = sum(self.loras[i].modules[n].rank for i in self._idx(n))
+            w = self.model.weight(n)
+            return r * w[0].numel() * (8 if self.store_dtype == torch.float64 else 4)
+
+        # kept outside the statistics: the merge (current + next, downs only), its hook copy, each
+        # LoRA's hook copy, one module's solve (Cholesky factor + right-hand side) and float64 copies of
+        # one batch of rows
+        wide = max([self.dims[n] for n in self.names], default=1)
+        rows = max([_level_rows(n, self.model, batch, latent, tokens) for n in self.names], default=1)
+        hook = sum(wsz * self.loras[i].modules[n].rank * (self.model.weight(n).shape[0] + self.dims[n])
+                   for i in range(len(self.loras)) for n in self.touch[i])
+        reserve = (2 * sum(merged_bytes(n) for n in self.names) + 2 * hook + 16 * wide * wide
+                   + 4 * 8 * rows * wide + 256 * 2 ** 20)
+        budget, used, avail = self._statistics_budget(reserve)
+        self.memory = {"budget_bytes": budget, "used_at_start_bytes": used, "reserve_bytes": reserve,
+                       "statistics_budget_bytes": avail}
+        def unet_group(g):
+            return any(n.startswith("unet.") and not is_context_only(n) for n in groups[g])
+
+        # text-only groups first and in chunks of their own: their passes need no UNet run
+        order = sorted(groups, key=lambda g: (unet_group(g), g))
+        sizes = self.group_bytes = {g: group_bytes(groups[g]) for g in order}
+        split = avail is not None and sum(sizes.values()) > avail
+        chunks, cur, cur_b = [], [], 0
+        too_big = []
+        for g in order:
+            if cur and split and unet_group(g) and not unet_group(_input_group(cur[0])):
+                chunks.append((cur, cur_b))
+                cur, cur_b = [], 0
+            b = group_bytes(groups[g])
+            if avail is not None and b > avail:
+                too_big.append((g, b))
+                for n in groups[g]:
+                    self.fallback_reasons[n] = (f"its statistics ({memory.gib(b)}) do not fit the memory budget "
+                                                f"({memory.gib(max(avail, 0))} left for statistics)")
+                continue
+            if cur and avail is not None and cur_b + b > avail:
+                chunks.append((cur, cur_b))
+                cur, cur_b = [], 0
+            cur += groups[g]
+            cur_b += b
+        if cur:
+            chunks.append((cur, cur_b))
+        if too_big and not chunks:
+            raise WeightsmithError(
+                f"IterIS cannot fit any layer's statistics in the memory budget: {memory.gib(budget)} in all, "
+                f"{memory.gib(used)} already in use (model and LoRAs) and {memory.gib(reserve)} kept for the merge; "
+                f"the smallest layer needs {memory.gib(min(b for _, b in too_big))} more. Raise the budget "
+                "(--max-memory / 'Memory budget'), hold the model in half precision, or use method 'linear'.")
+        out = []
+        for names, b in chunks:
+            ctx = [n for n in names if is_context_only(n)]
+            out.append(_Chunk(sorted(names), any(n.startswith("unet.") and not is_context_only(n) for n in names),
+                              ctx, b))
+        self.memory.update(chunks=len(out), unet_chunks=sum(c.need_unet for c in out),
+                           chunk_modules=[len(c.names) for c in out],
+                           statistics_estimate_bytes=max([c.bytes for c in out], default=0))
+        return out
+
+    def _statistics_budget(self, reserve: int):
+        """(budget, in use now, left for statistics) in bytes, where the statistics live."""
+        o = self.opts
+        budget = int(o.max_memory_gb * memory.GIB) if o.max_memory_gb else memory.default_budget(self.gdev)
+        used = memory.used_bytes(self.gdev)
+        return budget, used, (None if budget is None else budget - used - reserve)
+
+    def pass_costs(self) -> list:
+        """Relative cost of each pass :meth:`run` makes, in order (a UNet pass of iteration 0 = 1;
+        paired passes run two models; chunks with no UNet module only run the text encoders)."""
+        k = len(self.loras)
+        iters = 0 if self.regmean else int(self.opts.iterations)
+        later = iters + (1 if self.opts.evaluate_final else 0)
+        per = [1.0 if c.need_unet else 0.05 for c in self.plan]
+        return [c for c in per for _ in range(k)] + [2 * c for _ in range(later) for c in per for _ in range(k)]
 
     # -- statistics passes ----------------------------------------------------------------------
     def _setup(self):
         self.hooks = DeltaHooks(self.model, self.names)
-        for i, f in enumerate(self.factors):
-            self.hooks.add(f"lora{i}", f)
-        self.stats = GramStats(self.model, self.names, device=self.gdev, max_dim=self.opts.max_gram_dim,
+        for i in range(len(self.loras)):
+            self.hooks.add(f"lora{i}", ((n, self._fac(i, n)) for n in sorted(self.touch[i])))
+        tracked = sorted(n for c in self.plan for n in c.names)
+        self.stats = GramStats(self.model, tracked, device=self.gdev, max_dim=self.opts.max_gram_dim,
                                reg_coef=0.0 if self.regmean else self.opts.reg_coef)
-        ctx_only = [n for n in self.names if is_context_only(n)]
+        self.stats.c_norm = self.alpha1 > 0
         self.protocol = SamplingProtocol(self.model, self.hooks, self.stats, steps=self.opts.steps,
                                  latent_size=self.opts.latent_size or (
                                      max(1, self.opts.resolution // 8) if self.opts.resolution else None), batch_size=self.opts.batch_size,
-                                 need_unet=self.need_unet, context_modules=ctx_only, check=self.check)
+                                 need_unet=True, context_modules=[], check=self.check)
+        self._peak = memory.PeakRSS(interval=0.05) if self.gdev.type == "cpu" else None
+        if self._peak is not None:
+            self._peak.__enter__()
 
     def _teardown(self):
         self.hooks.remove()
         self.stats.remove()
+        if self._peak is not None:
+            self._peak.__exit__(None, None, None)
+            self.memory["peak_rss_bytes"] = self._peak.peak
+        elif self.gdev.type == "cuda":
+            self.memory["peak_cuda_bytes"] = int(torch.cuda.max_memory_allocated(self.gdev))
 
-    def _pass(self, i, merged: bool, label: str):
+    def _pass(self, i, merged: bool, label: str, chunk: _Chunk):
         self.stats.reset()
+        self.stats.set_active(chunk.names)
+        self.stats.projections = {}
+        if merged:       # D_n = down_n·C streamed for every module of LoRA i in the chunk
+            for n in chunk.names:
+                if n in self.touch[i]:
+                    lead = self.stats.leader_of[n]
+                    self.stats.projections.setdefault(lead, []).append((n, self._fac(i, n)[1]))
+        self.protocol.need_unet = chunk.need_unet
+        self.protocol.context_modules = chunk.context
         phases = [(f"lora{i}", "x"), ("merged", "pair")] if merged else [(f"lora{i}", "gram")]
         self.protocol.run(self.samples[i], phases)
         self.stats.check_paired()
+        self.stats.projections = {}
+        self.n_passes += 1
         if self.steps_counter is not None:
+            if len(self.plan) > 1:
+                label += f", layer group {self.plan.index(chunk) + 1}/{len(self.plan)}"
             self.steps_counter.step(label)
 
     # -- per-module algebra ---------------------------------------------------------------------
@@ -129,7 +324,7 @@ class IterISSolver:
         if not self.adaptive:
             return 1.0
         W = self._base_weight(n)
-        f = self.factors[i].get(n)
+        f = self._fac(i, n)
         if f is not None:
             W = W + f[0] @ f[1]
         den = self.stats.energy.get(n)
@@ -140,38 +335,44 @@ class IterISSolver:
             return 1.0
         return num / den
 
-    def _accumulate(self, i, iteration: int, num: dict, den: dict, merged: dict | None, obj: dict):
+    def _accumulate(self, i, iteration: int, chunk: _Chunk, num: dict, den: dict, merged, obj: dict):
         """Fold LoRA i's fresh statistics into the numerators/denominators (and the objective)."""
         m_i = self.weights[i]
-        for n in self.stats.tracked:
+        for n in chunk.names:
             acc = self.stats.acc_for(n)
             if not acc:
                 continue
-            if self.skip_untouched and n not in self.factors[i]:
+            if self.skip_untouched and n not in self.touch[i]:
                 continue
+            f = self._fac(i, n)
             if iteration == 0:
                 G = acc["G"]
                 self.lam[i][n] = self._lambda(i, n, G)
-                C = H = G
+                H = G
+                D = None if f is None else f[1] @ G
+                c_norm = None
             else:
-                C, H = acc["C"], acc["H"]
+                H = acc["H"]
+                D = None if f is None else acc[("D", n)]
+                c_norm = (float(torch.linalg.vector_norm(acc["C32"], dtype=torch.float64))
+                          if self.alpha1 and f is not None else None)
             lam = self.lam[i][n]
-            f = self.factors[i].get(n)
             if iteration == 0 and f is not None:
                 up, down = f
-                self.target[i][n] = _tr_prod(up.t() @ up, down @ G @ down.t())
+                self.target[i][n] = _tr_prod(up.t() @ up, D @ down.t())
             w = lam * m_i
-            if merged is not None and n in merged:      # objective of the merge that produced X̃
-                U, V = merged[n]
+            if merged is not None and n in merged[0]:      # objective of the merge that produced X̃
+                U = self._U(n, n in merged[1])
+                V = merged[0][n].to(self.gdev, torch.float64)
                 val = _tr_prod(U.t() @ U, V @ H @ V.t())
                 if f is not None:
-                    up, down = f
-                    val += self.target[i][n] - 2.0 * _tr_prod((down @ C) @ V.t(), U.t() @ up)
+                    up, _ = f
+                    val += self.target[i][n] - 2.0 * _tr_prod(D @ V.t(), U.t() @ up)
                 obj[n] = obj.get(n, 0.0) + w * val
             if f is not None:     # down_i (C + α₁‖C‖I), without forming the ridged copy
-                D = f[1] @ C
                 if self.alpha1:
-                    D.add_(f[1], alpha=self.alpha1 * float(torch.linalg.matrix_norm(C)))
+                    c = float(torch.linalg.matrix_norm(G)) if iteration == 0 else c_norm
+                    D = D + (self.alpha1 * c) * f[1]
                 num.setdefault(n, {})[i] = D
             if n in den:
                 den[n].add_(H, alpha=w)
@@ -182,48 +383,56 @@ class IterISSolver:
             del acc
         self.stats.reset()
 
-    def _solve(self, num, den) -> dict:
-        out = {}
-        self.weighted_sum = set()
-        for n in self.names:
-            ups, downs = [], []
+    def _solve(self, num, den, names, state) -> None:
+        """Solve ``names`` into ``state = (downs, weighted-sum set)``."""
+        downs, ws = state
+        for n in names:
             if n in den:
-                M = den[n]
-                idx = [i for i in range(len(self.loras)) if n in self.factors[i]]
-                D = torch.cat([num[n][i] for i in idx], 0)            # (Σr) × d
-                X, fell = _solve_sym(M, D.t())
+                X, fell = _solve_sym(den.pop(n), torch.cat([num[n][i] for i in self._idx(n)], 0).t())
+                num.pop(n, None)
                 if fell:
                     self.fallbacks.add(n)
-                down_all = X.t()
-                row = 0
-                for i in idx:
-                    r = self.factors[i][n][0].shape[1]
-                    ups.append(self.lam[i][n] * self.weights[i] * self.factors[i][n][0])
-                    downs.append(down_all[row:row + r])
-                    row += r
-            else:   # no statistics (input too wide, or never reached): weighted sum (reported)
-                self.weighted_sum.add(n)
-                for i, f in enumerate(self.factors):
-                    if n in f:
-                        ups.append(self.weights[i] * f[n][0])
-                        downs.append(f[n][1])
-            out[n] = (torch.cat(ups, 1), torch.cat(downs, 0))
-        return out
+                downs[n] = X.t().to(self.store_dtype).contiguous()
+            else:   # no statistics (input too wide, over the memory budget, never reached): weighted sum
+                if n not in self.fallback_reasons:
+                    self.fallback_reasons[n] = "no layer inputs reached it in the samples"
+                ws.add(n)
+                downs[n] = torch.cat([self.loras[i].modules[n].down.double() for i in self._idx(n)], 0) \
+                    .to(self.gdev, self.store_dtype)
 
-    @staticmethod
-    def _change(new: dict, old: dict) -> float:
+    def _change(self, new, old) -> float:
         diff2 = norm2 = 0.0
-        for n, (U, V) in new.items():
+        for n in new[0]:
+            U, V = self._U(n, n in new[1]), new[0][n].to(self.gdev, torch.float64)
             gu, gv = U.t() @ U, V @ V.t()
             norm2 += _tr_prod(gu, gv)
-            if n in old:
-                U2, V2 = old[n]
+            if n in old[0]:
+                U2, V2 = self._U(n, n in old[1]), old[0][n].to(self.gdev, torch.float64)
                 W = torch.cat([U, -U2], 1)
                 Z = torch.cat([V, V2], 0)
                 diff2 += _tr_prod(W.t() @ W, Z @ Z.t())
             else:
                 diff2 += _tr_prod(gu, gv)
         return (max(diff2, 0.0) ** 0.5) / max(norm2 ** 0.5, 1e-300)
+
+    def _sweep(self, iteration: int, merged, label: str, solve: bool, obj: dict):
+        """One round of passes: every chunk, every LoRA (paired with ``merged`` when given); returns the
+        next merge state when ``solve``."""
+        k = len(self.loras)
+        state = ({}, set())
+        for chunk in self.plan:
+            num, den = {}, {}
+            for i in range(k):
+                self._pass(i, merged is not None, label.format(i=i + 1, k=k), chunk)
+                self._accumulate(i, iteration, chunk, num, den, merged, obj)
+            if solve:
+                self._solve(num, den, chunk.names, state)
+            del num, den
+        if solve:
+            planned = {n for c in self.plan for n in c.names}
+            self._solve({}, {}, [n for n in self.names if n not in planned], state)
+            state = ({n: state[0][n] for n in self.names}, state[1])
+        return state
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> Edit:
@@ -233,11 +442,7 @@ class IterISSolver:
         self.target = [dict() for _ in range(k)]
         self._setup()
         try:
-            num, den = {}, {}
-            for i in range(k):
-                self._pass(i, False, f"iteration 0: LoRA {i + 1}/{k}")
-                self._accumulate(i, 0, num, den, None, {})
-            cur = self._solve(num, den)
+            cur = self._sweep(0, None, "iteration 0: LoRA {i}/{k}", True, {})
             self.curve.append({"iteration": 0, "change": None, "objective": None})
             iters = 0 if self.regmean else int(self.opts.iterations)
             converged = False
@@ -246,17 +451,14 @@ class IterISSolver:
                 last = t >= iters or converged
                 if last and not self.opts.evaluate_final:
                     break
-                self.hooks.add("merged", cur)
-                num, den, obj = {}, {}, {}
-                for i in range(k):
-                    label = f"final objective: LoRA {i + 1}/{k}" if last else f"iteration {t + 1}: LoRA {i + 1}/{k}"
-                    self._pass(i, True, label)
-                    self._accumulate(i, 1, num, den, cur, obj)
+                self.hooks.add("merged", self._merged(cur))
+                obj = {}
+                label = "final objective: LoRA {i}/{k}" if last else f"iteration {t + 1}: LoRA {{i}}/{{k}}"
+                new = self._sweep(1, cur, label, not last, obj)
                 self.curve[-1]["objective"] = sum(obj.values())
                 self.module_objective = obj
                 if last:
                     break
-                new = self._solve(num, den)
                 t += 1
                 change = self._change(new, cur)
                 self.curve.append({"iteration": t, "change": change, "objective": None})
@@ -280,21 +482,21 @@ class IterISSolver:
         obj: dict = {}
         self._setup()
         try:
-            for i in range(k):
-                self._pass(i, False, f"objective: λ of LoRA {i + 1}/{k}")
-                self._accumulate(i, 0, {}, {}, None, {})
+            self._sweep(0, None, "objective: λ of LoRA {i}/{k}", False, {})
             self.hooks.add("merged", fac)
-            for i in range(k):
-                self._pass(i, True, f"objective: LoRA {i + 1}/{k}")
-                self._accumulate(i, 1, {}, {}, fac, obj)
+            self._given_U = {n: U for n, (U, V) in fac.items()}
+            try:
+                self._sweep(1, ({n: V for n, (U, V) in fac.items()}, set()), "objective: LoRA {i}/{k}", False, obj)
+            finally:
+                self._given_U = None
         finally:
             self._teardown()
         return sum(obj.values()), obj
 
-    def _edit(self, factors, elapsed, converged) -> Edit:
+    def _edit(self, state, elapsed, converged) -> Edit:
         deltas, facs = {}, {}
-        for n, (U, V) in factors.items():
-            shape = self.loras[next(i for i in range(len(self.loras)) if n in self.loras[i].modules)].modules[n].shape
+        for n, (U, V) in self._merged(state):
+            shape = self.loras[self._idx(n)[0]].modules[n].shape
             deltas[n] = (U @ V).reshape(shape).float().cpu()
             facs[n] = (U.float().cpu().contiguous(), V.float().cpu().contiguous())
         targets = {}
@@ -303,6 +505,8 @@ class IterISSolver:
                 targets[n] = targets.get(n, 0.0) + self.lam[i].get(n, 1.0) * self.weights[i] * e
         residuals = {n: ((self.module_objective[n] / targets[n]) ** 0.5 if targets.get(n) else None)
                      for n in self.module_objective}
+        self.weighted_sum = set(state[1])
+        self.memory["passes"] = self.n_passes
         report = {
             "iterations": max(0, len(self.curve) - 1),
             "converged": converged,
@@ -310,10 +514,12 @@ class IterISSolver:
             "residuals": residuals,
             "lambdas": {n: [self.lam[i].get(n) for i in range(len(self.loras))] for n in self.names},
             "fallback_weighted_sum": sorted(self.weighted_sum),
+            "fallback_reasons": {n: self.fallback_reasons.get(n, "") for n in sorted(self.weighted_sum)},
             "fallback_least_squares": sorted(self.fallbacks),
             "unet_passes": self.protocol.unet_passes,
             "text_encoder_passes": self.protocol.te_passes,
             "peak_feature_batch_bytes": self.stats.peak_queue_bytes,
+            "memory": dict(self.memory),
             "solve_time_s": elapsed,
         }
         return Edit(self.model.family, dict(self.model.unet_config), deltas, facs, report)

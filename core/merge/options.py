@@ -49,6 +49,11 @@ class MergeOptions:
                        lo=0, hi=2 ** 31 - 1)
     max_gram_dim: int = option(6144, "Modules with a wider input (e.g. 3×3 convs over > 682 channels) fall back "
                                "to the weighted sum (reported).", flag="--max-gram-dim", lo=1)
+    max_memory_gb: float = option(0.0, "Memory budget of the whole merge in GB, model included (0 = automatic: "
+                                  "65% of the machine's memory, or of the GPU's where the statistics live). "
+                                  "Over it, layers are processed in groups over several passes (slower, same result).",
+                                  label="Memory budget (GB, 0 = auto)", flag="--max-memory", lo=0.0, hi=4096.0,
+                                  step=0.5)
     gram_device: str | None = option(None, "Where the float64 statistics live (default: the model's device, the "
                                      "CPU for MPS); cpu saves GPU memory on small cards.")
     # baselines (docs/method.md, "Merge baselines")
@@ -90,6 +95,9 @@ class MergeOptions:
                               ("ties_density", self.ties_density, "--density"), ("ties_lambda", self.ties_lambda, "ties_lambda"),
                               ("dare_p", self.dare_p, "--drop"), ("svd_clamp_quantile", self.svd_clamp_quantile, "svd_clamp_quantile")):
             num(name, v, flag)
+        num("max_memory_gb", self.max_memory_gb, "--max-memory")
+        require(self.max_memory_gb >= 0, f"max_memory_gb (--max-memory) is a budget in GB (0 = automatic), got "
+                f"{self.max_memory_gb!r}.")
         require(self.tol >= 0, f"tol (--tol) must be >= 0, got {self.tol!r}.")
         require(self.alpha1 >= 0 and self.alpha2 >= 0,
                 f"alpha1/alpha2, the ridge α (--alpha), must be >= 0 (0 = none, default {MergeOptions.alpha1:g}), got "

@@ -13,6 +13,7 @@ TARGETS = {
     "attn": re.compile(r"^unet\..*\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$"),
     "ff": re.compile(r"^unet\..*\.ff\.net\.(0\.proj|2)$"),
     "te": re.compile(r"^text_encoder(_2)?\.text_model\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$"),
+    "proj": re.compile(r"^unet\..*\.attentions\.\d+\.proj_(in|out)$"),
     "conv": re.compile(r"^unet\..*resnets\.\d+\.(conv1|conv2|conv_shortcut)$"),
     "kv": re.compile(r"^unet\..*\.attn2\.(to_k|to_v)$"),
 }

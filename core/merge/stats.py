@@ -11,11 +11,16 @@ conv modules) to each touched module's output. Switching between delta sets is a
   ``‖X Wᵀ‖²`` of the running model (= tr(W G Wᵀ), read from the module's output, for λ);
 - ``x`` mode: keep the inputs of the *current forward pass only* (one batch) in a queue;
 - ``pair`` mode: take the queued ``X`` rows of the same module and accumulate
-  ``C += XᵀX̃``, ``H += X̃ᵀX̃`` (with ``X̃ ← (1−ρ)X̃ + ρX`` for ``reg_coef`` ρ), then drop them.
+  ``H += X̃ᵀX̃`` and, for each LoRA factor ``down`` given in :attr:`GramStats.projections`, the
+  ``r × d_in`` product ``D += down·XᵀX̃`` directly (as ``(X·downᵀ)ᵀX̃``: the solve needs ``down·C``,
+  never ``C = XᵀX̃`` itself); ``C`` is kept only in float32 and only when its Frobenius norm is
+  needed for the ridge (``c_norm``). ``X̃ ← (1−ρ)X̃ + ρX`` for ``reg_coef`` ρ. Then the rows are dropped.
 
 Modules reading the same input (q/k/v projections, cross-attention k/v) share one set of
-matrices. The state is three ``d_in × d_in`` matrices per input at most, independent of the number of
-samples; transient memory is one batch of inputs. Rows are tokens (text encoder, cross-attention
+matrices. The state is one float64 ``d_in × d_in`` matrix per input (plus a float32 one for ``‖C‖``),
+independent of the number of samples; transient memory is one batch of inputs. Only the modules in
+:attr:`GramStats.active` record (the solver's memory plan runs modules in groups over several
+passes). Rows are tokens (text encoder, cross-attention
 ``to_k``/``to_v``), pixels (linear layers and 1×1 convs in the UNet) or unfolded patches for
 larger kernels (``d_in = c_in·kh·kw``, matching ``weight.reshape(out, -1)``). Modules with
 ``d_in > max_dim`` get no statistics (the caller falls back to the weighted sum there).
@@ -59,9 +64,12 @@ class DeltaHooks:
             self._handles.append(mod.register_forward_hook(self._hook(n)))
 
     def add(self, key: str, factors: dict) -> None:
-        """``factors``: module -> (up out×R, down R×in·kh·kw), ``up@down`` = ΔW (scale folded in)."""
+        """``factors``: module -> (up out×R, down R×in·kh·kw), ``up@down`` = ΔW (scale folded in); a
+        mapping or an iterable of ``(module, (up, down))`` pairs (converted one at a time). Stored in the
+        weight's dtype; a module computing in another dtype (weights held in bf16, computed in float32)
+        gets them cast per call."""
         prepared = {}
-        for n, (up, down) in factors.items():
+        for n, (up, down) in (factors.items() if hasattr(factors, "items") else factors):
             mod = self.model.module(n)
             w = mod.weight
             up = up.to(device=w.device, dtype=w.dtype)
@@ -84,6 +92,8 @@ class DeltaHooks:
                 return None
             up, down = fac
             x = inputs[0]
+            if down.dtype != x.dtype:
+                up, down = up.to(x.dtype), down.to(x.dtype)
             if isinstance(module, torch.nn.Conv2d):
                 h = F.conv2d(x, down, None, module.stride, module.padding, module.dilation, module.groups)
                 return output + F.conv2d(h, up)
@@ -134,6 +144,9 @@ class GramStats:
         self.item_weights: torch.Tensor | None = None   # per batch item (rows are weighted by them)
         self.context_enabled = True                       # False: ignore cross-attention k/v calls
         self.leader: dict[str, str] = {}
+        self.active: set | None = None                    # None: every tracked module records
+        self.projections: dict[str, list] = {}            # leader -> [(module, down (r × d_in) float64)]
+        self.c_norm = False                               # pair mode: keep C (float32) for ‖C‖_F
         for n in names:
             mod = model.module(n)
             d = in_dim(mod)
@@ -153,6 +166,8 @@ class GramStats:
         def hook(module, inputs, output):
             if self.mode == "off" or (not self.context_enabled and name in self.context_names):
                 return
+            if self.active is not None and name not in self.active:
+                return
             if self.mode == "gram":   # ‖X Wᵀ‖² of the running model (for λ), from the output it computed
                 y = output if module.bias is None else output - (
                     module.bias.reshape(1, -1, 1, 1) if output.dim() == 4 and isinstance(module, torch.nn.Conv2d)
@@ -165,12 +180,15 @@ class GramStats:
                 self.feed(name, module_rows(module, inputs[0]))
         return hook
 
-    def _add(self, name, key, a, b):
-        d = self.dims[name]
+    def _add(self, name, key, a, b, dtype=None):
         acc = self.acc.setdefault(name, {})
         if key not in acc:
-            acc[key] = torch.zeros(d, d, dtype=self.dtype, device=self.device)
+            acc[key] = torch.zeros(a.shape[1], b.shape[1], dtype=dtype or self.dtype, device=self.device)
         acc[key].addmm_(a.t(), b)
+
+    def set_active(self, names=None) -> None:
+        """Record only ``names`` (None: every tracked module). Whole input groups go together."""
+        self.active = None if names is None else set(names)
 
     def feed(self, name: str, rows: torch.Tensor) -> None:
         """Give rows of module ``name``'s input to the accumulator (hooks call this; the sampler calls
@@ -199,7 +217,11 @@ class GramStats:
             xt = rows.to(device=self.device, dtype=self.dtype)
             if self.reg_coef:
                 xt = (1.0 - self.reg_coef) * xt + self.reg_coef * x
-            self._add(name, "C", self._weighted(x), xt)
+            xw = self._weighted(x)
+            for n, down in self.projections.get(name, ()):   # D_n += down·XᵀX̃ = (X·downᵀ)ᵀX̃
+                self._add(name, ("D", n), xw @ down.t(), xt)
+            if self.c_norm:
+                self._add(name, "C32", xw.float(), xt.float(), dtype=torch.float32)
             self._add(name, "H", self._weighted(xt), xt)
             self.rows[name] += x.shape[0]
 

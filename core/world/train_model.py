@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..naming import te_path
 from .paths import DEFAULT_MODEL_DIR
-from .render import BASE_PATTERNS, BASE_SHAPES, prompt_corpus, prompt_for, random_scene, render
+from .render import BASE_PATTERNS, BASE_SHAPES, COLOURS, POSITIONS, prompt_corpus, prompt_for, random_scene, render
 from .tokenizer import build_tokenizer_files, load_tokenizer
 
 TEXT_DIM = 64
@@ -38,8 +38,58 @@ TEXT_MLP = 4 * TEXT_DIM
 #: conditioning: 77 positions, 256 wide; more placed and two-object scenes; more phrasings)
 WORLDS = {
     "v1": dict(text_dim=64, text_layers=4, text_mlp=256, context=32, p_two=0.2, p_placed=0.1, templates="v1"),
-    "v2": dict(text_dim=256, text_layers=4, text_mlp=512, context=77, p_two=0.4, p_placed=0.25, templates="v2"),
+    "v2": dict(text_dim=256, text_layers=4, text_mlp=512, context=77, p_two=0.4, p_placed=0.25, templates="v2",
+               aux_weight=0.1, te_warmup=100),
 }
+
+
+# ---------------------------------------------------------------- auxiliary attribute loss
+#: what the prompt always says about each object, read back from the text encoder's pooled (EOS)
+#: output by a linear head during training only (the head is not exported): object 1 and 2 shape,
+#: colour, position ("none" for a missing second object)
+_AUX_FIELDS = (
+    ("shape", BASE_SHAPES), ("colour", tuple(COLOURS)), ("position", POSITIONS),
+)
+
+
+def aux_classes() -> list[int]:
+    return [len(v) + (1 if slot else 0) for slot in (0, 1) for _, v in _AUX_FIELDS]
+
+
+def aux_labels(scenes, prompts) -> torch.Tensor:
+    """(n, 6) class indices; -100 (ignored) for empty prompts."""
+    rows = []
+    for sc, pr in zip(scenes, prompts):
+        if not pr:
+            rows.append([-100] * 6)
+            continue
+        row = []
+        for slot in (0, 1):
+            for name, vals in _AUX_FIELDS:
+                if slot < len(sc.objects):
+                    row.append(vals.index(getattr(sc.objects[slot], name)))
+                else:
+                    row.append(len(vals))   # "none"
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.long)
+
+
+class AuxHead(torch.nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.sizes = aux_classes()
+        self.lin = torch.nn.Linear(dim, sum(self.sizes))
+
+    def loss(self, pooled: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = self.lin(pooled).split(self.sizes, dim=-1)
+        return sum(F.cross_entropy(lg, labels[:, i], ignore_index=-100) for i, lg in enumerate(logits)) / len(logits)
+
+    @torch.no_grad()
+    def accuracy(self, pooled: torch.Tensor, labels: torch.Tensor) -> float:
+        logits = self.lin(pooled).split(self.sizes, dim=-1)
+        keep = labels[:, 0] >= 0
+        ok = torch.stack([lg.argmax(-1) == labels[:, i] for i, lg in enumerate(logits)], 1)[keep]
+        return float(ok.all(1).float().mean()) if keep.any() else float("nan")
 
 
 def make_text_encoder(tokenizer, dim: int = TEXT_DIM, layers: int = TEXT_LAYERS, mlp: int = TEXT_MLP):
@@ -158,9 +208,12 @@ def base_scene(rng: random.Random, world: str = "v1"):
     return random_scene(rng, shapes=BASE_SHAPES, patterns=BASE_PATTERNS, p_two=w["p_two"], p_placed=w["p_placed"])
 
 
-def batch_data(rng: random.Random, n: int, tokenizer, p_drop: float = 0.1, scene_fn=None, prompt_kw=None):
+def batch_data(rng: random.Random, n: int, tokenizer, p_drop: float = 0.1, scene_fn=None, prompt_kw=None,
+               scenes_out: list | None = None):
     scene_fn = scene_fn or base_scene
     scenes = [scene_fn(rng) for _ in range(n)]
+    if scenes_out is not None:
+        scenes_out.extend(scenes)
     imgs = np.stack([render(s, seed=rng.randrange(1 << 30)) for s in scenes])
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
     prompts = [("" if rng.random() < p_drop else prompt_for(s, rng, **(prompt_kw or {}))) for s in scenes]
@@ -213,6 +266,12 @@ def main(argv=None):
     ap.add_argument("--no-zero-snr", action="store_true", help="keep the plain linear betas (non-zero terminal SNR)")
     ap.add_argument("--ckpt-every", type=int, default=250)
     ap.add_argument("--export-every", type=int, default=1000)
+    ap.add_argument("--aux-weight", type=float, default=None,
+                    help="weight of the auxiliary attribute loss on the text encoder's pooled output "
+                         "(default: the world preset's; v1 0, v2 0.1)")
+    ap.add_argument("--te-warmup", type=int, default=None,
+                    help="steps of text-encoder-only training on the attribute loss before the joint run "
+                         "(prompts only, no images; default: the preset's; v1 0, v2 100)")
     ap.add_argument("--resume", action="store_true")
     a = ap.parse_args(argv)
 
@@ -233,7 +292,10 @@ def main(argv=None):
 
     noise_sched = DDPMScheduler.from_config(scheduler.config)
     pred_type = scheduler.config.prediction_type
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    aux_w = w.get("aux_weight", 0.0) if a.aux_weight is None else a.aux_weight
+    te_warm = w.get("te_warmup", 0) if a.te_warmup is None else a.te_warmup
+    aux = AuxHead(w["text_dim"]) if (aux_w or te_warm) else None
+    params = list(unet.parameters()) + list(text_encoder.parameters()) + (list(aux.parameters()) if aux else [])
     n_u = sum(p.numel() for p in unet.parameters())
     n_t = sum(p.numel() for p in text_encoder.parameters())
     print(f"unet {n_u/1e6:.3f}M params, text encoder {n_t/1e6:.3f}M params", flush=True)
@@ -245,6 +307,8 @@ def main(argv=None):
         st = torch.load(ck, map_location="cpu")
         unet.load_state_dict(st["unet"])
         text_encoder.load_state_dict(st["te"])
+        if aux is not None and "aux" in st:
+            aux.load_state_dict(st["aux"])
         opt.load_state_dict(st["opt"])
         for s, v in zip(ema.shadow, st["ema"]):
             s.copy_(v)
@@ -268,6 +332,7 @@ def main(argv=None):
 
     def save_ckpt():
         torch.save({"unet": unet.state_dict(), "te": text_encoder.state_dict(), "opt": opt.state_dict(),
+                    **({"aux": aux.state_dict()} if aux is not None else {}),
                     "ema": ema.shadow, "step": step, "rng": rng.getstate(), "torch_rng": torch.get_rng_state()},
                    str(ck) + ".tmp")
         Path(str(ck) + ".tmp").replace(ck)
@@ -281,6 +346,29 @@ def main(argv=None):
 
     unet.train()
     text_encoder.train()
+    if te_warm and step == 0:
+        # text-encoder warm-up: the attribute head on prompts alone (no rendering, no UNet), so the
+        # joint run starts from conditioning that already separates shapes, colours and positions
+        t_opt = torch.optim.AdamW(list(text_encoder.parameters()) + list(aux.parameters()), lr=a.lr,
+                                  betas=(0.9, 0.99), weight_decay=0.01)
+        tw = time.time()
+        for i in range(te_warm):
+            scenes = [scene_fn(rng) for _ in range(128)]
+            prompts = [("" if rng.random() < 0.1 else prompt_for(sc, rng, **prompt_kw)) for sc in scenes]
+            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids
+            lab = aux_labels(scenes, prompts)
+            pooled = text_encoder(ids).pooler_output
+            tl = aux.loss(pooled, lab)
+            t_opt.zero_grad(set_to_none=True)
+            tl.backward()
+            t_opt.step()
+            if (i + 1) % 50 == 0:
+                msg = (f"te-warmup {i+1} aux loss {tl.item():.4f} acc {aux.accuracy(pooled, lab):.3f} "
+                       f"{(time.time()-tw)/60:.1f} min")
+                print(msg, flush=True)
+        del t_opt
+        ema.shadow = [p.detach().clone() for p in ema.params]
     t0 = time.time()
     acp = noise_sched.alphas_cumprod
     losses = []
@@ -291,11 +379,14 @@ def main(argv=None):
             break
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        x0, ids, _ = batch_data(rng, a.batch, tokenizer, scene_fn=scene_fn, prompt_kw=prompt_kw)
+        scenes = []
+        x0, ids, prompts = batch_data(rng, a.batch, tokenizer, scene_fn=scene_fn, prompt_kw=prompt_kw,
+                                      scenes_out=scenes)
         noise = torch.randn_like(x0)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (x0.shape[0],))
         xt = noise_sched.add_noise(x0, noise, t)
-        cond = text_encoder(ids).last_hidden_state
+        te_out = text_encoder(ids)
+        cond = te_out.last_hidden_state
         pred = unet(xt, t, cond).sample
         target = noise_sched.get_velocity(x0, noise, t) if pred_type == "v_prediction" else noise
         if a.min_snr and step < a.min_snr_until:
@@ -306,8 +397,13 @@ def main(argv=None):
             loss = (F.mse_loss(pred, target, reduction="none").mean((1, 2, 3)) * w).mean()
         else:
             loss = F.mse_loss(pred, target)
+        if aux is not None and aux_w:
+            aux_loss = aux.loss(te_out.pooler_output, aux_labels(scenes, prompts))
+            total = loss + aux_w * aux_loss
+        else:
+            total = loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         ema.update(step)
@@ -316,6 +412,8 @@ def main(argv=None):
         if step % 50 == 0:
             m = float(np.mean(losses[-50:]))
             msg = f"step {step} loss {m:.4f} lr {lr_at(step):.2e} {(time.time()-t0)/60:.1f} min"
+            if aux is not None and aux_w:
+                msg += f" aux {aux_loss.item():.3f}"
             print(msg, flush=True)
             log.write(msg + "\n")
             log.flush()
@@ -327,6 +425,7 @@ def main(argv=None):
     do_export(Path(a.out))
     final = float(np.mean(losses[-200:])) if losses else float("nan")
     info = {"world": a.world, "steps": step, "batch": a.batch, "lr": a.lr, "seed": a.seed, "min_snr": a.min_snr,
+            "aux_weight": aux_w, "te_warmup": te_warm,
             "final_loss_avg200": final,
             "minutes": (time.time() - t0) / 60, "unet_params": n_u, "text_encoder_params": n_t}
     (work / "train_info.json").write_text(json.dumps(info, indent=2))

@@ -1,0 +1,92 @@
+"""IterIS under a memory budget (docs/merge.md, "Memory"): layers planned into groups that get their
+own passes give the very same merge as one pass over everything; what does not fit falls back to
+the weighted sum with the reason in the report; an impossible budget is a clear error."""
+import pytest
+import torch
+
+from weightsmith.core.errors import WeightsmithError
+from weightsmith.core.lora_read import lora_from_state_dict
+from weightsmith.core.merge import MergeOptions, merge
+from weightsmith.core.merge.iteris import IterISSolver
+from weightsmith.core.merge.random_loras import random_lora
+from weightsmith.core.merge.stats import _input_group
+
+PROMPTS = [["a red cat on a tree", "a dog at night"], ["a blue car in the city", "portrait of an old man"]]
+OPTS = dict(iterations=2, tol=0.0, samples=2, steps=1, latent_size=8, batch_size=2)
+
+
+def _loras(model):
+    out = []
+    for s, groups in ((1, ("te", "attn", "ff")), (2, ("te", "attn", "conv"))):
+        t, meta = random_lora(model, groups=groups, rank=2, seed=s, strength=0.3)
+        out.append(lora_from_state_dict(t, model, metadata=meta, name=f"l{s}"))
+    return out
+
+
+def _limit(monkeypatch, avail):
+    """Leave exactly ``avail`` bytes for statistics, whatever this process already holds."""
+    def budget(self, reserve):
+        return 10 ** 12, 0, avail(self) if callable(avail) else avail
+    monkeypatch.setattr(IterISSolver, "_statistics_budget", budget)
+
+
+def _group_sizes(model, loras):
+    """The planner's estimate per input group (one group per chunk when the budget is the largest)."""
+    solver = IterISSolver(model, loras, [1.0, 1.0], [[], []], MergeOptions(**OPTS))
+    return solver
+
+
+def test_layer_groups_over_several_passes_give_the_same_merge(tiny_models, monkeypatch):
+    model = tiny_models["sd1"]
+    loras = _loras(model)
+    whole = merge(model, loras, "iteris", prompts=PROMPTS, options=MergeOptions(**OPTS))
+    assert whole.report["memory"]["chunks"] == 1
+
+    sizes = _group_sizes(model, loras).group_bytes
+    _limit(monkeypatch, max(sizes.values()))       # room for the largest input group, not for all
+    assert sum(sizes.values()) > 4 * max(sizes.values())
+    calls = []
+    split = merge(model, loras, "iteris", prompts=PROMPTS, options=MergeOptions(**OPTS),
+                  progress=lambda d, t, label: calls.append((d, t, label)))
+    mem = split.report["memory"]
+    assert mem["chunks"] >= 5 and mem["unet_chunks"] >= 1 and mem["unet_chunks"] < mem["chunks"]
+    # every chunk of every round runs each LoRA once: 1 + iterations + final objective rounds
+    assert mem["passes"] == mem["chunks"] * 2 * (1 + OPTS["iterations"] + 1)
+    assert calls[-1][0] == calls[-1][1] == mem["passes"]
+    assert any("layer group" in label for _, _, label in calls)
+    assert split.report["fallback_weighted_sum"] == whole.report["fallback_weighted_sum"] == []
+    assert sorted(split.deltas) == sorted(whole.deltas)
+    for n in whole.deltas:
+        assert torch.equal(split.deltas[n], whole.deltas[n]), n
+    for a, b in zip(split.report["curve"], whole.report["curve"], strict=True):   # sums in another order
+        assert a["objective"] == pytest.approx(b["objective"], rel=1e-12)
+        assert a["change"] == pytest.approx(b["change"], rel=1e-12)
+    assert mem["peak_rss_bytes"] > 0
+
+
+def test_a_layer_over_the_budget_falls_back_with_its_reason(tiny_models, monkeypatch):
+    model = tiny_models["sd1"]
+    loras = _loras(model)
+    sizes = _group_sizes(model, loras).group_bytes
+    top = max(sizes.values())
+    _limit(monkeypatch, max(v for v in sizes.values() if v < top))    # room for all but the largest
+    wide = sorted(n for n in set(loras[0].modules) | set(loras[1].modules)
+                  if sizes.get(_input_group(n)) == top)
+    assert wide
+    edit = merge(model, loras, "iteris", prompts=PROMPTS, options=MergeOptions(**OPTS))
+    assert edit.report["fallback_weighted_sum"] == wide
+    for n in wide:
+        assert "memory budget" in edit.report["fallback_reasons"][n]
+        want = sum(l.modules[n].delta() for l in loras if n in l.modules)
+        assert float((edit.deltas[n] - want).norm() / want.norm()) <= 1e-5
+    others = [n for n in edit.deltas if n not in wide]
+    lin = {n: sum(l.modules[n].delta() for l in loras if n in l.modules) for n in others}
+    assert max(float((edit.deltas[n] - lin[n]).norm() / lin[n].norm()) for n in others) > 1e-3
+
+
+def test_a_budget_below_the_model_is_a_clear_error(tiny_models):
+    model = tiny_models["sd1"]
+    with pytest.raises(WeightsmithError, match="--max-memory"):
+        merge(model, _loras(model), "iteris", prompts=PROMPTS, options=MergeOptions(max_memory_gb=0.01, **OPTS))
+    with pytest.raises(WeightsmithError, match="max_memory_gb"):
+        MergeOptions(max_memory_gb=-1.0).validate()
