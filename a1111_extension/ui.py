@@ -178,7 +178,7 @@ def build_ui(backend, *, workbench: Workbench | None = None):
 
     # -- merge actions ------------------------------------------------------------------------
     def on_merge(loras, weights, prompts, method, iterations, samples, steps, seed, name, rank, apply_too,
-                 max_memory=0.0, progress=gr.Progress()):
+                 max_memory=None, progress=gr.Progress()):
         def fn():
             settings = {k: int(_float(v, M(k).default)) for k, v in
                         (("iterations", iterations), ("samples", samples), ("steps", steps), ("seed", seed))}

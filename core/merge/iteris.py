@@ -65,10 +65,15 @@ def _solve_sym(M, B):
     return X, True
 
 
+def _needs_unet(name: str) -> bool:
+    """A UNet module whose inputs only a UNet pass produces (not cross-attention k/v)."""
+    return name.startswith("unet.") and not is_context_only(name)
+
+
 def _level_rows(name: str, model, batch: int, latent: int, tokens: int) -> int:
     """Rows one forward batch feeds module ``name`` (for the memory plan): tokens in the text encoders
     and cross-attention k/v, pixels of the block's resolution in the UNet."""
-    if not name.startswith("unet.") or is_context_only(name):
+    if not _needs_unet(name):
         return batch * tokens
     levels = len(model.unet_config.get("block_out_channels", (1,)))
     m = re.match(r"unet\.(down|up)_blocks\.(\d+)\.", name)
@@ -86,9 +91,14 @@ class _Chunk:
     bytes: int
 
 
+def factor_pair(m, device="cpu"):
+    """(s·up, down) of one LoRA module as float64 2-D tensors on ``device``."""
+    return (m.scale * m.up.double()).to(device), m.down.double().to(device)
+
+
 def lora_factors(lora, device="cpu") -> dict:
     """module -> (s·up, down) as float64 2-D tensors."""
-    return {n: ((m.scale * m.up.double()).to(device), m.down.double().to(device)) for n, m in lora.modules.items()}
+    return {n: factor_pair(m, device) for n, m in lora.modules.items()}
 
 
 class IterISSolver:
@@ -131,15 +141,16 @@ class IterISSolver:
         # the merge's factors are stored at the model's precision, at least float32 (a float64 model
         # keeps everything float64; hooks use the model's dtype anyway)
         self.store_dtype = torch.float64 if wdt == torch.float64 else torch.float32
+        # latent side of the samples: options, else resolution / 8, else the UNet's sample_size
+        self.latent = options.latent_size or (max(1, options.resolution // 8) if options.resolution else
+                                              int(model.unet_config.get("sample_size", 64)))
         self.plan = self._plan()
 
     # -- factors, on demand ----------------------------------------------------------------------
     def _fac(self, i, n):
         """(s·up, down) of LoRA i at module n, float64 2-D on the statistics device (None if untouched)."""
         m = self.loras[i].modules.get(n)
-        if m is None:
-            return None
-        return (m.scale * m.up.double()).to(self.gdev), m.down.double().to(self.gdev)
+        return None if m is None else factor_pair(m, self.gdev)
 
     def _idx(self, n):
         return [i for i in range(len(self.loras)) if n in self.touch[i]]
@@ -165,8 +176,7 @@ class IterISSolver:
     def _plan(self) -> list:
         """Chunks of modules whose statistics fit the memory budget (docs/merge.md, "Memory")."""
         o = self.opts
-        latent = o.latent_size or (max(1, o.resolution // 8) if o.resolution else
-                                   int(self.model.unet_config.get("sample_size", 64)))
+        latent = self.latent
         batch = max(1, int(o.batch_size))
         tokens = 77
         later = not self.regmean and (o.iterations > 0 or o.evaluate_final)
@@ -209,7 +219,7 @@ class IterISSolver:
         self.memory = {"budget_bytes": budget, "used_at_start_bytes": used, "reserve_bytes": reserve,
                        "statistics_budget_bytes": avail}
         def unet_group(g):
-            return any(n.startswith("unet.") and not is_context_only(n) for n in groups[g])
+            return any(map(_needs_unet, groups[g]))
 
         # text-only groups first and in chunks of their own: their passes need no UNet run
         order = sorted(groups, key=lambda g: (unet_group(g), g))
@@ -221,7 +231,7 @@ class IterISSolver:
             if cur and split and unet_group(g) and not unet_group(_input_group(cur[0])):
                 chunks.append((cur, cur_b))
                 cur, cur_b = [], 0
-            b = group_bytes(groups[g])
+            b = sizes[g]
             if avail is not None and b > avail:
                 too_big.append((g, b))
                 for n in groups[g]:
@@ -244,8 +254,7 @@ class IterISSolver:
         out = []
         for names, b in chunks:
             ctx = [n for n in names if is_context_only(n)]
-            out.append(_Chunk(sorted(names), any(n.startswith("unet.") and not is_context_only(n) for n in names),
-                              ctx, b))
+            out.append(_Chunk(sorted(names), any(map(_needs_unet, names)), ctx, b))
         self.memory.update(chunks=len(out), unet_chunks=sum(c.need_unet for c in out),
                            chunk_modules=[len(c.names) for c in out],
                            statistics_estimate_bytes=max([c.bytes for c in out], default=0))
@@ -277,8 +286,7 @@ class IterISSolver:
                                reg_coef=0.0 if self.regmean else self.opts.reg_coef)
         self.stats.c_norm = self.alpha1 > 0
         self.protocol = SamplingProtocol(self.model, self.hooks, self.stats, steps=self.opts.steps,
-                                 latent_size=self.opts.latent_size or (
-                                     max(1, self.opts.resolution // 8) if self.opts.resolution else None), batch_size=self.opts.batch_size,
+                                 latent_size=self.latent, batch_size=self.opts.batch_size,
                                  need_unet=True, context_modules=[], check=self.check)
         self._peak = memory.PeakRSS(interval=0.05) if self.gdev.type == "cpu" else None
         if self._peak is not None:

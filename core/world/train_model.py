@@ -57,11 +57,11 @@ def aux_classes() -> list[int]:
 
 
 def aux_labels(scenes, prompts) -> torch.Tensor:
-    """(n, 6) class indices; -100 (ignored) for empty prompts."""
+    """(n, 2 objects × fields) class indices; -100 (ignored) for empty prompts."""
     rows = []
     for sc, pr in zip(scenes, prompts):
         if not pr:
-            rows.append([-100] * 6)
+            rows.append([-100] * (2 * len(_AUX_FIELDS)))
             continue
         row = []
         for slot in (0, 1):
@@ -216,10 +216,16 @@ def batch_data(rng: random.Random, n: int, tokenizer, p_drop: float = 0.1, scene
         scenes_out.extend(scenes)
     imgs = np.stack([render(s, seed=rng.randrange(1 << 30)) for s in scenes])
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    ids, prompts = batch_prompts(rng, scenes, tokenizer, p_drop, prompt_kw)
+    return x, ids, prompts
+
+
+def batch_prompts(rng: random.Random, scenes, tokenizer, p_drop: float = 0.1, prompt_kw=None):
+    """(token ids, prompts) for ``scenes``; a prompt is dropped (empty) with probability ``p_drop``."""
     prompts = [("" if rng.random() < p_drop else prompt_for(s, rng, **(prompt_kw or {}))) for s in scenes]
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
-    return x, ids, prompts
+    return ids, prompts
 
 
 class EMA:
@@ -354,9 +360,7 @@ def main(argv=None):
         tw = time.time()
         for i in range(te_warm):
             scenes = [scene_fn(rng) for _ in range(128)]
-            prompts = [("" if rng.random() < 0.1 else prompt_for(sc, rng, **prompt_kw)) for sc in scenes]
-            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids
+            ids, prompts = batch_prompts(rng, scenes, tokenizer, 0.1, prompt_kw)
             lab = aux_labels(scenes, prompts)
             pooled = text_encoder(ids).pooler_output
             tl = aux.loss(pooled, lab)
