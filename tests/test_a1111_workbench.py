@@ -124,8 +124,8 @@ def test_refusals_are_clear(bench, tmp_path):
 
 
 def test_iteris_in_the_tab_announces_its_passes_and_then_the_time_left(bench):
-    """Before the first pass the job says how many passes it will run; from the first pass on
-    each label ends with the estimated time left (none on the last step)."""
+    """Before the first pass the job says how many passes it will run; from the first tick on (one per
+    text-encoder batch and per UNet step) each label ends with the estimated time left (none on the last)."""
     import contextlib
 
     b, wb = bench
@@ -139,8 +139,11 @@ def test_iteris_in_the_tab_announces_its_passes_and_then_the_time_left(bench):
     b.job = job
     wb.compute_merge(["r0.safetensors", "r1.safetensors"], "", "a cat\na dog", "iteris",
                      {"iterations": 2, "samples": 1, "steps": 1, "seed": 0})
-    total = 2 * (1 + 2 + 1)                              # 2 LoRAs × (iteration 0 + 2 + final objective)
-    assert seen[0][:2] == (0, total) and f"{total} passes" in seen[0][2] and "estimated after the first pass" in seen[0][2]
+    passes = 2 * (1 + 2 + 1)                             # 2 LoRAs × (iteration 0 + 2 + final objective)
+    total = passes * (1 + 1)                             # each: 1 prompt batch + 1 sample × 1 UNet step
+    assert seen[0][:2] == (0, total) and f"{passes} passes" in seen[0][2]
+    assert "time left shows after the first step" in seen[0][2]
+    assert [s[0] for s in seen] == list(range(total + 1))
     mids = [s for s in seen[1:] if s[0] < total]
     assert mids and all(s[2].endswith(" left") and "≈" in s[2] for s in mids), mids
     assert seen[-1][0] == total and "left" not in seen[-1][2]

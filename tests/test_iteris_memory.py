@@ -52,8 +52,13 @@ def test_layer_groups_over_several_passes_give_the_same_merge(tiny_models, monke
     assert mem["chunks"] >= 5 and mem["unet_chunks"] >= 1 and mem["unet_chunks"] < mem["chunks"]
     # every chunk of every round runs each LoRA once: 1 + iterations + final objective rounds
     assert mem["passes"] == mem["chunks"] * 2 * (1 + OPTS["iterations"] + 1)
-    assert calls[-1][0] == calls[-1][1] == mem["passes"]
+    # one progress tick per text batch and per UNet step: 2 prompts in one batch of 2, 2 samples × 1 step
+    rounds, k = 1 + OPTS["iterations"] + 1, 2
+    ticks = rounds * k * (mem["chunks"] + mem["unet_chunks"])
+    assert calls[-1][0] == calls[-1][1] == ticks == len(calls) - 1     # + the start (0, total) call
+    assert [d for d, _, _ in calls] == list(range(ticks + 1))
     assert any("layer group" in label for _, _, label in calls)
+    assert sum("left" in label for _, _, label in calls) >= ticks - 1  # time left on every tick but the last
     assert split.report["fallback_weighted_sum"] == whole.report["fallback_weighted_sum"] == []
     assert sorted(split.deltas) == sorted(whole.deltas)
     for n in whole.deltas:

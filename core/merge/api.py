@@ -105,13 +105,14 @@ def merge(model, loras, method: str = "iteris", weights=None, prompts=None,
         for d, p, s in zip(info, plist, sources):
             d.update(prompts=p, prompts_source=s)
         solver = IterISSolver(model, loras, weights, samples, opts, regmean=(method == "regmean"))
-        costs = solver.pass_costs()      # a UNet pass of iteration 0 = 1; paired passes 2; text-only less
+        costs = solver.unit_costs()      # one per text batch / UNet step: the time left shows after the first
+        n_pass = len(solver.pass_costs())
         steps = Steps(len(costs), progress, cancel, costs=costs)
         plan = solver.memory
         groups = (f" in {plan['chunks']} layer groups (memory budget {gib(plan['budget_bytes'])})"
                   if plan["chunks"] > 1 else "")
-        steps.start(f"{method}: {len(costs)} passes ({k} LoRAs{groups}), each {opts.samples} samples × "
-                    f"{opts.steps} steps; time left is estimated after the first pass")
+        steps.start(f"{method}: {n_pass} passes ({k} LoRAs{groups}), each {opts.samples} samples × "
+                    f"{opts.steps} steps; the time left shows after the first step")
         solver.steps_counter, solver.check = steps, steps.check
         edit = solver.run()
     else:

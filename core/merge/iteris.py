@@ -37,7 +37,7 @@ from .. import memory
 from ..edit import Edit
 from ..errors import WeightsmithError
 from .options import MergeOptions
-from .sampling import SamplingProtocol, is_context_only
+from .sampling import SamplingProtocol, is_context_only, progress_units
 from .stats import DeltaHooks, GramStats, _input_group, in_dim
 
 
@@ -270,11 +270,25 @@ class IterISSolver:
     def pass_costs(self) -> list:
         """Relative cost of each pass :meth:`run` makes, in order (a UNet pass of iteration 0 = 1;
         paired passes run two models; chunks with no UNet module only run the text encoders)."""
+        return [sum(u) for u in self._pass_units()]
+
+    def unit_costs(self) -> list:
+        """One relative cost per progress tick of :meth:`run`, in order: a text-encoder batch ≈ 1/20 of a
+        UNet step (one model; paired passes run two), so the time left is known after the first step."""
+        return [c for u in self._pass_units() for c in u]
+
+    def _pass_units(self) -> list:
         k = len(self.loras)
         iters = 0 if self.regmean else int(self.opts.iterations)
-        later = iters + (1 if self.opts.evaluate_final else 0)
-        per = [1.0 if c.need_unet else 0.05 for c in self.plan]
-        return [c for c in per for _ in range(k)] + [2 * c for _ in range(later) for c in per for _ in range(k)]
+        rounds = [1] + [2] * (iters + (1 if self.opts.evaluate_final else 0))
+        out = []
+        for m in rounds:
+            for c in self.plan:
+                for i in range(k):
+                    n_text, n_unet = progress_units(self.samples[i], self.opts.batch_size, self.opts.steps,
+                                                    c.need_unet)
+                    out.append([0.05 * m] * n_text + [1.0 * m] * n_unet)
+        return out
 
     # -- statistics passes ----------------------------------------------------------------------
     def _setup(self):
@@ -313,14 +327,25 @@ class IterISSolver:
         self.protocol.need_unet = chunk.need_unet
         self.protocol.context_modules = chunk.context
         phases = [(f"lora{i}", "x"), ("merged", "pair")] if merged else [(f"lora{i}", "gram")]
-        self.protocol.run(self.samples[i], phases)
+        sc = self.steps_counter
+        if sc is not None:
+            if len(self.plan) > 1:
+                label += f", layer group {self.plan.index(chunk) + 1}/{len(self.plan)}"
+            n_text, n_unet = self.protocol.units(self.samples[i])
+            seen = {"text": 0, "unet": 0}
+
+            def tick(kind):
+                seen[kind] += 1
+                sc.step(f"{label}, text {seen[kind]}/{n_text}" if kind == "text" else
+                        f"{label}, step {seen[kind]}/{n_unet}")
+            self.protocol.tick = tick
+        try:
+            self.protocol.run(self.samples[i], phases)
+        finally:
+            self.protocol.tick = None
         self.stats.check_paired()
         self.stats.projections = {}
         self.n_passes += 1
-        if self.steps_counter is not None:
-            if len(self.plan) > 1:
-                label += f", layer group {self.plan.index(chunk) + 1}/{len(self.plan)}"
-            self.steps_counter.step(label)
 
     # -- per-module algebra ---------------------------------------------------------------------
     def _base_weight(self, n):

@@ -71,6 +71,13 @@ def is_context_only(name: str) -> bool:
     return name.startswith("unet.") and (name.endswith("attn2.to_k") or name.endswith("attn2.to_v"))
 
 
+def progress_units(samples, batch_size: int, steps: int, need_unet: bool) -> tuple[int, int]:
+    """(text batches, UNet steps) of one :class:`SamplingProtocol` run over ``samples``."""
+    batch, steps = max(1, int(batch_size)), max(1, int(steps))
+    n_text = -(-len({s.prompt for s in samples}) // batch)
+    return n_text, (-(-len(samples) // batch) * steps if need_unet else 0)
+
+
 class SamplingProtocol:
     """Runs samples through paired passes. ``phases``: [(delta set, stats mode), …]; the first phase's
     model drives the trajectory, the others are evaluated at the same ``(x_t, t, prompt)``."""
@@ -88,8 +95,13 @@ class SamplingProtocol:
         self.need_unet = need_unet
         self.context_modules = list(context_modules)
         self.check = check or (lambda: None)
+        self.tick = None          # tick(kind) after each text batch ("text") and UNet step ("unet")
         self.unet_passes = 0
         self.te_passes = 0
+
+    def units(self, samples) -> tuple[int, int]:
+        """(text batches, UNet steps) one :meth:`run` over ``samples`` makes: its progress ticks."""
+        return progress_units(samples, self.batch_size, self.steps, self.need_unet)
 
     def batches(self, samples):
         for i in range(0, len(samples), self.batch_size):
@@ -129,6 +141,8 @@ class SamplingProtocol:
             for k, cond in enumerate(conds):
                 for j, p in enumerate(chunk):
                     contexts[k][p] = (cond.context[j], None if cond.pooled is None else cond.pooled[j])
+            if self.tick is not None:
+                self.tick("text")
         self.stats.item_weights = None
         self.stats.mode = "off"
         if self.need_unet:
@@ -174,6 +188,8 @@ class SamplingProtocol:
                     eps = out
             self.stats.mode = "off"
             z = sched.step(eps, t, z).prev_sample
+            if self.tick is not None:
+                self.tick("unet")
 
 
-__all__ = ["Sample", "default_prompts", "make_samples", "make_scheduler", "SamplingProtocol", "is_context_only"]
+__all__ = ["Sample", "progress_units", "default_prompts", "make_samples", "make_scheduler", "SamplingProtocol", "is_context_only"]
