@@ -271,7 +271,38 @@ def state_job(state, title: str, lock=None):
 
 
 # ----------------------------------------------------------------------------------------------
-class A1111Backend(Backend):
+class WebUIHost:
+    """What A1111 and Forge share: the generation lock, ``shared.state`` jobs and Interrupt, the
+    Lora extension's list. Needs ``self.shared`` (``modules.shared``)."""
+
+    @staticmethod
+    def _queue_lock():
+        try:
+            from modules import call_queue
+            return call_queue.queue_lock
+        except Exception:
+            return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        with self._queue_lock():
+            yield
+
+    def job(self, title: str):
+        return state_job(self.shared.state, title, self._queue_lock())
+
+    def interrupt(self) -> None:
+        self.shared.state.interrupt()
+
+    def refresh_loras(self) -> None:
+        try:
+            import networks  # the built-in Lora extension's module
+            networks.list_available_networks()
+        except Exception:
+            pass
+
+
+class A1111Backend(WebUIHost, Backend):
     name = "a1111"
 
     def __init__(self):
@@ -385,28 +416,4 @@ class A1111Backend(Backend):
     def refresh_checkpoints(self) -> None:
         self.sd_models.list_models()
 
-    def refresh_loras(self) -> None:
-        try:
-            import networks  # the built-in Lora extension's module
-            networks.list_available_networks()
-        except Exception:
-            pass
 
-    # jobs -------------------------------------------------------------------------------------
-    def _queue_lock(self):
-        try:
-            from modules import call_queue
-            return call_queue.queue_lock
-        except Exception:
-            return contextlib.nullcontext()
-
-    @contextlib.contextmanager
-    def exclusive(self):
-        with self._queue_lock():
-            yield
-
-    def job(self, title: str):
-        return state_job(self.shared.state, title, self._queue_lock())
-
-    def interrupt(self) -> None:
-        self.shared.state.interrupt()

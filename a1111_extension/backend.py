@@ -138,7 +138,10 @@ class Backend:
 class StandaloneBackend(Backend):
     """A model loaded from a file or diffusers folder; Apply edits it in memory.
 
-    ``can_apply=False`` gives a save-only backend (used on Forge, see :mod:`.forge`)."""
+    ``can_apply=False`` gives a save-only backend.
+
+    A backend with ``attach(edit)`` / ``detach()`` / ``forget()`` (Forge, :mod:`.forge`) keeps the
+    applied edit itself (as host patches) instead of the tab changing weights in place."""
 
     def __init__(self, model_path, lora_dir, checkpoint_dir, *, tokenizer=None, clip_skip=None,
                  can_apply: bool = True, apply_note: str = "", name: str = "standalone"):
@@ -206,6 +209,8 @@ class Workbench:
     def _check_model(self) -> None:
         if self.applied is not None and self.backend.model_key() != self.applied_key:
             self.editor.forget()
+            if hasattr(self.backend, "forget"):
+                self.backend.forget()
             self.applied = None
             raise WeightsmithError(
                 "the loaded model changed since the last Apply; that edit is gone with the old model. "
@@ -313,10 +318,15 @@ class Workbench:
         require(edit.family == model.family,
                 f"this edit is for {FAMILY_NAMES.get(edit.family, edit.family)} but the loaded model is "
                 f"{FAMILY_NAMES.get(model.family, model.family)}; nothing was changed.")
-        slots = self.backend.slots(edit.deltas)
-        with self.backend.exclusive():
-            self.editor.apply(edit.deltas, slots, strength)
-        self.applied = combine(self.applied, edit.scaled(strength) if strength != 1 else edit)
+        combined = combine(self.applied, edit.scaled(strength) if strength != 1 else edit)
+        if hasattr(self.backend, "attach"):      # patcher hosts (Forge): the host keeps the whole edit
+            with self.backend.exclusive():
+                self.backend.attach(combined)
+        else:
+            slots = self.backend.slots(edit.deltas)
+            with self.backend.exclusive():
+                self.editor.apply(edit.deltas, slots, strength)
+        self.applied = combined
         self.applied_key = self.backend.model_key()
         self.backend_changed()
         return f"Applied to the loaded model: {len(edit.deltas)} weights changed. Generate to try it; Undo restores the original."
@@ -327,11 +337,17 @@ class Workbench:
         try:
             self._check_model()
             with self.backend.exclusive():
-                n = self.editor.undo()
+                if hasattr(self.backend, "detach"):
+                    n = len(self.applied.deltas)
+                    self.backend.detach()
+                    msg = (f"Undone: the edit ({n} weights) is off the model; the original weights are back "
+                           "exactly from the next image on.")
+                else:
+                    msg = f"Undone: {self.editor.undo()} tensors restored exactly to the original weights."
         finally:
             self.applied = None
             self.backend_changed()
-        return f"Undone: {n} tensors restored exactly to the original weights."
+        return msg
 
     def backend_changed(self) -> None:
         hook = getattr(self.backend, "weights_changed", None)

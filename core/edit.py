@@ -39,3 +39,30 @@ class Edit:
             with torch.no_grad():
                 mod.weight.add_((strength * d).to(mod.weight.dtype).reshape(mod.weight.shape))
         return new
+
+
+def patcher_patches(edit: Edit, shapes: dict | None = None) -> tuple[dict, dict]:
+    """An edit as ComfyUI-style model-patcher patches (ComfyUI and Forge both take these):
+    ``(unet patches, text-encoder patches)``, each ``{state-dict key: ("diff", (ΔW,))}`` in the
+    host's key space (:func:`~weightsmith.core.naming.comfy_key`). ``shapes`` (key → parameter
+    shape, optional): reshape each ΔW to its parameter's shape (Forge skips a mismatched "diff"
+    with a printed warning only); a key missing from ``shapes`` or of another size is a clear error."""
+    from .errors import WeightsmithError
+    from .naming import COMFY_UNET_PREFIX, UNetLayout, comfy_key
+
+    layout = UNetLayout.from_config(edit.unet_config)
+    unet, te = {}, {}
+    for name in sorted(edit.deltas):
+        key = comfy_key(name + ".weight", edit.family, layout)
+        d = edit.deltas[name].detach().float().cpu()
+        if shapes is not None:
+            shape = shapes.get(key)
+            if shape is None or d.numel() != torch.Size(shape).numel():
+                raise WeightsmithError(
+                    f"the edit changes {key}, which the loaded model "
+                    f"{'does not have' if shape is None else f'holds as {tuple(shape)}, not {tuple(d.shape)}'}: "
+                    "it was computed for another model. Nothing was changed; compute it again on this one.")
+            d = d.reshape(shape)
+        (unet if key.startswith(COMFY_UNET_PREFIX) else te)[key] = ("diff", (d.contiguous(),))
+    return unet, te
+

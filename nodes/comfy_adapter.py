@@ -5,8 +5,8 @@
   builds a core :class:`~weightsmith.core.sdmodel.SDModel` with
   :func:`~weightsmith.core.model_io.model_from_state_dict`. Nothing is copied until a weight is
   read: UNet weights are fetched one by one when a solver asks for them.
-- :func:`comfy_patches` maps an :class:`~weightsmith.core.edit.Edit`'s canonical names to ComfyUI
-  state-dict keys; :func:`apply_edit` puts them as ``("diff", (ΔW,))`` patches on *clones* of the
+- :func:`apply_edit` puts an :class:`~weightsmith.core.edit.Edit` (mapped to ComfyUI state-dict keys by
+  :func:`~weightsmith.core.edit.patcher_patches`) as ``("diff", (ΔW,))`` patches on *clones* of the
   inputs, and checks that ComfyUI accepted every key (``add_patches`` silently ignores unknown ones).
 
 ComfyUI keys: UNet ``diffusion_model.<ldm path>``; text encoders in transformers format
@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
+from ..core.edit import patcher_patches
 from ..core.errors import WeightsmithError
-from ..core.naming import TE1, TE2, UNetLayout, comfy_key
+from ..core.naming import TE1, TE2
 
 UNET_PREFIX = "diffusion_model."
 # component -> (ComfyUI CLIP attribute / state-dict prefix of its encoder)
@@ -248,20 +249,9 @@ def sdmodel_from_comfy(model, clip, *, clip_skip: int | None = None, need_unet: 
 
 # ----------------------------------------------------------------------------------------------
 # Edit -> ComfyUI patches
-def comfy_patches(edit) -> tuple[dict, dict]:
-    """(unet patches, clip patches) as ``{key: ("diff", (ΔW,))}`` for ``add_patches``."""
-    layout = UNetLayout.from_config(edit.unet_config)
-    unet, clip = {}, {}
-    for name, delta in edit.deltas.items():
-        key = comfy_key(name + ".weight", edit.family, layout)
-        entry = ("diff", (delta.detach().float().cpu().contiguous(),))
-        (unet if key.startswith(UNET_PREFIX) else clip)[key] = entry
-    return unet, clip
-
-
 def apply_edit(model, clip, edit, strength: float = 1.0):
     """Clones of ``model`` and ``clip`` with the edit added as patches (inputs untouched)."""
-    unet_p, clip_p = comfy_patches(edit)
+    unet_p, clip_p = patcher_patches(edit)
     m, c = model, clip
     if unet_p:
         m = model.clone()

@@ -86,7 +86,7 @@ def test_standalone_tab_end_to_end(venv_python, tmp_path):
     assert n_up == len(edit.deltas) + len(siblings)
 
 
-def test_a1111_entry_script_and_forge_save_only(venv_python, tmp_path):
+def test_a1111_and_forge_entry_script_apply_undo_save(venv_python, tmp_path):
     res = _drive(venv_python, "drive_a1111_tab.py", tmp_path / "a1111")
     assert res["tabs"] == [["Weightsmith", "weightsmith"]] and res["backend"] == "A1111Backend"
     assert res["model_info"] == "Model: base.safetensors (SD1.x)"
@@ -96,19 +96,22 @@ def test_a1111_entry_script_and_forge_save_only(venv_python, tmp_path):
     assert res["lora_files"] == ["tab-lora.safetensors"]
     assert res["state_after"] == {"job": "", "job_count": 0}
 
+    # Forge (stand-in, tests/a1111/fake_forge): Apply reaches the weights Forge samples with
     res = _drive(venv_python, "drive_a1111_tab.py", tmp_path / "forge", "forge")
-    assert res["backend"] == "ForgeBackend"
-    assert res["apply_status"].startswith("⚠ Apply is not available here: Forge")
-    assert "Save-only here" in res["model_info"]
-    assert res["changed"] == [] and res["undo_bit_exact"] is True
+    assert res["tabs"] == [["Weightsmith", "weightsmith"]] and res["backend"] == "ForgeBackend"
+    assert res["model_info"] == "Model: base.safetensors (SD1.x)"
+    assert res["apply_status"].startswith("Applied") and res["apply_exact"] is True
+    assert res["changed"] and all("attn2.to_k" in k or "attn2.to_v" in k for k in res["changed"])
+    assert res["undo_status"].startswith("Undone") and res["undo_bit_exact"] is True
     assert res["lora_files"] == ["tab-lora.safetensors"]
+    assert res["state_after"] == {"job": "", "job_count": 0}
 
 
 @pytest.mark.skipif(os.environ.get("WEIGHTSMITH_TEST_FORGE_GRADIO4") != "1",
                     reason="Forge's gradio 4.40 venv is optional (WEIGHTSMITH_TEST_FORGE_GRADIO4=1; ~2 min to build)")
 def test_tab_under_forge_gradio4(tmp_path):
     """Forge runs gradio 4.40 with transformers 4.x: the same tab, standalone and through the
-    entry script (save-only), in that environment."""
+    entry script (Apply/Undo through the Forge stand-in's patchers), in that environment."""
     r = subprocess.run(["bash", str(A1111 / "setup_env.sh"), "forge"], capture_output=True, text=True,
                        timeout=900, env=dict(os.environ, PYTHON=sys.executable))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -117,5 +120,6 @@ def test_tab_under_forge_gradio4(tmp_path):
     assert res["gradio"] == "4.40.0" and res["apply_max_err"] == 0.0 and res["undo_bit_exact"] is True
     assert len(res["lora_files"]) == 1
     res = _drive(py, "drive_a1111_tab.py", tmp_path / "f", "forge")
-    assert res["backend"] == "ForgeBackend" and res["apply_status"].startswith("⚠ Apply is not available")
+    assert res["backend"] == "ForgeBackend" and res["apply_status"].startswith("Applied")
+    assert res["apply_exact"] is True and res["undo_bit_exact"] is True
     assert res["lora_files"] == ["tab-lora.safetensors"]

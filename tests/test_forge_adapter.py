@@ -1,0 +1,258 @@
+"""The Forge backend against a stand-in of Forge's patcher system (tests/a1111/fake_forge, see its
+README): Apply through ``forge_objects_original`` survives LoRA changes and engine rebuilds and gives
+what the same checkpoint with the edit baked in gives (conds and UNet weights, LoRA stacked on top);
+Undo is bit-exact; Apply before the first generation lands at the lazy load; another checkpoint
+never gets the edit; refusals change nothing."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+A1111 = Path(__file__).resolve().parent / "a1111"
+PATHS = [str(A1111 / "fake_forge"), str(A1111 / "fake_webui")]
+PROMPT = "a photo of a cat"
+ERASE_ADV = {"expand_prompts": False, "max_pad": 3}
+
+
+def _purge():
+    for m in [m for m in sys.modules if m.split(".")[0] in ("modules", "modules_forge", "networks",
+                                                           "forge_engine", "fake_sd")]:
+        del sys.modules[m]
+
+
+@pytest.fixture(scope="module")
+def forge(tmp_path_factory):
+    root = tmp_path_factory.mktemp("forge")
+    os.environ["WS_FAKE_WEBUI_ROOT"] = str(root)
+    sys.path[:0] = PATHS
+    _purge()
+    import forge_engine
+    import networks
+    from modules import processing, sd_models, shared
+
+    forge_engine.install()
+    Path(shared.cmd_opts.lora_dir).mkdir(parents=True, exist_ok=True)
+    yield {"root": root, "shared": shared, "sd_models": sd_models, "processing": processing,
+           "engine": forge_engine, "networks": networks}
+    for p in PATHS:
+        sys.path.remove(p)
+    _purge()
+
+
+def _checkpoint(forge, family, name="base"):
+    from weightsmith.core.model_io import save_single_file
+    from weightsmith.core.random_models import build_random_model
+
+    m = build_random_model(family, "tiny", seed=3)
+    ck = Path(forge["sd_models"].model_path) / f"{name}-{family}.safetensors"
+    ck.parent.mkdir(parents=True, exist_ok=True)
+    if not ck.exists():
+        save_single_file(m, ck)
+    forge["engine"].TOKENIZER = m.tokenizers["text_encoder"]
+    os.environ["WEIGHTSMITH_TOKENIZER"] = str(m.tokenizers["text_encoder"].name_or_path)   # the tab's loader
+    return m, ck
+
+
+def _start(forge, ck, initial=True):
+    """Pick ``ck`` at the top of the page (Forge loads it at the first generation)."""
+    forge["sd_models"].select(ck)
+    if initial:
+        forge["shared"].sd_model = forge["sd_models"].FakeInitialModel()
+
+
+def _backend():
+    from weightsmith.a1111_extension.backend import Workbench
+    from weightsmith.a1111_extension.forge import ForgeBackend
+
+    b = ForgeBackend()
+    return b, Workbench(b)
+
+
+def _kohya(model, path, seed=7, scale=0.05):
+    """A random kohya LoRA on a UNet cross-attention and a text-encoder projection."""
+    from weightsmith.core.edit import Edit
+    from weightsmith.core.lora_write import save_lora
+
+    attn = model.unet_cross_attention_names()[0]
+    names = [f"{attn}.to_k", f"{attn}.to_v"]
+    te = sorted(model.text_encoders)[0]
+    names.append(f"{te}.text_model.encoder.layers.0.self_attn.q_proj")
+    g = torch.Generator().manual_seed(seed)
+    deltas, factors = {}, {}
+    for n in names:
+        W = model.weight(n)
+        up, down = torch.randn(W.shape[0], 2, generator=g) * scale, torch.randn(2, W.shape[1], generator=g) * scale
+        deltas[n], factors[n] = up @ down, (up, down)
+    save_lora(Edit(model.family, dict(model.unet_config), deltas, factors, {"method": "test"}), path)
+
+
+def _te_edit(model, seed=11, scale=0.05):
+    """A random change of every text encoder's first-layer attention projections."""
+    from weightsmith.core.edit import Edit
+
+    g = torch.Generator().manual_seed(seed)
+    deltas = {}
+    for te in sorted(model.text_encoders):
+        for p in ("q_proj", "out_proj"):
+            n = f"{te}.text_model.encoder.layers.0.self_attn.{p}"
+            deltas[n] = torch.randn(model.weight(n).shape, generator=g) * scale
+    return Edit(model.family, dict(model.unet_config), deltas, {}, {"method": "test"})
+
+
+def _gen(forge, loras=()):
+    return forge["processing"].txt2img(PROMPT, "", loras=loras)
+
+
+def _close(a, b, tol=1e-5):
+    return all(torch.allclose(a[k].float(), b[k].float(), atol=tol, rtol=1e-5) for k in a)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_apply_is_the_baked_checkpoint_under_lora_changes_and_undo_is_exact(forge, family, tmp_path):
+    from weightsmith.a1111_extension.backend import combine
+    from weightsmith.core.model_io import load_model, save_edited_model
+
+    m, ck = _checkpoint(forge, family)
+    lora = f"l-{family}.safetensors"
+    _kohya(m, Path(forge["shared"].cmd_opts.lora_dir) / lora)
+    _start(forge, ck)
+    b, wb = _backend()
+    edit = wb.compute_erase("cat", "dog", "", "uce", ERASE_ADV)       # UNet cross-attention k/v
+    te_edit = _te_edit(m)                                               # and a text-encoder change
+    assert edit.deltas and te_edit.deltas
+
+    # the reference: the same checkpoint with both edits written into it, loaded and used by Forge
+    baked = Path(forge["sd_models"].model_path) / f"baked-{family}.safetensors"
+    save_edited_model(load_model(ck, tokenizer=forge["engine"].TOKENIZER), combine(edit, te_edit).deltas, baked)
+    _start(forge, baked, initial=False)
+    ref_c, _, ref_w = _gen(forge)
+    ref_lc, _, ref_lw = _gen(forge, [(lora, 1.0, 1.0)])
+
+    _start(forge, ck, initial=False)
+    base_c, _, base_w = _gen(forge)
+    assert not torch.allclose(base_c, ref_c, atol=1e-4)
+    wb.apply(edit)
+    wb.apply(te_edit)                                  # applied on top: the host holds their sum
+    assert b.installed_on is forge["shared"].sd_model
+    c, _, w = _gen(forge)                              # the same prompt: the cond cache was emptied
+    assert torch.allclose(c, ref_c, atol=1e-5) and _close(w, ref_w)
+    assert sorted(k for k in w if not torch.equal(w[k], base_w[k]))      # the UNet changed
+    c, _, w = _gen(forge, [(lora, 1.0, 1.0)])          # a LoRA added: stacked on the edited weights
+    assert torch.allclose(c, ref_lc, atol=1e-5) and _close(w, ref_lw)
+    c, _, w = _gen(forge)                              # and removed again: the edit is still there
+    assert torch.allclose(c, ref_c, atol=1e-5) and _close(w, ref_w)
+
+    assert wb.undo().startswith("Undone")
+    c, _, w = _gen(forge)
+    assert torch.equal(c, base_c) and all(torch.equal(w[k], base_w[k]) for k in base_w)
+    c, _, w = _gen(forge, [(lora, 1.0, 1.0)])          # LoRA alone after Undo: no trace of the edit
+    c0, _, _ = _gen(forge)
+    assert torch.equal(c0, base_c)
+
+
+def test_apply_before_the_first_generation_lands_at_load_and_follows_rebuilds_only(forge):
+    m, ck = _checkpoint(forge, "sd1")
+    _start(forge, ck)                                  # nothing loaded yet (Forge loads lazily)
+    b, wb = _backend()
+    edit = wb.compute_erase("cat", "dog", "", "uce", ERASE_ADV)
+    wb.apply(edit)
+    assert b.installed_on is None and wb.applied is not None
+    c1, _, w1 = _gen(forge)                            # loads the engine; the callback installs the edit
+    first = forge["shared"].sd_model
+    assert b.installed_on is first
+    forge["sd_models"].model_data.forge_hash = ""      # e.g. a setting changed: a new engine, same checkpoint
+    c2, _, w2 = _gen(forge)
+    assert forge["shared"].sd_model is not first and b.installed_on is forge["shared"].sd_model
+    assert torch.equal(c1, c2) and all(torch.equal(w1[k], w2[k]) for k in w1)
+
+    other = Path(forge["sd_models"].model_path) / "other-sd1.safetensors"
+    other.write_bytes(ck.read_bytes())
+    _start(forge, other, initial=False)                # another checkpoint: never gets the edit
+    c3, _, w3 = _gen(forge)
+    _start(forge, ck, initial=False)
+    forge["sd_models"].model_data.forge_hash = ""
+    b.forget()                                         # (as if the tab had noticed the switch)
+    c4, _, w4 = _gen(forge)
+    assert torch.equal(c3, c4) and all(torch.equal(w3[k], w4[k]) for k in w3)
+    assert not all(torch.equal(w3[k], w1[k]) for k in w1)    # UCE changes the UNet only
+
+
+def test_switching_checkpoint_drops_the_edit_with_a_message(forge):
+    from weightsmith.core.errors import WeightsmithError
+
+    m, ck = _checkpoint(forge, "sd1")
+    _start(forge, ck)
+    b, wb = _backend()
+    _gen(forge)
+    wb.apply(wb.compute_erase("cat", "dog", "", "uce", ERASE_ADV))
+    other = Path(forge["sd_models"].model_path) / "other2-sd1.safetensors"
+    other.write_bytes(ck.read_bytes())
+    _start(forge, other, initial=False)
+    _gen(forge)
+    with pytest.raises(WeightsmithError, match="loaded model changed"):
+        wb.undo()
+    assert wb.applied is None and b.installed_on is None
+
+
+def test_refusals_change_nothing(forge):
+    from weightsmith.core.edit import Edit
+    from weightsmith.core.errors import WeightsmithError
+
+    m, ck = _checkpoint(forge, "sd1")
+    _start(forge, ck)
+    b, wb = _backend()
+    _, _, w0 = _gen(forge)
+    sm = forge["shared"].sd_model
+    orig = (sm.forge_objects_original.unet, sm.forge_objects_original.clip)
+    n = m.unet_cross_attention_names()[0] + ".to_k"
+    wrong = Edit("sd1", dict(m.unet_config), {n: torch.zeros(3, 5)}, {}, {"method": "test"})
+    with pytest.raises(WeightsmithError, match="computed for another model"):
+        wb.apply(wrong)
+    sdxl = Edit("sdxl", dict(m.unet_config), {n: torch.zeros_like(m.weight(n))}, {}, {"method": "test"})
+    with pytest.raises(WeightsmithError, match="SDXL"):
+        wb.apply(sdxl)
+    assert (sm.forge_objects_original.unet, sm.forge_objects_original.clip) == orig and wb.applied is None
+    forge["sd_models"].select(ck, ["/models/text_encoder/t5xxl.safetensors"])
+    with pytest.raises(WeightsmithError, match="separate text encoder"):
+        wb.apply(Edit("sd1", dict(m.unet_config), {n: torch.zeros_like(m.weight(n))}, {}, {"method": "test"}))
+    _start(forge, ck, initial=False)
+    _, _, w = _gen(forge)
+    assert all(torch.equal(w[k], w0[k]) for k in w0)
+
+
+def test_conv_deltas_are_reshaped_to_the_parameter(forge):
+    """Forge skips a "diff" patch of another shape with a printed warning only: a conv ΔW held 2-D
+    must arrive as the 4-D weight it changes."""
+    from weightsmith.core.edit import Edit
+    from weightsmith.core.naming import UNetLayout, comfy_key
+
+    m, ck = _checkpoint(forge, "sd1")
+    _start(forge, ck)
+    b, wb = _backend()
+    _, _, w0 = _gen(forge)
+    conv = next("unet." + n for n, mod in m.unet.named_modules()
+                if isinstance(mod, torch.nn.Conv2d) and mod.kernel_size == (3, 3))
+    W = m.weight(conv)
+    d = torch.randn(W.shape[0], W[0].numel(), generator=torch.Generator().manual_seed(1)) * 0.01
+    wb.apply(Edit("sd1", dict(m.unet_config), {conv: d}, {}, {"method": "test"}))
+    _, _, w = _gen(forge)
+    key = comfy_key(conv + ".weight", "sd1", UNetLayout.from_config(m.unet_config))
+    assert torch.allclose(w[key], w0[key] + d.reshape(W.shape), atol=1e-7)
+    wb.undo()
+    _, _, w = _gen(forge)
+    assert torch.equal(w[key], w0[key])
+
+
+def test_save_as_lora_with_the_edit_applied_refreshes_forges_list(forge):
+    m, ck = _checkpoint(forge, "sd1")
+    _start(forge, ck)
+    b, wb = _backend()
+    _gen(forge)
+    wb.apply(wb.compute_erase("cat", "dog", "", "uce", ERASE_ADV))
+    before = forge["networks"].listed
+    msg = wb.save_lora(wb.applied, "forge-edit")
+    assert msg.startswith("Saved LoRA") and forge["networks"].listed == before + 1
+    assert (Path(forge["shared"].cmd_opts.lora_dir) / "forge-edit.safetensors").is_file()
+    wb.undo()
