@@ -14,6 +14,9 @@ DEFAULT_SHARE = 0.65
 
 GIB = 2 ** 30
 
+#: precisions a model's UNet weights can be held in (``load_model(weights_dtype=…)``; computed in float32)
+WEIGHT_PRECISIONS = ("float32", "bfloat16", "float16")
+
 
 def rss() -> int:
     """Resident memory of this process, in bytes."""

@@ -27,6 +27,11 @@ class Spec:
     step: float | None = None
     choices: tuple | None = None
 
+    @property
+    def cli_help(self) -> str:
+        """The help text for argparse (which reads ``%`` as a format character)."""
+        return self.help.replace("%", "%%")
+
 
 def option(default, help: str, *, label: str | None = None, flag: str | None = None, lo=None, hi=None,
            step=None, choices=None):

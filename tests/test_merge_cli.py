@@ -79,3 +79,22 @@ def test_parse_lora_arg():
     assert parse_lora_arg("a.safetensors:0.5") == ("a.safetensors", 0.5)
     assert parse_lora_arg("C:\\loras\\a.safetensors") == ("C:\\loras\\a.safetensors", 1.0)
     assert parse_lora_arg("dir/a.safetensors") == ("dir/a.safetensors", 1.0)
+
+
+def test_every_commands_help_renders():
+    """`weightsmith … --help` for every command and sub-command (argparse reads '%' in a help text
+    as a format character: an option's help saying "65% of …" broke `weightsmith merge --help`)."""
+    import argparse
+
+    from weightsmith.core.cli import build_parser
+
+    seen, todo = [], [("weightsmith", build_parser())]
+    while todo:
+        name, p = todo.pop()
+        text = p.format_help()
+        assert text.startswith("usage:"), name
+        seen.append(name)
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                todo += [(f"{name} {k}", sp) for k, sp in a.choices.items()]
+    assert {"weightsmith merge", "weightsmith erase", "weightsmith bench"} <= set(seen), seen

@@ -35,3 +35,47 @@ def test_a_held_model_matches_float32_with_the_same_weights():
         out_r = ref.unet(z, 500, encoder_hidden_states=cond_h.context, added_cond_kwargs=kw).sample
     assert out_h.dtype == torch.float32
     torch.testing.assert_close(out_h, out_r, rtol=1e-5, atol=1e-5)
+
+
+def test_a_checkpoint_loaded_in_bf16_holds_the_files_weights_rounded(tmp_path):
+    """load_model(weights_dtype=bf16): each UNet Linear/Conv weight is the file's tensor rounded to
+    bf16, every other tensor (norms, biases) the file's exactly, in float32; and it computes like a
+    float32 UNet holding those same rounded weights."""
+    from safetensors.torch import load_file
+
+    from weightsmith.core.model_io import load_model, save_single_file
+    from weightsmith.core.naming import UNetLayout
+
+    m = build_random_model("sd1", "tiny", seed=4)
+    ck = tmp_path / "m.safetensors"
+    save_single_file(m, ck)
+    raw = load_file(str(ck))
+    held = load_model(ck, tokenizer=m.tokenizers["text_encoder"], weights_dtype="bfloat16")
+    layout = UNetLayout.from_config(held.unet_config)
+    n_half = 0
+    for name, mod in held.unet.named_modules():
+        for leaf, p in mod.named_parameters(recurse=False):
+            want = raw["model.diffusion_model." + layout.to_ldm(name) + "." + leaf]
+            if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)) and leaf == "weight":
+                assert p.dtype == torch.bfloat16 and torch.equal(p, want.to(torch.bfloat16).reshape(p.shape))
+                n_half += 1
+            else:
+                assert p.dtype == torch.float32 and torch.equal(p, want.float().reshape(p.shape)), name
+    assert n_half > 20
+    ref = load_model(ck, tokenizer=m.tokenizers["text_encoder"])
+    ref.unet.load_state_dict({k: v.float() for k, v in held.unet.state_dict().items()})
+    ctx = held.encode(["a red cat"]).context
+    z = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(held.unet(z, 300, encoder_hidden_states=ctx).sample,
+                                   ref.unet(z, 300, encoder_hidden_states=ctx).sample, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_weights_precision_is_a_clear_error(tmp_path):
+    import pytest
+
+    from weightsmith.core.errors import WeightsmithError
+    from weightsmith.core.model_io import load_model
+
+    with pytest.raises(WeightsmithError, match="unknown weights precision 'fp8'.*bfloat16"):
+        load_model(tmp_path / "x.safetensors", weights_dtype="fp8")

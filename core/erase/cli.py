@@ -59,10 +59,10 @@ def register(sub) -> None:
                    help='extra prompt template with {} for the concept, e.g. "a photo of {} at night"')
     g.add_argument("--te-sublayers", type=_sublayers, default=O["te_sublayers"].default,
                    help="text-encoder sub-layers edited by erasepro (comma list)")
-    g.add_argument("--te-layers", type=_layer_range, default=None, help=O["te_layers"].help)
-    g.add_argument("--lam", type=float, default=O["lam"].default, help=O["lam"].help)
-    g.add_argument("--eta-preserve", type=float, default=O["eta_preserve"].default, help=O["eta_preserve"].help)
-    g.add_argument("--rcond", type=float, default=O["rcond"].default, help=O["rcond"].help)
+    g.add_argument("--te-layers", type=_layer_range, default=None, help=O["te_layers"].cli_help)
+    g.add_argument("--lam", type=float, default=O["lam"].default, help=O["lam"].cli_help)
+    g.add_argument("--eta-preserve", type=float, default=O["eta_preserve"].default, help=O["eta_preserve"].cli_help)
+    g.add_argument("--rcond", type=float, default=O["rcond"].default, help=O["rcond"].cli_help)
     g.add_argument("--ridge", type=float, default=None,
                    help="ridge (× ‖XᵀX‖_F); default: exact when the features are well-conditioned, else 1e-2; "
                         "0: always the exact pseudoinverse")

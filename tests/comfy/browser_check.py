@@ -154,7 +154,8 @@ FRONTEND_SETTINGS = {
     "Comfy.TutorialCompleted": True,                    # no getting-started template on first start
     "Comfy.Workflow.ShowMissingModelsWarning": False,   # the test checkpoint is all there is
     "Comfy.Workflow.ShowMissingNodesWarning": True,     # this one we want to see
-}
+    "Comfy.VueNodes.Enabled": False,                    # the canvas nodes the checks read (newer front
+}                                                       # ends make Vue "Nodes 2.0" the default)
 
 
 def prepare_settings(url: str) -> None:

