@@ -209,12 +209,14 @@ class IterISSolver:
         # kept outside the statistics: the merge (current + next, downs only), its hook copy, each
         # LoRA's hook copy, one module's solve (Cholesky factor + right-hand side) and float64 copies of
         # one batch of rows
-        wide = max([self.dims[n] for n in self.names], default=1)
-        rows = max([_level_rows(n, self.model, batch, latent, tokens) for n in self.names], default=1)
+        solved = [n for n in self.names if n not in self.fallback_reasons]   # those that get statistics
+        wide = max([self.dims[n] for n in solved], default=1)
+        # the largest batch of one module's rows (rows and width vary inversely over the UNet levels)
+        row_block = max([_level_rows(n, self.model, batch, latent, tokens) * self.dims[n] for n in solved], default=1)
         hook = sum(wsz * self.loras[i].modules[n].rank * (self.model.weight(n).shape[0] + self.dims[n])
                    for i in range(len(self.loras)) for n in self.touch[i])
         reserve = (2 * sum(merged_bytes(n) for n in self.names) + 2 * hook + 16 * wide * wide
-                   + 4 * 8 * rows * wide + 256 * 2 ** 20)
+                   + 4 * 8 * row_block + 256 * 2 ** 20)
         budget, used, avail = self._statistics_budget(reserve)
         self.memory = {"budget_bytes": budget, "used_at_start_bytes": used, "reserve_bytes": reserve,
                        "statistics_budget_bytes": avail}
@@ -248,8 +250,9 @@ class IterISSolver:
         if too_big and not chunks:
             raise WeightsmithError(
                 f"IterIS cannot fit any layer's statistics in the memory budget: {memory.gib(budget)} in all, "
-                f"{memory.gib(used)} already in use (model and LoRAs) and {memory.gib(reserve)} kept for the merge; "
-                f"the smallest layer needs {memory.gib(min(b for _, b in too_big))} more. Raise the budget "
+                f"{memory.gib(used)} already in use (model and LoRAs) and {memory.gib(reserve)} kept for the merge, "
+                f"which leaves {memory.gib(max(avail, 0))}; the smallest layer's statistics need "
+                f"{memory.gib(min(b for _, b in too_big))}. Raise the budget "
                 "(--max-memory / 'Memory budget'), hold the model in half precision, or use method 'linear'.")
         out = []
         for names, b in chunks:
