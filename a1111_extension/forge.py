@@ -119,8 +119,12 @@ class ForgeBackend(WebUIHost, StandaloneBackend):
         return super().model()
 
     def model_key(self):
+        return self._key(self._checkpoint())
+
+    def _key(self, checkpoint) -> str:
+        """The checkpoint with the separate modules Forge loads beside it: what an edit belongs to."""
         extra = self._loading_parameters().get("additional_modules") or []
-        return str(self._checkpoint()) + "".join(f" + {os.path.basename(str(m))}" for m in extra)
+        return str(Path(checkpoint)) + "".join(f" + {os.path.basename(str(m))}" for m in extra)
 
     def describe(self) -> str:
         try:
@@ -159,10 +163,7 @@ class ForgeBackend(WebUIHost, StandaloneBackend):
         if self._edit is None or not _is_loaded(sd_model):
             return
         info = getattr(sd_model, "sd_checkpoint_info", None)
-        extra = self._loading_parameters().get("additional_modules") or []
-        key = str(Path(getattr(info, "filename", "") or "")) + "".join(
-            f" + {os.path.basename(str(m))}" for m in extra)
-        if key != self._edit_key:
+        if self._key(getattr(info, "filename", "") or "") != self._edit_key:
             return
         self._install(sd_model, self._edit)
         self.installed_on = sd_model

@@ -62,6 +62,23 @@ def _start(forge, ck, initial=True):
         forge["shared"].sd_model = forge["sd_models"].FakeInitialModel()
 
 
+def _copy(forge, ck, name):
+    """The same checkpoint file under another name (another checkpoint for Forge)."""
+    other = Path(forge["sd_models"].model_path) / name
+    other.write_bytes(ck.read_bytes())
+    return other
+
+
+def _erase_applied(forge):
+    """SD1 loaded by a first generation, with a UCE erasure applied: (model, checkpoint, backend, workbench)."""
+    m, ck = _checkpoint(forge, "sd1")
+    _start(forge, ck)
+    b, wb = _backend()
+    _gen(forge)
+    wb.apply(wb.compute_erase("cat", "dog", "", "uce", ERASE_ADV))
+    return m, ck, b, wb
+
+
 def _backend():
     from weightsmith.a1111_extension.backend import Workbench
     from weightsmith.a1111_extension.forge import ForgeBackend
@@ -167,9 +184,7 @@ def test_apply_before_the_first_generation_lands_at_load_and_follows_rebuilds_on
     assert forge["shared"].sd_model is not first and b.installed_on is forge["shared"].sd_model
     assert torch.equal(c1, c2) and all(torch.equal(w1[k], w2[k]) for k in w1)
 
-    other = Path(forge["sd_models"].model_path) / "other-sd1.safetensors"
-    other.write_bytes(ck.read_bytes())
-    _start(forge, other, initial=False)                # another checkpoint: never gets the edit
+    _start(forge, _copy(forge, ck, "other-sd1.safetensors"), initial=False)   # another checkpoint: never edited
     c3, _, w3 = _gen(forge)
     _start(forge, ck, initial=False)
     forge["sd_models"].model_data.forge_hash = ""
@@ -182,14 +197,8 @@ def test_apply_before_the_first_generation_lands_at_load_and_follows_rebuilds_on
 def test_switching_checkpoint_drops_the_edit_with_a_message(forge):
     from weightsmith.core.errors import WeightsmithError
 
-    m, ck = _checkpoint(forge, "sd1")
-    _start(forge, ck)
-    b, wb = _backend()
-    _gen(forge)
-    wb.apply(wb.compute_erase("cat", "dog", "", "uce", ERASE_ADV))
-    other = Path(forge["sd_models"].model_path) / "other2-sd1.safetensors"
-    other.write_bytes(ck.read_bytes())
-    _start(forge, other, initial=False)
+    m, ck, b, wb = _erase_applied(forge)
+    _start(forge, _copy(forge, ck, "other2-sd1.safetensors"), initial=False)
     _gen(forge)
     with pytest.raises(WeightsmithError, match="loaded model changed"):
         wb.undo()
@@ -246,11 +255,7 @@ def test_conv_deltas_are_reshaped_to_the_parameter(forge):
 
 
 def test_save_as_lora_with_the_edit_applied_refreshes_forges_list(forge):
-    m, ck = _checkpoint(forge, "sd1")
-    _start(forge, ck)
-    b, wb = _backend()
-    _gen(forge)
-    wb.apply(wb.compute_erase("cat", "dog", "", "uce", ERASE_ADV))
+    m, ck, b, wb = _erase_applied(forge)
     before = forge["networks"].listed
     msg = wb.save_lora(wb.applied, "forge-edit")
     assert msg.startswith("Saved LoRA") and forge["networks"].listed == before + 1

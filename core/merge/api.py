@@ -106,7 +106,7 @@ def merge(model, loras, method: str = "iteris", weights=None, prompts=None,
             d.update(prompts=p, prompts_source=s)
         solver = IterISSolver(model, loras, weights, samples, opts, regmean=(method == "regmean"))
         costs = solver.unit_costs()      # one per text batch / UNet step: the time left shows after the first
-        n_pass = len(solver.pass_costs())
+        n_pass = solver.planned_passes()
         steps = Steps(len(costs), progress, cancel, costs=costs)
         plan = solver.memory
         groups = (f" in {plan['chunks']} layer groups (memory budget {gib(plan['budget_bytes'])})"

@@ -270,10 +270,9 @@ class IterISSolver:
         used = memory.used_bytes(self.gdev)
         return budget, used, (None if budget is None else budget - used - reserve)
 
-    def pass_costs(self) -> list:
-        """Relative cost of each pass :meth:`run` makes, in order (a UNet pass of iteration 0 = 1;
-        paired passes run two models; chunks with no UNet module only run the text encoders)."""
-        return [sum(u) for u in self._pass_units()]
+    def planned_passes(self) -> int:
+        """How many passes :meth:`run` makes (every LoRA × layer group × round) unless it converges early."""
+        return len(self._pass_units())
 
     def unit_costs(self) -> list:
         """One relative cost per progress tick of :meth:`run`, in order: a text-encoder batch ≈ 1/20 of a
@@ -281,6 +280,7 @@ class IterISSolver:
         return [c for u in self._pass_units() for c in u]
 
     def _pass_units(self) -> list:
+        """Per pass, in order, the cost of each of its ticks (a UNet step of iteration 0 = 1)."""
         k = len(self.loras)
         iters = 0 if self.regmean else int(self.opts.iterations)
         rounds = [1] + [2] * (iters + (1 if self.opts.evaluate_final else 0))

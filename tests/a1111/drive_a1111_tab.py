@@ -46,22 +46,41 @@ def _tab(demo_port):
     return res, wb, demo, Client(f"http://127.0.0.1:{demo_port}/", verbose=False)
 
 
+def _checkpoint():
+    """A tiny random SD1 model saved as the web UI's selected checkpoint (its tokenizer for the tab)."""
+    from modules import sd_models
+
+    from weightsmith.core.model_io import save_single_file
+    from weightsmith.core.random_models import build_random_model
+
+    m = build_random_model("sd1", "tiny", seed=5)
+    ck = Path(sd_models.model_path) / "base.safetensors"
+    save_single_file(m, ck)
+    os.environ["WEIGHTSMITH_TOKENIZER"] = str(m.tokenizers["text_encoder"].name_or_path)
+    return m, ck
+
+
+def _save_lora(c, res):
+    """Save as LoRA over HTTP, then the files and the host's job state."""
+    from modules import shared
+
+    out = c.predict(*COMMON, "tab-lora", 0, "lora", api_name="/save_lora")
+    res["save_status"] = out[0]
+    res["lora_files"] = sorted(p.name for p in Path(shared.cmd_opts.lora_dir).glob("*.safetensors"))
+    res["state_after"] = {"job": shared.state.job, "job_count": shared.state.job_count}
+
+
 def main_forge(work: Path, port: int) -> dict:
     os.environ["WS_FAKE_WEBUI_ROOT"] = str(work)
     sys.path[:0] = [str(HERE / "fake_forge"), str(HERE / "fake_webui")]
     import forge_engine
     from modules import processing, sd_models, shared
 
-    from weightsmith.core.model_io import save_single_file
     from weightsmith.core.naming import UNetLayout, comfy_key
-    from weightsmith.core.random_models import build_random_model
 
     forge_engine.install()
-    m = build_random_model("sd1", "tiny", seed=5)
-    ck = Path(sd_models.model_path) / "base.safetensors"
-    save_single_file(m, ck)
+    m, ck = _checkpoint()
     forge_engine.TOKENIZER = m.tokenizers["text_encoder"]
-    os.environ["WEIGHTSMITH_TOKENIZER"] = str(m.tokenizers["text_encoder"].name_or_path)
     sd_models.select(ck)
     shared.sd_model = sd_models.FakeInitialModel()      # Forge loads at the first generation
     res, wb, demo, c = _tab(port)
@@ -81,10 +100,7 @@ def main_forge(work: Path, port: int) -> dict:
         res["undo_status"] = out[0]
         _, _, again = processing.txt2img("a photo of a cat")
         res["undo_bit_exact"] = all(torch.equal(before[k], again[k]) for k in before)
-        out = c.predict(*COMMON, "tab-lora", 0, "lora", api_name="/save_lora")
-        res["save_status"] = out[0]
-        res["lora_files"] = sorted(p.name for p in Path(shared.cmd_opts.lora_dir).glob("*.safetensors"))
-        res["state_after"] = {"job": shared.state.job, "job_count": shared.state.job_count}
+        _save_lora(c, res)
     finally:
         demo.close()
     return res
@@ -94,15 +110,11 @@ def main(work: Path, port: int) -> dict:
     os.environ["WS_FAKE_WEBUI_ROOT"] = str(work)
     sys.path.insert(0, str(HERE / "fake_webui"))
     import fake_sd
-    from modules import sd_models, shared
+    from modules import shared
 
-    from weightsmith.core.model_io import save_single_file, to_ldm_state_dict
-    from weightsmith.core.random_models import build_random_model
+    from weightsmith.core.model_io import to_ldm_state_dict
 
-    m = build_random_model("sd1", "tiny", seed=5)
-    ck = Path(sd_models.model_path) / "base.safetensors"
-    save_single_file(m, ck)
-    os.environ["WEIGHTSMITH_TOKENIZER"] = str(m.tokenizers["text_encoder"].name_or_path)
+    m, ck = _checkpoint()
     enc = dict(m.text_encoders, tokenizer=m.tokenizers["text_encoder"])
     shared.sd_model = fake_sd.build_sd_model("sd1", to_ldm_state_dict(m), enc, {}, ck)
     res, wb, demo, c = _tab(port)
@@ -124,10 +136,7 @@ def main(work: Path, port: int) -> dict:
         after = live.state_dict()
         res["undo_bit_exact"] = all(torch.equal(before[k], after[k]) for k in before) and all(
             torch.equal(te_before[k], v) for k, v in shared.sd_model.cond_stage_model.state_dict().items())
-        out = c.predict(*COMMON, "tab-lora", 0, "lora", api_name="/save_lora")
-        res["save_status"] = out[0]
-        res["lora_files"] = sorted(p.name for p in Path(shared.cmd_opts.lora_dir).glob("*.safetensors"))
-        res["state_after"] = {"job": shared.state.job, "job_count": shared.state.job_count}
+        _save_lora(c, res)
     finally:
         demo.close()
     return res
