@@ -233,3 +233,26 @@ class ForgeBackend(WebUIHost, StandaloneBackend):
     def refresh_checkpoints(self) -> None:
         from modules import sd_models
         sd_models.list_models()
+
+    def refresh_loras(self) -> None:
+        """After the tab wrote a LoRA. Forge caches every LoRA file's tensors by path
+        (``networks.load_lora_state_dict``, an lru_cache), re-stacks LoRAs only when the prompt's set of
+        paths and weights changes (``current_lora_hash``), and re-merges weights only when the patch
+        names change (each model's ``lora_loader.loaded_hash``): a file written under a path Forge has
+        read before (one the user deleted, then saved again) would keep its old weights. Drop the cache
+        and make the next generation re-stack and re-merge."""
+        super().refresh_loras()
+        try:
+            import networks
+            getattr(networks.load_lora_state_dict, "cache_clear")()
+        except Exception:   # noqa: BLE001  (no such cache in this Forge: nothing to drop)
+            pass
+        sm = getattr(self.shared, "sd_model", None)
+        if sm is None or not _is_loaded(sm):
+            return
+        sm.current_lora_hash = _REBUILD_HASH
+        o = sm.forge_objects_original
+        for patcher in (getattr(o, "unet", None), getattr(getattr(o, "clip", None), "patcher", None)):
+            loader = getattr(getattr(patcher, "model", None), "lora_loader", None)
+            if loader is not None and hasattr(loader, "loaded_hash"):
+                loader.loaded_hash = _REBUILD_HASH

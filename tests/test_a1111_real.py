@@ -1,12 +1,13 @@
-"""The tab in a REAL AUTOMATIC1111 v1.10.1 (SD1), when ``WEIGHTSMITH_A1111_DIR`` names a build.
+"""The tab in a REAL AUTOMATIC1111 v1.10.1 or a REAL Forge (SD1), when ``WEIGHTSMITH_A1111_DIR`` /
+``WEIGHTSMITH_FORGE_DIR`` names a build.
 
-The build (docs/a1111.md, "A real A1111 for tests"): ``$WEIGHTSMITH_A1111_DIR/webui`` (A1111
-v1.10.1 with a checkpoint in ``models/Stable-diffusion``), ``/venv`` (its python) and ``/hf`` (the
-offline Hugging Face cache). This test copies the current checkout over
+A build (docs/a1111.md, "A real A1111 for tests"): ``DIR/webui`` (the web UI with a checkpoint in
+``models/Stable-diffusion``), ``DIR/venv`` (its python) and, for A1111, ``DIR/hf`` (the offline
+Hugging Face cache; Forge ships its tokenizers). This test copies the current checkout over
 ``webui/extensions/weightsmith``, removes what an earlier run saved (``ws-real-*``), starts the web
-UI on a free loopback port (CPU, ``--loglevel DEBUG`` so the Lora extension logs unmatched keys),
-runs ``tests/a1111/drive_real_a1111.py`` with the web UI's own python, and stops it. ≈ 3-4 minutes
-on 2 CPU cores; about 10 GB of memory at its peak for SD1.5 in float32.
+UI on a free loopback port (CPU, ``--loglevel DEBUG`` so A1111's Lora extension logs unmatched keys;
+Forge's prints them always), runs ``tests/a1111/drive_real_a1111.py`` with the web UI's own python,
+and stops it. ≈ 3-4 minutes on 2 CPU cores; about 10 GB of memory at its peak for SD1.5 in float32.
 """
 import json
 import os
@@ -21,11 +22,19 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-DIR = os.environ.get("WEIGHTSMITH_A1111_DIR")
+HOSTS = {
+    "a1111": ("WEIGHTSMITH_A1111_DIR", "a real A1111 v1.10.1 build (webui/, venv/, hf/)",
+              ["--use-cpu", "all", "--no-half", "--precision", "full", "--no-download-sd-model"]),
+    "forge": ("WEIGHTSMITH_FORGE_DIR", "a real Forge build (webui/, venv/)",
+              ["--always-cpu", "--all-in-fp32", "--no-download-sd-model"]),
+}
 
-pytestmark = pytest.mark.skipif(
-    not DIR, reason="WEIGHTSMITH_A1111_DIR is not set: it names a real A1111 v1.10.1 build (webui/, venv/, hf/), "
-                    "see docs/a1111.md 'A real A1111 for tests'")
+
+def _host_params():
+    for host, (var, what, _) in HOSTS.items():
+        yield pytest.param(host, marks=pytest.mark.skipif(
+            not os.environ.get(var), reason=f"{var} is not set: it names {what}, see docs/a1111.md "
+                                            "'A real A1111 for tests'"))
 
 
 def _port():
@@ -49,24 +58,25 @@ def _copy_checkout(dst: Path):
     part.rename(dst)
 
 
-@pytest.fixture(scope="module")
-def webui(tmp_path_factory):
-    root = Path(DIR)
+@pytest.fixture(scope="module", params=list(_host_params()))
+def webui(request, tmp_path_factory):
+    host = request.param
+    var, _, host_args = HOSTS[host]
+    root = Path(os.environ[var])
     w, py = root / "webui", root / "venv" / "bin" / "python"
-    assert (w / "launch.py").is_file() and py.is_file(), f"{root} is not an A1111 build (no webui/launch.py, venv/)"
+    assert (w / "launch.py").is_file() and py.is_file(), f"{root} is not a web UI build (no webui/launch.py, venv/)"
     _copy_checkout(w / "extensions" / "weightsmith")
     for d in (w / "models" / "Lora", w / "models" / "Stable-diffusion"):
         for f in d.glob("ws-real-*"):
             f.unlink()
-    log = tmp_path_factory.mktemp("a1111") / "webui.log"
+    log = tmp_path_factory.mktemp(host) / "webui.log"
     port = _port()
     env = dict(os.environ, HF_HOME=str(root / "hf"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                GRADIO_ANALYTICS_ENABLED="False", no_proxy="127.0.0.1,localhost")
     env.pop("PYTHONPATH", None)
     with open(log, "wb") as out:
         proc = subprocess.Popen([str(py), "launch.py", "--skip-prepare-environment", "--skip-torch-cuda-test",
-                                 "--use-cpu", "all", "--no-half", "--precision", "full", "--api",
-                                 "--server-name", "127.0.0.1", "--port", str(port), "--no-download-sd-model",
+                                 *host_args, "--api", "--server-name", "127.0.0.1", "--port", str(port),
                                  "--loglevel", "DEBUG"], cwd=w, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -83,7 +93,7 @@ def webui(tmp_path_factory):
                 pass
             assert time.time() < deadline, f"the web UI did not come up:\n{log.read_text(errors='replace')[-3000:]}"
             time.sleep(2)
-        yield {"url": url, "log": log, "python": py, "proc": proc}
+        yield {"host": host, "url": url, "log": log, "python": py, "proc": proc}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -101,9 +111,9 @@ def _peak_rss_gb(pid):
         return None
 
 
-def test_tab_in_real_a1111_sd1(webui):
+def test_tab_in_real_webui_sd1(webui):
     r = subprocess.run([str(webui["python"]), str(HERE / "a1111" / "drive_real_a1111.py"), webui["url"],
-                        str(webui["log"])], capture_output=True, text=True, timeout=1800)
+                        str(webui["log"]), webui["host"]], capture_output=True, text=True, timeout=1800)
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert r.returncode == 0 and line, f"driver failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}\n" \
                                        f"{webui['log'].read_text(errors='replace')[-3000:]}"

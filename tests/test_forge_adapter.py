@@ -261,3 +261,26 @@ def test_save_as_lora_with_the_edit_applied_refreshes_forges_list(forge):
     assert msg.startswith("Saved LoRA") and forge["networks"].listed == before + 1
     assert (Path(forge["shared"].cmd_opts.lora_dir) / "forge-edit.safetensors").is_file()
     wb.undo()
+
+
+def test_a_lora_saved_again_under_a_path_forge_has_read_is_read_again(forge):
+    """Forge caches LoRA files by path and re-stacks only when the set of paths changes: a LoRA the
+    tab writes under a path Forge has read before (deleted, then saved again) must give its new weights."""
+    m, ck, b, wb = _erase_applied(forge)
+    first = wb.applied
+    wb.undo()
+    name = "again"
+    path = Path(forge["shared"].cmd_opts.lora_dir) / f"{name}.safetensors"
+    assert wb.save_lora(first, name).startswith("Saved LoRA")
+    tags = [(f"{name}.safetensors", 1.0, 1.0)]
+    _, _, w_first = _gen(forge, tags)
+    path.unlink()
+    other = wb.compute_erase("cat", "bird", "", "uce", ERASE_ADV)
+    assert wb.save_lora(other, name).startswith("Saved LoRA")
+    _, _, w_saved = _gen(forge, tags)                   # the same prompt and tags right after the save
+    # the reference: what this Forge gives with nothing cached (cache emptied, LoRA stack rebuilt)
+    forge["networks"].load_lora_state_dict.cache_clear()
+    forge["shared"].sd_model.current_lora_hash = None
+    _, _, w_fresh = _gen(forge, tags)
+    assert all(torch.equal(w_saved[k], w_fresh[k]) for k in w_fresh)
+    assert any(not torch.equal(w_saved[k], w_first[k]) for k in w_first)

@@ -1,9 +1,10 @@
-"""Drive the Weightsmith tab inside a REAL running AUTOMATIC1111 (v1.10.1), over HTTP only.
+"""Drive the Weightsmith tab inside a REAL running AUTOMATIC1111 (v1.10.1) or Forge, over HTTP only.
 
-Usage: drive_real_a1111.py URL [LOG] (run with the web UI's own python: it has requests,
+Usage: drive_real_a1111.py URL [LOG [HOST]] (run with the web UI's own python: it has requests,
 gradio_client and numpy). URL is a web UI started with ``--api`` (docs/a1111.md says how to build
-and start one); LOG, if given, is its console log at ``--loglevel DEBUG``, where A1111's Lora
-extension names the keys of a LoRA it could not match. Prints one JSON line ("RESULT {...}").
+and start one); LOG, if given, is its console log (A1111 at ``--loglevel DEBUG``), where the Lora
+extension names the keys of a LoRA it could not match; HOST is ``a1111`` (default) or ``forge``,
+whose Lora extension words those lines differently. Prints one JSON line ("RESULT {...}").
 
 The tab is driven through its own Gradio endpoints (``/apply``, ``/undo``, ``/save_lora``,
 ``/save_checkpoint``, ``/merge``), images come from ``/sdapi/v1/txt2img`` (64×64, Euler, 2 steps,
@@ -41,7 +42,17 @@ EDIT_A = ["cat", "dog", "", "erasepro", "suffix", ["k_proj", "v_proj"], "", "off
 EDIT_B = ["garden", "desert", "", "erasepro", "suffix", ["k_proj", "v_proj"], "", "off", 0.5, 1.0, 1e-4]
 
 
-def main(url: str, log: str | None) -> dict:
+def unmatched_lines(text: str, name: str, host: str) -> int:
+    """Lines of the web UI's log saying that LoRA file ``name`` had keys no layer took."""
+    f = f"/{name}.safetensors"
+    if host == "forge":   # "[LORA] Loading F for M with unmatched keys [...]", "... (skipped N keys)", "Mismatch F ..."
+        return sum(1 for ln in text.splitlines() if f in ln and (
+            "unmatched keys" in ln or "Mismatch" in ln or "version mismatch" in ln or
+            ("(skipped " in ln and "(skipped 0 keys)" not in ln)))
+    return sum(1 for ln in text.splitlines() if f"{f} didn't match keys" in ln)
+
+
+def main(url: str, log: str | None, host: str = "a1111") -> dict:
     url = url.rstrip("/")
     res: dict = {}
     api = requests.Session()
@@ -145,13 +156,12 @@ def main(url: str, log: str | None) -> dict:
 
     if log:
         text = open(log, encoding="utf-8", errors="replace").read()
-        res["unmatched_key_lines"] = {n: sum(1 for ln in text.splitlines() if f"/{n}.safetensors didn't match keys" in ln)
-                                      for n in ("ws-real-a", "ws-real-b", "ws-real-merge-linear",
-                                                "ws-real-merge-iteris", "ws-real-canary")}
+        res["unmatched_key_lines"] = {n: unmatched_lines(text, n, host) for n in (
+            "ws-real-a", "ws-real-b", "ws-real-merge-linear", "ws-real-merge-iteris", "ws-real-canary")}
         res["extension_errors"] = [ln for ln in text.splitlines() if "Traceback" in ln or "⚠ unexpected" in ln][:5]
     return res
 
 
 if __name__ == "__main__":
-    r = main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)
+    r = main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None, sys.argv[3] if len(sys.argv) > 3 else "a1111")
     print("RESULT " + json.dumps(r))

@@ -3,9 +3,12 @@
 ``load_networks`` returns at once when the LoRA set (files, multipliers) is the one loaded
 (``current_lora_hash``); else it resets ``forge_objects.unet/clip`` to ``forge_objects_original``
 and stacks each LoRA as a clone + ``add_patches(filename=…)``, then keeps the result as
-``forge_objects_after_applying_lora``. The LoRA files are read with Weightsmith's reader (Forge has
-its own key maps; what matters here is what Forge does with the patchers).
+``forge_objects_after_applying_lora``. Like Forge, a LoRA file's tensors are cached by path
+(``load_lora_state_dict`` is an ``lru_cache``): a file written again under a path already read keeps
+its old tensors until that cache is cleared. The tensors are mapped with Weightsmith's reader (Forge
+has its own key maps; what matters here is what Forge does with the patchers and the files).
 """
+import functools
 import os
 
 from modules import sd_models, shared
@@ -18,13 +21,20 @@ def list_available_networks():
     listed += 1
 
 
+@functools.lru_cache(maxsize=5)
+def load_lora_state_dict(filename):
+    from weightsmith.core.lora_read import read_lora_file
+    return read_lora_file(filename)
+
+
 def _patches(sd_model, filename):
     from weightsmith.core.edit import Edit, patcher_patches
-    from weightsmith.core.lora_read import load_lora
+    from weightsmith.core.lora_read import lora_from_state_dict
     from weightsmith.core.model_io import load_model
 
     base = load_model(sd_model.sd_checkpoint_info.filename, tokenizer=_tokenizer())
-    lora = load_lora(filename, base)
+    tensors, meta = load_lora_state_dict(filename)
+    lora = lora_from_state_dict(tensors, base, metadata=meta, name=os.path.basename(filename))
     e = Edit(base.family, dict(base.unet_config), {n: m.delta() for n, m in lora.modules.items()}, {}, {})
     shapes = {k: p.shape for k, p in sd_model.forge_objects_original.unet.model.named_parameters()}
     shapes.update({k: p.shape for k, p in sd_model.forge_objects_original.clip.patcher.model.named_parameters()})
