@@ -234,18 +234,24 @@ def build_ui(backend, *, workbench: Workbench | None = None):
         figure = gr.Image(label="Per-layer changes (the picture ComfyUI's report_image shows)", type="pil",
                           interactive=False, elem_id="weightsmith_plot")
 
+        # the tab's endpoints, for scripts (gradio_client ``api_name="/weightsmith_apply"``, …): prefixed,
+        # because gradio 4 names every unnamed event after its function and renames a later duplicate
+        # (Forge's checkpoint merger has a ``save_checkpoint``, which "/save_checkpoint" reached)
+        def api(name):
+            return f"weightsmith_{name}"
+
         common = [er.targets, er.anchors, er.preserve, er.method, er.tokens, er.te_sub, er.te_layers, er.expand,
                   er.lam, er.eta_p, er.rcond]
         outs = [status, table, figure, state, model_info]
-        e1 = er.b_apply.click(on_apply, common + [er.strength], outs, api_name="apply")
-        e2 = er.b_undo.click(on_undo, [], outs, api_name="undo")
-        e3 = er.b_lora.click(on_save_lora, common + [er.lora_name, er.rank, er.fmt], outs, api_name="save_lora")
-        e4 = er.b_ckpt.click(on_save_ckpt, common + [er.ckpt_name], outs, api_name="save_checkpoint")
+        e1 = er.b_apply.click(on_apply, common + [er.strength], outs, api_name=api("apply"))
+        e2 = er.b_undo.click(on_undo, [], outs, api_name=api("undo"))
+        e3 = er.b_lora.click(on_save_lora, common + [er.lora_name, er.rank, er.fmt], outs, api_name=api("save_lora"))
+        e4 = er.b_ckpt.click(on_save_ckpt, common + [er.ckpt_name], outs, api_name=api("save_checkpoint"))
         e5 = mg.b_merge.click(on_merge, [mg.loras, mg.weights, mg.prompts, mg.m_method, mg.iterations, mg.samples,
-                                         mg.steps, mg.seed, mg.m_name, mg.m_rank, mg.m_apply, mg.max_memory], outs, api_name="merge")
-        er.b_stop.click(on_interrupt, [], [status], api_name="interrupt", queue=False)
+                                         mg.steps, mg.seed, mg.m_name, mg.m_rank, mg.m_apply, mg.max_memory], outs, api_name=api("merge"))
+        er.b_stop.click(on_interrupt, [], [status], api_name=api("interrupt"), queue=False)
         mg.b_stop2.click(on_interrupt, [], [status], queue=False)
-        mg.b_refresh.click(on_refresh, [], [mg.loras], api_name="refresh_loras")
+        mg.b_refresh.click(on_refresh, [], [mg.loras], api_name=api("refresh_loras"))
         demo.load(lambda: (model_text(), wb.state_text()), [], [model_info, state])
         _ = (e1, e2, e3, e4, e5)
     demo.weightsmith_workbench = wb

@@ -95,9 +95,11 @@ def webui(request, tmp_path_factory):
             time.sleep(2)
         yield {"host": host, "url": url, "log": log, "python": py, "proc": proc}
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
         try:
+            os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(30)
+        except ProcessLookupError:      # it exited by itself (the assertion above says why)
+            pass
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
 

@@ -64,7 +64,7 @@ def _save_lora(c, res):
     """Save as LoRA over HTTP, then the files and the host's job state."""
     from modules import shared
 
-    out = c.predict(*COMMON, "tab-lora", 0, "lora", api_name="/save_lora")
+    out = c.predict(*COMMON, "tab-lora", 0, "lora", api_name="/weightsmith_save_lora")
     res["save_status"] = out[0]
     res["lora_files"] = sorted(p.name for p in Path(shared.cmd_opts.lora_dir).glob("*.safetensors"))
     res["state_after"] = {"job": shared.state.job, "job_count": shared.state.job_count}
@@ -86,7 +86,7 @@ def main_forge(work: Path, port: int) -> dict:
     res, wb, demo, c = _tab(port)
     try:
         _, _, before = processing.txt2img("a photo of a cat")
-        out = c.predict(*COMMON, 1.0, api_name="/apply")
+        out = c.predict(*COMMON, 1.0, api_name="/weightsmith_apply")
         res["apply_status"], res["model_info"] = out[0], out[4]
         _, _, after = processing.txt2img("a photo of a cat")
         res["changed"] = sorted(k for k in before if not torch.equal(before[k], after[k]))
@@ -96,7 +96,7 @@ def main_forge(work: Path, port: int) -> dict:
                 torch.allclose(after[comfy_key(n + ".weight", "sd1", layout)],
                                before[comfy_key(n + ".weight", "sd1", layout)] + d, atol=1e-6)
                 for n, d in wb.applied.deltas.items())
-        out = c.predict(api_name="/undo")
+        out = c.predict(api_name="/weightsmith_undo")
         res["undo_status"] = out[0]
         _, _, again = processing.txt2img("a photo of a cat")
         res["undo_bit_exact"] = all(torch.equal(before[k], again[k]) for k in before)
@@ -122,7 +122,7 @@ def main(work: Path, port: int) -> dict:
     before = {k: v.clone() for k, v in live.state_dict().items()}
     te_before = {k: v.clone() for k, v in shared.sd_model.cond_stage_model.state_dict().items()}
     try:
-        out = c.predict(*COMMON, 1.0, api_name="/apply")
+        out = c.predict(*COMMON, 1.0, api_name="/weightsmith_apply")
         res["apply_status"], res["model_info"] = out[0], out[4]
         after = live.state_dict()
         res["changed"] = sorted(k for k in before if not torch.equal(before[k], after[k]))
@@ -131,7 +131,7 @@ def main(work: Path, port: int) -> dict:
             s = wb.backend.slots([n])[n]
             res["apply_exact"] = bool(torch.allclose(getattr(s.module, s.param), m.weight(n) + wb.applied.deltas[n],
                                                      atol=1e-6))
-        out = c.predict(api_name="/undo")
+        out = c.predict(api_name="/weightsmith_undo")
         res["undo_status"] = out[0]
         after = live.state_dict()
         res["undo_bit_exact"] = all(torch.equal(before[k], after[k]) for k in before) and all(

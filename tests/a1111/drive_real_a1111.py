@@ -52,6 +52,25 @@ def unmatched_lines(text: str, name: str, host: str) -> int:
     return sum(1 for ln in text.splitlines() if f"{f} didn't match keys" in ln)
 
 
+def log_errors(text: str) -> tuple[list, list]:
+    """Tracebacks in the web UI's log: (those through Weightsmith's code or with its "⚠ unexpected"
+    message, the host's own, e.g. a built-in script whose package is missing), first line of each."""
+    lines = text.splitlines()
+    ours, host = [], []
+    for i, ln in enumerate(lines):
+        if "⚠ unexpected" in ln:
+            ours.append(ln.strip())
+        elif "Traceback (most recent call last)" in ln:
+            block = [ln]
+            for nxt in lines[i + 1:i + 200]:
+                if not nxt.strip():
+                    break
+                block.append(nxt)
+            (ours if any("weightsmith" in b.lower() for b in block) else host).append(
+                (lines[i - 1].strip() if i else "") + " | " + block[-1].strip())
+    return ours[:5], host[:5]
+
+
 def main(url: str, log: str | None, host: str = "a1111") -> dict:
     url = url.rstrip("/")
     res: dict = {}
@@ -87,10 +106,10 @@ def main(url: str, log: str | None, host: str = "a1111") -> dict:
     res["base_repeat_equal"] = bool(np.array_equal(base, t2i(P)))
 
     # two LoRAs made by the tab (nothing applied: each is a freshly computed edit)
-    res["save_lora_b"] = tab("/save_lora", *EDIT_B, "ws-real-b", 0, "lora")
+    res["save_lora_b"] = tab("/weightsmith_save_lora", *EDIT_B, "ws-real-b", 0, "lora")
 
     # Apply, then the same prompt at once
-    res["apply"] = tab("/apply", *EDIT_A, 1.0)
+    res["apply"] = tab("/weightsmith_apply", *EDIT_A, 1.0)
     applied = t2i(P)
     t2i(Q)
     applied_re = t2i(P)
@@ -98,15 +117,15 @@ def main(url: str, log: str | None, host: str = "a1111") -> dict:
     res["applied_vs_base"] = diff(applied, base)
 
     # Save the applied edit as LoRA and as checkpoint
-    res["save_lora_a"] = tab("/save_lora", *EDIT_A, "ws-real-a", 0, "lora")
-    res["save_ckpt"] = tab("/save_checkpoint", *EDIT_A, "ws-real-ckpt")
+    res["save_lora_a"] = tab("/weightsmith_save_lora", *EDIT_A, "ws-real-a", 0, "lora")
+    res["save_ckpt"] = tab("/weightsmith_save_checkpoint", *EDIT_A, "ws-real-ckpt")
 
     # Lora-extension coexistence: edit applied, a LoRA active, then its tag changed
     applied_lb = t2i(P + " <lora:ws-real-b:1>")
     applied_lb_half = t2i(P + " <lora:ws-real-b:0.5>")
     res["applied_no_lora_again_vs_applied"] = diff(t2i(P), applied)
 
-    res["undo"] = tab("/undo")
+    res["undo"] = tab("/weightsmith_undo")
     undone = t2i(P)
     res["undo_vs_base"] = diff(undone, base)
     res["undo_bit_exact"] = bool(np.array_equal(undone, base))
@@ -118,9 +137,9 @@ def main(url: str, log: str | None, host: str = "a1111") -> dict:
     res["edit_plus_lora_b_vs_lora_a_plus_lora_b"] = diff(applied_lb, t2i(P + " <lora:ws-real-a:1> <lora:ws-real-b:1>"))
 
     # Undo while a LoRA is active, then without it
-    tab("/apply", *EDIT_A, 1.0)
+    tab("/weightsmith_apply", *EDIT_A, 1.0)
     t2i(P + " <lora:ws-real-b:1>")
-    tab("/undo")
+    tab("/weightsmith_undo")
     res["undo_under_lora_vs_lora_b_alone"] = diff(t2i(P + " <lora:ws-real-b:1>"), base_lb)
     res["undo_under_lora_then_plain_vs_base"] = diff(t2i(P), base)
 
@@ -136,10 +155,10 @@ def main(url: str, log: str | None, host: str = "a1111") -> dict:
     res["back_to_base_vs_base"] = diff(t2i(P), base)
 
     # Merge the two LoRAs: linear, then IterIS with small settings
-    c.predict(api_name="/refresh_loras")
+    c.predict(api_name="/weightsmith_refresh_loras")
     for method, name, it, samples, steps in (("linear", "ws-real-merge-linear", 1, 1, 1),
                                              ("iteris", "ws-real-merge-iteris", 2, 2, 1)):
-        res[f"merge_{method}"] = tab("/merge", ["ws-real-a.safetensors", "ws-real-b.safetensors"], "", "", method,
+        res[f"merge_{method}"] = tab("/weightsmith_merge", ["ws-real-a.safetensors", "ws-real-b.safetensors"], "", "", method,
                                      it, samples, steps, 0, name, 0, False)
         img = t2i(P + f" <lora:{name}:1>")
         res[f"merge_{method}_vs_base"] = diff(img, base)
@@ -158,7 +177,7 @@ def main(url: str, log: str | None, host: str = "a1111") -> dict:
         text = open(log, encoding="utf-8", errors="replace").read()
         res["unmatched_key_lines"] = {n: unmatched_lines(text, n, host) for n in (
             "ws-real-a", "ws-real-b", "ws-real-merge-linear", "ws-real-merge-iteris", "ws-real-canary")}
-        res["extension_errors"] = [ln for ln in text.splitlines() if "Traceback" in ln or "⚠ unexpected" in ln][:5]
+        res["extension_errors"], res["host_errors"] = log_errors(text)
     return res
 
 

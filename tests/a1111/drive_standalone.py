@@ -40,7 +40,7 @@ def main(work: Path, port: int) -> dict:
     try:
         c = Client(f"http://127.0.0.1:{port}/", verbose=False)
         common = ["cat", "dog", "", "erasepro", "suffix", ["k_proj", "v_proj"], "", "off", 0.5, 1.0, 1e-4]
-        out = c.predict(*common, 1.0, api_name="/apply")
+        out = c.predict(*common, 1.0, api_name="/weightsmith_apply")
         res["apply_status"] = out[0]
         res["apply_state"] = out[3]
         edit = wb.applied
@@ -52,17 +52,17 @@ def main(work: Path, port: int) -> dict:
             err = max(err, float((model.weight(n) - want).abs().max()))
         res["apply_max_err"] = err
         res["changed"] = sum(not torch.equal(model.weight(n), before[n]) for n in names)
-        out = c.predict(api_name="/undo")
+        out = c.predict(api_name="/weightsmith_undo")
         res["undo_status"] = out[0]
         res["undo_bit_exact"] = all(torch.equal(model.weight(n), before[n]) for n in names)
-        out = c.predict(*common, "erase-cat", 0, "lora", api_name="/save_lora")
+        out = c.predict(*common, "erase-cat", 0, "lora", api_name="/weightsmith_save_lora")
         res["save_status"] = out[0]
         res["lora_files"] = sorted(str(p) for p in loras.glob("*.safetensors"))
         res["weights_untouched_by_save"] = all(torch.equal(model.weight(n), before[n]) for n in names)
         out = c.predict("", "dog", "", "erasepro", "suffix", ["k_proj", "v_proj"], "", "off", 0.5, 1.0, 1e-4,
-                        1.0, api_name="/apply")
+                        1.0, api_name="/weightsmith_apply")
         res["empty_target_status"] = out[0]
-        out = c.predict(["nope.safetensors"], "", "", "iteris", 1, 1, 1, 0, "", 0, False, 0, api_name="/merge")
+        out = c.predict(["nope.safetensors"], "", "", "iteris", 1, 1, 1, 0, "", 0, False, 0, api_name="/weightsmith_merge")
         res["bad_lora_status"] = out[0]
         html = __import__("urllib.request").request.urlopen(f"http://127.0.0.1:{port}/").read().decode()
         res["page_ok"] = "gradio" in html.lower()
