@@ -244,7 +244,7 @@ class ForgeBackend(WebUIHost, StandaloneBackend):
         super().refresh_loras()
         try:
             import networks
-            getattr(networks.load_lora_state_dict, "cache_clear")()
+            networks.load_lora_state_dict.cache_clear()
         except Exception:   # noqa: BLE001  (no such cache in this Forge: nothing to drop)
             pass
         sm = getattr(self.shared, "sd_model", None)

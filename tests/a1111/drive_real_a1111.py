@@ -6,8 +6,8 @@ and start one); LOG, if given, is its console log (A1111 at ``--loglevel DEBUG``
 extension names the keys of a LoRA it could not match; HOST is ``a1111`` (default) or ``forge``,
 whose Lora extension words those lines differently. Prints one JSON line ("RESULT {...}").
 
-The tab is driven through its own Gradio endpoints (``/apply``, ``/undo``, ``/save_lora``,
-``/save_checkpoint``, ``/merge``), images come from ``/sdapi/v1/txt2img`` (64×64, Euler, 2 steps,
+The tab is driven through its own Gradio endpoints (``/weightsmith_apply``, ``/weightsmith_undo``,
+``/weightsmith_save_lora``, ``/weightsmith_save_checkpoint``, ``/weightsmith_merge``), images come from ``/sdapi/v1/txt2img`` (64×64, Euler, 2 steps,
 fixed seed: deterministic on CPU). What is measured, all with the same prompt P unless said:
 
 - ``base_repeat_equal``: two base images of P are identical (the host is deterministic);
@@ -54,7 +54,8 @@ def unmatched_lines(text: str, name: str, host: str) -> int:
 
 def log_errors(text: str) -> tuple[list, list]:
     """Tracebacks in the web UI's log: (those through Weightsmith's code or with its "⚠ unexpected"
-    message, the host's own, e.g. a built-in script whose package is missing), first line of each."""
+    message, the host's own, e.g. a built-in script whose package is missing), each as the line before
+    the traceback and its last line."""
     lines = text.splitlines()
     ours, host = [], []
     for i, ln in enumerate(lines):
