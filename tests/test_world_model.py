@@ -13,8 +13,9 @@ from weightsmith.core.world.sample import load_model, sample
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # lower limits on this file's small samples; the model card has the bars' figures with intervals
-# (model card, 140 samples each: simple 95.7%, context 24.3%, two objects 12.9%)
-SIMPLE_MIN, CONTEXT_MIN, TWO_MIN = 0.80, 0.10, 0.03
+# (model card, 140 samples each, 25 steps: simple 97.9%, context 63.6%, two objects 82.1%); each limit is
+# about three standard errors of a 35-sample rate below the card's figure
+SIMPLE_MIN, CONTEXT_MIN, TWO_MIN = 0.85, 0.40, 0.60
 
 
 
@@ -45,7 +46,7 @@ def test_shipped_model_is_a_diffusers_folder():
         keys = list(f.keys())
     assert any(k.startswith("text_model.encoder.layers.0.self_attn.k_proj") for k in keys)
     total = sum(p.stat().st_size for p in DEFAULT_MODEL_DIR.rglob("*") if p.is_file())
-    assert total < 12 * 2**20
+    assert total < 20 * 2**20
     world = sum(p.stat().st_size for p in DEFAULT_MODEL_DIR.parent.rglob("*") if p.is_file())
     assert world < 40 * 2**20  # everything the world ships
 
@@ -67,7 +68,7 @@ def test_model_draws_simple_prompts():
                   seeds=list(range(77, 77 + len(specs))), steps=20)
     ok = [concept_hits(imgs[i:i + 1], shape=s, colour=c)[0] for i, (c, s) in enumerate(specs)]
     colour_ok = [concept_hits(imgs[i:i + 1], colour=c)[0] for i, (c, s) in enumerate(specs)]
-    # model card: 96% on 140 samples, 25 steps; 35 samples here, 20 steps
+    # model card: 97.9% on 140 samples, 25 steps; 35 samples here, 20 steps
     assert sum(ok) / len(ok) >= SIMPLE_MIN, sum(ok)
     assert sum(colour_ok) / len(colour_ok) >= 0.95, sum(colour_ok)
 

@@ -29,7 +29,7 @@ def quality_bars(model, n: int = 140, steps: int = 25) -> dict:
     out = {"simple": {"rate": k / s["n"], "k": k, "n": s["n"], "ci": list(wilson(k, s["n"]))}}
     for kind in ("context", "two"):
         r = scene_prompt_quality(model, kind, n=n, steps=steps)
-        out[kind] = {k: r[k] for k in ("rate", "k", "n", "ci")}
+        out[kind] = {k: r[k] for k in ("rate", "k", "n", "ci", "breakdown") if k in r}
     return out
 
 
@@ -94,6 +94,9 @@ def main(argv=None) -> int:
         res["bars"] = quality_bars(load_model(path), n=a.n)
         for k, v in res["bars"].items():
             print(f"bar {k}: {_fmt(v)}", flush=True)
+            if "breakdown" in v:
+                print(f"  what the {k} bar reads: " + ", ".join(f"{a} {x:.1%}" for a, x in v["breakdown"].items()
+                                                             if a != "n"), flush=True)
     sd = load_sd(path)
     if "geometry" not in skip:
         res["geometry"] = feature_geometry(sd)

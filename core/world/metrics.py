@@ -168,6 +168,25 @@ def scene_hits(reads, scenes, kind: str) -> list[bool]:
     return hits
 
 
+def context_breakdown(reads, scenes) -> dict:
+    """What the ``context`` bar's misses get wrong: per attribute, the fraction of images on which
+    an object of the prompted shape and colour is read (``shape_colour``), and of those, the fraction
+    with the prompted position, size, and the background right; ``all`` is the bar itself."""
+    found = pos = size = bg = 0
+    for r, sc in zip(reads, scenes):
+        o = sc.objects[0]
+        xs = [x for x in r["objects"] if x["shape"] == o.shape and x["colour"] == o.colour]
+        if xs:
+            found += 1
+            pos += any(x["position"] == o.position for x in xs)
+            size += any(x["size"] == o.size for x in xs)
+        bg += r["background"] == sc.background
+    n = len(scenes)
+    return {"n": n, "shape_colour": found / n, "position_given_found": pos / max(1, found),
+            "size_given_found": size / max(1, found), "background": bg / n,
+            "all": sum(scene_hits(reads, scenes, "context")) / n}
+
+
 def scene_prompt_quality(model, kind: str, n: int = 140, steps: int = 25, guidance: float = 1.5, seed: int = 0,
                          seed0: int = 2000, judge_model: JudgeNet | None = None) -> dict:
     """The compositional bars of the model card (see :func:`scene_hits`), with a Wilson 95% interval."""
@@ -176,6 +195,8 @@ def scene_prompt_quality(model, kind: str, n: int = 140, steps: int = 25, guidan
     cases = scene_cases(kind, n, seed)
     imgs = sample(model.unet, model.text_encoder, model.tokenizer, model.scheduler, [p for p, _ in cases],
                   list(range(seed0, seed0 + n)), steps, guidance)
-    hits = scene_hits(judge(imgs, judge_model), [sc for _, sc in cases], kind)
-    return {**rate_ci(hits), "kind": kind, "steps": steps, "guidance": guidance, "images": imgs,
+    reads = judge(imgs, judge_model)
+    hits = scene_hits(reads, [sc for _, sc in cases], kind)
+    extra = {"breakdown": context_breakdown(reads, [sc for _, sc in cases])} if kind == "context" else {}
+    return {**rate_ci(hits), **extra, "kind": kind, "steps": steps, "guidance": guidance, "images": imgs,
             "prompts": [p for p, _ in cases]}

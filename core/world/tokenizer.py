@@ -8,9 +8,9 @@ learnt here by plain BPE on the words of :func:`render.prompt_corpus`, so every 
 one token and any other text still tokenizes (byte fallback).
 
 ``build_tokenizer_files(out_dir)`` writes the files; the shipped copy is in
-``assets/tiny-sd/tokenizer/``. ``MODEL_MAX_LENGTH`` = 32 for the shipped model (the longest world prompt is ~25 tokens); the
-World v2 recipe (``train_model --world v2``) uses 77 as Stable Diffusion does, so a prompt's
-conditioning has SD's shape (BOS, the words, EOS, then EOS padding to 77 positions).
+``assets/tiny-sd/tokenizer/``. The shipped World v2 model uses ``MODEL_MAX_LENGTH_V2`` = 77 as Stable
+Diffusion does, so a prompt's conditioning has SD's shape (BOS, the words, EOS, then EOS padding to 77
+positions); ``MODEL_MAX_LENGTH`` = 32 is the first world's recipe (``train_model --world v1``).
 """
 from __future__ import annotations
 

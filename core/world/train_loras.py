@@ -234,7 +234,7 @@ def train_one(which: str, base: Path, steps: int, batch: int, lr: float, rank: i
     from diffusers import DDPMScheduler
 
     from .sample import load_model
-    from .train_model import batch_data
+    from .train_model import WORLDS, base_scene, batch_data, world_of
 
     spec = SPECS[which]
     out = Path(out or spec["out"])
@@ -242,6 +242,8 @@ def train_one(which: str, base: Path, steps: int, batch: int, lr: float, rank: i
     rng = random.Random(seed)
     m = load_model(base)
     unet, te, tok = m.unet, m.text_encoder, m.tokenizer
+    world = world_of(tok)
+    prompt_kw = dict(spec["prompt_kw"], templates=WORLDS[world]["templates"])
     for p in list(unet.parameters()) + list(te.parameters()):
         p.requires_grad_(False)
     conv_rank = spec["conv_rank"] if conv_rank is None else conv_rank
@@ -270,10 +272,11 @@ def train_one(which: str, base: Path, steps: int, batch: int, lr: float, rank: i
         for g in opt.param_groups:
             g["lr"] = lr_now
         x0, ids, p1 = batch_data(rng, batch - n_prior, tok, p_drop=0.05, scene_fn=spec["scene_fn"],
-                                 prompt_kw=spec["prompt_kw"])
+                                 prompt_kw=prompt_kw)
         captions.update(p for p in p1 if p)
         if n_prior:
-            x2, ids2, _ = batch_data(rng, n_prior, tok, p_drop=0.1)
+            x2, ids2, _ = batch_data(rng, n_prior, tok, p_drop=0.1, scene_fn=lambda r: base_scene(r, world),
+                                     prompt_kw={"templates": WORLDS[world]["templates"]})
             x0, ids = torch.cat([x0, x2]), torch.cat([ids, ids2])
         noise = torch.randn_like(x0)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (x0.shape[0],))

@@ -1,13 +1,13 @@
 """Train the tiny pixel-space text-to-image model of the default world.
 
-    python -m weightsmith.core.world.train_model --out weightsmith/core/world/assets/tiny-sd
+    python -m weightsmith.core.world.train_model --threads 2 --steps 6500 --max-minutes 138
 
 Components are the stock SD classes (``transformers.CLIPTextModel`` + ``CLIPTokenizer``,
 ``diffusers.UNet2DConditionModel`` with cross-attention, ``DDIMScheduler``) so every
 erase/merge code path runs on it unchanged. Training: DDPM on 32x32 RGB renders of
 :mod:`render` (freshly rendered every step, base shapes/patterns only) with a linear beta
 schedule rescaled to zero terminal SNR and v-prediction, the text encoder trained jointly
-from scratch, 10% text dropout (empty prompt) for classifier-free guidance, AdamW + cosine LR,
+from scratch (after a short warm-up on an auxiliary attribute loss, World v2), 10% text dropout (empty prompt) for classifier-free guidance, AdamW + cosine LR,
 EMA of the weights (the EMA weights are exported). ``--max-minutes`` makes the run fit a wall
 time budget (the LR schedule then follows elapsed time). See assets/tiny-sd/README.md for the
 exact commands and phases of the shipped run.
@@ -34,8 +34,8 @@ TEXT_DIM = 64
 TEXT_LAYERS = 4
 TEXT_MLP = 4 * TEXT_DIM
 
-#: recipe presets: the shipped world (v1) and the World v2 recipe in progress (SD-shaped
-#: conditioning: 77 positions, 256 wide; more placed and two-object scenes; more phrasings)
+#: recipe presets: World v2, the shipped world (SD-shaped conditioning: 77 positions, 256 wide; many
+#: placed and two-object scenes; more phrasings), and the first world's recipe v1 (no longer shipped)
 WORLDS = {
     "v1": dict(text_dim=64, text_layers=4, text_mlp=256, context=32, p_two=0.2, p_placed=0.1, templates="v1"),
     "v2": dict(text_dim=256, text_layers=4, text_mlp=512, context=77, p_two=0.4, p_placed=0.25, templates="v2",
@@ -201,6 +201,15 @@ def export(out: Path, unet, text_encoder, tokenizer, scheduler, tok_src: Path | 
     (out / "model_index.json").write_text(json.dumps(idx, indent=2) + "\n")
 
 
+def world_of(tokenizer) -> str:
+    """The recipe preset a trained model follows, read from its tokenizer's context length."""
+    ctx = tokenizer.model_max_length
+    for name, w in WORLDS.items():
+        if w["context"] == ctx:
+            return name
+    raise ValueError(f"no world preset has a {ctx}-token context")
+
+
 def base_scene(rng: random.Random, world: str = "v1"):
     """Base training distribution: v1 70% one centred object, 10% one placed, 20% two objects
     (v2: 35% / 25% / 40%)."""
@@ -265,9 +274,10 @@ def main(argv=None):
                     help="... for the first N steps only (it starves low-noise steps, which leaves grain)")
     ap.add_argument("--ema-decay", type=float, default=0.999)
     ap.add_argument("--channels", default=",".join(map(str, UNET_CHANNELS)), help="UNet block_out_channels")
-    ap.add_argument("--world", choices=list(WORLDS), default="v1",
-                    help="recipe preset: v1 = the shipped model; v2 = 77-position, 256-wide text conditioning, "
-                         "more compositional data (see assets/tiny-sd/README.md)")
+    ap.add_argument("--world", choices=list(WORLDS), default="v2",
+                    help="recipe preset: v2 = the shipped model (77-position, 256-wide text conditioning, "
+                         "compositional data); v1 = the first world's recipe (32 positions, 64 wide; no longer "
+                         "shipped). See assets/tiny-sd/README.md")
     ap.add_argument("--prediction-type", choices=["v_prediction", "epsilon"], default="v_prediction")
     ap.add_argument("--no-zero-snr", action="store_true", help="keep the plain linear betas (non-zero terminal SNR)")
     ap.add_argument("--ckpt-every", type=int, default=250)
