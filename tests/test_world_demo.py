@@ -66,3 +66,22 @@ def test_quality_bench_quick_reports_every_method_with_intervals(capsys):
                 assert m["rate"] == m["k"] / 4 and m["ci"] == pytest.approx(list(wilson(m["k"], 4)))
     for m in ERASE_METHODS:   # every method changed the UNet weights
         assert res["erase"]["delta_rel"][m]["unet"] > 0
+
+
+def test_erase_sweep_on_the_world_judges_each_setting_on_held_out_prompts(capsys):
+    """``bench erase --sweep --family world``: every setting's judge-read figures are those of the
+    demo's erasure evaluated on its own, and the residual's held-out prompts are not edit prompts."""
+    from weightsmith.core.erase.sweep import world_spec
+    from weightsmith.core.world.demo import run_erasures
+    from weightsmith.core.world.evaluate import ERASE_TARGET, ERASE_TEMPLATES
+
+    assert main(["bench", "erase", "--sweep", "--family", "world", "--quick", "--samples", "2", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["setting"] for r in rows] == ["auto (default)", "ridge 0 (exact)", "split 1e-2"]
+    assert not {t.format(ERASE_TARGET) for t in ERASE_TEMPLATES} & set(world_spec()["held_t"])
+    model = load_model(DEFAULT_MODEL_DIR)
+    edit = run_erasures(model, methods=("erasepro",))["erasepro"]
+    ev = erasure_metrics(model, {"erasepro": edit.apply(model)}, n=2, sampler=Sampler())["metrics"]
+    assert rows[0]["judge_base"] == _approx({"x": ev["base"]})["x"]
+    assert rows[0]["judge"] == _approx({"x": ev["erasepro"]})["x"]
+    assert rows[0]["delta_rel"] == pytest.approx({s["stage"]: s["delta_rel_mean"] for s in edit.report["summary"]})

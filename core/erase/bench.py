@@ -34,9 +34,13 @@ def add_arguments(p) -> None:
                    help="instead of timing: sweep the zero-residual solver's knobs (ridge, cond_limit fallback, "
                         "max_pad, exact_subspace, merge_tol) and print ρ on the edit and held-out prompts, drift "
                         "on held-out preserve prompts and ‖Δ‖/‖W‖ per stage (see core/erase/sweep.py)")
-    p.add_argument("--family", choices=("sd1", "sdxl"), default="sd1",
+    p.add_argument("--family", choices=("sd1", "sdxl", "world"), default="sd1",
                    help="--sweep only: sd1 (SD1.5 architecture) or sdxl (the reduced SDXL architecture: "
-                        "see core/random_models.py, size 'reduced')")
+                        "see core/random_models.py, size 'reduced'), both random; world: the embedded trained "
+                        "world and its circle -> square erasure")
+    p.add_argument("--samples", type=int, default=0,
+                   help="--sweep --family world only: also judge-read erasure and preservation on held-out prompts, "
+                        "this many images per prompt set and setting (0: residuals only)")
     p.add_argument("--quick", action="store_true", help="--sweep only: tiny model and three settings (smoke run)")
 
 

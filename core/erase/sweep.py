@@ -21,7 +21,9 @@ each setting of :data:`SWEEP` (plus ``zero-residual`` and ``uce`` for reference)
   layer-to-layer steps go down).
 
 Random weights carry no meaning: these figures describe the solver on SD-shaped features, not
-erasure quality on a trained model.
+erasure quality on a trained model. ``--family world`` runs the same settings on the embedded trained
+world (World v2) with its own erasure (circle → square, the other shapes preserved; :func:`world_spec`),
+and ``--samples N`` adds the judge-read erasure and preservation on held-out prompts per setting.
 """
 from __future__ import annotations
 
@@ -119,21 +121,45 @@ def _stage_label(stage: str) -> str:
     return ("b" if comp.endswith("_2") else "L") + layer
 
 
-def sweep(model, settings=SWEEP, progress=None) -> list[dict]:
-    """Run every setting on ``model``; one result row per setting (see the module docstring)."""
-    from .bench import _encoders_only
-    from .pipeline import EraseOptions, erase
+def random_model_spec() -> dict:
+    """The erasure the sweep runs on a random SD-architecture model (see the module docstring)."""
     from .prompts import PRESERVE_CAPTIONS
 
     assert not set(DRIFT_CAPTIONS) & set(PRESERVE_CAPTIONS)
-    held_t = [t.format(c) for c in TARGETS for t in HELD_OUT]
-    held_a = [t.format(ANCHOR) for _ in TARGETS for t in HELD_OUT]
-    drift_prompts = [t.format(p) for p in PRESERVE for t in HELD_OUT] + list(DRIFT_CAPTIONS)
+    return {"targets": list(TARGETS), "anchors": [ANCHOR], "preserve": list(PRESERVE), "options": {},
+            "held_t": [t.format(c) for c in TARGETS for t in HELD_OUT],
+            "held_a": [t.format(ANCHOR) for _ in TARGETS for t in HELD_OUT],
+            "drift_prompts": [t.format(p) for p in PRESERVE for t in HELD_OUT] + list(DRIFT_CAPTIONS)}
+
+
+def world_spec(n: int = 24) -> dict:
+    """The embedded world's erasure, as the demo and ``bench quality`` run it (circle → square, the
+    other shapes preserved, computed from ``ERASE_TEMPLATES`` only); held-out prompts are the quality
+    bench's context and two-object prompts (``n`` each), drift prompts its preserved-shape prompts."""
+    from ..world.evaluate import ERASE_ANCHOR, ERASE_TARGET, ERASE_TEMPLATES, PRESERVE_SHAPES, erase_prompt_sets
+
+    sets = erase_prompt_sets(n)
+    held = sets["context"] + [t[0] for t in sets["two"]]
+    return {"targets": [ERASE_TARGET], "anchors": [ERASE_ANCHOR], "preserve": list(PRESERVE_SHAPES),
+            "options": {"expand_prompts": False, "extra_templates": ERASE_TEMPLATES},
+            "held_t": held, "held_a": [h.replace(ERASE_TARGET, ERASE_ANCHOR) for h in held],
+            "drift_prompts": [t[0] for t in sets["preserved"]]}
+
+
+def sweep(model, settings=SWEEP, progress=None, spec: dict | None = None) -> list[dict]:
+    """Run every setting on ``model``; one result row per setting (see the module docstring).
+    ``spec``: the erasure and its held-out prompts (default :func:`random_model_spec`)."""
+    from .bench import _encoders_only
+    from .pipeline import EraseOptions, erase
+
+    spec = spec or random_model_spec()
+    held_t, held_a, drift_prompts = spec["held_t"], spec["held_a"], spec["drift_prompts"]
     rows = []
     for label, method, fields in settings:
         if progress:
             progress(label)
-        edit = erase(model, TARGETS, [ANCHOR], PRESERVE, method, EraseOptions(**fields), warn=lambda m: None)
+        edit = erase(model, spec["targets"], spec["anchors"], spec["preserve"], method,
+                     EraseOptions(**{**spec["options"], **fields}), warn=lambda m: None)
         enc = _encoders_only(model, edit) if method == "erasepro" else model
         rep = edit.report
         stages = {}
@@ -159,9 +185,28 @@ def sweep(model, settings=SWEEP, progress=None) -> list[dict]:
                                "falls": sum(b < a for a, b in zip(ys, ys[1:])),
                                "steps": len(ys) - 1, "first": ys[0], "last": ys[-1], "max_layer": ys.index(max(ys))}
         row["depth"] = depth
+        row["edit"] = edit
         rows.append(row)
-        del edit, enc
+        del enc
     return rows
+
+
+JUDGE_COLS = (("target_context", "circle ctx"), ("target_two", "circle two"), ("target_simple", "circle simple"),
+              ("preserved", "others ok"), ("drift", "img drift"))
+
+
+def _judge_rows(model, rows, n: int, progress=None) -> None:
+    """Judge-read erasure and preservation on the world's held-out prompts (``bench quality``'s
+    definitions, ``n`` images per set, 20 steps), added to each row as ``judge``; the base model's
+    figures to every row as ``judge_base``."""
+    from ..world.evaluate import Sampler, erasure_metrics
+
+    if progress:
+        progress(f"judging {len(rows)} settings, {n} images per set")
+    ev = erasure_metrics(model, {r["setting"]: r["edit"].apply(model) for r in rows}, n=n, sampler=Sampler())
+    for r in rows:
+        r["judge"] = ev["metrics"][r["setting"]]
+        r["judge_base"] = ev["metrics"]["base"]
 
 
 def print_table(rows, title, out=print) -> None:
@@ -176,6 +221,14 @@ def print_table(rows, title, out=print) -> None:
             f"{r['rho_heldout']:>9.3f}{r['drift_heldout']:>9.4f}{r['delta_rel'].get('unet', 0):>11.4f}"
             f"{(sum(te) / len(te) if te else float('nan')):>12.4f}"
             f"{('/'.join(f'{x:+.2f}' for x in dep) if dep else '-'):>9}")
+    if rows and "judge" in rows[0]:
+        out("")
+        out("judge-read on held-out prompts (rate [95% Wilson interval]; img drift: mean pixel change on the "
+            f"preserved-shape prompts), n = {rows[0]['judge']['preserved']['n']} per set")
+        out(f"{'setting':<24}" + "".join(f"{t:>20}" for _, t in JUDGE_COLS))
+        for name, m in [("base", rows[0]["judge_base"])] + [(r["setting"], r["judge"]) for r in rows]:
+            out(f"{name:<24}" + "".join(
+                f"{_rate(m[k]):>20}" for k, _ in JUDGE_COLS))
     labels = list(dict.fromkeys(k for r in rows for k in r["delta_rel"]))
     out("")
     out("‖Δ‖/‖W‖ per stage (mean over the stage's matrices; L<l>: text-encoder layer l, b<l>: second "
@@ -192,6 +245,11 @@ def print_table(rows, title, out=print) -> None:
             out(f"depth, {r['setting']}, {comp}: r = {d['spearman']:+.2f} (from layer 1: {d['spearman_from_1']:+.2f}), "
                 f"{d['falls']}/{d['steps']} steps fall, layer 0 {d['first']:.4g}, peak at layer {d['max_layer']}, "
                 f"last {d['last']:.4g}: " + _verdict(d))
+
+
+def _rate(m: dict) -> str:
+    v = m.get("rate", m.get("mean"))
+    return f"{v:.2f} [{m['ci'][0]:.2f}, {m['ci'][1]:.2f}]" if "rate" in m else f"{v:.4f}"
 
 
 def _verdict(d) -> str:
@@ -211,18 +269,34 @@ def run_sweep(args) -> int:
 
     torch.manual_seed(args.seed)
     if args.quick:
-        family, size, settings = "sd1", "tiny", [s for s in SWEEP if s[0] in QUICK]
+        family = "world" if args.family == "world" else "sd1"
+        size, settings = "tiny", [s for s in SWEEP if s[0] in QUICK]
     else:
         family = args.family
         size = "reduced" if family == "sdxl" else args.size
         settings = [s for s in SWEEP if s[0] in SDXL] if family == "sdxl" else SWEEP
-    model = build_random_model(family, size, seed=args.seed)
-    _ = model.unet
-    rows = sweep(model, settings, progress=None if args.json else
-                 (lambda lab: print(f"  running {lab} …", file=sys.stderr, flush=True)))
-    title = (f"erase solver sweep on the {family} random model, size={size}, seed={args.seed}: targets "
-             f"{', '.join(TARGETS)} → {ANCHOR!r}, preserve {', '.join(PRESERVE)}; UNet means over "
-             f"{len(_unet_names(model))} to_k/to_v matrices")
+    progress = None if args.json else (lambda lab: print(f"  running {lab} …", file=sys.stderr, flush=True))
+    if family == "world":
+        from ..model_io import load_model
+        from ..world.paths import DEFAULT_MODEL_DIR
+
+        model = load_model(DEFAULT_MODEL_DIR)
+        spec = world_spec()
+        rows = sweep(model, settings, progress=progress, spec=spec)
+        title = (f"erase solver sweep on the embedded world ({DEFAULT_MODEL_DIR.name}): circle → 'square', preserve "
+                 f"{', '.join(spec['preserve'])}; held-out: {len(spec['held_t'])} context / two-object prompts; "
+                 f"UNet means over {len(_unet_names(model))} to_k/to_v matrices")
+        if args.samples:
+            _judge_rows(model, rows, args.samples, progress)
+    else:
+        model = build_random_model(family, size, seed=args.seed)
+        _ = model.unet
+        rows = sweep(model, settings, progress=progress)
+        title = (f"erase solver sweep on the {family} random model, size={size}, seed={args.seed}: targets "
+                 f"{', '.join(TARGETS)} → {ANCHOR!r}, preserve {', '.join(PRESERVE)}; UNet means over "
+                 f"{len(_unet_names(model))} to_k/to_v matrices")
+    for r in rows:
+        r.pop("edit", None)
     if args.json:
         print(json.dumps({"model": title, "rows": rows}, indent=2))
     else:
