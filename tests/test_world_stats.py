@@ -29,3 +29,22 @@ def test_rate_and_mean_intervals():
     sd = math.sqrt(sum((x - 2.5) ** 2 for x in (1, 2, 3, 4)) / 3)
     assert m["mean"] == 2.5 and m["ci"][1] - 2.5 == pytest.approx(1.959964 * sd / 2)
     assert math.isnan(wilson(0, 0)[0])
+
+
+def test_context_breakdown_counts_each_attribute_of_the_bar():
+    """Four hand-made judge reads of one prompted object, each wrong in a different way, counted by hand."""
+    from weightsmith.core.world.metrics import context_breakdown, scene_hits
+    from weightsmith.core.world.render import Obj, Scene
+
+    sc = Scene((Obj("circle", "red", "large", "left"),), "black")
+
+    def read(shape="circle", colour="red", size="large", position="left", bg="black"):
+        return {"objects": [{"shape": shape, "colour": colour, "size": size, "position": position}], "background": bg}
+
+    reads = [read(), read(position="right"), read(colour="blue"), read(size="small", bg="gray")]
+    scenes = [sc] * 4
+    hits = scene_hits(reads, scenes, "context")
+    assert hits == [True, False, False, False]
+    b = context_breakdown(reads, scenes, hits)
+    assert b == {"n": 4, "shape_colour": 3 / 4, "position_given_found": 2 / 3, "size_given_found": 2 / 3,
+                 "background": 3 / 4, "all": 1 / 4}

@@ -136,19 +136,20 @@ def world_spec(n: int = 24) -> dict:
     """The embedded world's erasure, as the demo and ``bench quality`` run it (circle → square, the
     other shapes preserved, computed from ``ERASE_TEMPLATES`` only); held-out prompts are the quality
     bench's context and two-object prompts (``n`` each), drift prompts its preserved-shape prompts."""
-    from ..world.evaluate import ERASE_ANCHOR, ERASE_TARGET, ERASE_TEMPLATES, PRESERVE_SHAPES, erase_prompt_sets
+    from ..world.evaluate import ERASE_ANCHOR, ERASE_OPTIONS, ERASE_TARGET, PRESERVE_SHAPES, erase_prompt_sets
 
     sets = erase_prompt_sets(n)
     held = sets["context"] + [t[0] for t in sets["two"]]
     return {"targets": [ERASE_TARGET], "anchors": [ERASE_ANCHOR], "preserve": list(PRESERVE_SHAPES),
-            "options": {"expand_prompts": False, "extra_templates": ERASE_TEMPLATES},
+            "options": dict(ERASE_OPTIONS),
             "held_t": held, "held_a": [h.replace(ERASE_TARGET, ERASE_ANCHOR) for h in held],
             "drift_prompts": [t[0] for t in sets["preserved"]]}
 
 
-def sweep(model, settings=SWEEP, progress=None, spec: dict | None = None) -> list[dict]:
+def sweep(model, settings=SWEEP, progress=None, spec: dict | None = None, keep_edits: bool = False) -> list[dict]:
     """Run every setting on ``model``; one result row per setting (see the module docstring).
-    ``spec``: the erasure and its held-out prompts (default :func:`random_model_spec`)."""
+    ``spec``: the erasure and its held-out prompts (default :func:`random_model_spec`); ``keep_edits``:
+    each row also holds its edit as ``edit`` (for :func:`_judge_rows`, which removes it)."""
     from .bench import _encoders_only
     from .pipeline import EraseOptions, erase
 
@@ -185,9 +186,10 @@ def sweep(model, settings=SWEEP, progress=None, spec: dict | None = None) -> lis
                                "falls": sum(b < a for a, b in zip(ys, ys[1:])),
                                "steps": len(ys) - 1, "first": ys[0], "last": ys[-1], "max_layer": ys.index(max(ys))}
         row["depth"] = depth
-        row["edit"] = edit
+        if keep_edits:
+            row["edit"] = edit
         rows.append(row)
-        del enc
+        del edit, enc
     return rows
 
 
@@ -198,12 +200,12 @@ JUDGE_COLS = (("target_context", "circle ctx"), ("target_two", "circle two"), ("
 def _judge_rows(model, rows, n: int, progress=None) -> None:
     """Judge-read erasure and preservation on the world's held-out prompts (``bench quality``'s
     definitions, ``n`` images per set, 20 steps), added to each row as ``judge``; the base model's
-    figures to every row as ``judge_base``."""
+    figures to every row as ``judge_base``; each row's ``edit`` is dropped."""
     from ..world.evaluate import Sampler, erasure_metrics
 
     if progress:
         progress(f"judging {len(rows)} settings, {n} images per set")
-    ev = erasure_metrics(model, {r["setting"]: r["edit"].apply(model) for r in rows}, n=n, sampler=Sampler())
+    ev = erasure_metrics(model, {r["setting"]: r.pop("edit").apply(model) for r in rows}, n=n, sampler=Sampler())
     for r in rows:
         r["judge"] = ev["metrics"][r["setting"]]
         r["judge_base"] = ev["metrics"]["base"]
@@ -248,8 +250,10 @@ def print_table(rows, title, out=print) -> None:
 
 
 def _rate(m: dict) -> str:
-    v = m.get("rate", m.get("mean"))
-    return f"{v:.2f} [{m['ci'][0]:.2f}, {m['ci'][1]:.2f}]" if "rate" in m else f"{v:.4f}"
+    """A judge figure: a rate as ``bench quality`` prints it, a drift mean to 4 places."""
+    from ..world.demo import _fmt
+
+    return _fmt(m) if "rate" in m else f"{m['mean']:.4f}"
 
 
 def _verdict(d) -> str:
@@ -282,7 +286,7 @@ def run_sweep(args) -> int:
 
         model = load_model(DEFAULT_MODEL_DIR)
         spec = world_spec()
-        rows = sweep(model, settings, progress=progress, spec=spec)
+        rows = sweep(model, settings, progress=progress, spec=spec, keep_edits=bool(args.samples))
         title = (f"erase solver sweep on the embedded world ({DEFAULT_MODEL_DIR.name}): circle → 'square', preserve "
                  f"{', '.join(spec['preserve'])}; held-out: {len(spec['held_t'])} context / two-object prompts; "
                  f"UNet means over {len(_unet_names(model))} to_k/to_v matrices")
@@ -295,8 +299,6 @@ def run_sweep(args) -> int:
         title = (f"erase solver sweep on the {family} random model, size={size}, seed={args.seed}: targets "
                  f"{', '.join(TARGETS)} → {ANCHOR!r}, preserve {', '.join(PRESERVE)}; UNet means over "
                  f"{len(_unet_names(model))} to_k/to_v matrices")
-    for r in rows:
-        r.pop("edit", None)
     if args.json:
         print(json.dumps({"model": title, "rows": rows}, indent=2))
     else:

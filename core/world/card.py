@@ -38,9 +38,9 @@ def feature_geometry(sd_model) -> dict:
     import torch
 
     from ..erase.pipeline import EraseOptions, _Encoders, _gather, build_prompts
-    from .evaluate import ERASE_ANCHOR, ERASE_TARGET, ERASE_TEMPLATES, PRESERVE_SHAPES
+    from .evaluate import ERASE_ANCHOR, ERASE_OPTIONS, ERASE_TARGET, PRESERVE_SHAPES
 
-    opts = EraseOptions(expand_prompts=False, extra_templates=ERASE_TEMPLATES)
+    opts = EraseOptions(**ERASE_OPTIONS)
     ps = build_prompts([ERASE_TARGET], [ERASE_ANCHOR], list(PRESERVE_SHAPES), opts, False)
     enc = _Encoders(sd_model, ps, opts)
     first = next(iter(sd_model.tokenizers))
@@ -53,13 +53,12 @@ def feature_geometry(sd_model) -> dict:
 
 def calibration(sd_model, n: int = 48, steps: int = 20) -> dict:
     from ..erase import EraseOptions, erase
-    from .evaluate import ERASE_ANCHOR, ERASE_TARGET, ERASE_TEMPLATES, PRESERVE_SHAPES, Sampler, erasure_metrics
+    from .evaluate import ERASE_ANCHOR, ERASE_OPTIONS, ERASE_TARGET, PRESERVE_SHAPES, Sampler, erasure_metrics
 
     edits = {
         "uce (defaults)": erase(sd_model, [ERASE_TARGET], [ERASE_ANCHOR], method="uce"),
         "uce (demo options)": erase(sd_model, [ERASE_TARGET], [ERASE_ANCHOR], preserve=list(PRESERVE_SHAPES),
-                                    method="uce", options=EraseOptions(expand_prompts=False,
-                                                                       extra_templates=ERASE_TEMPLATES)),
+                                    method="uce", options=EraseOptions(**ERASE_OPTIONS)),
     }
     ev = erasure_metrics(sd_model, {k: e.apply(sd_model) for k, e in edits.items()}, n=n, sampler=Sampler(steps=steps))
     m = ev["metrics"]
@@ -95,8 +94,8 @@ def main(argv=None) -> int:
         for k, v in res["bars"].items():
             print(f"bar {k}: {_fmt(v)}", flush=True)
             if "breakdown" in v:
-                print(f"  what the {k} bar reads: " + ", ".join(f"{a} {x:.1%}" for a, x in v["breakdown"].items()
-                                                             if a != "n"), flush=True)
+                print(f"  what the {k} bar reads: " + ", ".join(f"{attr} {x:.1%}" for attr, x in v["breakdown"].items()
+                                                             if attr != "n"), flush=True)
     sd = load_sd(path)
     if "geometry" not in skip:
         res["geometry"] = feature_geometry(sd)

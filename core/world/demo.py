@@ -34,11 +34,11 @@ def run_erasures(model, progress=None, methods=ERASE_METHODS, options=None):
     """The demo's erasure (circle -> square, preserving the other shapes), computed from
     :data:`evaluate.ERASE_TEMPLATES` only (the evaluation prompts are held out)."""
     from ..erase import EraseOptions, erase
-    from .evaluate import ERASE_ANCHOR, ERASE_TARGET, ERASE_TEMPLATES, PRESERVE_SHAPES
+    from .evaluate import ERASE_ANCHOR, ERASE_OPTIONS, ERASE_TARGET, PRESERVE_SHAPES
 
     edits = {}
     for m in methods:
-        opts = options or EraseOptions(expand_prompts=False, extra_templates=ERASE_TEMPLATES)
+        opts = options or EraseOptions(**ERASE_OPTIONS)
         edits[m] = erase(model, [ERASE_TARGET], [ERASE_ANCHOR], preserve=list(PRESERVE_SHAPES), method=m,
                          options=opts)
         if progress:

@@ -43,6 +43,9 @@ POS_PAIRS = (("left", "right"), ("top", "bottom"), ("right", "left"), ("bottom",
 #: prompts the demo's and the benchmark's erasures are computed from ("{}" = the concept)
 ERASE_TEMPLATES = ("a red {}", "a small blue {} on the left", "a large {} on a white background",
                    "a green {} on the top and a yellow triangle on the bottom")
+#: the option fields of the demo's erasure (``EraseOptions(**ERASE_OPTIONS)``): computed from
+#: ERASE_TEMPLATES only, no prompt expansion, so the evaluation prompts stay held out
+ERASE_OPTIONS = {"expand_prompts": False, "extra_templates": ERASE_TEMPLATES}
 
 # held-out evaluation templates: training phrasings of the world (render.py), none of them an
 # edit template (ERASE_TEMPLATES) or a merge sample template (merge_sample_prompts)

@@ -168,10 +168,11 @@ def scene_hits(reads, scenes, kind: str) -> list[bool]:
     return hits
 
 
-def context_breakdown(reads, scenes) -> dict:
+def context_breakdown(reads, scenes, hits: list[bool]) -> dict:
     """What the ``context`` bar's misses get wrong: per attribute, the fraction of images on which
     an object of the prompted shape and colour is read (``shape_colour``), and of those, the fraction
-    with the prompted position, size, and the background right; ``all`` is the bar itself."""
+    with the prompted position, size, and the background right; ``all`` is the bar itself (``hits``:
+    :func:`scene_hits` of the same images)."""
     found = pos = size = bg = 0
     for r, sc in zip(reads, scenes):
         o = sc.objects[0]
@@ -184,7 +185,7 @@ def context_breakdown(reads, scenes) -> dict:
     n = len(scenes)
     return {"n": n, "shape_colour": found / n, "position_given_found": pos / max(1, found),
             "size_given_found": size / max(1, found), "background": bg / n,
-            "all": sum(scene_hits(reads, scenes, "context")) / n}
+            "all": sum(hits) / n}
 
 
 def scene_prompt_quality(model, kind: str, n: int = 140, steps: int = 25, guidance: float = 1.5, seed: int = 0,
@@ -197,6 +198,6 @@ def scene_prompt_quality(model, kind: str, n: int = 140, steps: int = 25, guidan
                   list(range(seed0, seed0 + n)), steps, guidance)
     reads = judge(imgs, judge_model)
     hits = scene_hits(reads, [sc for _, sc in cases], kind)
-    extra = {"breakdown": context_breakdown(reads, [sc for _, sc in cases])} if kind == "context" else {}
+    extra = {"breakdown": context_breakdown(reads, [sc for _, sc in cases], hits)} if kind == "context" else {}
     return {**rate_ci(hits), **extra, "kind": kind, "steps": steps, "guidance": guidance, "images": imgs,
             "prompts": [p for p, _ in cases]}

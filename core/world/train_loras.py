@@ -243,7 +243,8 @@ def train_one(which: str, base: Path, steps: int, batch: int, lr: float, rank: i
     m = load_model(base)
     unet, te, tok = m.unet, m.text_encoder, m.tokenizer
     world = world_of(tok)
-    prompt_kw = dict(spec["prompt_kw"], templates=WORLDS[world]["templates"])
+    templates = WORLDS[world]["templates"]
+    prompt_kw = dict(spec["prompt_kw"], templates=templates)
     for p in list(unet.parameters()) + list(te.parameters()):
         p.requires_grad_(False)
     conv_rank = spec["conv_rank"] if conv_rank is None else conv_rank
@@ -276,7 +277,7 @@ def train_one(which: str, base: Path, steps: int, batch: int, lr: float, rank: i
         captions.update(p for p in p1 if p)
         if n_prior:
             x2, ids2, _ = batch_data(rng, n_prior, tok, p_drop=0.1, scene_fn=lambda r: base_scene(r, world),
-                                     prompt_kw={"templates": WORLDS[world]["templates"]})
+                                     prompt_kw={"templates": templates})
             x0, ids = torch.cat([x0, x2]), torch.cat([ids, ids2])
         noise = torch.randn_like(x0)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (x0.shape[0],))
