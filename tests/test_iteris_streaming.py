@@ -63,24 +63,34 @@ def _features(models, names, prompts, seeds):
     return [{n: torch.cat(v) for n, v in f.items()} for f in feats]
 
 
-def _solve(base, loras, names, stats, lam, untouched):
+def _solve(base, loras, names, stats, lam, untouched, toward="mean"):
+    """The merge minimising Σ_i λ_i ‖X_i ΔW_iᵀ − X̃_i ΔWᵀ‖² plus the ridge: per LoRA α‖C_i‖, α‖H_i‖
+    (toward="mean"), or one β‖ΔW − Σ_i ΔW_i‖² with β = α Σ_i λ_i ‖H_i‖ (toward="sum")."""
     out = {}
     for n in names:
         num = den = 0
+        beta, dsum = 0.0, 0
         for i, lora in enumerate(loras):
             C, H = stats[i][n]
             if n not in lora.modules and untouched == "skip":   # no say in a module it does not adapt
                 continue
+            eye = torch.eye(C.shape[0], dtype=C.dtype)
             if n in lora.modules:   # "zero": a LoRA that does not touch n still enters the H sum (ΔW_i = 0)
                 d = lora.modules[n].delta(torch.float64).reshape(base.weight(n).shape[0], -1)
-                num = num + lam[i][n] * (d @ (C + ALPHA * torch.linalg.matrix_norm(C) * torch.eye(C.shape[0], dtype=C.dtype)))
-            den = den + lam[i][n] * (H + ALPHA * torch.linalg.matrix_norm(H) * torch.eye(H.shape[0], dtype=H.dtype))
+                ridge_c = ALPHA * torch.linalg.matrix_norm(C) * eye if toward == "mean" else 0
+                num = num + lam[i][n] * (d @ (C + ridge_c))
+                dsum = dsum + d
+            den = den + lam[i][n] * (H + (ALPHA * torch.linalg.matrix_norm(H) * eye if toward == "mean" else 0))
+            beta += lam[i][n] * ALPHA * float(torch.linalg.matrix_norm(H))
+        if toward == "sum":
+            num = num + beta * dsum
+            den = den + beta * torch.eye(den.shape[0], dtype=den.dtype)
         out[n] = torch.linalg.solve(den, num.t()).t().reshape(base.weight(n).shape)   # den is symmetric
     return out
 
 
-@pytest.mark.parametrize("untouched", ["skip", "zero"])
-def test_streaming_equals_brute_force(tiny_models, untouched):
+@pytest.mark.parametrize("untouched,toward", [("skip", "mean"), ("zero", "mean"), ("skip", "sum"), ("zero", "sum")])
+def test_streaming_equals_brute_force(tiny_models, untouched, toward):
     base = _double(tiny_models["sd1"])
     te = [n for n in target_modules(base, ("te",)) if ".layers.1." in n or ".layers.3." in n]
     unet = ["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
@@ -95,7 +105,8 @@ def test_streaming_equals_brute_force(tiny_models, untouched):
         t, meta = random_lora(base, rank=3, seed=s, modules=mods, strength=0.3)
         loras.append(lora_from_state_dict(t, base, metadata=meta, name=f"l{s}"))
     opts = MergeOptions(iterations=1, tol=0.0, samples=2, steps=STEPS, latent_size=LATENT, batch_size=2,
-                        alpha1=ALPHA, alpha2=ALPHA, evaluate_final=False, seed=5, untouched=untouched)
+                        alpha1=ALPHA, alpha2=ALPHA, evaluate_final=False, seed=5, untouched=untouched,
+                        ridge_toward=toward)
     edit = merge(base, loras, "iteris", prompts=PROMPTS, options=opts)
     assert edit.report["iterations"] == 1
 
@@ -113,14 +124,15 @@ def test_streaming_equals_brute_force(tiny_models, untouched):
                 W = W + l.modules[n].delta(torch.float64).reshape(W.shape)
             lam[i][n] = float(W.norm() ** 2 / (X[i][n] @ W.t()).norm() ** 2)
     stats0 = [{n: (X[i][n].t() @ X[i][n], X[i][n].t() @ X[i][n]) for n in names} for i in range(2)]
-    dw0 = _solve(base, loras, names, stats0, lam, untouched)
+    dw0 = _solve(base, loras, names, stats0, lam, untouched, toward)
     merged0 = Edit("sd1", base.unet_config, dw0).apply(base)
     stats1 = []
     for i, lm in enumerate(lora_models):
         Xi, Xt = _features([lm, merged0], names, per_sample[i], seeds)
         torch.testing.assert_close(Xi[names[0]], X[i][names[0]])        # same samples, same rows
         stats1.append({n: (Xi[n].t() @ Xt[n], Xt[n].t() @ Xt[n]) for n in names})
-    dw1 = _solve(base, loras, names, stats1, lam, untouched)
+    dw1 = _solve(base, loras, names, stats1, lam, untouched, toward)
+    other = _solve(base, loras, names, stats1, lam, untouched, {"mean": "sum", "sum": "mean"}[toward])
 
     for n in names:
         rel = float((edit.deltas[n].double() - dw1[n]).norm() / dw1[n].norm())
@@ -137,3 +149,5 @@ def test_streaming_equals_brute_force(tiny_models, untouched):
             assert abs(lam_ours[i] - factor * lam[i][n]) <= 1e-9 * factor * lam[i][n], (n, i)
     # the iteration changed something (the test would be vacuous if X̃ had no effect)
     assert max(float((dw1[n] - dw0[n]).norm() / dw1[n].norm()) for n in names) > 1e-4
+    # and the ridge's target matters on these few samples (else the two "toward" cases test one thing)
+    assert max(float((other[n] - dw1[n]).norm() / dw1[n].norm()) for n in names) > 1e-3

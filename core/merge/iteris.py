@@ -128,6 +128,9 @@ class IterISSolver:
         self.alpha2 = 0.0 if regmean else options.alpha2
         self.adaptive = options.adaptive_lambda and not regmean
         self.skip_untouched = options.untouched == "skip"
+        # ridge toward the sum: one ridge β = α₂·Σ λ_i m_i ‖H_i‖ per module, added at solve time
+        self.to_sum = options.ridge_toward == "sum" and not regmean and self.alpha2 > 0
+        self.ridge_mass: dict[str, float] = {}
         self.fallbacks: set[str] = set()
         self.weighted_sum: set[str] = set()
         self.fallback_reasons: dict[str, str] = {}
@@ -406,7 +409,7 @@ class IterISSolver:
                     val += self.target[i][n] - 2.0 * _tr_prod(D @ V.t(), U.t() @ up)
                 obj[n] = obj.get(n, 0.0) + w * val
             if f is not None:     # down_i (C + α₁‖C‖I), without forming the ridged copy
-                if self.alpha1:
+                if self.alpha1 and not self.to_sum:
                     c = float(torch.linalg.matrix_norm(G)) if iteration == 0 else c_norm
                     D = D + (self.alpha1 * c) * f[1]
                 num.setdefault(n, {})[i] = D
@@ -414,7 +417,9 @@ class IterISSolver:
                 den[n].add_(H, alpha=w)
             else:
                 den[n] = H * w
-            if self.alpha2:
+            if self.to_sum:
+                self.ridge_mass[n] = self.ridge_mass.get(n, 0.0) + w * self.alpha2 * float(torch.linalg.matrix_norm(H))
+            elif self.alpha2:
                 den[n].diagonal().add_(w * self.alpha2 * float(torch.linalg.matrix_norm(H)))
             del acc
         self.stats.reset()
@@ -423,6 +428,13 @@ class IterISSolver:
         """Solve ``names`` into ``state = (downs, weighted-sum set)``."""
         downs, ws = state
         for n in names:
+            if n in den and self.to_sum:
+                # ΔW (Σ λ_i m_i H_i + βI) = Σ m_i ΔW_i (λ_i C_i + βI): with up_i carrying λ_i m_i, down_i gets β/λ_i
+                beta = self.ridge_mass.pop(n, 0.0)
+                den[n].diagonal().add_(beta)
+                for i in self._idx(n):
+                    if i in num.get(n, {}):
+                        num[n][i] = num[n][i] + (beta / self.lam[i][n]) * self._fac(i, n)[1]
             if n in den:
                 X, fell = _solve_sym(den.pop(n), torch.cat([num[n][i] for i in self._idx(n)], 0).t())
                 num.pop(n, None)

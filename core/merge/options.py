@@ -26,6 +26,11 @@ class MergeOptions:
                            lo=0.0)
     alpha2: float = option(1e-2, "Ridge α₂ on the outer Gram matrices H_i (relative to ‖H_i‖_F).", flag="--alpha",
                            lo=0.0)
+    ridge_toward: str = option("mean", "IterIS, where the samples leave a direction unconstrained the ridge pulls the "
+                               "merge toward: mean = the λ-weighted mean of the LoRAs' deltas (the paper's per-LoRA "
+                               "ridge); sum = their weighted sum, what stacking the LoRAs gives (one ridge α₂·Σλᵢmᵢ‖Hᵢ‖ "
+                               "per layer; this project's design, docs/merge.md).",
+                               label="Ridge pulls toward", flag="--ridge-toward", choices=("mean", "sum"))
     reg_coef: float = option(0.0, "ρ: X̃_i ← (1−ρ) X̃_i + ρ X_i (the reference code's reg_ceof knob).",
                              flag="--reg-coef", lo=0.0, hi=1.0)
     adaptive_lambda: bool = option(True, "λ_i = ‖W0+ΔW_i‖² / ‖X_i (W0+ΔW_i)ᵀ‖²; False: λ_i = 1.")
@@ -108,6 +113,8 @@ class MergeOptions:
         require(self.ties_lambda > 0, f"ties_lambda must be > 0, got {self.ties_lambda!r}.")
         require(0 <= self.dare_p < 1, f"dare_p, DARE's drop probability (--drop), must be in [0, 1), got {self.dare_p!r}.")
         require(0 < self.svd_clamp_quantile <= 1, f"svd_clamp_quantile must be in (0, 1], got {self.svd_clamp_quantile!r}.")
+        require(self.ridge_toward in ("mean", "sum"),
+                f"unknown ridge_toward {self.ridge_toward!r} (--ridge-toward); use 'mean' or 'sum'.")
         require(self.untouched in ("skip", "zero"),
                 f"unknown untouched-module rule {self.untouched!r}; use 'skip' or 'zero'.")
 
