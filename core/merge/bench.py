@@ -59,9 +59,16 @@ def add_arguments(p) -> None:
                    help="memory mode: the merge's budget (default 0 = automatic, as a user gets it)")
     p.add_argument("--compare", action="store_true",
                    help="memory mode: also run today's one-pass path (no budget) and check both merges agree")
-
-
-
+    p.add_argument("--sweep", action="store_true",
+                   help="instead of timing: merge the embedded world's LoRA pair under IterIS's levers (ridge, what "
+                        "it pulls toward, iterations, λ, untouched rule, samples, steps) beside linear and RegMean, "
+                        "and judge each merge on held-out prompts (see core/merge/sweep.py)")
+    p.add_argument("--pair", default="interfering", help="--sweep only: the world's LoRA pair (interfering or clean)")
+    p.add_argument("--images", type=int, default=24, help="--sweep only: judged images per prompt set (default 24)")
+    p.add_argument("--settings", default="",
+                   help="--sweep only: comma-separated labels of the rows to run (default: all)")
+    p.add_argument("--quick", action="store_true",
+                   help="--sweep only: two settings, 2 images per set, tiny merges (smoke run; figures mean nothing)")
 
 
 def run_bench(args) -> int:
@@ -301,6 +308,10 @@ def run(args) -> int:
     from .random_loras import random_lora
     from .sampling import make_samples
 
+    if args.sweep:
+        from .sweep import run_sweep
+
+        return run_sweep(args)
     if args.family:
         return run_memory(args)
     counts = [int(c) for c in str(args.samples).split(",") if c.strip()]

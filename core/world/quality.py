@@ -44,19 +44,28 @@ def erase_section(model, n: int, sampler, methods=ERASE_METHODS, options=None) -
     return ev
 
 
-def merge_section(model, pair: str, n: int, sampler, quick: bool = False, methods=MERGE_METHODS) -> dict:
+def merge_section(model, pair: str, n: int, sampler, quick: bool = False, methods=MERGE_METHODS,
+                  settings=None, progress=None) -> dict:
+    """Each LoRA of ``pair`` alone and every merge, judge-read on ``n`` images per set. ``settings``:
+    ``(label, method, MergeOptions fields)`` rows (default: each of ``methods`` with its defaults);
+    ``quick``: 1 iteration, 2 samples of 2 steps under every row's own fields."""
     from ..lora_read import load_lora
     from ..merge import MergeOptions, merge
     from .evaluate import merge_metrics, merge_sample_prompts, pair_paths, with_lora
 
     loras = [load_lora(p, model) for p in pair_paths(pair)]
     models = {"subject only": with_lora(model, loras[0]), "style only": with_lora(model, loras[1])}
-    opts = MergeOptions(iterations=1, samples=2, steps=2) if quick else MergeOptions()
+    base = dict(iterations=1, samples=2, steps=2) if quick else {}
     times = {}
-    for m in methods:
+    for label, m, fields in settings or [(m, m, {}) for m in methods]:
+        if progress:
+            progress(label)
+        opts = MergeOptions(**{**base, **fields})
         e = merge(model, loras, method=m, options=opts, prompts=merge_sample_prompts(opts.samples, pair))
-        times[m] = e.report.get("time_s")
-        models[m] = e.apply(model)
+        times[label] = e.report.get("time_s")
+        models[label] = e.apply(model)
+    if progress:
+        progress(f"judging {len(models) + 1} models, {n} images per set")
     mv = merge_metrics(model, models, n=n, sampler=sampler, pair=pair)
     mv["merge_time_s"] = times
     return mv
