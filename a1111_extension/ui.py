@@ -97,6 +97,8 @@ def _merge_tab(gr, backend):
         with gr.Accordion("Advanced", open=False):
             max_memory = gr.Number(value=M("max_memory_gb").default, label=M("max_memory_gb").label,
                                    info=M("max_memory_gb").help)
+            ridge_toward = gr.Dropdown(list(M("ridge_toward").choices), value=M("ridge_toward").default,
+                                       label=M("ridge_toward").label, info=M("ridge_toward").help)
         with gr.Row():
             m_name = gr.Textbox(label="Output LoRA name", value="", placeholder="merged")
             m_rank = gr.Number(value=0, label="Rank (0: exact)", precision=0)
@@ -104,7 +106,7 @@ def _merge_tab(gr, backend):
                                   interactive=backend.can_apply)
             b_merge = gr.Button("Merge → Save as LoRA", variant="primary", elem_id="weightsmith_merge")
             b_stop2 = gr.Button("Interrupt")
-    return SimpleNamespace(loras=loras, b_refresh=b_refresh, weights=weights, prompts=prompts, m_method=m_method, iterations=iterations, samples=samples, steps=steps, seed=seed, max_memory=max_memory, m_name=m_name, m_rank=m_rank, m_apply=m_apply, b_merge=b_merge, b_stop2=b_stop2)
+    return SimpleNamespace(loras=loras, b_refresh=b_refresh, weights=weights, prompts=prompts, m_method=m_method, iterations=iterations, samples=samples, steps=steps, seed=seed, max_memory=max_memory, ridge_toward=ridge_toward, m_name=m_name, m_rank=m_rank, m_apply=m_apply, b_merge=b_merge, b_stop2=b_stop2)
 
 
 def build_ui(backend, *, workbench: Workbench | None = None):
@@ -178,11 +180,12 @@ def build_ui(backend, *, workbench: Workbench | None = None):
 
     # -- merge actions ------------------------------------------------------------------------
     def on_merge(loras, weights, prompts, method, iterations, samples, steps, seed, name, rank, apply_too,
-                 max_memory=None, progress=gr.Progress()):
+                 max_memory=None, ridge_toward=None, progress=gr.Progress()):
         def fn():
             settings = {k: int(_float(v, M(k).default)) for k, v in
                         (("iterations", iterations), ("samples", samples), ("steps", steps), ("seed", seed))}
             settings["max_memory_gb"] = _float(max_memory, M("max_memory_gb").default)
+            settings["ridge_toward"] = ridge_toward or M("ridge_toward").default
             edit, objs = wb.compute_merge(loras, weights, prompts, method, settings)
             meta = {"ws_inputs": ",".join(l.name for l in objs)}
             try:
@@ -248,7 +251,8 @@ def build_ui(backend, *, workbench: Workbench | None = None):
         e3 = er.b_lora.click(on_save_lora, common + [er.lora_name, er.rank, er.fmt], outs, api_name=api("save_lora"))
         e4 = er.b_ckpt.click(on_save_ckpt, common + [er.ckpt_name], outs, api_name=api("save_checkpoint"))
         e5 = mg.b_merge.click(on_merge, [mg.loras, mg.weights, mg.prompts, mg.m_method, mg.iterations, mg.samples,
-                                         mg.steps, mg.seed, mg.m_name, mg.m_rank, mg.m_apply, mg.max_memory], outs, api_name=api("merge"))
+                                         mg.steps, mg.seed, mg.m_name, mg.m_rank, mg.m_apply, mg.max_memory,
+                                         mg.ridge_toward], outs, api_name=api("merge"))
         er.b_stop.click(on_interrupt, [], [status], api_name=api("interrupt"), queue=False)
         mg.b_stop2.click(on_interrupt, [], [status], queue=False)
         mg.b_refresh.click(on_refresh, [], [mg.loras], api_name=api("refresh_loras"))

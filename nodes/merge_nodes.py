@@ -102,12 +102,13 @@ class WeightsmithIterISMerge:
             },
             "optional": {
                 "untouched": widget(MergeOptions, "untouched", "choice"),
+                "ridge_toward": widget(MergeOptions, "ridge_toward", "choice"),
                 "max_memory_gb": widget(MergeOptions, "max_memory_gb", "FLOAT"),
             },
         }
 
     def run(self, model, clip, stack, method, iterations, samples, steps, resolution, seed, untouched=None,
-            max_memory_gb=None):
+            max_memory_gb=None, ridge_toward=None):
         from ..core.errors import WeightsmithError
         from ..core.merge import merge
         from . import comfy_adapter as ca
@@ -126,6 +127,7 @@ class WeightsmithIterISMerge:
             prompts = prompts if any(prompts) else None
             opts = options_of(MergeOptions, iterations=int(iterations), samples=int(samples), steps=int(steps),
                               resolution=int(resolution), seed=int(seed), untouched=untouched,
+                              ridge_toward=ridge_toward,
                               max_memory_gb=None if max_memory_gb is None else float(max_memory_gb))
             logging.info("Weightsmith: merging %d LoRAs (%s)", len(loras), method)
             edit = merge(sd, loras, method=method, weights=weights, prompts=prompts, options=opts,

@@ -82,7 +82,7 @@ def cli_merge_defaults() -> dict:
     a = build_parser().parse_args(["merge", "--model", "m.safetensors", "--lora", "a.safetensors", "--out", "o.safetensors"])
     return {"iterations": a.iterations, "samples": a.samples, "steps": a.steps, "seed": a.seed,
             "untouched": a.untouched, "reg_coef": a.reg_coef, "alpha1": a.alpha, "tol": a.tol,
-            "max_memory_gb": a.max_memory}
+            "max_memory_gb": a.max_memory, "ridge_toward": a.ridge_toward}
 
 
 def comfy_defaults() -> tuple[dict, dict]:
@@ -94,7 +94,8 @@ def comfy_defaults() -> tuple[dict, dict]:
     m = WeightsmithIterISMerge.INPUT_TYPES()
     m = {**m["required"], **m["optional"]}
     erase = {"tokens": e["token_mode"][1]["default"], "lam": e["lam"][1]["default"], "method": e["method"][1]["default"]}
-    merge = {k: m[k][1]["default"] for k in ("iterations", "samples", "steps", "seed", "untouched", "max_memory_gb")}
+    merge = {k: m[k][1]["default"] for k in ("iterations", "samples", "steps", "seed", "untouched", "max_memory_gb",
+                                                 "ridge_toward")}
     merge["method"] = m["method"][1]["default"]
     return erase, merge
 
@@ -159,12 +160,14 @@ def test_three_front_ends_show_the_same_defaults():
     assert cli_erase_options() == E
     assert cli_merge_defaults() == {"iterations": M.iterations, "samples": M.samples, "steps": M.steps,
                                     "seed": M.seed, "untouched": M.untouched, "reg_coef": M.reg_coef,
-                                    "alpha1": M.alpha1, "tol": M.tol, "max_memory_gb": M.max_memory_gb}
+                                    "alpha1": M.alpha1, "tol": M.tol, "max_memory_gb": M.max_memory_gb,
+                                    "ridge_toward": M.ridge_toward}
     # ComfyUI
     ce, cm = comfy_defaults()
     assert ce == {"tokens": E.tokens, "lam": E.lam, "method": "erasepro"}
     assert cm == {"iterations": M.iterations, "samples": M.samples, "steps": M.steps, "seed": M.seed,
-                  "untouched": M.untouched, "max_memory_gb": M.max_memory_gb, "method": "iteris"}
+                  "untouched": M.untouched, "max_memory_gb": M.max_memory_gb, "ridge_toward": M.ridge_toward,
+                  "method": "iteris"}
     # A1111 tab (labels come from core's declarations too)
     tab = a1111_defaults()
     for cls, name, want in ((EraseOptions, "tokens", E.tokens), (EraseOptions, "lam", E.lam),
@@ -172,7 +175,8 @@ def test_three_front_ends_show_the_same_defaults():
                             (EraseOptions, "te_sublayers", list(E.te_sublayers)),
                             (MergeOptions, "iterations", M.iterations), (MergeOptions, "samples", M.samples),
                             (MergeOptions, "steps", M.steps), (MergeOptions, "seed", M.seed),
-                            (MergeOptions, "max_memory_gb", M.max_memory_gb)):
+                            (MergeOptions, "max_memory_gb", M.max_memory_gb),
+                            (MergeOptions, "ridge_toward", M.ridge_toward)):
         label = spec(cls, name).label
         assert label in tab, (name, sorted(tab))
         assert tab[label] == want, (name, tab[label], want)
