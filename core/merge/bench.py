@@ -67,6 +67,9 @@ def add_arguments(p) -> None:
     p.add_argument("--images", type=int, default=24, help="--sweep only: judged images per prompt set (default 24)")
     p.add_argument("--settings", default="",
                    help="--sweep only: comma-separated labels of the rows to run (default: all)")
+    p.add_argument("--eval-seed", type=int, default=300,
+                   help="--sweep only: first seed of the judged images (default 300, as bench quality; another "
+                        "value checks a choice on images it was not made on)")
     p.add_argument("--quick", action="store_true",
                    help="--sweep only: two settings, 2 images per set, tiny merges (smoke run; figures mean nothing)")
 

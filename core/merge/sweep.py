@@ -46,12 +46,15 @@ def settings_named(labels) -> list:
     return [s for s in SWEEP if s[0] in labels]
 
 
-def sweep(model, pair: str, n: int, steps: int = 20, settings=SWEEP, quick: bool = False, progress=None) -> dict:
-    """Merge ``pair`` under every setting and judge each merge (``bench quality``'s merge section)."""
+def sweep(model, pair: str, n: int, steps: int = 20, settings=SWEEP, quick: bool = False, progress=None,
+          seed0: int = 300) -> dict:
+    """Merge ``pair`` under every setting and judge each merge (``bench quality``'s merge section;
+    ``seed0``: the first evaluation seed, 300 as there)."""
     from ..world.evaluate import Sampler
     from ..world.quality import merge_section
 
-    mv = merge_section(model, pair, n, Sampler(steps=steps), quick=quick, settings=settings, progress=progress)
+    mv = merge_section(model, pair, n, Sampler(steps=steps), quick=quick, settings=settings, progress=progress,
+                       seed0=seed0)
     mv["settings"] = {label: {"method": m, "options": f} for label, m, f in settings}
     return mv
 
@@ -90,7 +93,8 @@ def run_sweep(args) -> int:
     if n < 1:
         raise WeightsmithError(f"--images must be at least 1, got {n}.")
     progress = None if args.json else (lambda lab: print(f"  {lab} …", file=sys.stderr, flush=True))
-    mv = sweep(load_model(DEFAULT_MODEL_DIR), args.pair, n, steps, settings, quick=args.quick, progress=progress)
+    mv = sweep(load_model(DEFAULT_MODEL_DIR), args.pair, n, steps, settings, quick=args.quick, progress=progress,
+               seed0=args.eval_seed)
     if args.json:
         print(json.dumps(mv, indent=2))
     else:

@@ -45,10 +45,11 @@ def erase_section(model, n: int, sampler, methods=ERASE_METHODS, options=None) -
 
 
 def merge_section(model, pair: str, n: int, sampler, quick: bool = False, methods=MERGE_METHODS,
-                  settings=None, progress=None) -> dict:
+                  settings=None, progress=None, seed0: int = 300) -> dict:
     """Each LoRA of ``pair`` alone and every merge, judge-read on ``n`` images per set. ``settings``:
     ``(label, method, MergeOptions fields)`` rows (default: each of ``methods`` with its defaults);
-    ``quick``: 1 iteration, 2 samples of 2 steps under every row's own fields."""
+    ``quick``: 1 iteration, 2 samples of 2 steps under every row's own fields; ``seed0``: the first
+    evaluation seed."""
     from ..lora_read import load_lora
     from ..merge import MergeOptions, merge
     from .evaluate import merge_metrics, merge_sample_prompts, pair_paths, with_lora
@@ -66,7 +67,7 @@ def merge_section(model, pair: str, n: int, sampler, quick: bool = False, method
         models[label] = e.apply(model)
     if progress:
         progress(f"judging {len(models) + 1} models, {n} images per set")
-    mv = merge_metrics(model, models, n=n, sampler=sampler, pair=pair)
+    mv = merge_metrics(model, models, n=n, sampler=sampler, pair=pair, seed0=seed0)
     mv["merge_time_s"] = times
     return mv
 
