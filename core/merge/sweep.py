@@ -78,10 +78,9 @@ def run_sweep(args) -> int:
     from ..errors import WeightsmithError
     from ..model_io import load_model
     from ..world.evaluate import PAIRS
-    from ..world.paths import DEFAULT_MODEL_DIR, JUDGE_PATH
+    from ..world.paths import DEFAULT_MODEL_DIR, require_world
 
-    if not DEFAULT_MODEL_DIR.exists() or not JUDGE_PATH.exists():
-        raise WeightsmithError(f"the embedded default world is missing ({DEFAULT_MODEL_DIR}).")
+    require_world()
     if args.pair not in PAIRS:
         raise WeightsmithError(f"unknown LoRA pair {args.pair!r} (--pair); choose from {', '.join(PAIRS)}.")
     if args.quick:

@@ -69,14 +69,14 @@ def run(args) -> int:
     from ..model_io import load_model
     from .evaluate import Sampler, erase_prompt_sets, erasure_metrics, merge_metrics, merge_prompt_sets, with_lora
     from .grid import save_grid
-    from .paths import DEFAULT_MODEL_DIR, JUDGE_PATH
+    from .paths import DEFAULT_MODEL_DIR, world_present
 
     t0 = time.perf_counter()
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise WeightsmithError(f"--out {out} is a file; pass a folder for the report.")
     out.mkdir(parents=True, exist_ok=True)
-    if not DEFAULT_MODEL_DIR.exists() or not JUDGE_PATH.exists():
+    if not world_present():
         return run_without_world(out, t0)
     torch.manual_seed(0)
     say = lambda m: print(f"[{time.perf_counter() - t0:6.1f}s] {m}", flush=True)  # noqa: E731

@@ -15,5 +15,21 @@ LORA_STYLE_NOREG = ASSETS_DIR / "loras" / "style_stripes_noreg.safetensors"
 #: weights of the attribute-reading judge CNN
 JUDGE_PATH = ASSETS_DIR / "judge.safetensors"
 
+
+
+def world_present() -> bool:
+    """Whether the embedded world's model and judge are on disk (a build may leave the assets out)."""
+    return DEFAULT_MODEL_DIR.exists() and JUDGE_PATH.exists()
+
+
+def require_world() -> None:
+    """Refuse, with an error a person can act on, what needs the embedded world when it is missing."""
+    if not world_present():
+        from ..errors import WeightsmithError
+
+        raise WeightsmithError(f"the embedded default world is missing ({DEFAULT_MODEL_DIR}).")
+
+
 __all__ = ["ASSETS_DIR", "DEFAULT_MODEL_DIR", "LORA_SUBJECT", "LORA_STYLE", "LORA_SUBJECT_NOREG", "LORA_STYLE_NOREG",
-           "JUDGE_PATH"]
+           "JUDGE_PATH",
+           "world_present", "require_world"]

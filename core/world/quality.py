@@ -77,10 +77,9 @@ def run(args) -> int:
     from ..model_io import load_model
     from .demo import ERASE_COLS, MERGE_COLS, _fmt
     from .evaluate import PAIRS, Sampler
-    from .paths import DEFAULT_MODEL_DIR, JUDGE_PATH
+    from .paths import DEFAULT_MODEL_DIR, require_world
 
-    if not DEFAULT_MODEL_DIR.exists() or not JUDGE_PATH.exists():
-        raise WeightsmithError(f"the embedded default world is missing ({DEFAULT_MODEL_DIR}).")
+    require_world()
     pairs = [p.strip() for p in args.pairs.split(",") if p.strip()]
     bad = [p for p in pairs if p not in PAIRS]
     if bad:
