@@ -26,13 +26,22 @@ def test_one_lora_and_identical_loras_give_that_delta(tiny_models, family):
     a = _lora(model, 1, groups=("attn", "ff", "te", "conv") if family == "sdxl" else ("attn", "te"),
               rank=4, strength=0.3)
     opts = MergeOptions(iterations=2, **FAST)
-    for loras in ([a], [a, a]) if family == "sd1" else ([a],):
-        edit = merge(model, loras, "iteris", options=opts)
+    # one LoRA under either ridge; identical LoRAs: the ridge toward the mean at any equal weights, the
+    # ridge toward the (weighted) sum where that sum is the LoRA itself (weights ½, ½)
+    cases = [([a], None, "mean"), ([a], None, "sum")]
+    if family == "sd1":
+        cases += [([a, a], None, "mean"), ([a, a], [0.5, 0.5], "sum")]
+    for loras, weights, toward in cases:
+        edit = merge(model, loras, "iteris", weights=weights,
+                     options=MergeOptions(iterations=2, ridge_toward=toward, **FAST))
         assert set(edit.deltas) == set(a.modules)
         worst = max(_rel(edit.deltas[n], a.modules[n].delta()) for n in a.modules)
-        assert worst < 1e-4, (len(loras), worst)
+        assert worst < 1e-4, (len(loras), toward, worst)
     if family != "sd1":
         return
+    # the ridge toward the sum at weights 1, 1 pulls the free directions to 2·ΔW_a: not ΔW_a
+    edit = merge(model, [a, a], "iteris", options=MergeOptions(iterations=2, ridge_toward="sum", **FAST))
+    assert max(_rel(edit.deltas[n], a.modules[n].delta()) for n in a.modules) > 1e-3
     # a different second LoRA does change the result (the check above is not vacuous)
     b = _lora(model, 2, groups=("attn", "te"), rank=4, strength=0.3)
     edit = merge(model, [a, b], "iteris", options=opts)

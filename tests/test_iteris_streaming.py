@@ -151,3 +151,58 @@ def test_streaming_equals_brute_force(tiny_models, untouched, toward):
     assert max(float((dw1[n] - dw0[n]).norm() / dw1[n].norm()) for n in names) > 1e-4
     # and the ridge's target matters on these few samples (else the two "toward" cases test one thing)
     assert max(float((other[n] - dw1[n]).norm() / dw1[n].norm()) for n in names) > 1e-3
+
+
+def test_sequential_schedule_equals_brute_force_stage_by_stage(tiny_models):
+    """schedule="sequential": one iteration takes the depth stages shallow to deep, each stage's X̃ from the
+    merge in which the shallower stages already hold this iteration's solution (stages written out here:
+    text-encoder layer 1, layer 3, cross-attention k/v, the down block, the up block)."""
+    base = _double(tiny_models["sd1"])
+    te1 = [n for n in target_modules(base, ("te",)) if ".layers.1." in n]
+    te3 = [n for n in target_modules(base, ("te",)) if ".layers.3." in n]
+    ctx = ["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"]
+    down = ["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+            "unet.down_blocks.0.attentions.0.proj_in"]
+    up = ["unet.up_blocks.1.resnets.0.conv1", "unet.up_blocks.1.attentions.1.transformer_blocks.0.attn2.to_out.0"]
+    stages = [te1, te3, ctx, down, up]
+    loras = []
+    for s, mods in ((1, te1 + te3[::2] + ctx + down + up[:1]), (2, te1[::2] + te3 + down[1:] + up)):
+        t, meta = random_lora(base, rank=3, seed=s, modules=mods, strength=0.3)
+        loras.append(lora_from_state_dict(t, base, metadata=meta, name=f"l{s}"))
+    opts = MergeOptions(iterations=1, tol=0.0, samples=2, steps=STEPS, latent_size=LATENT, batch_size=2,
+                        alpha1=ALPHA, alpha2=ALPHA, evaluate_final=False, seed=5, schedule="sequential")
+    edit = merge(base, loras, "iteris", prompts=PROMPTS, options=opts)
+    jacobi = merge(base, loras, "iteris", prompts=PROMPTS,
+                   options=MergeOptions(**{**opts.__dict__, "schedule": "jacobi"}))
+    assert edit.report["schedule"] == "sequential" and jacobi.report["schedule"] == "jacobi"
+
+    names = sorted(set(loras[0].modules) | set(loras[1].modules))
+    assert sorted(n for st in stages for n in st) == names
+    seeds = [5, 6]
+    lora_models = [Edit("sd1", base.unet_config, l.deltas(torch.float64)).apply(base) for l in loras]
+    per_sample = [[p[k % len(p)] for k in range(2)] for p in PROMPTS]
+    X = [_features([lm], names, per_sample[i], seeds)[0] for i, lm in enumerate(lora_models)]
+    lam = []
+    for i, l in enumerate(loras):
+        lam.append({})
+        for n in names:
+            W = base.weight(n).double().reshape(base.weight(n).shape[0], -1)
+            if n in l.modules:
+                W = W + l.modules[n].delta(torch.float64).reshape(W.shape)
+            lam[i][n] = float(W.norm() ** 2 / (X[i][n] @ W.t()).norm() ** 2)
+    stats0 = [{n: (X[i][n].t() @ X[i][n], X[i][n].t() @ X[i][n]) for n in names} for i in range(2)]
+    cur = _solve(base, loras, names, stats0, lam, "skip", "sum")
+    for stage in stages:                          # Gauss–Seidel: the merge as it stands before this stage
+        merged = Edit("sd1", base.unet_config, dict(cur)).apply(base)
+        st = []
+        for i, lm in enumerate(lora_models):
+            Xi, Xt = _features([lm, merged], stage, per_sample[i], seeds)
+            st.append({n: (Xi[n].t() @ Xt[n], Xt[n].t() @ Xt[n]) for n in stage})
+        cur.update(_solve(base, loras, stage, st, lam, "skip", "sum"))
+    for n in names:
+        rel = float((edit.deltas[n].double() - cur[n]).norm() / cur[n].norm())
+        assert rel <= 1e-6, (n, rel)
+    # the deeper stages saw the shallower ones' update: the schedules differ there (not vacuous)
+    assert max(float((jacobi.deltas[n].double() - cur[n]).norm() / cur[n].norm()) for n in te3 + up) > 1e-4
+    # the first stage has nothing shallower: the same under both schedules
+    assert max(float((jacobi.deltas[n].double() - cur[n]).norm() / cur[n].norm()) for n in te1) <= 1e-6

@@ -65,7 +65,8 @@ def merge(model, loras, method: str = "iteris", weights=None, prompts=None,
     ``loras``: :class:`~weightsmith.core.lora_read.LoRA` objects (from ``load_lora(path, model)``) or
     paths. ``method``: ``iteris`` | ``linear`` | ``concat`` | ``svd`` | ``ties`` | ``dare`` | ``regmean``.
     ``weights``: one float per LoRA (default 1); for ``iteris``/``regmean`` they are relative
-    importances ``m_i`` (docs/method.md, "LoRA merging"), for the data-free methods they scale the deltas.
+    importances ``m_i`` (docs/method.md, "LoRA merging") and, under IterIS's default ``ridge_toward
+    "sum"``, the weights of the sum its ridge pulls toward; for the data-free methods they scale the deltas.
     ``prompts``: ``None`` (from each LoRA's ``ss_tag_frequency``), one list for all LoRAs, a list of
     lists (one per LoRA) or a dict ``{lora name: [...]}``. ``progress(done, total, label)`` and
     ``cancel() -> bool`` as everywhere in Weightsmith.

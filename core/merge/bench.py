@@ -24,6 +24,7 @@ UNet features grow 64-fold per sample and step; the estimate is printed too.
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 PROMPTS = [["a photo of a red cat", "a red cat on a tree", "a small red cat in a garden", "portrait of a red cat"],
@@ -78,6 +79,18 @@ def run_bench(args) -> int:
     return run(args)
 
 
+def _every_minute(label: str):
+    """A ``progress`` callable printing one line to stderr at most once a minute (long unattended runs)."""
+    last = [0.0]
+
+    def progress(done: int, total: int, text: str) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 60 or done == total:
+            last[0] = now
+            print(f"  {label}: {done}/{total} {text}", file=sys.stderr, flush=True)
+    return progress
+
+
 def run_memory(args) -> int:
     """``--family``: IterIS at full size under the memory budget (docs/merge.md, "Memory")."""
     import torch
@@ -123,7 +136,8 @@ def run_memory(args) -> int:
     for label, gb in plans:
         _trim()
         with memory.PeakRSS() as m:
-            edit = merge(model, loras, "iteris", prompts=prompts, options=MergeOptions(max_memory_gb=gb, **base))
+            edit = merge(model, loras, "iteris", prompts=prompts, options=MergeOptions(max_memory_gb=gb, **base),
+                         progress=None if args.json else _every_minute(label))
         edits.append(edit)
         mem = edit.report["memory"]
         row = {"run": label, "time_s": m.seconds, "peak_rss_bytes": m.peak, "budget_bytes": mem["budget_bytes"],

@@ -47,6 +47,8 @@ def register(subparsers) -> None:
                    help=spec(MergeOptions, "reg_coef").cli_help + " (--reg-ceof: the reference code's spelling)")
     p.add_argument("--untouched", choices=spec(MergeOptions, "untouched").choices, default=d.untouched,
                    help=spec(MergeOptions, "untouched").cli_help)
+    p.add_argument("--schedule", choices=spec(MergeOptions, "schedule").choices, default=d.schedule,
+                   help=spec(MergeOptions, "schedule").cli_help)
     p.add_argument("--ridge-toward", choices=spec(MergeOptions, "ridge_toward").choices, default=d.ridge_toward,
                    help=spec(MergeOptions, "ridge_toward").cli_help)
     p.add_argument("--seed", type=int, default=d.seed, help=spec(MergeOptions, "seed").cli_help)
@@ -154,7 +156,7 @@ def run(args) -> int:
     opts = MergeOptions(iterations=args.iterations, tol=args.tol, samples=args.samples, steps=args.steps,
                         latent_size=args.latent_size, batch_size=args.batch_size, alpha1=args.alpha,
                         alpha2=args.alpha, reg_coef=args.reg_coef, untouched=args.untouched,
-                        ridge_toward=args.ridge_toward, seed=args.seed,
+                        ridge_toward=args.ridge_toward, schedule=args.schedule, seed=args.seed,
                         svd_rank=args.rank, ties_density=args.density, dare_p=args.drop,
                         gram_device="cpu" if args.stats_on_cpu else None, max_gram_dim=args.max_gram_dim,
                         max_memory_gb=args.max_memory)

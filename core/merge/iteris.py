@@ -6,9 +6,12 @@ For every module touched by any input LoRA, with ``ΔW_i = s_i·up_i·down_i`` (
 
 with ``C_i = X_iᵀX̃_i`` and ``H_i = X̃_iᵀX̃_i`` streamed through hooks (:mod:`.stats`), ``X_i`` the
 module's inputs under "base + LoRA i" and ``X̃_i`` under "base + current merge" on LoRA i's samples
-(:mod:`.sampling`). Iteration 0 uses ``X̃_i = X_i`` (``C = H = G``). Jacobi schedule: one paired
-pass over all samples refreshes every module's statistics, then every module is solved
-("IterIS loop and convergence").
+(:mod:`.sampling`). Iteration 0 uses ``X̃_i = X_i`` (``C = H = G``). Jacobi schedule (default): one
+paired pass over all samples refreshes every module's statistics, then every module is solved
+("IterIS loop and convergence"). Sequential schedule (``MergeOptions.schedule``, docs/merge.md,
+"Schedule"): the iterations take the depth stages of :func:`_depth_stage` shallow to deep, each stage
+with its own paired passes under the merge in which the shallower stages are already this
+iteration's solution (Gauss–Seidel); iteration 0 and the final objective pass are the same as Jacobi's.
 A LoRA that does not touch a module has no say in that module's solve by default
 (``MergeOptions.untouched = "skip"``, this project's design); with ``"zero"`` it enters the ``H`` sum
 with ``ΔW_i = 0`` (it asks the merge to leave its inputs' outputs unchanged there), the paper's
@@ -68,6 +71,22 @@ def _solve_sym(M, B):
 def _needs_unet(name: str) -> bool:
     """A UNet module whose inputs only a UNet pass produces (not cross-attention k/v)."""
     return name.startswith("unet.") and not is_context_only(name)
+
+
+def _depth_stage(name: str) -> tuple:
+    """Depth order of the sequential schedule: text-encoder layers one by one (SDXL's two encoders side by
+    side), then cross-attention k/v (fed by the text encoders only), the UNet's down blocks (with the
+    input layers and time embedding), its middle block, its up blocks (with the output layers)."""
+    if not name.startswith("unet."):
+        m = re.search(r"\.layers\.(\d+)\.", name)
+        return (0, int(m.group(1)) if m else 0)
+    if is_context_only(name):
+        return (1,)
+    if name.startswith("unet.mid_block."):
+        return (3,)
+    if name.startswith(("unet.up_blocks.", "unet.conv_norm_out", "unet.conv_out")):
+        return (4,)
+    return (2,)
 
 
 def _level_rows(name: str, model, batch: int, latent: int, tokens: int) -> int:
@@ -257,13 +276,25 @@ class IterISSolver:
                 f"which leaves {memory.gib(max(avail, 0))}; the smallest layer's statistics need "
                 f"{memory.gib(min(b for _, b in too_big))}. Raise the budget "
                 "(--max-memory / 'Memory budget'), hold the model in half precision, or use method 'linear'.")
-        out = []
-        for names, b in chunks:
-            ctx = [n for n in names if is_context_only(n)]
-            out.append(_Chunk(sorted(names), any(map(_needs_unet, names)), ctx, b))
+        def chunk(names, b):
+            return _Chunk(sorted(names), any(map(_needs_unet, names)), [n for n in names if is_context_only(n)], b)
+
+        out = [chunk(names, b) for names, b in chunks]
         self.memory.update(chunks=len(out), unet_chunks=sum(c.need_unet for c in out),
                            chunk_modules=[len(c.names) for c in out],
                            statistics_estimate_bytes=max([c.bytes for c in out], default=0))
+        # the sequential schedule's iterations: every memory chunk cut at the depth stages, shallow to deep
+        self.stage_plan = out
+        if o.schedule == "sequential" and not self.regmean and o.iterations > 0:
+            staged = []
+            for c in out:
+                by = {}
+                for n in c.names:
+                    by.setdefault(_depth_stage(n), []).append(n)
+                staged += [(st, chunk(ns, sum(sizes[g] for g in {_input_group(n) for n in ns})))
+                           for st, ns in by.items()]
+            self.stage_plan = [c for _, c in sorted(staged, key=lambda t: t[0])]
+            self.memory["stage_chunks"] = len(self.stage_plan)
         return out
 
     def _statistics_budget(self, reserve: int):
@@ -286,10 +317,10 @@ class IterISSolver:
         """Per pass, in order, the cost of each of its ticks (a UNet step of iteration 0 = 1)."""
         k = len(self.loras)
         iters = 0 if self.regmean else int(self.opts.iterations)
-        rounds = [1] + [2] * (iters + (1 if self.opts.evaluate_final else 0))
+        rounds = [(1, self.plan)] + [(2, self.stage_plan)] * iters + [(2, self.plan)] * bool(self.opts.evaluate_final)
         out = []
-        for m in rounds:
-            for c in self.plan:
+        for m, plan in rounds:
+            for c in plan:
                 for i in range(k):
                     n_text, n_unet = progress_units(self.samples[i], self.opts.batch_size, self.opts.steps,
                                                     c.need_unet)
@@ -321,7 +352,7 @@ class IterISSolver:
         elif self.gdev.type == "cuda":
             self.memory["peak_cuda_bytes"] = int(torch.cuda.max_memory_allocated(self.gdev))
 
-    def _pass(self, i, merged: bool, label: str, chunk: _Chunk):
+    def _pass(self, i, merged: bool, label: str, chunk: _Chunk, plan=None):
         self.stats.reset()
         self.stats.set_active(chunk.names)
         self.stats.projections = {}
@@ -335,8 +366,9 @@ class IterISSolver:
         phases = [(f"lora{i}", "x"), ("merged", "pair")] if merged else [(f"lora{i}", "gram")]
         sc = self.steps_counter
         if sc is not None:
-            if len(self.plan) > 1:
-                label += f", layer group {self.plan.index(chunk) + 1}/{len(self.plan)}"
+            plan = self.plan if plan is None else plan
+            if len(plan) > 1:
+                label += f", layer group {plan.index(chunk) + 1}/{len(plan)}"
             n_text, n_unet = self.protocol.units(self.samples[i])
             seen = {"text": 0, "unet": 0}
 
@@ -465,16 +497,22 @@ class IterISSolver:
 
     def _sweep(self, iteration: int, merged, label: str, solve: bool, obj: dict):
         """One round of passes: every chunk, every LoRA (paired with ``merged`` when given); returns the
-        next merge state when ``solve``."""
+        next merge state when ``solve``. Sequential schedule: the chunks are the depth stages, and each
+        stage's solution replaces the previous merge in the hooks before the deeper stages' passes."""
         k = len(self.loras)
         state = ({}, set())
-        for chunk in self.plan:
+        sequential = solve and merged is not None and self.stage_plan is not self.plan
+        plan = self.stage_plan if sequential else self.plan
+        for chunk in plan:
             num, den = {}, {}
             for i in range(k):
-                self._pass(i, merged is not None, label.format(i=i + 1, k=k), chunk)
+                self._pass(i, merged is not None, label.format(i=i + 1, k=k), chunk, plan)
                 self._accumulate(i, iteration, chunk, num, den, merged, obj)
             if solve:
                 self._solve(num, den, chunk.names, state)
+                if sequential:
+                    self.hooks.add("merged", ((n, (self._U(n, n in state[1]), state[0][n].to(self.gdev, torch.float64)))
+                                              for n in chunk.names), update=True)
             del num, den
         if solve:
             planned = {n for c in self.plan for n in c.names}
@@ -558,6 +596,7 @@ class IterISSolver:
         report = {
             "iterations": max(0, len(self.curve) - 1),
             "converged": converged,
+            "schedule": "sequential" if self.stage_plan is not self.plan else "jacobi",
             "curve": self.curve,
             "residuals": residuals,
             "lambdas": {n: [self.lam[i].get(n) for i in range(len(self.loras))] for n in self.names},

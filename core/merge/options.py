@@ -19,6 +19,11 @@ class MergeOptions:
     # IterIS loop (docs/method.md, "LoRA merging")
     iterations: int = option(8, "IterIS Jacobi iterations after iteration 0 (0 = λ-weighted RegMean only).",
                              label="Iterations", flag="--iterations", lo=0, hi=50)
+    schedule: str = option("jacobi", "IterIS, how an iteration refreshes the layers' inputs: jacobi = every layer from "
+                           "one paired pass with the previous merge (the reference); sequential = shallow to deep, "
+                           "each depth stage's inputs taken with the shallower stages already updated in this "
+                           "iteration (more passes; this project's design, docs/merge.md).",
+                           label="Schedule", flag="--schedule", choices=("jacobi", "sequential"))
     tol: float = option(1e-3, "Stop when ‖ΔW(t) − ΔW(t−1)‖_F / ‖ΔW(t)‖_F falls below this.", flag="--tol", lo=0.0)
     # ridge on C_i: C_i + α₁‖C_i‖_F I · ridge on H_i: H_i + α₂‖H_i‖_F I (paper: ≈1e-4 or smaller; 1e-2 measured
     # better with few samples, see docs/merge.md; larger pulls toward the *mean* of the deltas)
@@ -26,10 +31,11 @@ class MergeOptions:
                            lo=0.0)
     alpha2: float = option(1e-2, "Ridge α₂ on the outer Gram matrices H_i (relative to ‖H_i‖_F).", flag="--alpha",
                            lo=0.0)
-    ridge_toward: str = option("mean", "IterIS, where the samples leave a direction unconstrained the ridge pulls the "
-                               "merge toward: mean = the λ-weighted mean of the LoRAs' deltas (the paper's per-LoRA "
-                               "ridge); sum = their weighted sum, what stacking the LoRAs gives (one ridge α₂·Σλᵢmᵢ‖Hᵢ‖ "
-                               "per layer; this project's design, docs/merge.md).",
+    ridge_toward: str = option("sum", "IterIS, where the samples leave a direction unconstrained the ridge pulls the "
+                               "merge toward: sum = the LoRAs' weighted sum, what stacking them gives (one ridge "
+                               "α₂·Σλᵢmᵢ‖Hᵢ‖ per layer; this project's design, the default since it kept each LoRA "
+                               "closer to its own on the embedded world, docs/merge.md); mean = the λ-weighted mean "
+                               "of their deltas (the paper's per-LoRA ridge).",
                                label="Ridge pulls toward", flag="--ridge-toward", choices=("mean", "sum"))
     reg_coef: float = option(0.0, "ρ: X̃_i ← (1−ρ) X̃_i + ρ X_i (the reference code's reg_ceof knob).",
                              flag="--reg-coef", lo=0.0, hi=1.0)
@@ -115,6 +121,8 @@ class MergeOptions:
         require(0 < self.svd_clamp_quantile <= 1, f"svd_clamp_quantile must be in (0, 1], got {self.svd_clamp_quantile!r}.")
         require(self.ridge_toward in ("mean", "sum"),
                 f"unknown ridge_toward {self.ridge_toward!r} (--ridge-toward); use 'mean' or 'sum'.")
+        require(self.schedule in ("jacobi", "sequential"),
+                f"unknown schedule {self.schedule!r} (--schedule); use 'jacobi' or 'sequential'.")
         require(self.untouched in ("skip", "zero"),
                 f"unknown untouched-module rule {self.untouched!r}; use 'skip' or 'zero'.")
 

@@ -63,12 +63,12 @@ class DeltaHooks:
             mod = model.module(n)
             self._handles.append(mod.register_forward_hook(self._hook(n)))
 
-    def add(self, key: str, factors: dict) -> None:
+    def add(self, key: str, factors: dict, update: bool = False) -> None:
         """``factors``: module -> (up out×R, down R×in·kh·kw), ``up@down`` = ΔW (scale folded in); a
         mapping or an iterable of ``(module, (up, down))`` pairs (converted one at a time). Stored in the
         weight's dtype; a module computing in another dtype (weights held in bf16, computed in float32)
-        gets them cast per call."""
-        prepared = {}
+        gets them cast per call. ``update``: replace only these modules' factors in the existing set."""
+        prepared = self.sets[key] if update else {}
         for n, (up, down) in (factors.items() if hasattr(factors, "items") else factors):
             mod = self.model.module(n)
             w = mod.weight

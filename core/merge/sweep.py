@@ -4,7 +4,7 @@ docs/merge.md, "World v2 sweep". The world's subject + style LoRAs (``--pair int
 default: trained without regularization images so that a plain sum leaks; ``clean``: trained with
 them) are merged under each setting of :data:`SWEEP` — linear merging and RegMean for reference,
 IterIS at its defaults and with one lever moved at a time (ridge strength and what it pulls toward,
-iterations, λ, the untouched-module rule, samples and timesteps) — and each merge is judged on the
+iterations, the schedule, λ, the untouched-module rule, samples and timesteps) — and each merge is judged on the
 quality bench's held-out prompts (``bench quality``'s definitions and seeds, ``--images N`` per set,
 20 steps): each LoRA's trait, the other LoRA's leak, both-trigger composition, drift on prompts with
 no trigger, merge time. Each LoRA alone is judged too. Rates carry 95% Wilson intervals.
@@ -20,10 +20,11 @@ SWEEP = (
     ("iteris (default)", "iteris", {}),
     ("iterations 0", "iteris", {"iterations": 0}),
     ("iterations 2", "iteris", {"iterations": 2}),
-    ("ridge 1e-4", "iteris", {"alpha1": 1e-4, "alpha2": 1e-4}),
-    ("ridge 1e-1", "iteris", {"alpha1": 1e-1, "alpha2": 1e-1}),
+    ("sequential (2 iterations)", "iteris", {"schedule": "sequential", "iterations": 2}),
+    ("ridge→mean 1e-4", "iteris", {"ridge_toward": "mean", "alpha1": 1e-4, "alpha2": 1e-4}),
+    ("ridge→mean 1e-2", "iteris", {"ridge_toward": "mean"}),
+    ("ridge→mean 1e-1", "iteris", {"ridge_toward": "mean", "alpha1": 1e-1, "alpha2": 1e-1}),
     ("ridge→sum 3e-3", "iteris", {"ridge_toward": "sum", "alpha1": 3e-3, "alpha2": 3e-3}),
-    ("ridge→sum 1e-2", "iteris", {"ridge_toward": "sum"}),
     ("ridge→sum 3e-2", "iteris", {"ridge_toward": "sum", "alpha1": 3e-2, "alpha2": 3e-2}),
     ("ridge→sum 1e-1", "iteris", {"ridge_toward": "sum", "alpha1": 1e-1, "alpha2": 1e-1}),
     ("ridge→sum 1", "iteris", {"ridge_toward": "sum", "alpha1": 1.0, "alpha2": 1.0}),
