@@ -4,7 +4,9 @@ For every module touched by any input LoRA, with ``ΔW_i = s_i·up_i·down_i`` (
 
     ΔW* = ( Σ_i λ_i m_i ΔW_i (C_i + α₁‖C_i‖I) ) ( Σ_i λ_i m_i (H_i + α₂‖H_i‖I) )⁻¹
 
-with ``C_i = X_iᵀX̃_i`` and ``H_i = X̃_iᵀX̃_i`` streamed through hooks (:mod:`.stats`), ``X_i`` the
+(the paper's per-LoRA ridge, ``ridge_toward="mean"``; the default ``"sum"`` replaces both ridge terms by one
+``β = α₂ Σ_i λ_i m_i ‖H_i‖`` per module pulling toward ``Σ_i m_i ΔW_i``, docs/method.md "IterIS ridge
+target"), with ``C_i = X_iᵀX̃_i`` and ``H_i = X̃_iᵀX̃_i`` streamed through hooks (:mod:`.stats`), ``X_i`` the
 module's inputs under "base + LoRA i" and ``X̃_i`` under "base + current merge" on LoRA i's samples
 (:mod:`.sampling`). Iteration 0 uses ``X̃_i = X_i`` (``C = H = G``). Jacobi schedule (default): one
 paired pass over all samples refreshes every module's statistics, then every module is solved
