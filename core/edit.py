@@ -8,11 +8,30 @@ written as a LoRA without loss. It never changes the model it was computed from:
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 
 from .naming import UNET
+
+
+class FactorDeltas(Mapping):
+    """ΔW = ``up @ down`` per module, formed when read, one at a time: an exact low-rank edit (an IterIS
+    merge of full-coverage SDXL LoRAs: about 10 GB of dense float32 ΔW) never holds every dense ΔW."""
+
+    def __init__(self, factors: dict, shapes: dict):
+        self.factors, self.shapes = factors, shapes
+
+    def __getitem__(self, name):
+        up, down = self.factors[name]
+        return (up @ down).reshape(self.shapes[name])
+
+    def __iter__(self):
+        return iter(self.factors)
+
+    def __len__(self):
+        return len(self.factors)
 
 
 @dataclass
@@ -26,8 +45,10 @@ class Edit:
 
     def scaled(self, strength: float) -> "Edit":
         s = float(strength)
-        return Edit(self.family, self.unet_config, {k: v * s for k, v in self.deltas.items()},
-                    {k: (u * s, d) for k, (u, d) in self.factors.items()}, dict(self.report), dict(self.sources))
+        factors = {k: (u * s, d) for k, (u, d) in self.factors.items()}
+        deltas = (FactorDeltas(factors, self.deltas.shapes) if isinstance(self.deltas, FactorDeltas)
+                  else {k: v * s for k, v in self.deltas.items()})
+        return Edit(self.family, self.unet_config, deltas, factors, dict(self.report), dict(self.sources))
 
     def apply(self, model, strength: float = 1.0):
         """A copy of ``model`` with ``W + strength·ΔW`` (the input model is left untouched)."""

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import memory
-from ..edit import Edit
+from ..edit import Edit, FactorDeltas
 from ..errors import WeightsmithError
 from .options import MergeOptions
 from .sampling import SamplingProtocol, is_context_only, progress_units
@@ -151,6 +151,8 @@ class IterISSolver:
         self.skip_untouched = options.untouched == "skip"
         # ridge toward the sum: one ridge β = α₂·Σ λ_i m_i ‖H_i‖ per module, added at solve time
         self.to_sum = options.ridge_toward == "sum" and not regmean and self.alpha2 > 0
+        if self.to_sum:       # α₁ has no role there: no ‖C_i‖, so no float32 C_i is kept (memory, time)
+            self.alpha1 = 0.0
         self.ridge_mass: dict[str, float] = {}
         self.fallbacks: set[str] = set()
         self.weighted_sum: set[str] = set()
@@ -443,7 +445,7 @@ class IterISSolver:
                     val += self.target[i][n] - 2.0 * _tr_prod(D @ V.t(), U.t() @ up)
                 obj[n] = obj.get(n, 0.0) + w * val
             if f is not None:     # down_i (C + α₁‖C‖I), without forming the ridged copy
-                if self.alpha1 and not self.to_sum:
+                if self.alpha1:
                     c = float(torch.linalg.matrix_norm(G)) if iteration == 0 else c_norm
                     D = D + (self.alpha1 * c) * f[1]
                 num.setdefault(n, {})[i] = D
@@ -582,11 +584,11 @@ class IterISSolver:
         return sum(obj.values()), obj
 
     def _edit(self, state, elapsed, converged) -> Edit:
-        deltas, facs = {}, {}
+        facs, shapes = {}, {}
         for n, (U, V) in self._merged(state):
-            shape = self.loras[self._idx(n)[0]].modules[n].shape
-            deltas[n] = (U @ V).reshape(shape).float().cpu()
+            shapes[n] = self.loras[self._idx(n)[0]].modules[n].shape
             facs[n] = (U.float().cpu().contiguous(), V.float().cpu().contiguous())
+        deltas = FactorDeltas(facs, shapes)     # dense ΔW formed when read (docs/merge.md, "Memory")
         targets = {}
         for i in range(len(self.loras)):
             for n, e in self.target[i].items():
