@@ -25,7 +25,7 @@ def register(sub) -> None:
     p.add_argument("--out", default="weightsmith-demo", help="report folder (default: ./weightsmith-demo)")
     p.add_argument("--samples", type=int, default=14, help="images per prompt set and method")
     p.add_argument("--steps", type=int, default=15,
-                   help="sampling steps (default 15: 164 s on 2 cores, the same figures within their intervals as 20 steps, 203 s)")
+                   help="sampling steps (default 15: 164 s on 2 cores before IterIS's default ridge changed, 204 s after; the same figures within their intervals as 20 steps, 203 s)")
     p.add_argument("--no-merge", action="store_true", help="skip the LoRA-merging half")
     p.set_defaults(func=run)
 
