@@ -89,6 +89,24 @@ def _solve(base, loras, names, stats, lam, untouched, toward="mean"):
     return out
 
 
+def _iteration0(base, loras, names, seeds):
+    """Brute-force iteration 0: each "base + LoRA i" model, its per-sample prompts, its stored inputs X_i,
+    λ_i per module and the statistics (C = H = X_iᵀX_i)."""
+    lora_models = [Edit("sd1", base.unet_config, l.deltas(torch.float64)).apply(base) for l in loras]
+    per_sample = [[p[k % len(p)] for k in range(2)] for p in PROMPTS]
+    X = [_features([lm], names, per_sample[i], seeds)[0] for i, lm in enumerate(lora_models)]
+    lam = []
+    for i, l in enumerate(loras):
+        lam.append({})
+        for n in names:
+            W = base.weight(n).double().reshape(base.weight(n).shape[0], -1)
+            if n in l.modules:
+                W = W + l.modules[n].delta(torch.float64).reshape(W.shape)
+            lam[i][n] = float(W.norm() ** 2 / (X[i][n] @ W.t()).norm() ** 2)
+    stats0 = [{n: (X[i][n].t() @ X[i][n], X[i][n].t() @ X[i][n]) for n in names} for i in range(len(loras))]
+    return lora_models, per_sample, X, lam, stats0
+
+
 @pytest.mark.parametrize("untouched,toward", [("skip", "mean"), ("zero", "mean"), ("skip", "sum"), ("zero", "sum")])
 def test_streaming_equals_brute_force(tiny_models, untouched, toward):
     base = _double(tiny_models["sd1"])
@@ -112,18 +130,7 @@ def test_streaming_equals_brute_force(tiny_models, untouched, toward):
 
     names = sorted(set(loras[0].modules) | set(loras[1].modules))
     seeds = [5, 6]
-    lora_models = [Edit("sd1", base.unet_config, l.deltas(torch.float64)).apply(base) for l in loras]
-    per_sample = [[p[k % len(p)] for k in range(2)] for p in PROMPTS]
-    X = [_features([lm], names, per_sample[i], seeds)[0] for i, lm in enumerate(lora_models)]
-    lam = []
-    for i, l in enumerate(loras):
-        lam.append({})
-        for n in names:
-            W = base.weight(n).double().reshape(base.weight(n).shape[0], -1)
-            if n in l.modules:
-                W = W + l.modules[n].delta(torch.float64).reshape(W.shape)
-            lam[i][n] = float(W.norm() ** 2 / (X[i][n] @ W.t()).norm() ** 2)
-    stats0 = [{n: (X[i][n].t() @ X[i][n], X[i][n].t() @ X[i][n]) for n in names} for i in range(2)]
+    lora_models, per_sample, X, lam, stats0 = _iteration0(base, loras, names, seeds)
     dw0 = _solve(base, loras, names, stats0, lam, untouched, toward)
     merged0 = Edit("sd1", base.unet_config, dw0).apply(base)
     stats1 = []
@@ -179,18 +186,7 @@ def test_sequential_schedule_equals_brute_force_stage_by_stage(tiny_models):
     names = sorted(set(loras[0].modules) | set(loras[1].modules))
     assert sorted(n for st in stages for n in st) == names
     seeds = [5, 6]
-    lora_models = [Edit("sd1", base.unet_config, l.deltas(torch.float64)).apply(base) for l in loras]
-    per_sample = [[p[k % len(p)] for k in range(2)] for p in PROMPTS]
-    X = [_features([lm], names, per_sample[i], seeds)[0] for i, lm in enumerate(lora_models)]
-    lam = []
-    for i, l in enumerate(loras):
-        lam.append({})
-        for n in names:
-            W = base.weight(n).double().reshape(base.weight(n).shape[0], -1)
-            if n in l.modules:
-                W = W + l.modules[n].delta(torch.float64).reshape(W.shape)
-            lam[i][n] = float(W.norm() ** 2 / (X[i][n] @ W.t()).norm() ** 2)
-    stats0 = [{n: (X[i][n].t() @ X[i][n], X[i][n].t() @ X[i][n]) for n in names} for i in range(2)]
+    lora_models, per_sample, X, lam, stats0 = _iteration0(base, loras, names, seeds)
     cur = _solve(base, loras, names, stats0, lam, "skip", "sum")
     for stage in stages:                          # Gauss–Seidel: the merge as it stands before this stage
         merged = Edit("sd1", base.unet_config, dict(cur)).apply(base)
