@@ -289,7 +289,8 @@ class IterISSolver:
                            statistics_estimate_bytes=max([c.bytes for c in out], default=0))
         # the sequential schedule's iterations: every memory chunk cut at the depth stages, shallow to deep
         self.stage_plan = out
-        if o.schedule == "sequential" and not self.regmean and o.iterations > 0:
+        self.sequential = o.schedule == "sequential" and not self.regmean and o.iterations > 0
+        if self.sequential:
             staged = []
             for c in out:
                 by = {}
@@ -505,7 +506,7 @@ class IterISSolver:
         stage's solution replaces the previous merge in the hooks before the deeper stages' passes."""
         k = len(self.loras)
         state = ({}, set())
-        sequential = solve and merged is not None and self.stage_plan is not self.plan
+        sequential = solve and merged is not None and self.sequential
         plan = self.stage_plan if sequential else self.plan
         for chunk in plan:
             num, den = {}, {}
@@ -600,7 +601,7 @@ class IterISSolver:
         report = {
             "iterations": max(0, len(self.curve) - 1),
             "converged": converged,
-            "schedule": "sequential" if self.stage_plan is not self.plan else "jacobi",
+            "schedule": "sequential" if self.sequential else "jacobi",
             "curve": self.curve,
             "residuals": residuals,
             "lambdas": {n: [self.lam[i].get(n) for i in range(len(self.loras))] for n in self.names},
