@@ -10,8 +10,10 @@ word list, so common words are one token (as in CLIP) and any text still tokeniz
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -108,9 +110,32 @@ def _apply_bpe(syms: list[str], ranks: dict) -> list[str]:
 def build_word_tokenizer(model_max_length: int = 77, pad_token: str = EOS, words=DEFAULT_WORDS):
     from transformers import CLIPTokenizer
 
-    d = Path(tempfile.mkdtemp(prefix="ws-tok-"))
-    write_word_vocab(d, words, model_max_length, pad_token)
+    key = hashlib.sha256(json.dumps([model_max_length, pad_token, list(words)]).encode()).hexdigest()[:16]
+    d = _cache_folder(f"word-tokenizer-{key}", lambda f: write_word_vocab(f, words, model_max_length, pad_token))
     return CLIPTokenizer.from_pretrained(str(d), local_files_only=True)
+
+
+def _cache_folder(name: str, write) -> Path:
+    """``<user cache>/weightsmith/<name>``, made once by ``write(folder)`` in a temporary folder beside
+    it and renamed into place whole (a reader never sees half a folder; a process that loses the race
+    uses the winner's). Where the cache cannot be written, the temporary folder is used instead."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "weightsmith" / name
+    if cache.is_dir():
+        return cache
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache.parent))
+    except OSError:
+        tmp = Path(tempfile.mkdtemp(prefix=f"ws-{name}-"))
+    write(tmp)
+    try:
+        os.replace(tmp, cache)
+    except OSError:        # another process won the race, or the cache is read-only
+        if cache.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+            return cache
+        return tmp
+    return cache
 
 
 CLIP_BPE = Path(__file__).resolve().parent / "assets" / "clip_bpe" / "bpe_simple_vocab_16e6.txt.gz"
@@ -121,25 +146,18 @@ def bundled_clip_tokenizer_dir() -> Path:
     (the same construction as CLIP's SimpleTokenizer), cached in a user cache folder."""
     import gzip
 
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "weightsmith" / "clip-tokenizer"
-    if (cache / "vocab.json").exists() and (cache / "merges.txt").exists():
-        return cache
-    lines = gzip.open(CLIP_BPE, "rt", encoding="utf-8").read().split("\n")
-    merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1]]
-    chars = list(_bytes_to_unicode().values())
-    vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + [BOS, EOS]
-    tmp = Path(tempfile.mkdtemp(prefix="ws-cliptok-"))
-    (tmp / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
-    (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    (tmp / "tokenizer_config.json").write_text(json.dumps({
-        "model_max_length": 77, "bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS,
-        "do_lower_case": True, "tokenizer_class": "CLIPTokenizer"}))
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(tmp, cache)
-    except OSError:        # another process won the race, or the cache is read-only
-        return cache if (cache / "vocab.json").exists() else tmp
-    return cache
+    def write(folder: Path):
+        lines = gzip.open(CLIP_BPE, "rt", encoding="utf-8").read().split("\n")
+        merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1]]
+        chars = list(_bytes_to_unicode().values())
+        vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + [BOS, EOS]
+        (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
+        (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+        (folder / "tokenizer_config.json").write_text(json.dumps({
+            "model_max_length": 77, "bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS,
+            "do_lower_case": True, "tokenizer_class": "CLIPTokenizer"}))
+
+    return _cache_folder("clip-tokenizer", write)
 
 
 def find_clip_tokenizer(explicit: str | os.PathLike | None = None, host_dirs=()):

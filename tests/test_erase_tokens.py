@@ -81,3 +81,34 @@ def test_bundled_clip_vocabulary_gives_openai_clip_ids(tmp_path, monkeypatch):
     # ids of OpenAI's CLIP tokenizer (openai/clip-vit-large-patch14) for this text
     assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
     assert len(tok) == 49408 and tok.model_max_length == 77
+
+
+def test_word_tokenizer_folder_is_cached_once_not_left_in_tmp(tmp_path, monkeypatch):
+    """Random models build their tokenizer folder in the user cache, keyed by its contents: building it
+    again (a new process) reuses it and nothing is left behind in the temporary folder."""
+    import tempfile
+    from pathlib import Path
+
+    from weightsmith.core.tokenizer import write_word_vocab
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    build_word_tokenizer.cache_clear()
+    try:
+        a = build_word_tokenizer(77, "!")
+        build_word_tokenizer.cache_clear()
+        b = build_word_tokenizer(77, "!")
+        c = build_word_tokenizer(64)
+    finally:
+        build_word_tokenizer.cache_clear()
+    assert a.name_or_path == b.name_or_path != c.name_or_path
+    assert sorted(p.name for p in (tmp_path / "cache" / "weightsmith").iterdir()) == sorted(
+        {Path(t.name_or_path).name for t in (a, c)})
+    assert list(tmp.iterdir()) == []
+    ref = write_word_vocab(tmp_path / "ref", model_max_length=77, pad_token="!")
+    for f in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        assert (ref / f).read_bytes() == (Path(a.name_or_path) / f).read_bytes()
+    text = "a red circle on the left, van gogh style"
+    assert a(text).input_ids == b(text).input_ids
