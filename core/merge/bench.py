@@ -27,6 +27,8 @@ import json
 import sys
 import time
 
+from ..memory import release_free_heap
+
 PROMPTS = [["a photo of a red cat", "a red cat on a tree", "a small red cat in a garden", "portrait of a red cat"],
            ["a city street at night, van gogh style", "a river in van gogh style", "a church by van gogh",
             "a bright sky over the sea, van gogh"]]
@@ -113,7 +115,7 @@ def run_memory(args) -> int:
     loras = [lora_from_state_dict(random_lora(model, groups=groups, rank=args.rank, seed=args.seed + 1 + i,
                                               strength=0.2)[0], model, name=f"lora{i + 1}")
              for i in range(args.loras)]
-    _trim()
+    release_free_heap()
     rss_inputs = memory.rss()
     prompts = [[p + f" {i}" for p in PROMPTS[i % 2]] for i in range(args.loras)]
     base = dict(iterations=args.iterations, tol=0.0, steps=args.steps, latent_size=args.latent_size,
@@ -134,7 +136,7 @@ def run_memory(args) -> int:
     plans = [("budget", args.max_memory)] + ([("one pass (today's path)", 1e6)] if args.compare else [])
     edits = []
     for label, gb in plans:
-        _trim()
+        release_free_heap()
         with memory.PeakRSS() as m:
             edit = merge(model, loras, "iteris", prompts=prompts, options=MergeOptions(max_memory_gb=gb, **base),
                          progress=None if args.json else _every_minute(label))
@@ -301,18 +303,6 @@ def reference_iteris(model, loras, samples, opts):
     return cur, peak
 
 
-def _trim() -> None:
-    """Give freed heap memory back to the OS so each RSS peak is measured from a clean level."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def run(args) -> int:
     import torch
 
@@ -377,14 +367,14 @@ def run(args) -> int:
     ours_edit = None
     for n in counts:
         opts = MergeOptions(samples=n, **base)
-        _trim()
+        release_free_heap()
         with PeakRSS() as m_ours:
             edit = merge(model, loras, "iteris", prompts=PROMPTS, options=opts)
         ours_edit = edit
         r = edit.report
         forward_s = r["unet_passes"] * t_unet + r["text_encoder_passes"] * t_te
         samples = [make_samples(p, n, args.seed) for p in PROMPTS]
-        _trim()
+        release_free_heap()
         with PeakRSS() as m_ref:
             ref_fac, ref_bytes = reference_iteris(model, loras, samples, opts)
         diff = max(float(((U @ V).reshape(edit.deltas[k].shape).float() - edit.deltas[k]).norm()

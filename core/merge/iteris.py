@@ -305,6 +305,8 @@ class IterISSolver:
     def _statistics_budget(self, reserve: int):
         """(budget, in use now, left for statistics) in bytes, where the statistics live."""
         o = self.opts
+        if self.gdev.type == "cpu":
+            memory.release_free_heap()      # "in use" is what is held, not the heap's free pages
         budget = int(o.max_memory_gb * memory.GIB) if o.max_memory_gb else memory.default_budget(self.gdev)
         used = memory.used_bytes(self.gdev)
         return budget, used, (None if budget is None else budget - used - reserve)
@@ -389,6 +391,12 @@ class IterISSolver:
         self.stats.check_paired()
         self.stats.projections = {}
         self.n_passes += 1
+
+    def _release(self):
+        """Between passes: the freed statistics' heap pages back to the OS, so the process holds what
+        the plan counts (docs/merge.md, "Memory")."""
+        if self.gdev.type == "cpu":
+            memory.release_free_heap(collect=False)
 
     # -- per-module algebra ---------------------------------------------------------------------
     def _base_weight(self, n):
@@ -513,12 +521,14 @@ class IterISSolver:
             for i in range(k):
                 self._pass(i, merged is not None, label.format(i=i + 1, k=k), chunk, plan)
                 self._accumulate(i, iteration, chunk, num, den, merged, obj)
+                self._release()
             if solve:
                 self._solve(num, den, chunk.names, state)
                 if sequential:
                     self.hooks.add("merged", ((n, (self._U(n, n in state[1]), state[0][n].to(self.gdev, torch.float64)))
                                               for n in chunk.names), update=True)
             del num, den
+            self._release()
         if solve:
             planned = {n for c in self.plan for n in c.names}
             self._solve({}, {}, [n for n in self.names if n not in planned], state)
