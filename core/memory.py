@@ -67,12 +67,23 @@ def default_budget(device="cpu") -> int | None:
         return None
     cap = int(DEFAULT_SHARE * tot)
     if av is not None:
-        cap = min(cap, used_bytes(device) + int(0.9 * av))
+        cap = min(cap, free_budget(device))
     return cap
 
 
+def free_budget(device="cpu") -> int | None:
+    """``used now + 0.9 × available now``: everything the machine can still give this process (the
+    default budget's fallback for a process, such as a web UI with its model loaded, that already
+    holds most of :data:`DEFAULT_SHARE`)."""
+    av = available_bytes(device)
+    return None if av is None else used_bytes(device) + int(0.9 * av)
+
+
 def gib(n: float | None) -> str:
-    return "?" if n is None else f"{n / GIB:.1f} GB"
+    """A size for people: ``15.3 GB``; below 0.1 GB in MB (``37 MB``), so no size reads as 0.0 GB."""
+    if n is None:
+        return "?"
+    return f"{n / GIB:.1f} GB" if abs(n) >= 0.1 * GIB else f"{n / 2**20:.0f} MB"
 
 
 def release_free_heap(collect: bool = True) -> None:

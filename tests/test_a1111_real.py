@@ -1,5 +1,6 @@
-"""The tab in a REAL AUTOMATIC1111 v1.10.1 or a REAL Forge (SD1), when ``WEIGHTSMITH_A1111_DIR`` /
-``WEIGHTSMITH_FORGE_DIR`` names a build.
+"""The tab in a REAL AUTOMATIC1111 v1.10.1 or a REAL Forge, when ``WEIGHTSMITH_A1111_DIR`` /
+``WEIGHTSMITH_FORGE_DIR`` names a build: once per family whose random checkpoint the build holds
+(:data:`CHECKPOINTS`; SD1, SD2, SDXL), the web UI started with ``--ckpt`` on it.
 
 A build (docs/a1111.md, "A real A1111 for tests"): ``DIR/webui`` (the web UI with a checkpoint in
 ``models/Stable-diffusion``), ``DIR/venv`` (its python) and, for A1111, ``DIR/hf`` (the offline
@@ -7,8 +8,8 @@ Hugging Face cache; Forge ships its tokenizers). This test copies the current ch
 ``webui/extensions/weightsmith``, removes what an earlier run saved (``ws-real-*``), starts the web
 UI on a free loopback port (CPU, ``--loglevel DEBUG`` so A1111's Lora extension logs unmatched keys;
 Forge's prints them always), runs ``tests/a1111/drive_real_a1111.py`` with the web UI's own python,
-and stops it. ≈ 4 minutes on 2 CPU cores; about 14 GB of memory at its peak for SD1.5 in float32
-(measured VmHWM: 14.0 GB A1111, 13.8 GB Forge).
+and stops it. ≈ 4–6 minutes per family on 2 CPU cores; at its peak, in float32, 13–14 GB for SD1.5
+and 17–17.5 GB for SD2 (measured VmHWM).
 """
 import json
 import os
@@ -31,11 +32,22 @@ HOSTS = {
 }
 
 
+#: the random-weight checkpoint of each family in a build's models/Stable-diffusion (docs/a1111.md
+#: says how each is made); the web UI is started with it (--ckpt)
+CHECKPOINTS = {"sd1": "random-sd15.safetensors", "sd2": "random-sd2.safetensors",
+               "sdxl": "random-sdxl.safetensors"}
+
+
 def _host_params():
     for host, (var, what, _) in HOSTS.items():
-        yield pytest.param(host, marks=pytest.mark.skipif(
-            not os.environ.get(var), reason=f"{var} is not set: it names {what}, see docs/a1111.md "
-                                            "'A real A1111 for tests'"))
+        for family, ckpt in CHECKPOINTS.items():
+            root = os.environ.get(var)
+            skip = (f"{var} is not set: it names {what}, see docs/a1111.md 'A real A1111 for tests'" if not root
+                    else None if (Path(root) / "webui" / "models" / "Stable-diffusion" / ckpt).is_file()
+                    else f"{root} has no models/Stable-diffusion/{ckpt} (the {family} checkpoint; docs/a1111.md "
+                         "says how to make one)")
+            yield pytest.param((host, family), id=f"{host}-{family}",
+                               marks=pytest.mark.skipif(skip is not None, reason=skip or ""))
 
 
 def _port():
@@ -61,7 +73,7 @@ def _copy_checkout(dst: Path):
 
 @pytest.fixture(scope="module", params=list(_host_params()))
 def webui(request, tmp_path_factory):
-    host = request.param
+    host, family = request.param
     var, _, host_args = HOSTS[host]
     root = Path(os.environ[var])
     w, py = root / "webui", root / "venv" / "bin" / "python"
@@ -70,14 +82,15 @@ def webui(request, tmp_path_factory):
     for d in (w / "models" / "Lora", w / "models" / "Stable-diffusion"):
         for f in d.glob("ws-real-*"):
             f.unlink()
-    log = tmp_path_factory.mktemp(host) / "webui.log"
+    log = tmp_path_factory.mktemp(f"{host}-{family}") / "webui.log"
     port = _port()
     env = dict(os.environ, HF_HOME=str(root / "hf"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                GRADIO_ANALYTICS_ENABLED="False", no_proxy="127.0.0.1,localhost")
     env.pop("PYTHONPATH", None)
     with open(log, "wb") as out:
         proc = subprocess.Popen([str(py), "launch.py", "--skip-prepare-environment", "--skip-torch-cuda-test",
-                                 *host_args, "--api", "--server-name", "127.0.0.1", "--port", str(port),
+                                 *host_args, "--ckpt", str(w / "models" / "Stable-diffusion" / CHECKPOINTS[family]),
+                                 "--api", "--server-name", "127.0.0.1", "--port", str(port),
                                  "--loglevel", "DEBUG"], cwd=w, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -94,7 +107,7 @@ def webui(request, tmp_path_factory):
                 pass
             assert time.time() < deadline, f"the web UI did not come up:\n{log.read_text(errors='replace')[-3000:]}"
             time.sleep(2)
-        yield {"host": host, "url": url, "log": log, "python": py, "proc": proc}
+        yield {"host": host, "family": family, "url": url, "log": log, "python": py, "proc": proc}
     finally:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -114,7 +127,7 @@ def _peak_rss_gb(pid):
         return None
 
 
-def test_tab_in_real_webui_sd1(webui):
+def test_tab_in_real_webui(webui):
     r = subprocess.run([str(webui["python"]), str(HERE / "a1111" / "drive_real_a1111.py"), webui["url"],
                         str(webui["log"]), webui["host"]], capture_output=True, text=True, timeout=1800)
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)

@@ -126,3 +126,29 @@ def test_release_free_heap_hands_freed_heap_blocks_back():
     assert held - before > -50 * 2**20, "the freed blocks left the heap without a trim (nothing to show)"
     assert held - after > 150 * 2**20, (before, held, after)
     del keep
+
+
+def test_default_budget_full_by_the_process_itself_falls_back_to_what_is_free(tiny_models, monkeypatch):
+    """A web UI that already holds most of the default share (its model loaded) gets what the machine
+    has free rather than a refusal; a budget the user gave is never raised; the report says so."""
+    from weightsmith.core import memory
+
+    model = tiny_models["sd1"]
+    loras = _loras(model)
+    used = 10 * memory.GIB
+    monkeypatch.setattr(memory, "used_bytes", lambda device="cpu": used)
+    monkeypatch.setattr(memory, "default_budget", lambda device="cpu": used + 2**20)   # 1 MB left
+    monkeypatch.setattr(memory, "free_budget", lambda device="cpu": used + 4 * memory.GIB)
+    solver = IterISSolver(model, loras, [1.0, 1.0], [[], []], MergeOptions(**OPTS))
+    assert solver.memory["budget_bytes"] == used + 4 * memory.GIB
+    assert "raised to what is free: 14.0 GB" in solver.memory["budget_rule"]
+    assert len(solver.plan) == 1 and not solver.fallback_reasons
+    edit = merge(model, loras, "iteris", prompts=PROMPTS, options=MergeOptions(**OPTS))
+    assert "budget_rule" in edit.report["memory"]
+    # nothing free either: still the clear error, its sizes readable (MB, not "0.0 GB")
+    monkeypatch.setattr(memory, "free_budget", lambda device="cpu": used + 2**20)
+    with pytest.raises(WeightsmithError, match=r"need \d+ MB|need \d+\.\d GB"):
+        IterISSolver(model, loras, [1.0, 1.0], [[], []], MergeOptions(**OPTS))
+    # a budget given by the user is kept as given
+    with pytest.raises(WeightsmithError, match="--max-memory"):
+        IterISSolver(model, loras, [1.0, 1.0], [[], []], MergeOptions(max_memory_gb=10.001, **OPTS))

@@ -112,6 +112,8 @@ def merge(model, loras, method: str = "iteris", weights=None, prompts=None,
         plan = solver.memory
         groups = (f" in {plan['chunks']} layer groups (memory budget {gib(plan['budget_bytes'])})"
                   if plan["chunks"] > 1 else "")
+        if plan.get("budget_rule"):
+            groups += f"; {plan['budget_rule']}"
         steps.start(f"{method}: {n_pass} passes ({k} LoRAs{groups}), each {opts.samples} samples × "
                     f"{opts.steps} steps; the time left shows after the first step")
         solver.steps_counter, solver.check = steps, steps.check

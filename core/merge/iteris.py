@@ -252,6 +252,17 @@ class IterISSolver:
         # text-only groups first and in chunks of their own: their passes need no UNet run
         order = sorted(groups, key=lambda g: (unet_group(g), g))
         sizes = self.group_bytes = {g: group_bytes(groups[g]) for g in order}
+        if (not o.max_memory_gb and avail is not None and sizes and min(sizes.values()) > avail
+                and self.gdev.type == "cpu"):
+            # the default share leaves no room (a web UI already holds its model): what the machine
+            # still has free instead (docs/merge.md, "Memory")
+            free = memory.free_budget(self.gdev)
+            if free is not None and free > budget:
+                self.memory["budget_rule"] = (f"the process already held {memory.gib(used)} of the default "
+                                              f"{memory.gib(budget)} ({int(memory.DEFAULT_SHARE * 100)}% of the "
+                                              f"machine); budget raised to what is free: {memory.gib(free)}")
+                budget, avail = free, free - used - reserve
+                self.memory.update(budget_bytes=budget, statistics_budget_bytes=avail)
         split = avail is not None and sum(sizes.values()) > avail
         chunks, cur, cur_b = [], [], 0
         too_big = []
