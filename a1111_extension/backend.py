@@ -363,7 +363,7 @@ class Workbench:
         return compute(), "a newly computed edit (nothing was applied)"
 
     def save_lora(self, edit: Edit, name: str, rank=None, fmt: str = "lora", extra_meta=None) -> str:
-        from ..core.lora_write import save_lora
+        from ..core.lora_write import export_note, save_lora
 
         d = self.backend.lora_dir()
         out = d / output_name(name, f"ws-{edit.report.get('method', 'edit')}")
@@ -372,9 +372,7 @@ class Workbench:
         meta.update(extra_meta or {})
         info = save_lora(edit, out, rank=int(rank) if rank else None, fmt=fmt, metadata=meta)  # siblings: the writer's rule
         self.backend.refresh_loras()
-        err = info.get("max_error", 0.0)
-        tail = f"; largest relative export error {err:.2e} (raise Rank to lower it)" if err > 1e-6 else "; exact"
-        return f"Saved LoRA {out} (rank {info.get('rank')}{tail})."
+        return f"Saved LoRA {out} (rank {info.get('rank')}; {export_note(info)})."
 
     def save_checkpoint(self, edit: Edit, name: str) -> str:
         d = self.backend.checkpoint_dir()

@@ -154,4 +154,16 @@ def save_lora(edit: Edit, path, rank: int | None = None, fmt: str = "lora",
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
     atomic_save_file({k: (v.to(dtype) if v.dim() else v) for k, v in tensors.items()}, path, meta)
     return {"errors": errors, "max_error": max(errors.values()) if errors else 0.0,
-            "rank": max(ranks) if ranks else None}
+            "rank": max(ranks) if ranks else None, "rank_cap": None if rank is None else int(rank)}
+
+
+def export_note(info: dict) -> str:
+    """How exactly a written LoRA holds the edit, for people (one wording for every host): ``exact``;
+    at full rank, what only float precision dropped (singular values under ``WRITE_RTOL`` of the
+    largest); with a rank cap, the truncation error and how to lower it."""
+    err = float(info.get("max_error") or 0.0)
+    if err <= 1e-6:
+        return "exact"
+    if info.get("rank_cap") is None:
+        return f"exact to float precision (largest relative error {err:.1e})"
+    return f"largest relative export error {err:.2e} at rank {info['rank_cap']} (raise Rank to lower it)"

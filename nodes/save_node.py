@@ -59,7 +59,7 @@ class WeightsmithSaveEditAsLora:
         import folder_paths
 
         from ..core.errors import WeightsmithError
-        from ..core.lora_write import save_lora
+        from ..core.lora_write import export_note, save_lora
 
         with user_errors():
             out_dir = lora_output_dir()
@@ -76,5 +76,5 @@ class WeightsmithSaveEditAsLora:
             register_output_loras()
             lora_name = os.path.join(sub, fname) if sub else fname
             text = (f"saved {os.path.join(SUBFOLDER, lora_name)}\nmodules: {len(info['errors'])}, rank: {info['rank']}, "
-                    f"max relative error: {info['max_error']:.2e}\nload it with Load LoRA as {lora_name!r}")
+                    f"{export_note(info)}\nload it with Load LoRA as {lora_name!r}")
         return {"ui": ui_text(text), "result": (lora_name.replace(os.sep, "/"),)}

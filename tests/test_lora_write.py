@@ -88,6 +88,35 @@ def test_fused_open_clip_siblings_are_completed(tiny_models, tmp_path):
     assert all(float(m.delta().abs().max()) == 0 for k, m in back.modules.items() if k != n)
 
 
+def test_export_note_tells_float_precision_from_a_rank_cap(tiny_models, tmp_path):
+    """A dense ΔW written at its numerical rank loses only singular values under the write tolerance:
+    the note says exact to float precision, never "raise Rank" (which cannot help); under a rank cap
+    the note gives the truncation error, checked against the SVD's own tail."""
+    from weightsmith.core.edit import Edit
+    from weightsmith.core.factor import WRITE_RTOL
+    from weightsmith.core.lora_write import export_note, save_lora
+
+    model = tiny_models["sd1"]
+    n = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    o, i = model.weight(n).shape
+    g = torch.Generator().manual_seed(0)
+    S = torch.tensor([1.0, 0.5, 0.25, 0.95 * WRITE_RTOL, 0.9 * WRITE_RTOL], dtype=torch.float64)  # rank 3 + 2 tiny
+    U = torch.linalg.qr(torch.randn(o, 5, generator=g, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(i, 5, generator=g, dtype=torch.float64))[0]
+    delta = (U * S.double()) @ V.t()
+    e = Edit("sd1", model.unet_config, {n: delta}, {}, {"method": "test"})
+    full = save_lora(e, tmp_path / "full.safetensors")
+    tail = float(S[3:].norm() / S.norm())
+    assert full["rank"] == 3 and full["rank_cap"] is None and abs(full["max_error"] - tail) < 1e-8
+    note = export_note(full)
+    assert note.startswith("exact to float precision") and "Rank" not in note
+    capped = save_lora(e, tmp_path / "capped.safetensors", rank=1)
+    assert abs(capped["max_error"] - float(S[1:].norm() / S.norm())) < 1e-5
+    assert "at rank 1" in export_note(capped) and "raise Rank" in export_note(capped)
+    assert export_note({"max_error": 0.0, "rank_cap": 4}) == "exact"
+    assert tail > 1e-6
+
+
 # ----------------------------------------------------------------------------------------------
 # every LoRA we write loads exactly in diffusers' load_lora_weights: erase (all methods) and merge,
 # SD1 / SD2 / SDXL (issue 12: an erasepro LoRA with text-encoder k/v was refused, and modules of a
