@@ -316,8 +316,7 @@ class IterISSolver:
     def _statistics_budget(self, reserve: int):
         """(budget, in use now, left for statistics) in bytes, where the statistics live."""
         o = self.opts
-        if self.gdev.type == "cpu":
-            memory.release_free_heap()      # "in use" is what is held, not the heap's free pages
+        self._release(collect=True)         # "in use" is what is held, not the heap's free pages
         budget = int(o.max_memory_gb * memory.GIB) if o.max_memory_gb else memory.default_budget(self.gdev)
         used = memory.used_bytes(self.gdev)
         return budget, used, (None if budget is None else budget - used - reserve)
@@ -403,11 +402,11 @@ class IterISSolver:
         self.stats.projections = {}
         self.n_passes += 1
 
-    def _release(self):
-        """Between passes: the freed statistics' heap pages back to the OS, so the process holds what
-        the plan counts (docs/merge.md, "Memory")."""
+    def _release(self, collect: bool = False):
+        """Before planning and between passes: the C heap's free pages back to the OS, so the process
+        holds what the plan counts (docs/merge.md, "Memory"); statistics on a GPU: nothing to do."""
         if self.gdev.type == "cpu":
-            memory.release_free_heap(collect=False)
+            memory.release_free_heap(collect=collect)
 
     # -- per-module algebra ---------------------------------------------------------------------
     def _base_weight(self, n):
