@@ -296,7 +296,9 @@ class Workbench:
             lines = [x for x in plines if x]
             per = [[s.strip() for s in ln.split("|") if s.strip()] for ln in lines]
             p = per[0] if len(per) == 1 and len(names) > 1 else per
-        opts = _options(MergeOptions, settings or {})
+        from ..core.merge.options import machine_is_cpu, with_quick
+
+        opts = _options(MergeOptions, with_quick(settings or {}, machine_is_cpu()))   # docs/merge.md, "Speed"
         with self._job("Weightsmith: merge LoRAs") as (progress, cancel):
             model = self.backend.model()
             loras = []

@@ -11,13 +11,19 @@ import traceback
 from types import SimpleNamespace
 
 from ..core.erase.options import TE_SUBLAYERS, EraseOptions
-from ..core.merge.options import MergeOptions
+from ..core.merge.options import MergeOptions, host_default, machine_is_cpu
 from ..core.optspec import spec
 from ..core.report import TABLE_HEADERS
 from .backend import ERASE_METHODS, Workbench, merge_methods, user_message
 
 E = lambda name: spec(EraseOptions, name)   # noqa: E731  defaults, labels and help: declared once in core
 M = lambda name: spec(MergeOptions, name)   # noqa: E731
+CPU = machine_is_cpu()                       # the merge widgets start from the quick settings there
+
+
+def MD(name: str):
+    """The default the tab shows for merge option ``name`` (core.merge.options.host_default)."""
+    return host_default(name, CPU)
 
 
 def _layer_range(text: str):
@@ -90,9 +96,9 @@ def _merge_tab(gr, backend):
                                        "empty: from each LoRA's training tags)", lines=2, value="")
         with gr.Row():
             m_method = gr.Dropdown(list(merge_methods()), value=merge_methods()[0], label="Method")
-            iterations = gr.Number(value=M("iterations").default, label=M("iterations").label, precision=0)
-            samples = gr.Number(value=M("samples").default, label=M("samples").label, precision=0)
-            steps = gr.Number(value=M("steps").default, label=M("steps").label, precision=0)
+            iterations = gr.Number(value=MD("iterations"), label=M("iterations").label, precision=0, info=M("iterations").help)
+            samples = gr.Number(value=MD("samples"), label=M("samples").label, precision=0, info=M("samples").help)
+            steps = gr.Number(value=MD("steps"), label=M("steps").label, precision=0, info=M("steps").help)
             seed = gr.Number(value=M("seed").default, label=M("seed").label, precision=0)
         with gr.Accordion("Advanced", open=False):
             max_memory = gr.Number(value=M("max_memory_gb").default, label=M("max_memory_gb").label,
@@ -182,7 +188,7 @@ def build_ui(backend, *, workbench: Workbench | None = None):
     def on_merge(loras, weights, prompts, method, iterations, samples, steps, seed, name, rank, apply_too,
                  max_memory=None, ridge_toward=None, progress=gr.Progress()):
         def fn():
-            settings = {k: int(_float(v, M(k).default)) for k, v in
+            settings = {k: int(_float(v, MD(k))) for k, v in
                         (("iterations", iterations), ("samples", samples), ("steps", steps), ("seed", seed))}
             settings["max_memory_gb"] = _float(max_memory, M("max_memory_gb").default)
             settings["ridge_toward"] = ridge_toward or M("ridge_toward").default

@@ -11,7 +11,7 @@ import logging
 import time
 import os
 
-from ..core.merge.options import METHODS, MergeOptions
+from ..core.merge.options import METHODS, MergeOptions, host_default, machine_is_cpu, with_quick
 from .common import (CATEGORY, EDIT_TYPE, STACK_TYPE, format_report, host_progress, lines, options_of,
                      report_picture, ui_text, user_errors, widget)
 
@@ -85,6 +85,7 @@ class WeightsmithIterISMerge:
 
     @classmethod
     def INPUT_TYPES(cls):
+        cpu = machine_is_cpu()
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "The base model (SD1.x, SD2.x or SDXL) the LoRAs were trained for."}),
@@ -93,11 +94,13 @@ class WeightsmithIterISMerge:
                 "method": (MERGE_METHODS, {"default": "iteris",
                                            "tooltip": "iteris: IterIS (best, needs sample prompts). Baselines: "
                                                       "linear (weighted sum), concat, svd, ties, dare, regmean."}),
-                "iterations": widget(MergeOptions, "iterations", "INT"),
-                "samples": widget(MergeOptions, "samples", "INT"),
-                "steps": widget(MergeOptions, "steps", "INT"),
+                # on a machine without a GPU these four start from core's quick settings (docs/merge.md, "Speed")
+                "iterations": widget(MergeOptions, "iterations", "INT", default=host_default("iterations", cpu)),
+                "samples": widget(MergeOptions, "samples", "INT", default=host_default("samples", cpu)),
+                "steps": widget(MergeOptions, "steps", "INT", default=host_default("steps", cpu)),
                 # ComfyUI's INT widget needs a number: 512 here (core's default is the model's native size)
-                "resolution": widget(MergeOptions, "resolution", "INT", default=512),
+                "resolution": widget(MergeOptions, "resolution", "INT",
+                                     default=host_default("resolution", cpu, default=512)),
                 "seed": widget(MergeOptions, "seed", "INT"),
             },
             "optional": {
@@ -125,10 +128,10 @@ class WeightsmithIterISMerge:
             weights = [e["weight"] for e in stack]
             prompts = [list(e["prompts"]) for e in stack]
             prompts = prompts if any(prompts) else None
-            opts = options_of(MergeOptions, iterations=int(iterations), samples=int(samples), steps=int(steps),
-                              resolution=int(resolution), seed=int(seed), untouched=untouched,
-                              ridge_toward=ridge_toward,
-                              max_memory_gb=None if max_memory_gb is None else float(max_memory_gb))
+            values = dict(iterations=int(iterations), samples=int(samples), steps=int(steps),
+                          resolution=int(resolution), seed=int(seed), untouched=untouched, ridge_toward=ridge_toward,
+                          max_memory_gb=None if max_memory_gb is None else float(max_memory_gb))
+            opts = options_of(MergeOptions, **with_quick(values, machine_is_cpu()))
             logging.info("Weightsmith: merging %d LoRAs (%s)", len(loras), method)
             edit = merge(sd, loras, method=method, weights=weights, prompts=prompts, options=opts,
                          progress=progress, cancel=cancel)

@@ -72,6 +72,23 @@ def test_iteris_merge_runs_from_the_tab(bench):
     assert wb.last_rows and all(r[3] is not None and r[3] > 0 for r in wb.last_rows)
 
 
+def test_the_tab_merges_with_the_quick_settings_no_widget_shows_on_a_cpu(bench, monkeypatch):
+    """Positions per sample, the widest statistics and the resolution have no widget: on a machine
+    without a GPU they come from core's quick settings, elsewhere from the declarations."""
+    from weightsmith.core.merge import options as mo
+
+    b, wb = bench
+    _random_loras(b.model(), b.lora_dir())
+    given = {"iterations": 1, "samples": 1, "steps": 1, "seed": 0, "evaluate_final": False}
+    for cpu in (True, False):
+        monkeypatch.setattr(mo, "machine_is_cpu", lambda cpu=cpu: cpu)
+        edit, _ = wb.compute_merge(["r0.safetensors", "r1.safetensors"], "", "a cat\na dog", "iteris", dict(given))
+        got = edit.report["options"]
+        for k in ("max_rows", "max_gram_dim", "resolution"):
+            assert got[k] == (mo.QUICK[k] if cpu else getattr(mo.MergeOptions(), k)), (cpu, k, got[k])
+        assert (got["iterations"], got["samples"], got["steps"]) == (1, 1, 1)     # what the widgets held
+
+
 def test_stacked_apply_and_exact_undo(bench):
     b, wb = bench
     model = b.model()

@@ -15,14 +15,14 @@ import pytest
 
 from weightsmith.core.erase.options import EraseOptions
 from weightsmith.core.errors import WeightsmithError
-from weightsmith.core.merge.options import MergeOptions
+from weightsmith.core.merge.options import QUICK, MergeOptions, machine_is_cpu, with_quick
 from weightsmith.core.optspec import from_values, parse_layer_range, spec, specs
 
 
 def test_option_modules_import_without_torch():
     code = ("import sys; sys.modules['torch'] = None; "
             "from weightsmith.core.erase.options import EraseOptions; "
-            "from weightsmith.core.merge.options import MergeOptions; "
+            "from weightsmith.core.merge.options import QUICK, MergeOptions, machine_is_cpu, with_quick; "
             "from weightsmith.core.erase import EraseOptions as E2; from weightsmith.core.merge import MergeOptions as M2; "
             "EraseOptions().validate(); MergeOptions().validate(); "
             "print(E2 is EraseOptions and M2 is MergeOptions, "
@@ -76,13 +76,13 @@ def cli_erase_options() -> EraseOptions:
     return from_values(EraseOptions, options_values(args))
 
 
-def cli_merge_defaults() -> dict:
+def cli_merge_options(*extra) -> MergeOptions:
     from weightsmith.core.cli import build_parser
+    from weightsmith.core.merge.cli import options_from_args
 
-    a = build_parser().parse_args(["merge", "--model", "m.safetensors", "--lora", "a.safetensors", "--out", "o.safetensors"])
-    return {"iterations": a.iterations, "samples": a.samples, "steps": a.steps, "seed": a.seed,
-            "untouched": a.untouched, "reg_coef": a.reg_coef, "alpha1": a.alpha, "tol": a.tol,
-            "max_memory_gb": a.max_memory, "ridge_toward": a.ridge_toward}
+    a = build_parser().parse_args(["merge", "--model", "m.safetensors", "--lora", "a.safetensors", "--out",
+                                   "o.safetensors", *extra])
+    return options_from_args(a)
 
 
 def comfy_defaults() -> tuple[dict, dict]:
@@ -154,20 +154,36 @@ def a1111_defaults() -> dict[str, object]:
     return {c.kw["label"]: c.kw.get("value") for c in fake.made if "label" in c.kw}
 
 
-def test_three_front_ends_show_the_same_defaults():
-    E, M = EraseOptions(), MergeOptions()
-    # CLI
+def _shown(cpu: bool) -> MergeOptions:
+    """What every front end starts a merge from on such a machine (core.merge.options.with_quick)."""
+    return from_values(MergeOptions, with_quick({}, cpu))
+
+
+def test_three_front_ends_show_the_same_defaults(monkeypatch):
+    from weightsmith.a1111_extension import ui
+    from weightsmith.nodes import merge_nodes
+
+    cpu = machine_is_cpu()
+    E, M = EraseOptions(), _shown(cpu)
+    # CLI: what is not given follows --speed (auto: quick on a CPU)
     assert cli_erase_options() == E
-    assert cli_merge_defaults() == {"iterations": M.iterations, "samples": M.samples, "steps": M.steps,
-                                    "seed": M.seed, "untouched": M.untouched, "reg_coef": M.reg_coef,
-                                    "alpha1": M.alpha1, "tol": M.tol, "max_memory_gb": M.max_memory_gb,
-                                    "ridge_toward": M.ridge_toward}
+    assert cli_merge_options() == (M, cpu)
+    assert cli_merge_options("--speed", "thorough") == (MergeOptions(), False)
+    assert cli_merge_options("--speed", "quick", "--samples", "6") == (
+        from_values(MergeOptions, with_quick({"samples": 6}, True)), True)
     # ComfyUI
     ce, cm = comfy_defaults()
     assert ce == {"tokens": E.tokens, "lam": E.lam, "method": "erasepro"}
     assert cm == {"iterations": M.iterations, "samples": M.samples, "steps": M.steps, "seed": M.seed,
                   "untouched": M.untouched, "max_memory_gb": M.max_memory_gb, "ridge_toward": M.ridge_toward,
                   "method": "iteris"}
+    # the other kind of machine: ComfyUI's widgets start from the declared defaults / the quick ones
+    monkeypatch.setattr(merge_nodes, "machine_is_cpu", lambda: not cpu)
+    other = _shown(not cpu)
+    _, cm2 = comfy_defaults()
+    assert (cm2["iterations"], cm2["samples"], cm2["steps"]) == (other.iterations, other.samples, other.steps)
+    assert (cm2["iterations"], cm2["samples"], cm2["steps"]) != (cm["iterations"], cm["samples"], cm["steps"])
+    monkeypatch.undo()
     # A1111 tab (labels come from core's declarations too)
     tab = a1111_defaults()
     for cls, name, want in ((EraseOptions, "tokens", E.tokens), (EraseOptions, "lam", E.lam),

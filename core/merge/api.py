@@ -114,10 +114,14 @@ def merge(model, loras, method: str = "iteris", weights=None, prompts=None,
                   if plan["chunks"] > 1 else "")
         if plan.get("budget_rule"):
             groups += f"; {plan['budget_rule']}"
+        px = solver.latent * 8
+        rows = f", at most {opts.max_rows} positions per layer" if opts.max_rows else ""
         steps.start(f"{method}: {n_pass} passes ({k} LoRAs{groups}), each {opts.samples} samples × "
-                    f"{opts.steps} steps; the time left shows after the first step")
+                    f"{opts.steps} steps at {px} px{rows}; the time left shows after the first step")
         solver.steps_counter, solver.check = steps, steps.check
         edit = solver.run()
+        edit.report["options"] = {k: v for k, v in opts.to_dict().items() if k not in (
+            "svd_rank", "svd_clamp_quantile", "ties_density", "ties_lambda", "dare_p")}
     else:
         steps = Steps(1, progress, cancel)
         steps.check()

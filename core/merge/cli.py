@@ -9,7 +9,7 @@ from pathlib import Path
 from ..errors import WeightsmithError
 from ..memory import WEIGHT_PRECISIONS
 from ..optspec import spec
-from .options import METHODS, MergeOptions
+from .options import METHODS, QUICK, MergeOptions, with_quick
 
 EPILOG = """examples:
   weightsmith merge --model sd15.safetensors --lora a.safetensors --lora b.safetensors:0.8 --out ab.safetensors
@@ -35,12 +35,26 @@ def register(subparsers) -> None:
                    help="'p1; p2' for every LoRA, or LORA_FILE 'p1; p2' for one LoRA (repeatable)")
     p.add_argument("--method", choices=METHODS, default="iteris")
     d = MergeOptions()
-    p.add_argument("--iterations", type=int, default=d.iterations, help=f"IterIS iterations (default {d.iterations})")
+    q = QUICK
+    p.add_argument("--speed", choices=("auto", "quick", "thorough"), default="auto",
+                   help="IterIS: quick = the settings below that are not given take their quick values "
+                        f"({', '.join(f'{k} {v}' for k, v in q.items())}; minutes instead of hours for a full-size "
+                        "model on a CPU, docs/merge.md 'Speed'); thorough = their declared defaults; auto (default) "
+                        "= quick on a CPU, thorough on a GPU")
+    p.add_argument("--iterations", type=int, default=None,
+                   help=f"IterIS iterations (default {d.iterations}; quick {q['iterations']})")
     p.add_argument("--tol", type=float, default=d.tol, help="stop when the relative change falls below this")
-    p.add_argument("--samples", type=int, default=d.samples, help=f"(prompt, seed) samples per LoRA (default {d.samples})")
-    p.add_argument("--steps", type=int, default=d.steps, help=f"DDIM steps per sample trajectory (default {d.steps})")
+    p.add_argument("--samples", type=int, default=None,
+                   help=f"(prompt, seed) samples per LoRA (default {d.samples}; quick {q['samples']})")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"DDIM steps per sample trajectory (default {d.steps}; quick {q['steps']})")
+    p.add_argument("--resolution", type=int, default=None,
+                   help=f"image side of the samples in pixels (default: the model's native size; quick "
+                        f"{q['resolution']})")
     p.add_argument("--latent-size", type=int, default=None,
-                   help="latent side length for sampling (default: the model's; e.g. 32 = 256 px on SD1.5)")
+                   help="latent side length for sampling, overrides --resolution (e.g. 32 = 256 px on SD1.5)")
+    p.add_argument("--max-rows", type=int, default=None,
+                   help=spec(MergeOptions, "max_rows").cli_help + f" (default all; quick {q['max_rows']})")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--alpha", type=float, default=d.alpha1, help=f"ridge α₁ = α₂ (default {d.alpha1:g})")
     p.add_argument("--reg-coef", "--reg-ceof", dest="reg_coef", type=float, default=d.reg_coef,
@@ -61,9 +75,9 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="output file (.safetensors; a folder for diffusers checkpoints)")
     p.add_argument("--report", default=None, help="write a JSON report here")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-    p.add_argument("--max-gram-dim", type=int, default=d.max_gram_dim,
-                   help=f"modules with wider inputs use the weighted sum (default {d.max_gram_dim}; "
-                        "lower it to save memory)")
+    p.add_argument("--max-gram-dim", type=int, default=None,
+                   help=f"modules with wider inputs use the weighted sum (default {d.max_gram_dim}; quick "
+                        f"{q['max_gram_dim']}; lower it to save memory and time)")
     p.add_argument("--max-memory", type=float, default=d.max_memory_gb, metavar="GB",
                    help=spec(MergeOptions, "max_memory_gb").cli_help)
     p.add_argument("--stats-on-cpu", action="store_true",
@@ -74,6 +88,22 @@ def register(subparsers) -> None:
                         "memory, e.g. SDXL's UNet 5.1 instead of 10.3 GB; float16 is lossless for fp16 files)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
+
+
+def options_from_args(args) -> tuple[MergeOptions, bool]:
+    """The merge's options from the command line, and whether the quick settings filled the flags not
+    given (``--speed``; auto: on a CPU, docs/merge.md "Speed")."""
+    from ..optspec import from_values
+
+    values = dict(iterations=args.iterations, tol=args.tol, samples=args.samples, steps=args.steps,
+                  resolution=args.resolution, latent_size=args.latent_size, max_rows=args.max_rows,
+                  batch_size=args.batch_size, alpha1=args.alpha, alpha2=args.alpha, reg_coef=args.reg_coef,
+                  untouched=args.untouched, ridge_toward=args.ridge_toward, schedule=args.schedule, seed=args.seed,
+                  svd_rank=args.rank, ties_density=args.density, dare_p=args.drop,
+                  gram_device="cpu" if args.stats_on_cpu else None, max_gram_dim=args.max_gram_dim,
+                  max_memory_gb=args.max_memory)
+    quick = args.speed == "quick" or (args.speed == "auto" and _device(args.device) == "cpu")
+    return from_values(MergeOptions, with_quick(values, quick), where="weightsmith merge"), quick
 
 
 def parse_lora_arg(arg: str) -> tuple[str, float]:
@@ -153,14 +183,11 @@ def run(args) -> int:
     pairs = [parse_lora_arg(a) for a in args.lora]
     out = _check_outputs(args, pairs)
     prompts = _prompt_map(args.prompts, [p for p, _ in pairs])
-    opts = MergeOptions(iterations=args.iterations, tol=args.tol, samples=args.samples, steps=args.steps,
-                        latent_size=args.latent_size, batch_size=args.batch_size, alpha1=args.alpha,
-                        alpha2=args.alpha, reg_coef=args.reg_coef, untouched=args.untouched,
-                        ridge_toward=args.ridge_toward, schedule=args.schedule, seed=args.seed,
-                        svd_rank=args.rank, ties_density=args.density, dare_p=args.drop,
-                        gram_device="cpu" if args.stats_on_cpu else None, max_gram_dim=args.max_gram_dim,
-                        max_memory_gb=args.max_memory)
-    opts.validate()                     # before loading anything
+    opts, quick = options_from_args(args)   # validated, before loading anything
+    if quick and args.method in ("iteris", "regmean"):
+        print("weightsmith: IterIS with the quick settings for what is not given (" +
+              ", ".join(f"{k} {getattr(opts, k)}" for k in QUICK) + "; --speed thorough for the declared "
+              "defaults, docs/merge.md 'Speed')", file=sys.stderr)
     model = load_model(args.model, tokenizer=args.tokenizer, weights_dtype=args.weights_precision)
     loras = [load_lora(p, model) for p, _ in pairs]
     from ..safe_io import same_path

@@ -91,16 +91,16 @@ def _depth_stage(name: str) -> tuple:
     return (2,)
 
 
-def _level_rows(name: str, model, batch: int, latent: int, tokens: int) -> int:
+def _level_rows(name: str, model, batch: int, latent: int, tokens: int, cap: int = 0) -> int:
     """Rows one forward batch feeds module ``name`` (for the memory plan): tokens in the text encoders
-    and cross-attention k/v, pixels of the block's resolution in the UNet."""
+    and cross-attention k/v, pixels of the block's resolution in the UNet; at most ``cap`` per item."""
     if not _needs_unet(name):
-        return batch * tokens
+        return batch * (min(tokens, cap) if cap else tokens)
     levels = len(model.unet_config.get("block_out_channels", (1,)))
     m = re.match(r"unet\.(down|up)_blocks\.(\d+)\.", name)
     lv = levels - 1 if m is None else (int(m.group(2)) if m.group(1) == "down" else levels - 1 - int(m.group(2)))
     side = max(1, latent >> lv)
-    return batch * side * side
+    return batch * (min(side * side, cap) if cap else side * side)
 
 
 @dataclass
@@ -224,7 +224,7 @@ class IterISSolver:
             b = 8 * d * d + (4 * d * d if c_norm else 0)                  # H (or G) float64, C float32
             b += len(members) * 8 * d * d                                 # one denominator per module
             b += sum(8 * self.loras[i].modules[n].rank * d for n in members for i in self._idx(n)) * 2  # D
-            b += _level_rows(members[0], self.model, batch, latent, tokens) * d * act   # queued X rows
+            b += _level_rows(members[0], self.model, batch, latent, tokens, o.max_rows) * d * act   # queued X rows
             return b
 
         def merged_bytes(n):
@@ -351,7 +351,8 @@ class IterISSolver:
             self.hooks.add(f"lora{i}", ((n, self._fac(i, n)) for n in sorted(self.touch[i])))
         tracked = sorted(n for c in self.plan for n in c.names)
         self.stats = GramStats(self.model, tracked, device=self.gdev, max_dim=self.opts.max_gram_dim,
-                               reg_coef=0.0 if self.regmean else self.opts.reg_coef)
+                               reg_coef=0.0 if self.regmean else self.opts.reg_coef,
+                               max_rows=self.opts.max_rows, seed=self.opts.seed)
         self.stats.c_norm = self.alpha1 > 0
         self.protocol = SamplingProtocol(self.model, self.hooks, self.stats, steps=self.opts.steps,
                                  latent_size=self.latent, batch_size=self.opts.batch_size,

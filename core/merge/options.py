@@ -58,6 +58,11 @@ class MergeOptions:
     batch_size: int = option(4, "Samples per batch while collecting statistics.", flag="--batch-size", lo=1)
     seed: int = option(0, "Seed of the sampling noise: same seed, same merge.", label="Seed", flag="--seed",
                        lo=0, hi=2 ** 31 - 1)
+    max_rows: int = option(0, "Positions per sample, at most, that each layer's statistics read at every step "
+                           "(0 = all): a seeded random subset of the layer's pixels or tokens, the same in every "
+                           "pass, weighted to stand for all of them. Large latents' statistics cost less in time "
+                           "and memory (this project's design, docs/merge.md, 'Speed').",
+                           label="Positions per sample (0 = all)", flag="--max-rows", lo=0, hi=1 << 20)
     max_gram_dim: int = option(6144, "Modules with a wider input (e.g. 3×3 convs over > 682 channels) fall back "
                                "to the weighted sum (reported).", flag="--max-gram-dim", lo=1)
     max_memory_gb: float = option(0.0, "Memory budget of the whole merge in GB, model included (0 = automatic: "
@@ -99,6 +104,7 @@ class MergeOptions:
         whole("latent_size", self.latent_size, 1, "--latent-size", none_ok=True)
         whole("resolution", self.resolution, 8, "resolution", none_ok=True)
         whole("max_gram_dim", self.max_gram_dim, 1, "--max-gram-dim")
+        whole("max_rows", self.max_rows, 0, "--max-rows")
         whole("svd_rank", self.svd_rank, 1, "--rank", none_ok=True)
         whole("seed", self.seed, 0, "--seed")
         for name, v, flag in (("tol", self.tol, "--tol"), ("alpha1", self.alpha1, "--alpha"),
@@ -128,3 +134,40 @@ class MergeOptions:
 
 
 ALIASES = {"reg_ceof": "reg_coef"}     # the reference code's spelling, still accepted from hosts
+
+
+# The settings an IterIS merge starts from on a CPU, in the hosts' widgets and with ``--quick`` on the
+# command line (docs/merge.md, "Speed"): two full-coverage LoRAs on SD1.5 in minutes on two cores
+# instead of days; measured there, with what it costs on the embedded world.
+QUICK = {"iterations": 2, "samples": 4, "steps": 1, "resolution": 256, "max_rows": 256, "max_gram_dim": 3072}
+
+
+def machine_is_cpu() -> bool:
+    """True where torch sees no GPU (CUDA or MPS): the front ends' rule for the quick settings."""
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    return not (torch.cuda.is_available() or (mps is not None and mps.is_available()))
+
+
+def host_default(name: str, cpu: bool, default=None):
+    """The default a front end shows for merge option ``name``: :data:`QUICK`'s value on a CPU, else the
+    declaration's (or ``default``, a host's own, e.g. ComfyUI's 512 px resolution widget)."""
+    from ..optspec import spec
+
+    if cpu and name in QUICK:
+        return QUICK[name]
+    return spec(MergeOptions, name).default if default is None else default
+
+
+def with_quick(values: dict, cpu: bool) -> dict:
+    """``values`` with every :data:`QUICK` setting it leaves out (or None) filled in, on a CPU; as given
+    elsewhere. Front ends call this on what their widgets and flags hold, so the settings no widget
+    shows (positions per sample, the widest statistics) follow the same rule."""
+    if not cpu:
+        return dict(values)
+    out = dict(values)
+    for k, v in QUICK.items():
+        if out.get(k) is None:
+            out[k] = v
+    return out

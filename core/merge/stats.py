@@ -24,10 +24,14 @@ passes). Rows are tokens (text encoder, cross-attention
 ``to_k``/``to_v``), pixels (linear layers and 1×1 convs in the UNet) or unfolded patches for
 larger kernels (``d_in = c_in·kh·kw``, matching ``weight.reshape(out, -1)``). Modules with
 ``d_in > max_dim`` get no statistics (the caller falls back to the weighted sum there).
+With ``max_rows`` > 0 each call reads at most that many rows per batch item, a seeded subset scaled
+to stand for all of them (:meth:`GramStats._subset`; docs/merge.md, "Speed").
 """
 from __future__ import annotations
 
+import math
 import re
+import zlib
 from collections import defaultdict
 
 import torch
@@ -125,8 +129,11 @@ class GramStats:
     """Streaming ``G``, ``C``, ``H`` per module (see module docstring). Call :meth:`reset` between LoRAs."""
 
     def __init__(self, model, names, *, dtype=torch.float64, device="cpu", max_dim: int = 6144,
-                 reg_coef: float = 0.0):
+                 reg_coef: float = 0.0, max_rows: int = 0, seed: int = 0):
         self.model = model
+        self.max_rows = int(max_rows or 0)    # > 0: at most this many rows per batch item (see _subset)
+        self.seed = int(seed)
+        self._calls: dict = defaultdict(int)
         self.dtype = dtype
         self.device = torch.device(device)
         self.reg_coef = float(reg_coef)
@@ -177,8 +184,26 @@ class GramStats:
                     e = e.reshape(len(self.item_weights), -1).sum(1) @ self.item_weights.to(e.device)
                 self.energy[name] = self.energy.get(name, 0.0) + float(e.sum())
             if self.leader_of[name] == name:
-                self.feed(name, module_rows(module, inputs[0]))
+                self.feed(name, module_rows(module, inputs[0]), items=inputs[0].shape[0])
         return hook
+
+    def _subset(self, name: str, rows: torch.Tensor, items: int) -> torch.Tensor:
+        """At most ``max_rows`` rows per batch item, scaled by √(per item / kept) so that the Gram
+        matrices stand for all of them (docs/merge.md, "Speed"). The positions are seeded by (seed,
+        module, call number since :meth:`reset`), the same in every item of a batch and in every pass, so
+        paired passes and later iterations read the same positions."""
+        per = rows.shape[0] // max(1, items)
+        k = self.max_rows
+        if k <= 0 or per <= k or per * items != rows.shape[0]:
+            return rows
+        mode_key = (self.mode, name)
+        call = self._calls[mode_key]
+        self._calls[mode_key] = call + 1
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + zlib.crc32(name.encode()) * 7919 + call)
+                                          % (2 ** 63))
+        idx = torch.randperm(per, generator=g)[:k].sort().values
+        sel = (torch.arange(items)[:, None] * per + idx[None, :]).reshape(-1).to(rows.device)
+        return rows.index_select(0, sel) * math.sqrt(per / k)
 
     def _add(self, name, key, a, b, dtype=None):
         acc = self.acc.setdefault(name, {})
@@ -190,12 +215,14 @@ class GramStats:
         """Record only ``names`` (None: every tracked module). Whole input groups go together."""
         self.active = None if names is None else set(names)
 
-    def feed(self, name: str, rows: torch.Tensor) -> None:
-        """Give rows of module ``name``'s input to the accumulator (hooks call this; the sampler calls
-        it directly for cross-attention ``to_k``/``to_v`` when no UNet pass is needed)."""
+    def feed(self, name: str, rows: torch.Tensor, items: int | None = None) -> None:
+        """Give rows of module ``name``'s input to the accumulator (its forward hook calls this;
+        ``items``: the batch size the rows come from, for ``max_rows``)."""
         if self.leader_of.get(name) != name:
             return      # untracked, or shares its input with a module that already fed these rows
         mode = self.mode
+        if self.max_rows and items:
+            rows = self._subset(name, rows, items)
         if mode == "gram":
             x = rows.to(device=self.device, dtype=self.dtype)
             self._add(name, "G", self._weighted(x), x)
@@ -249,6 +276,7 @@ class GramStats:
         self.rows = defaultdict(int)
         self._queue = defaultdict(list)
         self._queue_bytes = 0
+        self._calls = defaultdict(int)
 
     def remove(self) -> None:
         for h in self._handles:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 
+from .options import QUICK
+
 # (label, method, MergeOptions fields); the rows after "linear" and "regmean" move one IterIS lever
 SWEEP = (
     ("linear", "linear", {}),
@@ -32,6 +34,7 @@ SWEEP = (
     ("untouched zero", "iteris", {"untouched": "zero"}),
     ("samples 16", "iteris", {"samples": 16}),
     ("steps 6", "iteris", {"steps": 6}),
+    ("quick (CPU default)", "iteris", dict(QUICK)),
 )
 QUICK = ("linear", "iterations 0")
 
