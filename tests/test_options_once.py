@@ -15,7 +15,7 @@ import pytest
 
 from weightsmith.core.erase.options import EraseOptions
 from weightsmith.core.errors import WeightsmithError
-from weightsmith.core.merge.options import QUICK, MergeOptions, machine_is_cpu, with_quick
+from weightsmith.core.merge.options import MergeOptions, machine_is_cpu, with_quick
 from weightsmith.core.optspec import from_values, parse_layer_range, spec, specs
 
 
@@ -183,6 +183,10 @@ def test_three_front_ends_show_the_same_defaults(monkeypatch):
     _, cm2 = comfy_defaults()
     assert (cm2["iterations"], cm2["samples"], cm2["steps"]) == (other.iterations, other.samples, other.steps)
     assert (cm2["iterations"], cm2["samples"], cm2["steps"]) != (cm["iterations"], cm["samples"], cm["steps"])
+    monkeypatch.setattr(ui, "CPU", not cpu)
+    tab2 = a1111_defaults()
+    assert [tab2[spec(MergeOptions, k).label] for k in ("iterations", "samples", "steps")] == \
+        [other.iterations, other.samples, other.steps]
     monkeypatch.undo()
     # A1111 tab (labels come from core's declarations too)
     tab = a1111_defaults()
