@@ -4,7 +4,8 @@ docs/merge.md, "World v2 sweep". The world's subject + style LoRAs (``--pair int
 default: trained without regularization images so that a plain sum leaks; ``clean``: trained with
 them) are merged under each setting of :data:`SWEEP` — linear merging and RegMean for reference,
 IterIS at its defaults and with one lever moved at a time (ridge strength and what it pulls toward,
-iterations, the schedule, λ, the untouched-module rule, samples and timesteps) — and each merge is judged on the
+iterations, the schedule, λ, the untouched-module rule, samples and timesteps; last, the quick settings a CPU
+merge starts from, docs/merge.md "Speed") — and each merge is judged on the
 quality bench's held-out prompts (``bench quality``'s definitions and seeds, ``--images N`` per set,
 20 steps): each LoRA's trait, the other LoRA's leak, both-trigger composition, drift on prompts with
 no trigger, merge time. Each LoRA alone is judged too. Rates carry 95% Wilson intervals.
