@@ -95,12 +95,13 @@ def _level_rows(name: str, model, batch: int, latent: int, tokens: int, cap: int
     """Rows one forward batch feeds module ``name`` (for the memory plan): tokens in the text encoders
     and cross-attention k/v, pixels of the block's resolution in the UNet; at most ``cap`` per item."""
     if not _needs_unet(name):
-        return batch * (min(tokens, cap) if cap else tokens)
-    levels = len(model.unet_config.get("block_out_channels", (1,)))
-    m = re.match(r"unet\.(down|up)_blocks\.(\d+)\.", name)
-    lv = levels - 1 if m is None else (int(m.group(2)) if m.group(1) == "down" else levels - 1 - int(m.group(2)))
-    side = max(1, latent >> lv)
-    return batch * (min(side * side, cap) if cap else side * side)
+        per = tokens
+    else:
+        levels = len(model.unet_config.get("block_out_channels", (1,)))
+        m = re.match(r"unet\.(down|up)_blocks\.(\d+)\.", name)
+        lv = levels - 1 if m is None else (int(m.group(2)) if m.group(1) == "down" else levels - 1 - int(m.group(2)))
+        per = max(1, latent >> lv) ** 2
+    return batch * (min(per, cap) if cap else per)
 
 
 @dataclass

@@ -136,8 +136,8 @@ class MergeOptions:
 ALIASES = {"reg_ceof": "reg_coef"}     # the reference code's spelling, still accepted from hosts
 
 
-# The settings an IterIS merge starts from on a CPU, in the hosts' widgets and with ``--quick`` on the
-# command line (docs/merge.md, "Speed"): two full-coverage LoRAs on SD1.5 in minutes on two cores
+# The settings an IterIS merge starts from on a CPU, in the hosts' widgets and with ``--speed auto|quick``
+# on the command line (docs/merge.md, "Speed"): two full-coverage LoRAs on SD1.5 in minutes on two cores
 # instead of days; measured there, with what it costs on the embedded world.
 QUICK = {"iterations": 2, "samples": 4, "steps": 1, "resolution": 256, "max_rows": 256, "max_gram_dim": 3072}
 
@@ -164,10 +164,9 @@ def with_quick(values: dict, cpu: bool) -> dict:
     """``values`` with every :data:`QUICK` setting it leaves out (or None) filled in, on a CPU; as given
     elsewhere. Front ends call this on what their widgets and flags hold, so the settings no widget
     shows (positions per sample, the widest statistics) follow the same rule."""
-    if not cpu:
-        return dict(values)
     out = dict(values)
-    for k, v in QUICK.items():
-        if out.get(k) is None:
-            out[k] = v
+    if cpu:
+        for k, v in QUICK.items():
+            if out.get(k) is None:
+                out[k] = v
     return out
