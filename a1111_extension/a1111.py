@@ -239,7 +239,10 @@ def _heads(roots) -> dict:
 
 
 def sdmodel_from_live(sd_model, clip_skip: int | None = None):
-    """An SDModel (float32, CPU) of the loaded model's base weights, plus its LiveIndex."""
+    """An SDModel (float32, CPU) of the loaded model's base weights, plus its LiveIndex. Where the
+    web UI holds them in float32 on the CPU, the SDModel's parameters are those tensors themselves
+    (no second copy: an SDXL model is ~14 GB); the backend drops it after every action and whenever
+    it writes weights, and the generation lock keeps the Lora extension from writing meanwhile."""
     from ..core.model_io import model_from_state_dict
 
     family = model_family(sd_model)
@@ -248,7 +251,8 @@ def sdmodel_from_live(sd_model, clip_skip: int | None = None):
     te_sources = {comp: (prefix, kind == "openclip") for prefix, _, kind, comp in roots if kind != "unet"}
     model = model_from_state_dict(_BaseTensors(index), family, te_sources, UNET_PREFIX,
                                   _tokenizers(sd_model, family, roots),
-                                  clip_skip=clip_skip if family != "sdxl" else None, te_heads=_heads(roots))
+                                  clip_skip=clip_skip if family != "sdxl" else None, te_heads=_heads(roots),
+                                  share=True)
     return model, index
 
 
@@ -354,8 +358,9 @@ class A1111Backend(WebUIHost, Backend):
         clear_cond_cache()
 
     def idle(self) -> None:
-        """After each tab action: drop the float32 CPU copy of the model (as large as the loaded
-        model itself; it is rebuilt from the live weights in seconds at the next action)."""
+        """After each tab action: drop the float32 CPU model (a copy as large as the loaded model
+        where the web UI holds fp16 or GPU weights, views of its own tensors otherwise; it is
+        rebuilt from the live weights in seconds at the next action)."""
         if self._cache is not None:
             self._cache = None
             import gc

@@ -403,16 +403,19 @@ def _load_single_file(path: Path, clip_skip, tokenizer, weights_dtype=None) -> S
 
 def model_from_state_dict(tensors: dict, family: str, te_sources: dict, unet_prefix: str, tokenizers: dict,
                           *, clip_skip: int | None = None, te_heads: dict | None = None,
-                          penultimate_in_file: bool = True) -> SDModel:
+                          penultimate_in_file: bool = True, share: bool = False) -> SDModel:
     """Build an :class:`SDModel` from in-memory tensors (e.g. a host's effective weights).
 
     ``te_sources``: component -> (key prefix, is_open_clip); transformers-format encoders use keys
     ``prefix + "text_model.encoder.layers.N..."``. ``unet_prefix``: prefix of LDM-path UNet keys
     (``"diffusion_model."`` in ComfyUI). ``penultimate_in_file``: the encoders hold all their layers
-    (as in checkpoints and hosts), so SD2 reads the penultimate one.
+    (as in checkpoints and hosts), so SD2 reads the penultimate one. ``share``: the model's
+    parameters *are* the given tensors wherever these are already float32 (views, no copy; others
+    are converted as usual), so building it costs no second copy of a host's float32 weights. The
+    caller must not change those tensors while the model is in use (docs/a1111.md, "Memory").
     """
     return _build_from_state(_DictState(tensors), family, te_sources, unet_prefix, tokenizers, clip_skip,
-                             te_heads or {}, from_diffusers=not penultimate_in_file)
+                             te_heads or {}, from_diffusers=not penultimate_in_file, share=share)
 
 
 def _held(unet, weights_dtype):
@@ -424,7 +427,7 @@ def _held(unet, weights_dtype):
 
 
 def _build_from_state(sf, family, te_sources, unet_prefix, toks, clip_skip, heads, from_diffusers,
-                      weights_dtype=None) -> SDModel:
+                      weights_dtype=None, share=False) -> SDModel:
     from diffusers import DDIMScheduler
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -457,7 +460,9 @@ def _build_from_state(sf, family, te_sources, unet_prefix, toks, clip_skip, head
                     f"the checkpoint's text encoder is incomplete: {slot.key} is missing. The file is "
                     "damaged or not a standard SD checkpoint.") from None
             sd[name] = t.reshape(ref.shape).float()
-        te.load_state_dict(sd, strict=False)
+        # share: the module's parameters become the tensors read (fast_init left the built ones
+        # uninitialised, so they were never resident); otherwise they are copied in
+        te.load_state_dict(sd, strict=False, assign=share)
         te.eval().requires_grad_(False)
         tes[c] = te
     unet_cfg = infer_unet_config(sf, family, unet_prefix)
@@ -482,6 +487,14 @@ def _build_from_state(sf, family, te_sources, unet_prefix, toks, clip_skip, head
         finally:
             torch.set_default_dtype(prev)
         u = _held(u, weights_dtype)    # norms, biases float32 before the values go in (no rounding)
+        if share and weights_dtype is None:
+            try:
+                sd = {name: read_unet_weight(name).reshape(ref.shape) for name, ref in u.state_dict().items()}
+            except Exception:
+                raise WeightsmithError(
+                    "could not map the UNet's weights; the UNet layout is not one Weightsmith understands.") from None
+            u.load_state_dict(sd, assign=True)
+            return u.eval().requires_grad_(False)
         with torch.no_grad():          # one tensor at a time: never a second copy of the UNet
             for name, ref in u.state_dict(keep_vars=True).items():
                 try:

@@ -144,6 +144,40 @@ def test_live_model_reads_like_the_checkpoint(webui, family):
         assert torch.equal(lm2.weight(k), m.weight(k)), k          # ...but we read the restored base
 
 
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_float32_live_weights_are_read_without_a_second_copy(webui, family):
+    """Where the web UI holds float32 CPU weights (A1111 on a CPU), the model the tab computes with
+    is views of them (an SDXL copy would be another ~14 GB); fp16 live weights are converted to a
+    float32 copy instead, and neither changes a live tensor."""
+    m, sm, ck = _load(webui, family)
+    live = {p.untyped_storage().data_ptr() for p in sm.parameters()}
+    before = {k: v.clone() for k, v in sm.state_dict().items()}
+    b, _ = _backend()
+    lm = b.model()
+    ours = list(lm.unet.named_parameters())
+    for c, te in lm.text_encoders.items():
+        ours += [(f"{c}.{n}", p) for n, p in te.named_parameters()]
+    assert len(ours) > 50
+    own = [n for n, p in ours if p.untyped_storage().data_ptr() not in live]
+    assert not own, f"{len(own)} of {len(ours)} parameters copied, e.g. {own[:3]}"
+    from weightsmith.core.model_io import load_model
+
+    ref = load_model(ck, tokenizer=m.tokenizers["text_encoder"])      # the views read as the checkpoint
+    p = ["a red circle", "van gogh"]
+    assert torch.allclose(lm.encode(p).context, ref.encode(p).context, atol=1e-5)
+    r = dict(ref.unet.named_parameters())      # (a live model's UNet config is inferred as for real SD
+    for n, p_ in lm.unet.named_parameters():     # sizes, so compare the weights, not this tiny UNet's output)
+        assert torch.equal(p_, r[n]), n
+    b.idle()
+    for k, v in sm.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    m16, sm16, _ = _load(webui, family, unet_dtype=torch.float16)
+    live16 = {p.untyped_storage().data_ptr() for p in sm16.model.diffusion_model.parameters()}
+    b16, _ = _backend()
+    u = b16.model().unet
+    assert all(p.dtype == torch.float32 and p.untyped_storage().data_ptr() not in live16 for p in u.parameters())
+
+
 @pytest.mark.parametrize("family,dtype", [("sd1", torch.float16), ("sd2", torch.float32), ("sdxl", torch.float32)])
 def test_apply_survives_lora_changes_and_undo_is_exact(webui, family, dtype):
     m, sm, ck = _load(webui, family, unet_dtype=dtype)
