@@ -185,7 +185,8 @@ def run(args) -> int:
     prompts = _prompt_map(args.prompts, [p for p, _ in pairs])
     opts, quick = options_from_args(args)   # validated, before loading anything
     if quick and args.method in ("iteris", "regmean"):
-        print("weightsmith: IterIS with the quick settings for what is not given (" +
+        label = "IterIS" if args.method == "iteris" else "RegMean"
+        print(f"weightsmith: {label} with the quick settings for what is not given (" +
               ", ".join(f"{k} {getattr(opts, k)}" for k in QUICK) + "; --speed thorough for the declared "
               "defaults, docs/merge.md 'Speed')", file=sys.stderr)
     model = load_model(args.model, tokenizer=args.tokenizer, weights_dtype=args.weights_precision)
