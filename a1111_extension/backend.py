@@ -146,6 +146,7 @@ class StandaloneBackend(Backend):
     def __init__(self, model_path, lora_dir, checkpoint_dir, *, tokenizer=None, clip_skip=None,
                  can_apply: bool = True, apply_note: str = "", name: str = "standalone"):
         super().__init__()
+        self._weights_dtype = None       # the UNet's precision (load_model(weights_dtype=…)); None: float32
         self.model_path = Path(model_path)
         self._lora_dir = Path(lora_dir)
         self._ckpt_dir = Path(checkpoint_dir)
@@ -160,7 +161,8 @@ class StandaloneBackend(Backend):
         if self._model is None:
             from ..core.model_io import load_model
 
-            self._model = load_model(self.model_path, clip_skip=self._clip_skip, tokenizer=self._tokenizer)
+            self._model = load_model(self.model_path, clip_skip=self._clip_skip, tokenizer=self._tokenizer,
+                                     weights_dtype=self._weights_dtype)
         return self._model
 
     def slots(self, names) -> dict[str, Slot]:

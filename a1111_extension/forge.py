@@ -22,7 +22,9 @@ Undo installs the same clones without our patch: at the next generation Forge re
 backups of the original weights. A new engine for the same checkpoint (Forge rebuilds one when
 settings change) gets the edit again from a ``model_loaded`` callback; another checkpoint does not.
 Apply before the first generation (Forge loads lazily) is kept and installed when the model loads.
-Save as LoRA / checkpoint compute from the checkpoint file, as before.
+Save as LoRA / checkpoint compute from the checkpoint file, as before. That model sits beside Forge's
+own: for an SDXL file stored in half precision its UNet is held in that precision (computed in
+float32, the same results bit for bit; :func:`~weightsmith.core.model_io.beside_host_weights_dtype`).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ import os
 from pathlib import Path
 
 from ..core.edit import patcher_patches
+from ..core.model_io import beside_host_weights_dtype
 from ..core.errors import WeightsmithError, require
 from .a1111 import WebUIHost, clear_cond_cache
 from .backend import FAMILY_NAMES, StandaloneBackend
@@ -112,6 +115,7 @@ class ForgeBackend(WebUIHost, StandaloneBackend):
         ck = self._checkpoint()
         if ck != self._loaded_from:
             self.model_path, self._model, self._loaded_from = ck, None, ck
+            self._weights_dtype = beside_host_weights_dtype(ck)    # SDXL beside Forge's own copy
         try:
             self._clip_skip = int(getattr(self.shared.opts, "CLIP_stop_at_last_layers", 1) or 1)
         except Exception:

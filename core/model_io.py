@@ -329,6 +329,41 @@ def load_model(path, *, clip_skip: int | None = None, tokenizer=None, weights_dt
     return _load_single_file(path, clip_skip, tokenizer, weights_dtype)
 
 
+def stored_half_dtype(path) -> torch.dtype | None:
+    """``torch.float16`` / ``torch.bfloat16`` when the single-file ``.safetensors`` checkpoint at
+    ``path`` stores every UNet weight matrix and kernel in that one precision, else None (float32,
+    mixed, another format). Holding the UNet in it (``load_model(weights_dtype=…)``) loses nothing:
+    the layers compute in float32 from exactly the file's values."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors" or not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    names = {"F16": torch.float16, "BF16": torch.bfloat16}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            seen = {f.get_slice(k).get_dtype() for k in f.keys()
+                    if k.startswith(LDM_UNET_PREFIX) and len(f.get_slice(k).get_shape()) >= 2}
+    except Exception:
+        return None
+    return names.get(seen.pop()) if len(seen) == 1 else None
+
+
+def beside_host_weights_dtype(path) -> torch.dtype | None:
+    """The precision to hold the UNet of checkpoint ``path`` in when Weightsmith computes beside a
+    host that holds its own copy of the model (Forge; docs/a1111.md, "Memory"): the file's own half
+    precision for SDXL (5.1 instead of 10.3 GB, the same results bit for bit, see
+    :func:`stored_half_dtype`), float32 (None) otherwise: SD1/SD2 fit in float32 and compute
+    without the per-layer cast."""
+    half = stored_half_dtype(path)
+    if half is None:
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return half if detect_checkpoint_family(list(f.keys())) == "sdxl" else None
+
+
 def _load_diffusers(path: Path, clip_skip, weights_dtype=None) -> SDModel:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer

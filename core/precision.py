@@ -24,6 +24,14 @@ def _conv_forward(self, x):
     return self._conv_forward(x.float(), self.weight.float(), b)
 
 
+def compute_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """The precision a layer whose weight is stored in ``weight_dtype`` computes in: float32 for the
+    half precisions (:func:`hold_weights`), the weight's own otherwise (float32, float64). Inputs and
+    LoRA factors fed to such a layer are kept at this precision, so a model held in half computes
+    exactly what a float32 model of the same values computes."""
+    return torch.promote_types(weight_dtype, torch.float32)
+
+
 def hold_weights(module: torch.nn.Module, dtype=torch.bfloat16) -> torch.nn.Module:
     """Store ``module``'s Linear/Conv2d weights in ``dtype`` (in place), computing in float32; every
     other parameter and buffer becomes float32. Returns ``module``."""

@@ -284,3 +284,67 @@ def test_a_lora_saved_again_under_a_path_forge_has_read_is_read_again(forge):
     _, _, w_fresh = _gen(forge, tags)
     assert all(torch.equal(w_saved[k], w_fresh[k]) for k in w_fresh)
     assert any(not torch.equal(w_saved[k], w_first[k]) for k in w_first)
+
+
+def _half_file(ck, out, dtype=torch.float16, keep_one_float32=False):
+    """``ck`` with every UNet weight matrix / kernel stored in ``dtype`` (the usual download format)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(ck), framework="pt") as f:
+        meta, sd = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    unet = [k for k in sd if k.startswith("model.diffusion_model.") and sd[k].dim() >= 2]
+    for k in unet[1 if keep_one_float32 else 0:]:
+        sd[k] = sd[k].to(dtype)
+    save_file(sd, str(out), metadata=meta)
+    return out
+
+
+def test_an_sdxl_file_in_half_precision_is_held_in_it_beside_forge_with_the_same_results(forge):
+    """SDXL beside Forge's own copy: the UNet is held in the file's fp16 (half the memory), and what
+    the tab computes from it (an erasure, an IterIS merge that runs the UNet) equals bit for bit what
+    a float32 model of the same file gives; SD1 and mixed-precision files stay float32."""
+    from weightsmith.core.model_io import beside_host_weights_dtype, load_model, stored_half_dtype
+
+    m, ck32 = _checkpoint(forge, "sdxl")
+    d = Path(forge["sd_models"].model_path)
+    ck = _half_file(ck32, d / "half-sdxl.safetensors")
+    assert stored_half_dtype(ck) is torch.float16 and beside_host_weights_dtype(ck) is torch.float16
+    assert stored_half_dtype(ck32) is None and beside_host_weights_dtype(ck32) is None
+    mixed = _half_file(ck32, d / "mixed-sdxl.safetensors", keep_one_float32=True)
+    assert stored_half_dtype(mixed) is None
+    _, ck1 = _checkpoint(forge, "sd1")
+    half1 = _half_file(ck1, d / "half-sd1.safetensors", torch.bfloat16)
+    assert stored_half_dtype(half1) is torch.bfloat16 and beside_host_weights_dtype(half1) is None
+
+    for i in range(2):
+        _kohya(m, Path(forge["shared"].cmd_opts.lora_dir) / f"h{i}.safetensors", seed=20 + i, scale=0.2)
+    _start(forge, ck)
+    b, wb = _backend()
+    held = b.model()
+    lin = [mod for mod in held.unet.modules() if isinstance(mod, torch.nn.Linear)]
+    assert lin and all(mod.weight.dtype is torch.float16 for mod in lin)
+
+    ref_model = load_model(ck, tokenizer=forge["engine"].TOKENIZER)      # float32, the file's values
+    assert all(p.dtype is torch.float32 for p in ref_model.unet.parameters())
+    ref = _workbench_on(ref_model, b)
+    edit, ref_edit = (w.compute_erase("cat", "dog", "", "erasepro", ERASE_ADV) for w in (wb, ref))
+    assert edit.deltas.keys() == ref_edit.deltas.keys()
+    assert all(torch.equal(edit.deltas[n], ref_edit.deltas[n]) for n in edit.deltas)
+    settings = {"iterations": 1, "samples": 1, "steps": 1, "seed": 0, "evaluate_final": False}
+    (merged, _), (ref_merged, _) = (w.compute_merge(["h0.safetensors", "h1.safetensors"], "", "a cat\na dog",
+                                                    "iteris", dict(settings)) for w in (wb, ref))
+    unet = [n for n in merged.deltas if n.startswith("unet")]
+    assert unet and merged.deltas.keys() == ref_merged.deltas.keys()
+    assert all(torch.equal(merged.deltas[n], ref_merged.deltas[n]) for n in merged.deltas)
+    # and the float32 model really differs from one rounded further: the comparison can fail
+    assert not torch.equal(ref_model.weight(unet[0]), ref_model.weight(unet[0]).bfloat16().float())
+
+
+def _workbench_on(model, like):
+    """A workbench computing on ``model`` with ``like``'s LoRA folder (the float32 reference)."""
+    from weightsmith.a1111_extension.backend import StandaloneBackend, Workbench
+
+    sb = StandaloneBackend(model.source.path, like.lora_dir(), like.checkpoint_dir())
+    sb._model = model
+    return Workbench(sb)

@@ -41,6 +41,7 @@ import torch
 from .. import memory
 from ..edit import Edit, FactorDeltas
 from ..errors import WeightsmithError
+from ..precision import compute_dtype
 from .options import MergeOptions
 from .sampling import SamplingProtocol, is_context_only, progress_units
 from .stats import DeltaHooks, GramStats, _input_group, in_dim
@@ -218,7 +219,7 @@ class IterISSolver:
                 continue
             groups.setdefault(_input_group(n), []).append(n)
         act = 8 if self.store_dtype == torch.float64 else 4
-        wsz = self.model.weight(self.names[0]).element_size() if self.names else 4
+        wsz = compute_dtype(self.model.weight(self.names[0]).dtype).itemsize if self.names else 4   # hook factors
 
         def group_bytes(members):
             d = self.dims[members[0]]

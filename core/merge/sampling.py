@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import WeightsmithError
+from ..precision import compute_dtype
 
 FALLBACK_PROMPTS = ("a photo of {}", "{}", "a picture of {}, detailed", "{} in a garden")
 
@@ -137,7 +138,7 @@ class SamplingProtocol:
                 for n in self.context_modules:          # hooks see the context and the module's output
                     mod = self.model.module(n)
                     w = mod.weight
-                    mod(ctx.to(w.device, w.dtype))
+                    mod(ctx.to(w.device, compute_dtype(w.dtype)))
             for k, cond in enumerate(conds):
                 for j, p in enumerate(chunk):
                     contexts[k][p] = (cond.context[j], None if cond.pooled is None else cond.pooled[j])
@@ -159,20 +160,21 @@ class SamplingProtocol:
     def _run_unet(self, batch, phases, contexts):
         unet = self.model.unet
         p = next(unet.parameters())
+        dt = compute_dtype(p.dtype)           # a UNet held in half computes in float32
         sched = make_scheduler(self.model)
         sched.set_timesteps(self.steps)
         z = torch.stack([torch.randn((self.channels, self.latent, self.latent),
                                      generator=torch.Generator().manual_seed(s.seed)) for s in batch])
-        z = (z * sched.init_noise_sigma).to(device=p.device, dtype=p.dtype)
+        z = (z * sched.init_noise_sigma).to(device=p.device, dtype=dt)
         ctxs, extra = [], []
         for k in range(len(phases)):
-            ctx = torch.stack([contexts[k][s.prompt][0] for s in batch]).to(p.device, p.dtype)
+            ctx = torch.stack([contexts[k][s.prompt][0] for s in batch]).to(p.device, dt)
             ctxs.append(ctx)
             kw = {}
             if self.model.family == "sdxl":
                 px = self.latent * 8
-                pooled = torch.stack([contexts[k][s.prompt][1] for s in batch]).to(p.device, p.dtype)
-                tid = torch.tensor([[px, px, 0, 0, px, px]] * len(batch), device=p.device, dtype=p.dtype)
+                pooled = torch.stack([contexts[k][s.prompt][1] for s in batch]).to(p.device, dt)
+                tid = torch.tensor([[px, px, 0, 0, px, px]] * len(batch), device=p.device, dtype=dt)
                 kw["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": tid}
             extra.append(kw)
         for t in sched.timesteps:

@@ -37,6 +37,8 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
+from ..precision import compute_dtype
+
 
 def module_rows(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The inputs of a Linear/Conv2d as rows of ``X`` (one row per token/pixel/patch)."""
@@ -70,14 +72,14 @@ class DeltaHooks:
     def add(self, key: str, factors: dict, update: bool = False) -> None:
         """``factors``: module -> (up out×R, down R×in·kh·kw), ``up@down`` = ΔW (scale folded in); a
         mapping or an iterable of ``(module, (up, down))`` pairs (converted one at a time). Stored in the
-        weight's dtype; a module computing in another dtype (weights held in bf16, computed in float32)
+        precision the layer computes in (:func:`..precision.compute_dtype`); a module computing in another dtype
         gets them cast per call. ``update``: replace only these modules' factors in the existing set."""
         prepared = self.sets[key] if update else {}
         for n, (up, down) in (factors.items() if hasattr(factors, "items") else factors):
             mod = self.model.module(n)
             w = mod.weight
-            up = up.to(device=w.device, dtype=w.dtype)
-            down = down.to(device=w.device, dtype=w.dtype)
+            up = up.to(device=w.device, dtype=compute_dtype(w.dtype))
+            down = down.to(device=w.device, dtype=compute_dtype(w.dtype))
             if isinstance(mod, torch.nn.Conv2d):
                 down = down.reshape(down.shape[0], *w.shape[1:])
                 up = up.reshape(up.shape[0], up.shape[1], 1, 1)
