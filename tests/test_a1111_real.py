@@ -32,6 +32,13 @@ HOSTS = {
 }
 
 
+#: what a family changes in a host's arguments: SDXL in Forge runs in fp16 (its VAE in float32). A
+#: float32 SDXL in Forge (14 GB) beside the tab's model of the file (8.4 GB: the file's fp16 UNet and
+#: float32 text encoders, docs/a1111.md "Forge") does not fit a 24 GB machine; A1111's tab reads the
+#: web UI's own float32 weights instead (no second model), so A1111 keeps float32.
+FAMILY_ARGS = {("forge", "sdxl"): ["--always-cpu", "--all-in-fp16", "--vae-in-fp32", "--no-download-sd-model"]}
+
+
 #: the random-weight checkpoint of each family in a build's models/Stable-diffusion (docs/a1111.md
 #: says how each is made); the web UI is started with it (--ckpt)
 CHECKPOINTS = {"sd1": "random-sd15.safetensors", "sd2": "random-sd2.safetensors",
@@ -75,6 +82,7 @@ def _copy_checkout(dst: Path):
 def webui(request, tmp_path_factory):
     host, family = request.param
     var, _, host_args = HOSTS[host]
+    host_args = FAMILY_ARGS.get((host, family), host_args)
     root = Path(os.environ[var])
     w, py = root / "webui", root / "venv" / "bin" / "python"
     assert (w / "launch.py").is_file() and py.is_file(), f"{root} is not a web UI build (no webui/launch.py, venv/)"

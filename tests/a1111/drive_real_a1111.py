@@ -99,6 +99,10 @@ def main(url: str, log: str | None, host: str = "a1111") -> dict:
         res.setdefault("timings_s", {})[api_name.strip("/") + f"#{len(res['timings_s'])}"] = round(time.time() - t, 1)
         return str(status)
 
+    # live previews by "Approx NN" make A1111 fetch vaeapprox-sdxl.pt at every txt2img of an SDXL model
+    # (processing.py: sd_vae_approx.model()); offline that fails the request. Previews only: the
+    # images below are full VAE decodes either way.
+    opts(show_progress_type="Approx cheap")
     model0 = api.get(url + "/sdapi/v1/options", timeout=60).json()["sd_model_checkpoint"]
     res["model"] = model0
     res["persistent_cond_cache"] = api.get(url + "/sdapi/v1/options", timeout=60).json().get("persistent_cond_cache")
