@@ -97,6 +97,7 @@ def main(url: str, log: str | None, host: str = "a1111") -> dict:
         out = c.predict(*args, api_name=api_name)
         status = out[0] if isinstance(out, (list, tuple)) else out
         res.setdefault("timings_s", {})[api_name.strip("/") + f"#{len(res['timings_s'])}"] = round(time.time() - t, 1)
+        print("PARTIAL " + json.dumps(res), flush=True)    # what a run cut off by its timeout had reached
         return str(status)
 
     # live previews by "Approx NN" make A1111 fetch vaeapprox-sdxl.pt at every txt2img of an SDXL model
