@@ -33,11 +33,12 @@ HOSTS = {
 }
 
 
-#: what a family changes in a host's arguments: SDXL in Forge runs in fp16 (its VAE in float32). A
-#: float32 SDXL in Forge (14 GB) beside the tab's model of the file (8.4 GB: the file's fp16 UNet and
-#: float32 text encoders, docs/a1111.md "Forge") does not fit a 24 GB machine; A1111's tab reads the
-#: web UI's own float32 weights instead (no second model), so A1111 keeps float32.
-FAMILY_ARGS = {("forge", "sdxl"): ["--always-cpu", "--all-in-fp16", "--vae-in-fp32", "--no-download-sd-model"]}
+#: what a family changes in a host's arguments (an argument -> what replaces it): SDXL in Forge runs
+#: in fp16 (its VAE in float32). A float32 SDXL in Forge (14 GB) beside the tab's model of the file
+#: (8.4 GB: the file's fp16 UNet and float32 text encoders, docs/a1111.md "Forge") does not fit a 24 GB
+#: machine; A1111's tab reads the web UI's own float32 weights instead (no second model), so A1111
+#: keeps float32.
+FAMILY_ARGS = {("forge", "sdxl"): {"--all-in-fp32": ["--all-in-fp16", "--vae-in-fp32"]}}
 
 
 #: how long the driver may take per family: a float32 SDXL in A1111 (14 GB, and the Lora extension's
@@ -88,7 +89,8 @@ def _copy_checkout(dst: Path):
 def webui(request, tmp_path_factory):
     host, family = request.param
     var, _, host_args = HOSTS[host]
-    host_args = FAMILY_ARGS.get((host, family), host_args)
+    swap = FAMILY_ARGS.get((host, family), {})
+    host_args = [b for a in host_args for b in swap.get(a, [a])]
     root = Path(os.environ[var])
     w, py = root / "webui", root / "venv" / "bin" / "python"
     assert (w / "launch.py").is_file() and py.is_file(), f"{root} is not a web UI build (no webui/launch.py, venv/)"

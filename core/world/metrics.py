@@ -22,7 +22,6 @@ import random
 from typing import Sequence
 
 import numpy as np
-import torch
 
 from .judge import JudgeNet, judge, prepare
 from .render import BASE_SHAPES, simple_prompts
@@ -130,7 +129,7 @@ TWO_TEMPLATES_BAR = (
 
 def scene_cases(kind: str, n: int, seed: int = 0, shapes: Sequence[str] = BASE_SHAPES):
     """``n`` (prompt, scene) pairs for the compositional bars (fixed seed)."""
-    from .render import POSITIONS, Scene, prompt_for, random_scene
+    from .render import POSITIONS, prompt_for, random_scene
 
     rng = random.Random(seed)
     out = []

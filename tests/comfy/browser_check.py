@@ -10,7 +10,6 @@ Runs in the ComfyUI venv (aiohttp is a ComfyUI requirement).
 import asyncio
 import base64
 import json
-import os
 import shutil
 import socket
 import subprocess
