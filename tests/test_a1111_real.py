@@ -10,7 +10,8 @@ UI on a free loopback port (CPU, ``--loglevel DEBUG`` so A1111's Lora extension 
 Forge's prints them always), runs ``tests/a1111/drive_real_a1111.py`` with the web UI's own python,
 and stops it. ≈ 4–6 minutes per family on 2 CPU cores; at its peak, in float32, 13–14 GB for SD1.5
 and 17–17.5 GB for SD2 (measured VmHWM). SDXL: Forge in fp16 21 minutes, under 20 GB in use; A1111 in
-float32 needs more than 24 GB of RAM (its Lora extension backs up every weight, docs/a1111.md).
+float32 34 minutes at 24 GB resident + 17 GB swap (its Lora extension backs up every weight,
+docs/a1111.md).
 """
 import json
 import os
