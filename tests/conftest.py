@@ -47,8 +47,8 @@ def one_thread():
 
 def write_diffusers_folder(model, d):
     """Write an SD1-layout model (UNet, one text encoder and tokenizer) as a diffusers folder ``d``."""
-    model.unet.save_pretrained(d / "unet")
-    model.text_encoders["text_encoder"].save_pretrained(d / "text_encoder")
+    model.unet.save_pretrained(d / "unet", safe_serialization=True)
+    model.text_encoders["text_encoder"].save_pretrained(d / "text_encoder", safe_serialization=True)
     model.tokenizers["text_encoder"].save_pretrained(d / "tokenizer")
     (d / "model_index.json").write_text(json.dumps({
         "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],

@@ -29,13 +29,13 @@ def tiny_diffusers_folder(out: Path, family: str = "sd1", seed: int = 0) -> Path
 
     m = build_random_model(family, "tiny", seed=seed)
     out = Path(out)
-    m.unet.save_pretrained(out / "unet")
+    m.unet.save_pretrained(out / "unet", safe_serialization=True)
     idx = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
            "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"]}
-    m.text_encoders["text_encoder"].save_pretrained(out / "text_encoder")
+    m.text_encoders["text_encoder"].save_pretrained(out / "text_encoder", safe_serialization=True)
     m.tokenizers["text_encoder"].save_pretrained(out / "tokenizer")
     if family == "sdxl":
-        m.text_encoders["text_encoder_2"].save_pretrained(out / "text_encoder_2")
+        m.text_encoders["text_encoder_2"].save_pretrained(out / "text_encoder_2", safe_serialization=True)
         m.tokenizers["text_encoder_2"].save_pretrained(out / "tokenizer_2")
         idx.update(_class_name="StableDiffusionXLPipeline",
                    text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
