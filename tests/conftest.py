@@ -1,6 +1,8 @@
+import importlib.util
 import json
 import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 warnings.filterwarnings("ignore", message=".*bos_token_id.*")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -54,6 +57,15 @@ def write_diffusers_folder(model, d):
         "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
         "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"]}))
     return d
+
+
+@pytest.fixture
+def install_py():
+    """The repository's install.py, freshly loaded (defining it installs nothing)."""
+    spec = importlib.util.spec_from_file_location("ws_install_under_test", REPO / "install.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 definitions are complete, the report text/picture match the edit, install.py finds what is missing."""
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -67,11 +66,8 @@ def test_report_text_and_picture_follow_the_edit():
     assert more.shape[1] == img.shape[1] + 16  # one 16-pixel row per module
 
 
-def test_install_py_reports_only_missing_requirements():
-    spec = importlib.util.spec_from_file_location("ws_install", REPO / "install.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # defining it installs nothing
-    reqs = list(mod.requirements())
+def test_install_py_reports_only_missing_requirements(install_py):
+    reqs = list(install_py.requirements())
     assert reqs and not any(r.lower().startswith("torch") for r in reqs)
-    assert mod.missing(reqs) == []
-    assert mod.missing(["surely-not-installed-pkg-ws>=1"]) == ["surely-not-installed-pkg-ws>=1"]
+    assert install_py.missing(reqs) == []
+    assert install_py.missing(["surely-not-installed-pkg-ws>=1"]) == ["surely-not-installed-pkg-ws>=1"]

@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,31 +32,32 @@ FILES = ["test_lora_read.py", "test_lora_write.py", "test_erase_io.py", "test_er
 NOT_THERE = "not loads_in_diffusers and not loads_exactly_in_diffusers and not single_file_checkpoint_round_trip"
 
 
-def _floors(lines):
-    return {m.group(1).lower(): m.group(2) for m in (re.match(r'\s*"?([A-Za-z0-9_.-]+)>=([0-9.]+)', ln)
-                                                      for ln in lines) if m}
+def _floors(reqs):
+    """Package name -> the version of its ``>=`` specifier."""
+    return {canonicalize_name(r.name): s.version for r in map(Requirement, reqs) for s in r.specifier
+            if s.operator == ">="}
 
 
-def test_pyproject_and_requirements_declare_the_same_floors():
+def test_pyproject_and_requirements_declare_the_same_floors(install_py):
     """pip reads pyproject.toml, ComfyUI-Manager and install.py read requirements.txt: one floor each."""
-    req = _floors((REPO / "requirements.txt").read_text().splitlines())
-    text = (REPO / "pyproject.toml").read_text()
-    deps = re.search(r"^dependencies = \[(.*?)^\]", text, re.S | re.M).group(1)
-    pyp = _floors(ln.strip() for ln in deps.splitlines())
+    tomllib = pytest.importorskip("tomllib")
+    req = _floors(install_py.requirements())
+    pyp = _floors(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"])
     pyp.pop("torch")                                 # torch: every host brings its own build
     assert req == pyp
     assert {"transformers", "diffusers"} <= set(req)
 
 
 @pytest.mark.skipif(os.environ.get("WEIGHTSMITH_FLOOR_INNER") == "1", reason="already inside the floor run")
-def test_the_suite_passes_on_the_declared_transformers_and_diffusers_floors(tmp_path):
+def test_the_suite_passes_on_the_declared_transformers_and_diffusers_floors(install_py, tmp_path):
     if os.environ.get("WEIGHTSMITH_SKIP_FLOOR") == "1":
         pytest.skip("WEIGHTSMITH_SKIP_FLOOR=1")
-    r = subprocess.run(["bash", str(REPO / "tests" / "floor" / "setup_env.sh")], capture_output=True, text=True,
-                       timeout=900, env=dict(os.environ, PYTHON=sys.executable))
+    want = _floors(install_py.requirements())
+    r = subprocess.run(["bash", str(REPO / "tests" / "floor" / "setup_env.sh"), want["transformers"],
+                        want["diffusers"]], capture_output=True, text=True, timeout=900,
+                       env=dict(os.environ, PYTHON=sys.executable))
     assert r.returncode == 0, f"floor venv setup failed:\n{r.stderr[-3000:]}"
     py = r.stdout.strip().splitlines()[-1]
-    want = _floors((REPO / "requirements.txt").read_text().splitlines())
     got = subprocess.run([py, "-c", "import transformers, diffusers; print(transformers.__version__, diffusers.__version__)"],
                          capture_output=True, text=True, check=True).stdout.split()
     assert [Version(v) for v in got] == [Version(want["transformers"]), Version(want["diffusers"])]
@@ -64,5 +67,5 @@ def test_the_suite_passes_on_the_declared_transformers_and_diffusers_floors(tmp_
                          capture_output=True, text=True, timeout=1500, cwd=REPO, env=env)
     tail = run.stdout[-4000:] + run.stderr[-2000:]
     assert run.returncode == 0, f"the suite fails on transformers {got[0]} / diffusers {got[1]}:\n{tail}"
-    counts = dict((k, int(n)) for n, k in re.findall(r"(\d+) (passed|failed|error)", run.stdout.splitlines()[-1]))
-    assert counts.get("passed", 0) >= 150 and "failed" not in counts, tail
+    passed = re.search(r"(\d+) passed", run.stdout.splitlines()[-1])       # rc 0: nothing failed
+    assert passed and int(passed.group(1)) >= 150, tail
