@@ -17,6 +17,7 @@ from .errors import CancelledError, WeightsmithError
 COMMANDS = [
     ("weightsmith.core.erase.cli", "register"),
     ("weightsmith.core.merge.cli", "register"),
+    ("weightsmith.core.merge.reweight", "register"),
     ("weightsmith.core.world.demo", "register"),
     ("weightsmith.core.bench", "register"),
 ]

@@ -74,6 +74,7 @@ def text(edit, rows: list[dict], title: str) -> str:
             v = rep[k]
             head.append(f"{k}: {', '.join(map(str, v)) if isinstance(v, (list, tuple)) else v}")
     head.append(f"modules edited: {len(edit.deltas)}")
+    head += block_lines(rep)
     body = []
     for r in rows:
         rel = r["delta_rel"]
@@ -86,6 +87,15 @@ def text(edit, rows: list[dict], title: str) -> str:
     summary = rep.get("summary")
     tail = [f"summary: {json.dumps(summary, default=str)}"] if summary else []
     return "\n".join(head + [""] + body + tail)
+
+
+def block_lines(rep: dict) -> list[str]:
+    """The weight each block got, one line per LoRA merged with block weights (docs/merge.md, "Block
+    weights"): ``block weights: NAME [SPEC]: BASE 1, IN01 0, ...`` (``-``: modules in no block, weight 1)."""
+    from .blockweights import summary_line
+
+    return [f"block weights: {summary_line(d.get('name'), d['blocks'])}"
+            for d in rep.get("loras") or [] if isinstance(d, dict) and d.get("blocks")]
 
 
 def table(rows: list[dict]) -> list[list]:

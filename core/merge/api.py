@@ -32,6 +32,25 @@ def _as_loras(model, loras):
     return out
 
 
+def _with_blocks(model, loras, blocks, presets):
+    """The LoRAs with their block weights applied (core/blockweights.py), and each one's report row."""
+    from .. import blockweights
+
+    if blocks is None:
+        return loras, [None] * len(loras)
+    if isinstance(blocks, str) or len(blocks) != len(loras):
+        raise WeightsmithError(f"give one block-weight string per LoRA ({len(loras)}), or none; got {blocks!r}.")
+    out, rows = [], []
+    for l, b in zip(loras, blocks):
+        try:
+            l2, row = blockweights.apply(l, b, model, presets)
+        except WeightsmithError as e:
+            raise WeightsmithError(f"LoRA {l.name}: {e}") from None
+        out.append(l2)
+        rows.append(row)
+    return out, rows
+
+
 def _prompts_for(loras, prompts, count):
     """Per-LoRA prompt lists and where they came from."""
     k = len(loras)
@@ -59,7 +78,8 @@ def _prompts_for(loras, prompts, count):
 
 
 def merge(model, loras, method: str = "iteris", weights=None, prompts=None,
-          options: MergeOptions | None = None, progress=None, cancel=None) -> Edit:
+          options: MergeOptions | None = None, progress=None, cancel=None, blocks=None,
+          block_presets: dict | None = None) -> Edit:
     """Merge LoRAs into one edit of ``model`` (an :class:`~weightsmith.core.sdmodel.SDModel`).
 
     ``loras``: :class:`~weightsmith.core.lora_read.LoRA` objects (from ``load_lora(path, model)``) or
@@ -69,7 +89,10 @@ def merge(model, loras, method: str = "iteris", weights=None, prompts=None,
     "sum"``, the weights of the sum its ridge pulls toward; for the data-free methods they scale the deltas.
     ``prompts``: ``None`` (from each LoRA's ``ss_tag_frequency``), one list for all LoRAs, a list of
     lists (one per LoRA) or a dict ``{lora name: [...]}``. ``progress(done, total, label)`` and
-    ``cancel() -> bool`` as everywhere in Weightsmith.
+    ``cancel() -> bool`` as everywhere in Weightsmith. ``blocks``: one block-weight string per LoRA
+    (LoRA Block Weight's presets or vectors, docs/merge.md "Block weights"; None or "" = none), applied
+    to each LoRA's modules before any method runs, so every method (IterIS included) sees each LoRA as
+    it runs with those block weights; ``block_presets``: extra presets (``blockweights.parse_presets``).
 
     Returns an :class:`~weightsmith.core.edit.Edit` whose ``factors`` hold exact low-rank factors
     where the method has them (iteris, regmean, concat, svd), and whose ``report`` holds
@@ -99,7 +122,11 @@ def merge(model, loras, method: str = "iteris", weights=None, prompts=None,
         raise WeightsmithError(f"unknown untouched-module rule {opts.untouched!r}; use 'skip' or 'zero'.")
     if method in ("iteris", "regmean") and any(w <= 0 for w in weights):
         raise WeightsmithError("IterIS/RegMean weights are relative importances and must be positive.")
+    loras, block_rows = _with_blocks(model, loras, blocks, block_presets)
     info = [dict(l.summary(), weight=w) for l, w in zip(loras, weights)]
+    for d, b in zip(info, block_rows):
+        if b is not None:
+            d["blocks"] = b
     if method in ("iteris", "regmean"):
         plist, sources = _prompts_for(loras, prompts, opts.samples)
         samples = [make_samples(p, opts.samples, opts.seed) for p in plist]
@@ -203,6 +230,9 @@ def save_merge(edit: Edit, model, out, fmt: str = "lora", rank: int | None = Non
         "ws_settings": json.dumps({k: v for k, v in (rep.get("options") or {}).items()}),
         "ss_output_name": out.stem,
     }
+    blocks = {d.get("name"): d["blocks"]["spec"] for d in rep.get("loras", []) if d.get("blocks")}
+    if blocks:
+        meta["ws_blocks"] = json.dumps(blocks)
     tf = merged_tag_frequency(loras)
     if tf:
         meta["ss_tag_frequency"] = json.dumps(tf)

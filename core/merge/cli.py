@@ -18,6 +18,8 @@ EPILOG = """examples:
       --iterations 10 --samples 16 --rank 32 --out ab.safetensors --report ab.json
   weightsmith merge --model sd15.safetensors --lora a.safetensors --lora b.safetensors --method ties \\
       --format checkpoint --out merged-model.safetensors
+  weightsmith merge --model sd15.safetensors --lora a.safetensors:1:OUTALL \\
+      --lora "b.safetensors:0.8:1,1,1,1,1,1,1,1,0,0,0,0,0,0,0,0,0" --method linear --out ab.safetensors
 Prompts are split at ';'. Without --prompts, each LoRA's training tags (ss_tag_frequency) are used."""
 
 
@@ -29,8 +31,13 @@ def register(subparsers) -> None:
                     "convergence; the baselines work on the weights alone.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="base model: single-file .safetensors or diffusers folder")
-    p.add_argument("--lora", action="append", required=True, metavar="FILE[:WEIGHT]",
-                   help="a LoRA to merge (repeat); optional weight after ':' (default 1)")
+    p.add_argument("--lora", action="append", required=True, metavar="FILE[:WEIGHT[:BLOCKS]]",
+                   help="a LoRA to merge (repeat); optional weight after ':' (default 1), then optional block "
+                        "weights after another ':' (SuperMerger's NAME:RATIO:BLOCKS; a preset such as OUTALL or "
+                        "comma-separated numbers, docs/merge.md 'Block weights'); FILE:BLOCKS means weight 1")
+    p.add_argument("--block-presets", default=None, metavar="FILE",
+                   help="extra block-weight presets, LoRA Block Weight's lbwpresets.txt format (NAME:v1,v2,... "
+                        "per line)")
     p.add_argument("--prompts", action="append", nargs="+", metavar="ARG",
                    help="'p1; p2' for every LoRA, or LORA_FILE 'p1; p2' for one LoRA (repeatable)")
     p.add_argument("--method", choices=METHODS, default="iteris")
@@ -104,6 +111,20 @@ def options_from_args(args) -> tuple[MergeOptions, bool]:
                   max_memory_gb=args.max_memory)
     quick = args.speed == "quick" or (args.speed == "auto" and _device(args.device) == "cpu")
     return from_values(MergeOptions, with_quick(values, quick), where="weightsmith merge"), quick
+
+
+def parse_lora_spec(arg: str, presets: dict | None = None) -> tuple[str, float, str | None]:
+    """``FILE[:WEIGHT[:BLOCKS]]`` or ``FILE:BLOCKS`` -> (file, weight, block-weight string or None). The
+    block weights are recognised as a preset name or comma-separated numbers after the last ':' (a
+    drive letter like ``C:`` is neither); docs/merge.md, "Block weights"."""
+    from ..blockweights import is_spec
+
+    head, sep, tail = arg.rpartition(":")
+    if sep and head and not tail.startswith(("\\", "/")) and is_spec(tail, presets) and not Path(arg).exists():
+        path, w = parse_lora_arg(head)
+        return path, w, tail.strip()
+    path, w = parse_lora_arg(arg)
+    return path, w, None
 
 
 def parse_lora_arg(arg: str) -> tuple[str, float]:
@@ -180,7 +201,10 @@ def run(args) -> int:
 
     if not args.lora:
         raise WeightsmithError("no LoRAs to merge; pass at least one --lora FILE.")
-    pairs = [parse_lora_arg(a) for a in args.lora]
+    presets = _block_presets(args.block_presets)
+    specs = [parse_lora_spec(a, presets) for a in args.lora]
+    pairs = [(p, w) for p, w, _ in specs]
+    blocks = [b for _, _, b in specs] if any(b for _, _, b in specs) else None
     out = _check_outputs(args, pairs)
     prompts = _prompt_map(args.prompts, [p for p, _ in pairs])
     opts, quick = options_from_args(args)   # validated, before loading anything
@@ -211,7 +235,7 @@ def run(args) -> int:
     progress = None if args.no_progress else tqdm_progress(f"merge ({args.method})")
     try:
         edit = merge(model, loras, args.method, weights=[w for _, w in pairs], prompts=prompts, options=opts,
-                     progress=progress, cancel=None)
+                     progress=progress, cancel=None, blocks=blocks, block_presets=presets)
     finally:
         if progress is not None:
             progress.close()
@@ -239,7 +263,24 @@ def run(args) -> int:
     if written.get("rank") is not None:
         msg += f", rank {written['rank']}, export error {written.get('max_error', 0):.2e}"
     print(msg + ")")
+    from ..report import block_lines
+
+    for line in block_lines(rep):
+        print(line)
     return 0
+
+
+def _block_presets(path) -> dict | None:
+    """--block-presets FILE: LoRA Block Weight's lbwpresets.txt format (core/blockweights.py)."""
+    if not path:
+        return None
+    from ..blockweights import parse_presets
+
+    p = Path(path)
+    if not p.is_file():
+        raise WeightsmithError(f"--block-presets {path} is not a file; pass a text file of NAME:v1,v2,... lines "
+                               "(LoRA Block Weight's lbwpresets.txt).")
+    return parse_presets(p.read_text(encoding="utf-8", errors="replace"))
 
 
 def _check_outputs(args, pairs) -> Path:
