@@ -280,7 +280,9 @@ class Workbench:
             self._remember(edit, model)
         return edit
 
-    def compute_merge(self, lora_names, weights, prompts, method, settings: dict | None = None) -> tuple:
+    def compute_merge(self, lora_names, weights, prompts, method, settings: dict | None = None,
+                      blocks: str | None = None) -> tuple:
+        from ..core.blockweights import per_lora
         from ..core.lora_read import load_lora
         from ..core.merge import MergeOptions, merge
 
@@ -298,6 +300,7 @@ class Workbench:
             lines = [x for x in plines if x]
             per = [[s.strip() for s in ln.split("|") if s.strip()] for ln in lines]
             p = per[0] if len(per) == 1 and len(names) > 1 else per
+        bw = per_lora(blocks, len(names))       # one line per LoRA (docs/merge.md, "Block weights")
         from ..core.merge.options import machine_is_cpu, with_quick
 
         opts = _options(MergeOptions, with_quick(settings or {}, machine_is_cpu()))   # docs/merge.md, "Speed"
@@ -309,7 +312,7 @@ class Workbench:
                 require(path.is_file(), f"LoRA {n} is not in {self.backend.lora_dir()}; press Refresh.")
                 loras.append(load_lora(path, model))
             edit = merge(model, loras, method=method, weights=w, prompts=p, options=opts,
-                         progress=progress, cancel=cancel)
+                         progress=progress, cancel=cancel, blocks=bw)
             self._remember(edit, model)
         return edit, loras
 

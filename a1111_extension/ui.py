@@ -11,6 +11,7 @@ import traceback
 from types import SimpleNamespace
 
 from ..core.erase.options import TE_SUBLAYERS, EraseOptions
+from ..core.blockweights import BLOCKS_HELP, NO_PRESET, PRESET_CHOICES
 from ..core.merge.options import MergeOptions, host_default, machine_is_cpu
 from ..core.optspec import spec
 from ..core.report import TABLE_HEADERS
@@ -95,6 +96,10 @@ def _merge_tab(gr, backend):
             prompts = gr.Textbox(label="Sample prompts (one line per LoRA, several separated by |; "
                                        "empty: from each LoRA's training tags)", lines=2, value="")
         with gr.Row():
+            blocks = gr.Textbox(label="Block weights (one line per LoRA, or one for all; empty: none)", lines=2,
+                                value="", info=BLOCKS_HELP, elem_id="weightsmith_blocks")
+            block_preset = gr.Dropdown(list(PRESET_CHOICES), value=NO_PRESET, label="Add a preset line")
+        with gr.Row():
             m_method = gr.Dropdown(list(merge_methods()), value=merge_methods()[0], label="Method")
             iterations = gr.Number(value=MD("iterations"), label=M("iterations").label, precision=0, info=M("iterations").help)
             samples = gr.Number(value=MD("samples"), label=M("samples").label, precision=0, info=M("samples").help)
@@ -112,7 +117,7 @@ def _merge_tab(gr, backend):
                                   interactive=backend.can_apply)
             b_merge = gr.Button("Merge → Save as LoRA", variant="primary", elem_id="weightsmith_merge")
             b_stop2 = gr.Button("Interrupt")
-    return SimpleNamespace(loras=loras, b_refresh=b_refresh, weights=weights, prompts=prompts, m_method=m_method, iterations=iterations, samples=samples, steps=steps, seed=seed, max_memory=max_memory, ridge_toward=ridge_toward, m_name=m_name, m_rank=m_rank, m_apply=m_apply, b_merge=b_merge, b_stop2=b_stop2)
+    return SimpleNamespace(loras=loras, b_refresh=b_refresh, weights=weights, prompts=prompts, m_method=m_method, iterations=iterations, samples=samples, steps=steps, seed=seed, max_memory=max_memory, ridge_toward=ridge_toward, m_name=m_name, m_rank=m_rank, m_apply=m_apply, b_merge=b_merge, b_stop2=b_stop2, blocks=blocks, block_preset=block_preset)
 
 
 def build_ui(backend, *, workbench: Workbench | None = None):
@@ -186,13 +191,13 @@ def build_ui(backend, *, workbench: Workbench | None = None):
 
     # -- merge actions ------------------------------------------------------------------------
     def on_merge(loras, weights, prompts, method, iterations, samples, steps, seed, name, rank, apply_too,
-                 max_memory=None, ridge_toward=None, progress=gr.Progress()):
+                 max_memory=None, ridge_toward=None, blocks=None, progress=gr.Progress()):
         def fn():
             settings = {k: int(_float(v, MD(k))) for k, v in
                         (("iterations", iterations), ("samples", samples), ("steps", steps), ("seed", seed))}
             settings["max_memory_gb"] = _float(max_memory, M("max_memory_gb").default)
             settings["ridge_toward"] = ridge_toward or M("ridge_toward").default
-            edit, objs = wb.compute_merge(loras, weights, prompts, method, settings)
+            edit, objs = wb.compute_merge(loras, weights, prompts, method, settings, blocks)
             meta = {"ws_inputs": ",".join(l.name for l in objs)}
             try:
                 from ..core.merge import merged_tag_frequency
@@ -207,6 +212,9 @@ def build_ui(backend, *, workbench: Workbench | None = None):
             if edit.report.get("time_s") is not None:
                 from ..core.progress import format_duration
                 msg += f" Merge took {format_duration(edit.report['time_s'])}."
+            from ..core.report import block_lines
+
+            msg += "".join(f" {ln}." for ln in block_lines(edit.report))
             if apply_too:
                 msg += " " + wb.apply(edit)
             return msg, edit
@@ -258,7 +266,9 @@ def build_ui(backend, *, workbench: Workbench | None = None):
         e4 = er.b_ckpt.click(on_save_ckpt, common + [er.ckpt_name], outs, api_name=api("save_checkpoint"))
         e5 = mg.b_merge.click(on_merge, [mg.loras, mg.weights, mg.prompts, mg.m_method, mg.iterations, mg.samples,
                                          mg.steps, mg.seed, mg.m_name, mg.m_rank, mg.m_apply, mg.max_memory,
-                                         mg.ridge_toward], outs, api_name=api("merge"))
+                                         mg.ridge_toward, mg.blocks], outs, api_name=api("merge"))
+        mg.block_preset.change(lambda p, t: t if p == NO_PRESET else ((t.rstrip() + "\n") if (t or "").strip() else "")
+                               + p, [mg.block_preset, mg.blocks], [mg.blocks])
         er.b_stop.click(on_interrupt, [], [status], api_name=api("interrupt"), queue=False)
         mg.b_stop2.click(on_interrupt, [], [status], queue=False)
         mg.b_refresh.click(on_refresh, [], [mg.loras], api_name=api("refresh_loras"))

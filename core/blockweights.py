@@ -280,3 +280,37 @@ def summary_line(name: str, summary: dict) -> str:
     """One line per LoRA for text reports: ``name [SPEC]: BASE 1, IN01 0, ...``."""
     parts = [f"{b['block']} {b['weight']:g}" for b in summary.get("blocks", [])]
     return f"{name} [{summary.get('spec')}]: " + ", ".join(parts)
+
+
+# -- the hosts' fields (one rule for ComfyUI's Stack node and the A1111/Forge tab) ------------------
+NO_PRESET = "none"
+PRESET_CHOICES = (NO_PRESET,) + tuple(PRESETS)
+
+
+def host_spec(preset: str | None, text: str | None) -> str | None:
+    """A host's preset dropdown plus text field as one block-weight string: the text when it is not
+    empty, else the preset (``none``: no block weights)."""
+    t = (text or "").strip()
+    if t:
+        return t
+    p = (preset or "").strip()
+    return None if not p or p == NO_PRESET else p
+
+
+def per_lora(text: str | None, n: int) -> list | None:
+    """The A1111/Forge tab's block-weight field: one line per LoRA in the order picked (a preset or a
+    vector; an empty line or ``none`` = no block weights for that LoRA), or one line for all LoRAs;
+    empty = none at all."""
+    lines = [ln.strip() for ln in (text or "").splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    if not any(lines):
+        return None
+    lines = [None if ln in ("", NO_PRESET) else ln for ln in lines]
+    if len(lines) == 1:
+        return lines * n
+    if len(lines) != n:
+        raise WeightsmithError(f"block weights: {len(lines)} lines for {n} LoRAs; write one line per LoRA in the "
+                               "order picked (an empty line or 'none' for a LoRA without block weights), or one "
+                               "line for all.")
+    return lines

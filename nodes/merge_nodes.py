@@ -11,6 +11,7 @@ import logging
 import time
 import os
 
+from ..core.blockweights import BLOCKS_HELP, NO_PRESET, PRESET_CHOICES, host_spec
 from ..core.merge.options import METHODS, MergeOptions, host_default, machine_is_cpu, with_quick
 from .common import (CATEGORY, EDIT_TYPE, STACK_TYPE, format_report, host_progress, lines, options_of,
                      report_picture, ui_text, user_errors, widget)
@@ -47,27 +48,32 @@ class WeightsmithLoraStack:
             },
             "optional": {
                 "stack": (STACK_TYPE, {"tooltip": "An earlier stack to extend (chain Stack nodes)."}),
+                "block_preset": (list(PRESET_CHOICES), {"default": NO_PRESET,
+                                                        "tooltip": "A LoRA Block Weight preset for this LoRA ("
+                                                                   "none = every block 1); block_weights, when "
+                                                                   "not empty, takes its place."}),
+                "block_weights": ("STRING", {"default": "", "tooltip": BLOCKS_HELP}),
             },
         }
 
     @classmethod
-    def IS_CHANGED(cls, lora_name, weight, sample_prompts, stack=None):
+    def IS_CHANGED(cls, lora_name, weight, sample_prompts, stack=None, block_preset=None, block_weights=None):
         # re-run when the file on disk changes, not only when the inputs do
         import folder_paths
 
         path = folder_paths.get_full_path("loras", lora_name)
         try:
             st = os.stat(path)
-            return f"{lora_name}|{st.st_mtime_ns}|{st.st_size}|{weight}|{sample_prompts}"
+            return f"{lora_name}|{st.st_mtime_ns}|{st.st_size}|{weight}|{sample_prompts}|{block_preset}|{block_weights}"
         except (OSError, TypeError):
-            return f"{lora_name}|missing|{weight}|{sample_prompts}"
+            return f"{lora_name}|missing|{weight}|{sample_prompts}|{block_preset}|{block_weights}"
 
-    def run(self, lora_name, weight, sample_prompts, stack=None):
+    def run(self, lora_name, weight, sample_prompts, stack=None, block_preset=None, block_weights=None):
         import folder_paths
 
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
         entry = {"name": lora_name, "path": path, "weight": float(weight),
-                 "prompts": tuple(lines(sample_prompts))}
+                 "prompts": tuple(lines(sample_prompts)), "blocks": host_spec(block_preset, block_weights)}
         return (tuple(stack or ()) + (entry,),)
 
 
@@ -133,9 +139,11 @@ class WeightsmithIterISMerge:
                           max_memory_gb=None if max_memory_gb is None else float(max_memory_gb))
             opts = options_of(MergeOptions, **with_quick(values, machine_is_cpu()))
             logging.info("Weightsmith: merging %d LoRAs (%s)", len(loras), method)
+            blocks = [e.get("blocks") for e in stack]
             edit = merge(sd, loras, method=method, weights=weights, prompts=prompts, options=opts,
-                         progress=progress, cancel=cancel)
-            edit.report["stack"] = [f"{e['name']} x{e['weight']:g}" for e in stack]
+                         progress=progress, cancel=cancel, blocks=blocks if any(blocks) else None)
+            edit.report["stack"] = [f"{e['name']} x{e['weight']:g}" + (f" [{e['blocks']}]" if e.get("blocks") else "")
+                                    for e in stack]
             edit = ca.edit_to_cpu(edit)
             logging.info("Weightsmith: %d modules edited in %.1f s", len(edit.deltas), time.perf_counter() - t0)
             m, c = ca.apply_edit(model, clip, edit, 1.0)

@@ -375,3 +375,61 @@ def test_cli_merge_with_blocks_equals_core(files, capsys):
 
     with safe_open(str(out), "pt") as f:
         assert json.loads(f.metadata()["ws_blocks"]) == {a.stem: "OUTALL", b.stem: VEC_B}
+
+
+# -- one string, one result: CLI, ComfyUI node, A1111/Forge tab --------------------------------------
+def test_same_string_same_merge_in_cli_node_and_tab(tmp_path, monkeypatch):
+    import sys
+    import types
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "a1111"))
+    from helpers import tiny_diffusers_folder
+
+    from weightsmith.a1111_extension.backend import StandaloneBackend, Workbench
+    from weightsmith.core.cli import main
+    from weightsmith.nodes import comfy_adapter as ca
+    from weightsmith.nodes import merge_nodes
+
+    src = tiny_diffusers_folder(tmp_path / "model", "sd1", seed=7)
+    (tmp_path / "loras").mkdir()
+    backend = StandaloneBackend(src, tmp_path / "loras", tmp_path / "ckpts")
+    model = backend.model()
+    paths = []
+    for s, r in ((21, 3), (22, 2)):
+        t, m = random_lora(model, groups=("attn", "te", "conv"), rank=r, seed=s)
+        p = tmp_path / "loras" / f"r{s}.safetensors"
+        save_file(t, str(p), m)
+        paths.append(p)
+    a, b = paths
+    # the tab: one line per LoRA
+    edit_tab, _ = Workbench(backend).compute_merge([a.name, b.name], "0.7, 1", "", "linear", {},
+                                                   blocks=f"OUTALL\n{VEC_B}")
+    # the CLI
+    out = tmp_path / "cli.safetensors"
+    assert main(["merge", "--model", str(src), "--method", "linear", "--lora", f"{a}:0.7:OUTALL", "--lora",
+                 f"{b}:1:{VEC_B}", "--out", str(out), "--no-progress"]) == 0
+    cli = load_lora(out, model)
+    # the ComfyUI nodes, without ComfyUI: its folder list and the model adapter stand in
+    fp = types.ModuleType("folder_paths")
+    fp.get_full_path_or_raise = lambda kind, name: str(tmp_path / "loras" / name)
+    monkeypatch.setitem(sys.modules, "folder_paths", fp)
+    monkeypatch.setattr(merge_nodes, "host_progress", lambda *a: (None, lambda: False))
+    monkeypatch.setattr(ca, "sdmodel_from_comfy", lambda m, c, **k: model)
+    monkeypatch.setattr(ca, "to_compute_device", lambda *a, **k: "cpu")
+    monkeypatch.setattr(ca, "apply_edit", lambda m, c, e, s: (m, c))
+    monkeypatch.setattr(ca, "weight_norms", lambda sd, e: {n: 1.0 for n in e.deltas})
+    stack = merge_nodes.WeightsmithLoraStack()
+    (st,) = stack.run(a.name, 0.7, "", None, block_preset="OUTALL", block_weights="")
+    (st,) = stack.run(b.name, 1.0, "", st, block_preset="INS", block_weights=VEC_B)   # the text wins
+    res = merge_nodes.WeightsmithIterISMerge().run("M", "C", st, "linear", 1, 1, 1, 64, 0)
+    edit_node, text = res["result"][2], res["result"][3]
+    assert "block weights: r21 [OUTALL]: BASE 1, IN01 0" in text
+    assert f"[{VEC_B}]: BASE 1, IN01 0.25" in text
+    assert set(edit_tab.deltas) == set(edit_node.deltas) == set(cli.modules)
+    for n, d in edit_tab.deltas.items():
+        ref = d.double()
+        assert torch.equal(edit_node.deltas[n], d), n
+        assert float((cli.modules[n].delta(torch.float64).reshape(ref.shape) - ref).norm()) <= 1e-5 * float(ref.norm())

@@ -165,7 +165,7 @@ def main(url: str, log: str | None, host: str = "a1111") -> dict:
     for method, name, it, samples, steps in (("linear", "ws-real-merge-linear", 1, 1, 1),
                                              ("iteris", "ws-real-merge-iteris", 2, 2, 1)):
         res[f"merge_{method}"] = tab("/weightsmith_merge", ["ws-real-a.safetensors", "ws-real-b.safetensors"], "", "", method,
-                                     it, samples, steps, 0, name, 0, False, 0, "sum")
+                                     it, samples, steps, 0, name, 0, False, 0, "sum", "")
         img = t2i(P + f" <lora:{name}:1>")
         res[f"merge_{method}_vs_base"] = diff(img, base)
 

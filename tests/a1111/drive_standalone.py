@@ -62,7 +62,7 @@ def main(work: Path, port: int) -> dict:
         out = c.predict("", "dog", "", "erasepro", "suffix", ["k_proj", "v_proj"], "", "off", 0.5, 1.0, 1e-4,
                         1.0, api_name="/weightsmith_apply")
         res["empty_target_status"] = out[0]
-        out = c.predict(["nope.safetensors"], "", "", "iteris", 1, 1, 1, 0, "", 0, False, 0, "mean",
+        out = c.predict(["nope.safetensors"], "", "", "iteris", 1, 1, 1, 0, "", 0, False, 0, "mean", "",
                       api_name="/weightsmith_merge")
         res["bad_lora_status"] = out[0]
         html = __import__("urllib.request").request.urlopen(f"http://127.0.0.1:{port}/").read().decode()
