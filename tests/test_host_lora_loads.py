@@ -1,6 +1,6 @@
 """Every LoRA Weightsmith writes applies exactly in A1111's Lora extension (the stand-in of
 tests/a1111/fake_webui, with A1111's key resolution, alpha/dim scale and fused-MHA rule): erase
-with each method and merges, on SD1, SD2 (fused OpenCLIP attention) and SDXL (issue 12). The
+with each method, merges and a block-weighted LoRA (reweight), on SD1, SD2 (fused OpenCLIP attention) and SDXL (issue 12). The
 diffusers loads are tested in test_lora_write.py; ComfyUI's LoraLoader in test_comfy_server.py."""
 import pytest
 import torch
@@ -52,6 +52,16 @@ def test_erase_and_merge_loras_apply_exactly_in_a1111(webui, tmp_path, family):
         errs = _a1111_rel_errors(webui, b, edit, p)
         assert max(errs.values()) <= 1e-5, max(errs.items(), key=lambda kv: kv[1])
         worst[method] = max(errs.values())
+    # a block-weighted single LoRA (weightsmith lora reweight; docs/merge.md, "Block weights")
+    from weightsmith.core.merge.reweight import reweight
+
+    edit = reweight(m, loras[0], "OUTALL", 0.8)
+    p = lora_dir / f"rw-{family}.safetensors"
+    save_merge(edit, m, p, loras=loras[:1])
+    errs = _a1111_rel_errors(webui, b, edit, p)
+    assert max(errs.values()) <= 1e-5, max(errs.items(), key=lambda kv: kv[1])
+    assert 0 < len(edit.deltas) < len(loras[0].modules)
+    worst["reweight"] = max(errs.values())
     print(f"A1111 stand-in {family}: " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
 
 
