@@ -198,7 +198,9 @@ def build_ui(backend, *, workbench: Workbench | None = None):
             settings["max_memory_gb"] = _float(max_memory, M("max_memory_gb").default)
             settings["ridge_toward"] = ridge_toward or M("ridge_toward").default
             edit, objs = wb.compute_merge(loras, weights, prompts, method, settings, blocks)
-            meta = {"ws_inputs": ",".join(l.name for l in objs)}
+            from ..core.blockweights import file_metadata
+
+            meta = {"ws_inputs": ",".join(l.name for l in objs), **file_metadata(edit.report)}
             try:
                 from ..core.merge import merged_tag_frequency
                 import json

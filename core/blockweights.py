@@ -276,6 +276,16 @@ def apply(lora, spec, model, presets: dict | None = None):
     return out, summary
 
 
+def file_metadata(report: dict) -> dict:
+    """``{"ws_blocks": JSON {LoRA name: string}}`` for a written LoRA whose merge used block weights
+    (every front end's writer adds it), else ``{}``."""
+    import json
+
+    blocks = {d.get("name"): d["blocks"]["spec"] for d in (report or {}).get("loras") or []
+              if isinstance(d, dict) and d.get("blocks")}
+    return {"ws_blocks": json.dumps(blocks)} if blocks else {}
+
+
 def summary_line(name: str, summary: dict) -> str:
     """One line per LoRA for text reports: ``name [SPEC]: BASE 1, IN01 0, ...``."""
     parts = [f"{b['block']} {b['weight']:g}" for b in summary.get("blocks", [])]

@@ -72,7 +72,9 @@ class WeightsmithSaveEditAsLora:
             os.makedirs(folder, exist_ok=True)
             fname = f"{name}_{counter:05}_.safetensors"
             path = os.path.join(folder, fname)
-            info = save_lora(edit, path, rank=int(rank) or None)
+            from ..core.blockweights import file_metadata
+
+            info = save_lora(edit, path, rank=int(rank) or None, metadata=file_metadata(edit.report))
             register_output_loras()
             lora_name = os.path.join(sub, fname) if sub else fname
             text = (f"saved {os.path.join(SUBFOLDER, lora_name)}\nmodules: {len(info['errors'])}, rank: {info['rank']}, "

@@ -113,7 +113,15 @@ SDXL_TABLE = [
 ]
 
 
-@pytest.mark.parametrize("family,layout,rows", [("sd1", SD1_LAYOUT, SD1_TABLE), ("sd2", SD1_LAYOUT, SD1_TABLE),
+# SD2: the SD1 UNet rows; its OpenCLIP-H encoder is keyed like OpenCLIP in A1111
+SD2_TABLE = [r for r in SD1_TABLE if r[0].startswith("unet.")] + [
+    ("text_encoder.text_model.encoder.layers.22.self_attn.out_proj", "model_transformer_resblocks_22_attn_out_proj",
+     "BASE"),
+    ("text_encoder.text_model.encoder.layers.0.mlp.fc2", "model_transformer_resblocks_0_mlp_c_proj", "BASE"),
+]
+
+
+@pytest.mark.parametrize("family,layout,rows", [("sd1", SD1_LAYOUT, SD1_TABLE), ("sd2", SD1_LAYOUT, SD2_TABLE),
                                                 ("sdxl", SDXL_LAYOUT, SDXL_TABLE)])
 def test_module_blocks_match_lbw(family, layout, rows):
     t = bwm.table(family)

@@ -230,9 +230,9 @@ def save_merge(edit: Edit, model, out, fmt: str = "lora", rank: int | None = Non
         "ws_settings": json.dumps({k: v for k, v in (rep.get("options") or {}).items()}),
         "ss_output_name": out.stem,
     }
-    blocks = {d.get("name"): d["blocks"]["spec"] for d in rep.get("loras", []) if d.get("blocks")}
-    if blocks:
-        meta["ws_blocks"] = json.dumps(blocks)
+    from ..blockweights import file_metadata
+
+    meta.update(file_metadata(rep))
     tf = merged_tag_frequency(loras)
     if tf:
         meta["ss_tag_frequency"] = json.dumps(tf)
