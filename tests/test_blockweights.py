@@ -441,3 +441,15 @@ def test_same_string_same_merge_in_cli_node_and_tab(tmp_path, monkeypatch):
         ref = d.double()
         assert torch.equal(edit_node.deltas[n], d), n
         assert float((cli.modules[n].delta(torch.float64).reshape(ref.shape) - ref).norm()) <= 1e-5 * float(ref.norm())
+
+
+def test_host_field_rules():
+    assert bwm.host_spec("OUTALL", "") == "OUTALL" and bwm.host_spec("none", "  ") is None
+    assert bwm.host_spec("INS", VEC_A) == VEC_A                    # the text wins over the dropdown
+    assert bwm.per_lora("", 3) is None and bwm.per_lora("\n\n", 2) is None
+    assert bwm.per_lora("OUTALL", 3) == ["OUTALL"] * 3             # one line for all
+    assert bwm.per_lora(f"{VEC_A}\n\nINS", 3) == [VEC_A, None, "INS"]
+    assert bwm.per_lora(f"{VEC_A}\nnone", 2) == [VEC_A, None]
+    with pytest.raises(WeightsmithError, match="2 lines for 3 LoRAs"):
+        bwm.per_lora("ALL\nINS", 3)
+    assert bwm.PRESET_CHOICES[0] == "none" and set(bwm.PRESET_CHOICES[1:]) == set(bwm.PRESETS)
