@@ -28,8 +28,8 @@ import torch
 from .edit import Edit
 from .errors import WeightsmithError
 from .factor import svd_factor
-from .model_io import atomic_save_file
 from .naming import UNetLayout, kohya_prefix
+from .safe_io import atomic_save_file
 
 BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 
