@@ -111,6 +111,8 @@ def load_model(path, *, clip_skip: int | None = None, tokenizer=None, weights_dt
         require(weights_dtype in WEIGHT_DTYPES,
                 f"unknown weights precision {weights_dtype!r}; use one of {', '.join(WEIGHT_DTYPES)}.")
         weights_dtype = WEIGHT_DTYPES[weights_dtype]
+    require(weights_dtype is None or (isinstance(weights_dtype, torch.dtype) and weights_dtype.is_floating_point),
+            f"weights precision {weights_dtype!r} is not a floating-point type; use one of {', '.join(WEIGHT_DTYPES)}.")
     path = Path(path)
     if not path.exists():
         raise WeightsmithError(f"model not found: {path}. Pass a .safetensors checkpoint or a diffusers folder.")
