@@ -26,10 +26,10 @@ import re
 import torch
 
 from .edit import Edit
-from .errors import WeightsmithError
+from .errors import WeightsmithError, require
 from .factor import svd_factor
-from .model_io import atomic_save_file
 from .naming import UNetLayout, kohya_prefix
+from .safe_io import atomic_save_file
 
 BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 
@@ -122,6 +122,12 @@ def _one_alpha(tensors: dict) -> None:
         tensors[k[: -len(".lora_up.weight")] + ".alpha"] = torch.tensor(float(R))
 
 
+def check_rank(rank) -> None:
+    """A LoRA rank cap is None (exact) or a whole number >= 1 (the CLI's ``--rank``)."""
+    require(rank is None or (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1),
+            f"--rank must be a positive integer (a LoRA rank; leave it out for the exact rank), got {rank!r}.")
+
+
 def save_lora(edit: Edit, path, rank: int | None = None, fmt: str = "lora",
               metadata: dict | None = None, dtype=torch.float32, complete_fused: bool = True) -> dict:
     """Write ``edit`` as a kohya LoRA (atomic). Returns ``{"errors": {...}, "max_error": e, "rank": r}``.
@@ -130,6 +136,10 @@ def save_lora(edit: Edit, path, rank: int | None = None, fmt: str = "lora",
     (``edit.sources``) and an edit holding NaN/Inf."""
     from .safe_io import check_paths
 
+    check_rank(rank)
+    require(isinstance(dtype, torch.dtype) and dtype.is_floating_point,
+            f"the LoRA's dtype must be a floating-point type (torch.float32, torch.float16 or torch.bfloat16), "
+            f"got {dtype!r}.")
     check_paths({"the LoRA output": path}, dict(getattr(edit, "sources", None) or {}))
     bad = [n for n in sorted(edit.deltas) if not bool(torch.isfinite(edit.deltas[n]).all())]
     if bad:

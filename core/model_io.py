@@ -5,18 +5,19 @@
 - A **single-file checkpoint** (``.safetensors``; pickle ``.ckpt``/``.pt`` only through
   ``torch.load(weights_only=True)``) in the original LDM/CompVis key layout, as ComfyUI, A1111
   and Forge use. The family is recognised from the key layout, the text encoders' configs and the
-  UNet's config are inferred from tensor shapes (no hub look-ups, any width), and names are mapped
-  with :mod:`weightsmith.core.naming`. The UNet is only built when a solver needs to run it;
-  erasure reads the few weights it edits straight from the file.
+  UNet's config are inferred from tensor shapes (:mod:`.layouts`; no hub look-ups, any width), the
+  tensors are read lazily (:mod:`.state_files`), and names are mapped with
+  :mod:`weightsmith.core.naming`. The UNet is only built when a solver needs to run it; erasure
+  reads the few weights it edits straight from the file.
 
-Edited models are written in the format they came in, atomically (temp file + rename); the input
-is never modified.
+Edited models are written in the format they came in, atomically (temp file + rename, a diffusers
+folder as a whole) and deterministically, every weights file through the one safetensors writer
+(:func:`.safe_io.write_safetensors`); the input is never modified.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from collections import defaultdict
@@ -29,10 +30,20 @@ from .errors import WeightsmithError, require
 from .memory import WEIGHT_PRECISIONS
 from .naming import (LDM_UNET_PREFIX, TE1, TE2, UNET, CheckpointSlot, UNetLayout, checkpoint_slot,
                      open_clip_slot, te_checkpoint_prefix, te_path)
-from .safe_io import PICKLE_SUFFIXES, load_plain_pickle
+from .layouts import detect_checkpoint_family
+from .layouts.ldm import infer_unet_config, te_config_from_keys
+from .safe_io import atomic_save_file, nonfinite_keys, write_safetensors
 from .sdmodel import SDModel, default_encoder_specs, detect_family
+from .state_files import DictState, StateFile, read_slot
 from .tokenizer import find_clip_tokenizer
 
+# the names this module had before the writer, the readers and the layouts moved out (scripts and
+# tests import them from here)
+__all__ = ["ModelSource", "WEIGHT_DTYPES", "add_deltas_to_ldm_state", "atomic_save_file", "beside_host_weights_dtype",
+           "check_output_path", "detect_checkpoint_family", "encoder_tokenizer", "fast_init", "infer_unet_config",
+           "load_model", "model_from_state_dict", "nonfinite_keys", "save_edited_model", "save_single_file",
+           "stored_half_dtype", "te_params", "to_ldm_state_dict"]
+_StateFile, _DictState = StateFile, DictState
 
 
 @dataclass
@@ -65,63 +76,6 @@ def te_params(te: torch.nn.Module):
         yield te_path(k), v
 
 
-_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.bool: "BOOL"}
-
-
-def _safetensors_bytes_header(tensors: dict, metadata: dict) -> tuple[bytes, list]:
-    """A safetensors header with keys in sorted order (the library's own writer orders metadata
-    by hash, so identical inputs would not give identical bytes)."""
-    header: dict = {}
-    if metadata:
-        header["__metadata__"] = {k: str(metadata[k]) for k in sorted(metadata)}
-    offset, order = 0, []
-    for k in sorted(tensors):
-        t = tensors[k].detach().cpu().contiguous()
-        if t.dtype not in _ST_DTYPES:
-            raise WeightsmithError(f"cannot save tensor {k} of type {t.dtype}")
-        n = t.numel() * t.element_size()
-        header[k] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-        order.append(t)
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return raw, order
-
-
-def nonfinite_keys(tensors: dict) -> list[str]:
-    """Keys of floating tensors holding NaN or ±Inf."""
-    return [k for k in sorted(tensors) if isinstance(tensors[k], torch.Tensor) and tensors[k].is_floating_point()
-            and not bool(torch.isfinite(tensors[k]).all())]
-
-
-def atomic_save_file(tensors: dict, path: Path, metadata: dict | None = None) -> None:
-    """Write a .safetensors file atomically (temp file + rename, mode as under the umask) and
-    deterministically. Refuses to write NaN/Inf (naming the tensor): nothing non-finite is ever
-    written."""
-    import struct
-
-    from .safe_io import atomic_write
-
-    path = Path(path)
-    bad = nonfinite_keys(tensors)
-    if bad:
-        raise WeightsmithError(
-            f"refusing to write {path.name}: {len(bad)} tensor(s) hold NaN or infinite values (e.g. {bad[0]}). "
-            "Nothing was written.")
-    header, order = _safetensors_bytes_header(tensors, metadata or {})
-
-    def write(f):
-        f.write(struct.pack("<Q", len(header)))
-        f.write(header)
-        for t in order:
-            if t.numel():
-                f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-
-    atomic_write(path, write, suffix=".safetensors.tmp")
-
-
 def check_output_path(out: Path, inputs: list, label: str = "the output path") -> Path:
     """``out`` is none of ``inputs`` (paths, or (label, path) pairs) and not inside an input folder."""
     from .safe_io import check_paths
@@ -136,166 +90,6 @@ def check_output_path(out: Path, inputs: list, label: str = "the output path") -
             named[f"the input {item}"] = item
     check_paths({label: out}, named)
     return out
-
-
-class _StateFile:
-    """Lazy read access to a checkpoint's tensors."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.metadata: dict = {}
-        suffix = path.suffix.lower()
-        if suffix == ".safetensors":
-            from safetensors import safe_open
-
-            try:
-                self._f = safe_open(str(path), framework="pt")
-                self.metadata = self._f.metadata() or {}
-                self._keys = list(self._f.keys())
-            except Exception as e:
-                raise WeightsmithError(
-                    f"{path} is not a readable .safetensors file ({type(e).__name__}: {e}). The file is "
-                    "corrupt or truncated: download or export it again.") from None
-            self._sd = None
-        elif suffix in PICKLE_SUFFIXES:
-            self._sd = load_plain_pickle(path, str(path))
-            self._keys = list(self._sd)
-        else:
-            raise WeightsmithError(
-                f"{path}: unsupported file type {suffix!r}. Pass a .safetensors checkpoint or a diffusers folder.")
-
-    def keys(self):
-        return self._keys
-
-    def get(self, key: str) -> torch.Tensor:
-        if self._sd is not None:
-            return self._sd[key]
-        return self._f.get_tensor(key)
-
-    def shape(self, key: str) -> tuple:
-        if self._sd is not None:
-            return tuple(self._sd[key].shape)
-        return tuple(self._f.get_slice(key).get_shape())
-
-
-class _DictState:
-    """In-memory tensors with the same read interface as :class:`_StateFile`."""
-
-    def __init__(self, tensors: dict, metadata: dict | None = None):
-        self._t = tensors
-        self.metadata = metadata or {}
-        self.path = None
-
-    def keys(self):
-        return list(self._t)
-
-    def get(self, key):
-        return self._t[key]
-
-    def shape(self, key):
-        return tuple(self._t[key].shape)
-
-
-# ----------------------------------------------------------------------------------------------
-# family and config inference from LDM keys
-def detect_checkpoint_family(keys) -> str:
-    ks = set(keys)
-    if any(k.startswith("conditioner.embedders.1.model.") for k in ks):
-        return "sdxl"
-    if any(k.startswith("cond_stage_model.model.transformer.") for k in ks):
-        return "sd2"
-    if any(k.startswith("cond_stage_model.transformer.") for k in ks):
-        return "sd1"
-    if any(k.startswith(LDM_UNET_PREFIX) for k in ks):
-        raise WeightsmithError(
-            "unknown model family: the checkpoint has a UNet but no text encoder Weightsmith recognises "
-            "(expected cond_stage_model.* for SD1.x/SD2.x or conditioner.embedders.* for SDXL). "
-            "Use a full checkpoint, not a UNet-only file.")
-    if any(k.startswith(("lora_", "lora_unet", "lora_te")) or ".lora_down." in k for k in ks):
-        raise WeightsmithError("this file is a LoRA, not a model checkpoint. Pass the base model to --model.")
-    raise WeightsmithError(
-        "this file is not a Stable Diffusion model (no model.diffusion_model.* UNet keys). Pass an SD1.x, "
-        "SD2.x or SDXL .safetensors checkpoint or a diffusers folder.")
-
-
-def _te_config_from_keys(sf: _StateFile, prefix: str, open_clip: bool, heads: int | None, tok):
-    from transformers import CLIPTextConfig
-
-    if open_clip:
-        emb = sf.shape(prefix + "token_embedding.weight")
-        pos = sf.shape(prefix + "positional_embedding")
-        layer_re = re.compile(re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.")
-        fc1 = sf.shape(prefix + "transformer.resblocks.0.mlp.c_fc.weight")
-        proj = prefix + "text_projection"
-    else:
-        emb = sf.shape(prefix + "text_model.embeddings.token_embedding.weight")
-        pos = sf.shape(prefix + "text_model.embeddings.position_embedding.weight")
-        layer_re = re.compile(re.escape(prefix) + r"text_model\.encoder\.layers\.(\d+)\.")
-        fc1 = sf.shape(prefix + "text_model.encoder.layers.0.mlp.fc1.weight")
-        proj = prefix + "text_projection.weight"
-    layers = 1 + max(int(m.group(1)) for k in sf.keys() if (m := layer_re.match(k)))
-    hidden = emb[1]
-    has_proj = proj in set(sf.keys())
-    proj_dim = sf.shape(proj)[1 if open_clip else 0] if has_proj else hidden
-    cfg = CLIPTextConfig(
-        vocab_size=emb[0], hidden_size=hidden, intermediate_size=fc1[0], num_hidden_layers=layers,
-        num_attention_heads=heads or max(1, hidden // 64), max_position_embeddings=pos[0],
-        hidden_act="gelu" if open_clip else "quick_gelu", projection_dim=proj_dim,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    return cfg, has_proj
-
-
-def infer_unet_config(sf: _StateFile, family: str, prefix: str = LDM_UNET_PREFIX) -> dict:
-    """A diffusers UNet2DConditionModel config from LDM key names and shapes."""
-    P = prefix
-    keys = [k[len(P):] for k in sf.keys() if k.startswith(P)]
-    require(bool(keys), "the checkpoint has no UNet (model.diffusion_model.*) weights.")
-    shape = lambda k: sf.shape(P + k)  # noqa: E731
-    ks = set(keys)
-    in_w = shape("input_blocks.0.0.weight")
-    n_in = 1 + max(int(k.split(".")[1]) for k in keys if k.startswith("input_blocks."))
-    levels, cur = [], []
-    for n in range(1, n_in):
-        if f"input_blocks.{n}.0.op.weight" in ks:
-            levels.append(cur)
-            cur = []
-        else:
-            cur.append(n)
-    levels.append(cur)
-    lpb = len(levels[0])
-    block_out, has_attn, depth = [], [], []
-    for lv in levels:
-        n = lv[0]
-        block_out.append(shape(f"input_blocks.{n}.0.out_layers.3.weight")[0])
-        a = f"input_blocks.{n}.1.proj_in.weight" in ks
-        has_attn.append(a)
-        depth.append(1 + max(int(k.split(".")[4]) for k in keys
-                             if k.startswith(f"input_blocks.{n}.1.transformer_blocks.")) if a else 1)
-    ctx_key = next(k for k in keys if k.endswith("attn2.to_k.weight"))
-    linear = len(shape(next(k for k in keys if k.endswith("proj_in.weight")))) == 2
-    mid_attn = "middle_block.1.proj_in.weight" in ks
-    if family == "sd1":
-        heads = 8
-    else:
-        heads = [max(1, c // 64) for c in block_out]
-    cfg = dict(
-        sample_size=64 if family != "sdxl" else 128,
-        in_channels=in_w[1], out_channels=shape("out.2.weight")[0],
-        block_out_channels=tuple(block_out), layers_per_block=lpb,
-        cross_attention_dim=shape(ctx_key)[1], attention_head_dim=heads,
-        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in has_attn),
-        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(has_attn)),
-        mid_block_type="UNetMidBlock2DCrossAttn" if mid_attn else None,
-        use_linear_projection=linear, norm_num_groups=32 if min(block_out) >= 32 else 8,
-    )
-    if any(d != 1 for d in depth):
-        cfg["transformer_layers_per_block"] = tuple(depth)
-    if "label_emb.0.0.weight" in ks:
-        adm = shape("label_emb.0.0.weight")[1]
-        cfg.update(addition_embed_type="text_time", addition_time_embed_dim=256,
-                   projection_class_embeddings_input_dim=adm)
-    cfg.update(json.loads(sf.metadata.get("ws_unet_config", "{}")))
-    return cfg
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,6 +111,8 @@ def load_model(path, *, clip_skip: int | None = None, tokenizer=None, weights_dt
         require(weights_dtype in WEIGHT_DTYPES,
                 f"unknown weights precision {weights_dtype!r}; use one of {', '.join(WEIGHT_DTYPES)}.")
         weights_dtype = WEIGHT_DTYPES[weights_dtype]
+    require(weights_dtype is None or (isinstance(weights_dtype, torch.dtype) and weights_dtype.is_floating_point),
+            f"weights precision {weights_dtype!r} is not a floating-point type; use one of {', '.join(WEIGHT_DTYPES)}.")
     path = Path(path)
     if not path.exists():
         raise WeightsmithError(f"model not found: {path}. Pass a .safetensors checkpoint or a diffusers folder.")
@@ -424,7 +220,7 @@ def encoder_tokenizer(tokenizer, family: str, comp: str):
 
 
 def _load_single_file(path: Path, clip_skip, tokenizer, weights_dtype=None) -> SDModel:
-    sf = _StateFile(path)
+    sf = StateFile(path)
     family = detect_checkpoint_family(sf.keys())
     heads = json.loads(sf.metadata.get("ws_text_encoder_heads", "{}"))
     comps = [TE1, TE2] if family == "sdxl" else [TE1]
@@ -449,7 +245,7 @@ def model_from_state_dict(tensors: dict, family: str, te_sources: dict, unet_pre
     are converted as usual), so building it costs no second copy of a host's float32 weights. The
     caller must not change those tensors while the model is in use (docs/a1111.md, "Memory").
     """
-    return _build_from_state(_DictState(tensors), family, te_sources, unet_prefix, tokenizers, clip_skip,
+    return _build_from_state(DictState(tensors), family, te_sources, unet_prefix, tokenizers, clip_skip,
                              te_heads or {}, from_diffusers=not penultimate_in_file, share=share)
 
 
@@ -469,7 +265,7 @@ def _build_from_state(sf, family, te_sources, unet_prefix, toks, clip_skip, head
     tes, hidden = {}, {}
     for c, (prefix, oc) in te_sources.items():
         tok = toks[c]
-        cfg, has_proj = _te_config_from_keys(sf, prefix, oc, heads.get(c), tok)
+        cfg, has_proj = te_config_from_keys(sf, prefix, oc, heads.get(c), tok)
         if family == "sd2" or c == TE2:  # OpenCLIP-H / bigG use gelu, also in transformers-format keys (ComfyUI)
             cfg.hidden_act = "gelu"
         if len(tok) > cfg.vocab_size:
@@ -489,7 +285,7 @@ def _build_from_state(sf, family, te_sources, unet_prefix, toks, clip_skip, head
             slot = open_clip_slot(canon, cfg.hidden_size) if oc else CheckpointSlot(canon)
             slot = CheckpointSlot(prefix + slot.key, slot.rows, slot.transposed)
             try:
-                t = _read_slot(sf, slot)
+                t = read_slot(sf, slot)
             except KeyError:
                 raise WeightsmithError(
                     f"the checkpoint's text encoder is incomplete: {slot.key} is missing. The file is "
@@ -546,17 +342,6 @@ def _build_from_state(sf, family, te_sources, unet_prefix, toks, clip_skip, head
                    scheduler=DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
                                            beta_start=0.00085, beta_end=0.012),
                    source=ModelSource("memory", None, dict(sf.metadata), heads))
-
-
-def _read_slot(sf: _StateFile, slot: CheckpointSlot) -> torch.Tensor:
-    if slot.key not in set(sf.keys()):
-        raise KeyError(slot.key)
-    t = sf.get(slot.key)
-    if slot.rows is not None:
-        t = t[slot.rows[0]:slot.rows[1]]
-    if slot.transposed:
-        t = t.t()
-    return t
 
 
 # ----------------------------------------------------------------------------------------------
@@ -648,7 +433,7 @@ def add_deltas_to_ldm_state(sd: dict, deltas: dict, model: SDModel, source_name:
 
 
 def _save_single_file_edit(model, deltas, out, metadata):
-    sf = _StateFile(model.source.path)
+    sf = StateFile(model.source.path)
     sd = {k: sf.get(k) for k in sf.keys()}
     bad = nonfinite_keys(sd)
     if bad:
@@ -674,7 +459,7 @@ def _weights_file(folder: Path) -> Path:
 
 
 def _save_diffusers_edit(model, deltas, out: Path, metadata):
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from .safe_io import WRITTEN, os_error_message, umask_mode
 
@@ -705,9 +490,11 @@ def _save_diffusers_edit(model, deltas, out: Path, metadata):
             bad = nonfinite_keys(sd)
             require(not bad, f"the input model's {comp} holds NaN or infinite values (e.g. {bad[:1]}); "
                     "Weightsmith does not write non-finite files. Nothing was written.")
-            save_file(sd, str(wf), metadata={"format": "pt", **{k: str(v) for k, v in (metadata or {}).items()}})
-        for root, dirs, files in os.walk(tmp / "m"):     # modes as a plain write gives (safetensors'
-            os.chmod(root, umask_mode(0o777))             # save_file and mkdtemp would leave 0600/0700)
+            wf.unlink()       # the copy, replaced inside the temp folder (the folder's rename is the atomic step)
+            with open(wf, "wb") as f:         # the one deterministic writer: same edit, same bytes
+                write_safetensors(f, sd, {"format": "pt", **(metadata or {})})
+        for root, dirs, files in os.walk(tmp / "m"):     # modes as a plain write gives (mkdtemp
+            os.chmod(root, umask_mode(0o777))             # would leave 0700)
             for f in files:
                 os.chmod(os.path.join(root, f), umask_mode(0o666))
         os.replace(tmp / "m", out)

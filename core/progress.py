@@ -28,18 +28,40 @@ class Steps:
 
     ``costs`` (optional, one relative cost per step) lets it estimate the time left from the time
     the finished steps took; the estimate is added to each label (``… · ≈3 min left``) and is
-    available as :meth:`eta_s`."""
+    available as :meth:`eta_s`. ``cost_blocks`` gives the same as ``(costs of some steps, repeats)``
+    blocks, so a job of many identical rounds needs no cost per step in memory."""
 
     def __init__(self, total: int, progress: ProgressFn | None = None, cancel: CancelFn | None = None,
-                 costs: list[float] | None = None):
+                 costs: list[float] | None = None, *, cost_blocks: list | None = None):
         self.total = max(1, int(total))
         self.done = 0
         self._progress = progress
         self._cancel = cancel
-        self._costs = [float(c) for c in costs] if costs is not None else [1.0] * self.total
-        if len(self._costs) != self.total or any(c <= 0 for c in self._costs):
+        if cost_blocks is None:
+            if costs is not None and len(costs) != self.total:
+                raise ValueError("Steps: costs needs one positive cost per step")
+            cost_blocks = [(costs, 1)] if costs is not None else [([1.0], self.total)]
+        # (costs of a block's steps, how many times the block repeats, its cost): a job that repeats
+        # the same round of steps (IterIS' iterations) holds one round, whatever the number of rounds
+        self._blocks = [([float(c) for c in b], int(r)) for b, r in cost_blocks if int(r) > 0 and len(b)]
+        self._blocks = [(b, r, sum(b)) for b, r in self._blocks]
+        if sum(len(b) * r for b, r, _ in self._blocks) != self.total or any(c <= 0 for b, _, _ in self._blocks
+                                                                           for c in b):
             raise ValueError("Steps: costs needs one positive cost per step")
+        self._total_cost = self._cost_to(self.total)
         self._t0 = time.monotonic()
+
+    def _cost_to(self, n: int) -> float:
+        """The summed cost of the first ``n`` steps."""
+        total = 0.0
+        for b, r, cost in self._blocks:
+            size = len(b) * r
+            if n >= size:
+                total, n = total + cost * r, n - size
+                continue
+            full, rest = divmod(n, len(b))
+            return total + cost * full + sum(b[:rest])
+        return total
 
     def check(self) -> None:
         if self._cancel is not None and self._cancel():
@@ -56,10 +78,10 @@ class Steps:
 
     def eta_s(self) -> float | None:
         """Seconds left, from the time per unit of cost so far (None before the first step)."""
-        done_cost = sum(self._costs[:self.done])
+        done_cost = self._cost_to(self.done)
         if self.done == 0 or done_cost <= 0:
             return None
-        return self.elapsed_s() / done_cost * (sum(self._costs) - done_cost)
+        return self.elapsed_s() / done_cost * (self._total_cost - done_cost)
 
     def step(self, label: str = "", n: int = 1) -> None:
         self.check()

@@ -177,3 +177,73 @@ def load_plain_pickle(path, what: str) -> dict:
     if not isinstance(sd, dict):
         raise WeightsmithError(f"{what} holds no state dict (a {type(sd).__name__}); it is not a weights file.")
     return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+# ==============================================================================================
+# The deterministic safetensors writer: every .safetensors file Weightsmith writes (checkpoints,
+# LoRAs, the weights inside a diffusers folder) goes through write_safetensors; a file on its own
+# through atomic_save_file (docs/reliability.md: same inputs -> same bytes, nothing non-finite).
+_ST_DTYPE_NAMES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+                   "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+def nonfinite_keys(tensors: dict) -> list[str]:
+    """Keys of floating tensors holding NaN or ±Inf."""
+    import torch
+
+    return [k for k in sorted(tensors) if isinstance(tensors[k], torch.Tensor) and tensors[k].is_floating_point()
+            and not bool(torch.isfinite(tensors[k]).all())]
+
+
+def safetensors_header(tensors: dict, metadata: dict) -> tuple[bytes, list]:
+    """A safetensors header with keys in sorted order, and the tensors in that order (the library's
+    own writer orders metadata by hash, so identical inputs would not give identical bytes)."""
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {k: str(metadata[k]) for k in sorted(metadata)}
+    offset, order = 0, []
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        name = _ST_DTYPE_NAMES.get(str(t.dtype).removeprefix("torch."))
+        if name is None:
+            raise WeightsmithError(f"cannot save tensor {k} of type {t.dtype}")
+        n = t.numel() * t.element_size()
+        header[k] = {"dtype": name, "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+        order.append(t)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return raw, order
+
+
+def refuse_nonfinite(tensors: dict, path) -> None:
+    """Refuse (naming a tensor) to write ``path`` when any tensor holds NaN or ±Inf."""
+    bad = nonfinite_keys(tensors)
+    if bad:
+        raise WeightsmithError(
+            f"refusing to write {Path(path).name}: {len(bad)} tensor(s) hold NaN or infinite values (e.g. {bad[0]}). "
+            "Nothing was written.")
+
+
+def write_safetensors(f, tensors: dict, metadata: dict | None = None) -> None:
+    """Write ``tensors`` (and string ``metadata``) as safetensors bytes to the binary file ``f``,
+    deterministically (sorted keys, no timestamps). The caller makes the write atomic."""
+    import struct
+
+    import torch
+
+    header, order = safetensors_header(tensors, metadata or {})
+    f.write(struct.pack("<Q", len(header)))
+    f.write(header)
+    for t in order:
+        if t.numel():
+            f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def atomic_save_file(tensors: dict, path, metadata: dict | None = None) -> Path:
+    """Write a .safetensors file atomically (temp file + rename, mode as under the umask) and
+    deterministically (:func:`write_safetensors`). Refuses to write NaN/Inf (naming the tensor):
+    nothing non-finite is ever written."""
+    path = Path(path)
+    refuse_nonfinite(tensors, path)
+    return atomic_write(path, lambda f: write_safetensors(f, tensors, metadata), suffix=".safetensors.tmp")

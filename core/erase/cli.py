@@ -109,7 +109,9 @@ def _check_out(args) -> Path:
                 f"the folder {report.parent} of --report does not exist; create it first.")
         check_writable_file(report, "--report")
     if args.rank is not None:
-        require(args.rank > 0, "--rank must be a positive integer.")
+        from ..lora_write import check_rank
+
+        check_rank(args.rank)
     if args.tokenizer:
         require(Path(args.tokenizer).exists(), f"--tokenizer {args.tokenizer} does not exist; pass a CLIP "
                 "tokenizer folder (vocab.json + merges.txt) or leave it out.")

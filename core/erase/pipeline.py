@@ -50,17 +50,28 @@ class _PromptSet:
     preserve: list[str] = field(default_factory=list)
 
 
-def _clean(items) -> list[str]:
+def _clean(items, flag: str) -> list[str]:
+    """Concepts as text, whitespace folded: a string, or a list/tuple of strings (``None`` = none); anything
+    else is refused with the sentence the CLI gives for ``flag``."""
+    if items is None:
+        return []
     if isinstance(items, str):
         items = [items]
-    return [" ".join(str(x).split()) for x in (items or [])]
+    if not isinstance(items, (list, tuple)):
+        raise WeightsmithError(f"concepts for {flag} must be text or a list of texts, got {type(items).__name__} "
+                               f"{items!r}.")
+    bad = [x for x in items if not isinstance(x, str)]
+    if bad:
+        raise WeightsmithError(f"every {flag} must be text, got {bad[0]!r}; pass each concept as a string, "
+                               f"e.g. {flag} \"van gogh\".")
+    return [" ".join(x.split()) for x in items]
 
 
 def validate_concepts(targets, anchors, preserve) -> tuple[list[str], list[str], list[str]]:
-    """Boundary checks with messages a user can act on."""
-    targets = _clean(targets)
-    anchors = _clean(anchors)
-    preserve = [p for p in _clean(preserve) if p]
+    """Boundary checks with messages a user can act on (the same sentences for the CLI and the API)."""
+    targets = _clean(targets, "--target")
+    anchors = _clean(anchors, "--anchor")
+    preserve = [p for p in _clean(preserve, "--preserve") if p]
     require(len(targets) > 0, "no target concept given; pass at least one --target \"concept\".")
     require(all(t for t in targets), "a target concept is empty; every --target needs some text.")
     if not anchors:

@@ -133,9 +133,9 @@ def merge(model, loras, method: str = "iteris", weights=None, prompts=None,
         for d, p, s in zip(info, plist, sources):
             d.update(prompts=p, prompts_source=s)
         solver = IterISSolver(model, loras, weights, samples, opts, regmean=(method == "regmean"))
-        costs = solver.unit_costs()      # one per text batch / UNet step: the time left shows after the first
+        blocks = solver.cost_blocks()   # one per text batch / UNet step: the time left shows after the first
         n_pass = solver.planned_passes()
-        steps = Steps(len(costs), progress, cancel, costs=costs)
+        steps = Steps(sum(len(b) * r for b, r in blocks), progress, cancel, cost_blocks=blocks)
         plan = solver.memory
         groups = (f" in {plan['chunks']} layer groups (memory budget {gib(plan['budget_bytes'])})"
                   if plan["chunks"] > 1 else "")

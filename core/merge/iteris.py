@@ -11,7 +11,7 @@ module's inputs under "base + LoRA i" and ``X̃_i`` under "base + current merge"
 (:mod:`.sampling`). Iteration 0 uses ``X̃_i = X_i`` (``C = H = G``). Jacobi schedule (default): one
 paired pass over all samples refreshes every module's statistics, then every module is solved
 ("IterIS loop and convergence"). Sequential schedule (``MergeOptions.schedule``, docs/merge.md,
-"Schedule"): the iterations take the depth stages of :func:`_depth_stage` shallow to deep, each stage
+"Schedule"): the iterations take the depth stages of :func:`.memory_plan.depth_stage` shallow to deep, each stage
 with its own paired passes under the merge in which the shallower stages are already this
 iteration's solution (Gauss–Seidel); iteration 0 and the final objective pass are the same as Jacobi's.
 A LoRA that does not touch a module has no say in that module's solve by default
@@ -32,19 +32,21 @@ The objective reported per iteration is the weighted, ridge-free one,
 """
 from __future__ import annotations
 
-import re
 import time
-from dataclasses import dataclass
 
 import torch
 
 from .. import memory
 from ..edit import Edit, FactorDeltas
-from ..errors import WeightsmithError
 from ..precision import compute_dtype
+from .memory_plan import Budget, Chunk, MemoryPlan, ModuleSize, PlanSettings, depth_stage, needs_unet, plan_memory, \
+    reserve_bytes
 from .options import MergeOptions
-from .sampling import SamplingProtocol, is_context_only, progress_units
-from .stats import DeltaHooks, GramStats, _input_group, in_dim
+from .sampling import SamplingProtocol, progress_units
+from .stats import DeltaHooks, GramStats, in_dim
+
+# the names these had here before the memory plan moved to .memory_plan
+_Chunk, _depth_stage, _needs_unet = Chunk, depth_stage, needs_unet
 
 
 def _gram_device(model):
@@ -71,49 +73,6 @@ def _solve_sym(M, B):
     return X, True
 
 
-def _needs_unet(name: str) -> bool:
-    """A UNet module whose inputs only a UNet pass produces (not cross-attention k/v)."""
-    return name.startswith("unet.") and not is_context_only(name)
-
-
-def _depth_stage(name: str) -> tuple:
-    """Depth order of the sequential schedule: text-encoder layers one by one (SDXL's two encoders side by
-    side), then cross-attention k/v (fed by the text encoders only), the UNet's down blocks (with the
-    input layers and time embedding), its middle block, its up blocks (with the output layers)."""
-    if not name.startswith("unet."):
-        m = re.search(r"\.layers\.(\d+)\.", name)
-        return (0, int(m.group(1)) if m else 0)
-    if is_context_only(name):
-        return (1,)
-    if name.startswith("unet.mid_block."):
-        return (3,)
-    if name.startswith(("unet.up_blocks.", "unet.conv_norm_out", "unet.conv_out")):
-        return (4,)
-    return (2,)
-
-
-def _level_rows(name: str, model, batch: int, latent: int, tokens: int, cap: int = 0) -> int:
-    """Rows one forward batch feeds module ``name`` (for the memory plan): tokens in the text encoders
-    and cross-attention k/v, pixels of the block's resolution in the UNet; at most ``cap`` per item."""
-    if not _needs_unet(name):
-        per = tokens
-    else:
-        levels = len(model.unet_config.get("block_out_channels", (1,)))
-        m = re.match(r"unet\.(down|up)_blocks\.(\d+)\.", name)
-        lv = levels - 1 if m is None else (int(m.group(2)) if m.group(1) == "down" else levels - 1 - int(m.group(2)))
-        per = max(1, latent >> lv) ** 2
-    return batch * (min(per, cap) if cap else per)
-
-
-@dataclass
-class _Chunk:
-    """Modules whose statistics are collected in the same passes."""
-    names: list
-    need_unet: bool
-    context: list
-    bytes: int
-
-
 def factor_pair(m, device="cpu"):
     """(s·up, down) of one LoRA module as float64 2-D tensors on ``device``."""
     return (m.scale * m.up.double()).to(device), m.down.double().to(device)
@@ -122,6 +81,44 @@ def factor_pair(m, device="cpu"):
 def lora_factors(lora, device="cpu") -> dict:
     """module -> (s·up, down) as float64 2-D tensors."""
     return {n: factor_pair(m, device) for n, m in lora.modules.items()}
+
+
+class StatisticsPasses:
+    """What the statistics passes of one :meth:`IterISSolver.run` (or ``evaluate``) hold, in one object: the
+    hooks (each LoRA's factors as ``lora{i}``, the merge's as ``merged``), the streamed statistics
+    (:class:`.stats.GramStats` of the planned ``tracked`` modules), the sampling protocol that runs them, and
+    the peak-memory probe. A context manager: on exit the hooks and statistics hooks are removed and the
+    peak (RSS on the CPU, allocated memory on CUDA) goes into ``memory``; the pass counters stay readable."""
+
+    def __init__(self, model, names, lora_hooks, tracked, device, memory_report: dict, *, reg_coef: float,
+                 c_norm: bool, max_gram_dim: int, max_rows: int, seed: int, steps: int, latent: int,
+                 batch_size: int, check):
+        self.device = device
+        self.memory = memory_report
+        self.hooks = DeltaHooks(model, names)
+        for label, pairs in lora_hooks:        # (label, (module, (up, down)) pairs), consumed one at a time
+            self.hooks.add(label, pairs)
+        self.stats = GramStats(model, tracked, device=device, max_dim=max_gram_dim, reg_coef=reg_coef,
+                               max_rows=max_rows, seed=seed)
+        self.stats.c_norm = c_norm
+        self.protocol = SamplingProtocol(model, self.hooks, self.stats, steps=steps, latent_size=latent,
+                                         batch_size=batch_size, need_unet=True, context_modules=[], check=check)
+        self.peak = memory.PeakRSS(interval=0.05) if device.type == "cpu" else None
+
+    def __enter__(self):
+        if self.peak is not None:
+            self.peak.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.hooks.remove()
+        self.stats.remove()
+        if self.peak is not None:
+            self.peak.__exit__(None, None, None)
+            self.memory["peak_rss_bytes"] = self.peak.peak
+        elif self.device.type == "cuda":
+            self.memory["peak_cuda_bytes"] = int(torch.cuda.max_memory_allocated(self.device))
+        return False
 
 
 class IterISSolver:
@@ -172,7 +169,16 @@ class IterISSolver:
         # latent side of the samples: options, else resolution / 8, else the UNet's sample_size
         self.latent = options.latent_size or (max(1, options.resolution // 8) if options.resolution else
                                               int(model.unet_config.get("sample_size", 64)))
-        self.plan = self._plan()
+        self.target = [dict() for _ in self.loras]      # per LoRA and module: ‖X_i ΔW_iᵀ‖² (iteration 0)
+        self.passes: StatisticsPasses | None = None     # hooks, statistics, peak of the current (last) run
+        # the sequential schedule's iterations take the plan's chunks cut at the depth stages
+        self.sequential = options.schedule == "sequential" and not regmean and options.iterations > 0
+        self.memory_plan = self._plan()
+        self.plan = list(self.memory_plan.chunks)
+        self.stage_plan = list(self.memory_plan.stage_chunks)
+        self.group_bytes = self.memory_plan.group_bytes
+        self.fallback_reasons.update(self.memory_plan.fallback_reasons)
+        self.memory = dict(self.memory_plan.memory)
 
     # -- factors, on demand ----------------------------------------------------------------------
     def _fac(self, i, n):
@@ -201,119 +207,25 @@ class IterISSolver:
             yield n, (self._U(n, n in ws), V.to(self.gdev, torch.float64))
 
     # -- memory plan ------------------------------------------------------------------------------
-    def _plan(self) -> list:
-        """Chunks of modules whose statistics fit the memory budget (docs/merge.md, "Memory")."""
+    def _plan(self) -> MemoryPlan:
+        """The memory plan (:func:`.memory_plan.plan_memory`) of this solver's modules, LoRAs and budget."""
         o = self.opts
-        latent = self.latent
-        batch = max(1, int(o.batch_size))
-        tokens = 77
         later = not self.regmean and (o.iterations > 0 or o.evaluate_final)
-        c_norm = later and self.alpha1 > 0
-        groups: dict[str, list] = {}
-        self.dims = {}
-        for n in self.names:
-            d = in_dim(self.model.module(n))
-            self.dims[n] = d
-            if d > o.max_gram_dim:
-                self.fallback_reasons[n] = f"input {d} wide > max_gram_dim {o.max_gram_dim}"
-                continue
-            groups.setdefault(_input_group(n), []).append(n)
-        act = 8 if self.store_dtype == torch.float64 else 4
-        wsz = compute_dtype(self.model.weight(self.names[0]).dtype).itemsize if self.names else 4   # hook factors
-
-        def group_bytes(members):
-            d = self.dims[members[0]]
-            b = 8 * d * d + (4 * d * d if c_norm else 0)                  # H (or G) float64, C float32
-            b += len(members) * 8 * d * d                                 # one denominator per module
-            b += sum(8 * self.loras[i].modules[n].rank * d for n in members for i in self._idx(n)) * 2  # D
-            b += _level_rows(members[0], self.model, batch, latent, tokens, o.max_rows) * d * act   # queued X rows
-            return b
-
-        def merged_bytes(n):
-            r = sum(self.loras[i].modules[n].rank for i in self._idx(n))
-            w = self.model.weight(n)
-            return r * w[0].numel() * (8 if self.store_dtype == torch.float64 else 4)
-
-        # kept outside the statistics: the merge (current + next, downs only), its hook copy, each
-        # LoRA's hook copy, one module's solve (Cholesky factor + right-hand side) and float64 copies of
-        # one batch of rows
-        solved = [n for n in self.names if n not in self.fallback_reasons]   # those that get statistics
-        wide = max([self.dims[n] for n in solved], default=1)
-        # the largest batch of one module's rows (rows and width vary inversely over the UNet levels)
-        row_block = max([_level_rows(n, self.model, batch, latent, tokens) * self.dims[n] for n in solved], default=1)
-        hook = sum(wsz * self.loras[i].modules[n].rank * (self.model.weight(n).shape[0] + self.dims[n])
-                   for i in range(len(self.loras)) for n in self.touch[i])
-        reserve = (2 * sum(merged_bytes(n) for n in self.names) + 2 * hook + 16 * wide * wide
-                   + 4 * 8 * row_block + 256 * 2 ** 20)
+        store = 8 if self.store_dtype == torch.float64 else 4
+        settings = PlanSettings(
+            batch=max(1, int(o.batch_size)), latent=self.latent,
+            levels=len(self.model.unet_config.get("block_out_channels", (1,))), max_rows=o.max_rows,
+            max_gram_dim=o.max_gram_dim, c_norm=later and self.alpha1 > 0, act_bytes=store, store_bytes=store,
+            hook_bytes=compute_dtype(self.model.weight(self.names[0]).dtype).itemsize if self.names else 4,
+            sequential=self.sequential)
+        modules = [ModuleSize(n, in_dim(self.model.module(n)), self.model.weight(n).shape[0],
+                              self.model.weight(n)[0].numel(),
+                              tuple(self.loras[i].modules[n].rank for i in self._idx(n))) for n in self.names]
+        reserve = reserve_bytes(modules, settings)
         budget, used, avail = self._statistics_budget(reserve)
-        self.memory = {"budget_bytes": budget, "used_at_start_bytes": used, "reserve_bytes": reserve,
-                       "statistics_budget_bytes": avail}
-        def unet_group(g):
-            return any(map(_needs_unet, groups[g]))
-
-        # text-only groups first and in chunks of their own: their passes need no UNet run
-        order = sorted(groups, key=lambda g: (unet_group(g), g))
-        sizes = self.group_bytes = {g: group_bytes(groups[g]) for g in order}
-        if (not o.max_memory_gb and avail is not None and sizes and min(sizes.values()) > avail
-                and self.gdev.type == "cpu"):
-            # the default share leaves no room (a web UI already holds its model): what the machine
-            # still has free instead (docs/merge.md, "Memory")
-            free = memory.free_budget(self.gdev)
-            if free is not None and free > budget:
-                self.memory["budget_rule"] = (f"the process already held {memory.gib(used)} of the default "
-                                              f"{memory.gib(budget)} ({int(memory.DEFAULT_SHARE * 100)}% of the "
-                                              f"machine); budget raised to what is free: {memory.gib(free)}")
-                budget, avail = free, free - used - reserve
-                self.memory.update(budget_bytes=budget, statistics_budget_bytes=avail)
-        split = avail is not None and sum(sizes.values()) > avail
-        chunks, cur, cur_b = [], [], 0
-        too_big = []
-        for g in order:
-            if cur and split and unet_group(g) and not unet_group(_input_group(cur[0])):
-                chunks.append((cur, cur_b))
-                cur, cur_b = [], 0
-            b = sizes[g]
-            if avail is not None and b > avail:
-                too_big.append((g, b))
-                for n in groups[g]:
-                    self.fallback_reasons[n] = (f"its statistics ({memory.gib(b)}) do not fit the memory budget "
-                                                f"({memory.gib(max(avail, 0))} left for statistics)")
-                continue
-            if cur and avail is not None and cur_b + b > avail:
-                chunks.append((cur, cur_b))
-                cur, cur_b = [], 0
-            cur += groups[g]
-            cur_b += b
-        if cur:
-            chunks.append((cur, cur_b))
-        if too_big and not chunks:
-            raise WeightsmithError(
-                f"IterIS cannot fit any layer's statistics in the memory budget: {memory.gib(budget)} in all, "
-                f"{memory.gib(used)} already in use (model and LoRAs) and {memory.gib(reserve)} kept for the merge, "
-                f"which leaves {memory.gib(max(avail, 0))}; the smallest layer's statistics need "
-                f"{memory.gib(min(b for _, b in too_big))}. Raise the budget "
-                "(--max-memory / 'Memory budget'), hold the model in half precision, or use method 'linear'.")
-        def chunk(names, b):
-            return _Chunk(sorted(names), any(map(_needs_unet, names)), [n for n in names if is_context_only(n)], b)
-
-        out = [chunk(names, b) for names, b in chunks]
-        self.memory.update(chunks=len(out), unet_chunks=sum(c.need_unet for c in out),
-                           chunk_modules=[len(c.names) for c in out],
-                           statistics_estimate_bytes=max([c.bytes for c in out], default=0))
-        # the sequential schedule's iterations: every memory chunk cut at the depth stages, shallow to deep
-        self.stage_plan = out
-        self.sequential = o.schedule == "sequential" and not self.regmean and o.iterations > 0
-        if self.sequential:
-            staged = []
-            for c in out:
-                by = {}
-                for n in c.names:
-                    by.setdefault(_depth_stage(n), []).append(n)
-                staged += [(st, chunk(ns, sum(sizes[g] for g in {_input_group(n) for n in ns})))
-                           for st, ns in by.items()]
-            self.stage_plan = [c for _, c in sorted(staged, key=lambda t: t[0])]
-            self.memory["stage_chunks"] = len(self.stage_plan)
-        return out
+        raise_to_free = not o.max_memory_gb and self.gdev.type == "cpu" and avail is not None
+        free = memory.free_budget(self.gdev) if raise_to_free else None
+        return plan_memory(modules, settings, Budget(budget, used, avail, free, raise_to_free), reserve)
 
     def _statistics_budget(self, reserve: int):
         """(budget, in use now, left for statistics) in bytes, where the statistics live."""
@@ -325,84 +237,80 @@ class IterISSolver:
 
     def planned_passes(self) -> int:
         """How many passes :meth:`run` makes (every LoRA × layer group × round) unless it converges early."""
-        return len(self._pass_units())
+        return sum(len(units) * r for units, r in self._rounds())
+
+    def cost_blocks(self) -> list:
+        """The relative cost of each progress tick of :meth:`run`, as ``(costs of one round's ticks, rounds)``
+        blocks in order (iteration 0, the iterations, the final objective): a text-encoder batch ≈ 1/20 of a
+        UNet step (one model; paired passes run two), so the time left is known after the first step.
+        Held once per kind of round, whatever the iteration count (:class:`..progress.Steps` takes them)."""
+        return [([c for u in units for c in u], r) for units, r in self._rounds() if r]
 
     def unit_costs(self) -> list:
-        """One relative cost per progress tick of :meth:`run`, in order: a text-encoder batch ≈ 1/20 of a
-        UNet step (one model; paired passes run two), so the time left is known after the first step."""
-        return [c for u in self._pass_units() for c in u]
+        """:meth:`cost_blocks` written out, one cost per tick (as long as the run: front ends use the blocks)."""
+        return [c for block, r in self.cost_blocks() for _ in range(r) for c in block]
 
-    def _pass_units(self) -> list:
-        """Per pass, in order, the cost of each of its ticks (a UNet step of iteration 0 = 1)."""
-        k = len(self.loras)
+    def _rounds(self) -> list:
+        """(per pass of one round, the cost of each of its ticks; how many such rounds)."""
         iters = 0 if self.regmean else int(self.opts.iterations)
-        rounds = [(1, self.plan)] + [(2, self.stage_plan)] * iters + [(2, self.plan)] * bool(self.opts.evaluate_final)
+        return [(self._round_units(1, self.plan), 1), (self._round_units(2, self.stage_plan), iters),
+                (self._round_units(2, self.plan), int(bool(self.opts.evaluate_final)))]
+
+    def _round_units(self, m: float, plan) -> list:
+        """Per pass of one round over ``plan`` (every chunk, every LoRA), the cost of each of its ticks (a UNet
+        step of iteration 0 = 1; ``m``: models run per step)."""
         out = []
-        for m, plan in rounds:
-            for c in plan:
-                for i in range(k):
-                    n_text, n_unet = progress_units(self.samples[i], self.opts.batch_size, self.opts.steps,
-                                                    c.need_unet)
-                    out.append([0.05 * m] * n_text + [1.0 * m] * n_unet)
+        for c in plan:
+            for i in range(len(self.loras)):
+                n_text, n_unet = progress_units(self.samples[i], self.opts.batch_size, self.opts.steps, c.need_unet)
+                out.append([0.05 * m] * n_text + [1.0 * m] * n_unet)
         return out
 
     # -- statistics passes ----------------------------------------------------------------------
-    def _setup(self):
-        self.hooks = DeltaHooks(self.model, self.names)
-        for i in range(len(self.loras)):
-            self.hooks.add(f"lora{i}", ((n, self._fac(i, n)) for n in sorted(self.touch[i])))
-        tracked = sorted(n for c in self.plan for n in c.names)
-        self.stats = GramStats(self.model, tracked, device=self.gdev, max_dim=self.opts.max_gram_dim,
-                               reg_coef=0.0 if self.regmean else self.opts.reg_coef,
-                               max_rows=self.opts.max_rows, seed=self.opts.seed)
-        self.stats.c_norm = self.alpha1 > 0
-        self.protocol = SamplingProtocol(self.model, self.hooks, self.stats, steps=self.opts.steps,
-                                 latent_size=self.latent, batch_size=self.opts.batch_size,
-                                 need_unet=True, context_modules=[], check=self.check)
-        self._peak = memory.PeakRSS(interval=0.05) if self.gdev.type == "cpu" else None
-        if self._peak is not None:
-            self._peak.__enter__()
-
-    def _teardown(self):
-        self.hooks.remove()
-        self.stats.remove()
-        if self._peak is not None:
-            self._peak.__exit__(None, None, None)
-            self.memory["peak_rss_bytes"] = self._peak.peak
-        elif self.gdev.type == "cuda":
-            self.memory["peak_cuda_bytes"] = int(torch.cuda.max_memory_allocated(self.gdev))
+    def _open_passes(self) -> StatisticsPasses:
+        """New statistics passes (hooks of every LoRA, statistics of the planned modules), kept as
+        :attr:`passes` for the report; use as a context manager."""
+        o = self.opts
+        self.passes = StatisticsPasses(
+            self.model, self.names, ((f"lora{i}", ((n, self._fac(i, n)) for n in sorted(self.touch[i])))
+                                     for i in range(len(self.loras))),     # float64 one module at a time
+            sorted(n for c in self.plan for n in c.names), self.gdev, self.memory, reg_coef=0.0 if self.regmean
+            else o.reg_coef, c_norm=self.alpha1 > 0, max_gram_dim=o.max_gram_dim, max_rows=o.max_rows, seed=o.seed,
+            steps=o.steps, latent=self.latent, batch_size=o.batch_size, check=self.check)
+        return self.passes
 
     def _pass(self, i, merged: bool, label: str, chunk: _Chunk, plan=None):
-        self.stats.reset()
-        self.stats.set_active(chunk.names)
-        self.stats.projections = {}
+        stats, protocol = self.passes.stats, self.passes.protocol
+        stats.reset()
+        stats.set_active(chunk.names)
+        stats.projections = {}
         if merged:       # D_n = down_n·C streamed for every module of LoRA i in the chunk
             for n in chunk.names:
                 if n in self.touch[i]:
-                    lead = self.stats.leader_of[n]
-                    self.stats.projections.setdefault(lead, []).append((n, self._fac(i, n)[1]))
-        self.protocol.need_unet = chunk.need_unet
-        self.protocol.context_modules = chunk.context
+                    lead = stats.leader_of[n]
+                    stats.projections.setdefault(lead, []).append((n, self._fac(i, n)[1]))
+        protocol.need_unet = chunk.need_unet
+        protocol.context_modules = chunk.context
         phases = [(f"lora{i}", "x"), ("merged", "pair")] if merged else [(f"lora{i}", "gram")]
         sc = self.steps_counter
         if sc is not None:
             plan = self.plan if plan is None else plan
             if len(plan) > 1:
                 label += f", layer group {plan.index(chunk) + 1}/{len(plan)}"
-            n_text, n_unet = self.protocol.units(self.samples[i])
+            n_text, n_unet = protocol.units(self.samples[i])
             seen = {"text": 0, "unet": 0}
 
             def tick(kind):
                 seen[kind] += 1
                 sc.step(f"{label}, text {seen[kind]}/{n_text}" if kind == "text" else
                         f"{label}, step {seen[kind]}/{n_unet}")
-            self.protocol.tick = tick
+            protocol.tick = tick
         try:
-            self.protocol.run(self.samples[i], phases)
+            protocol.run(self.samples[i], phases)
         finally:
-            self.protocol.tick = None
-        self.stats.check_paired()
-        self.stats.projections = {}
+            protocol.tick = None
+        stats.check_paired()
+        stats.projections = {}
         self.n_passes += 1
 
     def _release(self, collect: bool = False):
@@ -424,7 +332,7 @@ class IterISSolver:
         f = self._fac(i, n)
         if f is not None:
             W = W + f[0] @ f[1]
-        den = self.stats.energy.get(n)
+        den = self.passes.stats.energy.get(n)
         if den is None:
             den = _tr_prod(W @ G, W.t())
         num = float((W * W).sum())
@@ -436,7 +344,7 @@ class IterISSolver:
         """Fold LoRA i's fresh statistics into the numerators/denominators (and the objective)."""
         m_i = self.weights[i]
         for n in chunk.names:
-            acc = self.stats.acc_for(n)
+            acc = self.passes.stats.acc_for(n)
             if not acc:
                 continue
             if self.skip_untouched and n not in self.touch[i]:
@@ -480,7 +388,7 @@ class IterISSolver:
             elif self.alpha2:
                 den[n].diagonal().add_(w * self.alpha2 * float(torch.linalg.matrix_norm(H)))
             del acc
-        self.stats.reset()
+        self.passes.stats.reset()
 
     def _solve(self, num, den, names, state) -> None:
         """Solve ``names`` into ``state = (downs, weighted-sum set)``."""
@@ -538,8 +446,9 @@ class IterISSolver:
             if solve:
                 self._solve(num, den, chunk.names, state)
                 if sequential:
-                    self.hooks.add("merged", ((n, (self._U(n, n in state[1]), state[0][n].to(self.gdev, torch.float64)))
-                                              for n in chunk.names), update=True)
+                    self.passes.hooks.add("merged", ((n, (self._U(n, n in state[1]),
+                                                          state[0][n].to(self.gdev, torch.float64)))
+                                                     for n in chunk.names), update=True)
             del num, den
             self._release()
         if solve:
@@ -554,8 +463,7 @@ class IterISSolver:
         k = len(self.loras)
         self.lam = [dict() for _ in range(k)]
         self.target = [dict() for _ in range(k)]
-        self._setup()
-        try:
+        with self._open_passes() as passes:
             cur = self._sweep(0, None, "iteration 0: LoRA {i}/{k}", True, {})
             self.curve.append({"iteration": 0, "change": None, "objective": None})
             iters = 0 if self.regmean else int(self.opts.iterations)
@@ -565,7 +473,7 @@ class IterISSolver:
                 last = t >= iters or converged
                 if last and not self.opts.evaluate_final:
                     break
-                self.hooks.add("merged", self._merged(cur))
+                passes.hooks.add("merged", self._merged(cur))
                 obj = {}
                 label = "final objective: LoRA {i}/{k}" if last else f"iteration {t + 1}: LoRA {{i}}/{{k}}"
                 new = self._sweep(1, cur, label, not last, obj)
@@ -578,8 +486,6 @@ class IterISSolver:
                 self.curve.append({"iteration": t, "change": change, "objective": None})
                 cur = new
                 converged = change < self.opts.tol
-        finally:
-            self._teardown()
         sc = self.steps_counter
         if sc is not None and sc.done < sc.total:      # stopped early: finish the bar
             sc.step("converged", n=sc.total - sc.done)
@@ -594,17 +500,14 @@ class IterISSolver:
         fac = {n: (U.to(self.gdev, torch.float64), V.reshape(V.shape[0], -1).to(self.gdev, torch.float64))
                for n, (U, V) in factors.items()}
         obj: dict = {}
-        self._setup()
-        try:
+        with self._open_passes() as passes:
             self._sweep(0, None, "objective: λ of LoRA {i}/{k}", False, {})
-            self.hooks.add("merged", fac)
+            passes.hooks.add("merged", fac)
             self._given_U = {n: U for n, (U, V) in fac.items()}
             try:
                 self._sweep(1, ({n: V for n, (U, V) in fac.items()}, set()), "objective: LoRA {i}/{k}", False, obj)
             finally:
                 self._given_U = None
-        finally:
-            self._teardown()
         return sum(obj.values()), obj
 
     def _edit(self, state, elapsed, converged) -> Edit:
@@ -631,9 +534,9 @@ class IterISSolver:
             "fallback_weighted_sum": sorted(self.weighted_sum),
             "fallback_reasons": {n: self.fallback_reasons.get(n, "") for n in sorted(self.weighted_sum)},
             "fallback_least_squares": sorted(self.fallbacks),
-            "unet_passes": self.protocol.unet_passes,
-            "text_encoder_passes": self.protocol.te_passes,
-            "peak_feature_batch_bytes": self.stats.peak_queue_bytes,
+            "unet_passes": self.passes.protocol.unet_passes,
+            "text_encoder_passes": self.passes.protocol.te_passes,
+            "peak_feature_batch_bytes": self.passes.stats.peak_queue_bytes,
             "memory": dict(self.memory),
             "solve_time_s": elapsed,
         }

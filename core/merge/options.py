@@ -5,11 +5,9 @@ Importable without torch.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
-from ..errors import require
-from ..optspec import option
+from ..optspec import check_declared, option
 
 METHODS = ("iteris", "linear", "concat", "svd", "ties", "dare", "regmean")
 
@@ -51,11 +49,11 @@ class MergeOptions:
     steps: int = option(3, "DDIM steps of each short sample trajectory; statistics at every step.",
                         label="Denoising steps per sample", flag="--steps", lo=1, hi=100)
     latent_size: int | None = option(None, "Latent side length (default: resolution / 8, else the UNet's "
-                                     "sample_size).", flag="--latent-size", lo=1)
+                                     "sample_size).", flag="--latent-size", lo=1, hi=256)
     resolution: int | None = option(None, "Image side length of the samples in pixels (latent = resolution / 8; "
                                     "default: the model's native size). Lower is faster.", label="Resolution",
                                     lo=64, hi=2048, step=64)
-    batch_size: int = option(4, "Samples per batch while collecting statistics.", flag="--batch-size", lo=1)
+    batch_size: int = option(4, "Samples per batch while collecting statistics.", flag="--batch-size", lo=1, hi=64)
     seed: int = option(0, "Seed of the sampling noise: same seed, same merge.", label="Seed", flag="--seed",
                        lo=0, hi=2 ** 31 - 1)
     max_rows: int = option(0, "Positions per sample, at most, that each layer's statistics read at every step "
@@ -74,63 +72,22 @@ class MergeOptions:
                                      "CPU for MPS); cpu saves GPU memory on small cards.")
     # baselines (docs/method.md, "Merge baselines")
     svd_rank: int | None = option(None, "SVD merge rank (default: the largest input rank).", flag="--rank", lo=1)
-    svd_clamp_quantile: float = option(0.99, "SVD merge: clamp entries at this quantile.", lo=0.0, hi=1.0)
+    svd_clamp_quantile: float = option(0.99, "SVD merge: clamp entries at this quantile.", lo=0.0, hi=1.0,
+                                       lo_open=True)
     ties_density: float = option(0.2, "TIES: keep this fraction of each delta's largest entries.",
-                                 flag="--density", lo=0.0, hi=1.0)
-    ties_lambda: float = option(1.0, "TIES: scale of the merged delta.")
+                                 flag="--density", lo=0.0, hi=1.0, lo_open=True)
+    ties_lambda: float = option(1.0, "TIES: scale of the merged delta.", lo=0.0, lo_open=True)
     dare_p: float = option(0.5, "DARE: drop probability (survivors rescaled by 1/(1−p)).", flag="--drop",
-                           lo=0.0, hi=1.0)
+                           lo=0.0, hi=1.0, hi_open=True)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def validate(self) -> None:
-        """Refuse settings outside each method's meaning (one message naming the setting and its range;
-        CLI flag in brackets)."""
-        def num(name, v, flag):
-            require(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
-                    f"{name} ({flag}) must be a finite number, got {v!r}.")
-
-        def whole(name, v, lo, flag, none_ok=False):
-            if v is None and none_ok:
-                return
-            require(isinstance(v, int) and not isinstance(v, bool) and v >= lo,
-                    f"{name} ({flag}) must be a whole number >= {lo}, got {v!r}.")
-
-        whole("iterations", self.iterations, 0, "--iterations")
-        whole("samples", self.samples, 1, "--samples")
-        whole("steps", self.steps, 1, "--steps")
-        whole("batch_size", self.batch_size, 1, "--batch-size")
-        whole("latent_size", self.latent_size, 1, "--latent-size", none_ok=True)
-        whole("resolution", self.resolution, 8, "resolution", none_ok=True)
-        whole("max_gram_dim", self.max_gram_dim, 1, "--max-gram-dim")
-        whole("max_rows", self.max_rows, 0, "--max-rows")
-        whole("svd_rank", self.svd_rank, 1, "--rank", none_ok=True)
-        whole("seed", self.seed, 0, "--seed")
-        for name, v, flag in (("tol", self.tol, "--tol"), ("alpha1", self.alpha1, "--alpha"),
-                              ("alpha2", self.alpha2, "--alpha"), ("reg_coef", self.reg_coef, "--reg-coef"),
-                              ("ties_density", self.ties_density, "--density"), ("ties_lambda", self.ties_lambda, "ties_lambda"),
-                              ("dare_p", self.dare_p, "--drop"), ("svd_clamp_quantile", self.svd_clamp_quantile, "svd_clamp_quantile")):
-            num(name, v, flag)
-        num("max_memory_gb", self.max_memory_gb, "--max-memory")
-        require(self.max_memory_gb >= 0, f"max_memory_gb (--max-memory) is a budget in GB (0 = automatic), got "
-                f"{self.max_memory_gb!r}.")
-        require(self.tol >= 0, f"tol (--tol) must be >= 0, got {self.tol!r}.")
-        require(self.alpha1 >= 0 and self.alpha2 >= 0,
-                f"alpha1/alpha2, the ridge α (--alpha), must be >= 0 (0 = none, default {MergeOptions.alpha1:g}), got "
-                f"{min(self.alpha1, self.alpha2)!r}.")
-        require(0 <= self.reg_coef <= 1, f"reg_coef ρ (--reg-coef) must be in [0, 1], got {self.reg_coef!r}.")
-        require(0 < self.ties_density <= 1, f"ties_density (--density) is TIES' kept fraction: it must be in (0, 1], "
-                f"got {self.ties_density!r}.")
-        require(self.ties_lambda > 0, f"ties_lambda must be > 0, got {self.ties_lambda!r}.")
-        require(0 <= self.dare_p < 1, f"dare_p, DARE's drop probability (--drop), must be in [0, 1), got {self.dare_p!r}.")
-        require(0 < self.svd_clamp_quantile <= 1, f"svd_clamp_quantile must be in (0, 1], got {self.svd_clamp_quantile!r}.")
-        require(self.ridge_toward in ("mean", "sum"),
-                f"unknown ridge_toward {self.ridge_toward!r} (--ridge-toward); use 'mean' or 'sum'.")
-        require(self.schedule in ("jacobi", "sequential"),
-                f"unknown schedule {self.schedule!r} (--schedule); use 'jacobi' or 'sequential'.")
-        require(self.untouched in ("skip", "zero"),
-                f"unknown untouched-module rule {self.untouched!r}; use 'skip' or 'zero'.")
+        """Refuse settings outside each method's meaning: every option against its declaration
+        (:func:`..optspec.check_declared`: type, range, choices; one sentence naming the setting, its CLI
+        flag and its range)."""
+        check_declared(self)
 
 
 ALIASES = {"reg_ceof": "reg_coef"}     # the reference code's spelling, still accepted from hosts

@@ -1,0 +1,87 @@
+"""Lazy read access to a checkpoint's tensors (docs/reliability.md, "Inputs").
+
+:class:`StateFile` opens a ``.safetensors`` file without reading its tensors (a pickle ``.ckpt``/``.pt``
+only through ``torch.load(weights_only=True)``, :func:`.safe_io.load_plain_pickle`); :class:`DictState`
+gives in-memory tensors (a host's weights) the same interface, so the key-layout inference
+(:mod:`.layouts`) and the model builder (:mod:`.model_io`) read both alike.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .errors import WeightsmithError
+from .naming import CheckpointSlot
+from .safe_io import PICKLE_SUFFIXES, load_plain_pickle
+
+
+class StateFile:
+    """Lazy read access to a checkpoint's tensors."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.metadata: dict = {}
+        suffix = path.suffix.lower()
+        if suffix == ".safetensors":
+            from safetensors import safe_open
+
+            try:
+                self._f = safe_open(str(path), framework="pt")
+                self.metadata = self._f.metadata() or {}
+                self._keys = list(self._f.keys())
+            except Exception as e:
+                raise WeightsmithError(
+                    f"{path} is not a readable .safetensors file ({type(e).__name__}: {e}). The file is "
+                    "corrupt or truncated: download or export it again.") from None
+            self._sd = None
+        elif suffix in PICKLE_SUFFIXES:
+            self._sd = load_plain_pickle(path, str(path))
+            self._keys = list(self._sd)
+        else:
+            raise WeightsmithError(
+                f"{path}: unsupported file type {suffix!r}. Pass a .safetensors checkpoint or a diffusers folder.")
+
+    def keys(self):
+        return self._keys
+
+    def get(self, key: str) -> torch.Tensor:
+        if self._sd is not None:
+            return self._sd[key]
+        return self._f.get_tensor(key)
+
+    def shape(self, key: str) -> tuple:
+        if self._sd is not None:
+            return tuple(self._sd[key].shape)
+        return tuple(self._f.get_slice(key).get_shape())
+
+
+class DictState:
+    """In-memory tensors with the same read interface as :class:`StateFile`."""
+
+    def __init__(self, tensors: dict, metadata: dict | None = None):
+        self._t = tensors
+        self.metadata = metadata or {}
+        self.path = None
+
+    def keys(self):
+        return list(self._t)
+
+    def get(self, key):
+        return self._t[key]
+
+    def shape(self, key):
+        return tuple(self._t[key].shape)
+
+
+def read_slot(sf, slot: CheckpointSlot) -> torch.Tensor:
+    """The tensor a :class:`~.naming.CheckpointSlot` names (its rows of a fused tensor, transposed
+    where the layout stores it so); KeyError when the state has no such key."""
+    if slot.key not in set(sf.keys()):
+        raise KeyError(slot.key)
+    t = sf.get(slot.key)
+    if slot.rows is not None:
+        t = t[slot.rows[0]:slot.rows[1]]
+    if slot.transposed:
+        t = t.t()
+    return t
