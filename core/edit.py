@@ -55,7 +55,8 @@ class Edit:
         both carry exact factors for a module they concatenate (``[u₁ u₂] @ [d₁; d₂] = ΔW₁ + ΔW₂``),
         where only one of two summed modules has factors the sum has none. Family, UNet config and
         report come from ``other``; the report's ``combined_with`` lists the earlier methods, most
-        recent first; sources are the union (docs/a1111.md: Apply stacks edits this way)."""
+        recent first; sources are the union. The tab's Apply stacks edits this way (docs/method.md, "Host
+        glue in core")."""
         deltas = dict(self.deltas)
         factors = dict(self.factors)
         for k, d in other.deltas.items():
@@ -131,7 +132,8 @@ def check_patches_accepted(wanted, accepted, host: str, part: str,
     """The one check after a host's patcher took an edit's patches (ComfyUI's and Forge's ``add_patches``
     return the keys they accepted and silently skip the rest): every key of ``wanted`` must be among
     ``accepted``, or a :class:`~weightsmith.core.errors.WeightsmithError` says how many of how many
-    ``part`` weights ``host`` refused, names the first, and how to fix it (docs/method.md, "ComfyUI")."""
+    ``part`` weights ``host`` refused, names the first, and how to fix it (docs/method.md, "Host glue in
+    core")."""
     from .errors import WeightsmithError
 
     got = set(accepted)
