@@ -40,11 +40,10 @@ from pathlib import Path
 import torch
 
 from ..core.errors import WeightsmithError, require
-from ..core.naming import TE1, TE2, checkpoint_slot
-from .backend import FAMILY_NAMES, Backend
+from ..core.naming import (LDM_UNET_PREFIX as UNET_PREFIX, SUPPORTED_FAMILIES, TE1, TE2, checkpoint_slot,
+                           family_label, sdxl_embedder_prefix, te_checkpoint_prefix)
+from .backend import Backend
 from .live_weights import Slot, lora_backup
-
-UNET_PREFIX = "model.diffusion_model."
 
 
 def _unwrap(m):
@@ -88,7 +87,7 @@ def model_family(sd_model) -> str:
     """sd1 / sd2 / sdxl, or a WeightsmithError naming what is loaded."""
     require(sd_model is not None, "no model is loaded; pick a checkpoint at the top of the page first.")
     if getattr(sd_model, "is_sd3", False):
-        raise WeightsmithError("the loaded model is SD3; Weightsmith edits SD1.x, SD2.x and SDXL. "
+        raise WeightsmithError(f"the loaded model is SD3; Weightsmith edits {SUPPORTED_FAMILIES}. "
                                "Load one of those checkpoints.")
     if getattr(sd_model, "is_sdxl", False):
         tx = text_embedders(sd_model)
@@ -107,7 +106,7 @@ def model_family(sd_model) -> str:
     if hasattr(inner, "model"):
         return "sd2"
     raise WeightsmithError("the loaded model's text encoder is of an unknown kind; Weightsmith edits "
-                           "SD1.x, SD2.x and SDXL.")
+                           f"{SUPPORTED_FAMILIES}.")
 
 
 def text_embedders(sd_model):
@@ -129,14 +128,12 @@ def live_roots(sd_model, family: str):
         tx = text_embedders(sd_model)
         hf = tx[0]
         oc = tx[1]
-        roots.append((f"conditioner.embedders.{hf[1]}.transformer.", hf[2].transformer, "hf", TE1))
-        roots.append((f"conditioner.embedders.{oc[1]}.model.", oc[2].model, "openclip", TE2))
+        roots.append((sdxl_embedder_prefix(hf[1], open_clip=False), hf[2].transformer, "hf", TE1))
+        roots.append((sdxl_embedder_prefix(oc[1], open_clip=True), oc[2].model, "openclip", TE2))
     else:
         inner = _unwrap(sd_model.cond_stage_model)
-        if family == "sd1":
-            roots.append(("cond_stage_model.transformer.", inner.transformer, "hf", TE1))
-        else:
-            roots.append(("cond_stage_model.model.", inner.model, "openclip", TE1))
+        prefix, open_clip = te_checkpoint_prefix(family, TE1)
+        roots.append((prefix, inner.model, "openclip", TE1) if open_clip else (prefix, inner.transformer, "hf", TE1))
     roots.append((UNET_PREFIX, sd_model.model.diffusion_model, "unet", "unet"))
     return roots
 
@@ -347,7 +344,7 @@ class A1111Backend(WebUIHost, Backend):
             return "no model loaded"
         info = getattr(sm, "sd_checkpoint_info", None)
         try:
-            fam = FAMILY_NAMES[model_family(sm)]
+            fam = family_label(model_family(sm))
         except WeightsmithError as e:
             fam = f"not editable: {e}"
         return f"{getattr(info, 'title', None) or getattr(info, 'filename', '?')} ({fam})"

@@ -14,15 +14,14 @@ import re
 import threading
 from pathlib import Path
 
-import torch
-
 from ..core.edit import Edit
 from ..core.erase.options import METHODS as ERASE_METHODS
 from ..core.errors import CancelledError, WeightsmithError, require
 from ..core.merge.options import METHODS as MERGE_METHODS
+from ..core.naming import family_label
+from ..core.prompt_lists import a1111_list, a1111_prompt_table
 from .live_weights import LiveEditor, Slot
 
-FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._ -]+")
 
 
@@ -31,13 +30,9 @@ def merge_methods() -> tuple[str, ...]:
 
 
 def items(text) -> list[str]:
-    """Concepts from a textbox: one per line; commas also separate (as in A1111 prompts)."""
-    if isinstance(text, (list, tuple)):
-        return [str(t).strip() for t in text if str(t).strip()]
-    out = []
-    for line in (text or "").splitlines():
-        out += [p.strip() for p in line.split(",") if p.strip()]
-    return out
+    """A concept (or Weights) box: core's A1111 rule (core.prompt_lists.a1111_list: lines, ``;`` and
+    commas outside double quotes)."""
+    return a1111_list(text)
 
 
 def output_name(name: str, default: str) -> str:
@@ -46,29 +41,6 @@ def output_name(name: str, default: str) -> str:
     if not name.lower().endswith(".safetensors"):
         name += ".safetensors"
     return name
-
-
-def combine(a: Edit | None, b: Edit) -> Edit:
-    """The edit ``a`` followed by ``b`` (deltas add; exact factors concatenate)."""
-    if a is None:
-        return b
-    deltas = dict(a.deltas)
-    factors = dict(a.factors)
-    for k, d in b.deltas.items():
-        if k in deltas:
-            deltas[k] = deltas[k] + d
-            fa, fb = a.factors.get(k), b.factors.get(k)
-            if fa is not None and fb is not None:
-                factors[k] = (torch.cat([fa[0], fb[0]], 1), torch.cat([fa[1], fb[1]], 0))
-            else:
-                factors.pop(k, None)
-        else:
-            deltas[k] = d
-            if k in b.factors:
-                factors[k] = b.factors[k]
-    report = dict(b.report)
-    report["combined_with"] = [a.report.get("method", "?")] + list(a.report.get("combined_with", []))
-    return Edit(b.family, b.unet_config, deltas, factors, report, {**a.sources, **b.sources})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,7 +146,7 @@ class StandaloneBackend(Backend):
 
     def describe(self) -> str:
         m = self.model()
-        return f"{self.model_path.name} ({FAMILY_NAMES.get(m.family, m.family)})"
+        return f"{self.model_path.name} ({family_label(m.family)})"
 
     def lora_dir(self) -> Path:
         return self._lora_dir
@@ -291,14 +263,12 @@ class Workbench:
         w = [float(x) for x in items(weights)] if items(weights) else None
         require(w is None or len(w) == len(names),
                 f"give one weight per LoRA ({len(names)}), or leave Weights empty for 1 each.")
-        plines = [ln.strip() for ln in (prompts or "").splitlines()]
+        per = a1111_prompt_table(prompts)          # core.prompt_lists: the tab's rule
         p = None
-        if any(plines):
-            require(len([x for x in plines if x]) in (1, len(names)),
+        if per:
+            require(len(per) in (1, len(names)),
                     "sample prompts: one line for all LoRAs, or one line per LoRA in the order picked "
-                    "(several prompts on a line are separated by |).")
-            lines = [x for x in plines if x]
-            per = [[s.strip() for s in ln.split("|") if s.strip()] for ln in lines]
+                    "(several prompts on a line are separated by ; or |).")
             p = per[0] if len(per) == 1 and len(names) > 1 else per
         bw = per_lora(blocks, len(names))       # one line per LoRA (docs/merge.md, "Block weights")
         from ..core.merge.options import machine_is_cpu, with_quick
@@ -323,9 +293,10 @@ class Workbench:
         self._check_model()
         model = self.backend.model()
         require(edit.family == model.family,
-                f"this edit is for {FAMILY_NAMES.get(edit.family, edit.family)} but the loaded model is "
-                f"{FAMILY_NAMES.get(model.family, model.family)}; nothing was changed.")
-        combined = combine(self.applied, edit.scaled(strength) if strength != 1 else edit)
+                f"this edit is for {family_label(edit.family)} but the loaded model is "
+                f"{family_label(model.family)}; nothing was changed.")
+        scaled = edit.scaled(strength) if strength != 1 else edit
+        combined = scaled if self.applied is None else self.applied.then(scaled)
         if hasattr(self.backend, "attach"):      # patcher hosts (Forge): the host keeps the whole edit
             with self.backend.exclusive():
                 self.backend.attach(combined)

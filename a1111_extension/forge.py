@@ -33,11 +33,12 @@ import itertools
 import os
 from pathlib import Path
 
-from ..core.edit import patcher_patches
+from ..core.edit import check_patches_accepted, patcher_patches
 from ..core.model_io import beside_host_weights_dtype
 from ..core.errors import WeightsmithError, require
+from ..core.naming import family_label
 from .a1111 import WebUIHost, clear_cond_cache
-from .backend import FAMILY_NAMES, StandaloneBackend
+from .backend import StandaloneBackend
 
 PATCH_PREFIX = "weightsmith:"
 _REBUILD_HASH = "weightsmith: rebuild the LoRA stack"
@@ -184,8 +185,8 @@ class ForgeBackend(WebUIHost, StandaloneBackend):
                 del patcher.lora_patches[ident]
         if edit is not None:
             require(edit.family == fam,
-                    f"this edit is for {FAMILY_NAMES.get(edit.family, edit.family)} but the loaded model is "
-                    f"{FAMILY_NAMES.get(fam, fam)}; nothing was changed.")
+                    f"this edit is for {family_label(edit.family)} but the loaded model is "
+                    f"{family_label(fam)}; nothing was changed.")
             shapes = {k: p.shape for k, p in unet.model.named_parameters()}
             shapes.update({k: p.shape for k, p in clip.patcher.model.named_parameters()})
             unet_p, clip_p = patcher_patches(edit, shapes)
@@ -196,12 +197,9 @@ class ForgeBackend(WebUIHost, StandaloneBackend):
                 if "filename" not in inspect.signature(patcher.add_patches).parameters:
                     raise WeightsmithError("this Forge is older than the patcher rework of August 2024; update "
                                            "Forge, or use Save as LoRA. Nothing was changed.")
-                got = set(patcher.add_patches(filename=name, patches=patches, strength_patch=1.0,
-                                              strength_model=1.0, online_mode=self._online(sm)))
-                missing = sorted(set(patches) - got)
-                require(not missing, f"Forge's {what} did not accept {len(missing)} of {len(patches)} weights "
-                                     f"(first: {missing[0] if missing else ''}); the edit was computed for another "
-                                     "model. Nothing was changed.")
+                got = patcher.add_patches(filename=name, patches=patches, strength_patch=1.0,
+                                          strength_model=1.0, online_mode=self._online(sm))
+                check_patches_accepted(patches, got, "Forge", what)
         o.unet, o.clip = unet, clip
         sm.forge_objects_after_applying_lora = o.shallow_copy()
         sm.forge_objects = o.shallow_copy()

@@ -49,7 +49,7 @@ def _erase_tab(gr, backend):
     """The Erase sub-tab's components (defaults and labels from core's option declarations)."""
     with gr.Tab("Erase"):
         with gr.Row():
-            targets = gr.Textbox(label="Targets (concepts to erase; one per line or comma-separated)",
+            targets = gr.Textbox(label='Targets (concepts to erase; one per line, or separated by , or ; — "Smith, John" in quotes)',
                                  lines=2, placeholder="Van Gogh", elem_id="weightsmith_targets")
             anchors = gr.Textbox(label="Anchors (what each target becomes; one, or one per target)",
                                  lines=2, placeholder="art", elem_id="weightsmith_anchors")
@@ -93,7 +93,7 @@ def _merge_tab(gr, backend):
             b_refresh = gr.Button("Refresh list")
         with gr.Row():
             weights = gr.Textbox(label="Weights (one per LoRA, comma-separated; empty: 1 each)", value="")
-            prompts = gr.Textbox(label="Sample prompts (one line per LoRA, several separated by |; "
+            prompts = gr.Textbox(label="Sample prompts (one line per LoRA, several separated by ; or |; "
                                        "empty: from each LoRA's training tags)", lines=2, value="")
         with gr.Row():
             blocks = gr.Textbox(label="Block weights (one line per LoRA, or one for all; empty: none)", lines=2,

@@ -50,6 +50,44 @@ class Edit:
                   else {k: v * s for k, v in self.deltas.items()})
         return Edit(self.family, self.unet_config, deltas, factors, dict(self.report), dict(self.sources))
 
+    def then(self, other: "Edit") -> "Edit":
+        """A new edit: this one followed by ``other`` (neither is changed). ΔW add per module; where
+        both carry exact factors for a module they concatenate (``[u₁ u₂] @ [d₁; d₂] = ΔW₁ + ΔW₂``),
+        where only one of two summed modules has factors the sum has none. Family, UNet config and
+        report come from ``other``; the report's ``combined_with`` lists the earlier methods, most
+        recent first; sources are the union. The tab's Apply stacks edits this way (docs/method.md, "Host
+        glue in core")."""
+        deltas = dict(self.deltas)
+        factors = dict(self.factors)
+        for k, d in other.deltas.items():
+            if k in deltas:
+                deltas[k] = deltas[k] + d
+                fa, fb = self.factors.get(k), other.factors.get(k)
+                if fa is not None and fb is not None:
+                    factors[k] = (torch.cat([fa[0], fb[0]], 1), torch.cat([fa[1], fb[1]], 0))
+                else:
+                    factors.pop(k, None)
+            else:
+                deltas[k] = d
+                if k in other.factors:
+                    factors[k] = other.factors[k]
+        report = dict(other.report)
+        report["combined_with"] = [self.report.get("method", "?")] + list(self.report.get("combined_with", []))
+        return Edit(other.family, other.unet_config, deltas, factors, report, {**self.sources, **other.sources})
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "Edit":
+        """A new edit with every tensor detached and moved to ``device`` / cast to ``dtype`` (None: kept);
+        this edit is unchanged. Exact-factor deltas (:class:`FactorDeltas`) stay formed when read.
+        A host that keeps an edit past the solve (ComfyUI's WEIGHTSMITH_EDIT) holds ``edit.to("cpu",
+        torch.float32)``."""
+        def mv(t):
+            return t.detach().to(device=device, dtype=dtype)
+
+        factors = {k: (mv(u), mv(d)) for k, (u, d) in self.factors.items()}
+        deltas = (FactorDeltas(factors, dict(self.deltas.shapes)) if isinstance(self.deltas, FactorDeltas)
+                  else {k: mv(v) for k, v in self.deltas.items()})
+        return Edit(self.family, dict(self.unet_config), deltas, factors, dict(self.report), dict(self.sources))
+
     def apply(self, model, strength: float = 1.0):
         """A copy of ``model`` with ``W + strength·ΔW`` (the input model is left untouched)."""
         touches_unet = any(k.startswith(UNET + ".") for k in self.deltas)
@@ -87,3 +125,20 @@ def patcher_patches(edit: Edit, shapes: dict | None = None) -> tuple[dict, dict]
         (unet if key.startswith(COMFY_UNET_PREFIX) else te)[key] = ("diff", (d.contiguous(),))
     return unet, te
 
+
+
+def check_patches_accepted(wanted, accepted, host: str, part: str,
+                           fix: str = "apply it to the model it was computed from") -> None:
+    """The one check after a host's patcher took an edit's patches (ComfyUI's and Forge's ``add_patches``
+    return the keys they accepted and silently skip the rest): every key of ``wanted`` must be among
+    ``accepted``, or a :class:`~weightsmith.core.errors.WeightsmithError` says how many of how many
+    ``part`` weights ``host`` refused, names the first, and how to fix it (docs/method.md, "Host glue in
+    core")."""
+    from .errors import WeightsmithError
+
+    got = set(accepted)
+    refused = sorted(k for k in wanted if k not in got)
+    if refused:
+        raise WeightsmithError(
+            f"{host} did not accept {len(refused)} of {len(wanted)} {part} weights (first: {refused[0]}): "
+            f"the edit was computed for another model. Nothing was changed; {fix}.")

@@ -26,6 +26,15 @@ UNET = "unet"
 TE1 = "text_encoder"
 TE2 = "text_encoder_2"
 
+# how every front end names a family to the user (the A1111 tab's model line, refusals in all hosts)
+FAMILY_LABELS = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
+SUPPORTED_FAMILIES = "SD1.x, SD2.x and SDXL"      # the families Weightsmith edits, as one phrase
+
+
+def family_label(family: str) -> str:
+    """``sd1`` → ``SD1.x`` (an unknown family is shown as it is)."""
+    return FAMILY_LABELS.get(family, family)
+
 _RESNET_LDM = {
     "norm1": "in_layers.0",
     "conv1": "in_layers.2",
@@ -164,20 +173,32 @@ LDM_UNET_PREFIX = "model.diffusion_model."
 COMFY_UNET_PREFIX = "diffusion_model."
 
 
+def sdxl_embedder_prefix(index: int, open_clip: bool) -> str:
+    """State-dict prefix of SDXL's text embedder ``conditioner.embedders[index]`` (CLIP-L: HF
+    ``transformer``; bigG: OpenCLIP ``model``)."""
+    return f"conditioner.embedders.{index}.{'model' if open_clip else 'transformer'}."
+
+
 def te_checkpoint_prefix(family: str, component: str) -> tuple[str, bool]:
     """(state-dict prefix, is_open_clip) of a text encoder in an LDM single-file checkpoint."""
     if family == "sdxl":
-        return ("conditioner.embedders.0.transformer.", False) if component == TE1 else (
-            "conditioner.embedders.1.model.", True)
+        return (sdxl_embedder_prefix(0, False), False) if component == TE1 else (sdxl_embedder_prefix(1, True), True)
     if family == "sd2":
         return "cond_stage_model.model.", True
     return "cond_stage_model.transformer.", False
 
 
+# ComfyUI: the CLIP object's attribute (and state-dict prefix) of each family's text encoders
+COMFY_TE_ATTRS = {
+    "sd1": {TE1: "clip_l"},
+    "sd2": {TE1: "clip_h"},
+    "sdxl": {TE1: "clip_l", TE2: "clip_g"},
+}
+
+
 def comfy_te_prefix(family: str, component: str) -> str:
-    if family == "sdxl":
-        return "clip_l.transformer." if component == TE1 else "clip_g.transformer."
-    return ("clip_h." if family == "sd2" else "clip_l.") + "transformer."
+    attrs = COMFY_TE_ATTRS.get(family, COMFY_TE_ATTRS["sd1"])
+    return attrs.get(component, attrs[TE1]) + ".transformer."
 
 
 _OC_LAYER = re.compile(r"^text_model\.encoder\.layers\.(\d+)\.(.+)$")

@@ -20,17 +20,10 @@ from pathlib import Path
 
 import torch
 
-from ..core.edit import patcher_patches
+from ..core.edit import check_patches_accepted, patcher_patches
 from ..core.errors import WeightsmithError
-from ..core.naming import TE1, TE2
+from ..core.naming import COMFY_TE_ATTRS as TE_PREFIXES, COMFY_UNET_PREFIX as UNET_PREFIX, SUPPORTED_FAMILIES
 
-UNET_PREFIX = "diffusion_model."
-# component -> (ComfyUI CLIP attribute / state-dict prefix of its encoder)
-TE_PREFIXES = {
-    "sd1": {TE1: "clip_l"},
-    "sd2": {TE1: "clip_h"},
-    "sdxl": {TE1: "clip_l", TE2: "clip_g"},
-}
 FAMILY_BY_CONFIG = {"SD15": "sd1", "SD20": "sd2", "SD21UnclipL": "sd2", "SD21UnclipH": "sd2",
                     "SDXL": "sdxl", "SSD1B": "sdxl", "Segmind_Vega": "sdxl", "KOALA_700M": "sdxl",
                     "KOALA_1B": "sdxl"}
@@ -154,7 +147,7 @@ def detect_family(model, clip) -> str:
         fam = {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(ctx)
         if fam is None or not uc.get("model_channels"):
             raise WeightsmithError(
-                f"Weightsmith edits SD1.x, SD2.x and SDXL models; this MODEL is {name!r}. Load an "
+                f"Weightsmith edits {SUPPORTED_FAMILIES} models; this MODEL is {name!r}. Load an "
                 "SD1.x/SD2.x/SDXL checkpoint (Load Checkpoint) and connect its MODEL and CLIP.")
     if clip_fam != fam:
         raise WeightsmithError(
@@ -233,7 +226,7 @@ def sdmodel_from_comfy(model, clip, *, clip_skip: int | None = None, need_unet: 
     te_w = EffectiveWeights(clip.patcher, tuple(p for p, _ in te_src.values()))
     if not any(k.endswith("attn2.to_k.weight") for k in unet_w):
         raise WeightsmithError("this MODEL has no cross-attention UNet (diffusion_model.*attn2*); "
-                               "Weightsmith edits SD1.x, SD2.x and SDXL models.")
+                               f"Weightsmith edits {SUPPORTED_FAMILIES} models.")
     tensors = LazyState([unet_w, te_w])
     if clip_skip is None:
         clip_skip = clip_skip_from_clip(clip, family)
@@ -255,28 +248,15 @@ def apply_edit(model, clip, edit, strength: float = 1.0):
     m, c = model, clip
     if unet_p:
         m = model.clone()
-        got = set(m.add_patches(unet_p, float(strength)))
-        _check_applied(unet_p, got, "MODEL")
+        _check_applied(unet_p, m.add_patches(unet_p, float(strength)), "MODEL")
     if clip_p:
         c = clip.clone()
-        got = set(c.add_patches(clip_p, float(strength)))
-        _check_applied(clip_p, got, "CLIP")
+        _check_applied(clip_p, c.add_patches(clip_p, float(strength)), "CLIP")
     return m, c
 
 
-def _check_applied(wanted: dict, got: set, what: str) -> None:
-    missing = sorted(k for k in wanted if k not in got)
-    if missing:
-        raise WeightsmithError(
-            f"ComfyUI did not accept {len(missing)} of {len(wanted)} {what} patches (first: {missing[0]}). "
-            "The edit was computed for a different model: connect the MODEL/CLIP it was made from.")
-
-
-def edit_to_cpu(edit):
-    """The edit with CPU tensors (a WEIGHTSMITH_EDIT outlives the solver's device copy)."""
-    edit.deltas = {k: v.detach().float().cpu() for k, v in edit.deltas.items()}
-    edit.factors = {k: (u.detach().float().cpu(), d.detach().float().cpu()) for k, (u, d) in edit.factors.items()}
-    return edit
+def _check_applied(wanted: dict, got, what: str) -> None:
+    check_patches_accepted(wanted, got, "ComfyUI", what, fix="connect the MODEL and CLIP the edit was computed from")
 
 
 def to_compute_device(sdmodel, need_unet: bool) -> str:

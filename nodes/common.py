@@ -13,11 +13,6 @@ EDIT_TYPE = "WEIGHTSMITH_EDIT"
 STACK_TYPE = "WEIGHTSMITH_LORA_STACK"
 
 
-def lines(text: str) -> list[str]:
-    """One item per non-empty line (commas inside a line are kept: "a cat, in a hat")."""
-    return [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
-
-
 def host_progress(total_hint: int = 1):
     """(progress, cancel) callables for core: ComfyUI's ProgressBar and its interrupt check."""
     import comfy.model_management as mm

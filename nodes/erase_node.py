@@ -10,7 +10,7 @@ import time
 
 from ..core.optspec import spec
 from ..core.erase.options import METHOD_HELP, METHODS as _METHODS, EraseOptions
-from .common import (CATEGORY, EDIT_TYPE, format_report, host_progress, lines, options_of, report_picture, ui_text,
+from .common import (CATEGORY, EDIT_TYPE, format_report, host_progress, options_of, report_picture, ui_text,
                      user_errors, widget)
 
 METHODS = list(_METHODS)
@@ -45,7 +45,7 @@ class WeightsmithEraseConcepts:
                 "model": ("MODEL", {"tooltip": "The model to edit (SD1.x, SD2.x or SDXL). LoRAs applied upstream are part of it."}),
                 "clip": ("CLIP", {"tooltip": "The CLIP of the same checkpoint; prompts are encoded with it."}),
                 "targets": ("STRING", {"multiline": True, "default": "Van Gogh",
-                                       "tooltip": "Concepts to erase, one per line."}),
+                                       "tooltip": "Concepts to erase, one per line (; also separates)."}),
                 "anchors": ("STRING", {"multiline": True, "default": "art",
                                        "tooltip": "What each target becomes, one per line (one line for all targets; "
                                                   "empty = the unconditional prompt)."}),
@@ -55,7 +55,7 @@ class WeightsmithEraseConcepts:
             },
             "optional": {
                 "preserve": ("STRING", {"multiline": True, "default": "",
-                                        "tooltip": "Concepts to keep unchanged, one per line."}),
+                                        "tooltip": "Concepts to keep unchanged, one per line (; also separates)."}),
                 "layers": ("STRING", {"default": "", "advanced": True,
                                       "tooltip": spec(EraseOptions, "te_layers").help}),
                 "token_mode": widget(EraseOptions, "tokens", "choice", advanced=True),
@@ -71,7 +71,10 @@ class WeightsmithEraseConcepts:
 
     def run(self, model, clip, targets, anchors, method, strength, preserve="", layers="", token_mode=None,
             lam=None, prompt_expansion="auto", clip_skip=0):
+        import torch
+
         from ..core.erase import erase
+        from ..core.prompt_lists import comfy_list as lines
         from . import comfy_adapter as ca
 
         from ..core.errors import WeightsmithError
@@ -92,7 +95,7 @@ class WeightsmithEraseConcepts:
                          progress=progress, cancel=cancel)
             edit = edit.scaled(strength) if float(strength) != 1.0 else edit
             edit.report["strength"] = float(strength)
-            edit = ca.edit_to_cpu(edit)
+            edit = edit.to("cpu", torch.float32)     # a WEIGHTSMITH_EDIT outlives the solver's device copy
             logging.info("Weightsmith: %d modules edited in %.1f s", len(edit.deltas), time.perf_counter() - t0)
             m, c = ca.apply_edit(model, clip, edit, 1.0)
             rel = ca.weight_norms(sd, edit)

@@ -13,7 +13,8 @@ import os
 
 from ..core.blockweights import BLOCKS_HELP, NO_PRESET, PRESET_CHOICES, host_spec
 from ..core.merge.options import METHODS, MergeOptions, host_default, machine_is_cpu, with_quick
-from .common import (CATEGORY, EDIT_TYPE, STACK_TYPE, format_report, host_progress, lines, options_of,
+from ..core.prompt_lists import comfy_list
+from .common import (CATEGORY, EDIT_TYPE, STACK_TYPE, format_report, host_progress, options_of,
                      report_picture, ui_text, user_errors, widget)
 
 MERGE_METHODS = list(METHODS)
@@ -42,7 +43,7 @@ class WeightsmithLoraStack:
                 "weight": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05,
                                      "tooltip": "The LoRA's strength in the merge."}),
                 "sample_prompts": ("STRING", {"multiline": True, "default": "",
-                                              "tooltip": "Prompts this LoRA is used with, one per line (IterIS and "
+                                              "tooltip": "Prompts this LoRA is used with, one per line (; also separates; IterIS and "
                                                          "RegMean fit the merge on them; empty = read the LoRA's "
                                                          "training tags if it has them)."}),
             },
@@ -73,7 +74,7 @@ class WeightsmithLoraStack:
 
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
         entry = {"name": lora_name, "path": path, "weight": float(weight),
-                 "prompts": tuple(lines(sample_prompts)), "blocks": host_spec(block_preset, block_weights)}
+                 "prompts": tuple(comfy_list(sample_prompts)), "blocks": host_spec(block_preset, block_weights)}
         return (tuple(stack or ()) + (entry,),)
 
 
@@ -118,6 +119,8 @@ class WeightsmithIterISMerge:
 
     def run(self, model, clip, stack, method, iterations, samples, steps, resolution, seed, untouched=None,
             max_memory_gb=None, ridge_toward=None):
+        import torch
+
         from ..core.errors import WeightsmithError
         from ..core.merge import merge
         from . import comfy_adapter as ca
@@ -144,7 +147,7 @@ class WeightsmithIterISMerge:
                          progress=progress, cancel=cancel, blocks=blocks if any(blocks) else None)
             edit.report["stack"] = [f"{e['name']} x{e['weight']:g}" + (f" [{e['blocks']}]" if e.get("blocks") else "")
                                     for e in stack]
-            edit = ca.edit_to_cpu(edit)
+            edit = edit.to("cpu", torch.float32)
             logging.info("Weightsmith: %d modules edited in %.1f s", len(edit.deltas), time.perf_counter() - t0)
             m, c = ca.apply_edit(model, clip, edit, 1.0)
             rel = ca.weight_norms(sd, edit)

@@ -72,3 +72,45 @@ def install_py():
 def diffusers_folder():
     """:func:`write_diffusers_folder` as a fixture (tests cannot import conftest reliably)."""
     return write_diffusers_folder
+
+
+class SolverRecorder:
+    """A recording stand-in for the core entry points the hosts call to solve (``core.merge.merge``,
+    ``core.erase.erase``): every call's arguments go to ``calls`` (``{"solver", "model", ..., **kwargs}``)
+    and a small valid edit comes back (a zero ΔW on the model's first cross-attention key projection,
+    the method and options in its report), so a host-plumbing test reads what reached the solver
+    without solving. Tests that check a real result keep the real solver."""
+
+    def __init__(self):
+        self.calls = []
+
+    def _edit(self, model, method, options):
+        import dataclasses
+
+        from weightsmith.core.edit import Edit
+
+        name = model.unet_cross_attention_names()[0] + ".to_k"
+        return Edit(model.family, dict(model.unet_config), {name: torch.zeros_like(model.weight(name))}, {},
+                    {"method": method, "options": dataclasses.asdict(options) if options is not None else {}})
+
+    def merge(self, model, loras, method="iteris", **kw):
+        self.calls.append({"solver": "merge", "model": model, "loras": list(loras), "method": method, **kw})
+        return self._edit(model, method, kw.get("options"))
+
+    def erase(self, model, targets, anchors, preserve=(), method="erasepro", options=None, **kw):
+        self.calls.append({"solver": "erase", "model": model, "targets": list(targets), "anchors": list(anchors),
+                           "preserve": list(preserve or []), "method": method, "options": options, **kw})
+        return self._edit(model, method, options)
+
+
+@pytest.fixture
+def solver_recorder(monkeypatch):
+    """:class:`SolverRecorder` installed in place of ``weightsmith.core.merge.merge`` and
+    ``weightsmith.core.erase.erase`` (the hosts import them when a button or node runs)."""
+    import weightsmith.core.erase as erase_pkg
+    import weightsmith.core.merge as merge_pkg
+
+    rec = SolverRecorder()
+    monkeypatch.setattr(merge_pkg, "merge", rec.merge)
+    monkeypatch.setattr(erase_pkg, "erase", rec.erase)
+    return rec

@@ -63,18 +63,10 @@ def test_merge_linear_save_and_apply(bench):
     assert all(torch.equal(model.weight(n), before[n]) for n in names)
 
 
-def test_iteris_merge_runs_from_the_tab(bench):
-    b, wb = bench
-    _random_loras(b.model(), b.lora_dir())
-    edit, _ = wb.compute_merge(["r0.safetensors", "r1.safetensors"], "", "a cat\na dog", "iteris",
-                               {"iterations": 1, "samples": 1, "steps": 1, "seed": 0, "evaluate_final": False})
-    assert edit.report["method"] == "iteris" and edit.deltas
-    assert wb.last_rows and all(r[3] is not None and r[3] > 0 for r in wb.last_rows)
-
-
-def test_the_tab_merges_with_the_quick_settings_no_widget_shows_on_a_cpu(bench, monkeypatch):
+def test_the_tab_merges_with_the_quick_settings_no_widget_shows_on_a_cpu(bench, monkeypatch, solver_recorder):
     """Positions per sample, the widest statistics and the resolution have no widget: on a machine
-    without a GPU they come from core's quick settings, elsewhere from the declarations."""
+    without a GPU they come from core's quick settings, elsewhere from the declarations. What is
+    checked is which options reach the solver, so a recording stand-in takes the solver's place."""
     from weightsmith.core.merge import options as mo
 
     b, wb = bench
@@ -82,11 +74,14 @@ def test_the_tab_merges_with_the_quick_settings_no_widget_shows_on_a_cpu(bench, 
     given = {"iterations": 1, "samples": 1, "steps": 1, "seed": 0, "evaluate_final": False}
     for cpu in (True, False):
         monkeypatch.setattr(mo, "machine_is_cpu", lambda cpu=cpu: cpu)
-        edit, _ = wb.compute_merge(["r0.safetensors", "r1.safetensors"], "", "a cat\na dog", "iteris", dict(given))
-        got = edit.report["options"]
+        wb.compute_merge(["r0.safetensors", "r1.safetensors"], "", "a cat\na dog", "iteris", dict(given))
+        call = solver_recorder.calls[-1]
+        assert call["method"] == "iteris" and len(call["loras"]) == 2 and call["prompts"] == [["a cat"], ["a dog"]]
+        got = call["options"]
         for k in ("max_rows", "max_gram_dim", "resolution"):
-            assert got[k] == (mo.QUICK[k] if cpu else getattr(mo.MergeOptions(), k)), (cpu, k, got[k])
-        assert (got["iterations"], got["samples"], got["steps"]) == (1, 1, 1)     # what the widgets held
+            assert getattr(got, k) == (mo.QUICK[k] if cpu else getattr(mo.MergeOptions(), k)), (cpu, k, getattr(got, k))
+        assert (got.iterations, got.samples, got.steps) == (1, 1, 1)     # what the widgets held
+    assert len(solver_recorder.calls) == 2
 
 
 def test_stacked_apply_and_exact_undo(bench):
@@ -140,9 +135,11 @@ def test_refusals_are_clear(bench, tmp_path):
     assert wb.applied is None
 
 
-def test_iteris_in_the_tab_announces_its_passes_and_then_the_time_left(bench):
-    """Before the first pass the job says how many passes it will run; from the first tick on (one per
-    text-encoder batch and per UNet step) each label ends with the estimated time left (none on the last)."""
+def test_iteris_runs_from_the_tab_announces_its_passes_then_the_time_left_and_fills_the_table(bench):
+    """A real IterIS merge from the tab (the one host test that solves with IterIS): before the first
+    pass the job says how many passes it will run; from the first tick on (one per text-encoder batch
+    and per UNet step) each label ends with the estimated time left (none on the last); every edited
+    module's ‖ΔW‖/‖W‖ shows in the tab's table."""
     import contextlib
 
     b, wb = bench
@@ -154,8 +151,10 @@ def test_iteris_in_the_tab_announces_its_passes_and_then_the_time_left(bench):
         yield (lambda done, total, label="": seen.append((done, total, label))), (lambda: False)
 
     b.job = job
-    wb.compute_merge(["r0.safetensors", "r1.safetensors"], "", "a cat\na dog", "iteris",
-                     {"iterations": 2, "samples": 1, "steps": 1, "seed": 0})
+    edit, _ = wb.compute_merge(["r0.safetensors", "r1.safetensors"], "", "a cat\na dog", "iteris",
+                               {"iterations": 2, "samples": 1, "steps": 1, "seed": 0})
+    assert edit.report["method"] == "iteris" and edit.deltas
+    assert wb.last_rows and all(r[3] is not None and r[3] > 0 for r in wb.last_rows)
     passes = 2 * (1 + 2 + 1)                             # 2 LoRAs × (iteration 0 + 2 + final objective)
     total = passes * (1 + 1)                             # each: 1 prompt batch + 1 sample × 1 UNet step
     assert seen[0][:2] == (0, total) and f"{passes} passes" in seen[0][2]

@@ -128,7 +128,6 @@ def _close(a, b, tol=1e-5):
 
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 def test_apply_is_the_baked_checkpoint_under_lora_changes_and_undo_is_exact(forge, family, tmp_path):
-    from weightsmith.a1111_extension.backend import combine
     from weightsmith.core.model_io import load_model, save_edited_model
 
     m, ck = _checkpoint(forge, family)
@@ -142,7 +141,7 @@ def test_apply_is_the_baked_checkpoint_under_lora_changes_and_undo_is_exact(forg
 
     # the reference: the same checkpoint with both edits written into it, loaded and used by Forge
     baked = Path(forge["sd_models"].model_path) / f"baked-{family}.safetensors"
-    save_edited_model(load_model(ck, tokenizer=forge["engine"].TOKENIZER), combine(edit, te_edit).deltas, baked)
+    save_edited_model(load_model(ck, tokenizer=forge["engine"].TOKENIZER), edit.then(te_edit).deltas, baked)
     _start(forge, baked, initial=False)
     ref_c, _, ref_w = _gen(forge)
     ref_lc, _, ref_lw = _gen(forge, [(lora, 1.0, 1.0)])

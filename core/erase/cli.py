@@ -37,11 +37,12 @@ def register(sub) -> None:
         epilog='example: weightsmith erase --model sd15.safetensors --target "Van Gogh" --anchor art '
                "--format lora --out no_vangogh.safetensors --report report.json")
     p.add_argument("--model", required=True, help="base model: .safetensors checkpoint or diffusers folder")
-    p.add_argument("--target", action="append", default=[], metavar="TEXT", help="concept to erase (repeatable)")
+    p.add_argument("--target", action="append", default=[], metavar="TEXT",
+                   help="concept to erase (repeatable; ';' also separates concepts)")
     p.add_argument("--anchor", action="append", default=[], metavar="TEXT",
-                   help='concept to map each target onto (one per target, or one for all; default "")')
+                   help='concept to map each target onto (one per target, or one for all; default ""; \';\' also separates)')
     p.add_argument("--preserve", action="append", default=[], metavar="TEXT",
-                   help="concept whose outputs should stay as they are (repeatable)")
+                   help="concept whose outputs should stay as they are (repeatable; ';' also separates)")
     p.add_argument("--method", choices=METHODS, default=METHODS[0], help=METHOD_HELP)
     p.add_argument("--format", choices=FORMATS, default="checkpoint",
                    help="checkpoint: the edited model in its input format; lora: only the edit as a kohya "
@@ -138,11 +139,15 @@ def run(args) -> int:
 
     check_method_options(args.method, opts)
 
-    validate_concepts(args.target, args.anchor, args.preserve)     # fail before loading the model
+    from ..prompt_lists import cli_list
+
+    # each value may hold several concepts separated by ';' (core.prompt_lists)
+    targets, anchors, preserve = cli_list(args.target), cli_list(args.anchor), cli_list(args.preserve)
+    validate_concepts(targets, anchors, preserve)     # fail before loading the model
     model = load_model(args.model, clip_skip=args.clip_skip, tokenizer=args.tokenizer)
     bar = None if args.quiet else tqdm_progress(f"erase ({args.method})")
     try:
-        edit = erase(model, args.target, args.anchor or [""], args.preserve, args.method, opts,
+        edit = erase(model, targets, anchors or [""], preserve, args.method, opts,
                      progress=bar, warn=lambda m: print(f"weightsmith: warning: {m}", file=sys.stderr))
     finally:
         if bar is not None:

@@ -20,7 +20,7 @@ EPILOG = """examples:
       --format checkpoint --out merged-model.safetensors
   weightsmith merge --model sd15.safetensors --lora a.safetensors:1:OUTALL \\
       --lora "b.safetensors:0.8:1,1,1,1,1,1,1,1,0,0,0,0,0,0,0,0,0" --method linear --out ab.safetensors
-Prompts are split at ';'. Without --prompts, each LoRA's training tags (ss_tag_frequency) are used."""
+Prompts are split at ';' (commas stay in a prompt; docs/method.md, "Lists in text fields"). Without --prompts, each LoRA's training tags (ss_tag_frequency) are used."""
 
 
 def register(subparsers) -> None:
@@ -145,7 +145,10 @@ def parse_lora_arg(arg: str) -> tuple[str, float]:
 
 
 def _split_prompts(s: str) -> list[str]:
-    return [p.strip() for p in s.split(";") if p.strip()]
+    """One --prompts value: core.prompt_lists' rule (';' and line breaks separate, commas stay)."""
+    from ..prompt_lists import split_items
+
+    return split_items(s)
 
 
 def _prompt_map(groups, lora_paths):
