@@ -28,7 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 FILES = ["test_lora_read.py", "test_lora_write.py", "test_erase_io.py", "test_erase_pipeline.py",
          "test_erase_tokens.py", "test_precision.py", "test_a1111_adapter.py", "test_a1111_workbench.py",
          "test_forge_adapter.py", "test_a1111_install.py", "test_comfy_pack_light.py",
-         "test_merge_baselines.py", "test_iteris_properties.py", "test_reliability.py", "test_merge_cli.py"]
+         "test_merge_baselines.py", "test_iteris_properties.py", "test_nonfinite_values.py", "test_safe_output.py",
+         "test_option_validation.py", "test_input_validation.py", "test_signals.py", "test_merge_cli.py"]
 NOT_THERE = "not loads_in_diffusers and not loads_exactly_in_diffusers and not single_file_checkpoint_round_trip"
 
 
