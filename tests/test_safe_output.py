@@ -6,6 +6,7 @@ import os
 import stat
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from weightsmith.core.cli import main
@@ -165,3 +166,161 @@ def test_outputs_get_the_mode_a_plain_open_gives_under_the_umask(cli_cases, umas
         assert stat.S_IMODE(dout.stat().st_mode) == 0o777 & ~umask
     finally:
         os.umask(old)
+
+
+# ----------------------------------------------------------------------------------------------
+# special output paths (issue 37): a device, FIFO or socket is never renamed over
+def _special(kind, path):
+    """Make a special file ``path`` of ``kind``; returns a cleanup callable (or skips with the reason)."""
+    import socket
+
+    if kind == "fifo":
+        os.mkfifo(path)
+        return lambda: None
+    if kind == "socket":
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(str(path))
+        return s.close
+    try:                                                        # a character device like /dev/null (1, 3)
+        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    except PermissionError:
+        pytest.skip("making a device node needs root (os.mknod: permission denied)")
+    return lambda: None
+
+
+_TESTS = {"fifo": stat.S_ISFIFO, "socket": stat.S_ISSOCK, "chardev": stat.S_ISCHR}
+
+
+@pytest.mark.parametrize("kind", ["fifo", "socket", "chardev"])
+@pytest.mark.parametrize("command", ["erase", "merge"])
+def test_out_that_is_a_device_fifo_or_socket_is_refused_before_loading(kind, command, cli_cases, tiny_checkpoints,
+                                                                      tokenizer_dir, lora_files, tmp_path, capsys,
+                                                                      monkeypatch):
+    import weightsmith.core.model_io as mio
+
+    monkeypatch.setattr(mio, "load_model", lambda *a, **k: pytest.fail("loaded the model before refusing --out"))
+    out = tmp_path / "o.safetensors"
+    close = _special(kind, out)
+    try:
+        argv = (cli_cases.erase(tiny_checkpoints["sd1"], tokenizer_dir, out, "--format", "lora")
+                if command == "erase" else cli_cases.merge(tiny_checkpoints["sd1"], tokenizer_dir, lora_files, out))
+        cli_cases.fails(capsys, argv, "--out", "not a regular file", "renamed into place")
+        assert _TESTS[kind](os.lstat(out).st_mode)              # still the node it was
+        assert cli_cases.no_temp(tmp_path)
+    finally:
+        close()
+
+
+def test_report_to_a_fifo_is_streamed_and_the_fifo_kept(cli_cases, tiny_checkpoints, tokenizer_dir, tmp_path):
+    import json
+    import threading
+
+    fifo = tmp_path / "report.fifo"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(open(fifo, "rb").read()), daemon=True)
+    reader.start()
+    out = tmp_path / "o.safetensors"
+    assert main(cli_cases.erase(tiny_checkpoints["sd1"], tokenizer_dir, out, "--format", "lora",
+                                "--report", fifo)) == 0
+    reader.join(30)
+    assert got and json.loads(got[0])["method"] == "erasepro"
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and load_file(str(out))
+    assert cli_cases.no_temp(tmp_path)
+
+
+def test_report_to_a_fifo_nobody_reads_is_refused_not_waited_on(cli_cases, tiny_checkpoints, tokenizer_dir,
+                                                                tmp_path, capsys):
+    fifo = tmp_path / "report.fifo"
+    os.mkfifo(fifo)
+    out = tmp_path / "o.safetensors"
+    err = cli_cases.fails(capsys, cli_cases.erase(tiny_checkpoints["sd1"], tokenizer_dir, out, "--format", "lora",
+                                                  "--report", fifo), "no process is reading")
+    assert "was written and is complete" in err and load_file(str(out))
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and cli_cases.no_temp(tmp_path)
+
+
+def test_report_to_a_socket_is_refused_before_loading(cli_cases, tiny_checkpoints, tokenizer_dir, tmp_path, capsys):
+    sock = tmp_path / "r.sock"
+    close = _special("socket", sock)
+    try:
+        cli_cases.fails(capsys, cli_cases.erase(tiny_checkpoints["sd1"], tokenizer_dir, tmp_path / "o.safetensors",
+                                                "--format", "lora", "--report", sock), "--report", "a socket")
+        assert stat.S_ISSOCK(os.lstat(sock).st_mode) and not (tmp_path / "o.safetensors").exists()
+    finally:
+        close()
+
+
+def test_report_to_a_char_device_node_is_written_into_it_not_replacing_it(cli_cases, tiny_checkpoints,
+                                                                          tokenizer_dir, tmp_path):
+    null = tmp_path / "null"
+    _special("chardev", null)
+    out = tmp_path / "o.safetensors"
+    assert main(cli_cases.erase(tiny_checkpoints["sd1"], tokenizer_dir, out, "--format", "lora",
+                                "--report", null)) == 0
+    st = os.lstat(null)
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3)
+    assert cli_cases.no_temp(tmp_path)
+
+
+_DEV_NULL_SCRIPT = r'''
+import os, stat, sys
+from weightsmith.core.cli import main
+rc = main(sys.argv[1:])
+st = os.lstat("/dev/null")
+print("RESULT", rc, stat.S_ISCHR(st.st_mode), st.st_rdev == os.makedev(1, 3),
+      [p for p in os.listdir("/dev") if p.startswith(".ws-")])
+'''
+
+
+def test_report_to_the_real_dev_null_and_dev_stdout_keeps_them(cli_cases, tiny_checkpoints, tokenizer_dir, tmp_path):
+    """The system's /dev/null and /dev/stdout: run in a private mount namespace with a fresh /dev
+    tmpfs where unshare works (root), so a regression cannot damage the machine; else directly."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    out = tmp_path / "o.safetensors"
+    py = [sys.executable, "-c", _DEV_NULL_SCRIPT]
+    args = [str(a) for a in cli_cases.erase(tiny_checkpoints["sd1"], tokenizer_dir, out, "--format", "lora")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    ns = (shutil.which("unshare") and os.geteuid() == 0 and subprocess.run(
+        ["unshare", "-m", "true"], capture_output=True).returncode == 0)
+    for target in ("/dev/null", "/dev/stdout"):
+        cmd = py + args + ["--report", target]
+        if ns:
+            import shlex
+
+            setup = ("mount --make-rprivate / && mount -t tmpfs tmpfs /dev && mknod -m 666 /dev/null c 1 3 && "
+                     "mknod -m 666 /dev/zero c 1 5 && mknod -m 666 /dev/random c 1 8 && "
+                     "mknod -m 666 /dev/urandom c 1 9 && mkdir /dev/shm && "
+                     "ln -s /proc/self/fd /dev/fd && ln -s /proc/self/fd/1 /dev/stdout && ")
+            cmd = ["unshare", "-m", "sh", "-c", setup + " ".join(shlex.quote(c) for c in cmd)]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        assert r.returncode == 0, r.stderr
+        res = next(l for l in r.stdout.splitlines() if l.startswith("RESULT"))
+        assert res == "RESULT 0 True True []", (res, r.stderr)
+        if target == "/dev/stdout":                              # the JSON report came out on stdout
+            assert json.loads(r.stdout[r.stdout.index("{"):r.stdout.rindex("}") + 1])["method"] == "erasepro"
+    assert stat.S_ISCHR(os.lstat("/dev/null").st_mode)
+
+
+def test_checkpoint_to_dev_null_is_refused(cli_cases, tiny_checkpoints, tokenizer_dir, tmp_path, capsys):
+    cli_cases.fails(capsys, ["erase", "--model", tiny_checkpoints["sd1"], "--tokenizer", tokenizer_dir,
+                             "--target", "cat", "--anchor", "dog", "--no-expand", "--quiet", "--format", "lora",
+                             "--out", "/dev/null"], "--out")
+    assert stat.S_ISCHR(os.lstat("/dev/null").st_mode)
+
+
+def test_api_writers_never_rename_over_a_fifo(tiny_models, tmp_path):
+    from weightsmith.core.model_io import atomic_save_file
+    from weightsmith.core.safe_io import write_json
+
+    fifo = tmp_path / "x.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(WeightsmithError, match="not a regular file"):
+        atomic_save_file({"a": torch.ones(2)}, fifo)
+    with pytest.raises(WeightsmithError, match="no process is reading"):
+        write_json(fifo, {"a": 1})
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]
