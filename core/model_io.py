@@ -31,7 +31,7 @@ from .naming import (LDM_UNET_PREFIX, TE1, TE2, UNET, CheckpointSlot, UNetLayout
                      open_clip_slot, te_checkpoint_prefix, te_path)
 from .safe_io import PICKLE_SUFFIXES, load_plain_pickle
 from .sdmodel import SDModel, default_encoder_specs, detect_family
-from .tokenizer import find_clip_tokenizer
+from .tokenizer import find_clip_tokenizer, load_tokenizer_folder
 
 
 
@@ -366,7 +366,7 @@ def beside_host_weights_dtype(path) -> torch.dtype | None:
 
 def _load_diffusers(path: Path, clip_skip, weights_dtype=None) -> SDModel:
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     index = json.loads((path / "model_index.json").read_text())
     comps = [c for c in (TE1, TE2) if c in index and index[c] and index[c][0] is not None]
@@ -379,7 +379,7 @@ def _load_diffusers(path: Path, clip_skip, weights_dtype=None) -> SDModel:
             tes[c] = cls.from_pretrained(str(path / c), local_files_only=True, torch_dtype=torch.float32).eval()
             tes[c].requires_grad_(False)
             tdir = path / ("tokenizer" if c == TE1 else "tokenizer_2")
-            toks[c] = CLIPTokenizer.from_pretrained(str(tdir), local_files_only=True)
+            toks[c] = load_tokenizer_folder(tdir, "the model's tokenizer folder")
         unet_cfg = json.loads((path / "unet" / "config.json").read_text())
     except WeightsmithError:
         raise
