@@ -28,6 +28,7 @@ import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
+import os
 from pathlib import Path
 
 import torch
@@ -141,16 +142,19 @@ class LoRA:
 # files
 def read_lora_file(path) -> tuple[dict, dict]:
     """(tensors, metadata) of a LoRA file; clear errors for missing or damaged files."""
+    from .safe_io import check_input
+
     path = Path(path)
-    if not path.exists():
+    if not os.path.lexists(path):
         raise WeightsmithError(f"LoRA file not found: {path}")
+    check_input(path, "LoRA", folder_ok=True)
     if path.is_dir():
         cands = [path / "pytorch_lora_weights.safetensors", path / "adapter_model.safetensors"]
         f = next((c for c in cands if c.exists()), None)
         if f is None:
             raise WeightsmithError(f"{path} is a folder without pytorch_lora_weights.safetensors or "
                                    "adapter_model.safetensors; pass the LoRA file itself.")
-        path = f
+        path = check_input(f, "LoRA")
     if path.suffix.lower() == ".safetensors":
         from safetensors import safe_open
 

@@ -29,7 +29,7 @@ from .errors import WeightsmithError, require
 from .memory import WEIGHT_PRECISIONS
 from .naming import (LDM_UNET_PREFIX, TE1, TE2, UNET, CheckpointSlot, UNetLayout, checkpoint_slot,
                      open_clip_slot, te_checkpoint_prefix, te_path)
-from .safe_io import PICKLE_SUFFIXES, load_plain_pickle
+from .safe_io import PICKLE_SUFFIXES, check_input, load_plain_pickle
 from .sdmodel import SDModel, default_encoder_specs, detect_family
 from .tokenizer import find_clip_tokenizer, load_tokenizer_folder
 
@@ -144,6 +144,7 @@ class _StateFile:
     def __init__(self, path: Path):
         self.path = path
         self.metadata: dict = {}
+        check_input(path, "the model file")
         suffix = path.suffix.lower()
         if suffix == ".safetensors":
             from safetensors import safe_open
@@ -152,6 +153,7 @@ class _StateFile:
                 self._f = safe_open(str(path), framework="pt")
                 self.metadata = self._f.metadata() or {}
                 self._keys = list(self._f.keys())
+                self._keyset = set(self._keys)
             except Exception as e:
                 raise WeightsmithError(
                     f"{path} is not a readable .safetensors file ({type(e).__name__}: {e}). The file is "
@@ -170,11 +172,15 @@ class _StateFile:
     def get(self, key: str) -> torch.Tensor:
         if self._sd is not None:
             return self._sd[key]
+        if key not in self._keyset:
+            raise KeyError(key)
         return self._f.get_tensor(key)
 
     def shape(self, key: str) -> tuple:
         if self._sd is not None:
             return tuple(self._sd[key].shape)
+        if key not in self._keyset:
+            raise KeyError(key)
         return tuple(self._f.get_slice(key).get_shape())
 
 
@@ -218,6 +224,35 @@ def detect_checkpoint_family(keys) -> str:
         "SD2.x or SDXL .safetensors checkpoint or a diffusers folder.")
 
 
+def metadata_json(sf, key: str, check=None) -> dict:
+    """The checkpoint metadata entry ``key`` (Weightsmith's own ``ws_*`` entries) parsed as a JSON
+    object and checked with ``check(value) -> str | None`` (a problem, or None); a broken or
+    contradictory entry is one :class:`WeightsmithError` naming it (docs/reliability.md, "Inputs")."""
+    raw = (sf.metadata or {}).get(key)
+    if raw is None:
+        return {}
+    fix = (f"The file was edited or damaged: remove the {key} metadata entry (it is re-inferred from the "
+           "weights) or export the file again.")
+    try:
+        val = json.loads(raw)
+    except (ValueError, TypeError) as e:
+        raise WeightsmithError(f"the checkpoint's metadata entry {key} is not valid JSON ({e}). {fix}") from None
+    if not isinstance(val, dict):
+        raise WeightsmithError(f"the checkpoint's metadata entry {key} is a {type(val).__name__}, not a JSON "
+                               f"object. {fix}")
+    problem = check(val) if check else None
+    if problem:
+        raise WeightsmithError(f"the checkpoint's metadata entry {key}: {problem}. {fix}")
+    return val
+
+
+def _heads_problem(val: dict) -> str | None:
+    for c, h in val.items():
+        if not isinstance(h, int) or isinstance(h, bool) or h < 1:
+            return f"the head count of {c} is {h!r}, not a positive integer"
+    return None
+
+
 def _te_config_from_keys(sf: _StateFile, prefix: str, open_clip: bool, heads: int | None, tok):
     from transformers import CLIPTextConfig
 
@@ -233,8 +268,17 @@ def _te_config_from_keys(sf: _StateFile, prefix: str, open_clip: bool, heads: in
         layer_re = re.compile(re.escape(prefix) + r"text_model\.encoder\.layers\.(\d+)\.")
         fc1 = sf.shape(prefix + "text_model.encoder.layers.0.mlp.fc1.weight")
         proj = prefix + "text_projection.weight"
-    layers = 1 + max(int(m.group(1)) for k in sf.keys() if (m := layer_re.match(k)))
+    found = [int(m.group(1)) for k in sf.keys() if (m := layer_re.match(k))]
+    if not found:
+        raise WeightsmithError(f"the checkpoint's text encoder has no layers (no {layer_re.pattern[:-7]}… "
+                               "weights); the file is damaged or not a complete SD checkpoint.")
+    layers = 1 + max(found)
     hidden = emb[1]
+    if heads is not None and hidden % heads:
+        raise WeightsmithError(
+            f"the checkpoint's metadata entry ws_text_encoder_heads says {heads} attention heads, which do not "
+            f"divide the text encoder's width {hidden} (from its weights). The file was edited or damaged: "
+            "remove the entry or export the file again.")
     has_proj = proj in set(sf.keys())
     proj_dim = sf.shape(proj)[1 if open_clip else 0] if has_proj else hidden
     cfg = CLIPTextConfig(
@@ -271,7 +315,16 @@ def infer_unet_config(sf: _StateFile, family: str, prefix: str = LDM_UNET_PREFIX
         has_attn.append(a)
         depth.append(1 + max(int(k.split(".")[4]) for k in keys
                              if k.startswith(f"input_blocks.{n}.1.transformer_blocks.")) if a else 1)
-    ctx_key = next(k for k in keys if k.endswith("attn2.to_k.weight"))
+    kv = {k: tuple(shape(k)) for k in keys if k.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))}
+    require(bool(kv), "the checkpoint's UNet has no cross-attention (attn2.to_k) weights; it is not a "
+            "text-conditioned SD UNet or the file is incomplete.")
+    widths = [s[1] if len(s) == 2 else None for s in kv.values()]
+    common = max(set(widths), key=widths.count)          # every cross-attention k/v reads one width
+    for k, sk in kv.items():
+        if len(sk) != 2 or sk[1] != common:
+            raise WeightsmithError(f"UNet weight {P + k} has shape {sk}, unlike the other cross-attention weights "
+                                   f"(… × {common}); the file is damaged.")
+    ctx_key = next(k for k in kv if kv[k][1] == common)
     linear = len(shape(next(k for k in keys if k.endswith("proj_in.weight")))) == 2
     mid_attn = "middle_block.1.proj_in.weight" in ks
     if family == "sd1":
@@ -294,8 +347,21 @@ def infer_unet_config(sf: _StateFile, family: str, prefix: str = LDM_UNET_PREFIX
         adm = shape("label_emb.0.0.weight")[1]
         cfg.update(addition_embed_type="text_time", addition_time_embed_dim=256,
                    projection_class_embeddings_input_dim=adm)
-    cfg.update(json.loads(sf.metadata.get("ws_unet_config", "{}")))
+    cfg.update(metadata_json(sf, "ws_unet_config", _unet_config_problem(cfg)))
     return cfg
+
+
+def _unet_config_problem(inferred: dict):
+    """A check for ``ws_unet_config``: the entries the weights determine must agree with them."""
+    def check(val: dict) -> str | None:
+        for k in ("in_channels", "out_channels", "cross_attention_dim", "block_out_channels", "layers_per_block"):
+            if k in val:
+                want = inferred[k]
+                got = tuple(val[k]) if isinstance(val[k], list) else val[k]
+                if got != want:
+                    return f"{k} = {val[k]!r} contradicts the weights ({want!r})"
+        return None
+    return check
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,8 +384,9 @@ def load_model(path, *, clip_skip: int | None = None, tokenizer=None, weights_dt
                 f"unknown weights precision {weights_dtype!r}; use one of {', '.join(WEIGHT_DTYPES)}.")
         weights_dtype = WEIGHT_DTYPES[weights_dtype]
     path = Path(path)
-    if not path.exists():
+    if not os.path.lexists(path):
         raise WeightsmithError(f"model not found: {path}. Pass a .safetensors checkpoint or a diffusers folder.")
+    check_input(path, "the model", folder_ok=True)
     if path.is_dir():
         if not (path / "model_index.json").exists():
             raise WeightsmithError(
@@ -426,7 +493,7 @@ def encoder_tokenizer(tokenizer, family: str, comp: str):
 def _load_single_file(path: Path, clip_skip, tokenizer, weights_dtype=None) -> SDModel:
     sf = _StateFile(path)
     family = detect_checkpoint_family(sf.keys())
-    heads = json.loads(sf.metadata.get("ws_text_encoder_heads", "{}"))
+    heads = metadata_json(sf, "ws_text_encoder_heads", _heads_problem)
     comps = [TE1, TE2] if family == "sdxl" else [TE1]
     toks = {c: encoder_tokenizer(tokenizer, family, c) for c in comps}
     te_sources = {c: te_checkpoint_prefix(family, c) for c in comps}
@@ -461,6 +528,22 @@ def _held(unet, weights_dtype):
     return hold_weights(unet, weights_dtype)
 
 
+def _unet_tensor(read, name: str, shape) -> torch.Tensor:
+    """UNet parameter ``name`` read and shaped, or one :class:`WeightsmithError` naming it (missing or
+    of the wrong size)."""
+    try:
+        t = read(name)
+    except WeightsmithError:
+        raise
+    except Exception:
+        raise WeightsmithError(f"the checkpoint lacks the UNet weight for {name} (or its layout is not one "
+                               "Weightsmith understands); the file is damaged or incomplete.") from None
+    if t.numel() != torch.Size(shape).numel():
+        raise WeightsmithError(f"the checkpoint's UNet weight for {name} has shape {tuple(t.shape)}, but the UNet its "
+                               f"other weights describe needs {tuple(shape)}; the file is damaged.")
+    return t.reshape(shape)
+
+
 def _build_from_state(sf, family, te_sources, unet_prefix, toks, clip_skip, heads, from_diffusers,
                       weights_dtype=None, share=False) -> SDModel:
     from diffusers import DDIMScheduler
@@ -469,7 +552,11 @@ def _build_from_state(sf, family, te_sources, unet_prefix, toks, clip_skip, head
     tes, hidden = {}, {}
     for c, (prefix, oc) in te_sources.items():
         tok = toks[c]
-        cfg, has_proj = _te_config_from_keys(sf, prefix, oc, heads.get(c), tok)
+        try:
+            cfg, has_proj = _te_config_from_keys(sf, prefix, oc, heads.get(c), tok)
+        except KeyError as e:
+            raise WeightsmithError(f"the checkpoint's text encoder is incomplete: {e.args[0]} is missing. The file "
+                                   "is damaged or not a standard SD checkpoint.") from None
         if family == "sd2" or c == TE2:  # OpenCLIP-H / bigG use gelu, also in transformers-format keys (ComfyUI)
             cfg.hidden_act = "gelu"
         if len(tok) > cfg.vocab_size:
@@ -494,6 +581,10 @@ def _build_from_state(sf, family, te_sources, unet_prefix, toks, clip_skip, head
                 raise WeightsmithError(
                     f"the checkpoint's text encoder is incomplete: {slot.key} is missing. The file is "
                     "damaged or not a standard SD checkpoint.") from None
+            if t.numel() != ref.numel():
+                raise WeightsmithError(
+                    f"the checkpoint's text-encoder weight {slot.key} has shape {tuple(t.shape)}, but the encoder "
+                    f"its other weights describe needs {tuple(ref.shape)}; the file is damaged.")
             sd[name] = t.reshape(ref.shape).float()
         # share: the module's parameters become the tensors read (fast_init left the built ones
         # uninitialised, so they were never resident); otherwise they are copied in
@@ -523,21 +614,12 @@ def _build_from_state(sf, family, te_sources, unet_prefix, toks, clip_skip, head
             torch.set_default_dtype(prev)
         u = _held(u, weights_dtype)    # norms, biases float32 before the values go in (no rounding)
         if share and weights_dtype is None:
-            try:
-                sd = {name: read_unet_weight(name).reshape(ref.shape) for name, ref in u.state_dict().items()}
-            except Exception:
-                raise WeightsmithError(
-                    "could not map the UNet's weights; the UNet layout is not one Weightsmith understands.") from None
+            sd = {name: _unet_tensor(read_unet_weight, name, ref.shape) for name, ref in u.state_dict().items()}
             u.load_state_dict(sd, assign=True)
             return u.eval().requires_grad_(False)
         with torch.no_grad():          # one tensor at a time: never a second copy of the UNet
             for name, ref in u.state_dict(keep_vars=True).items():
-                try:
-                    t = read_unet_weight(name).reshape(ref.shape)
-                except Exception:
-                    raise WeightsmithError(
-                        f"could not map UNet weight {name} from the checkpoint; the UNet layout is not one "
-                        "Weightsmith understands.") from None
+                t = _unet_tensor(read_unet_weight, name, ref.shape)
                 ref.copy_(t)
         return u.eval().requires_grad_(False)
 

@@ -42,13 +42,16 @@ def same_path(a, b) -> bool:
             return os.path.samefile(a, b)
     except OSError:
         pass
-    return _key(a).resolve() == _key(b).resolve()
+    try:
+        return _key(a).resolve() == _key(b).resolve()
+    except (OSError, RuntimeError):      # a symlink loop: compare the spellings
+        return _key(a) == _key(b)
 
 
 def _inside(child, folder) -> bool:
     try:
         c, f = _key(child).resolve(), _key(folder).resolve()
-    except OSError:
+    except (OSError, RuntimeError):
         return False
     return f in c.parents
 
@@ -140,7 +143,10 @@ def check_writable_file(path, label: str = "the output", stream_ok: bool = False
 def os_error_message(e: OSError, path=None, what: str = "write") -> str:
     name = path if path is not None else (e.filename or "")
     reason = e.strerror or type(e).__name__
-    hint = {28: " (the disk is full; free some space)", 13: " (permission denied; choose another folder)",
+    denied = (" (permission denied; choose another folder)" if what == "write" else
+              " (permission denied: this user may not read it or a folder on its way; ask for access or copy it "
+              "somewhere readable)")
+    hint = {28: " (the disk is full; free some space)", 13: denied,
             30: " (read-only file system)", 21: " (it is a folder)", 36: " (file name too long)"}
     return f"could not {what} {name}: {reason}{hint.get(e.errno, '')}"
 
@@ -237,6 +243,47 @@ def write_report_after(report: dict, path, out) -> None:
         write_json(path, report)
     except WeightsmithError as e:
         raise WeightsmithError(f"{out} was written and is complete, but the report was not: {e}") from None
+
+
+def check_input(path, what: str, folder_ok: bool = False) -> Path:
+    """Before ``path`` (an input: ``what`` names it, e.g. "--model" or "LoRA") is opened: it exists,
+    is a regular file (or a folder where ``folder_ok``), and this user can read it. A FIFO, device or
+    socket is refused without opening it (an ``open()`` of a FIFO would wait forever); a symlink loop,
+    a broken link, a missing file and an unreadable one each get their own sentence
+    (docs/reliability.md, "Inputs")."""
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        if e.errno == 40:                                   # ELOOP
+            raise WeightsmithError(f"{what} {path} is a symlink loop (a link that leads back to itself); "
+                                   "point it at the real file.") from None
+        if e.errno == 2 and os.path.lexists(path):
+            raise WeightsmithError(f"{what} {path} is a symbolic link to {os.readlink(path)}, which does not "
+                                   "exist; fix the link or pass the real file.") from None
+        if e.errno == 2:
+            raise WeightsmithError(f"{what} {path} does not exist; check the path.") from None
+        if e.errno == 13:
+            raise WeightsmithError(f"{what} {path} cannot be reached: permission denied on a folder on its way; "
+                                   "ask for access or copy the file somewhere you can read.") from None
+        raise WeightsmithError(os_error_message(e, path, "read")) from None
+    if stat.S_ISDIR(st.st_mode):
+        if folder_ok:
+            return path
+        raise WeightsmithError(f"{what} {path} is a folder; pass the file itself.")
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a regular file")
+        raise WeightsmithError(f"{what} {path} is {kind}, not a regular file; Weightsmith reads only regular "
+                               "files (a pipe or device would be read forever or not at all). Pass the file itself.")
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise WeightsmithError(f"{what} {path} is not readable by this user (permission denied); make it "
+                               f"readable (e.g. chmod a+r {path}) or run as its owner.") from None
+    except OSError as e:
+        raise WeightsmithError(os_error_message(e, path, "read")) from None
+    return path
 
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")

@@ -1,6 +1,7 @@
 """Bad inputs (model, LoRA, tokenizer, metadata) get one WeightsmithError naming the problem, before
 any work where possible; docs/reliability.md, "Inputs"."""
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,3 +100,165 @@ def test_an_unusable_tokenizer_folder_is_refused_naming_what_it_lacks(case, word
                           str(bad))
     assert "pass --tokenizer" not in err.lower() or case == "file"     # not a request for what was given
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# damaged checkpoints (issue 37): file surgery on a random model's checkpoint, one sentence each
+def test_a_missing_or_misshapen_unet_weight_is_named_when_the_unet_loads(tiny_checkpoints, tokenizer_dir, tmp_path):
+    """(An erase that reads only cross-attention weights does not need the others: its result is correct.)"""
+    from weightsmith.core.model_io import load_model
+
+    for case, words in (("missing_unet_key", "lacks the UNet weight for down_blocks.0.resnets.0.conv1.weight"),
+                        ("wrong_shape_unet", "has shape (2, 2)")):
+        bad = tmp_path / f"{case}.safetensors"
+        _surgery(tiny_checkpoints["sd1"], bad, case)
+        m = load_model(bad, tokenizer=tokenizer_dir)
+        with pytest.raises(WeightsmithError) as e:
+            m.unet
+        assert words in str(e.value) and "damaged" in str(e.value)
+
+
+def _surgery(src, dst, case):
+    import json
+
+    from weightsmith.core.model_io import _StateFile
+
+    sd, meta = load_file(str(src)), dict(_StateFile(src).metadata)
+    k_to_k = next(k for k in sorted(sd) if k.endswith("attn2.to_k.weight"))
+    k_unet = next(k for k in sorted(sd) if k.endswith("input_blocks.1.0.in_layers.2.weight"))
+    if case == "unet_config_not_json":
+        meta["ws_unet_config"] = "{not json"
+    elif case == "unet_config_a_list":
+        meta["ws_unet_config"] = "[1, 2]"
+    elif case == "unet_config_contradicts":
+        cfg = json.loads(meta["ws_unet_config"])
+        meta["ws_unet_config"] = json.dumps({**cfg, "cross_attention_dim": 999})
+    elif case == "heads_not_json":
+        meta["ws_text_encoder_heads"] = "{{"
+    elif case == "heads_not_dividing":
+        meta["ws_text_encoder_heads"] = json.dumps({"text_encoder": 7})
+    elif case == "heads_negative":
+        meta["ws_text_encoder_heads"] = json.dumps({"text_encoder": -2})
+    elif case == "wrong_shape_to_k":
+        sd[k_to_k] = torch.zeros(3, 3)
+    elif case == "wrong_shape_te":
+        k = next(k for k in sorted(sd) if "layers.0.self_attn.q_proj.weight" in k)
+        sd[k] = torch.zeros(5, 5)
+    elif case == "missing_unet_key":
+        del sd[k_unet]
+    elif case == "wrong_shape_unet":
+        sd[k_unet] = torch.zeros(2, 2)
+    elif case == "te_no_layers":
+        sd = {k: v for k, v in sd.items() if ".encoder.layers." not in k}
+    save_file(sd, str(dst), metadata=meta)
+    return {"wrong_shape_to_k": k_to_k, "missing_unet_key": "input_blocks.1.resnets" if False else None}.get(case)
+
+
+@pytest.mark.parametrize("case,words", [
+    ("unet_config_not_json", ("ws_unet_config", "not valid JSON", "remove the ws_unet_config")),
+    ("unet_config_a_list", ("ws_unet_config", "not a JSON object")),
+    ("unet_config_contradicts", ("ws_unet_config", "cross_attention_dim = 999 contradicts the weights")),
+    ("heads_not_json", ("ws_text_encoder_heads", "not valid JSON")),
+    ("heads_not_dividing", ("ws_text_encoder_heads", "7 attention heads", "do not divide")),
+    ("heads_negative", ("ws_text_encoder_heads", "not a positive integer")),
+    ("wrong_shape_to_k", ("attn2.to_k.weight", "has shape (3, 3)")),
+    ("wrong_shape_te", ("layers.0.self_attn.q_proj.weight", "has shape (5, 5)")),
+    ("te_no_layers", ("text encoder is incomplete", "layers.0")),
+])
+def test_a_damaged_checkpoint_is_one_sentence_naming_the_entry_or_key(case, words, cli_cases, tiny_checkpoints,
+                                                                      tokenizer_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    _surgery(tiny_checkpoints["sd1"], bad, case)
+    before = cli_cases.sha(bad)
+    out = tmp_path / "o.safetensors"
+    cli_cases.fails(capsys, cli_cases.erase(bad, tokenizer_dir, out, "--format", "lora"), *words)
+    assert not out.exists() and cli_cases.sha(bad) == before and cli_cases.no_temp(tmp_path)
+
+
+@pytest.mark.parametrize("case", ["fifo_model", "fifo_lora", "symlink_loop", "broken_link", "socket_model"])
+def test_an_input_that_is_not_a_regular_file_is_refused_without_blocking(case, cli_cases, tiny_checkpoints,
+                                                                         tokenizer_dir, lora_files, tmp_path, capsys):
+    import socket
+
+    p = tmp_path / "in.safetensors"
+    sock = None
+    if case.startswith("fifo"):
+        os.mkfifo(p)
+    elif case == "symlink_loop":
+        os.symlink(p, p)
+    elif case == "broken_link":
+        os.symlink(tmp_path / "gone.safetensors", p)
+    else:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(p))
+    try:
+        out = tmp_path / "o.safetensors"
+        if case == "fifo_lora":
+            argv = cli_cases.merge(tiny_checkpoints["sd1"], tokenizer_dir, [lora_files[0], p], out)
+        else:
+            argv = cli_cases.erase(p, tokenizer_dir, out, "--format", "lora")
+        words = {"fifo_model": ("a FIFO", "not a regular file"), "fifo_lora": ("LoRA", "a FIFO"),
+                 "symlink_loop": ("symlink loop",), "broken_link": ("gone.safetensors", "does not exist"),
+                 "socket_model": ("a socket",)}[case]
+        err = cli_cases.fails(capsys, argv, *words, str(p))
+        assert "download" not in err and not out.exists()
+    finally:
+        if sock is not None:
+            sock.close()
+
+
+_AS_NOBODY = r'''
+import os, sys
+from weightsmith.core.cli import build_parser, main
+import safetensors.torch, weightsmith.core.model_io, weightsmith.core.lora_read, weightsmith.core.merge
+import weightsmith.core.merge.cli, weightsmith.core.erase.pipeline
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, CLIPTextConfig
+from diffusers import UNet2DConditionModel, DDIMScheduler
+build_parser()                                # every import done as root (the interpreter is in /root)
+os.setgroups([]); os.setgid(65534); os.setuid(65534)
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+@pytest.mark.parametrize("case", ["mode_000_model", "mode_000_lora", "unreachable_folder"])
+def test_an_unreadable_input_says_permission_not_damage(case, cli_cases, tiny_checkpoints, tokenizer_dir,
+                                                        lora_files, request):
+    """Run as the unprivileged user ``nobody`` (root reads everything); skipped when not root."""
+    import shutil
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0:
+        pytest.skip("switching to the user nobody needs root")
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="ws-nobody-"))          # pytest's own folders are private to root
+    request.addfinalizer(lambda: shutil.rmtree(work, ignore_errors=True))
+    os.chmod(work, 0o755)
+    shutil.copytree(tokenizer_dir, work / "tok")
+    ck, lo = work / "m.safetensors", work / "l.safetensors"
+    shutil.copy(tiny_checkpoints["sd1"], ck)
+    shutil.copy(lora_files[0], lo)
+    secret = work / "secret"
+    if case == "unreachable_folder":
+        secret.mkdir()
+        shutil.move(str(ck), secret / "m.safetensors")
+        ck = secret / "m.safetensors"
+    for p in [work, *work.rglob("*")]:
+        os.chmod(p, 0o777 if p.is_dir() else 0o644)
+    if case == "mode_000_model":
+        os.chmod(ck, 0)
+    elif case == "mode_000_lora":
+        os.chmod(lo, 0)
+    else:
+        os.chmod(secret, 0o700)
+    argv = ([str(a) for a in cli_cases.merge(ck, work / "tok", [lo], work / "o.safetensors")] if case == "mode_000_lora"
+            else [str(a) for a in cli_cases.erase(ck, work / "tok", work / "o.safetensors", "--format", "lora")])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "HOME": str(work), "XDG_CACHE_HOME": str(work)}
+    r = subprocess.run([sys.executable, "-c", _AS_NOBODY, *argv], capture_output=True, text=True, env=env,
+                       timeout=600, cwd=str(work))
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert "download" not in r.stderr and "choose another folder" not in r.stderr, r.stderr
+    want = "a folder on its way" if case == "unreachable_folder" else "not readable by this user"
+    assert want in r.stderr, r.stderr
