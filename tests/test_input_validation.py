@@ -262,3 +262,50 @@ def test_an_unreadable_input_says_permission_not_damage(case, cli_cases, tiny_ch
     assert "download" not in r.stderr and "choose another folder" not in r.stderr, r.stderr
     want = "a folder on its way" if case == "unreachable_folder" else "not readable by this user"
     assert want in r.stderr, r.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA modules validated before use; LyCORIS products sized from their factor shapes (issue 37)
+def _lyco_case(model, case):
+    from weightsmith.core.naming import kohya_prefix
+
+    lin = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    o, i = model.weight(lin).shape
+    p = kohya_prefix(lin, "sd1", model.layout)
+    z = torch.zeros
+    return p, {
+        "rank_0": {p + ".lora_up.weight": z(o, 0), p + ".lora_down.weight": z(0, i)},
+        "rank_0_alpha": {p + ".lora_up.weight": z(o, 0), p + ".lora_down.weight": z(0, i), p + ".alpha": torch.tensor(1.0)},
+        "alpha_no_elements": {p + ".lora_up.weight": z(o, 2), p + ".lora_down.weight": z(2, i), p + ".alpha": z(0)},
+        "up_3d": {p + ".lora_up.weight": z(o, 2, 1), p + ".lora_down.weight": z(2, i)},
+        "up_0d": {p + ".lora_up.weight": torch.tensor(1.0), p + ".lora_down.weight": z(2, i)},
+        "loha_inner_ranks": {p + ".hada_w1_a": z(o, 2), p + ".hada_w1_b": z(3, i), p + ".hada_w2_a": z(o, 2),
+                             p + ".hada_w2_b": z(2, i)},
+        "loha_bomb": {p + ".hada_w1_a": z(120000, 1), p + ".hada_w1_b": z(1, 120000),
+                      p + ".hada_w2_a": z(120000, 1), p + ".hada_w2_b": z(1, 120000)},
+        "lokr_bomb": {p + ".lokr_w1": z(1000, 1000), p + ".lokr_w2": z(1000, 1000)},
+    }[case]
+
+
+@pytest.mark.parametrize("case,words", [
+    ("rank_0", ("empty", "rank 0")), ("rank_0_alpha", ("empty", "rank 0")),
+    ("alpha_no_elements", ("alpha has no elements",)), ("up_3d", ("3-D up factor",)), ("up_0d", ("0-D up factor",)),
+    ("loha_inner_ranks", ("hada_w1_a (", "inner dimensions differ")),
+    ("loha_bomb", ("LoHa", "14,400,000,000 entries", "Nothing was expanded")),
+    ("lokr_bomb", ("LoKr", "1,000,000,000,000 entries", "Nothing was expanded")),
+])
+def test_a_malformed_lora_module_is_one_sentence_and_nothing_is_expanded(case, words, tiny_models, tmp_path):
+    import time
+
+    from weightsmith.core.lora_read import load_lora
+
+    prefix, sd = _lyco_case(tiny_models["sd1"], case)
+    f = tmp_path / f"{case}.safetensors"
+    save_file(sd, str(f))
+    t0 = time.perf_counter()
+    with pytest.raises(WeightsmithError) as e:
+        load_lora(f, tiny_models["sd1"])
+    assert time.perf_counter() - t0 < 30              # refused from the shapes, not after a 10^12-entry product
+    for w in words:
+        assert w in str(e.value), str(e.value)
+    assert prefix in str(e.value)
