@@ -97,3 +97,21 @@ def test_nan_message_names_the_key_as_the_file_spells_it(tiny_models, tmp_path):
     with pytest.raises(WeightsmithError) as e:
         load_lora(tmp_path / "nan.safetensors", m)
     assert k in str(e.value) and "lora_linear_layer" not in str(e.value)
+
+
+@pytest.mark.parametrize("part", ["layers.0.self_attn.k_proj.weight", "input_blocks.1.0.in_layers.2.weight"])
+def test_nonfinite_model_weights_are_named_before_an_iteris_merge_samples(part, cli_cases, tiny_checkpoints,
+                                                                          tokenizer_dir, lora_files, tmp_path, capsys,
+                                                                          monkeypatch):
+    """(Was "INTERNAL ASSERT FAILED, please report a bug to PyTorch" from torch.linalg.)"""
+    import weightsmith.core.merge.api as api
+
+    bad = tmp_path / "bad.safetensors"
+    _poisoned_checkpoint(tiny_checkpoints["sd1"], bad, part, float("nan"))
+    monkeypatch.setattr(api, "make_samples", lambda *a, **k: pytest.fail("sampled before checking the model"))
+    out = tmp_path / "o.safetensors"
+    argv = cli_cases.merge(bad, tokenizer_dir, lora_files, out)
+    argv[argv.index("concat")] = "iteris"
+    err = cli_cases.fails(capsys, argv, "NaN or infinite", "IterIS")
+    assert ("k_proj" if "k_proj" in part else "resnets.0.conv1") in err
+    assert not out.exists() and cli_cases.no_temp(tmp_path)
