@@ -431,11 +431,28 @@ def beside_host_weights_dtype(path) -> torch.dtype | None:
         return half if detect_checkpoint_family(list(f.keys())) == "sdxl" else None
 
 
+def _folder_json(p: Path, what: str) -> dict:
+    """A diffusers folder's JSON file as an object, or one :class:`WeightsmithError` naming it."""
+    try:
+        val = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise WeightsmithError(f"{what} is missing ({p}); copy the model folder again.") from None
+    except PermissionError:
+        raise WeightsmithError(f"{what} ({p}) is not readable by this user (permission denied).") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise WeightsmithError(f"{what} is not valid JSON ({e}); the folder is damaged: copy the model "
+                               "folder again.") from None
+    if not isinstance(val, dict):
+        raise WeightsmithError(f"{what} is a JSON {type(val).__name__}, not an object; the folder is damaged: copy "
+                               "the model folder again.")
+    return val
+
+
 def _load_diffusers(path: Path, clip_skip, weights_dtype=None) -> SDModel:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    index = json.loads((path / "model_index.json").read_text())
+    index = _folder_json(path / "model_index.json", "the diffusers model's model_index.json")
     comps = [c for c in (TE1, TE2) if c in index and index[c] and index[c][0] is not None]
     require(bool(comps), f"{path} has no text encoder; Weightsmith edits text-conditioned SD models.")
     tes, toks = {}, {}
@@ -457,8 +474,18 @@ def _load_diffusers(path: Path, clip_skip, weights_dtype=None) -> SDModel:
                                   from_diffusers=True, clip_skip=clip_skip)
 
     def load_unet():
-        u = UNet2DConditionModel.from_pretrained(str(path / "unet"), local_files_only=True,
-                                                 torch_dtype=weights_dtype or torch.float32).eval()
+        if not any((path / "unet" / f).is_file() for f in (
+                "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+                "diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.fp16.safetensors")):
+            raise WeightsmithError(f"the diffusers model {path} has no UNet weights (unet/"
+                                   "diffusion_pytorch_model.safetensors is missing); copy the model folder again.")
+        try:
+            u = UNet2DConditionModel.from_pretrained(str(path / "unet"), local_files_only=True,
+                                                     torch_dtype=weights_dtype or torch.float32).eval()
+        except (OSError, ValueError, RuntimeError, KeyError) as e:
+            raise WeightsmithError(f"could not read the UNet of the diffusers model {path} ({type(e).__name__}: "
+                                   f"{str(e).splitlines()[0][:200] if str(e) else ''}); copy the model folder "
+                                   "again.") from None
         u.requires_grad_(False)
         return _held(u, weights_dtype)
 
@@ -466,9 +493,19 @@ def _load_diffusers(path: Path, clip_skip, weights_dtype=None) -> SDModel:
     if (path / "scheduler" / "scheduler_config.json").exists():
         import diffusers
 
-        scfg = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
-        cls = getattr(diffusers, scfg.get("_class_name", "DDIMScheduler"), diffusers.DDIMScheduler)
-        scheduler = cls.from_config(scfg)
+        scfg = _folder_json(path / "scheduler" / "scheduler_config.json",
+                            "the diffusers model's scheduler/scheduler_config.json")
+        name = scfg.get("_class_name", "DDIMScheduler")
+        cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+        if cls is None or not hasattr(cls, "from_config"):
+            raise WeightsmithError(f"the diffusers model's scheduler/scheduler_config.json names the scheduler "
+                                   f"{name!r}, which diffusers does not have; fix _class_name (e.g. "
+                                   "\"DDIMScheduler\") or copy the model folder again.")
+        try:
+            scheduler = cls.from_config(scfg)
+        except Exception as e:
+            raise WeightsmithError(f"the diffusers model's scheduler/scheduler_config.json is not a valid {name} "
+                                   f"configuration ({type(e).__name__}); copy the model folder again.") from None
     return SDModel(family=family, text_encoders=tes, tokenizers=toks, encoder_specs=specs,
                    unet_config=unet_cfg, unet_loader=load_unet, scheduler=scheduler,
                    source=ModelSource("diffusers", path))

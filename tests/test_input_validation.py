@@ -309,3 +309,34 @@ def test_a_malformed_lora_module_is_one_sentence_and_nothing_is_expanded(case, w
     for w in words:
         assert w in str(e.value), str(e.value)
     assert prefix in str(e.value)
+
+
+@pytest.mark.parametrize("case,words", [
+    ("index_not_json", ("model_index.json is not valid JSON",)),
+    ("index_a_list", ("model_index.json is a JSON list",)),
+    ("scheduler_not_json", ("scheduler_config.json is not valid JSON",)),
+    ("scheduler_unknown_class", ("names the scheduler 5", "_class_name")),
+    ("no_unet_weights", ("has no UNet weights", "diffusion_pytorch_model.safetensors is missing")),
+])
+def test_a_damaged_diffusers_folder_is_one_sentence_naming_the_file(case, words, cli_cases, tiny_models, tmp_path,
+                                                                    capsys, diffusers_folder):
+    import json
+
+    src = diffusers_folder(tiny_models["sd1"], tmp_path / "model")
+    (src / "scheduler").mkdir(exist_ok=True)
+    (src / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": "DDIMScheduler"}))
+    if case == "index_not_json":
+        (src / "model_index.json").write_text("{broken")
+    elif case == "index_a_list":
+        (src / "model_index.json").write_text("[1]")
+    elif case == "scheduler_not_json":
+        (src / "scheduler" / "scheduler_config.json").write_text("{x")
+    elif case == "scheduler_unknown_class":
+        (src / "scheduler" / "scheduler_config.json").write_text('{"_class_name": 5}')
+    else:
+        (src / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    out = tmp_path / "edited"
+    argv = ["erase", "--model", src, "--target", "cat", "--anchor", "dog", "--no-expand", "--quiet", "--out", out]
+    err = cli_cases.fails(capsys, argv, *words)
+    assert "OSError" not in err and "could not access :" not in err
+    assert not out.exists() and cli_cases.no_temp(tmp_path)
