@@ -514,7 +514,6 @@ def _load_diffusers(path: Path, clip_skip, weights_dtype=None) -> SDModel:
 def encoder_tokenizer(tokenizer, family: str, comp: str):
     """The tokenizer of encoder ``comp``: ``tokenizer`` (an object, a folder, or None = look one up,
     see :func:`..tokenizer.find_clip_tokenizer`) fitted with :func:`..tokenizer.fit_tokenizer`."""
-    from transformers import CLIPTokenizer
 
     from .tokenizer import fit_tokenizer
 
@@ -522,7 +521,7 @@ def encoder_tokenizer(tokenizer, family: str, comp: str):
         tok = find_clip_tokenizer(tokenizer)
     else:
         tok = tokenizer
-    tok = CLIPTokenizer.from_pretrained(tok.name_or_path, local_files_only=True) if (
+    tok = load_tokenizer_folder(tok.name_or_path, "the tokenizer folder") if (
         Path(str(tok.name_or_path)).is_dir()) else tok
     return fit_tokenizer(tok, family, comp, copy=tok is tokenizer)
 
