@@ -42,13 +42,46 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _interrupted(n_before: int) -> str:
+def _interrupted(n_before: int, how: str = "interrupted") -> str:
     from .safe_io import WRITTEN
 
     done = WRITTEN[n_before:]
     if done:
-        return f"weightsmith: interrupted; {', '.join(str(p) for p in done)} had been written completely, nothing else."
-    return "weightsmith: interrupted; nothing was written."
+        return f"weightsmith: {how}; {', '.join(str(p) for p in done)} had been written completely, nothing else."
+    return f"weightsmith: {how}; nothing was written."
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived: unwinds like Ctrl-C (every temp file removed, docs/reliability.md)
+    and the command exits with 128 + the signal number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(signum)
+
+
+def _install_signal_handlers() -> dict:
+    """SIGTERM and SIGHUP raise :class:`Terminated` (only from the main thread; a handler a host or
+    the user installed is left alone). Returns the previous handlers, to restore."""
+    import signal
+    import threading
+
+    old = {}
+    if threading.current_thread() is not threading.main_thread():
+        return old
+    for name in ("SIGTERM", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        if sig is None:
+            continue
+        prev = signal.getsignal(sig)
+        if prev in (signal.SIG_DFL, None):
+            signal.signal(sig, _raise_terminated)
+            old[sig] = prev
+    return old
 
 
 def main(argv=None) -> int:
@@ -59,6 +92,7 @@ def main(argv=None) -> int:
     from .safe_io import WRITTEN
 
     n_before = len(WRITTEN)
+    old_handlers = _install_signal_handlers()
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -69,6 +103,11 @@ def main(argv=None) -> int:
     except CancelledError as e:
         print(f"weightsmith: cancelled: {e}", file=sys.stderr)
         return 130
+    except Terminated as e:
+        import signal
+
+        print(_interrupted(n_before, f"terminated by {signal.Signals(e.signum).name}"), file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print(_interrupted(n_before), file=sys.stderr)
         return 130
@@ -80,6 +119,11 @@ def main(argv=None) -> int:
 
         print(f"weightsmith: error: {os_error_message(e, what='access')}", file=sys.stderr)
         return 2
+    finally:
+        import signal
+
+        for sig, prev in old_handlers.items():
+            signal.signal(sig, prev)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
+import os
 from pathlib import Path
 
 import torch
@@ -141,16 +142,19 @@ class LoRA:
 # files
 def read_lora_file(path) -> tuple[dict, dict]:
     """(tensors, metadata) of a LoRA file; clear errors for missing or damaged files."""
+    from .safe_io import check_input
+
     path = Path(path)
-    if not path.exists():
+    if not os.path.lexists(path):
         raise WeightsmithError(f"LoRA file not found: {path}")
+    check_input(path, "LoRA", folder_ok=True)
     if path.is_dir():
         cands = [path / "pytorch_lora_weights.safetensors", path / "adapter_model.safetensors"]
         f = next((c for c in cands if c.exists()), None)
         if f is None:
             raise WeightsmithError(f"{path} is a folder without pytorch_lora_weights.safetensors or "
                                    "adapter_model.safetensors; pass the LoRA file itself.")
-        path = f
+        path = check_input(f, "LoRA")
     if path.suffix.lower() == ".safetensors":
         from safetensors import safe_open
 
@@ -278,40 +282,103 @@ def _finite(name: str, t: torch.Tensor, lora_name: str) -> None:
                                "broken (often a training run that diverged). Use another file.")
 
 
+def _alpha_of(parts: dict, prefix: str, lora_name: str) -> float | None:
+    """The module's alpha as a number, or None when it has none; an alpha tensor with no elements is
+    refused (docs/reliability.md, "Inputs")."""
+    alpha = parts.get("alpha")
+    if alpha is None:
+        return None
+    if alpha.numel() == 0:
+        raise WeightsmithError(f"LoRA {lora_name}: {prefix}.alpha has no elements (shape {tuple(alpha.shape)}); "
+                               "the file is damaged.")
+    return float(alpha.float().reshape(-1)[0])
+
+
+def _factor_check(t: torch.Tensor, role: str, prefix: str, lora_name: str, dims=(2, 4)) -> None:
+    """A LoRA factor is 2-D (or 4-D for convolutions) with no empty dimension (rank >= 1)."""
+    if t.dim() not in dims:
+        raise WeightsmithError(f"LoRA {lora_name}: {prefix} has a {t.dim()}-D {role} factor {tuple(t.shape)}; "
+                               f"factors are {' or '.join(f'{d}-D' for d in dims)}. The file is damaged.")
+    if 0 in t.shape:
+        raise WeightsmithError(f"LoRA {lora_name}: {prefix} has an empty {role} factor {tuple(t.shape)} (rank 0); "
+                               "the file is damaged.")
+
+
 def _lora_to_factors(parts: dict, prefix: str, lora_name: str):
     """(up 2-D, down 2-D, scale, kind, alpha) for kohya/PEFT lora_down/lora_up (+mid, +alpha)."""
+    _factor_check(parts["up"], "up", prefix, lora_name)
+    _factor_check(parts["down"], "down", prefix, lora_name)
     up, down = parts["up"].float(), parts["down"].float()
     mid = parts.get("mid")
     r = down.shape[0]
-    if up.shape[1] != r:
+    if up.shape[1] != r or (up.dim() == 4 and up.shape[2:] != (1, 1)):
         raise WeightsmithError(f"LoRA {lora_name}: {prefix} has up {tuple(up.shape)} and down "
                                f"{tuple(down.shape)} of different ranks; the file is damaged.")
     kind = "lora"
     if mid is not None:
+        _factor_check(mid, "mid", prefix, lora_name, dims=(4,))
+        if tuple(mid.shape[:2]) != (r, r):
+            raise WeightsmithError(f"LoRA {lora_name}: {prefix} has a mid factor {tuple(mid.shape)} that does not "
+                                   f"match its rank {r}; the file is damaged.")
         mid = mid.float()
         down = torch.einsum("abhw,bi->aihw", mid, down.reshape(r, -1))
         kind = "locon"
     elif down.dim() == 4 and down.shape[2:] != (1, 1):
         kind = "locon"
-    alpha = parts.get("alpha")
-    alpha = float(alpha.float().reshape(-1)[0]) if alpha is not None else None
+    alpha = _alpha_of(parts, prefix, lora_name)
     # alpha 0: kohya's sd-scripts (networks/lora.py) and LyCORIS read it as alpha = rank
     scale = (alpha / r) if alpha else 1.0
     return up.reshape(up.shape[0], r), down.reshape(r, -1), scale, kind, alpha
 
 
-def _full_delta(parts: dict, prefix: str, role_kind: str, lora_name: str):
-    """Full ΔW (float64, unshaped) for .diff, LoHa and LoKr modules, and its kind."""
+def _product_shape(a: torch.Tensor, b: torch.Tensor, what: str, prefix: str, lora_name: str) -> tuple:
+    """Shape of ``a @ b.reshape(len(b), -1)`` from the factor shapes, inner dimensions checked."""
+    _factor_check(a, what + "_a" if what else "factor", prefix, lora_name, dims=(2,))
+    _factor_check(b, what + "_b" if what else "factor", prefix, lora_name, dims=(2, 4))
+    if a.shape[1] != b.shape[0]:
+        raise WeightsmithError(f"LoRA {lora_name}: {prefix} has {what}_a {tuple(a.shape)} and {what}_b "
+                               f"{tuple(b.shape)} whose inner dimensions differ; the file is damaged.")
+    return (a.shape[0], int(math.prod(b.shape[1:])))
+
+
+def _full_delta(parts: dict, prefix: str, role_kind: str, lora_name: str, size: int | None = None):
+    """Full ΔW (float64, unshaped) for .diff, LoHa and LoKr modules, and its kind. LoHa and LoKr
+    product shapes are computed from the factor shapes and must hold ``size`` (the module's element
+    count) before anything is formed: a few MB of factors can describe a product of 10^12 entries."""
     if role_kind == "diff":
         return parts["diff"].double(), "full"
-    alpha = parts.get("alpha")
-    alpha = float(alpha.float().reshape(-1)[0]) if alpha is not None else None
+    alpha = _alpha_of(parts, prefix, lora_name)
+
+    def fits(shape, what):
+        n = int(math.prod(shape))
+        if size is not None and n != size:
+            raise WeightsmithError(f"LoRA {lora_name}: {prefix} is a {what} whose product would be "
+                                   f"{' × '.join(str(x) for x in shape)} = {n:,} entries, but the layer it names has "
+                                   f"{size:,}; the file is damaged or made for another model. Nothing was expanded.")
+
     if role_kind == "loha":
-        w1 = parts["hada_w1_a"].double() @ parts["hada_w1_b"].double()
-        w2 = parts["hada_w2_a"].double() @ parts["hada_w2_b"].double()
+        s1 = _product_shape(parts["hada_w1_a"], parts["hada_w1_b"], "hada_w1", prefix, lora_name)
+        s2 = _product_shape(parts["hada_w2_a"], parts["hada_w2_b"], "hada_w2", prefix, lora_name)
+        if s1 != s2:
+            raise WeightsmithError(f"LoRA {lora_name}: {prefix} is a LoHa whose two products differ in shape "
+                                   f"({s1} and {s2}); the file is damaged.")
+        fits(s1, "LoHa")
+        w1 = parts["hada_w1_a"].double() @ parts["hada_w1_b"].double().reshape(parts["hada_w1_b"].shape[0], -1)
+        w2 = parts["hada_w2_a"].double() @ parts["hada_w2_b"].double().reshape(parts["hada_w2_b"].shape[0], -1)
         r = parts["hada_w1_b"].shape[0]
         return w1 * w2 * ((alpha / r) if alpha is not None else 1.0), "loha"
     # LoKr
+    if "lokr_w1" in parts:
+        _factor_check(parts["lokr_w1"], "lokr_w1", prefix, lora_name, dims=(2,))
+        a1 = tuple(parts["lokr_w1"].shape)
+    else:
+        a1 = _product_shape(parts["lokr_w1_a"], parts["lokr_w1_b"], "lokr_w1", prefix, lora_name)
+    if "lokr_w2" in parts:
+        _factor_check(parts["lokr_w2"], "lokr_w2", prefix, lora_name)
+        a2 = (parts["lokr_w2"].shape[0], int(math.prod(parts["lokr_w2"].shape[1:])))
+    else:
+        a2 = _product_shape(parts["lokr_w2_a"], parts["lokr_w2_b"], "lokr_w2", prefix, lora_name)
+    fits((a1[0] * a2[0], a1[1] * a2[1]), "LoKr")
     w1 = parts["lokr_w1"].double() if "lokr_w1" in parts else parts["lokr_w1_a"].double() @ parts["lokr_w1_b"].double()
     w2 = parts["lokr_w2"].double() if "lokr_w2" in parts else (
         parts["lokr_w2_a"].double() @ parts["lokr_w2_b"].double().reshape(parts["lokr_w2_b"].shape[0], -1))
@@ -411,7 +478,7 @@ def _build_module(parts: dict, roles: set, prefix: str, canon: str, shape, name:
     else:
         role_kind = "diff" if "diff" in roles else ("loha" if any(r.startswith("hada") for r in roles) else "lokr")
         try:
-            full, kind = _full_delta(parts, prefix, role_kind, name)
+            full, kind = _full_delta(parts, prefix, role_kind, name, out_dim * in_dim)
         except KeyError as e:
             raise WeightsmithError(f"LoRA {name}: {prefix} lacks {e.args[0]}; the file is damaged "
                                    "or uses a LyCORIS variant Weightsmith does not read.") from None

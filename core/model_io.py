@@ -31,11 +31,11 @@ from .memory import WEIGHT_PRECISIONS
 from .naming import (LDM_UNET_PREFIX, TE1, TE2, UNET, CheckpointSlot, UNetLayout, checkpoint_slot,
                      open_clip_slot, te_checkpoint_prefix, te_path)
 from .layouts import detect_checkpoint_family
-from .layouts.ldm import infer_unet_config, te_config_from_keys
-from .safe_io import atomic_save_file, nonfinite_keys, write_safetensors
+from .layouts.ldm import heads_problem, infer_unet_config, metadata_json, te_config_from_keys
+from .safe_io import atomic_save_file, check_input, nonfinite_keys, write_safetensors
 from .sdmodel import SDModel, default_encoder_specs, detect_family
 from .state_files import DictState, StateFile, read_slot
-from .tokenizer import find_clip_tokenizer
+from .tokenizer import find_clip_tokenizer, load_tokenizer_folder
 
 # the names this module had before the writer, the readers and the layouts moved out (scripts and
 # tests import them from here)
@@ -114,8 +114,9 @@ def load_model(path, *, clip_skip: int | None = None, tokenizer=None, weights_dt
     require(weights_dtype is None or (isinstance(weights_dtype, torch.dtype) and weights_dtype.is_floating_point),
             f"weights precision {weights_dtype!r} is not a floating-point type; use one of {', '.join(WEIGHT_DTYPES)}.")
     path = Path(path)
-    if not path.exists():
+    if not os.path.lexists(path):
         raise WeightsmithError(f"model not found: {path}. Pass a .safetensors checkpoint or a diffusers folder.")
+    check_input(path, "the model", folder_ok=True)
     if path.is_dir():
         if not (path / "model_index.json").exists():
             raise WeightsmithError(
@@ -160,11 +161,28 @@ def beside_host_weights_dtype(path) -> torch.dtype | None:
         return half if detect_checkpoint_family(list(f.keys())) == "sdxl" else None
 
 
+def _folder_json(p: Path, what: str) -> dict:
+    """A diffusers folder's JSON file as an object, or one :class:`WeightsmithError` naming it."""
+    try:
+        val = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise WeightsmithError(f"{what} is missing ({p}); copy the model folder again.") from None
+    except PermissionError:
+        raise WeightsmithError(f"{what} ({p}) is not readable by this user (permission denied).") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise WeightsmithError(f"{what} is not valid JSON ({e}); the folder is damaged: copy the model "
+                               "folder again.") from None
+    if not isinstance(val, dict):
+        raise WeightsmithError(f"{what} is a JSON {type(val).__name__}, not an object; the folder is damaged: copy "
+                               "the model folder again.")
+    return val
+
+
 def _load_diffusers(path: Path, clip_skip, weights_dtype=None) -> SDModel:
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    index = json.loads((path / "model_index.json").read_text())
+    index = _folder_json(path / "model_index.json", "the diffusers model's model_index.json")
     comps = [c for c in (TE1, TE2) if c in index and index[c] and index[c][0] is not None]
     require(bool(comps), f"{path} has no text encoder; Weightsmith edits text-conditioned SD models.")
     tes, toks = {}, {}
@@ -175,7 +193,7 @@ def _load_diffusers(path: Path, clip_skip, weights_dtype=None) -> SDModel:
             tes[c] = cls.from_pretrained(str(path / c), local_files_only=True, torch_dtype=torch.float32).eval()
             tes[c].requires_grad_(False)
             tdir = path / ("tokenizer" if c == TE1 else "tokenizer_2")
-            toks[c] = CLIPTokenizer.from_pretrained(str(tdir), local_files_only=True)
+            toks[c] = load_tokenizer_folder(tdir, "the model's tokenizer folder")
         unet_cfg = json.loads((path / "unet" / "config.json").read_text())
     except WeightsmithError:
         raise
@@ -186,8 +204,18 @@ def _load_diffusers(path: Path, clip_skip, weights_dtype=None) -> SDModel:
                                   from_diffusers=True, clip_skip=clip_skip)
 
     def load_unet():
-        u = UNet2DConditionModel.from_pretrained(str(path / "unet"), local_files_only=True,
-                                                 torch_dtype=weights_dtype or torch.float32).eval()
+        if not any((path / "unet" / f).is_file() for f in (
+                "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+                "diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.fp16.safetensors")):
+            raise WeightsmithError(f"the diffusers model {path} has no UNet weights (unet/"
+                                   "diffusion_pytorch_model.safetensors is missing); copy the model folder again.")
+        try:
+            u = UNet2DConditionModel.from_pretrained(str(path / "unet"), local_files_only=True,
+                                                     torch_dtype=weights_dtype or torch.float32).eval()
+        except (OSError, ValueError, RuntimeError, KeyError) as e:
+            raise WeightsmithError(f"could not read the UNet of the diffusers model {path} ({type(e).__name__}: "
+                                   f"{str(e).splitlines()[0][:200] if str(e) else ''}); copy the model folder "
+                                   "again.") from None
         u.requires_grad_(False)
         return _held(u, weights_dtype)
 
@@ -195,9 +223,19 @@ def _load_diffusers(path: Path, clip_skip, weights_dtype=None) -> SDModel:
     if (path / "scheduler" / "scheduler_config.json").exists():
         import diffusers
 
-        scfg = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
-        cls = getattr(diffusers, scfg.get("_class_name", "DDIMScheduler"), diffusers.DDIMScheduler)
-        scheduler = cls.from_config(scfg)
+        scfg = _folder_json(path / "scheduler" / "scheduler_config.json",
+                            "the diffusers model's scheduler/scheduler_config.json")
+        name = scfg.get("_class_name", "DDIMScheduler")
+        cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+        if cls is None or not hasattr(cls, "from_config"):
+            raise WeightsmithError(f"the diffusers model's scheduler/scheduler_config.json names the scheduler "
+                                   f"{name!r}, which diffusers does not have; fix _class_name (e.g. "
+                                   "\"DDIMScheduler\") or copy the model folder again.")
+        try:
+            scheduler = cls.from_config(scfg)
+        except Exception as e:
+            raise WeightsmithError(f"the diffusers model's scheduler/scheduler_config.json is not a valid {name} "
+                                   f"configuration ({type(e).__name__}); copy the model folder again.") from None
     return SDModel(family=family, text_encoders=tes, tokenizers=toks, encoder_specs=specs,
                    unet_config=unet_cfg, unet_loader=load_unet, scheduler=scheduler,
                    source=ModelSource("diffusers", path))
@@ -206,7 +244,6 @@ def _load_diffusers(path: Path, clip_skip, weights_dtype=None) -> SDModel:
 def encoder_tokenizer(tokenizer, family: str, comp: str):
     """The tokenizer of encoder ``comp``: ``tokenizer`` (an object, a folder, or None = look one up,
     see :func:`..tokenizer.find_clip_tokenizer`) fitted with :func:`..tokenizer.fit_tokenizer`."""
-    from transformers import CLIPTokenizer
 
     from .tokenizer import fit_tokenizer
 
@@ -214,7 +251,7 @@ def encoder_tokenizer(tokenizer, family: str, comp: str):
         tok = find_clip_tokenizer(tokenizer)
     else:
         tok = tokenizer
-    tok = CLIPTokenizer.from_pretrained(tok.name_or_path, local_files_only=True) if (
+    tok = load_tokenizer_folder(tok.name_or_path, "the tokenizer folder") if (
         Path(str(tok.name_or_path)).is_dir()) else tok
     return fit_tokenizer(tok, family, comp, copy=tok is tokenizer)
 
@@ -222,7 +259,7 @@ def encoder_tokenizer(tokenizer, family: str, comp: str):
 def _load_single_file(path: Path, clip_skip, tokenizer, weights_dtype=None) -> SDModel:
     sf = StateFile(path)
     family = detect_checkpoint_family(sf.keys())
-    heads = json.loads(sf.metadata.get("ws_text_encoder_heads", "{}"))
+    heads = metadata_json(sf, "ws_text_encoder_heads", heads_problem)
     comps = [TE1, TE2] if family == "sdxl" else [TE1]
     toks = {c: encoder_tokenizer(tokenizer, family, c) for c in comps}
     te_sources = {c: te_checkpoint_prefix(family, c) for c in comps}
@@ -257,6 +294,22 @@ def _held(unet, weights_dtype):
     return hold_weights(unet, weights_dtype)
 
 
+def _unet_tensor(read, name: str, shape) -> torch.Tensor:
+    """UNet parameter ``name`` read and shaped, or one :class:`WeightsmithError` naming it (missing or
+    of the wrong size)."""
+    try:
+        t = read(name)
+    except WeightsmithError:
+        raise
+    except Exception:
+        raise WeightsmithError(f"the checkpoint lacks the UNet weight for {name} (or its layout is not one "
+                               "Weightsmith understands); the file is damaged or incomplete.") from None
+    if t.numel() != torch.Size(shape).numel():
+        raise WeightsmithError(f"the checkpoint's UNet weight for {name} has shape {tuple(t.shape)}, but the UNet its "
+                               f"other weights describe needs {tuple(shape)}; the file is damaged.")
+    return t.reshape(shape)
+
+
 def _build_from_state(sf, family, te_sources, unet_prefix, toks, clip_skip, heads, from_diffusers,
                       weights_dtype=None, share=False) -> SDModel:
     from diffusers import DDIMScheduler
@@ -265,7 +318,11 @@ def _build_from_state(sf, family, te_sources, unet_prefix, toks, clip_skip, head
     tes, hidden = {}, {}
     for c, (prefix, oc) in te_sources.items():
         tok = toks[c]
-        cfg, has_proj = te_config_from_keys(sf, prefix, oc, heads.get(c), tok)
+        try:
+            cfg, has_proj = te_config_from_keys(sf, prefix, oc, heads.get(c), tok)
+        except KeyError as e:
+            raise WeightsmithError(f"the checkpoint's text encoder is incomplete: {e.args[0]} is missing. The file "
+                                   "is damaged or not a standard SD checkpoint.") from None
         if family == "sd2" or c == TE2:  # OpenCLIP-H / bigG use gelu, also in transformers-format keys (ComfyUI)
             cfg.hidden_act = "gelu"
         if len(tok) > cfg.vocab_size:
@@ -290,6 +347,10 @@ def _build_from_state(sf, family, te_sources, unet_prefix, toks, clip_skip, head
                 raise WeightsmithError(
                     f"the checkpoint's text encoder is incomplete: {slot.key} is missing. The file is "
                     "damaged or not a standard SD checkpoint.") from None
+            if t.numel() != ref.numel():
+                raise WeightsmithError(
+                    f"the checkpoint's text-encoder weight {slot.key} has shape {tuple(t.shape)}, but the encoder "
+                    f"its other weights describe needs {tuple(ref.shape)}; the file is damaged.")
             sd[name] = t.reshape(ref.shape).float()
         # share: the module's parameters become the tensors read (fast_init left the built ones
         # uninitialised, so they were never resident); otherwise they are copied in
@@ -319,21 +380,12 @@ def _build_from_state(sf, family, te_sources, unet_prefix, toks, clip_skip, head
             torch.set_default_dtype(prev)
         u = _held(u, weights_dtype)    # norms, biases float32 before the values go in (no rounding)
         if share and weights_dtype is None:
-            try:
-                sd = {name: read_unet_weight(name).reshape(ref.shape) for name, ref in u.state_dict().items()}
-            except Exception:
-                raise WeightsmithError(
-                    "could not map the UNet's weights; the UNet layout is not one Weightsmith understands.") from None
+            sd = {name: _unet_tensor(read_unet_weight, name, ref.shape) for name, ref in u.state_dict().items()}
             u.load_state_dict(sd, assign=True)
             return u.eval().requires_grad_(False)
         with torch.no_grad():          # one tensor at a time: never a second copy of the UNet
             for name, ref in u.state_dict(keep_vars=True).items():
-                try:
-                    t = read_unet_weight(name).reshape(ref.shape)
-                except Exception:
-                    raise WeightsmithError(
-                        f"could not map UNet weight {name} from the checkpoint; the UNet layout is not one "
-                        "Weightsmith understands.") from None
+                t = _unet_tensor(read_unet_weight, name, ref.shape)
                 ref.copy_(t)
         return u.eval().requires_grad_(False)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 import threading
 from pathlib import Path
@@ -41,13 +42,16 @@ def same_path(a, b) -> bool:
             return os.path.samefile(a, b)
     except OSError:
         pass
-    return _key(a).resolve() == _key(b).resolve()
+    try:
+        return _key(a).resolve() == _key(b).resolve()
+    except (OSError, RuntimeError):      # a symlink loop: compare the spellings
+        return _key(a) == _key(b)
 
 
 def _inside(child, folder) -> bool:
     try:
         c, f = _key(child).resolve(), _key(folder).resolve()
-    except OSError:
+    except (OSError, RuntimeError):
         return False
     return f in c.parents
 
@@ -72,10 +76,55 @@ def check_paths(outputs: dict, inputs: dict) -> None:
                                        "replace the first. Give them different paths.")
 
 
-def check_writable_file(path, label: str = "the output") -> Path:
+_KINDS = ((stat.S_ISCHR, "a character device"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+          (stat.S_ISSOCK, "a socket"), (stat.S_ISBLK, "a block device"))
+
+
+def special_kind(path) -> str | None:
+    """What ``path`` is when it is an existing non-regular file (a device, FIFO, socket) or lies in
+    ``/dev`` or ``/proc`` (``/dev/stdout``, ``/dev/fd/N``): such a path must never be renamed over
+    (docs/reliability.md, "special output paths"). ``None`` for a regular file, a folder, or a new path."""
+    p = _key(path)
+    try:
+        st = os.stat(p)
+    except OSError:
+        st = None
+    if st is not None:
+        for test, name in _KINDS:
+            if test(st.st_mode):
+                return name
+        if stat.S_ISDIR(st.st_mode):
+            return None
+    if p.parts[1:2] in (("dev",), ("proc",)) and os.path.lexists(p):
+        return f"a path in /{p.parts[1]}"
+    return None
+
+
+def _streamable(path) -> bool:
+    """A report can be streamed (written straight, no temp file or rename) to a character device,
+    a FIFO, or a regular file reached through /dev or /proc (``/dev/stdout`` redirected to a file)."""
+    try:
+        m = os.stat(_key(path)).st_mode
+    except OSError:
+        return False
+    return stat.S_ISCHR(m) or stat.S_ISFIFO(m) or stat.S_ISREG(m)
+
+
+def check_writable_file(path, label: str = "the output", stream_ok: bool = False) -> Path:
     """Before any work: ``path`` can be created or replaced as a file (not a folder, folder exists
-    and is writable)."""
+    and is writable). A device, FIFO, socket or /dev, /proc path is refused (it would be replaced by
+    the atomic rename), except where ``stream_ok`` (a JSON report) and it can be written straight."""
     path = Path(path)
+    kind = special_kind(path)
+    if kind is not None:
+        if stream_ok and _streamable(path):
+            return path
+        raise WeightsmithError(
+            f"{label} {path} is {kind}, not a regular file; "
+            + ("a report can be streamed only to a character device (/dev/stdout, /dev/null) or a FIFO. "
+               if stream_ok else
+               "a model or LoRA is written to a temp file and renamed into place, which would replace it. ")
+            + "Give a path to a regular file.")
     if path.is_dir():
         raise WeightsmithError(f"{label} {path} is an existing folder; give a file name such as "
                                f"{path / 'out.safetensors'}.")
@@ -94,7 +143,10 @@ def check_writable_file(path, label: str = "the output") -> Path:
 def os_error_message(e: OSError, path=None, what: str = "write") -> str:
     name = path if path is not None else (e.filename or "")
     reason = e.strerror or type(e).__name__
-    hint = {28: " (the disk is full; free some space)", 13: " (permission denied; choose another folder)",
+    denied = (" (permission denied; choose another folder)" if what == "write" else
+              " (permission denied: this user may not read it or a folder on its way; ask for access or copy it "
+              "somewhere readable)")
+    hint = {28: " (the disk is full; free some space)", 13: denied,
             30: " (read-only file system)", 21: " (it is a folder)", 36: " (file name too long)"}
     return f"could not {what} {name}: {reason}{hint.get(e.errno, '')}"
 
@@ -104,6 +156,10 @@ def atomic_write(path, write, suffix: str = ".tmp") -> Path:
     gets the umask mode and replaces ``path``; the temp file is removed on any error (also Ctrl-C).
     OS errors become one-line :class:`WeightsmithError`."""
     path = Path(path)
+    kind = special_kind(path)
+    if kind is not None:          # never renamed over (checked before any work by check_writable_file)
+        raise WeightsmithError(f"{path} is {kind}, not a regular file; it cannot be replaced by a written file. "
+                               "Give a path to a regular file.")
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -140,9 +196,43 @@ def json_safe(x):
     return str(x)
 
 
+def stream_write(path, raw: bytes) -> Path:
+    """Write ``raw`` straight into an existing character device or FIFO (``/dev/stdout``,
+    ``/dev/null``, a named pipe), never replacing it. A FIFO nobody reads is refused, not waited on."""
+    path = Path(path)
+    p = _key(path)
+    try:
+        mode = os.stat(p).st_mode
+        fifo = stat.S_ISFIFO(mode)
+        flags = os.O_WRONLY | (os.O_NONBLOCK if fifo else 0) | (os.O_TRUNC if stat.S_ISREG(mode) else 0)
+        fd = os.open(p, flags | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        if e.errno == 6:      # ENXIO: a FIFO with no reader
+            raise WeightsmithError(f"{path} is a FIFO that no process is reading; start the reader first "
+                                   "(e.g. cat) or give a regular file.") from None
+        raise WeightsmithError(os_error_message(e, path)) from None
+    try:
+        if fifo:
+            os.set_blocking(fd, True)
+        view = memoryview(raw)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+    except OSError as e:
+        raise WeightsmithError(os_error_message(e, path)) from None
+    finally:
+        os.close(fd)
+    WRITTEN.append(path)
+    return path
+
+
 def write_json(path, data) -> Path:
-    """A JSON file written atomically (see :func:`atomic_write`); NaN/Inf become ``null``."""
+    """A JSON file written atomically (see :func:`atomic_write`); NaN/Inf become ``null``. An existing
+    character device or FIFO (``/dev/stdout``, a named pipe) gets the JSON streamed into it instead,
+    and is never replaced; any other special path is refused."""
     raw = (json.dumps(json_safe(data), indent=2) + "\n").encode()
+    if special_kind(path) is not None and _streamable(path):
+        return stream_write(path, raw)
     return atomic_write(path, lambda f: f.write(raw), suffix=".json.tmp")
 
 
@@ -153,6 +243,47 @@ def write_report_after(report: dict, path, out) -> None:
         write_json(path, report)
     except WeightsmithError as e:
         raise WeightsmithError(f"{out} was written and is complete, but the report was not: {e}") from None
+
+
+def check_input(path, what: str, folder_ok: bool = False) -> Path:
+    """Before ``path`` (an input: ``what`` names it, e.g. "--model" or "LoRA") is opened: it exists,
+    is a regular file (or a folder where ``folder_ok``), and this user can read it. A FIFO, device or
+    socket is refused without opening it (an ``open()`` of a FIFO would wait forever); a symlink loop,
+    a broken link, a missing file and an unreadable one each get their own sentence
+    (docs/reliability.md, "Inputs")."""
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        if e.errno == 40:                                   # ELOOP
+            raise WeightsmithError(f"{what} {path} is a symlink loop (a link that leads back to itself); "
+                                   "point it at the real file.") from None
+        if e.errno == 2 and os.path.lexists(path):
+            raise WeightsmithError(f"{what} {path} is a symbolic link to {os.readlink(path)}, which does not "
+                                   "exist; fix the link or pass the real file.") from None
+        if e.errno == 2:
+            raise WeightsmithError(f"{what} {path} does not exist; check the path.") from None
+        if e.errno == 13:
+            raise WeightsmithError(f"{what} {path} cannot be reached: permission denied on a folder on its way; "
+                                   "ask for access or copy the file somewhere you can read.") from None
+        raise WeightsmithError(os_error_message(e, path, "read")) from None
+    if stat.S_ISDIR(st.st_mode):
+        if folder_ok:
+            return path
+        raise WeightsmithError(f"{what} {path} is a folder; pass the file itself.")
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a regular file")
+        raise WeightsmithError(f"{what} {path} is {kind}, not a regular file; Weightsmith reads only regular "
+                               "files (a pipe or device would be read forever or not at all). Pass the file itself.")
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise WeightsmithError(f"{what} {path} is not readable by this user (permission denied); make it "
+                               f"readable (e.g. chmod a+r {path}) or run as its owner.") from None
+    except OSError as e:
+        raise WeightsmithError(os_error_message(e, path, "read")) from None
+    return path
 
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")

@@ -13,7 +13,7 @@ import torch
 
 from .errors import WeightsmithError
 from .naming import CheckpointSlot
-from .safe_io import PICKLE_SUFFIXES, load_plain_pickle
+from .safe_io import PICKLE_SUFFIXES, check_input, load_plain_pickle
 
 
 class StateFile:
@@ -22,6 +22,7 @@ class StateFile:
     def __init__(self, path: Path):
         self.path = path
         self.metadata: dict = {}
+        check_input(path, "the model file")
         suffix = path.suffix.lower()
         if suffix == ".safetensors":
             from safetensors import safe_open
@@ -30,6 +31,7 @@ class StateFile:
                 self._f = safe_open(str(path), framework="pt")
                 self.metadata = self._f.metadata() or {}
                 self._keys = list(self._f.keys())
+                self._keyset = set(self._keys)
             except Exception as e:
                 raise WeightsmithError(
                     f"{path} is not a readable .safetensors file ({type(e).__name__}: {e}). The file is "
@@ -48,11 +50,15 @@ class StateFile:
     def get(self, key: str) -> torch.Tensor:
         if self._sd is not None:
             return self._sd[key]
+        if key not in self._keyset:
+            raise KeyError(key)
         return self._f.get_tensor(key)
 
     def shape(self, key: str) -> tuple:
         if self._sd is not None:
             return tuple(self._sd[key].shape)
+        if key not in self._keyset:
+            raise KeyError(key)
         return tuple(self._f.get_slice(key).get_shape())
 
 

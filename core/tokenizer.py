@@ -160,27 +160,77 @@ def bundled_clip_tokenizer_dir() -> Path:
     return _cache_folder("clip-tokenizer", write)
 
 
+def _tokenizer_files(folder: Path) -> str | None:
+    """Which CLIP tokenizer layout ``folder`` holds: "bpe" (vocab.json + merges.txt), "json" (a
+    ``tokenizer.json`` alone, as transformers 5 saves it), or None."""
+    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        return "bpe"
+    if (folder / "tokenizer.json").is_file():
+        return "json"
+    return None
+
+
+def load_tokenizer_folder(folder, label: str = "--tokenizer"):
+    """The CLIP tokenizer saved in ``folder`` (vocab.json + merges.txt, or transformers 5's
+    tokenizer.json alone), or a :class:`WeightsmithError` naming the folder and what it lacks or what
+    is broken (docs/reliability.md, "Inputs"). Never falls back to another vocabulary."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise WeightsmithError(f"{label} {folder} does not exist; pass a CLIP tokenizer folder (vocab.json + "
+                               "merges.txt, or tokenizer.json) or leave it out.")
+    if not folder.is_dir():
+        raise WeightsmithError(f"{label} {folder} is a file, not a folder; pass the folder that holds vocab.json "
+                               "and merges.txt (or tokenizer.json), e.g. a diffusers model's tokenizer/ folder.")
+    kind = _tokenizer_files(folder)
+    if kind is None:
+        present = sorted(p.name for p in folder.iterdir())[:8]
+        raise WeightsmithError(
+            f"{label} {folder} holds no CLIP tokenizer: it lacks vocab.json and merges.txt (and has no "
+            f"tokenizer.json); it contains {', '.join(present) if present else 'nothing'}. Pass a diffusers "
+            "model's tokenizer/ folder or ComfyUI's comfy/sd1_tokenizer.")
+    try:
+        if kind == "bpe":
+            from transformers import CLIPTokenizer as cls
+        else:
+            try:
+                from transformers import CLIPTokenizerFast as cls
+            except ImportError:         # pragma: no cover - transformers without the alias
+                from transformers import CLIPTokenizer as cls
+        for name in (("vocab.json",) if kind == "bpe" else ("tokenizer.json",)):
+            json.loads((folder / name).read_text(encoding="utf-8"))      # damaged JSON: one line below
+        tok = cls.from_pretrained(str(folder), local_files_only=True)
+    except PermissionError as e:
+        raise WeightsmithError(f"{label} {folder}: cannot read {Path(e.filename or folder).name} (permission "
+                               "denied); make it readable for this user.") from None
+    except (ValueError, UnicodeDecodeError, OSError, KeyError, TypeError, AttributeError, IndexError) as e:
+        what = "vocab.json / merges.txt" if kind == "bpe" else "tokenizer.json"
+        raise WeightsmithError(f"{label} {folder}: its {what} is damaged or not a CLIP tokenizer "
+                               f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); "
+                               "copy the folder again from the model.") from None
+    except Exception as e:      # tokenizers' own parser errors (e.g. a merges list that does not fit)
+        raise WeightsmithError(f"{label} {folder}: the tokenizer files could not be read "
+                               f"({type(e).__name__}); copy the folder again from the model.") from None
+    if tok.model_max_length > 1000:
+        tok.model_max_length = 77
+    return tok
+
+
 def find_clip_tokenizer(explicit: str | os.PathLike | None = None, host_dirs=()):
     """Locate a CLIP BPE tokenizer folder offline, or explain how to provide one.
 
-    Looked up in order: ``explicit``, ``WEIGHTSMITH_TOKENIZER``, ``host_dirs`` (folders a host
-    adapter knows, e.g. ComfyUI's ``comfy/sd1_tokenizer``), the bundled CLIP merge list."""
-    from transformers import CLIPTokenizer
-
-    candidates = []
+    An ``explicit`` folder (``--tokenizer``) or ``WEIGHTSMITH_TOKENIZER`` is used or refused with the
+    reason (:func:`load_tokenizer_folder`), never skipped. Otherwise looked up in order: ``host_dirs``
+    (folders a host adapter knows, e.g. ComfyUI's ``comfy/sd1_tokenizer``), the bundled CLIP merge list."""
     if explicit:
-        candidates.append(Path(explicit))
+        return load_tokenizer_folder(explicit, "--tokenizer")
     if os.environ.get("WEIGHTSMITH_TOKENIZER"):
-        candidates.append(Path(os.environ["WEIGHTSMITH_TOKENIZER"]))
-    candidates += [Path(d) for d in host_dirs]
+        return load_tokenizer_folder(os.environ["WEIGHTSMITH_TOKENIZER"], "WEIGHTSMITH_TOKENIZER")
+    candidates = [Path(d) for d in host_dirs]
     if CLIP_BPE.exists():
         candidates.append(bundled_clip_tokenizer_dir())
     for c in candidates:
-        if (c / "vocab.json").exists() and (c / "merges.txt").exists():
-            tok = CLIPTokenizer.from_pretrained(str(c), local_files_only=True)
-            if tok.model_max_length > 1000:
-                tok.model_max_length = 77
-            return tok
+        if c.is_dir() and _tokenizer_files(c):
+            return load_tokenizer_folder(c, "the tokenizer folder")
     raise WeightsmithError(
         "no CLIP tokenizer found for this single-file checkpoint. Pass --tokenizer DIR (a folder with "
         "vocab.json and merges.txt, e.g. the tokenizer/ folder of any diffusers SD model or ComfyUI's "

@@ -114,3 +114,64 @@ def solver_recorder(monkeypatch):
     monkeypatch.setattr(merge_pkg, "merge", rec.merge)
     monkeypatch.setattr(erase_pkg, "erase", rec.erase)
     return rec
+
+
+class _CliCases:
+    """Helpers shared by the fault and hostile-input tests (tests cannot import conftest reliably):
+    argument lists for a small erase or merge run, a one-line failure check, file hashes."""
+
+    @staticmethod
+    def sha(p):
+        import hashlib
+
+        return hashlib.sha256(open(p, "rb").read()).hexdigest()
+
+    @staticmethod
+    def erase(ckpt, tok, out, *extra):
+        return ["erase", "--model", str(ckpt), "--tokenizer", str(tok), "--target", "van gogh", "--anchor", "art",
+                "--no-expand", "--max-pad", "4", "--quiet", "--out", str(out), *[str(e) for e in extra]]
+
+    @staticmethod
+    def merge(ckpt, tok, loras, out, *extra):
+        a = ["merge", "--model", str(ckpt), "--tokenizer", str(tok)]
+        for l in loras:
+            a += ["--lora", str(l)]
+        return a + ["--method", "concat", "--no-progress", "--out", str(out), *[str(e) for e in extra]]
+
+    @staticmethod
+    def fails(capsys, argv, *words, rc=2):
+        """``weightsmith argv`` exits with ``rc``, prints no traceback, and its stderr holds ``words``."""
+        from weightsmith.core.cli import main
+
+        got = main([str(a) for a in argv])
+        err = capsys.readouterr().err
+        assert got == rc, err
+        assert "Traceback" not in err
+        for w in words:
+            assert w in err, err
+        return err
+
+    @staticmethod
+    def no_temp(folder):
+        return not [p for p in Path(folder).rglob(".ws-*")]
+
+
+@pytest.fixture
+def cli_cases():
+    """:class:`_CliCases`: shared helpers of the reliability tests."""
+    return _CliCases
+
+
+@pytest.fixture
+def lora_files(tiny_models, tmp_path):
+    """Two small random SD1 LoRAs (attention + text encoder, rank 2) written as .safetensors."""
+    from safetensors.torch import save_file
+
+    from weightsmith.core.merge.random_loras import random_lora
+
+    out = []
+    for s in (1, 2):
+        t, meta = random_lora(tiny_models["sd1"], groups=("attn", "te"), rank=2, seed=s)
+        out.append(tmp_path / f"l{s}.safetensors")
+        save_file(t, str(out[-1]), metadata=meta)
+    return out

@@ -9,12 +9,14 @@ Set WEIGHTSMITH_SKIP_GRADIO3=1 to skip (e.g. offline).
 import json
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import ws_timeouts as T  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 A1111 = HERE / "a1111"
@@ -24,7 +26,7 @@ A1111 = HERE / "a1111"
 def venv_python():
     if os.environ.get("WEIGHTSMITH_SKIP_GRADIO3") == "1":
         pytest.skip("WEIGHTSMITH_SKIP_GRADIO3=1")
-    r = subprocess.run(["bash", str(A1111 / "setup_env.sh")], capture_output=True, text=True, timeout=900,
+    r = T.run(["bash", str(A1111 / "setup_env.sh")], what="the Gradio 3 venv set-up", capture_output=True, text=True, timeout=900,
                        env=dict(os.environ, PYTHON=sys.executable))
     assert r.returncode == 0, f"gradio-3 venv setup failed:\n{r.stderr[-3000:]}"
     return r.stdout.strip().splitlines()[-1]
@@ -38,8 +40,8 @@ def _port():
 
 def _drive(py, script, work, *extra):
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", no_proxy="127.0.0.1,localhost")
-    r = subprocess.run([py, str(A1111 / script), str(work), str(_port()), *extra], capture_output=True,
-                       text=True, timeout=600, env=env)
+    r = T.run([py, str(A1111 / script), str(work), str(_port()), *extra], what=f"the Gradio tab run {script}",
+              capture_output=True, text=True, timeout=600, env=env)
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert r.returncode == 0 and line, f"{script} failed (rc {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
     return json.loads(line[len("RESULT "):])
@@ -112,8 +114,8 @@ def test_a1111_and_forge_entry_script_apply_undo_save(venv_python, tmp_path):
 def test_tab_under_forge_gradio4(tmp_path):
     """Forge runs gradio 4.40 with transformers 4.x: the same tab, standalone and through the
     entry script (Apply/Undo through the Forge stand-in's patchers), in that environment."""
-    r = subprocess.run(["bash", str(A1111 / "setup_env.sh"), "forge"], capture_output=True, text=True,
-                       timeout=900, env=dict(os.environ, PYTHON=sys.executable))
+    r = T.run(["bash", str(A1111 / "setup_env.sh"), "forge"], what="the Forge venv set-up", capture_output=True,
+              text=True, timeout=900, env=dict(os.environ, PYTHON=sys.executable))
     assert r.returncode == 0, r.stderr[-3000:]
     py = r.stdout.strip().splitlines()[-1]
     res = _drive(py, "drive_standalone.py", tmp_path / "s")

@@ -4,7 +4,6 @@ tests/test_comfy_server.py."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +11,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent / "comfy"))
 import harness as H  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+import ws_timeouts as T  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +24,8 @@ def measured():
         H.run_setup(checkpoint=False)
     except H.SetupError as e:
         pytest.fail(f"the ComfyUI test environment could not be set up: {e}")
-    r = subprocess.run([str(H.VENV_PY), str(H.HERE / "inproc_adapters.py"), str(H.COMFY)],
-                       env=H.venv_env(), capture_output=True, text=True, timeout=900)
+    r = T.run([str(H.VENV_PY), str(H.HERE / "inproc_adapters.py"), str(H.COMFY)], what="the ComfyUI adapter run",
+                env=H.venv_env(), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-5000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 

@@ -18,6 +18,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent / "comfy"))
 import harness as H  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).parent))
+import ws_timeouts as T  # noqa: E402
+
 NODE_IDS = {"WeightsmithEraseConcepts", "WeightsmithLoraStack", "WeightsmithIterISMerge",
             "WeightsmithSaveEditAsLora"}
 TARGET, ANCHOR = "Van Gogh", "art"
@@ -307,11 +310,11 @@ def test_merge_linear_equals_weighted_sum_and_interrupt_leaves_no_file(server, c
 def test_front_end_search_examples_and_inline_report(server):
     """Headless Chromium with ComfyUI's real front end (comfyui-frontend-package as pinned)."""
     import json
-    import subprocess
 
     art = H.REPO / "tests" / "artifacts"
-    r = subprocess.run([str(H.VENV_PY), str(H.HERE / "browser_check.py"), server.url, str(H.REPO), str(art),
-                        "--run-report"], env=H.venv_env(), capture_output=True, text=True, timeout=1200)
+    r = T.run([str(H.VENV_PY), str(H.HERE / "browser_check.py"), server.url, str(H.REPO), str(art),
+               "--run-report"], what="the ComfyUI browser check", env=H.venv_env(), capture_output=True,
+               text=True, timeout=1200)
     assert r.returncode == 0, r.stderr[-4000:]
     found = json.loads(r.stdout.strip().splitlines()[-1])
     assert NODE_IDS <= set(found["registered"])

@@ -13,10 +13,12 @@ from __future__ import annotations
 import ast
 import json
 import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import ws_timeouts as T  # noqa: E402
 
 HOSTS = ("comfy", "modules", "gradio", "folder_paths")
 CORE = Path(__file__).resolve().parents[1] / "core"
@@ -59,8 +61,8 @@ _CHILD = textwrap.dedent("""
 def test_core_imports_without_hosts(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
                XDG_CACHE_HOME=str(tmp_path / "cache"))
-    proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(HOSTS), str(tmp_path / "tok")],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = T.run([sys.executable, "-c", _CHILD, json.dumps(HOSTS), str(tmp_path / "tok")], what="the host-import check",
+                 capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not out["failed"], "\n".join(f"{n}:\n{tb}" for n, tb in out["failed"])

@@ -24,11 +24,15 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
+sys.path.insert(0, str(Path(__file__).parent))
+import ws_timeouts as T  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 FILES = ["test_lora_read.py", "test_lora_write.py", "test_erase_io.py", "test_erase_pipeline.py",
          "test_erase_tokens.py", "test_precision.py", "test_a1111_adapter.py", "test_a1111_workbench.py",
          "test_forge_adapter.py", "test_a1111_install.py", "test_comfy_pack_light.py",
-         "test_merge_baselines.py", "test_iteris_properties.py", "test_reliability.py", "test_merge_cli.py"]
+         "test_merge_baselines.py", "test_iteris_properties.py", "test_nonfinite_values.py", "test_safe_output.py",
+         "test_option_validation.py", "test_input_validation.py", "test_signals.py", "test_merge_cli.py"]
 NOT_THERE = "not loads_in_diffusers and not loads_exactly_in_diffusers and not single_file_checkpoint_round_trip"
 
 
@@ -53,8 +57,8 @@ def test_the_suite_passes_on_the_declared_transformers_and_diffusers_floors(inst
     if os.environ.get("WEIGHTSMITH_SKIP_FLOOR") == "1":
         pytest.skip("WEIGHTSMITH_SKIP_FLOOR=1")
     want = _floors(install_py.requirements())
-    r = subprocess.run(["bash", str(REPO / "tests" / "floor" / "setup_env.sh"), want["transformers"],
-                        want["diffusers"]], capture_output=True, text=True, timeout=900,
+    r = T.run(["bash", str(REPO / "tests" / "floor" / "setup_env.sh"), want["transformers"],
+               want["diffusers"]], what="the floor venv set-up", capture_output=True, text=True, timeout=900,
                        env=dict(os.environ, PYTHON=sys.executable))
     assert r.returncode == 0, f"floor venv setup failed:\n{r.stderr[-3000:]}"
     py = r.stdout.strip().splitlines()[-1]
@@ -62,9 +66,9 @@ def test_the_suite_passes_on_the_declared_transformers_and_diffusers_floors(inst
                          capture_output=True, text=True, check=True).stdout.split()
     assert [Version(v) for v in got] == [Version(want["transformers"]), Version(want["diffusers"])]
     env = dict(os.environ, WEIGHTSMITH_FLOOR_INNER="1", OMP_NUM_THREADS="1")
-    run = subprocess.run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp", str(tmp_path / "t"),
+    run = T.run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp", str(tmp_path / "t"),
                           "-k", NOT_THERE, *[str(REPO / "tests" / f) for f in FILES]],
-                         capture_output=True, text=True, timeout=1500, cwd=REPO, env=env)
+                         capture_output=True, text=True, timeout=1500, cwd=REPO, env=env, what="the suite under the dependency floors")
     tail = run.stdout[-4000:] + run.stderr[-2000:]
     assert run.returncode == 0, f"the suite fails on transformers {got[0]} / diffusers {got[1]}:\n{tail}"
     passed = re.search(r"(\d+) passed", run.stdout.splitlines()[-1])       # rc 0: nothing failed

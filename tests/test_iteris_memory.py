@@ -1,6 +1,9 @@
 """IterIS under a memory budget (docs/merge.md, "Memory"): layers planned into groups that get their
 own passes give the very same merge as one pass over everything; what does not fit falls back to
 the weighted sum with the reason in the report; an impossible budget is a clear error."""
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,6 +13,9 @@ from weightsmith.core.merge import MergeOptions, merge
 from weightsmith.core.merge.iteris import IterISSolver
 from weightsmith.core.merge.random_loras import random_lora
 from weightsmith.core.merge.stats import _input_group
+
+sys.path.insert(0, str(Path(__file__).parent))
+import ws_timeouts as T  # noqa: E402
 
 PROMPTS = [["a red cat on a tree", "a dog at night"], ["a blue car in the city", "portrait of an old man"]]
 OPTS = dict(iterations=2, tol=0.0, samples=2, steps=1, latent_size=8, batch_size=2)
@@ -107,7 +113,6 @@ def test_release_free_heap_hands_freed_heap_blocks_back():
     import ctypes
     import json
     import platform
-    import subprocess
     import sys
 
     try:
@@ -132,7 +137,8 @@ held = memory.rss()
 memory.release_free_heap(collect=False)
 print(json.dumps([before, held, memory.rss()]))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    out = T.run([sys.executable, "-c", code], what="the IterIS memory child", capture_output=True, text=True,
+                timeout=300, check=True)
     before, held, after = json.loads(out.stdout.strip().splitlines()[-1])
     assert held - before > -50 * 2**20, "the freed blocks left the heap without a trim (nothing to show)"
     assert held - after > 150 * 2**20, (before, held, after)

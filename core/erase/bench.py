@@ -42,6 +42,9 @@ def add_arguments(p) -> None:
                    help="--sweep --family world only: also judge-read erasure and preservation on held-out prompts, "
                         "this many images per prompt set and setting (0: residuals only)")
     p.add_argument("--quick", action="store_true", help="--sweep only: tiny model and three settings (smoke run)")
+    p.add_argument("--concepts", type=int, default=0, metavar="N",
+                   help="instead: erase N concepts at once (and N/2) with uce and erasepro; time and peak RSS "
+                        "(see core/bench_concepts.py)")
 
 
 def reference_uce(model, old_texts, new_texts, retain_texts, lamb=0.5, erase_scale=1.0, preserve_scale=1.0):
@@ -117,6 +120,10 @@ def heldout_rho(model, edited_encoder_model, deltas) -> float:
 
 
 def run(args) -> int:
+    if getattr(args, "concepts", 0):
+        from ..bench_concepts import run_concepts
+
+        return run_concepts(args)
     if getattr(args, "sweep", False):
         from .sweep import run_sweep
 

@@ -108,7 +108,7 @@ def _check_out(args) -> Path:
     if report is not None:
         require(report.parent.exists() or not str(report.parent),
                 f"the folder {report.parent} of --report does not exist; create it first.")
-        check_writable_file(report, "--report")
+        check_writable_file(report, "--report", stream_ok=True)
     if args.rank is not None:
         from ..lora_write import check_rank
 

@@ -164,7 +164,11 @@ def _stat(name, stage, W_o, delta, X, Y, X0, rank, basis, R, factors) -> dict:
     X, Y = X.to(F64), Y.to(F64)
     X0 = X if same else X0.to(F64)
     R = R.to(F64)
-    dX = factors[0].to(F64) @ (factors[1].to(F64) @ X)
+    down = factors[1]
+    # ΔX through the factors when their rank is below d_in, else through ΔW: never the N × N
+    # product down @ X of a UCE basis with more features than dimensions (docs/reliability.md)
+    dX = (factors[0].to(F64) @ (down.to(F64) @ X) if down.shape[0] < down.shape[1]
+          else delta.to(F64) @ X)
     gap = float(R.norm())
     gap0 = gap if same else float((W_o @ (X0 - Y)).norm())
     after = float((dX - R).norm())

@@ -34,6 +34,14 @@ def preserve_matrix(P: torch.Tensor | None, d_in: int, lam: float, eta_p: float)
 FALLBACK_RIDGE = 1e-2
 
 
+def gram_fro_norm(S: torch.Tensor) -> float:
+    """``‖XᵀX‖_F`` from the singular values ``S`` of ``X`` (``= sqrt(Σ σ⁴)``): the ridge scale of
+    docs/method.md, "Conditioning: exact or ridge", without forming the N × N Gram matrix, so memory
+    grows with the number of features N, never with N²."""
+    S = S.to(F64)
+    return float(torch.sqrt(torch.sum(S ** 4)))
+
+
 @dataclass
 class ZeroResidualBasis:
     """Min-norm (or C-weighted) solution of ``Δ X = R`` for any ``R`` (docs/method.md,
@@ -105,7 +113,7 @@ class ZeroResidualBasis:
         self.exact_rank = int(keep.sum())      # directions solved exactly (all of them for "exact")
         if self.exact_subspace is not None:
             ridge = FALLBACK_RIDGE if ridge is None else ridge
-            mu = ridge * float((Xw.T @ Xw).norm())
+            mu = ridge * gram_fro_norm(S)
             principal = Sk >= self.exact_subspace * S[0]
             inv = torch.where(principal, 1.0 / Sk, Sk / (Sk ** 2 + mu))
             self.exact_rank = int(principal.sum())
@@ -114,7 +122,7 @@ class ZeroResidualBasis:
             if ridge is None:
                 ridge = 0.0 if self.kappa >= self.cond_limit else FALLBACK_RIDGE
             if ridge > 0:
-                mu = ridge * float((Xw.T @ Xw).norm())
+                mu = ridge * gram_fro_norm(S)
                 inv = Sk / (Sk ** 2 + mu)
                 self.solver = "ridge"
                 self.exact_rank = 0

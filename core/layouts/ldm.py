@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import re
 
-from ..errors import require
+from ..errors import WeightsmithError, require
 from ..naming import LDM_UNET_PREFIX
 
 
@@ -30,8 +30,17 @@ def te_config_from_keys(sf, prefix: str, open_clip: bool, heads: int | None, tok
         layer_re = re.compile(re.escape(prefix) + r"text_model\.encoder\.layers\.(\d+)\.")
         fc1 = sf.shape(prefix + "text_model.encoder.layers.0.mlp.fc1.weight")
         proj = prefix + "text_projection.weight"
-    layers = 1 + max(int(m.group(1)) for k in sf.keys() if (m := layer_re.match(k)))
+    found = [int(m.group(1)) for k in sf.keys() if (m := layer_re.match(k))]
+    if not found:
+        raise WeightsmithError(f"the checkpoint's text encoder has no layers (no {layer_re.pattern[:-7]}… "
+                               "weights); the file is damaged or not a complete SD checkpoint.")
+    layers = 1 + max(found)
     hidden = emb[1]
+    if heads is not None and hidden % heads:
+        raise WeightsmithError(
+            f"the checkpoint's metadata entry ws_text_encoder_heads says {heads} attention heads, which do not "
+            f"divide the text encoder's width {hidden} (from its weights). The file was edited or damaged: "
+            "remove the entry or export the file again.")
     has_proj = proj in set(sf.keys())
     proj_dim = sf.shape(proj)[1 if open_clip else 0] if has_proj else hidden
     cfg = CLIPTextConfig(
@@ -68,7 +77,16 @@ def infer_unet_config(sf, family: str, prefix: str = LDM_UNET_PREFIX) -> dict:
         has_attn.append(a)
         depth.append(1 + max(int(k.split(".")[4]) for k in keys
                              if k.startswith(f"input_blocks.{n}.1.transformer_blocks.")) if a else 1)
-    ctx_key = next(k for k in keys if k.endswith("attn2.to_k.weight"))
+    kv = {k: tuple(shape(k)) for k in keys if k.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))}
+    require(bool(kv), "the checkpoint's UNet has no cross-attention (attn2.to_k) weights; it is not a "
+            "text-conditioned SD UNet or the file is incomplete.")
+    widths = [s[1] if len(s) == 2 else None for s in kv.values()]
+    common = max(set(widths), key=widths.count)          # every cross-attention k/v reads one width
+    for k, sk in kv.items():
+        if len(sk) != 2 or sk[1] != common:
+            raise WeightsmithError(f"UNet weight {P + k} has shape {sk}, unlike the other cross-attention weights "
+                                   f"(… × {common}); the file is damaged.")
+    ctx_key = next(k for k in kv if kv[k][1] == common)
     linear = len(shape(next(k for k in keys if k.endswith("proj_in.weight")))) == 2
     mid_attn = "middle_block.1.proj_in.weight" in ks
     if family == "sd1":
@@ -91,5 +109,48 @@ def infer_unet_config(sf, family: str, prefix: str = LDM_UNET_PREFIX) -> dict:
         adm = shape("label_emb.0.0.weight")[1]
         cfg.update(addition_embed_type="text_time", addition_time_embed_dim=256,
                    projection_class_embeddings_input_dim=adm)
-    cfg.update(json.loads(sf.metadata.get("ws_unet_config", "{}")))
+    cfg.update(metadata_json(sf, "ws_unet_config", _unet_config_problem(cfg)))
     return cfg
+
+
+def _unet_config_problem(inferred: dict):
+    """A check for ``ws_unet_config``: the entries the weights determine must agree with them."""
+    def check(val: dict) -> str | None:
+        for k in ("in_channels", "out_channels", "cross_attention_dim", "block_out_channels", "layers_per_block"):
+            if k in val:
+                want = inferred[k]
+                got = tuple(val[k]) if isinstance(val[k], list) else val[k]
+                if got != want:
+                    return f"{k} = {val[k]!r} contradicts the weights ({want!r})"
+        return None
+    return check
+
+
+def metadata_json(sf, key: str, check=None) -> dict:
+    """The checkpoint metadata entry ``key`` (Weightsmith's own ``ws_*`` entries) parsed as a JSON
+    object and checked with ``check(value) -> str | None`` (a problem, or None); a broken or
+    contradictory entry is one :class:`WeightsmithError` naming it (docs/reliability.md, "Inputs")."""
+    raw = (sf.metadata or {}).get(key)
+    if raw is None:
+        return {}
+    fix = (f"The file was edited or damaged: remove the {key} metadata entry (it is re-inferred from the "
+           "weights) or export the file again.")
+    try:
+        val = json.loads(raw)
+    except (ValueError, TypeError) as e:
+        raise WeightsmithError(f"the checkpoint's metadata entry {key} is not valid JSON ({e}). {fix}") from None
+    if not isinstance(val, dict):
+        raise WeightsmithError(f"the checkpoint's metadata entry {key} is a {type(val).__name__}, not a JSON "
+                               f"object. {fix}")
+    problem = check(val) if check else None
+    if problem:
+        raise WeightsmithError(f"the checkpoint's metadata entry {key}: {problem}. {fix}")
+    return val
+
+
+def heads_problem(val: dict) -> str | None:
+    """A check for ``ws_text_encoder_heads``: every head count a positive integer."""
+    for c, h in val.items():
+        if not isinstance(h, int) or isinstance(h, bool) or h < 1:
+            return f"the head count of {c} is {h!r}, not a positive integer"
+    return None

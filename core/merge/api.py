@@ -77,6 +77,19 @@ def _prompts_for(loras, prompts, count):
     return out, sources
 
 
+def _check_model_finite(model) -> None:
+    """The weights IterIS/RegMean sample (text encoders, UNet) hold no NaN/Inf; else one
+    :class:`WeightsmithError` naming the first such tensor (docs/reliability.md, "Non-finite values")."""
+    parts = [(f"text-encoder weight {c}.", te) for c, te in model.text_encoders.items()]
+    parts.append(("UNet weight unet.", model.unet))
+    for what, module in parts:
+        for n, prm in module.named_parameters():
+            if prm.is_floating_point() and not bool(torch.isfinite(prm).all()):
+                raise WeightsmithError(
+                    f"the model's {what}{n} holds NaN or infinite values; the model file is damaged, so IterIS "
+                    "cannot sample it. Use an intact copy of the model.")
+
+
 def merge(model, loras, method: str = "iteris", weights=None, prompts=None,
           options: MergeOptions | None = None, progress=None, cancel=None, blocks=None,
           block_presets: dict | None = None) -> Edit:
@@ -128,6 +141,7 @@ def merge(model, loras, method: str = "iteris", weights=None, prompts=None,
         if b is not None:
             d["blocks"] = b
     if method in ("iteris", "regmean"):
+        _check_model_finite(model)       # before sampling: NaN would surface as a torch.linalg assert
         plist, sources = _prompts_for(loras, prompts, opts.samples)
         samples = [make_samples(p, opts.samples, opts.seed) for p in plist]
         for d, p, s in zip(info, plist, sources):

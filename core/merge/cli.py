@@ -313,7 +313,7 @@ def _check_outputs(args, pairs) -> Path:
                                f"--out must end in .safetensors for a checkpoint, not {out.name!r}.")
     check_writable_file(out, "--out")
     if report is not None:
-        check_writable_file(report, "--report")
+        check_writable_file(report, "--report", stream_ok=True)
     if args.tokenizer and not Path(args.tokenizer).exists():
         raise WeightsmithError(f"--tokenizer {args.tokenizer} does not exist; pass a CLIP tokenizer folder "
                                "(vocab.json + merges.txt) or leave it out.")
