@@ -121,9 +121,9 @@ def test_a_missing_or_misshapen_unet_weight_is_named_when_the_unet_loads(tiny_ch
 def _surgery(src, dst, case):
     import json
 
-    from weightsmith.core.model_io import _StateFile
+    from weightsmith.core.state_files import StateFile
 
-    sd, meta = load_file(str(src)), dict(_StateFile(src).metadata)
+    sd, meta = load_file(str(src)), dict(StateFile(src).metadata)
     k_to_k = next(k for k in sorted(sd) if k.endswith("attn2.to_k.weight"))
     k_unet = next(k for k in sorted(sd) if k.endswith("input_blocks.1.0.in_layers.2.weight"))
     if case == "unet_config_not_json":

@@ -17,9 +17,9 @@ def _poisoned_checkpoint(src, dst, key_part, value, dtype=None):
     sd[key] = t
     if dtype is not None:
         sd = {k: v.to(dtype) for k, v in sd.items()}
-    from weightsmith.core.model_io import _StateFile
+    from weightsmith.core.state_files import StateFile
 
-    save_file(sd, str(dst), metadata=_StateFile(src).metadata)
+    save_file(sd, str(dst), metadata=StateFile(src).metadata)
     return key
 
 
