@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def tiny_models():
     """Seeded tiny random models of each family (built once per test session)."""
-    from weightsmith.core.random_models import build_random_model
+    from weightsmith.core.lab.random_models import build_random_model
 
     return {f: build_random_model(f, "tiny", seed=0) for f in ("sd1", "sd2", "sdxl")}
 

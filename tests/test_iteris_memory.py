@@ -8,8 +8,8 @@ from weightsmith.core.errors import WeightsmithError
 from weightsmith.core.lora_read import lora_from_state_dict
 from weightsmith.core.merge import MergeOptions, merge
 from weightsmith.core.merge.iteris import IterISSolver
-from weightsmith.core.merge.random_loras import random_lora
-from weightsmith.core.merge.stats import _input_group
+from weightsmith.core.lab.random_loras import random_lora
+from weightsmith.core.merge.stats import input_group as _input_group
 
 PROMPTS = [["a red cat on a tree", "a dog at night"], ["a blue car in the city", "portrait of an old man"]]
 OPTS = dict(iterations=2, tol=0.0, samples=2, steps=1, latent_size=8, batch_size=2)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from weightsmith.core.cli import main
 from weightsmith.core.errors import WeightsmithError
-from weightsmith.core.merge.random_loras import random_lora
+from weightsmith.core.lab.random_loras import random_lora
 
 
 def _sha(p):

@@ -44,7 +44,7 @@ from ..errors import WeightsmithError
 from ..precision import compute_dtype
 from .options import MergeOptions
 from .sampling import SamplingProtocol, is_context_only, progress_units
-from .stats import DeltaHooks, GramStats, _input_group, in_dim
+from .stats import DeltaHooks, GramStats, in_dim, input_group as _input_group
 
 
 def _gram_device(model):
