@@ -1,5 +1,5 @@
 """The package's import graph, read from the source with ``ast`` (nothing is imported; function
-bodies count, as lazy imports run too): docs/method.md, "Layout".
+bodies count, as lazy imports run too).
 
 Three rules, each able to fail (run ``python tests/test_layout.py`` to print what breaks them):
 - no import circle, neither among modules nor among the packages of ``core``;

@@ -1,4 +1,4 @@
-"""The lab: code that measures the solvers, never needed to use them (docs/method.md, "Layout").
+"""The lab: code that measures the solvers, never needed to use them.
 
 - ``bench``: the ``weightsmith bench`` command and its sub-commands; ``erase_bench``, ``erase_sweep``,
   ``merge_bench``, ``merge_sweep``, ``quality``: one module per bench;

@@ -10,7 +10,8 @@ from __future__ import annotations
 import importlib
 
 BENCHES = {
-    "erase": ("weightsmith.core.lab.erase_bench", "erasure: ErasePro / zero-residual / UCE vs the public UCE algorithm"),
+    "erase": ("weightsmith.core.lab.erase_bench",
+              "erasure: ErasePro / zero-residual / UCE vs the public UCE algorithm"),
     "erase-sweep": ("weightsmith.core.lab.erase_sweep",
                     "erasure: the zero-residual solver's knobs (ridge, cond_limit fallback, max_pad, exact_subspace, "
                     "merge_tol) side by side: ρ on the edit and held-out prompts, drift on held-out preserve "

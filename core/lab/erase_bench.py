@@ -71,9 +71,10 @@ def run(args) -> int:
                                 ("erasepro", "erasepro", EraseOptions())):
         edit, m = timed(lambda: erase(model, TARGETS, [ANCHOR], PRESERVE, method, opts))
         enc = encoders_only(model, edit) if method == "erasepro" else model
-        rows[label] = {"time_s": m.seconds, "peak_mib": m.mib, "heldout_rho": kv_residual(model, enc, edit.deltas, *held),
-                        "unet_delta_rel": _mean([s["delta_rel"] for s in edit.report["stages"] if s["stage"] == "unet"]),
-                        "edit_rho_max": max(s["rho"] for s in edit.report["stages"])}
+        rows[label] = {"time_s": m.seconds, "peak_mib": m.mib,
+                       "heldout_rho": kv_residual(model, enc, edit.deltas, *held),
+                       "unet_delta_rel": _mean([s["delta_rel"] for s in edit.report["stages"] if s["stage"] == "unet"]),
+                       "edit_rho_max": max(s["rho"] for s in edit.report["stages"])}
         if label == "uce":
             rows[label]["max_abs_diff_vs_reference"] = max(
                 float((edit.deltas[n] - ref_deltas[n]).abs().max()) for n in ref_deltas)

@@ -1,4 +1,5 @@
-"""``weightsmith bench merge-sweep`` (also ``bench merge --sweep``): IterIS's levers on the embedded world's LoRA pairs, judge-read.
+"""``weightsmith bench merge-sweep`` (also ``bench merge --sweep``): IterIS's levers on the embedded
+world's LoRA pairs, judge-read.
 
 docs/merge.md, "World v2 sweep". The world's subject + style LoRAs (``--pair interfering``, the
 default: trained without regularization images so that a plain sum leaks; ``clean``: trained with
