@@ -11,6 +11,14 @@ def unet_kv_names(model) -> list[str]:
     return [f"{b}.{s}" for b in model.unet_cross_attention_names() for s in ("to_k", "to_v")]
 
 
+def _kv_weights(model, deltas):
+    """``(W_o, W')`` of every UNet k/v matrix in float64, ``W' = W_o + deltas[name]`` (``W_o`` without one)."""
+    for name in unet_kv_names(model):
+        W = model.weight(name).double()
+        d = deltas.get(name)
+        yield W, (W + d.double() if d is not None else W)
+
+
 def kv_residual(model, enc_model, deltas, targets, anchors) -> float:
     """Mean over the UNet cross-attention ``to_k``/``to_v`` of ``‖W'X' − W_oY‖ / ‖W_o(Y − X⁰)‖`` on every
     paired row of ``targets``/``anchors`` (concept, template, EOS and padding: the rows the UNet reads).
@@ -28,12 +36,7 @@ def kv_residual(model, enc_model, deltas, targets, anchors) -> float:
     X = gather(enc_model.encode(targets).context, tpos).double()
     X0 = gather(model.encode(targets).context, tpos).double()
     Y = gather(model.encode(anchors).context, apos).double()
-    out = []
-    for name in unet_kv_names(model):
-        W = model.weight(name).double()
-        d = deltas.get(name)
-        Wn = W + d.double() if d is not None else W
-        out.append(float((Wn @ X - W @ Y).norm() / (W @ (Y - X0)).norm()))
+    out = [float((Wn @ X - W @ Y).norm() / (W @ (Y - X0)).norm()) for W, Wn in _kv_weights(model, deltas)]
     return sum(out) / len(out) if out else float("nan")
 
 
@@ -42,12 +45,7 @@ def kv_drift(model, enc_model, deltas, prompts) -> float:
     c0 = model.encode(prompts).context.double()
     P0 = c0.reshape(-1, c0.shape[-1]).T
     P = enc_model.encode(prompts).context.double().reshape(-1, c0.shape[-1]).T
-    out = []
-    for name in unet_kv_names(model):
-        W = model.weight(name).double()
-        d = deltas.get(name)
-        Wn = W + d.double() if d is not None else W
-        out.append(float((Wn @ P - W @ P0).norm() / (W @ P0).norm()))
+    out = [float((Wn @ P - W @ P0).norm() / (W @ P0).norm()) for W, Wn in _kv_weights(model, deltas)]
     return sum(out) / len(out)
 
 
