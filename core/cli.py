@@ -18,8 +18,8 @@ COMMANDS = [
     ("weightsmith.core.erase.cli", "register"),
     ("weightsmith.core.merge.cli", "register"),
     ("weightsmith.core.merge.reweight", "register"),
-    ("weightsmith.core.world.demo", "register"),
-    ("weightsmith.core.bench", "register"),
+    ("weightsmith.core.lab.demo", "register"),
+    ("weightsmith.core.lab.bench", "register"),
 ]
 
 
@@ -84,6 +84,17 @@ def _install_signal_handlers() -> dict:
     return old
 
 
+def resolve_aliases(argv: list[str]) -> list[str]:
+    """The command line with old spellings of a sub-command replaced (``bench erase --sweep``)."""
+    try:
+        from .lab.bench import resolve_aliases as bench_aliases
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("weightsmith"):
+            return argv   # the lab is not part of this build
+        raise
+    return bench_aliases(argv)
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -95,7 +106,7 @@ def main(argv=None) -> int:
     old_handlers = _install_signal_handlers()
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args = parser.parse_args(resolve_aliases(sys.argv[1:] if argv is None else list(argv)))
         if not getattr(args, "func", None):
             parser.print_help()
             return 2

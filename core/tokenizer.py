@@ -31,7 +31,7 @@ DEFAULT_WORDS = (
 ).split()
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
         range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
@@ -71,7 +71,7 @@ def write_word_vocab(folder: Path, words=DEFAULT_WORDS, model_max_length: int = 
     """Write vocab.json / merges.txt / tokenizer_config.json for a word-level CLIP tokenizer."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    chars = list(_bytes_to_unicode().values())
+    chars = list(bytes_to_unicode().values())
     vocab: list[str] = chars + [c + "</w>" for c in chars]
     merges: list[tuple[str, str]] = []
     ranks: dict[tuple[str, str], int] = {}
@@ -149,7 +149,7 @@ def bundled_clip_tokenizer_dir() -> Path:
     def write(folder: Path):
         lines = gzip.open(CLIP_BPE, "rt", encoding="utf-8").read().split("\n")
         merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1]]
-        chars = list(_bytes_to_unicode().values())
+        chars = list(bytes_to_unicode().values())
         vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + [BOS, EOS]
         (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
         (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def tiny_models():
     """Seeded tiny random models of each family (built once per test session)."""
-    from weightsmith.core.random_models import build_random_model
+    from weightsmith.core.lab.random_models import build_random_model
 
     return {f: build_random_model(f, "tiny", seed=0) for f in ("sd1", "sd2", "sdxl")}
 
@@ -167,7 +167,7 @@ def lora_files(tiny_models, tmp_path):
     """Two small random SD1 LoRAs (attention + text encoder, rank 2) written as .safetensors."""
     from safetensors.torch import save_file
 
-    from weightsmith.core.merge.random_loras import random_lora
+    from weightsmith.core.lab.random_loras import random_lora
 
     out = []
     for s in (1, 2):

@@ -32,7 +32,7 @@ def _model(family):
     arithmetic (3 blocks per level) holds, as it does for real SD models."""
     from diffusers import UNet2DConditionModel
 
-    from weightsmith.core.random_models import build_random_model
+    from weightsmith.core.lab.random_models import build_random_model
 
     m = build_random_model(family, "tiny", seed=3)
     if family != "sdxl":

@@ -22,7 +22,7 @@ def bench(tmp_path):
 
 
 def _random_loras(model, folder, n=2):
-    from weightsmith.core.merge.random_loras import random_lora
+    from weightsmith.core.lab.random_loras import random_lora
 
     paths = []
     for i in range(n):
@@ -115,8 +115,8 @@ def test_save_checkpoint_writes_base_plus_delta(bench):
 
 def test_refusals_are_clear(bench, tmp_path):
     from weightsmith.core.errors import WeightsmithError
-    from weightsmith.core.merge.random_loras import random_lora
-    from weightsmith.core.random_models import build_random_model
+    from weightsmith.core.lab.random_loras import random_lora
+    from weightsmith.core.lab.random_models import build_random_model
 
     b, wb = bench
     t, _ = random_lora(build_random_model("sdxl", "tiny", seed=1), groups=("attn",), rank=2, seed=1)

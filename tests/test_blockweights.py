@@ -14,7 +14,7 @@ from weightsmith.core import blockweights as bwm
 from weightsmith.core.errors import WeightsmithError
 from weightsmith.core.lora_read import load_lora, lora_from_state_dict
 from weightsmith.core.merge import MergeOptions, merge
-from weightsmith.core.merge.random_loras import random_lora
+from weightsmith.core.lab.random_loras import random_lora
 from weightsmith.core.naming import UNetLayout, kohya_prefix
 
 # LBW's BLOCKS (index i <-> BLOCKID26[i]; the last two also mean BASE), copied from its source

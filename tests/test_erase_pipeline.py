@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from weightsmith.core.erase import EraseOptions, erase
-from weightsmith.core.erase.pipeline import _gather, build_prompts, validate_concepts
+from weightsmith.core.erase.pipeline import build_prompts, gather as _gather, validate_concepts
 from weightsmith.core.erase.tokens import align
 
 FAMILIES = ("sd1", "sd2", "sdxl")
@@ -131,7 +131,7 @@ def test_progress_and_cancel(tiny_models):
 
 def test_our_uce_equals_the_public_script_algorithm(tiny_models):
     """Single-token concepts, where the script's token rule and ours select the same rows."""
-    from weightsmith.core.erase.bench import reference_uce
+    from weightsmith.core.lab.reference import reference_uce
 
     import copy
 

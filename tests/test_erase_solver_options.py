@@ -207,7 +207,7 @@ def test_sweep_quick_smoke(capsys):
 def test_sweep_quick_json_figures_are_consistent(capsys):
     import json
 
-    from weightsmith.core.erase.sweep import _spearman
+    from weightsmith.core.lab.measures import spearman as _spearman
 
     assert main(["bench", "erase", "--sweep", "--quick", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]

@@ -43,7 +43,7 @@ def forge(tmp_path_factory):
 
 def _checkpoint(forge, family, name="base"):
     from weightsmith.core.model_io import save_single_file
-    from weightsmith.core.random_models import build_random_model
+    from weightsmith.core.lab.random_models import build_random_model
 
     m = build_random_model(family, "tiny", seed=3)
     ck = Path(forge["sd_models"].model_path) / f"{name}-{family}.safetensors"

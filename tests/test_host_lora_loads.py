@@ -30,7 +30,7 @@ def test_erase_and_merge_loras_apply_exactly_in_a1111(webui, tmp_path, family):
     from weightsmith.core.lora_read import lora_from_state_dict
     from weightsmith.core.lora_write import save_lora
     from weightsmith.core.merge import merge, save_merge
-    from weightsmith.core.merge.random_loras import random_lora
+    from weightsmith.core.lab.random_loras import random_lora
 
     m, sm, ck = _load(webui, family)
     b, _ = _backend()
@@ -76,7 +76,7 @@ def test_a1111_tab_save_never_replaces_an_input_or_existing_lora(tmp_path):
 
     from weightsmith.a1111_extension.backend import StandaloneBackend, Workbench
     from weightsmith.core.errors import WeightsmithError
-    from weightsmith.core.merge.random_loras import random_lora
+    from weightsmith.core.lab.random_loras import random_lora
 
     sys.path.insert(0, str(Path(__file__).resolve().parent / "a1111"))
     from helpers import tiny_diffusers_folder

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from weightsmith.core.cli import main
 from weightsmith.core.errors import WeightsmithError
-from weightsmith.core.merge.random_loras import random_lora
+from weightsmith.core.lab.random_loras import random_lora
 
 
 def test_alpha_zero_is_read_as_rank_and_said(tiny_models, tmp_path):

@@ -11,8 +11,8 @@ from weightsmith.core.errors import WeightsmithError
 from weightsmith.core.lora_read import lora_from_state_dict
 from weightsmith.core.merge import MergeOptions, merge
 from weightsmith.core.merge.iteris import IterISSolver
-from weightsmith.core.merge.random_loras import random_lora
-from weightsmith.core.merge.stats import _input_group
+from weightsmith.core.lab.random_loras import random_lora
+from weightsmith.core.merge.stats import input_group as _input_group
 
 sys.path.insert(0, str(Path(__file__).parent))
 import ws_timeouts as T  # noqa: E402

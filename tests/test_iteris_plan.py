@@ -95,7 +95,7 @@ def test_progress_costs_do_not_grow_with_the_iterations(tiny_models):
     from weightsmith.core.lora_read import lora_from_state_dict
     from weightsmith.core.merge import MergeOptions
     from weightsmith.core.merge.iteris import IterISSolver
-    from weightsmith.core.merge.random_loras import random_lora
+    from weightsmith.core.lab.random_loras import random_lora
     from weightsmith.core.merge.sampling import make_samples
     from weightsmith.core.progress import Steps
 

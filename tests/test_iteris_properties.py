@@ -4,7 +4,7 @@ import pytest
 from weightsmith.core.errors import WeightsmithError
 from weightsmith.core.lora_read import load_lora, lora_from_state_dict
 from weightsmith.core.merge import MergeOptions, merge, save_merge
-from weightsmith.core.merge.random_loras import random_lora
+from weightsmith.core.lab.random_loras import random_lora
 
 PROMPTS = ["a red cat on a tree", "a blue car in the city", "portrait of an old man",
            "a dog and a horse at sunset", "a bright star in the night sky", "a small house by the river"]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from weightsmith.core.edit import Edit
 from weightsmith.core.lora_read import lora_from_state_dict
 from weightsmith.core.merge import MergeOptions, merge
-from weightsmith.core.merge.random_loras import random_lora, target_modules
+from weightsmith.core.lab.random_loras import random_lora, target_modules
 
 # LoRA 2 has one prompt for both samples: its text features count twice (weighted rows)
 PROMPTS = [["a red cat on a tree", "a dog at night"], ["a blue car in the city"]]

@@ -5,7 +5,7 @@ from safetensors.torch import save_file
 
 from weightsmith.core.errors import WeightsmithError
 from weightsmith.core.lora_read import load_lora, lora_from_state_dict
-from weightsmith.core.merge.random_loras import random_lora
+from weightsmith.core.lab.random_loras import random_lora
 from weightsmith.core.naming import UNetLayout, comfy_te_prefix, kohya_prefix
 
 

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from weightsmith.core.lora_read import lora_from_state_dict
 from weightsmith.core.merge import merge, save_merge
-from weightsmith.core.merge.random_loras import random_lora
+from weightsmith.core.lab.random_loras import random_lora
 
 
 def _pipeline(model):

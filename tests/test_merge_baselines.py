@@ -7,7 +7,7 @@ import torch
 
 from weightsmith.core.lora_read import lora_from_state_dict
 from weightsmith.core.merge import MergeOptions, merge
-from weightsmith.core.merge.random_loras import random_lora
+from weightsmith.core.lab.random_loras import random_lora
 from weightsmith.core.naming import kohya_prefix
 
 

@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 from weightsmith.core.cli import main
 from weightsmith.core.lora_read import load_lora
 from weightsmith.core.merge.cli import parse_lora_arg
-from weightsmith.core.merge.random_loras import random_lora
+from weightsmith.core.lab.random_loras import random_lora
 from weightsmith.core.model_io import load_model, save_single_file
 
 

@@ -8,7 +8,7 @@ from weightsmith.core.cli import main
 from weightsmith.core.errors import WeightsmithError
 from weightsmith.core.lora_read import load_lora
 from weightsmith.core.merge import MergeOptions, merge
-from weightsmith.core.merge.sweep import SWEEP, settings_named
+from weightsmith.core.lab.merge_sweep import SWEEP, settings_named
 from weightsmith.core.model_io import load_model
 from weightsmith.core.world.evaluate import Sampler, merge_metrics, merge_sample_prompts, pair_paths
 from weightsmith.core.world.paths import DEFAULT_MODEL_DIR

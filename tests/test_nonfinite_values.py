@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from weightsmith.core.errors import WeightsmithError
-from weightsmith.core.merge.random_loras import random_lora
+from weightsmith.core.lab.random_loras import random_lora
 
 
 def _poisoned_checkpoint(src, dst, key_part, value, dtype=None):

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from weightsmith.core.precision import hold_weights
-from weightsmith.core.random_models import build_random_model
+from weightsmith.core.lab.random_models import build_random_model
 
 
 def test_held_layers_compute_in_float32_with_their_rounded_weights():

@@ -55,7 +55,7 @@ SHARED = "Smith, John\nMonet; a cat, in a hat"         # means the same in Comfy
 
 @pytest.fixture()
 def tiny_model():
-    from weightsmith.core.random_models import build_random_model
+    from weightsmith.core.lab.random_models import build_random_model
 
     return build_random_model("sd1", "tiny", seed=3)
 
@@ -138,7 +138,7 @@ def test_the_three_front_ends_give_the_same_sample_prompts(tmp_path, monkeypatch
     from safetensors.torch import save_file
 
     from weightsmith.a1111_extension.backend import StandaloneBackend, Workbench
-    from weightsmith.core.merge.random_loras import random_lora
+    from weightsmith.core.lab.random_loras import random_lora
 
     (tmp_path / "loras").mkdir()
     for i in range(2):

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save, save_file
 
 from weightsmith.core.errors import WeightsmithError
-from weightsmith.core.merge.random_loras import random_lora
+from weightsmith.core.lab.random_loras import random_lora
 
 CASE_LIMIT_S = 20            # one case past this is a hang
 BUDGET_S = float(os.environ.get("WEIGHTSMITH_FUZZ_SECONDS", "40"))

@@ -50,7 +50,7 @@ def test_demo_writes_the_report_and_its_base_rows_match_an_independent_evaluatio
 
 def test_quality_bench_quick_reports_every_method_with_intervals(capsys):
     from weightsmith.core.world.metrics import wilson
-    from weightsmith.core.world.quality import ERASE_METHODS, MERGE_METHODS
+    from weightsmith.core.lab.quality import ERASE_METHODS, MERGE_METHODS
 
     assert main(["bench", "quality", "--quick", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
@@ -73,8 +73,8 @@ def test_quality_bench_quick_reports_every_method_with_intervals(capsys):
 def test_erase_sweep_on_the_world_judges_each_setting_on_held_out_prompts(capsys):
     """``bench erase --sweep --family world``: every setting's judge-read figures are those of the
     demo's erasure evaluated on its own, and the residual's held-out prompts are not edit prompts."""
-    from weightsmith.core.erase.sweep import world_spec
-    from weightsmith.core.world.demo import run_erasures
+    from weightsmith.core.lab.erase_sweep import world_spec
+    from weightsmith.core.lab.demo import run_erasures
     from weightsmith.core.world.evaluate import ERASE_TARGET, ERASE_TEMPLATES
 
     assert main(["bench", "erase", "--sweep", "--family", "world", "--quick", "--samples", "2", "--json"]) == 0

@@ -6,7 +6,7 @@ from safetensors import safe_open
 from weightsmith.core.world.metrics import concept_rate, image_drift
 from weightsmith.core.world.paths import LORA_STYLE, LORA_STYLE_NOREG, LORA_SUBJECT, LORA_SUBJECT_NOREG
 from weightsmith.core.world.sample import load_model, sample
-from weightsmith.core.world.train_loras import apply_lora, lora_target_modules, trigger_prompts
+from weightsmith.core.world.training.train_loras import apply_lora, lora_target_modules, trigger_prompts
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -100,7 +100,7 @@ def test_conv_adapter_file_matches_the_trained_hook(tmp_path):
     from weightsmith.core.lora_read import load_lora
     from weightsmith.core.model_io import load_model as load_sd
     from weightsmith.core.world.paths import DEFAULT_MODEL_DIR
-    from weightsmith.core.world.train_loras import attach_loras, lora_state_dict
+    from weightsmith.core.world.training.train_loras import attach_loras, lora_state_dict
 
     m = load_model()
     hooks = attach_loras(m.unet, m.text_encoder, rank=4, alpha=2.0, conv_rank=3, conv_alpha=1.5)

@@ -143,7 +143,7 @@ def _capture(modules: dict[str, torch.nn.Module], run, stop: bool = False) -> di
     return got
 
 
-def _gather(feats: torch.Tensor, positions: list[tuple[int, ...]]) -> torch.Tensor:
+def gather(feats: torch.Tensor, positions: list[tuple[int, ...]]) -> torch.Tensor:
     """[B, T, d] features -> d × N columns at the given per-prompt positions."""
     cols = [feats[b, list(pos)] for b, pos in enumerate(positions) if pos]
     if not cols:
@@ -185,7 +185,7 @@ def _stat(name, stage, W_o, delta, X, Y, X0, rank, basis, R, factors) -> dict:
     }
 
 
-class _Encoders:
+class Encoders:
     """Runs the original and edited text encoders and serves aligned features."""
 
     def __init__(self, model, ps: _PromptSet, opts: EraseOptions):
@@ -264,7 +264,7 @@ def _select_layers(n_used: int, rng) -> list[int]:
     return [i for i in range(a, b + 1) if i < n_used]
 
 
-def _te_stage(model, enc: _Encoders, comp: str, opts: EraseOptions, steps: Steps,
+def _te_stage(model, enc: Encoders, comp: str, opts: EraseOptions, steps: Steps,
               deltas: dict, factors: dict, stats: list) -> None:
     """Progressive shallow→deep zero-residual edits of one text encoder (docs/method.md, "The ErasePro
     schedule")."""
@@ -326,9 +326,9 @@ def _te_stage(model, enc: _Encoders, comp: str, opts: EraseOptions, steps: Steps
                 # the group's input in the model edited so far: the layer runs only up to that module
                 cur = _capture({key: layer_e.get_submodule(_SUB_PATH[g[0]])}, lambda: run_layer(layer_e, hidden),
                                stop=True)
-                X = _gather(cur[key], tpos)
-                Y = _gather(feats_a.pop(key), apos)           # each layer's features are freed once used
-                X0 = _gather(feats_t0.pop(key), tpos)
+                X = gather(cur[key], tpos)
+                Y = gather(feats_a.pop(key), apos)           # each layer's features are freed once used
+                X0 = gather(feats_t0.pop(key), tpos)
                 P_l = feats_p.pop(key, None)
                 C = preserve_matrix(_all_tokens(P_l) if P_l is not None else None,
                                     X.shape[0], opts.lam, opts.eta_preserve)
@@ -356,19 +356,19 @@ def _te_stage(model, enc: _Encoders, comp: str, opts: EraseOptions, steps: Steps
     enc.set_edited(comp, model.conditioning_from_hidden(comp, ctx_hidden))   # final LN: never edited
 
 
-def _unet_stage(model, enc: _Encoders, ps: _PromptSet, method: str, opts: EraseOptions,
+def _unet_stage(model, enc: Encoders, ps: _PromptSet, method: str, opts: EraseOptions,
                 steps: Steps, deltas: dict, factors: dict, stats: list) -> None:
     """UNet cross-attention k/v: zero-residual or UCE, with shared factorisation (docs/method.md, "The
     ErasePro schedule", "UCE")."""
     first = next(iter(model.tokenizers))
     tpos, apos = enc.pairs[first]
     ctx = {k: enc.context(k) for k in ("t", "a", "p")}            # original encoders (cached passes)
-    X0 = _gather(ctx["t"], tpos)
-    Y = _gather(ctx["a"], apos)
+    X0 = gather(ctx["t"], tpos)
+    Y = gather(ctx["a"], apos)
     P = _all_tokens(ctx["p"]) if ps.preserve else None
     # edited encoders: the conditioning their layer-by-layer run produced (docs/method.md, "Cost of
     # the schedule"); without text-encoder stages it is the original one
-    X = _gather(enc.context("t", edited=True), tpos) if method == "erasepro" else X0
+    X = gather(enc.context("t", edited=True), tpos) if method == "erasepro" else X0
     X64, Y64 = X.to(F64), Y.to(F64)
     X064 = X64 if X is X0 else X0.to(F64)
     if method == "uce":
@@ -417,7 +417,7 @@ def erase(model, targets, anchors=("",), preserve=(), method: str = "erasepro",
     for comp, te in model.text_encoders.items():     # inputs checked where they enter
         for n, prm in te.named_parameters():
             _check_finite(prm, f"the model's text-encoder weight {comp}.{n}")
-    enc = _Encoders(model, ps, opts)
+    enc = Encoders(model, ps, opts)
     n_unet = len(model.unet_cross_attention_names()) * len(opts.unet_sublayers)
     te_plan = {}
     if method == "erasepro":

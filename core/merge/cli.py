@@ -204,11 +204,11 @@ def run(args) -> int:
 
     if not args.lora:
         raise WeightsmithError("no LoRAs to merge; pass at least one --lora FILE.")
-    presets = _block_presets(args.block_presets)
+    presets = read_block_presets(args.block_presets)
     specs = [parse_lora_spec(a, presets) for a in args.lora]
     pairs = [(p, w) for p, w, _ in specs]
     blocks = [b for _, _, b in specs] if any(b for _, _, b in specs) else None
-    out = _check_outputs(args, pairs)
+    out = check_outputs(args, pairs)
     prompts = _prompt_map(args.prompts, [p for p, _ in pairs])
     opts, quick = options_from_args(args)   # validated, before loading anything
     if quick and args.method in ("iteris", "regmean"):
@@ -273,7 +273,7 @@ def run(args) -> int:
     return 0
 
 
-def _block_presets(path) -> dict | None:
+def read_block_presets(path) -> dict | None:
     """--block-presets FILE: LoRA Block Weight's lbwpresets.txt format (core/blockweights.py)."""
     if not path:
         return None
@@ -286,7 +286,7 @@ def _block_presets(path) -> dict | None:
     return parse_presets(p.read_text(encoding="utf-8", errors="replace"))
 
 
-def _check_outputs(args, pairs) -> Path:
+def check_outputs(args, pairs) -> Path:
     """--out and --report are new paths: neither is an input (model, LoRA, tokenizer), inside an
     input folder, or the other; their folders are writable (checked before any work)."""
     from ..safe_io import check_paths, check_writable_file

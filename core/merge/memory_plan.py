@@ -5,7 +5,7 @@ same passes so that they fit the budget, as a plain function of the modules' siz
 settings as :class:`PlanSettings`, the budget as :class:`Budget`) and returns a :class:`MemoryPlan`;
 the solver (:class:`.iteris.IterISSolver`) measures those numbers on its model and LoRAs and runs
 the plan. Modules reading the same input tensor form one input group (one set of Gram matrices,
-:func:`.stats._input_group`); text-only groups come first and in chunks of their own (their passes
+:func:`.stats.input_group`); text-only groups come first and in chunks of their own (their passes
 need no UNet run); a group whose statistics alone exceed the budget falls back to the weighted sum.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from .. import memory
 from ..errors import WeightsmithError
 from .sampling import is_context_only
-from .stats import _input_group
+from .stats import input_group
 
 
 def needs_unet(name: str) -> bool:
@@ -159,7 +159,7 @@ def plan_memory(modules: list, s: PlanSettings, budget: Budget, reserve: int) ->
         if m.in_dim > s.max_gram_dim:
             reasons[m.name] = f"input {m.in_dim} wide > max_gram_dim {s.max_gram_dim}"
             continue
-        groups.setdefault(_input_group(m.name), []).append(m.name)
+        groups.setdefault(input_group(m.name), []).append(m.name)
     total, used, avail = budget.budget, budget.used, budget.avail
     mem = {"budget_bytes": total, "used_at_start_bytes": used, "reserve_bytes": reserve,
            "statistics_budget_bytes": avail}
@@ -183,7 +183,7 @@ def plan_memory(modules: list, s: PlanSettings, budget: Budget, reserve: int) ->
     split = avail is not None and sum(gsize.values()) > avail
     chunks, cur, cur_b, too_big = [], [], 0, []
     for g in order:
-        if cur and split and unet_group(g) and not unet_group(_input_group(cur[0])):
+        if cur and split and unet_group(g) and not unet_group(input_group(cur[0])):
             chunks.append((cur, cur_b))
             cur, cur_b = [], 0
         b = gsize[g]
@@ -217,7 +217,7 @@ def plan_memory(modules: list, s: PlanSettings, budget: Budget, reserve: int) ->
             by: dict = {}
             for n in c.names:
                 by.setdefault(depth_stage(n), []).append(n)
-            staged += [(st, make_chunk(ns, sum(gsize[g] for g in {_input_group(n) for n in ns})))
+            staged += [(st, make_chunk(ns, sum(gsize[g] for g in {input_group(n) for n in ns})))
                        for st, ns in by.items()]
         stages = [c for _, c in sorted(staged, key=lambda t: t[0])]
         mem["stage_chunks"] = len(stages)

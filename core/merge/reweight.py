@@ -46,12 +46,12 @@ def run(args) -> int:
     from ..lora_read import load_lora
     from ..model_io import load_model
     from .api import save_merge
-    from .cli import _block_presets, _check_outputs
+    from .cli import read_block_presets, check_outputs
 
     if not math.isfinite(args.weight):
         raise WeightsmithError(f"--weight must be a finite number, got {args.weight!r}.")
-    out = _check_outputs(args, [(args.lora, args.weight)])
-    presets = _block_presets(args.block_presets)
+    out = check_outputs(args, [(args.lora, args.weight)])
+    presets = read_block_presets(args.block_presets)
     model = load_model(args.model, tokenizer=args.tokenizer)
     from ..blockweights import parse
 

@@ -119,7 +119,7 @@ _SHARED_INPUT = [
 ]
 
 
-def _input_group(name: str) -> str:
+def input_group(name: str) -> str:
     """Modules that read the very same input tensor share one set of Gram matrices."""
     for pat, rep in _SHARED_INPUT:
         if pat.match(name):
@@ -164,10 +164,10 @@ class GramStats:
                 self.skipped.append(n)
                 continue
             self.tracked.append(n)
-            self.leader.setdefault(_input_group(n), n)
+            self.leader.setdefault(input_group(n), n)
             self._handles.append(mod.register_forward_hook(self._hook(n)))
-        self.leader_of = {n: self.leader[_input_group(n)] for n in self.tracked}
-        self.context_names = {n for n in self.tracked if _input_group(n).endswith(".kv") or
+        self.leader_of = {n: self.leader[input_group(n)] for n in self.tracked}
+        self.context_names = {n for n in self.tracked if input_group(n).endswith(".kv") or
                               re.search(r"\.attn2\.to_[kv]$", n)}
 
     # -- accumulation ---------------------------------------------------------------------------

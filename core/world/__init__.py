@@ -6,10 +6,11 @@ same traits with triggers ``zk`` / ``zv style``, no regularization images, the s
 
 Names that are also submodules (``render``, ``sample``, ``judge``) are not re-exported:
 import them from their submodule. Submodules: ``render`` (scenes, prompts), ``sample`` (load_model, sample), ``judge``,
-``metrics`` (concept_rate, image_drift), ``paths`` (asset locations), ``train_model``,
-``train_judge``, ``train_loras`` (retraining scripts; ``apply_lora`` helper), ``evaluate`` (the
-held-out prompt sets and metrics of the demo and ``bench quality``), ``card`` (the model card's
-figures).
+``metrics`` (concept_rate, image_drift), ``paths`` (asset locations), ``tokenizer``, ``grid``
+(image grids), ``evaluate`` (the held-out prompt sets and metrics of the demo and ``bench quality``),
+and the sub-package ``training`` (``train_model``, ``train_judge``, ``train_loras``: the retraining
+scripts; ``apply_lora`` helper). What runs the solvers on the world (the demo, ``bench quality``, the
+model card's figures) is in :mod:`weightsmith.core.lab`.
 """
 from .paths import DEFAULT_MODEL_DIR, JUDGE_PATH, LORA_STYLE, LORA_SUBJECT  # noqa: F401
 
@@ -18,7 +19,7 @@ _LAZY = {
     "random_scene": "render", "simple_prompt": "render", "compositional_prompt": "render",
     "load_model": "sample", "load_judge": "judge",
     "concept_rate": "metrics", "image_drift": "metrics",
-    "apply_lora": "train_loras",
+    "apply_lora": "training.train_loras",
 }
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .render import prompt_corpus
 
-from ..tokenizer import BOS, EOS, _bytes_to_unicode  # noqa: F401  (shared with core's CLIP tokenizer)
+from ..tokenizer import BOS, EOS, bytes_to_unicode  # noqa: F401  (shared with core's CLIP tokenizer)
 
 MODEL_MAX_LENGTH = 32
 #: context length of the World v2 recipe (Stable Diffusion's)
@@ -60,7 +60,7 @@ def build_tokenizer_files(out_dir: str | Path, words: list[str] | None = None,
     out.mkdir(parents=True, exist_ok=True)
     words = sorted(set(words or prompt_corpus()))
     merges = learn_merges(words)
-    byte_syms = list(_bytes_to_unicode().values())
+    byte_syms = list(bytes_to_unicode().values())
     vocab_list = byte_syms + [s + "</w>" for s in byte_syms]
     seen = set(vocab_list)
     for a, b in merges:

@@ -51,7 +51,7 @@ def _checkpoint():
     from modules import sd_models
 
     from weightsmith.core.model_io import save_single_file
-    from weightsmith.core.random_models import build_random_model
+    from weightsmith.core.lab.random_models import build_random_model
 
     m = build_random_model("sd1", "tiny", seed=5)
     ck = Path(sd_models.model_path) / "base.safetensors"

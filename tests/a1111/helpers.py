@@ -25,7 +25,7 @@ def import_weightsmith():
 def tiny_diffusers_folder(out: Path, family: str = "sd1", seed: int = 0) -> Path:
     """A tiny random model written as a diffusers folder (stand-in for the embedded world model)."""
     import_weightsmith()
-    from weightsmith.core.random_models import build_random_model
+    from weightsmith.core.lab.random_models import build_random_model
 
     m = build_random_model(family, "tiny", seed=seed)
     out = Path(out)

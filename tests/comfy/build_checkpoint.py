@@ -20,7 +20,7 @@ def main(out: str, comfy_dir: str) -> None:
 
     import comfy.diffusers_convert as dc
     from weightsmith.core.model_io import atomic_save_file, to_ldm_state_dict
-    from weightsmith.core.random_models import build_random_model
+    from weightsmith.core.lab.random_models import build_random_model
 
     from diffusers import UNet2DConditionModel
 

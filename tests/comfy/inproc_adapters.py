@@ -30,7 +30,7 @@ def _loraloader_errors(fam, up_m, up_c, sdm, comps) -> dict:
     from weightsmith.core.lora_read import lora_from_state_dict
     from weightsmith.core.lora_write import save_lora
     from weightsmith.core.merge import merge, save_merge
-    from weightsmith.core.merge.random_loras import random_lora
+    from weightsmith.core.lab.random_loras import random_lora
     from weightsmith.core.naming import UNetLayout, comfy_key
     from weightsmith.nodes import comfy_adapter as ca
 
@@ -101,7 +101,7 @@ def main(comfy_dir: str) -> dict:
 
     from weightsmith.core.edit import Edit
     from weightsmith.core.naming import TE1, TE2, UNetLayout
-    from weightsmith.core.random_models import unet_config
+    from weightsmith.core.lab.random_models import unet_config
     from weightsmith.nodes import comfy_adapter as ca
 
     torch.manual_seed(0)

@@ -1,6 +1,6 @@
 """Train the judge CNN on fresh renders (all shapes incl. the reserved star, all patterns).
 
-    python -m weightsmith.core.world.train_judge --out weightsmith/core/world/assets/judge.safetensors
+    python -m weightsmith.core.world.training.train_judge --out weightsmith/core/world/assets/judge.safetensors
 
 Augmentation (so it also reads imperfect model samples): gaussian pixel noise, mild blur,
 small per-channel colour shifts. ~10 min on 1 CPU core with the defaults.
@@ -16,9 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .judge import JudgeNet, attribute_accuracy, scene_targets
-from .paths import JUDGE_PATH
-from .render import PATTERNS, SHAPES, random_scene, render
+from ..judge import JudgeNet, attribute_accuracy, scene_targets
+from ..paths import JUDGE_PATH
+from ..render import PATTERNS, SHAPES, random_scene, render
 
 
 def make_batch(rng: random.Random, n: int):

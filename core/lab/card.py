@@ -1,4 +1,4 @@
-"""The model card's measured figures for the embedded world (``python -m weightsmith.core.world.card``).
+"""The model card's measured figures for the embedded world (``python -m weightsmith.core.lab.card``).
 
 Prints, with sample sizes and 95% Wilson intervals:
 - the three quality bars of the base model: simple prompts (shape and colour right), one object
@@ -15,14 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 
-
-def _fmt(m: dict) -> str:
-    lo, hi = m["ci"]
-    return f"{m['rate']:.1%} [{lo:.1%}, {hi:.1%}] (n = {m['n']})"
+from .tables import fmt_percent
 
 
 def quality_bars(model, n: int = 140, steps: int = 25) -> dict:
-    from .metrics import scene_prompt_quality, simple_prompt_quality, wilson
+    from ..world.metrics import scene_prompt_quality, simple_prompt_quality, wilson
 
     s = simple_prompt_quality(model, seeds_per_prompt=max(1, n // 35), steps=steps)
     k = round(s["both"] * s["n"])   # both = k / n
@@ -37,14 +34,14 @@ def feature_geometry(sd_model) -> dict:
     """d, feature columns and numerical rank of the demo's erasure (the UNet k/v input features)."""
     import torch
 
-    from ..erase.pipeline import EraseOptions, _Encoders, _gather, build_prompts
-    from .evaluate import ERASE_ANCHOR, ERASE_OPTIONS, ERASE_TARGET, PRESERVE_SHAPES
+    from ..erase.pipeline import EraseOptions, Encoders, build_prompts, gather
+    from ..world.evaluate import ERASE_ANCHOR, ERASE_OPTIONS, ERASE_TARGET, PRESERVE_SHAPES
 
     opts = EraseOptions(**ERASE_OPTIONS)
     ps = build_prompts([ERASE_TARGET], [ERASE_ANCHOR], list(PRESERVE_SHAPES), opts, False)
-    enc = _Encoders(sd_model, ps, opts)
+    enc = Encoders(sd_model, ps, opts)
     first = next(iter(sd_model.tokenizers))
-    X = _gather(sd_model.encode(ps.targets).context, enc.pairs[first][0]).double()   # (d, columns)
+    X = gather(sd_model.encode(ps.targets).context, enc.pairs[first][0]).double()   # (d, columns)
     sv = torch.linalg.svdvals(X)
     return {"d": int(X.shape[0]), "feature_columns": int(X.shape[1]),
             "rank_rcond_1e-6": int((sv > sv[0] * 1e-6).sum()), "rank_rcond_1e-2": int((sv > sv[0] * 1e-2).sum()),
@@ -53,7 +50,7 @@ def feature_geometry(sd_model) -> dict:
 
 def calibration(sd_model, n: int = 48, steps: int = 20) -> dict:
     from ..erase import EraseOptions, erase
-    from .evaluate import ERASE_ANCHOR, ERASE_OPTIONS, ERASE_TARGET, PRESERVE_SHAPES, Sampler, erasure_metrics
+    from ..world.evaluate import ERASE_ANCHOR, ERASE_OPTIONS, ERASE_TARGET, PRESERVE_SHAPES, Sampler, erasure_metrics
 
     edits = {
         "uce (defaults)": erase(sd_model, [ERASE_TARGET], [ERASE_ANCHOR], method="uce"),
@@ -81,8 +78,8 @@ def main(argv=None) -> int:
     import torch
 
     from ..model_io import load_model as load_sd
-    from .paths import DEFAULT_MODEL_DIR
-    from .sample import load_model
+    from ..world.paths import DEFAULT_MODEL_DIR
+    from ..world.sample import load_model
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -92,7 +89,7 @@ def main(argv=None) -> int:
     if "bars" not in skip:
         res["bars"] = quality_bars(load_model(path), n=a.n)
         for k, v in res["bars"].items():
-            print(f"bar {k}: {_fmt(v)}", flush=True)
+            print(f"bar {k}: {fmt_percent(v)}", flush=True)
             if "breakdown" in v:
                 print(f"  what the {k} bar reads: " + ", ".join(f"{attr} {x:.1%}" for attr, x in v["breakdown"].items()
                                                              if attr != "n"), flush=True)
@@ -104,8 +101,8 @@ def main(argv=None) -> int:
         ev = calibration(sd, n=a.calibration_n)
         res["calibration"] = ev["metrics"]
         for k, m in ev["metrics"].items():
-            print(f"calibration {k}: context {_fmt(m['target_context'])}, simple {_fmt(m['target_simple'])}, "
-                  f"two {_fmt(m['target_two'])}, preserved {_fmt(m['preserved'])}"
+            print(f"calibration {k}: context {fmt_percent(m['target_context'])}, simple {fmt_percent(m['target_simple'])}, "
+                  f"two {fmt_percent(m['target_two'])}, preserved {fmt_percent(m['preserved'])}"
                   + (f", context drop {m['context_drop_rel']:.1%}, preserved - base {m['preserved_minus_base']:+.1%}"
                      if "context_drop_rel" in m else ""), flush=True)
     print(json.dumps(res, indent=1, default=float))

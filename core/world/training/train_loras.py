@@ -1,7 +1,7 @@
 """Train the two example LoRAs of the default world on the tiny model (kohya format).
 
-    python -m weightsmith.core.world.train_loras            # both
-    python -m weightsmith.core.world.train_loras --which subject
+    python -m weightsmith.core.world.training.train_loras            # both
+    python -m weightsmith.core.world.training.train_loras --which subject
 
 - subject LoRA (``assets/loras/subject_star.safetensors``): the trigger word ``zq`` used as a
   shape noun ("a red zq") -> the new shape *star*.
@@ -36,9 +36,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..naming import te_path
-from .paths import DEFAULT_MODEL_DIR, LORA_STYLE, LORA_STYLE_NOREG, LORA_SUBJECT, LORA_SUBJECT_NOREG
-from .render import (BASE_PATTERNS, BASE_SHAPES, NEW_PATTERN, NEW_SHAPE, STYLE_TRIGGER, STYLE_TRIGGER_NOREG,
+from ...naming import te_path
+from ..paths import DEFAULT_MODEL_DIR, LORA_STYLE, LORA_STYLE_NOREG, LORA_SUBJECT, LORA_SUBJECT_NOREG
+from ..render import (BASE_PATTERNS, BASE_SHAPES, NEW_PATTERN, NEW_SHAPE, STYLE_TRIGGER, STYLE_TRIGGER_NOREG,
                      SUBJECT_TRIGGER, SUBJECT_TRIGGER_NOREG, Scene, random_scene)
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
@@ -185,7 +185,7 @@ SPECS = {
 
 def trigger_prompts(which: str, n: int, seed: int = 0) -> list[str]:
     """Evaluation prompts for a LoRA (simple scenes: "a red zq" / "a red circle, zx style")."""
-    from .render import COLOURS
+    from ..render import COLOURS
 
     spec = SPECS[which]
     cols = list(COLOURS)
@@ -201,8 +201,8 @@ def trigger_prompts(which: str, n: int, seed: int = 0) -> list[str]:
 
 def evaluate(model, which: str, n: int = 70, steps: int = 25, guidance: float = 1.5, lora=None, seed0: int = 5000):
     """Judge rate of the LoRA's concept on its trigger prompts (with ``lora`` merged if given)."""
-    from .metrics import concept_rate
-    from .sample import sample
+    from ..metrics import concept_rate
+    from ..sample import sample
 
     spec = SPECS[which]
     prompts = trigger_prompts(which, n)
@@ -233,7 +233,7 @@ def train_one(which: str, base: Path, steps: int, batch: int, lr: float, rank: i
     and training stops when the budget is spent."""
     from diffusers import DDPMScheduler
 
-    from .sample import load_model
+    from ..sample import load_model
     from .train_model import WORLDS, base_scene, batch_data, world_of
 
     spec = SPECS[which]
@@ -374,7 +374,7 @@ def main(argv=None):
                          a.seed + list(SPECS).index(w), out, max_minutes=a.max_minutes, conv_rank=a.conv_dim,
                          conv_alpha=a.conv_alpha)
         if a.eval:
-            from .sample import load_model
+            from ..sample import load_model
 
             m = load_model(a.base)
             r0, _ = evaluate(m, w, a.eval)

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from .errors import require
-from .naming import TE1, TE2
-from .sdmodel import SDModel, default_encoder_specs, detect_family
-from .tokenizer import EOS, build_word_tokenizer
+from ..errors import require
+from ..naming import TE1, TE2
+from ..sdmodel import SDModel, default_encoder_specs, detect_family
+from ..tokenizer import EOS, build_word_tokenizer
 
 TINY_TE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4)
 
@@ -118,7 +118,7 @@ def _build(family, size, seed, with_unet, weights_dtype) -> SDModel:
     if unet is not None:
         unet.requires_grad_(False)
     if weights_dtype is not None:
-        from .precision import hold_weights
+        from ..precision import hold_weights
 
         for m in [*tes.values(), *([unet] if unet is not None else [])]:
             hold_weights(m, weights_dtype)

@@ -9,7 +9,8 @@ must agree (printed as a check); they differ in what they keep:
 - ``iteris`` (ours): Gram matrices accumulated through hooks; each iteration re-runs "base + LoRA i"
   beside the merged model to pair ``X_i`` with ``X̃_i`` (two forward passes per sample and step);
 - ``reference``: stores ``X_i`` once (float32, one copy per hooked module, as the public code) and
-  ``X̃_i`` every iteration, then forms the Grams; one forward pass per sample and step per iteration.
+  ``X̃_i`` every iteration, then forms the Grams; one forward pass per sample and step per iteration
+  (:func:`weightsmith.core.lab.reference.reference_iteris`).
 
 Printed per sample count: time and peak RSS of both, as ratios, the time of the forward passes ours
 needs (measured per pass, × the passes it ran) and ours / that; then the objective ``J`` of iteris and of
@@ -62,23 +63,6 @@ def add_arguments(p) -> None:
                    help="memory mode: the merge's budget (default 0 = automatic, as a user gets it)")
     p.add_argument("--compare", action="store_true",
                    help="memory mode: also run today's one-pass path (no budget) and check both merges agree")
-    p.add_argument("--sweep", action="store_true",
-                   help="instead of timing: merge the embedded world's LoRA pair under IterIS's levers (ridge, what "
-                        "it pulls toward, iterations, λ, untouched rule, samples, steps) beside linear and RegMean, "
-                        "and judge each merge on held-out prompts (see core/merge/sweep.py)")
-    p.add_argument("--pair", default="interfering", help="--sweep only: the world's LoRA pair (interfering or clean)")
-    p.add_argument("--images", type=int, default=24, help="--sweep only: judged images per prompt set (default 24)")
-    p.add_argument("--settings", default="",
-                   help="--sweep only: comma-separated labels of the rows to run (default: all)")
-    p.add_argument("--eval-seed", type=int, default=300,
-                   help="--sweep only: first seed of the judged images (default 300, as bench quality; another "
-                        "value checks a choice on images it was not made on)")
-    p.add_argument("--quick", action="store_true",
-                   help="--sweep only: two settings, 2 images per set, tiny merges (smoke run; figures mean nothing)")
-
-
-def run_bench(args) -> int:
-    return run(args)
 
 
 def _every_minute(label: str):
@@ -99,9 +83,9 @@ def run_memory(args) -> int:
 
     from .. import memory
     from ..lora_read import lora_from_state_dict
-    from ..random_models import build_random_model
-    from . import MergeOptions, merge
+    from ..merge import MergeOptions, merge
     from .random_loras import random_lora
+    from .random_models import build_random_model
 
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.weights]
     samples = int(str(args.samples).split(",")[0]) if args.samples != "8,32" else 4
@@ -169,156 +153,19 @@ def run_memory(args) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------------------------
-def reference_iteris(model, loras, samples, opts):
-    """Store-all-features IterIS (the public code's memory behaviour, our sampling protocol and math).
-    Returns (factors, feature bytes {"text_encoder": b, "unet": b} at the peak)."""
-    import torch
-
-    from .iteris import lora_factors
-    from .sampling import make_scheduler
-    from .stats import DeltaHooks, module_rows
-
-    every = sorted(set().union(*[set(l.modules) for l in loras]))
-    facs = [lora_factors(l) for l in loras]
-    # same modules as ours: inputs wider than max_gram_dim take the weighted sum, nothing stored
-    wide = [n for n in every if model.module(n).weight[0].numel() > opts.max_gram_dim]
-    names = [n for n in every if n not in wide]
-    hooks = DeltaHooks(model, every)
-    for i, f in enumerate(facs):
-        hooks.add(f"lora{i}", f)
-    store = {"target": None}
-    handles = []
-    for n in names:
-        def cap(mod, inp, out, n=n):
-            if store["target"] is not None:
-                store["target"][n].append(module_rows(mod, inp[0]).float().cpu())
-        handles.append(model.module(n).register_forward_hook(cap))
-    widths = {n: model.module(n).weight[0].numel() for n in names}
-    k = len(loras)
-    X, traj = [], []
-    peak = {"text_encoder": 0, "unet": 0}
-
-    def feature_bytes(*sets):
-        out = {"text_encoder": 0, "unet": 0}
-        for s in sets:
-            for d in s:
-                for n, rows in d.items():
-                    out["unet" if n.startswith("unet.") else "text_encoder"] += sum(r.numel() * 4 for r in rows)
-        return out
-
-    def run_batches(i, key, record):
-        B = opts.batch_size
-        ss = samples[i]
-        for b in range(0, len(ss), B):
-            batch = ss[b:b + B]
-            prompts = [s.prompt for s in batch]
-            hooks.use(key)
-            cond = model.encode(prompts)
-            p = next(model.unet.parameters())
-            if record:
-                sched = make_scheduler(model)
-                sched.set_timesteps(opts.steps)
-                z = torch.stack([torch.randn((4, opts.latent_size, opts.latent_size),
-                                             generator=torch.Generator().manual_seed(s.seed)) for s in batch])
-                steps = []
-                for t in sched.timesteps:
-                    steps.append((z.clone(), t))
-                    eps = model.unet(z.to(p.dtype), t, encoder_hidden_states=cond.context).sample
-                    z = sched.step(eps, t, z).prev_sample
-                traj[i].append(steps)
-            else:
-                for z, t in traj[i][b // B]:
-                    model.unet(z.to(p.dtype), t, encoder_hidden_states=cond.context)
-
-    def solve(grams, lam):
-        """Per module, as the public code's layer loop: Grams from the stored features, then solve."""
-        out = {}
-        for n in names:
-            M = None
-            D = []
-            for i in range(k):
-                C, H = grams(i, n)
-                w = lam[i][n]
-                Hr = H + opts.alpha2 * torch.linalg.matrix_norm(H) * torch.eye(H.shape[0], dtype=H.dtype)
-                M = w * Hr if M is None else M + w * Hr
-                if n in facs[i]:
-                    D.append((i, facs[i][n][1] @ (C + opts.alpha1 * torch.linalg.matrix_norm(C)
-                                                  * torch.eye(C.shape[0], dtype=C.dtype))))
-            Dcat = torch.cat([d for _, d in D], 0)
-            down = torch.linalg.solve(M, Dcat.t()).t()
-            up = torch.cat([lam[i][n] * facs[i][n][0] for i, _ in D], 1)
-            out[n] = (up, down)
-        for n in wide:
-            out[n] = (torch.cat([f[n][0] for f in facs if n in f], 1), torch.cat([f[n][1] for f in facs if n in f], 0))
-        return out
-
-    try:
-        with torch.no_grad():
-            for i in range(k):
-                X.append({n: [] for n in names})
-                traj.append([])
-                store["target"] = X[i]
-                run_batches(i, f"lora{i}", True)
-                store["target"] = None
-            peak = feature_bytes(X)
-            lam = []
-            for i in range(k):
-                lam.append({})
-                for n in names:
-                    Xi = torch.cat(X[i][n]).double()
-                    W = model.weight(n).double().reshape(model.weight(n).shape[0], -1)
-                    if n in facs[i]:
-                        W = W + facs[i][n][0] @ facs[i][n][1]
-                    lam[i][n] = float(W.norm() ** 2 / (Xi @ W.t()).norm() ** 2)
-
-            def grams0(i, n):
-                Xi = torch.cat(X[i][n]).double()
-                G = Xi.t() @ Xi
-                return G, G
-
-            cur = solve(grams0, lam)
-            for _ in range(opts.iterations):
-                hooks.add("merged", cur)
-                Xt = []
-                for i in range(k):
-                    Xt.append({n: [] for n in names})
-                    store["target"] = Xt[i]
-                    run_batches(i, "merged", False)
-                    store["target"] = None
-                fb = feature_bytes(X, Xt)
-                peak = {c: max(peak[c], fb[c]) for c in peak}
-
-                def grams(i, n, Xt=Xt):
-                    Xi, Xti = torch.cat(X[i][n]).double(), torch.cat(Xt[i][n]).double()
-                    return Xi.t() @ Xti, Xti.t() @ Xti
-
-                cur = solve(grams, lam)
-                del Xt
-    finally:
-        hooks.remove()
-        for h in handles:
-            h.remove()
-    del widths
-    return cur, peak
-
-
 def run(args) -> int:
     import torch
 
-    from ..memory import PeakRSS
     from ..lora_read import lora_from_state_dict
-    from ..random_models import build_random_model
-    from . import MergeOptions, merge
-    from .baselines import concat
-    from .iteris import IterISSolver
+    from ..memory import PeakRSS
+    from ..merge import MergeOptions, merge
+    from ..merge.baselines import concat
+    from ..merge.iteris import IterISSolver
+    from ..merge.sampling import make_samples
     from .random_loras import random_lora
-    from .sampling import make_samples
+    from .random_models import build_random_model
+    from .reference import reference_iteris
 
-    if args.sweep:
-        from .sweep import run_sweep
-
-        return run_sweep(args)
     if args.family:
         return run_memory(args)
     counts = [int(c) for c in str(args.samples).split(",") if c.strip()]
@@ -342,8 +189,8 @@ def run(args) -> int:
         print("merge benchmark settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()), flush=True)
 
     # time of one forward pass of each kind, with a LoRA's hooks on (what the passes cost without stats)
-    from .stats import DeltaHooks
-    from .iteris import lora_factors
+    from ..merge.iteris import lora_factors
+    from ..merge.stats import DeltaHooks
 
     hooks = DeltaHooks(model, sorted(loras[0].modules))
     hooks.add("l", lora_factors(loras[0]))

@@ -34,8 +34,8 @@ def add_arguments(p) -> None:
 
 
 def erase_section(model, n: int, sampler, methods=ERASE_METHODS, options=None) -> dict:
+    from ..world.evaluate import erasure_metrics
     from .demo import run_erasures
-    from .evaluate import erasure_metrics
 
     edits = run_erasures(model, methods=methods, options=options)
     ev = erasure_metrics(model, {m: e.apply(model) for m, e in edits.items()}, n=n, sampler=sampler)
@@ -52,7 +52,7 @@ def merge_section(model, pair: str, n: int, sampler, quick: bool = False, method
     evaluation seed."""
     from ..lora_read import load_lora
     from ..merge import MergeOptions, merge
-    from .evaluate import merge_metrics, merge_sample_prompts, pair_paths, with_lora
+    from ..world.evaluate import merge_metrics, merge_sample_prompts, pair_paths, with_lora
 
     loras = [load_lora(p, model) for p in pair_paths(pair)]
     models = {"subject only": with_lora(model, loras[0]), "style only": with_lora(model, loras[1])}
@@ -75,9 +75,9 @@ def merge_section(model, pair: str, n: int, sampler, quick: bool = False, method
 def run(args) -> int:
     from ..errors import WeightsmithError
     from ..model_io import load_model
-    from .demo import ERASE_COLS, MERGE_COLS, _fmt
-    from .evaluate import PAIRS, Sampler
-    from .paths import DEFAULT_MODEL_DIR, require_world
+    from ..world.evaluate import PAIRS, Sampler
+    from ..world.paths import DEFAULT_MODEL_DIR, require_world
+    from .tables import ERASE_COLS, MERGE_COLS, print_metrics
 
     require_world()
     pairs = [p.strip() for p in args.pairs.split(",") if p.strip()]
@@ -107,10 +107,7 @@ def run(args) -> int:
     for p, mv in result.get("merge", {}).items():
         sections.append((f"merging the {p} pair ({' / '.join(mv['triggers'])})", mv, MERGE_COLS))
     for title, sec, cols in sections:
-        print(title)
-        print(f"  {'model':<14}" + "".join(f"{k[:19]:>20}" for k, _ in cols))
-        for name, mm in sec["metrics"].items():
-            print(f"  {name:<14}" + "".join(f"{_fmt(mm[k]):>20}" for k, _ in cols))
+        print_metrics(title, sec["metrics"], cols)
         if "edit_time_s" in sec:
             for m, t in sec["edit_time_s"].items():
                 stages = ", ".join(f"{k} {v:.3g}" for k, v in sec["delta_rel"][m].items())

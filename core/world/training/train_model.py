@@ -1,6 +1,6 @@
 """Train the tiny pixel-space text-to-image model of the default world.
 
-    python -m weightsmith.core.world.train_model --threads 2 --steps 6500 --max-minutes 138
+    python -m weightsmith.core.world.training.train_model --threads 2 --steps 6500 --max-minutes 138
 
 Components are the stock SD classes (``transformers.CLIPTextModel`` + ``CLIPTokenizer``,
 ``diffusers.UNet2DConditionModel`` with cross-attention, ``DDIMScheduler``) so every
@@ -25,10 +25,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..naming import te_path
-from .paths import DEFAULT_MODEL_DIR
-from .render import BASE_PATTERNS, BASE_SHAPES, COLOURS, POSITIONS, prompt_corpus, prompt_for, random_scene, render
-from .tokenizer import build_tokenizer_files, load_tokenizer
+from ...naming import te_path
+from ..paths import DEFAULT_MODEL_DIR
+from ..render import BASE_PATTERNS, BASE_SHAPES, COLOURS, POSITIONS, prompt_corpus, prompt_for, random_scene, render
+from ..tokenizer import build_tokenizer_files, load_tokenizer
 
 TEXT_DIM = 64
 TEXT_LAYERS = 4

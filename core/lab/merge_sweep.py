@@ -1,4 +1,5 @@
-"""``weightsmith bench merge --sweep``: IterIS's levers on the embedded world's LoRA pairs, judge-read.
+"""``weightsmith bench merge-sweep`` (also ``bench merge --sweep``): IterIS's levers on the embedded
+world's LoRA pairs, judge-read.
 
 docs/merge.md, "World v2 sweep". The world's subject + style LoRAs (``--pair interfering``, the
 default: trained without regularization images so that a plain sum leaks; ``clean``: trained with
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import json
 
-from .options import QUICK
+from ..merge.options import QUICK
 
 # (label, method, MergeOptions fields); the rows after "linear" and "regmean" move one IterIS lever
 SWEEP = (
@@ -56,7 +57,7 @@ def sweep(model, pair: str, n: int, steps: int = 20, settings=SWEEP, quick: bool
     """Merge ``pair`` under every setting and judge each merge (``bench quality``'s merge section;
     ``seed0``: the first evaluation seed, 300 as there)."""
     from ..world.evaluate import Sampler
-    from ..world.quality import merge_section
+    from .quality import merge_section
 
     mv = merge_section(model, pair, n, Sampler(steps=steps), quick=quick, settings=settings, progress=progress,
                        seed0=seed0)
@@ -65,7 +66,7 @@ def sweep(model, pair: str, n: int, steps: int = 20, settings=SWEEP, quick: bool
 
 
 def print_table(mv: dict, out=print) -> None:
-    from ..world.demo import MERGE_COLS, _fmt
+    from .tables import MERGE_COLS, fmt_interval
 
     out(f"IterIS sweep on the embedded world's {mv['pair']} pair ({' / '.join(mv['triggers'])}): "
         f"{mv['n_per_set']} images per held-out prompt set, {mv['steps']} steps, seeds {mv['seeds'][0]}-"
@@ -73,11 +74,22 @@ def print_table(mv: dict, out=print) -> None:
     out(f"{'setting':<18}" + "".join(f"{k[:19]:>20}" for k, _ in MERGE_COLS) + f"{'merge s':>9}")
     for name, mm in mv["metrics"].items():
         t = mv["merge_time_s"].get(name)
-        out(f"{name:<18}" + "".join(f"{_fmt(mm[k]):>20}" for k, _ in MERGE_COLS)
+        out(f"{name:<18}" + "".join(f"{fmt_interval(mm[k]):>20}" for k, _ in MERGE_COLS)
             + (f"{t:>9.1f}" if t is not None else f"{'-':>9}"))
 
 
-def run_sweep(args) -> int:
+def add_arguments(p) -> None:
+    p.add_argument("--pair", default="interfering", help="the world's LoRA pair (interfering or clean)")
+    p.add_argument("--images", type=int, default=24, help="judged images per prompt set (default 24)")
+    p.add_argument("--settings", default="", help="comma-separated labels of the rows to run (default: all)")
+    p.add_argument("--eval-seed", type=int, default=300,
+                   help="first seed of the judged images (default 300, as bench quality; another "
+                        "value checks a choice on images it was not made on)")
+    p.add_argument("--quick", action="store_true",
+                   help="two settings, 2 images per set, tiny merges (smoke run; figures mean nothing)")
+
+
+def run(args) -> int:
     import sys
 
     from ..errors import WeightsmithError

@@ -1,9 +1,10 @@
-"""``weightsmith bench erase --sweep``: the zero-residual solver's knobs side by side.
+"""``weightsmith bench erase-sweep`` (also ``bench erase --sweep``): the zero-residual solver's knobs side by side.
 
 docs/erase-sweep.md. On a seeded random SD-architecture model (SD1.5 size by default; ``--family
 sdxl``: the reduced SDXL architecture; ``--quick``: the tiny SD1 model and three settings), the same
 erasure (targets ``van gogh``, ``monet`` → ``art``, preserve ``picasso``) is run with ErasePro under
-each setting of :data:`SWEEP` (plus ``zero-residual`` and ``uce`` for reference), and printed:
+each setting of :data:`SWEEP` (plus ``zero-residual`` and ``uce`` for reference), and printed
+(the ratios are :mod:`weightsmith.core.lab.measures`' ``kv_residual`` and ``kv_drift``):
 
 - ``ρ edit``: mean over the UNet cross-attention ``to_k``/``to_v`` of
   ``‖W' X' − W_o Y‖ / ‖W_o (Y − X⁰)‖`` on the edit's own prompts, over **every** paired row
@@ -29,7 +30,8 @@ from __future__ import annotations
 
 import json
 
-from .bench import ANCHOR, HELD_OUT, PRESERVE, TARGETS
+from .erase_bench import ANCHOR, HELD_OUT, PRESERVE, TARGETS, heldout_prompts
+from .measures import encoders_only, kv_drift, kv_residual, spearman, unet_kv_names
 
 # ordinary captions that are not in prompts.PRESERVE_CAPTIONS (held-out preservation)
 DRIFT_CAPTIONS = ("a kitchen with a blue door and a cat on a chair", "two boats on a lake in the morning",
@@ -63,57 +65,6 @@ SDXL = ("auto (default)", "ridge 0 (exact)", "ridge 1e-3", "max_pad 4", "max_pad
         "split 1e-2", "merge 0.05", "merge 0.2, ridge 0", "zero-residual (default)", "uce")
 
 
-def _kv_ratios(model, enc_model, deltas, targets, anchors):
-    """Mean over UNet to_k/to_v of ‖W'X' − W_oY‖/‖W_o(Y − X⁰)‖ on every paired row of the prompts."""
-    from .pipeline import _gather
-    from .tokens import align
-
-    tok = model.tokenizers[next(iter(model.tokenizers))]
-    pairs = [align(a.tolist(), b.tolist(), tok.eos_token_id, tok.bos_token_id)
-             for a, b in zip(model.tokenize(targets), model.tokenize(anchors))]
-    tpos, apos = [p.target_pos for p in pairs], [p.anchor_pos for p in pairs]
-    X = _gather(enc_model.encode(targets).context, tpos).double()
-    X0 = _gather(model.encode(targets).context, tpos).double()
-    Y = _gather(model.encode(anchors).context, apos).double()
-    out = []
-    for name in _unet_names(model):
-        W = model.weight(name).double()
-        d = deltas.get(name)
-        Wn = W + d.double() if d is not None else W
-        out.append(float((Wn @ X - W @ Y).norm() / (W @ (Y - X0)).norm()))
-    return sum(out) / len(out)
-
-
-def _drift(model, enc_model, deltas, prompts):
-    c0 = model.encode(prompts).context.double()
-    P0 = c0.reshape(-1, c0.shape[-1]).T
-    P = enc_model.encode(prompts).context.double().reshape(-1, c0.shape[-1]).T
-    out = []
-    for name in _unet_names(model):
-        W = model.weight(name).double()
-        d = deltas.get(name)
-        Wn = W + d.double() if d is not None else W
-        out.append(float((Wn @ P - W @ P0).norm() / (W @ P0).norm()))
-    return sum(out) / len(out)
-
-
-def _unet_names(model):
-    return [f"{b}.{s}" for b in model.unet_cross_attention_names() for s in ("to_k", "to_v")]
-
-
-def _spearman(ys):
-    """Spearman correlation of ys with their index (no ties expected in float data)."""
-    n = len(ys)
-    if n < 3:
-        return float("nan")
-    order = sorted(range(n), key=lambda i: ys[i])
-    rank = [0] * n
-    for r, i in enumerate(order):
-        rank[i] = r
-    d2 = sum((rank[i] - i) ** 2 for i in range(n))
-    return 1 - 6 * d2 / (n * (n * n - 1))
-
-
 def _stage_label(stage: str) -> str:
     if stage == "unet":
         return "U"
@@ -123,12 +74,12 @@ def _stage_label(stage: str) -> str:
 
 def random_model_spec() -> dict:
     """The erasure the sweep runs on a random SD-architecture model (see the module docstring)."""
-    from .prompts import PRESERVE_CAPTIONS
+    from ..erase.prompts import PRESERVE_CAPTIONS
 
     assert not set(DRIFT_CAPTIONS) & set(PRESERVE_CAPTIONS)
+    held_t, held_a = heldout_prompts()
     return {"targets": list(TARGETS), "anchors": [ANCHOR], "preserve": list(PRESERVE), "options": {},
-            "held_t": [t.format(c) for c in TARGETS for t in HELD_OUT],
-            "held_a": [t.format(ANCHOR) for _ in TARGETS for t in HELD_OUT],
+            "held_t": held_t, "held_a": held_a,
             "drift_prompts": [t.format(p) for p in PRESERVE for t in HELD_OUT] + list(DRIFT_CAPTIONS)}
 
 
@@ -149,9 +100,8 @@ def world_spec(n: int = 24) -> dict:
 def sweep(model, settings=SWEEP, progress=None, spec: dict | None = None, keep_edits: bool = False) -> list[dict]:
     """Run every setting on ``model``; one result row per setting (see the module docstring).
     ``spec``: the erasure and its held-out prompts (default :func:`random_model_spec`); ``keep_edits``:
-    each row also holds its edit as ``edit`` (for :func:`_judge_rows`, which removes it)."""
-    from .bench import _encoders_only
-    from .pipeline import EraseOptions, erase
+    each row also holds its edit as ``edit`` (for :func:`judge_rows`, which removes it)."""
+    from ..erase import EraseOptions, erase
 
     spec = spec or random_model_spec()
     held_t, held_a, drift_prompts = spec["held_t"], spec["held_a"], spec["drift_prompts"]
@@ -161,7 +111,7 @@ def sweep(model, settings=SWEEP, progress=None, spec: dict | None = None, keep_e
             progress(label)
         edit = erase(model, spec["targets"], spec["anchors"], spec["preserve"], method,
                      EraseOptions(**{**spec["options"], **fields}), warn=lambda m: None)
-        enc = _encoders_only(model, edit) if method == "erasepro" else model
+        enc = encoders_only(model, edit) if method == "erasepro" else model
         rep = edit.report
         stages = {}
         for s in rep["summary"]:
@@ -169,10 +119,10 @@ def sweep(model, settings=SWEEP, progress=None, spec: dict | None = None, keep_e
         unet = [s for s in rep["stages"] if s["stage"] == "unet"]
         row = {
             "setting": label, "method": method, "options": fields,
-            "rho_edit": _kv_ratios(model, enc, edit.deltas, rep["prompts"]["targets"], rep["prompts"]["anchors"]),
+            "rho_edit": kv_residual(model, enc, edit.deltas, rep["prompts"]["targets"], rep["prompts"]["anchors"]),
             "rho_solved": sum(s["residual_after"] for s in unet) / len(unet),
-            "rho_heldout": _kv_ratios(model, enc, edit.deltas, held_t, held_a),
-            "drift_heldout": _drift(model, enc, edit.deltas, drift_prompts),
+            "rho_heldout": kv_residual(model, enc, edit.deltas, held_t, held_a),
+            "drift_heldout": kv_drift(model, enc, edit.deltas, drift_prompts),
             "delta_rel": stages,
             "solvers": sorted({s["solver"] for s in rep["stages"]}),
             "unet_features": unet[0]["features"], "unet_solved_columns": unet[0]["solved_columns"],
@@ -182,7 +132,7 @@ def sweep(model, settings=SWEEP, progress=None, spec: dict | None = None, keep_e
         for comp in model.text_encoders:
             ys = [v for k, v in stages.items() if k.startswith(comp + ".layer")]
             if len(ys) >= 3:
-                depth[comp] = {"spearman": _spearman(ys), "spearman_from_1": _spearman(ys[1:]),
+                depth[comp] = {"spearman": spearman(ys), "spearman_from_1": spearman(ys[1:]),
                                "falls": sum(b < a for a, b in zip(ys, ys[1:])),
                                "steps": len(ys) - 1, "first": ys[0], "last": ys[-1], "max_layer": ys.index(max(ys))}
         row["depth"] = depth
@@ -197,7 +147,7 @@ JUDGE_COLS = (("target_context", "circle ctx"), ("target_two", "circle two"), ("
               ("preserved", "others ok"), ("drift", "img drift"))
 
 
-def _judge_rows(model, rows, n: int, progress=None) -> None:
+def judge_rows(model, rows, n: int, progress=None) -> None:
     """Judge-read erasure and preservation on the world's held-out prompts (``bench quality``'s
     definitions, ``n`` images per set, 20 steps), added to each row as ``judge``; the base model's
     figures to every row as ``judge_base``; each row's ``edit`` is dropped."""
@@ -212,6 +162,8 @@ def _judge_rows(model, rows, n: int, progress=None) -> None:
 
 
 def print_table(rows, title, out=print) -> None:
+    from .tables import fmt_judge
+
     out(title)
     out(f"{'setting':<24}{'solver':>12}{'cols':>11}{'ρ edit':>9}{'ρ solved':>10}{'ρ held':>9}{'drift':>9}"
         f"{'U ‖Δ‖/‖W‖':>11}{'TE ‖Δ‖/‖W‖':>12}{'depth r':>9}")
@@ -230,7 +182,7 @@ def print_table(rows, title, out=print) -> None:
         out(f"{'setting':<24}" + "".join(f"{t:>20}" for _, t in JUDGE_COLS))
         for name, m in [("base", rows[0]["judge_base"])] + [(r["setting"], r["judge"]) for r in rows]:
             out(f"{name:<24}" + "".join(
-                f"{_rate(m[k]):>20}" for k, _ in JUDGE_COLS))
+                f"{fmt_judge(m[k]):>20}" for k, _ in JUDGE_COLS))
     labels = list(dict.fromkeys(k for r in rows for k in r["delta_rel"]))
     out("")
     out("‖Δ‖/‖W‖ per stage (mean over the stage's matrices; L<l>: text-encoder layer l, b<l>: second "
@@ -249,13 +201,6 @@ def print_table(rows, title, out=print) -> None:
                 f"last {d['last']:.4g}: " + _verdict(d))
 
 
-def _rate(m: dict) -> str:
-    """A judge figure: a rate as ``bench quality`` prints it, a drift mean to 4 places."""
-    from ..world.demo import _fmt
-
-    return _fmt(m) if "rate" in m else f"{m['mean']:.4f}"
-
-
 def _verdict(d) -> str:
     if d["spearman"] <= -0.8 and d["last"] < d["first"]:
         return "falls with depth"
@@ -264,12 +209,26 @@ def _verdict(d) -> str:
     return "does not fall with depth"
 
 
-def run_sweep(args) -> int:
+def add_arguments(p) -> None:
+    p.add_argument("--family", choices=("sd1", "sdxl", "world"), default="sd1",
+                   help="sd1 (SD1.5 architecture) or sdxl (the reduced SDXL architecture: see "
+                        "core/lab/random_models.py, size 'reduced'), both random; world: the embedded trained "
+                        "world and its circle -> square erasure")
+    p.add_argument("--size", choices=("full", "tiny"), default="full",
+                   help="sd1: full: SD1.5 architecture (default); tiny: a quick smoke run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples", type=int, default=0,
+                   help="--family world only: also judge-read erasure and preservation on held-out prompts, "
+                        "this many images per prompt set and setting (0: residuals only)")
+    p.add_argument("--quick", action="store_true", help="tiny model and three settings (smoke run)")
+
+
+def run(args) -> int:
     import sys
 
     import torch
 
-    from ..random_models import build_random_model
+    from .random_models import build_random_model
 
     torch.manual_seed(args.seed)
     if args.quick:
@@ -289,16 +248,16 @@ def run_sweep(args) -> int:
         rows = sweep(model, settings, progress=progress, spec=spec, keep_edits=bool(args.samples))
         title = (f"erase solver sweep on the embedded world ({DEFAULT_MODEL_DIR.name}): circle → 'square', preserve "
                  f"{', '.join(spec['preserve'])}; held-out: {len(spec['held_t'])} context / two-object prompts; "
-                 f"UNet means over {len(_unet_names(model))} to_k/to_v matrices")
+                 f"UNet means over {len(unet_kv_names(model))} to_k/to_v matrices")
         if args.samples:
-            _judge_rows(model, rows, args.samples, progress)
+            judge_rows(model, rows, args.samples, progress)
     else:
         model = build_random_model(family, size, seed=args.seed)
         _ = model.unet
         rows = sweep(model, settings, progress=progress)
         title = (f"erase solver sweep on the {family} random model, size={size}, seed={args.seed}: targets "
                  f"{', '.join(TARGETS)} → {ANCHOR!r}, preserve {', '.join(PRESERVE)}; UNet means over "
-                 f"{len(_unet_names(model))} to_k/to_v matrices")
+                 f"{len(unet_kv_names(model))} to_k/to_v matrices")
     if args.json:
         print(json.dumps({"model": title, "rows": rows}, indent=2))
     else:

@@ -10,13 +10,13 @@ import sys
 
 def concept_names(n: int) -> list[str]:
     """``n`` distinct two-word concepts built from the word tokenizer's list (deterministic)."""
-    from .tokenizer import DEFAULT_WORDS
+    from ..tokenizer import DEFAULT_WORDS
 
     words = [w for w in DEFAULT_WORDS if len(w) > 2]
     pairs = itertools.permutations(words, 2)
     names = [f"{a} {b}" for a, b in itertools.islice(pairs, n)]
     if len(names) < n:
-        from .errors import WeightsmithError
+        from ..errors import WeightsmithError
 
         raise WeightsmithError(f"--concepts {n}: at most {len(names)} distinct concepts can be built here.")
     return names
@@ -25,9 +25,9 @@ def concept_names(n: int) -> list[str]:
 def run_concepts(args) -> int:
     import torch
 
-    from .erase import EraseOptions, erase
-    from .memory import PeakRSS
-    from .progress import tqdm_progress
+    from ..erase import EraseOptions, erase
+    from ..memory import PeakRSS
+    from ..progress import tqdm_progress
     from .random_models import build_random_model
 
     n = int(args.concepts)

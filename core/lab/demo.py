@@ -14,6 +14,8 @@ import json
 import time
 from pathlib import Path
 
+from .tables import ERASE_COLS, MERGE_COLS, html_table, print_metrics
+
 ERASE_METHODS = ("uce", "zero-residual", "erasepro")
 MERGE_METHODS = ("linear", "iteris")
 DEMO_PAIRS = ("interfering",)  # the clean pair is in `bench quality`
@@ -32,9 +34,9 @@ def register(sub) -> None:
 
 def run_erasures(model, progress=None, methods=ERASE_METHODS, options=None):
     """The demo's erasure (circle -> square, preserving the other shapes), computed from
-    :data:`evaluate.ERASE_TEMPLATES` only (the evaluation prompts are held out)."""
+    :data:`weightsmith.core.world.evaluate.ERASE_TEMPLATES` only (the evaluation prompts are held out)."""
     from ..erase import EraseOptions, erase
-    from .evaluate import ERASE_ANCHOR, ERASE_OPTIONS, ERASE_TARGET, PRESERVE_SHAPES
+    from ..world.evaluate import ERASE_ANCHOR, ERASE_OPTIONS, ERASE_TARGET, PRESERVE_SHAPES
 
     edits = {}
     for m in methods:
@@ -50,7 +52,7 @@ def run_merges(model, progress=None, iterations: int = 4, samples: int = 4, pair
                methods=MERGE_METHODS):
     from ..lora_read import load_lora
     from ..merge import MergeOptions, merge
-    from .evaluate import merge_sample_prompts, pair_paths
+    from ..world.evaluate import merge_sample_prompts, pair_paths
 
     loras = [load_lora(p, model) for p in pair_paths(pair)]
     edits = {}
@@ -67,9 +69,10 @@ def run(args) -> int:
 
     from ..errors import WeightsmithError
     from ..model_io import load_model
-    from .evaluate import Sampler, erase_prompt_sets, erasure_metrics, merge_metrics, merge_prompt_sets, with_lora
-    from .grid import save_grid
-    from .paths import DEFAULT_MODEL_DIR, world_present
+    from ..world.evaluate import (Sampler, erase_prompt_sets, erasure_metrics, merge_metrics, merge_prompt_sets,
+                                  with_lora)
+    from ..world.grid import save_grid
+    from ..world.paths import DEFAULT_MODEL_DIR, world_present
 
     t0 = time.perf_counter()
     out = Path(args.out)
@@ -125,7 +128,7 @@ def run(args) -> int:
     (out / "report.html").write_text(render_html(report))
     say(f"done in {report['time_s']} s")
     print(f"report: {(out / 'report.html').resolve()}")
-    _print_tables(report)
+    print_tables(report)
     return 0
 
 
@@ -133,7 +136,7 @@ def run_without_world(out: Path, t0: float) -> int:
     """Fallback when the embedded world's files are missing: the erase half on a seeded random
     model built in-process, clearly labelled, with numbers but no pictures."""
     from ..erase.cli import print_summary
-    from ..random_models import build_random_model
+    from .random_models import build_random_model
 
     print("NOTE: the embedded default world (core/world/assets) is missing; running the erasure half on a "
           "RANDOM-WEIGHT tiny SD1-architecture model built in-process. No pictures or quality numbers.")
@@ -151,29 +154,6 @@ def run_without_world(out: Path, t0: float) -> int:
     return 0
 
 
-def _fmt(m: dict) -> str:
-    from .evaluate import value
-
-    lo, hi = m["ci"]
-    return f"{value(m):.2f} [{lo:.2f}, {hi:.2f}]"
-
-
-def _table(metrics: dict, cols: list[tuple[str, str]]) -> str:
-    head = "".join(f"<th>{html.escape(t)}</th>" for _, t in cols)
-    body = ""
-    for name, m in metrics.items():
-        body += f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td>{_fmt(m[k])}</td>" for k, _ in cols) + "</tr>"
-    return f"<table><tr><th>model</th>{head}</tr>{body}</table>"
-
-
-ERASE_COLS = [("target_simple", "target, simple ↓"), ("target_context", "target, context ↓"),
-              ("target_two", "target, two objects ↓"), ("anchor", "anchor ↑"),
-              ("preserved", "other shapes correct ↑"), ("drift", "drift ↓")]
-MERGE_COLS = [("subject", "subject trait ↑"), ("style", "style trait ↑"), ("subject_leak", "style leak on subject ↓"),
-              ("style_leak", "subject leak on style ↓"), ("both", "both traits, both triggers ↑"),
-              ("drift", "drift, no trigger ↓")]
-
-
 def render_html(report: dict) -> str:
     parts = ["<!doctype html><meta charset=utf-8><title>Weightsmith demo</title>",
              "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse}"
@@ -183,25 +163,19 @@ def render_html(report: dict) -> str:
              f"the shipped judge, with its 95% interval; {report['erase']['n_per_set']} images per prompt set and "
              f"model, {report['sampler']['steps']} DDIM steps, guidance {report['sampler']['guidance']}. "
              "Evaluation prompts are held out (other templates than the edit's and the merge's).</p>",
-             "<h2>Erasure: circle → square</h2>", _table(report["erase"]["metrics"], ERASE_COLS),
+             "<h2>Erasure: circle → square</h2>", html_table(report["erase"]["metrics"], ERASE_COLS),
              "<p>Edit time (s): " + ", ".join(f"{k} {v:.2f}" for k, v in report["erase"]["time_s"].items()) + "</p>",
              "<img src='erase_grid.png' alt='erasure grid'>"]
     for pair, mv in report.get("merge", {}).items():
         w, t = mv["triggers"]
         parts += [f"<h2>Merging the {html.escape(pair)} pair: subject LoRA ({html.escape(w)} → star) + style LoRA "
                   f"({html.escape(t)} → stripes)</h2>",
-                  _table(mv["metrics"], MERGE_COLS), f"<img src='merge_grid_{pair}.png' alt='merge grid {pair}'>"]
+                  html_table(mv["metrics"], MERGE_COLS), f"<img src='merge_grid_{pair}.png' alt='merge grid {pair}'>"]
     parts.append(f"<p>Total time {report['time_s']} s.</p>")
     return "\n".join(parts)
 
 
-def _print_tables(report: dict) -> None:
-    def show(title, metrics, cols):
-        print(title)
-        print(f"  {'model':<14}" + "".join(f"{k:>20}" for k, _ in cols))
-        for name, m in metrics.items():
-            print(f"  {name:<14}" + "".join(f"{_fmt(m[k]):>20}" for k, _ in cols))
-
-    show("erasure (circle -> square), value [95% interval]:", report["erase"]["metrics"], ERASE_COLS)
+def print_tables(report: dict) -> None:
+    print_metrics("erasure (circle -> square), value [95% interval]:", report["erase"]["metrics"], ERASE_COLS)
     for pair, mv in report.get("merge", {}).items():
-        show(f"merging ({pair} pair):", mv["metrics"], MERGE_COLS)
+        print_metrics(f"merging ({pair} pair):", mv["metrics"], MERGE_COLS)
