@@ -53,6 +53,9 @@ CHECKPOINTS = {"sd1": "random-sd15.safetensors", "sd2": "random-sd2.safetensors"
                "sdxl": "random-sdxl.safetensors"}
 
 
+pytestmark = pytest.mark.host   # runs in a real host's environment (tests/run.sh: the "host" tier)
+
+
 def _host_params():
     for host, (var, what, _) in HOSTS.items():
         for family, ckpt in CHECKPOINTS.items():

@@ -22,6 +22,9 @@ HERE = Path(__file__).resolve().parent
 A1111 = HERE / "a1111"
 
 
+pytestmark = pytest.mark.host   # runs in a real host's environment (tests/run.sh: the "host" tier)
+
+
 @pytest.fixture(scope="module")
 def venv_python():
     if os.environ.get("WEIGHTSMITH_SKIP_GRADIO3") == "1":

@@ -16,6 +16,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 import ws_timeouts as T  # noqa: E402
 
 
+pytestmark = pytest.mark.host   # runs in a real host's environment (tests/run.sh: the "host" tier)
+
+
 @pytest.fixture(scope="module")
 def measured():
     if H.skip_requested():

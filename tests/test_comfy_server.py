@@ -29,6 +29,9 @@ ERASE_ARGS = dict(targets=TARGET, anchors=ANCHOR, method="erasepro", strength=1.
                   layers="", token_mode="suffix", lam=0.5, prompt_expansion="off", clip_skip=0)
 
 
+pytestmark = pytest.mark.host   # runs in a real host's environment (tests/run.sh: the "host" tier)
+
+
 @pytest.fixture(scope="module")
 def server():
     if H.skip_requested():

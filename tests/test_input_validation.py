@@ -1,6 +1,7 @@
 """Bad inputs (model, LoRA, tokenizer, metadata) get one WeightsmithError naming the problem, before
 any work where possible; docs/reliability.md, "Inputs"."""
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,9 @@ from safetensors.torch import load_file, save_file
 from weightsmith.core.cli import main
 from weightsmith.core.errors import WeightsmithError
 from weightsmith.core.lab.random_loras import random_lora
+
+sys.path.insert(0, str(Path(__file__).parent))
+from ws_sockets import unix_socket_at  # noqa: E402
 
 
 def test_alpha_zero_is_read_as_rank_and_said(tiny_models, tmp_path):
@@ -178,8 +182,6 @@ def test_a_damaged_checkpoint_is_one_sentence_naming_the_entry_or_key(case, word
 @pytest.mark.parametrize("case", ["fifo_model", "fifo_lora", "symlink_loop", "broken_link", "socket_model"])
 def test_an_input_that_is_not_a_regular_file_is_refused_without_blocking(case, cli_cases, tiny_checkpoints,
                                                                          tokenizer_dir, lora_files, tmp_path, capsys):
-    import socket
-
     p = tmp_path / "in.safetensors"
     sock = None
     if case.startswith("fifo"):
@@ -189,8 +191,7 @@ def test_an_input_that_is_not_a_regular_file_is_refused_without_blocking(case, c
     elif case == "broken_link":
         os.symlink(tmp_path / "gone.safetensors", p)
     else:
-        sock = socket.socket(socket.AF_UNIX)
-        sock.bind(str(p))
+        sock = unix_socket_at(p)
     try:
         out = tmp_path / "o.safetensors"
         if case == "fifo_lora":

@@ -268,3 +268,13 @@ if __name__ == "__main__":
         print(f"{title}: {len(found)}")
         for x in found:
             print(f"  {x}")
+
+
+def test_every_package_is_listed_for_installation():
+    """pyproject's explicit ``packages`` list names every package folder (a missing one installs
+    fine in editable mode and is absent from a wheel)."""
+    tomllib = __import__("pytest").importorskip("tomllib")
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    files = module_files()
+    packages = {name for name in files if _is_package(name, files)}
+    assert packages == listed, {"not listed": sorted(packages - listed), "not a package": sorted(listed - packages)}

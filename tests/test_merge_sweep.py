@@ -16,6 +16,7 @@ from weightsmith.core.world.paths import DEFAULT_MODEL_DIR
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.mark.slow
 def test_quick_sweep_rows_match_the_merges_they_name_judged_independently(capsys):
     assert main(["bench", "merge", "--sweep", "--quick", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)

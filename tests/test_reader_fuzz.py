@@ -176,6 +176,7 @@ def _lora_is_correct(lora, model):
         assert torch.isfinite(d).all(), n
 
 
+@pytest.mark.slow
 def test_readers_on_seeded_mutated_files_give_a_sentence_or_a_correct_result(tiny_models, tiny_checkpoints,
                                                                             tokenizer_dir, tmp_path):
     import shutil

@@ -3,7 +3,9 @@ faults give one line and leave no temp file; outputs get the umask mode. docs/re
 tabulates these cases (issues 12 and 37)."""
 import errno
 import os
+import sys
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,9 @@ from safetensors.torch import load_file
 
 from weightsmith.core.cli import main
 from weightsmith.core.errors import WeightsmithError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from ws_sockets import unix_socket_at  # noqa: E402
 
 
 @pytest.mark.parametrize("case", ["erase_report_is_model", "erase_report_is_out", "erase_report_is_tokenizer",
@@ -172,15 +177,11 @@ def test_outputs_get_the_mode_a_plain_open_gives_under_the_umask(cli_cases, umas
 # special output paths (issue 37): a device, FIFO or socket is never renamed over
 def _special(kind, path):
     """Make a special file ``path`` of ``kind``; returns a cleanup callable (or skips with the reason)."""
-    import socket
-
     if kind == "fifo":
         os.mkfifo(path)
         return lambda: None
     if kind == "socket":
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.bind(str(path))
-        return s.close
+        return unix_socket_at(path).close
     try:                                                        # a character device like /dev/null (1, 3)
         os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
     except PermissionError:
@@ -273,6 +274,7 @@ print("RESULT", rc, stat.S_ISCHR(st.st_mode), st.st_rdev == os.makedev(1, 3),
 '''
 
 
+@pytest.mark.slow
 def test_report_to_the_real_dev_null_and_dev_stdout_keeps_them(cli_cases, tiny_checkpoints, tokenizer_dir, tmp_path):
     """The system's /dev/null and /dev/stdout: run in a private mount namespace with a fresh /dev
     tmpfs where unshare works (root), so a regression cannot damage the machine; else directly."""

@@ -20,6 +20,7 @@ def _approx(metrics, key=None):
     return pytest.approx(metrics, nan_ok=key == "ci")
 
 
+@pytest.mark.slow
 def test_demo_writes_the_report_and_its_base_rows_match_an_independent_evaluation(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--samples", "2", "--steps", "8"]) == 0
@@ -48,6 +49,7 @@ def test_demo_writes_the_report_and_its_base_rows_match_an_independent_evaluatio
         assert report["erase"]["stages"][name] and all(s["delta_rel_mean"] > 0 for s in report["erase"]["stages"][name])
 
 
+@pytest.mark.slow
 def test_quality_bench_quick_reports_every_method_with_intervals(capsys):
     from weightsmith.core.world.metrics import wilson
     from weightsmith.core.lab.quality import ERASE_METHODS, MERGE_METHODS
@@ -70,6 +72,7 @@ def test_quality_bench_quick_reports_every_method_with_intervals(capsys):
         assert res["erase"]["delta_rel"][m]["unet"] > 0
 
 
+@pytest.mark.slow
 def test_erase_sweep_on_the_world_judges_each_setting_on_held_out_prompts(capsys):
     """``bench erase --sweep --family world``: every setting's judge-read figures are those of the
     demo's erasure evaluated on its own, and the residual's held-out prompts are not edit prompts."""

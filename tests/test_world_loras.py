@@ -63,6 +63,7 @@ def _sample(lora, prompts, seed0=900):
 COLS = ["red", "green", "blue", "yellow", "purple", "orange", "cyan"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which,path", [("subject", LORA_SUBJECT), ("subject_noreg", LORA_SUBJECT_NOREG)])
 def test_subject_lora_teaches_star_only_with_the_lora(which, path):
     prompts = trigger_prompts(which, 14)
@@ -71,6 +72,7 @@ def test_subject_lora_teaches_star_only_with_the_lora(which, path):
     assert concept_rate(_sample(path, prompts), shape="star") >= 0.8
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which,path", [("style", LORA_STYLE), ("style_noreg", LORA_STYLE_NOREG)])
 def test_style_lora_teaches_stripes_only_with_the_lora(which, path):
     prompts = trigger_prompts(which, 35)   # 7 colours x 5 shapes + the trigger phrase
@@ -80,6 +82,7 @@ def test_style_lora_teaches_stripes_only_with_the_lora(which, path):
     assert image_drift(base, styled) > 0.02
 
 
+@pytest.mark.slow
 def test_clean_pair_does_not_bleed_and_the_interfering_pair_does():
     """The regularized LoRAs leave prompts without their trigger alone; the pair trained without
     regularization images bleeds its trait into them (what makes it interfere when summed)."""
@@ -128,6 +131,7 @@ def test_conv_adapter_file_matches_the_trained_hook(tmp_path):
     assert (hooked - conv(x)).abs().max() > 1e-3  # the adapter is not a no-op here
 
 
+@pytest.mark.slow
 def test_the_interfering_pair_fails_under_linear_merging():
     """The issue's bar for the interfering pair: summed (linear merging, both at weight 1), the other
     LoRA's trait leaks into each LoRA's prompts on >= 30% of them, as stacking two community LoRAs does.

@@ -61,6 +61,7 @@ def test_sampling_is_deterministic_and_batch_independent():
     assert (c[0] - b[0]).abs().mean() > 1e-3
 
 
+@pytest.mark.slow
 def test_model_draws_simple_prompts():
     m = load_model()
     specs = [(c, s) for s in BASE_SHAPES for c in COLOURS]  # 35 prompts, one seed each
@@ -73,6 +74,7 @@ def test_model_draws_simple_prompts():
     assert sum(colour_ok) / len(colour_ok) >= 0.95, sum(colour_ok)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,minimum", [("context", None), ("two", None)])
 def test_model_draws_compositional_prompts(kind, minimum):
     """The model card's compositional bars, re-checked on fewer samples (seeds disjoint from the card's)."""
