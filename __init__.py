@@ -4,6 +4,7 @@ This file is both the Python package root (``import weightsmith``) and the Comfy
 (ComfyUI imports every folder in ``custom_nodes/`` through its ``__init__.py``). The node pack is
 only loaded when ComfyUI is the host, so ``import weightsmith`` stays light everywhere else.
 """
+
 import sys as _sys
 
 __version__ = "0.1.0"

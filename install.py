@@ -4,6 +4,7 @@ Run by A1111/Forge at start-up (their ``launch`` module is importable: use its p
 ComfyUI-Manager after an install (no ``launch``: plain ``python -m pip``). It only installs what is
 missing, never torch (every host brings its own build), and does nothing when all is present.
 """
+
 import os
 import re
 import subprocess
@@ -21,7 +22,7 @@ def requirements():
 
 
 def _name(req):
-    return re.split(r"[<>=!~ \[;]", req, 1)[0]
+    return re.split(r"[<>=!~ \[;]", req, maxsplit=1)[0]
 
 
 def _satisfied(version, req):
@@ -83,10 +84,14 @@ def main():
         pins = held()
         pinned = {_name(p).lower() for p in pins}
         too_old = [r for r in todo if _name(r).lower() in pinned]
-        if too_old:     # the host pins these: upgrading them could break it, so say so instead
-            print("Weightsmith: the WebUI has " + ", ".join(p for p in pins if _name(p).lower() in
-                  {_name(r).lower() for r in too_old}) + " but Weightsmith needs " + ", ".join(too_old) +
-                  "; not upgraded (the WebUI pins it). Update the WebUI, or upgrade it yourself at your own risk.")
+        if too_old:  # the host pins these: upgrading them could break it, so say so instead
+            print(
+                "Weightsmith: the WebUI has "
+                + ", ".join(p for p in pins if _name(p).lower() in {_name(r).lower() for r in too_old})
+                + " but Weightsmith needs "
+                + ", ".join(too_old)
+                + "; not upgraded (the WebUI pins it). Update the WebUI, or upgrade it yourself at your own risk."
+            )
             todo = [r for r in todo if r not in too_old]
             if not todo:
                 return

@@ -30,6 +30,7 @@ Two things the real A1111 does to the loaded model that the tab must undo or res
   (:func:`clear_cond_cache`), or the next image of the same prompt is still encoded by the old
   text encoder.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,8 +41,16 @@ from pathlib import Path
 import torch
 
 from ..core.errors import WeightsmithError, require
-from ..core.naming import (LDM_UNET_PREFIX as UNET_PREFIX, SUPPORTED_FAMILIES, TE1, TE2, checkpoint_slot,
-                           family_label, sdxl_embedder_prefix, te_checkpoint_prefix)
+from ..core.naming import LDM_UNET_PREFIX as UNET_PREFIX
+from ..core.naming import (
+    SUPPORTED_FAMILIES,
+    TE1,
+    TE2,
+    checkpoint_slot,
+    family_label,
+    sdxl_embedder_prefix,
+    te_checkpoint_prefix,
+)
 from .backend import Backend
 from .live_weights import Slot, lora_backup
 
@@ -60,8 +69,10 @@ def _live_path(mname: str) -> str:
     return ".".join(p for p in mname.split(".") if p != WRAPPER_LEVEL)
 
 
-COND_CACHES = (("StableDiffusionProcessing", ("cached_c", "cached_uc")),
-               ("StableDiffusionProcessingTxt2Img", ("cached_hr_c", "cached_hr_uc")))
+COND_CACHES = (
+    ("StableDiffusionProcessing", ("cached_c", "cached_uc")),
+    ("StableDiffusionProcessingTxt2Img", ("cached_hr_c", "cached_hr_uc")),
+)
 
 
 def clear_cond_cache(processing=None) -> int:
@@ -70,7 +81,7 @@ def clear_cond_cache(processing=None) -> int:
     if processing is None:
         try:
             from modules import processing
-        except Exception:   # noqa: BLE001  (not inside A1111: nothing is cached)
+        except Exception:  # noqa: BLE001  (not inside A1111: nothing is cached)
             return 0
     n = 0
     for cls_name, attrs in COND_CACHES:
@@ -87,17 +98,22 @@ def model_family(sd_model) -> str:
     """sd1 / sd2 / sdxl, or a WeightsmithError naming what is loaded."""
     require(sd_model is not None, "no model is loaded; pick a checkpoint at the top of the page first.")
     if getattr(sd_model, "is_sd3", False):
-        raise WeightsmithError(f"the loaded model is SD3; Weightsmith edits {SUPPORTED_FAMILIES}. "
-                               "Load one of those checkpoints.")
+        raise WeightsmithError(
+            f"the loaded model is SD3; Weightsmith edits {SUPPORTED_FAMILIES}. Load one of those checkpoints."
+        )
     if getattr(sd_model, "is_sdxl", False):
         tx = text_embedders(sd_model)
-        require([k for k, _, _ in tx] == ["hf", "openclip"],
-                "the loaded SDXL model is not an SDXL base (a refiner has only the bigG encoder); "
-                "Weightsmith edits SDXL base models. Load an SDXL base checkpoint.")
+        require(
+            [k for k, _, _ in tx] == ["hf", "openclip"],
+            "the loaded SDXL model is not an SDXL base (a refiner has only the bigG encoder); "
+            "Weightsmith edits SDXL base models. Load an SDXL base checkpoint.",
+        )
         return "sdxl"
     if getattr(sd_model, "cond_stage_model", None) is None:
-        raise WeightsmithError("the loaded model has no text encoder Weightsmith recognises (SD1.x, "
-                               "SD2.x or SDXL); load one of those checkpoints.")
+        raise WeightsmithError(
+            "the loaded model has no text encoder Weightsmith recognises (SD1.x, "
+            "SD2.x or SDXL); load one of those checkpoints."
+        )
     if getattr(sd_model, "is_sd2", False):
         return "sd2"
     inner = _unwrap(sd_model.cond_stage_model)
@@ -105,8 +121,9 @@ def model_family(sd_model) -> str:
         return "sd1"
     if hasattr(inner, "model"):
         return "sd2"
-    raise WeightsmithError("the loaded model's text encoder is of an unknown kind; Weightsmith edits "
-                           f"{SUPPORTED_FAMILIES}.")
+    raise WeightsmithError(
+        f"the loaded model's text encoder is of an unknown kind; Weightsmith edits {SUPPORTED_FAMILIES}."
+    )
 
 
 def text_embedders(sd_model):
@@ -179,8 +196,11 @@ class LiveIndex:
         b = lora_backup(mod, pname)
         if b is not None:
             return b
-        if pname == "bias" and getattr(mod, "network_weights_backup", None) is not None \
-                and not isinstance(mod, torch.nn.MultiheadAttention):
+        if (
+            pname == "bias"
+            and getattr(mod, "network_weights_backup", None) is not None
+            and not isinstance(mod, torch.nn.MultiheadAttention)
+        ):
             bb = getattr(mod, "network_bias_backup", None)
             if bb is not None:
                 return bb
@@ -219,7 +239,7 @@ def _tokenizers(sd_model, family: str, roots) -> dict:
             tok = getattr(text_embedders(sd_model)[0][2], "tokenizer", None)
         if tok is not None and hasattr(tok, "convert_tokens_to_ids"):
             toks[comp] = fit_tokenizer(tok, family, comp)
-        else:   # SD2's open_clip tokenizer is not a transformers one: use CLIP's BPE from disk
+        else:  # SD2's open_clip tokenizer is not a transformers one: use CLIP's BPE from disk
             toks[comp] = encoder_tokenizer(None, family, comp)
     return toks
 
@@ -246,10 +266,16 @@ def sdmodel_from_live(sd_model, clip_skip: int | None = None):
     roots = live_roots(sd_model, family)
     index = LiveIndex(roots)
     te_sources = {comp: (prefix, kind == "openclip") for prefix, _, kind, comp in roots if kind != "unet"}
-    model = model_from_state_dict(_BaseTensors(index), family, te_sources, UNET_PREFIX,
-                                  _tokenizers(sd_model, family, roots),
-                                  clip_skip=clip_skip if family != "sdxl" else None, te_heads=_heads(roots),
-                                  share=True)
+    model = model_from_state_dict(
+        _BaseTensors(index),
+        family,
+        te_sources,
+        UNET_PREFIX,
+        _tokenizers(sd_model, family, roots),
+        clip_skip=clip_skip if family != "sdxl" else None,
+        te_heads=_heads(roots),
+        share=True,
+    )
     return model, index
 
 
@@ -257,10 +283,11 @@ def sdmodel_from_live(sd_model, clip_skip: int | None = None):
 def state_job(state, title: str, lock=None):
     """A long job the A1111 way: ``shared.state.begin/end`` around it, the generation lock held,
     progress in ``sampling_step(s)``/``textinfo``, Interrupt read from ``state.interrupted``."""
-    with (lock if lock is not None else contextlib.nullcontext()):
+    with lock if lock is not None else contextlib.nullcontext():
         state.begin(job=title)
         state.job_count = 1
         try:
+
             def progress(done, total, label=""):
                 state.sampling_steps = int(total)
                 state.sampling_step = int(done)
@@ -280,6 +307,7 @@ class WebUIHost:
     def _queue_lock():
         try:
             from modules import call_queue
+
             return call_queue.queue_lock
         except Exception:
             return contextlib.nullcontext()
@@ -298,6 +326,7 @@ class WebUIHost:
     def refresh_loras(self) -> None:
         try:
             import networks  # the built-in Lora extension's module
+
             networks.list_available_networks()
         except Exception:
             pass
@@ -315,11 +344,13 @@ class A1111Backend(WebUIHost, Backend):
     @property
     def shared(self):
         from modules import shared
+
         return shared
 
     @property
     def sd_models(self):
         from modules import sd_models
+
         return sd_models
 
     def _sd_model(self):
@@ -361,6 +392,7 @@ class A1111Backend(WebUIHost, Backend):
         if self._cache is not None:
             self._cache = None
             import gc
+
             gc.collect()
 
     def _built(self):
@@ -390,6 +422,7 @@ class A1111Backend(WebUIHost, Backend):
         d = getattr(self.shared.cmd_opts, "lora_dir", None)
         if not d:
             from modules import paths
+
             d = os.path.join(paths.models_path, "Lora")
         return Path(d)
 
@@ -399,8 +432,11 @@ class A1111Backend(WebUIHost, Backend):
     def checkpoint_file(self) -> Path:
         info = getattr(self._sd_model(), "sd_checkpoint_info", None)
         fn = getattr(info, "filename", None)
-        require(fn and os.path.isfile(fn), "the loaded model's checkpoint file was not found on disk, so it "
-                "cannot be saved with the edit; save as LoRA instead.")
+        require(
+            fn and os.path.isfile(fn),
+            "the loaded model's checkpoint file was not found on disk, so it "
+            "cannot be saved with the edit; save as LoRA instead.",
+        )
         return Path(fn)
 
     def save_checkpoint(self, deltas, out, metadata):
@@ -417,5 +453,3 @@ class A1111Backend(WebUIHost, Backend):
 
     def refresh_checkpoints(self) -> None:
         self.sd_models.list_models()
-
-

@@ -6,6 +6,7 @@ LoRAs and checkpoints go, how progress and Interrupt are wired. :class:`Workbenc
 tab's state (the applied edit and the exact originals, see :mod:`.live_weights`) and does the
 work the buttons ask for. The Gradio layout lives in :mod:`.ui`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -115,10 +116,20 @@ class StandaloneBackend(Backend):
     A backend with ``attach(edit)`` / ``detach()`` / ``forget()`` (Forge, :mod:`.forge`) keeps the
     applied edit itself (as host patches) instead of the tab changing weights in place."""
 
-    def __init__(self, model_path, lora_dir, checkpoint_dir, *, tokenizer=None, clip_skip=None,
-                 can_apply: bool = True, apply_note: str = "", name: str = "standalone"):
+    def __init__(
+        self,
+        model_path,
+        lora_dir,
+        checkpoint_dir,
+        *,
+        tokenizer=None,
+        clip_skip=None,
+        can_apply: bool = True,
+        apply_note: str = "",
+        name: str = "standalone",
+    ):
         super().__init__()
-        self._weights_dtype = None       # the UNet's precision (load_model(weights_dtype=…)); None: float32
+        self._weights_dtype = None  # the UNet's precision (load_model(weights_dtype=…)); None: float32
         self.model_path = Path(model_path)
         self._lora_dir = Path(lora_dir)
         self._ckpt_dir = Path(checkpoint_dir)
@@ -133,8 +144,9 @@ class StandaloneBackend(Backend):
         if self._model is None:
             from ..core.model_io import load_model
 
-            self._model = load_model(self.model_path, clip_skip=self._clip_skip, tokenizer=self._tokenizer,
-                                     weights_dtype=self._weights_dtype)
+            self._model = load_model(
+                self.model_path, clip_skip=self._clip_skip, tokenizer=self._tokenizer, weights_dtype=self._weights_dtype
+            )
         return self._model
 
     def slots(self, names) -> dict[str, Slot]:
@@ -159,7 +171,7 @@ class StandaloneBackend(Backend):
 
         m = self.model()
         if m.source is not None and m.source.format == "diffusers":
-            out = out.with_suffix("")          # a diffusers model is saved as a folder
+            out = out.with_suffix("")  # a diffusers model is saved as a folder
             require(not out.exists(), f"{out} already exists; choose another name.")
         return save_edited_model(m, deltas, out, metadata)
 
@@ -177,7 +189,7 @@ class Workbench:
         self.last: Edit | None = None
         self._last_report: list[dict] = []
         self.lock = threading.RLock()
-        self._observer = None          # an extra progress callback (the tab's progress bar), see observing()
+        self._observer = None  # an extra progress callback (the tab's progress bar), see observing()
 
     # state ------------------------------------------------------------------------------------
     def _check_model(self) -> None:
@@ -188,7 +200,8 @@ class Workbench:
             self.applied = None
             raise WeightsmithError(
                 "the loaded model changed since the last Apply; that edit is gone with the old model. "
-                "Nothing was changed; press the button again to work on the new model.")
+                "Nothing was changed; press the button again to work on the new model."
+            )
 
     @contextlib.contextmanager
     def observing(self, progress):
@@ -213,6 +226,7 @@ class Workbench:
                     extra(done, total, label)
                 finally:
                     progress(done, total, label)
+
             yield both, cancel
 
     def _remember(self, edit: Edit, model) -> None:
@@ -247,13 +261,23 @@ class Workbench:
         opts = _options(EraseOptions, advanced or {})
         with self._job("Weightsmith: erase") as (progress, cancel):
             model = self.backend.model()
-            edit = erase(model, t, a, items(preserve), method=method, options=opts,
-                         progress=progress, cancel=cancel, warn=lambda m: None)
+            edit = erase(
+                model,
+                t,
+                a,
+                items(preserve),
+                method=method,
+                options=opts,
+                progress=progress,
+                cancel=cancel,
+                warn=lambda m: None,
+            )
             self._remember(edit, model)
         return edit
 
-    def compute_merge(self, lora_names, weights, prompts, method, settings: dict | None = None,
-                      blocks: str | None = None) -> tuple:
+    def compute_merge(
+        self, lora_names, weights, prompts, method, settings: dict | None = None, blocks: str | None = None
+    ) -> tuple:
         from ..core.blockweights import per_lora
         from ..core.lora_read import load_lora
         from ..core.merge import MergeOptions, merge
@@ -261,19 +285,23 @@ class Workbench:
         names = list(lora_names or [])
         require(bool(names), "pick at least one LoRA to merge.")
         w = [float(x) for x in items(weights)] if items(weights) else None
-        require(w is None or len(w) == len(names),
-                f"give one weight per LoRA ({len(names)}), or leave Weights empty for 1 each.")
-        per = a1111_prompt_table(prompts)          # core.prompt_lists: the tab's rule
+        require(
+            w is None or len(w) == len(names),
+            f"give one weight per LoRA ({len(names)}), or leave Weights empty for 1 each.",
+        )
+        per = a1111_prompt_table(prompts)  # core.prompt_lists: the tab's rule
         p = None
         if per:
-            require(len(per) in (1, len(names)),
-                    "sample prompts: one line for all LoRAs, or one line per LoRA in the order picked "
-                    "(several prompts on a line are separated by ; or |).")
+            require(
+                len(per) in (1, len(names)),
+                "sample prompts: one line for all LoRAs, or one line per LoRA in the order picked "
+                "(several prompts on a line are separated by ; or |).",
+            )
             p = per[0] if len(per) == 1 and len(names) > 1 else per
-        bw = per_lora(blocks, len(names))       # one line per LoRA (docs/merge.md, "Block weights")
+        bw = per_lora(blocks, len(names))  # one line per LoRA (docs/merge.md, "Block weights")
         from ..core.merge.options import machine_is_cpu, with_quick
 
-        opts = _options(MergeOptions, with_quick(settings or {}, machine_is_cpu()))   # docs/merge.md, "Speed"
+        opts = _options(MergeOptions, with_quick(settings or {}, machine_is_cpu()))  # docs/merge.md, "Speed"
         with self._job("Weightsmith: merge LoRAs") as (progress, cancel):
             model = self.backend.model()
             loras = []
@@ -281,8 +309,17 @@ class Workbench:
                 path = self.backend.lora_dir() / n
                 require(path.is_file(), f"LoRA {n} is not in {self.backend.lora_dir()}; press Refresh.")
                 loras.append(load_lora(path, model))
-            edit = merge(model, loras, method=method, weights=w, prompts=p, options=opts,
-                         progress=progress, cancel=cancel, blocks=bw)
+            edit = merge(
+                model,
+                loras,
+                method=method,
+                weights=w,
+                prompts=p,
+                options=opts,
+                progress=progress,
+                cancel=cancel,
+                blocks=bw,
+            )
             self._remember(edit, model)
         return edit, loras
 
@@ -292,12 +329,14 @@ class Workbench:
             raise WeightsmithError(f"Apply is not available here: {self.backend.apply_note}")
         self._check_model()
         model = self.backend.model()
-        require(edit.family == model.family,
-                f"this edit is for {family_label(edit.family)} but the loaded model is "
-                f"{family_label(model.family)}; nothing was changed.")
+        require(
+            edit.family == model.family,
+            f"this edit is for {family_label(edit.family)} but the loaded model is "
+            f"{family_label(model.family)}; nothing was changed.",
+        )
         scaled = edit.scaled(strength) if strength != 1 else edit
         combined = scaled if self.applied is None else self.applied.then(scaled)
-        if hasattr(self.backend, "attach"):      # patcher hosts (Forge): the host keeps the whole edit
+        if hasattr(self.backend, "attach"):  # patcher hosts (Forge): the host keeps the whole edit
             with self.backend.exclusive():
                 self.backend.attach(combined)
         else:
@@ -307,7 +346,10 @@ class Workbench:
         self.applied = combined
         self.applied_key = self.backend.model_key()
         self.backend_changed()
-        return f"Applied to the loaded model: {len(edit.deltas)} weights changed. Generate to try it; Undo restores the original."
+        return (
+            f"Applied to the loaded model: {len(edit.deltas)} weights changed. "
+            "Generate to try it; Undo restores the original."
+        )
 
     def undo(self) -> str:
         if self.applied is None:
@@ -318,8 +360,10 @@ class Workbench:
                 if hasattr(self.backend, "detach"):
                     n = len(self.applied.deltas)
                     self.backend.detach()
-                    msg = (f"Undone: the edit ({n} weights) is off the model; the original weights are back "
-                           "exactly from the next image on.")
+                    msg = (
+                        f"Undone: the edit ({n} weights) is off the model; the original weights are back "
+                        "exactly from the next image on."
+                    )
                 else:
                     msg = f"Undone: {self.editor.undo()} tensors restored exactly to the original weights."
         finally:
@@ -348,7 +392,9 @@ class Workbench:
         require(not out.exists(), f"{out} already exists (it may be one of your LoRAs); choose another name.")
         meta = {"ws_host": self.backend.name}
         meta.update(extra_meta or {})
-        info = save_lora(edit, out, rank=int(rank) if rank else None, fmt=fmt, metadata=meta)  # siblings: the writer's rule
+        info = save_lora(
+            edit, out, rank=int(rank) if rank else None, fmt=fmt, metadata=meta
+        )  # siblings: the writer's rule
         self.backend.refresh_loras()
         return f"Saved LoRA {out} (rank {info.get('rank')}; {export_note(info)})."
 
@@ -357,8 +403,10 @@ class Workbench:
         d.mkdir(parents=True, exist_ok=True)
         out = d / output_name(name, "weightsmith-edit")
         require(not out.exists(), f"{out} already exists; choose another name.")
-        meta = {"ws_method": str(edit.report.get("method", "")),
-                "ws_targets": json.dumps(edit.report.get("targets", []))}
+        meta = {
+            "ws_method": str(edit.report.get("method", "")),
+            "ws_targets": json.dumps(edit.report.get("targets", [])),
+        }
         path = self.backend.save_checkpoint(edit.deltas, out, meta)
         self.backend.refresh_checkpoints()
         return f"Saved checkpoint {path}; the checkpoint list was re-read (press its refresh button to see it)."

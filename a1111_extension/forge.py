@@ -26,6 +26,7 @@ Save as LoRA / checkpoint compute from the checkpoint file, as before. That mode
 own: for an SDXL file stored in half precision its UNet is held in that precision (computed in
 float32, the same results bit for bit; :func:`~weightsmith.core.model_io.beside_host_weights_dtype`).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -34,8 +35,8 @@ import os
 from pathlib import Path
 
 from ..core.edit import check_patches_accepted, patcher_patches
-from ..core.model_io import beside_host_weights_dtype
 from ..core.errors import WeightsmithError, require
+from ..core.model_io import beside_host_weights_dtype
 from ..core.naming import family_label
 from .a1111 import WebUIHost, clear_cond_cache
 from .backend import StandaloneBackend
@@ -43,7 +44,7 @@ from .backend import StandaloneBackend
 PATCH_PREFIX = "weightsmith:"
 _REBUILD_HASH = "weightsmith: rebuild the LoRA stack"
 _serial = itertools.count(1)
-_active: list = []          # the backend the model_loaded callback serves (the last one built)
+_active: list = []  # the backend the model_loaded callback serves (the last one built)
 _registered_with: list = []  # the script_callbacks module it is registered with (once per host)
 
 
@@ -82,9 +83,9 @@ class ForgeBackend(WebUIHost, StandaloneBackend):
         self.shared = shared
         super().__init__("", "", "", name="forge")
         self._loaded_from = None
-        self._edit = None            # the edit kept installed (None: none)
-        self._edit_key = None        # the model_key it belongs to
-        self.installed_on = None     # the engine object it is installed on (None: pending / none)
+        self._edit = None  # the edit kept installed (None: none)
+        self._edit_key = None  # the model_key it belongs to
+        self.installed_on = None  # the engine object it is installed on (None: pending / none)
         _register(self)
 
     # model ------------------------------------------------------------------------------------
@@ -96,11 +97,13 @@ class ForgeBackend(WebUIHost, StandaloneBackend):
 
     def _checkpoint(self) -> Path:
         info = getattr(self.shared.sd_model, "sd_checkpoint_info", None)
-        if info is None:         # Forge loads the model at the first generation; until then it is selected
+        if info is None:  # Forge loads the model at the first generation; until then it is selected
             info = self._loading_parameters().get("checkpoint_info")
         fn = getattr(info, "filename", None)
-        require(bool(fn) and os.path.isfile(fn),
-                "no checkpoint file is loaded; pick a checkpoint at the top of the page first.")
+        require(
+            bool(fn) and os.path.isfile(fn),
+            "no checkpoint file is loaded; pick a checkpoint at the top of the page first.",
+        )
         return Path(fn)
 
     def _text_encoder_modules(self) -> list[str]:
@@ -116,7 +119,7 @@ class ForgeBackend(WebUIHost, StandaloneBackend):
         ck = self._checkpoint()
         if ck != self._loaded_from:
             self.model_path, self._model, self._loaded_from = ck, None, ck
-            self._weights_dtype = beside_host_weights_dtype(ck)    # SDXL beside Forge's own copy
+            self._weights_dtype = beside_host_weights_dtype(ck)  # SDXL beside Forge's own copy
         try:
             self._clip_skip = int(getattr(self.shared.opts, "CLIP_stop_at_last_layers", 1) or 1)
         except Exception:
@@ -141,13 +144,16 @@ class ForgeBackend(WebUIHost, StandaloneBackend):
     def attach(self, edit) -> None:
         """Keep ``edit`` (the whole applied edit, already scaled) installed on the loaded model."""
         te = self._text_encoder_modules()
-        require(not te, f"Forge loads a separate text encoder ({os.path.basename(te[0]) if te else ''}) beside "
-                        "the checkpoint, and Weightsmith computes edits from the checkpoint's own: clear it under "
-                        "'VAE / Text Encoder' at the top of the page, or use Save as LoRA.")
+        require(
+            not te,
+            f"Forge loads a separate text encoder ({os.path.basename(te[0]) if te else ''}) beside "
+            "the checkpoint, and Weightsmith computes edits from the checkpoint's own: clear it under "
+            "'VAE / Text Encoder' at the top of the page, or use Save as LoRA.",
+        )
         sm = self.shared.sd_model
         key = self.model_key()
         if _is_loaded(sm):
-            self._install(sm, edit)           # raises before changing anything when a key does not fit
+            self._install(sm, edit)  # raises before changing anything when a key does not fit
         self._edit, self._edit_key = edit, key
         self.installed_on = sm if _is_loaded(sm) else None
 
@@ -176,17 +182,20 @@ class ForgeBackend(WebUIHost, StandaloneBackend):
     def _install(self, sm, edit) -> None:
         fam = engine_family(sm)
         if fam is None:
-            raise WeightsmithError("the loaded model is not SD1.x, SD2.x or SDXL; Weightsmith edits only those. "
-                                   "Nothing was changed.")
+            raise WeightsmithError(
+                "the loaded model is not SD1.x, SD2.x or SDXL; Weightsmith edits only those. Nothing was changed."
+            )
         o = sm.forge_objects_original
         unet, clip = o.unet.clone(), o.clip.clone()
         for patcher in (unet, clip.patcher):
             for ident in [i for i in patcher.lora_patches if str(i[0]).startswith(PATCH_PREFIX)]:
                 del patcher.lora_patches[ident]
         if edit is not None:
-            require(edit.family == fam,
-                    f"this edit is for {family_label(edit.family)} but the loaded model is "
-                    f"{family_label(fam)}; nothing was changed.")
+            require(
+                edit.family == fam,
+                f"this edit is for {family_label(edit.family)} but the loaded model is "
+                f"{family_label(fam)}; nothing was changed.",
+            )
             shapes = {k: p.shape for k, p in unet.model.named_parameters()}
             shapes.update({k: p.shape for k, p in clip.patcher.model.named_parameters()})
             unet_p, clip_p = patcher_patches(edit, shapes)
@@ -195,10 +204,13 @@ class ForgeBackend(WebUIHost, StandaloneBackend):
                 if not patches:
                     continue
                 if "filename" not in inspect.signature(patcher.add_patches).parameters:
-                    raise WeightsmithError("this Forge is older than the patcher rework of August 2024; update "
-                                           "Forge, or use Save as LoRA. Nothing was changed.")
-                got = patcher.add_patches(filename=name, patches=patches, strength_patch=1.0,
-                                          strength_model=1.0, online_mode=self._online(sm))
+                    raise WeightsmithError(
+                        "this Forge is older than the patcher rework of August 2024; update "
+                        "Forge, or use Save as LoRA. Nothing was changed."
+                    )
+                got = patcher.add_patches(
+                    filename=name, patches=patches, strength_patch=1.0, strength_model=1.0, online_mode=self._online(sm)
+                )
                 check_patches_accepted(patches, got, "Forge", what)
         o.unet, o.clip = unet, clip
         sm.forge_objects_after_applying_lora = o.shallow_copy()
@@ -214,8 +226,9 @@ class ForgeBackend(WebUIHost, StandaloneBackend):
 
         try:
             from backend.args import dynamic_args
+
             online = bool(dynamic_args.get("online_lora", False))
-        except Exception:   # noqa: BLE001
+        except Exception:  # noqa: BLE001
             online = False
         dt = getattr(getattr(sm.forge_objects.unet, "model", None), "storage_dtype", torch.float32)
         return online and dt not in (torch.float32, torch.float16, torch.bfloat16)
@@ -225,15 +238,18 @@ class ForgeBackend(WebUIHost, StandaloneBackend):
         d = getattr(self.shared.cmd_opts, "lora_dir", None)
         if not d:
             from modules import paths
+
             d = os.path.join(paths.models_path, "Lora")
         return Path(d)
 
     def checkpoint_dir(self) -> Path:
         from modules import sd_models
+
         return Path(getattr(self.shared.cmd_opts, "ckpt_dir", None) or sd_models.model_path)
 
     def refresh_checkpoints(self) -> None:
         from modules import sd_models
+
         sd_models.list_models()
 
     def refresh_loras(self) -> None:
@@ -246,8 +262,9 @@ class ForgeBackend(WebUIHost, StandaloneBackend):
         super().refresh_loras()
         try:
             import networks
+
             networks.load_lora_state_dict.cache_clear()
-        except Exception:   # noqa: BLE001  (no such cache in this Forge: nothing to drop)
+        except Exception:  # noqa: BLE001  (no such cache in this Forge: nothing to drop)
             pass
         sm = getattr(self.shared, "sd_model", None)
         if sm is None or not _is_loaded(sm):

@@ -1,4 +1,5 @@
 """Pick the backend for the running web UI and build the tab (called from scripts/weightsmith_tab.py)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -11,8 +12,10 @@ def is_forge() -> bool:
 def make_backend():
     if is_forge():
         from .forge import ForgeBackend
+
         return ForgeBackend()
     from .a1111 import A1111Backend
+
     return A1111Backend()
 
 

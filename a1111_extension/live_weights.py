@@ -16,6 +16,7 @@ that safe (docs/method.md, "A1111"):
 A :class:`Slot` says where a canonical weight lives in the host: a module, the parameter name and,
 for OpenCLIP's fused ``in_proj_weight``, the row range of q, k or v.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,8 +29,8 @@ from ..core.errors import WeightsmithError
 @dataclass(frozen=True)
 class Slot:
     module: torch.nn.Module
-    param: str                                  # "weight" or "in_proj_weight"
-    rows: tuple[int, int] | None = None         # row range inside a fused tensor
+    param: str  # "weight" or "in_proj_weight"
+    rows: tuple[int, int] | None = None  # row range inside a fused tensor
 
     @property
     def key(self) -> tuple[int, str]:
@@ -65,8 +66,8 @@ class LiveEditor:
     """Applies edits to host tensors in place and undoes them exactly."""
 
     def __init__(self):
-        self._orig: dict[tuple, tuple[Slot, torch.Tensor]] = {}   # key -> (slot, original base copy)
-        self._written: dict[tuple, tuple] = {}                    # key -> fingerprint of what we wrote
+        self._orig: dict[tuple, tuple[Slot, torch.Tensor]] = {}  # key -> (slot, original base copy)
+        self._written: dict[tuple, tuple] = {}  # key -> fingerprint of what we wrote
 
     @property
     def applied(self) -> bool:
@@ -82,16 +83,18 @@ class LiveEditor:
         if missing:
             raise WeightsmithError(
                 f"the loaded model has no layer for {len(missing)} edited weight(s) (first: {missing[0]}); "
-                "the edit was computed for another model. Nothing was changed.")
+                "the edit was computed for another model. Nothing was changed."
+            )
         plan = []
         for name, d in deltas.items():
             s = slots[name]
             base = base_tensor(s.module, s.param)
-            view = base[s.rows[0]:s.rows[1]] if s.rows else base
+            view = base[s.rows[0] : s.rows[1]] if s.rows else base
             if view.numel() != d.numel():
                 raise WeightsmithError(
                     f"{name}: the edit has {tuple(d.shape)} but the loaded weight has {tuple(view.shape)}; "
-                    "the edit was computed for another model. Nothing was changed.")
+                    "the edit was computed for another model. Nothing was changed."
+                )
             plan.append((s, d))
         touched = set()
         with torch.no_grad():
@@ -99,8 +102,8 @@ class LiveEditor:
                 if s.key not in self._orig:
                     self._orig[s.key] = (s, base_tensor(s.module, s.param).detach().to("cpu", copy=True))
                 base = base_tensor(s.module, s.param)
-                view = base[s.rows[0]:s.rows[1]] if s.rows else base
-                new = (view.float() + strength * d.to(view.device, torch.float32).reshape(view.shape))
+                view = base[s.rows[0] : s.rows[1]] if s.rows else base
+                new = view.float() + strength * d.to(view.device, torch.float32).reshape(view.shape)
                 view.copy_(new.to(view.dtype))
                 touched.add(s.key)
                 self._sync_live(s)
@@ -113,7 +116,7 @@ class LiveEditor:
         """Make the live tensor equal the (edited) base and let the Lora extension re-apply LoRAs."""
         backup = lora_backup(s.module, s.param)
         if backup is None:
-            return                          # the base *is* the live tensor
+            return  # the base *is* the live tensor
         live = getattr(s.module, s.param)
         live.copy_(backup.to(live.device, live.dtype))
         s.module.network_current_names = ()
@@ -124,7 +127,8 @@ class LiveEditor:
             if _fingerprint(base_tensor(s.module, s.param)) != self._written.get(key):
                 raise WeightsmithError(
                     "the model's weights were replaced since Apply (the checkpoint was reloaded or "
-                    "switched), so the edit is no longer in memory and there is nothing to undo.")
+                    "switched), so the edit is no longer in memory and there is nothing to undo."
+                )
 
     def undo(self, force: bool = False) -> int:
         """Write the exact original tensors back. Returns the number of tensors restored."""

@@ -5,6 +5,7 @@
 MODEL is a diffusers folder or a single-file checkpoint (default: the embedded tiny world model).
 Apply edits the model this process loaded (nothing on disk changes until you save).
 """
+
 from __future__ import annotations
 
 import argparse

@@ -27,24 +27,87 @@ Flux (LBW: ``CLIP``, ``T5``, ``IN``, ``D00``-``D18``, ``S00``-``S37``, ``OUT``; 
 more :class:`BlockTable` in :data:`TABLES` when the Flux family lands; nothing else here changes.
 Importable without torch.
 """
+
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from .errors import WeightsmithError
 
 # LoRA Block Weight, scripts/lora_block_weight.py (BLOCKID26/17/12/20), verbatim.
-BLOCKID26 = ("BASE", "IN00", "IN01", "IN02", "IN03", "IN04", "IN05", "IN06", "IN07", "IN08", "IN09", "IN10",
-             "IN11", "M00", "OUT00", "OUT01", "OUT02", "OUT03", "OUT04", "OUT05", "OUT06", "OUT07", "OUT08",
-             "OUT09", "OUT10", "OUT11")
-BLOCKID17 = ("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00", "OUT03", "OUT04", "OUT05", "OUT06",
-             "OUT07", "OUT08", "OUT09", "OUT10", "OUT11")
+BLOCKID26 = (
+    "BASE",
+    "IN00",
+    "IN01",
+    "IN02",
+    "IN03",
+    "IN04",
+    "IN05",
+    "IN06",
+    "IN07",
+    "IN08",
+    "IN09",
+    "IN10",
+    "IN11",
+    "M00",
+    "OUT00",
+    "OUT01",
+    "OUT02",
+    "OUT03",
+    "OUT04",
+    "OUT05",
+    "OUT06",
+    "OUT07",
+    "OUT08",
+    "OUT09",
+    "OUT10",
+    "OUT11",
+)
+BLOCKID17 = (
+    "BASE",
+    "IN01",
+    "IN02",
+    "IN04",
+    "IN05",
+    "IN07",
+    "IN08",
+    "M00",
+    "OUT03",
+    "OUT04",
+    "OUT05",
+    "OUT06",
+    "OUT07",
+    "OUT08",
+    "OUT09",
+    "OUT10",
+    "OUT11",
+)
 BLOCKID12 = ("BASE", "IN04", "IN05", "IN07", "IN08", "M00", "OUT00", "OUT01", "OUT02", "OUT03", "OUT04", "OUT05")
-BLOCKID20 = ("BASE", "IN00", "IN01", "IN02", "IN03", "IN04", "IN05", "IN06", "IN07", "IN08", "M00", "OUT00",
-             "OUT01", "OUT02", "OUT03", "OUT04", "OUT05", "OUT06", "OUT07", "OUT08")
+BLOCKID20 = (
+    "BASE",
+    "IN00",
+    "IN01",
+    "IN02",
+    "IN03",
+    "IN04",
+    "IN05",
+    "IN06",
+    "IN07",
+    "IN08",
+    "M00",
+    "OUT00",
+    "OUT01",
+    "OUT02",
+    "OUT03",
+    "OUT04",
+    "OUT05",
+    "OUT06",
+    "OUT07",
+    "OUT08",
+)
 
 # LoRA Block Weight's default presets (DEF_WEIGHT_PRESET; SuperMerger's LWEIGHTSPRESETS holds the same
 # ten), 17 values each, in BLOCKID17 order. FLUXALL (61 ones) joins with the Flux family.
@@ -60,7 +123,7 @@ PRESETS: dict[str, tuple[float, ...]] = {
     "OUTALL": (1, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1),
     "ALL0.5": (0.5,) * 17,
 }
-PRESET_IDS = BLOCKID17          # the block ids a preset's values stand for
+PRESET_IDS = BLOCKID17  # the block ids a preset's values stand for
 
 _LDM_BLOCK = re.compile(r"^(input_blocks|output_blocks)\.(\d+)(\.|$)")
 
@@ -80,7 +143,7 @@ def _sd_block(canonical: str, layout) -> str | None:
         return "M00"
     m = _LDM_BLOCK.match(ldm)
     if not m:
-        return None            # time_embed, label_emb, out: in no LBW block
+        return None  # time_embed, label_emb, out: in no LBW block
     return ("IN" if m.group(1) == "input_blocks" else "OUT") + f"{int(m.group(2)):02d}"
 
 
@@ -104,18 +167,22 @@ TABLES: dict[str, BlockTable] = {
     "sdxl": BlockTable("sdxl", BLOCKID20, {12: BLOCKID12, 20: BLOCKID20}),
 }
 
-BLOCKS_HELP = ("Block weights as LoRA Block Weight writes them: a preset (" + ", ".join(PRESETS) + ") or "
-               "comma-separated numbers, 17 or 26 for SD1.x/SD2.x (BASE,IN01,IN02,IN04,IN05,IN07,IN08,M00,"
-               "OUT03..OUT11), 12 or 20 for SDXL (BASE,IN04,IN05,IN07,IN08,M00,OUT00..OUT05); empty = every "
-               "block 1. BASE is the text encoder(s). Each module's weight is its block's value times the "
-               "LoRA's weight (docs/merge.md, 'Block weights').")
+BLOCKS_HELP = (
+    "Block weights as LoRA Block Weight writes them: a preset (" + ", ".join(PRESETS) + ") or "
+    "comma-separated numbers, 17 or 26 for SD1.x/SD2.x (BASE,IN01,IN02,IN04,IN05,IN07,IN08,M00,"
+    "OUT03..OUT11), 12 or 20 for SDXL (BASE,IN04,IN05,IN07,IN08,M00,OUT00..OUT05); empty = every "
+    "block 1. BASE is the text encoder(s). Each module's weight is its block's value times the "
+    "LoRA's weight (docs/merge.md, 'Block weights')."
+)
 
 
 def table(family: str) -> BlockTable:
     t = TABLES.get(family)
     if t is None:
-        raise WeightsmithError(f"block weights are not defined for the {family!r} family yet; they are for "
-                               f"{', '.join(TABLES)} (docs/merge.md, 'Block weights').")
+        raise WeightsmithError(
+            f"block weights are not defined for the {family!r} family yet; they are for "
+            f"{', '.join(TABLES)} (docs/merge.md, 'Block weights')."
+        )
     return t
 
 
@@ -206,18 +273,20 @@ def parse(spec, family: str, presets: dict | None = None) -> BlockWeights | None
             raise WeightsmithError(
                 f"block weights {text!r}: {bad!r} is neither a number nor a preset. Write a preset ("
                 f"{', '.join(sorted(set(PRESETS) | set(presets or {})))}) or comma-separated numbers; for "
-                f"{family.upper()}: {t.describe()}. Random letters (R, U, X) are not supported.") from None
+                f"{family.upper()}: {t.describe()}. Random letters (R, U, X) are not supported."
+            ) from None
     if not all(math.isfinite(v) for v in vals):
         raise WeightsmithError(f"block weights {text!r}: every value must be a finite number.")
     n = len(vals)
     ids = t.vectors.get(n)
     if ids is None and from_preset and n == len(PRESET_IDS) and set(PRESET_IDS) <= set(BLOCKID26):
-        ids = PRESET_IDS     # LBW's 17-value presets on SDXL: applied by block id, as LBW does
+        ids = PRESET_IDS  # LBW's 17-value presets on SDXL: applied by block id, as LBW does
     if ids is None:
         raise WeightsmithError(
             f"block weights {text!r} have {n} value(s), but {family.upper()} takes "
-            f"{' or '.join(str(k) for k in sorted(t.vectors))}: {t.describe()}. BASE is the text encoder(s).")
-    w = {b: 0.0 for b in t.ids}          # blocks the vector does not name: 0 (LBW's to26)
+            f"{' or '.join(str(k) for k in sorted(t.vectors))}: {t.describe()}. BASE is the text encoder(s)."
+        )
+    w = {b: 0.0 for b in t.ids}  # blocks the vector does not name: 0 (LBW's to26)
     for b, v in zip(ids, vals):
         if b in w:
             w[b] = float(v)
@@ -246,8 +315,11 @@ def block_summary(names, bw: BlockWeights, layout) -> dict:
     for n in names:
         b = t.block_of(n, layout) or "-"
         count[b] = count.get(b, 0) + 1
-    blocks = [{"block": b, "weight": (1.0 if b == "-" else bw.weights.get(b, 0.0)), "modules": count[b]}
-              for b in list(t.ids) + ["-"] if b in count]
+    blocks = [
+        {"block": b, "weight": (1.0 if b == "-" else bw.weights.get(b, 0.0)), "modules": count[b]}
+        for b in list(t.ids) + ["-"]
+        if b in count
+    ]
     return {"spec": bw.spec, "blocks": blocks}
 
 
@@ -268,8 +340,10 @@ def apply(lora, spec, model, presets: dict | None = None):
         if w != 0.0:
             mods[n] = dataclasses.replace(m, scale=m.scale * w)
     if not mods:
-        raise WeightsmithError(f"block weights {bw.spec!r} give every module of LoRA {lora.name} weight 0; "
-                               "nothing of it would be left. Give its blocks a non-zero weight.")
+        raise WeightsmithError(
+            f"block weights {bw.spec!r} give every module of LoRA {lora.name} weight 0; "
+            "nothing of it would be left. Give its blocks a non-zero weight."
+        )
     out = dataclasses.replace(lora, modules=mods, notes=list(lora.notes))
     if len(mods) < len(lora.modules):
         summary["dropped"] = len(lora.modules) - len(mods)
@@ -281,8 +355,11 @@ def file_metadata(report: dict) -> dict:
     (every front end's writer adds it), else ``{}``."""
     import json
 
-    blocks = {d.get("name"): d["blocks"]["spec"] for d in (report or {}).get("loras") or []
-              if isinstance(d, dict) and d.get("blocks")}
+    blocks = {
+        d.get("name"): d["blocks"]["spec"]
+        for d in (report or {}).get("loras") or []
+        if isinstance(d, dict) and d.get("blocks")
+    }
     return {"ws_blocks": json.dumps(blocks)} if blocks else {}
 
 
@@ -320,7 +397,9 @@ def per_lora(text: str | None, n: int) -> list | None:
     if len(lines) == 1:
         return lines * n
     if len(lines) != n:
-        raise WeightsmithError(f"block weights: {len(lines)} lines for {n} LoRAs; write one line per LoRA in the "
-                               "order picked (an empty line or 'none' for a LoRA without block weights), or one "
-                               "line for all.")
+        raise WeightsmithError(
+            f"block weights: {len(lines)} lines for {n} LoRAs; write one line per LoRA in the "
+            "order picked (an empty line or 'none' for a LoRA without block weights), or one "
+            "line for all."
+        )
     return lines

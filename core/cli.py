@@ -4,6 +4,7 @@ Sub-commands live beside the code they drive; each module exposes ``register(sub
 adds its parser and sets ``func`` (called with the parsed args, returns an exit code). Errors a
 user can fix (:class:`WeightsmithError`) print as one line, without a traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,8 @@ COMMANDS = [
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="weightsmith",
-        description="Closed-form weight editing for Stable Diffusion: erase concepts, merge LoRAs.")
+        prog="weightsmith", description="Closed-form weight editing for Stable Diffusion: erase concepts, merge LoRAs."
+    )
     from weightsmith import __version__
 
     p.add_argument("--version", action="version", version=f"weightsmith {__version__}")
@@ -90,7 +91,7 @@ def resolve_aliases(argv: list[str]) -> list[str]:
         from .lab.bench import resolve_aliases as bench_aliases
     except ModuleNotFoundError as e:
         if e.name and e.name.startswith("weightsmith"):
-            return argv   # the lab is not part of this build
+            return argv  # the lab is not part of this build
         raise
     return bench_aliases(argv)
 
@@ -125,7 +126,7 @@ def main(argv=None) -> int:
     except WeightsmithError as e:
         print(f"weightsmith: error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:     # a file-system error not caught closer to its cause: one line, no traceback
+    except OSError as e:  # a file-system error not caught closer to its cause: one line, no traceback
         from .safe_io import os_error_message
 
         print(f"weightsmith: error: {os_error_message(e, what='access')}", file=sys.stderr)

@@ -5,6 +5,7 @@ where the solver knows one, an exact low-rank factorisation ``up @ down == ΔW``
 written as a LoRA without loss. It never changes the model it was computed from:
 :meth:`Edit.apply` returns a copy.
 """
+
 from __future__ import annotations
 
 import copy
@@ -38,19 +39,22 @@ class FactorDeltas(Mapping):
 class Edit:
     family: str
     unet_config: dict
-    deltas: dict[str, torch.Tensor]                                  # canonical module -> ΔW
+    deltas: dict[str, torch.Tensor]  # canonical module -> ΔW
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # (up, down)
     report: dict = field(default_factory=dict)
-    sources: dict = field(default_factory=dict)   # label -> path of every input file (never written to)
+    sources: dict = field(default_factory=dict)  # label -> path of every input file (never written to)
 
-    def scaled(self, strength: float) -> "Edit":
+    def scaled(self, strength: float) -> Edit:
         s = float(strength)
         factors = {k: (u * s, d) for k, (u, d) in self.factors.items()}
-        deltas = (FactorDeltas(factors, self.deltas.shapes) if isinstance(self.deltas, FactorDeltas)
-                  else {k: v * s for k, v in self.deltas.items()})
+        deltas = (
+            FactorDeltas(factors, self.deltas.shapes)
+            if isinstance(self.deltas, FactorDeltas)
+            else {k: v * s for k, v in self.deltas.items()}
+        )
         return Edit(self.family, self.unet_config, deltas, factors, dict(self.report), dict(self.sources))
 
-    def then(self, other: "Edit") -> "Edit":
+    def then(self, other: Edit) -> Edit:
         """A new edit: this one followed by ``other`` (neither is changed). ΔW add per module; where
         both carry exact factors for a module they concatenate (``[u₁ u₂] @ [d₁; d₂] = ΔW₁ + ΔW₂``),
         where only one of two summed modules has factors the sum has none. Family, UNet config and
@@ -75,17 +79,21 @@ class Edit:
         report["combined_with"] = [self.report.get("method", "?")] + list(self.report.get("combined_with", []))
         return Edit(other.family, other.unet_config, deltas, factors, report, {**self.sources, **other.sources})
 
-    def to(self, device=None, dtype: torch.dtype | None = None) -> "Edit":
+    def to(self, device=None, dtype: torch.dtype | None = None) -> Edit:
         """A new edit with every tensor detached and moved to ``device`` / cast to ``dtype`` (None: kept);
         this edit is unchanged. Exact-factor deltas (:class:`FactorDeltas`) stay formed when read.
         A host that keeps an edit past the solve (ComfyUI's WEIGHTSMITH_EDIT) holds ``edit.to("cpu",
         torch.float32)``."""
+
         def mv(t):
             return t.detach().to(device=device, dtype=dtype)
 
         factors = {k: (mv(u), mv(d)) for k, (u, d) in self.factors.items()}
-        deltas = (FactorDeltas(factors, dict(self.deltas.shapes)) if isinstance(self.deltas, FactorDeltas)
-                  else {k: mv(v) for k, v in self.deltas.items()})
+        deltas = (
+            FactorDeltas(factors, dict(self.deltas.shapes))
+            if isinstance(self.deltas, FactorDeltas)
+            else {k: mv(v) for k, v in self.deltas.items()}
+        )
         return Edit(self.family, dict(self.unet_config), deltas, factors, dict(self.report), dict(self.sources))
 
     def apply(self, model, strength: float = 1.0):
@@ -120,15 +128,16 @@ def patcher_patches(edit: Edit, shapes: dict | None = None) -> tuple[dict, dict]
                 raise WeightsmithError(
                     f"the edit changes {key}, which the loaded model "
                     f"{'does not have' if shape is None else f'holds as {tuple(shape)}, not {tuple(d.shape)}'}: "
-                    "it was computed for another model. Nothing was changed; compute it again on this one.")
+                    "it was computed for another model. Nothing was changed; compute it again on this one."
+                )
             d = d.reshape(shape)
         (unet if key.startswith(COMFY_UNET_PREFIX) else te)[key] = ("diff", (d.contiguous(),))
     return unet, te
 
 
-
-def check_patches_accepted(wanted, accepted, host: str, part: str,
-                           fix: str = "apply it to the model it was computed from") -> None:
+def check_patches_accepted(
+    wanted, accepted, host: str, part: str, fix: str = "apply it to the model it was computed from"
+) -> None:
     """The one check after a host's patcher took an edit's patches (ComfyUI's and Forge's ``add_patches``
     return the keys they accepted and silently skip the rest): every key of ``wanted`` must be among
     ``accepted``, or a :class:`~weightsmith.core.errors.WeightsmithError` says how many of how many
@@ -141,4 +150,5 @@ def check_patches_accepted(wanted, accepted, host: str, part: str,
     if refused:
         raise WeightsmithError(
             f"{host} did not accept {len(refused)} of {len(wanted)} {part} weights (first: {refused[0]}): "
-            f"the edit was computed for another model. Nothing was changed; {fix}.")
+            f"the edit was computed for another model. Nothing was changed; {fix}."
+        )

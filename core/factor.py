@@ -4,12 +4,13 @@ The writer uses it to turn a delta without exact factors into a LoRA (rank ≤ t
 error reported); the reader uses it, with a stricter cutoff, to hold a full-delta (``.diff``,
 LoHa, LoKr) module as exact factors.
 """
+
 from __future__ import annotations
 
 import torch
 
-WRITE_RTOL = 1e-6     # singular values below this fraction of the largest are numerical zero when writing
-READ_RTOL = 1e-9      # ... when reading a full delta (it must come back as it was in the file)
+WRITE_RTOL = 1e-6  # singular values below this fraction of the largest are numerical zero when writing
+READ_RTOL = 1e-9  # ... when reading a full delta (it must come back as it was in the file)
 
 
 def svd_factor(delta: torch.Tensor, rank: int | None, rtol: float = WRITE_RTOL):

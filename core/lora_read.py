@@ -21,36 +21,61 @@ Every module, whatever its format, is held as exact 2-D factors ``ΔW = scale ·
 (``up``: out × r, ``down``: r × in·kh·kw); full deltas are factorised by an SVD at their numerical
 rank (float64, exact to rounding). Nothing of the base model is modified.
 """
+
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
-import os
 from pathlib import Path
 
 import torch
 
 from .errors import WeightsmithError
-from .safe_io import PICKLE_SUFFIXES, load_plain_pickle
 from .naming import TE1, UNET, comfy_te_prefix, te_path
+from .safe_io import PICKLE_SUFFIXES, load_plain_pickle
 
 # suffix -> role. Order matters: longest first.
 _SUFFIXES = [
-    (".lora_down.weight", "down"), (".lora_up.weight", "up"), (".lora_mid.weight", "mid"),
-    (".lora_A.weight", "down"), (".lora_B.weight", "up"),
-    (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
-    (".lora.down.weight", "down"), (".lora.up.weight", "up"),
-    (".alpha", "alpha"), (".diff", "diff"), (".diff_b", "diff_b"), (".set_weight", "set_weight"),
-    (".hada_w1_a", "hada_w1_a"), (".hada_w1_b", "hada_w1_b"), (".hada_w2_a", "hada_w2_a"),
-    (".hada_w2_b", "hada_w2_b"), (".hada_t1", "hada_t1"), (".hada_t2", "hada_t2"),
-    (".lokr_w1", "lokr_w1"), (".lokr_w2", "lokr_w2"), (".lokr_w1_a", "lokr_w1_a"),
-    (".lokr_w1_b", "lokr_w1_b"), (".lokr_w2_a", "lokr_w2_a"), (".lokr_w2_b", "lokr_w2_b"),
-    (".lokr_t2", "lokr_t2"), (".oft_blocks", "oft"), (".oft_diag", "oft"), (".oft_R.weight", "oft"),
-    (".dora_scale", "dora"), (".a1.weight", "glora"), (".b1.weight", "glora"),
-    (".w_norm", "norm"), (".b_norm", "norm"), (".on_input", "ignore"), (".bias_indices", "ignore"),
+    (".lora_down.weight", "down"),
+    (".lora_up.weight", "up"),
+    (".lora_mid.weight", "mid"),
+    (".lora_A.weight", "down"),
+    (".lora_B.weight", "up"),
+    (".lora_linear_layer.down.weight", "down"),
+    (".lora_linear_layer.up.weight", "up"),
+    (".lora.down.weight", "down"),
+    (".lora.up.weight", "up"),
+    (".alpha", "alpha"),
+    (".diff", "diff"),
+    (".diff_b", "diff_b"),
+    (".set_weight", "set_weight"),
+    (".hada_w1_a", "hada_w1_a"),
+    (".hada_w1_b", "hada_w1_b"),
+    (".hada_w2_a", "hada_w2_a"),
+    (".hada_w2_b", "hada_w2_b"),
+    (".hada_t1", "hada_t1"),
+    (".hada_t2", "hada_t2"),
+    (".lokr_w1", "lokr_w1"),
+    (".lokr_w2", "lokr_w2"),
+    (".lokr_w1_a", "lokr_w1_a"),
+    (".lokr_w1_b", "lokr_w1_b"),
+    (".lokr_w2_a", "lokr_w2_a"),
+    (".lokr_w2_b", "lokr_w2_b"),
+    (".lokr_t2", "lokr_t2"),
+    (".oft_blocks", "oft"),
+    (".oft_diag", "oft"),
+    (".oft_R.weight", "oft"),
+    (".dora_scale", "dora"),
+    (".a1.weight", "glora"),
+    (".b1.weight", "glora"),
+    (".w_norm", "norm"),
+    (".b_norm", "norm"),
+    (".on_input", "ignore"),
+    (".bias_indices", "ignore"),
 ]
 _SUFFIXES.sort(key=lambda s: -len(s[0]))
 _OLD_PROC = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora$")
@@ -70,12 +95,12 @@ _REFUSED = {
 class LoRAModule:
     """One module of a LoRA: ``ΔW = scale · up @ down`` reshaped to the module's weight shape."""
 
-    name: str                      # canonical module name (see naming.py)
-    up: torch.Tensor               # out × r, float32
-    down: torch.Tensor             # r × (in·kh·kw), float32
-    scale: float                   # alpha / r (1 for full deltas)
-    shape: tuple                   # shape of the base weight
-    kind: str = "lora"             # "lora" | "locon" | "full" | "loha" | "lokr"
+    name: str  # canonical module name (see naming.py)
+    up: torch.Tensor  # out × r, float32
+    down: torch.Tensor  # r × (in·kh·kw), float32
+    scale: float  # alpha / r (1 for full deltas)
+    shape: tuple  # shape of the base weight
+    kind: str = "lora"  # "lora" | "locon" | "full" | "loha" | "lokr"
     alpha: float | None = None
 
     @property
@@ -96,12 +121,12 @@ class LoRA:
     modules: dict[str, LoRAModule]
     metadata: dict = field(default_factory=dict)
     formats: tuple = ()
-    unmatched: list[str] = field(default_factory=list)   # keys naming no module of the model
-    ignored: list[str] = field(default_factory=list)     # keys understood but not used (bias deltas)
-    raw: dict | None = field(default=None, repr=False)   # tensors of a file read without a model
-    notes: list[str] = field(default_factory=list)       # how the file was read where it is ambiguous
+    unmatched: list[str] = field(default_factory=list)  # keys naming no module of the model
+    ignored: list[str] = field(default_factory=list)  # keys understood but not used (bias deltas)
+    raw: dict | None = field(default=None, repr=False)  # tensors of a file read without a model
+    notes: list[str] = field(default_factory=list)  # how the file was read where it is ambiguous
 
-    def bind(self, model) -> "LoRA":
+    def bind(self, model) -> LoRA:
         """This LoRA mapped onto ``model`` (itself when it already is)."""
         if self.raw is None:
             return self
@@ -133,9 +158,16 @@ class LoRA:
 
     def summary(self) -> dict:
         ranks = sorted(set(self.ranks.values()))
-        return {"name": self.name, "path": str(self.path) if self.path else None,
-                "modules": len(self.modules), "ranks": ranks, "formats": list(self.formats),
-                "unmatched": len(self.unmatched), "ignored": len(self.ignored), "notes": list(self.notes)}
+        return {
+            "name": self.name,
+            "path": str(self.path) if self.path else None,
+            "modules": len(self.modules),
+            "ranks": ranks,
+            "formats": list(self.formats),
+            "unmatched": len(self.unmatched),
+            "ignored": len(self.ignored),
+            "notes": list(self.notes),
+        }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,8 +184,10 @@ def read_lora_file(path) -> tuple[dict, dict]:
         cands = [path / "pytorch_lora_weights.safetensors", path / "adapter_model.safetensors"]
         f = next((c for c in cands if c.exists()), None)
         if f is None:
-            raise WeightsmithError(f"{path} is a folder without pytorch_lora_weights.safetensors or "
-                                   "adapter_model.safetensors; pass the LoRA file itself.")
+            raise WeightsmithError(
+                f"{path} is a folder without pytorch_lora_weights.safetensors or "
+                "adapter_model.safetensors; pass the LoRA file itself."
+            )
         path = check_input(f, "LoRA")
     if path.suffix.lower() == ".safetensors":
         from safetensors import safe_open
@@ -165,14 +199,15 @@ def read_lora_file(path) -> tuple[dict, dict]:
         except Exception as e:
             raise WeightsmithError(
                 f"could not read LoRA {path.name}: the file is damaged or not a safetensors file "
-                f"({type(e).__name__}: {str(e)[:120]}). Re-download or re-save it.") from None
+                f"({type(e).__name__}: {str(e)[:120]}). Re-download or re-save it."
+            ) from None
         return tensors, meta
     if path.suffix.lower() in PICKLE_SUFFIXES:
         return load_plain_pickle(path, f"LoRA {path.name}"), {}
     raise WeightsmithError(f"{path.name}: unknown LoRA file type {path.suffix!r}; use .safetensors.")
 
 
-def load_lora(path, model=None, *, name: str | None = None) -> "LoRA":
+def load_lora(path, model=None, *, name: str | None = None) -> LoRA:
     """Read a LoRA file and map it onto ``model`` (an :class:`~weightsmith.core.sdmodel.SDModel`).
 
     Raises :class:`WeightsmithError` when the file is unreadable, holds NaN/Inf, matches no module
@@ -214,7 +249,7 @@ class ModuleIndex:
                 cp = comfy_te_prefix(fam, c)
                 self._add(cp + path, canon)
                 self._add("text_encoders." + cp + path, canon)
-                if fam == "sdxl":   # kohya's own SDXL scripts and some trainers say te1/te2 for SDXL only
+                if fam == "sdxl":  # kohya's own SDXL scripts and some trainers say te1/te2 for SDXL only
                     self._add(("text_encoder." if c == TE1 else "text_encoder_2.") + path, canon)
         for n, m in model.unet.named_modules():
             if not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
@@ -241,7 +276,7 @@ class ModuleIndex:
             m = _OLD_PROC.search(prefix)
             if m:
                 sub = m.group(1)
-                c = self.by_key.get(prefix[:m.start()] + "." + (sub + ".0" if sub == "to_out" else sub))
+                c = self.by_key.get(prefix[: m.start()] + "." + (sub + ".0" if sub == "to_out" else sub))
         return c
 
 
@@ -270,16 +305,21 @@ def _family_hint(prefixes, meta) -> str | None:
         return "sd1"
     if any(p.startswith(("lora_te1_", "lora_te2_", "clip_g.", "text_encoders.clip_g.")) for p in prefixes):
         return "sdxl"
-    if any(p.startswith(("lora_unet_input_blocks", "lora_unet_output_blocks", "lora_unet_middle_block"))
-           and "transformer_blocks_9" in p for p in prefixes):
+    if any(
+        p.startswith(("lora_unet_input_blocks", "lora_unet_output_blocks", "lora_unet_middle_block"))
+        and "transformer_blocks_9" in p
+        for p in prefixes
+    ):
         return "sdxl"
     return None
 
 
 def _finite(name: str, t: torch.Tensor, lora_name: str) -> None:
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        raise WeightsmithError(f"LoRA {lora_name} contains NaN or infinite values (in {name}); the file is "
-                               "broken (often a training run that diverged). Use another file.")
+        raise WeightsmithError(
+            f"LoRA {lora_name} contains NaN or infinite values (in {name}); the file is "
+            "broken (often a training run that diverged). Use another file."
+        )
 
 
 def _alpha_of(parts: dict, prefix: str, lora_name: str) -> float | None:
@@ -289,19 +329,23 @@ def _alpha_of(parts: dict, prefix: str, lora_name: str) -> float | None:
     if alpha is None:
         return None
     if alpha.numel() == 0:
-        raise WeightsmithError(f"LoRA {lora_name}: {prefix}.alpha has no elements (shape {tuple(alpha.shape)}); "
-                               "the file is damaged.")
+        raise WeightsmithError(
+            f"LoRA {lora_name}: {prefix}.alpha has no elements (shape {tuple(alpha.shape)}); the file is damaged."
+        )
     return float(alpha.float().reshape(-1)[0])
 
 
 def _factor_check(t: torch.Tensor, role: str, prefix: str, lora_name: str, dims=(2, 4)) -> None:
     """A LoRA factor is 2-D (or 4-D for convolutions) with no empty dimension (rank >= 1)."""
     if t.dim() not in dims:
-        raise WeightsmithError(f"LoRA {lora_name}: {prefix} has a {t.dim()}-D {role} factor {tuple(t.shape)}; "
-                               f"factors are {' or '.join(f'{d}-D' for d in dims)}. The file is damaged.")
+        raise WeightsmithError(
+            f"LoRA {lora_name}: {prefix} has a {t.dim()}-D {role} factor {tuple(t.shape)}; "
+            f"factors are {' or '.join(f'{d}-D' for d in dims)}. The file is damaged."
+        )
     if 0 in t.shape:
-        raise WeightsmithError(f"LoRA {lora_name}: {prefix} has an empty {role} factor {tuple(t.shape)} (rank 0); "
-                               "the file is damaged.")
+        raise WeightsmithError(
+            f"LoRA {lora_name}: {prefix} has an empty {role} factor {tuple(t.shape)} (rank 0); the file is damaged."
+        )
 
 
 def _lora_to_factors(parts: dict, prefix: str, lora_name: str):
@@ -312,14 +356,18 @@ def _lora_to_factors(parts: dict, prefix: str, lora_name: str):
     mid = parts.get("mid")
     r = down.shape[0]
     if up.shape[1] != r or (up.dim() == 4 and up.shape[2:] != (1, 1)):
-        raise WeightsmithError(f"LoRA {lora_name}: {prefix} has up {tuple(up.shape)} and down "
-                               f"{tuple(down.shape)} of different ranks; the file is damaged.")
+        raise WeightsmithError(
+            f"LoRA {lora_name}: {prefix} has up {tuple(up.shape)} and down "
+            f"{tuple(down.shape)} of different ranks; the file is damaged."
+        )
     kind = "lora"
     if mid is not None:
         _factor_check(mid, "mid", prefix, lora_name, dims=(4,))
         if tuple(mid.shape[:2]) != (r, r):
-            raise WeightsmithError(f"LoRA {lora_name}: {prefix} has a mid factor {tuple(mid.shape)} that does not "
-                                   f"match its rank {r}; the file is damaged.")
+            raise WeightsmithError(
+                f"LoRA {lora_name}: {prefix} has a mid factor {tuple(mid.shape)} that does not "
+                f"match its rank {r}; the file is damaged."
+            )
         mid = mid.float()
         down = torch.einsum("abhw,bi->aihw", mid, down.reshape(r, -1))
         kind = "locon"
@@ -336,8 +384,10 @@ def _product_shape(a: torch.Tensor, b: torch.Tensor, what: str, prefix: str, lor
     _factor_check(a, what + "_a" if what else "factor", prefix, lora_name, dims=(2,))
     _factor_check(b, what + "_b" if what else "factor", prefix, lora_name, dims=(2, 4))
     if a.shape[1] != b.shape[0]:
-        raise WeightsmithError(f"LoRA {lora_name}: {prefix} has {what}_a {tuple(a.shape)} and {what}_b "
-                               f"{tuple(b.shape)} whose inner dimensions differ; the file is damaged.")
+        raise WeightsmithError(
+            f"LoRA {lora_name}: {prefix} has {what}_a {tuple(a.shape)} and {what}_b "
+            f"{tuple(b.shape)} whose inner dimensions differ; the file is damaged."
+        )
     return (a.shape[0], int(math.prod(b.shape[1:])))
 
 
@@ -352,16 +402,20 @@ def _full_delta(parts: dict, prefix: str, role_kind: str, lora_name: str, size: 
     def fits(shape, what):
         n = int(math.prod(shape))
         if size is not None and n != size:
-            raise WeightsmithError(f"LoRA {lora_name}: {prefix} is a {what} whose product would be "
-                                   f"{' × '.join(str(x) for x in shape)} = {n:,} entries, but the layer it names has "
-                                   f"{size:,}; the file is damaged or made for another model. Nothing was expanded.")
+            raise WeightsmithError(
+                f"LoRA {lora_name}: {prefix} is a {what} whose product would be "
+                f"{' × '.join(str(x) for x in shape)} = {n:,} entries, but the layer it names has "
+                f"{size:,}; the file is damaged or made for another model. Nothing was expanded."
+            )
 
     if role_kind == "loha":
         s1 = _product_shape(parts["hada_w1_a"], parts["hada_w1_b"], "hada_w1", prefix, lora_name)
         s2 = _product_shape(parts["hada_w2_a"], parts["hada_w2_b"], "hada_w2", prefix, lora_name)
         if s1 != s2:
-            raise WeightsmithError(f"LoRA {lora_name}: {prefix} is a LoHa whose two products differ in shape "
-                                   f"({s1} and {s2}); the file is damaged.")
+            raise WeightsmithError(
+                f"LoRA {lora_name}: {prefix} is a LoHa whose two products differ in shape "
+                f"({s1} and {s2}); the file is damaged."
+            )
         fits(s1, "LoHa")
         w1 = parts["hada_w1_a"].double() @ parts["hada_w1_b"].double().reshape(parts["hada_w1_b"].shape[0], -1)
         w2 = parts["hada_w2_a"].double() @ parts["hada_w2_b"].double().reshape(parts["hada_w2_b"].shape[0], -1)
@@ -380,8 +434,11 @@ def _full_delta(parts: dict, prefix: str, role_kind: str, lora_name: str, size: 
         a2 = _product_shape(parts["lokr_w2_a"], parts["lokr_w2_b"], "lokr_w2", prefix, lora_name)
     fits((a1[0] * a2[0], a1[1] * a2[1]), "LoKr")
     w1 = parts["lokr_w1"].double() if "lokr_w1" in parts else parts["lokr_w1_a"].double() @ parts["lokr_w1_b"].double()
-    w2 = parts["lokr_w2"].double() if "lokr_w2" in parts else (
-        parts["lokr_w2_a"].double() @ parts["lokr_w2_b"].double().reshape(parts["lokr_w2_b"].shape[0], -1))
+    w2 = (
+        parts["lokr_w2"].double()
+        if "lokr_w2" in parts
+        else (parts["lokr_w2_a"].double() @ parts["lokr_w2_b"].double().reshape(parts["lokr_w2_b"].shape[0], -1))
+    )
     r = None
     if "lokr_w1_b" in parts:
         r = parts["lokr_w1_b"].shape[0]
@@ -398,8 +455,7 @@ def factor_full(delta2d: torch.Tensor, rtol: float | None = None):
     return exact_factors(delta2d, READ_RTOL if rtol is None else rtol)
 
 
-def lora_from_state_dict(tensors: dict, model, *, metadata: dict | None = None, name: str = "lora",
-                         path=None) -> LoRA:
+def lora_from_state_dict(tensors: dict, model, *, metadata: dict | None = None, name: str = "lora", path=None) -> LoRA:
     """Map an in-memory LoRA state dict (any supported layout) onto ``model``: group the keys by
     module, build each module's exact factors, then refuse what cannot be used as a whole."""
     meta = dict(metadata or {})
@@ -435,8 +491,9 @@ def lora_from_state_dict(tensors: dict, model, *, metadata: dict | None = None, 
             if not roles:
                 continue
         if canon in modules:
-            raise WeightsmithError(f"LoRA {name} names module {canon} twice (e.g. in two key layouts); "
-                                   "the file is ambiguous.")
+            raise WeightsmithError(
+                f"LoRA {name} names module {canon} twice (e.g. in two key layouts); the file is ambiguous."
+            )
         mod, fmt = _build_module(parts, roles, prefix, canon, index.shapes[canon], name, hint, model.family)
         formats |= fmt
         if mod.alpha == 0:
@@ -445,10 +502,13 @@ def lora_from_state_dict(tensors: dict, model, *, metadata: dict | None = None, 
     _refuse_unusable(name, model.family, refused, modules, unmatched, hint, groups)
     notes = []
     if zero_alpha:
-        notes.append(f"{len(zero_alpha)} module(s) have alpha 0 (e.g. {zero_alpha[0]}); read as alpha = rank "
-                     "(scale 1), as kohya's sd-scripts and LyCORIS load them (a literal 0 would make them no-ops)")
-    return LoRA(Path(path) if path else None, name, modules, meta, tuple(sorted(formats)), unmatched, ignored,
-                notes=notes)
+        notes.append(
+            f"{len(zero_alpha)} module(s) have alpha 0 (e.g. {zero_alpha[0]}); read as alpha = rank "
+            "(scale 1), as kohya's sd-scripts and LyCORIS load them (a literal 0 would make them no-ops)"
+        )
+    return LoRA(
+        Path(path) if path else None, name, modules, meta, tuple(sorted(formats)), unmatched, ignored, notes=notes
+    )
 
 
 def _group_keys(tensors: dict):
@@ -472,16 +532,19 @@ def _build_module(parts: dict, roles: set, prefix: str, canon: str, shape, name:
     formats = {_key_format(prefix)}
     if roles & {"up", "down"}:
         if not {"up", "down"} <= roles:
-            raise WeightsmithError(f"LoRA {name}: {prefix} has only one of its two factors (up/down); "
-                                   "the file is damaged.")
+            raise WeightsmithError(
+                f"LoRA {name}: {prefix} has only one of its two factors (up/down); the file is damaged."
+            )
         up, down, scale, kind, alpha = _lora_to_factors(parts, prefix, name)
     else:
         role_kind = "diff" if "diff" in roles else ("loha" if any(r.startswith("hada") for r in roles) else "lokr")
         try:
             full, kind = _full_delta(parts, prefix, role_kind, name, out_dim * in_dim)
         except KeyError as e:
-            raise WeightsmithError(f"LoRA {name}: {prefix} lacks {e.args[0]}; the file is damaged "
-                                   "or uses a LyCORIS variant Weightsmith does not read.") from None
+            raise WeightsmithError(
+                f"LoRA {name}: {prefix} lacks {e.args[0]}; the file is damaged "
+                "or uses a LyCORIS variant Weightsmith does not read."
+            ) from None
         if full.numel() != out_dim * in_dim:
             _shape_error(name, prefix, canon, shape, tuple(full.shape), hint, family)
         up, down = factor_full(full.reshape(out_dim, in_dim))
@@ -496,18 +559,25 @@ def _refuse_unusable(name, family, refused, modules, unmatched, hint, groups) ->
     """Refuse a file as a whole: unsupported module types, nothing that fits, another family's keys."""
     if refused:
         why, prefixes = next(iter(refused.items()))
-        raise WeightsmithError(f"LoRA {name} cannot be used: {why} ({len(prefixes)} modules, e.g. "
-                               f"{prefixes[0]}). Convert it to a plain LoRA or a full-delta (.diff) file.")
+        raise WeightsmithError(
+            f"LoRA {name} cannot be used: {why} ({len(prefixes)} modules, e.g. "
+            f"{prefixes[0]}). Convert it to a plain LoRA or a full-delta (.diff) file."
+        )
     if not modules:
         if hint and hint != family:
-            raise WeightsmithError(f"LoRA {name} was made for {hint.upper()} but the model is "
-                                   f"{family.upper()}; none of its keys fit. Use a LoRA made for this base model.")
+            raise WeightsmithError(
+                f"LoRA {name} was made for {hint.upper()} but the model is "
+                f"{family.upper()}; none of its keys fit. Use a LoRA made for this base model."
+            )
         raise WeightsmithError(
             f"LoRA {name} matches no module of this {family.upper()} model ({len(unmatched)} keys, "
-            f"e.g. {unmatched[:1]}). It was made for another base model or uses an unknown key layout.")
+            f"e.g. {unmatched[:1]}). It was made for another base model or uses an unknown key layout."
+        )
     if family != "sdxl" and any(p.startswith(("lora_te1_", "lora_te2_")) for p in groups):
-        raise WeightsmithError(f"LoRA {name} has SDXL text-encoder keys (lora_te1_/lora_te2_) but the model is "
-                               f"{family.upper()}; use a LoRA made for this base model.")
+        raise WeightsmithError(
+            f"LoRA {name} has SDXL text-encoder keys (lora_te1_/lora_te2_) but the model is "
+            f"{family.upper()}; use a LoRA made for this base model."
+        )
 
 
 def _role_suffix(role: str) -> str:
@@ -521,4 +591,5 @@ def _shape_error(name, prefix, canon, shape, got, hint, family):
     extra = f" (its metadata or keys say {hint.upper()})" if hint and hint != family else ""
     raise WeightsmithError(
         f"LoRA {name} does not fit this {family.upper()} model{extra}: {prefix} is {got[0]}×{got[1]} but "
-        f"{canon} is {shape[0]}×{int(math.prod(shape[1:]))}. Use a LoRA made for this base model.")
+        f"{canon} is {shape[0]}×{int(math.prod(shape[1:]))}. Use a LoRA made for this base model."
+    )

@@ -18,6 +18,7 @@ SD2's encoder and SDXL's bigG only when all four are present (docs/method.md, "L
 diffusers recognises kohya text-encoder keys only when an ``out_proj`` entry is among them. Zero
 entries change nothing.
 """
+
 from __future__ import annotations
 
 import json
@@ -93,8 +94,9 @@ def lora_tensors(edit: Edit, rank: int | None = None, fmt: str = "lora", complet
             up, down = fac
             err = 0.0
         elif fac is not None and fac[0].shape[1] < min(delta.shape[0], delta[0].numel()):
-            up, down, err = compress_factors(fac[0].reshape(fac[0].shape[0], -1),
-                                             fac[1].reshape(fac[1].shape[0], -1), rank)
+            up, down, err = compress_factors(
+                fac[0].reshape(fac[0].shape[0], -1), fac[1].reshape(fac[1].shape[0], -1), rank
+            )
         else:
             up, down, err = svd_factor(delta, rank)
         if delta.dim() == 4 and up.dim() == 2:
@@ -124,12 +126,21 @@ def _one_alpha(tensors: dict) -> None:
 
 def check_rank(rank) -> None:
     """A LoRA rank cap is None (exact) or a whole number >= 1 (the CLI's ``--rank``)."""
-    require(rank is None or (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1),
-            f"--rank must be a positive integer (a LoRA rank; leave it out for the exact rank), got {rank!r}.")
+    require(
+        rank is None or (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1),
+        f"--rank must be a positive integer (a LoRA rank; leave it out for the exact rank), got {rank!r}.",
+    )
 
 
-def save_lora(edit: Edit, path, rank: int | None = None, fmt: str = "lora",
-              metadata: dict | None = None, dtype=torch.float32, complete_fused: bool = True) -> dict:
+def save_lora(
+    edit: Edit,
+    path,
+    rank: int | None = None,
+    fmt: str = "lora",
+    metadata: dict | None = None,
+    dtype=torch.float32,
+    complete_fused: bool = True,
+) -> dict:
     """Write ``edit`` as a kohya LoRA (atomic). Returns ``{"errors": {...}, "max_error": e, "rank": r}``.
     ``complete_fused``: add zero q/k/v/out siblings of edited text-encoder attention weights, which
     A1111 and diffusers need (see above). Refuses a ``path`` that is one of the edit's inputs
@@ -137,14 +148,18 @@ def save_lora(edit: Edit, path, rank: int | None = None, fmt: str = "lora",
     from .safe_io import check_paths
 
     check_rank(rank)
-    require(isinstance(dtype, torch.dtype) and dtype.is_floating_point,
-            f"the LoRA's dtype must be a floating-point type (torch.float32, torch.float16 or torch.bfloat16), "
-            f"got {dtype!r}.")
+    require(
+        isinstance(dtype, torch.dtype) and dtype.is_floating_point,
+        f"the LoRA's dtype must be a floating-point type (torch.float32, torch.float16 or torch.bfloat16), "
+        f"got {dtype!r}.",
+    )
     check_paths({"the LoRA output": path}, dict(getattr(edit, "sources", None) or {}))
     bad = [n for n in sorted(edit.deltas) if not bool(torch.isfinite(edit.deltas[n]).all())]
     if bad:
-        raise WeightsmithError(f"the edit's ΔW for {bad[0]} ({len(bad)} module(s) in all) holds NaN or infinite "
-                               "values; nothing was written.")
+        raise WeightsmithError(
+            f"the edit's ΔW for {bad[0]} ({len(bad)} module(s) in all) holds NaN or infinite "
+            "values; nothing was written."
+        )
     tensors, errors = lora_tensors(edit, rank, fmt, complete_fused)
     if not tensors:
         raise WeightsmithError("the edit is empty; there is nothing to write.")
@@ -163,8 +178,12 @@ def save_lora(edit: Edit, path, rank: int | None = None, fmt: str = "lora",
         meta["ws_targets"] = json.dumps(edit.report.get("targets"))
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
     atomic_save_file({k: (v.to(dtype) if v.dim() else v) for k, v in tensors.items()}, path, meta)
-    return {"errors": errors, "max_error": max(errors.values()) if errors else 0.0,
-            "rank": max(ranks) if ranks else None, "rank_cap": None if rank is None else int(rank)}
+    return {
+        "errors": errors,
+        "max_error": max(errors.values()) if errors else 0.0,
+        "rank": max(ranks) if ranks else None,
+        "rank_cap": None if rank is None else int(rank),
+    }
 
 
 def export_note(info: dict) -> str:

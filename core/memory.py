@@ -2,6 +2,7 @@
 
 Torch-free except where a CUDA device is asked about.
 """
+
 from __future__ import annotations
 
 import os
@@ -12,7 +13,7 @@ import time
 #: and its other models (on a 24 GB machine: 15.6 GB)
 DEFAULT_SHARE = 0.65
 
-GIB = 2 ** 30
+GIB = 2**30
 
 #: precisions a model's UNet weights can be held in (``load_model(weights_dtype=…)``; computed in float32)
 WEIGHT_PRECISIONS = ("float32", "bfloat16", "float16")

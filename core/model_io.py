@@ -14,6 +14,7 @@ Edited models are written in the format they came in, atomically (temp file + re
 folder as a whole) and deterministically, every weights file through the one safetensors writer
 (:func:`.safe_io.write_safetensors`); the input is never modified.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,11 +28,21 @@ from pathlib import Path
 import torch
 
 from .errors import WeightsmithError, require
-from .memory import WEIGHT_PRECISIONS
-from .naming import (LDM_UNET_PREFIX, TE1, TE2, UNET, CheckpointSlot, UNetLayout, checkpoint_slot,
-                     open_clip_slot, te_checkpoint_prefix, te_path)
 from .layouts import detect_checkpoint_family
 from .layouts.ldm import heads_problem, infer_unet_config, metadata_json, te_config_from_keys
+from .memory import WEIGHT_PRECISIONS
+from .naming import (
+    LDM_UNET_PREFIX,
+    TE1,
+    TE2,
+    UNET,
+    CheckpointSlot,
+    UNetLayout,
+    checkpoint_slot,
+    open_clip_slot,
+    te_checkpoint_prefix,
+    te_path,
+)
 from .safe_io import atomic_save_file, check_input, nonfinite_keys, write_safetensors
 from .sdmodel import SDModel, default_encoder_specs, detect_family
 from .state_files import DictState, StateFile, read_slot
@@ -39,16 +50,32 @@ from .tokenizer import find_clip_tokenizer, load_tokenizer_folder
 
 # the names this module had before the writer, the readers and the layouts moved out (scripts and
 # tests import them from here)
-__all__ = ["ModelSource", "WEIGHT_DTYPES", "add_deltas_to_ldm_state", "atomic_save_file", "beside_host_weights_dtype",
-           "check_output_path", "detect_checkpoint_family", "encoder_tokenizer", "fast_init", "infer_unet_config",
-           "load_model", "model_from_state_dict", "nonfinite_keys", "save_edited_model", "save_single_file",
-           "stored_half_dtype", "te_params", "to_ldm_state_dict"]
+__all__ = [
+    "ModelSource",
+    "WEIGHT_DTYPES",
+    "add_deltas_to_ldm_state",
+    "atomic_save_file",
+    "beside_host_weights_dtype",
+    "check_output_path",
+    "detect_checkpoint_family",
+    "encoder_tokenizer",
+    "fast_init",
+    "infer_unet_config",
+    "load_model",
+    "model_from_state_dict",
+    "nonfinite_keys",
+    "save_edited_model",
+    "save_single_file",
+    "stored_half_dtype",
+    "te_params",
+    "to_ldm_state_dict",
+]
 _StateFile, _DictState = StateFile, DictState
 
 
 @dataclass
 class ModelSource:
-    format: str                       # "diffusers" | "single_file" | "memory"
+    format: str  # "diffusers" | "single_file" | "memory"
     path: Path | None = None
     metadata: dict = field(default_factory=dict)
     te_heads: dict = field(default_factory=dict)
@@ -83,7 +110,7 @@ def check_output_path(out: Path, inputs: list, label: str = "the output path") -
     out = Path(out)
     require(out.name != "", "the output path is empty; pass --out FILE.safetensors")
     named = {}
-    for i, item in enumerate(inputs):
+    for item in inputs:
         if isinstance(item, tuple):
             named[item[0]] = item[1]
         elif item is not None:
@@ -108,11 +135,15 @@ def load_model(path, *, clip_skip: int | None = None, tokenizer=None, weights_dt
     tensor at a time, so loading never holds a second copy of it.
     """
     if isinstance(weights_dtype, str):
-        require(weights_dtype in WEIGHT_DTYPES,
-                f"unknown weights precision {weights_dtype!r}; use one of {', '.join(WEIGHT_DTYPES)}.")
+        require(
+            weights_dtype in WEIGHT_DTYPES,
+            f"unknown weights precision {weights_dtype!r}; use one of {', '.join(WEIGHT_DTYPES)}.",
+        )
         weights_dtype = WEIGHT_DTYPES[weights_dtype]
-    require(weights_dtype is None or (isinstance(weights_dtype, torch.dtype) and weights_dtype.is_floating_point),
-            f"weights precision {weights_dtype!r} is not a floating-point type; use one of {', '.join(WEIGHT_DTYPES)}.")
+    require(
+        weights_dtype is None or (isinstance(weights_dtype, torch.dtype) and weights_dtype.is_floating_point),
+        f"weights precision {weights_dtype!r} is not a floating-point type; use one of {', '.join(WEIGHT_DTYPES)}.",
+    )
     path = Path(path)
     if not os.path.lexists(path):
         raise WeightsmithError(f"model not found: {path}. Pass a .safetensors checkpoint or a diffusers folder.")
@@ -121,7 +152,8 @@ def load_model(path, *, clip_skip: int | None = None, tokenizer=None, weights_dt
         if not (path / "model_index.json").exists():
             raise WeightsmithError(
                 f"{path} is a folder but not a diffusers model (no model_index.json). Pass a diffusers "
-                "folder or a single-file .safetensors checkpoint.")
+                "folder or a single-file .safetensors checkpoint."
+            )
         return _load_diffusers(path, clip_skip, weights_dtype)
     return _load_single_file(path, clip_skip, tokenizer, weights_dtype)
 
@@ -139,8 +171,11 @@ def stored_half_dtype(path) -> torch.dtype | None:
     names = {"F16": torch.float16, "BF16": torch.bfloat16}
     try:
         with safe_open(str(path), framework="pt") as f:
-            seen = {f.get_slice(k).get_dtype() for k in f.keys()
-                    if k.startswith(LDM_UNET_PREFIX) and len(f.get_slice(k).get_shape()) >= 2}
+            seen = {
+                f.get_slice(k).get_dtype()
+                for k in f.keys()
+                if k.startswith(LDM_UNET_PREFIX) and len(f.get_slice(k).get_shape()) >= 2
+            }
     except Exception:
         return None
     return names.get(seen.pop()) if len(seen) == 1 else None
@@ -170,11 +205,13 @@ def _folder_json(p: Path, what: str) -> dict:
     except PermissionError:
         raise WeightsmithError(f"{what} ({p}) is not readable by this user (permission denied).") from None
     except (ValueError, UnicodeDecodeError) as e:
-        raise WeightsmithError(f"{what} is not valid JSON ({e}); the folder is damaged: copy the model "
-                               "folder again.") from None
+        raise WeightsmithError(
+            f"{what} is not valid JSON ({e}); the folder is damaged: copy the model folder again."
+        ) from None
     if not isinstance(val, dict):
-        raise WeightsmithError(f"{what} is a JSON {type(val).__name__}, not an object; the folder is damaged: copy "
-                               "the model folder again.")
+        raise WeightsmithError(
+            f"{what} is a JSON {type(val).__name__}, not an object; the folder is damaged: copy the model folder again."
+        )
     return val
 
 
@@ -200,22 +237,34 @@ def _load_diffusers(path: Path, clip_skip, weights_dtype=None) -> SDModel:
     except Exception as e:
         raise WeightsmithError(f"could not read the diffusers model at {path}: {type(e).__name__}: {e}") from None
     family = detect_family([t.config for t in tes.values()], unet_cfg)
-    specs = default_encoder_specs(family, {c: t.config.num_hidden_layers for c, t in tes.items()},
-                                  from_diffusers=True, clip_skip=clip_skip)
+    specs = default_encoder_specs(
+        family, {c: t.config.num_hidden_layers for c, t in tes.items()}, from_diffusers=True, clip_skip=clip_skip
+    )
 
     def load_unet():
-        if not any((path / "unet" / f).is_file() for f in (
-                "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
-                "diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.fp16.safetensors")):
-            raise WeightsmithError(f"the diffusers model {path} has no UNet weights (unet/"
-                                   "diffusion_pytorch_model.safetensors is missing); copy the model folder again.")
+        if not any(
+            (path / "unet" / f).is_file()
+            for f in (
+                "diffusion_pytorch_model.safetensors",
+                "diffusion_pytorch_model.bin",
+                "diffusion_pytorch_model.safetensors.index.json",
+                "diffusion_pytorch_model.fp16.safetensors",
+            )
+        ):
+            raise WeightsmithError(
+                f"the diffusers model {path} has no UNet weights (unet/"
+                "diffusion_pytorch_model.safetensors is missing); copy the model folder again."
+            )
         try:
-            u = UNet2DConditionModel.from_pretrained(str(path / "unet"), local_files_only=True,
-                                                     torch_dtype=weights_dtype or torch.float32).eval()
+            u = UNet2DConditionModel.from_pretrained(
+                str(path / "unet"), local_files_only=True, torch_dtype=weights_dtype or torch.float32
+            ).eval()
         except (OSError, ValueError, RuntimeError, KeyError) as e:
-            raise WeightsmithError(f"could not read the UNet of the diffusers model {path} ({type(e).__name__}: "
-                                   f"{str(e).splitlines()[0][:200] if str(e) else ''}); copy the model folder "
-                                   "again.") from None
+            raise WeightsmithError(
+                f"could not read the UNet of the diffusers model {path} ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:200] if str(e) else ''}); copy the model folder "
+                "again."
+            ) from None
         u.requires_grad_(False)
         return _held(u, weights_dtype)
 
@@ -223,22 +272,34 @@ def _load_diffusers(path: Path, clip_skip, weights_dtype=None) -> SDModel:
     if (path / "scheduler" / "scheduler_config.json").exists():
         import diffusers
 
-        scfg = _folder_json(path / "scheduler" / "scheduler_config.json",
-                            "the diffusers model's scheduler/scheduler_config.json")
+        scfg = _folder_json(
+            path / "scheduler" / "scheduler_config.json", "the diffusers model's scheduler/scheduler_config.json"
+        )
         name = scfg.get("_class_name", "DDIMScheduler")
         cls = getattr(diffusers, name, None) if isinstance(name, str) else None
         if cls is None or not hasattr(cls, "from_config"):
-            raise WeightsmithError(f"the diffusers model's scheduler/scheduler_config.json names the scheduler "
-                                   f"{name!r}, which diffusers does not have; fix _class_name (e.g. "
-                                   "\"DDIMScheduler\") or copy the model folder again.")
+            raise WeightsmithError(
+                f"the diffusers model's scheduler/scheduler_config.json names the scheduler "
+                f"{name!r}, which diffusers does not have; fix _class_name (e.g. "
+                '"DDIMScheduler") or copy the model folder again.'
+            )
         try:
             scheduler = cls.from_config(scfg)
         except Exception as e:
-            raise WeightsmithError(f"the diffusers model's scheduler/scheduler_config.json is not a valid {name} "
-                                   f"configuration ({type(e).__name__}); copy the model folder again.") from None
-    return SDModel(family=family, text_encoders=tes, tokenizers=toks, encoder_specs=specs,
-                   unet_config=unet_cfg, unet_loader=load_unet, scheduler=scheduler,
-                   source=ModelSource("diffusers", path))
+            raise WeightsmithError(
+                f"the diffusers model's scheduler/scheduler_config.json is not a valid {name} "
+                f"configuration ({type(e).__name__}); copy the model folder again."
+            ) from None
+    return SDModel(
+        family=family,
+        text_encoders=tes,
+        tokenizers=toks,
+        encoder_specs=specs,
+        unet_config=unet_cfg,
+        unet_loader=load_unet,
+        scheduler=scheduler,
+        source=ModelSource("diffusers", path),
+    )
 
 
 def encoder_tokenizer(tokenizer, family: str, comp: str):
@@ -251,8 +312,11 @@ def encoder_tokenizer(tokenizer, family: str, comp: str):
         tok = find_clip_tokenizer(tokenizer)
     else:
         tok = tokenizer
-    tok = load_tokenizer_folder(tok.name_or_path, "the tokenizer folder") if (
-        Path(str(tok.name_or_path)).is_dir()) else tok
+    tok = (
+        load_tokenizer_folder(tok.name_or_path, "the tokenizer folder")
+        if (Path(str(tok.name_or_path)).is_dir())
+        else tok
+    )
     return fit_tokenizer(tok, family, comp, copy=tok is tokenizer)
 
 
@@ -263,15 +327,33 @@ def _load_single_file(path: Path, clip_skip, tokenizer, weights_dtype=None) -> S
     comps = [TE1, TE2] if family == "sdxl" else [TE1]
     toks = {c: encoder_tokenizer(tokenizer, family, c) for c in comps}
     te_sources = {c: te_checkpoint_prefix(family, c) for c in comps}
-    model = _build_from_state(sf, family, te_sources, LDM_UNET_PREFIX, toks, clip_skip, heads,
-                              from_diffusers=False, weights_dtype=weights_dtype)
+    model = _build_from_state(
+        sf,
+        family,
+        te_sources,
+        LDM_UNET_PREFIX,
+        toks,
+        clip_skip,
+        heads,
+        from_diffusers=False,
+        weights_dtype=weights_dtype,
+    )
     model.source = ModelSource("single_file", path, dict(sf.metadata), heads)
     return model
 
 
-def model_from_state_dict(tensors: dict, family: str, te_sources: dict, unet_prefix: str, tokenizers: dict,
-                          *, clip_skip: int | None = None, te_heads: dict | None = None,
-                          penultimate_in_file: bool = True, share: bool = False) -> SDModel:
+def model_from_state_dict(
+    tensors: dict,
+    family: str,
+    te_sources: dict,
+    unet_prefix: str,
+    tokenizers: dict,
+    *,
+    clip_skip: int | None = None,
+    te_heads: dict | None = None,
+    penultimate_in_file: bool = True,
+    share: bool = False,
+) -> SDModel:
     """Build an :class:`SDModel` from in-memory tensors (e.g. a host's effective weights).
 
     ``te_sources``: component -> (key prefix, is_open_clip); transformers-format encoders use keys
@@ -282,8 +364,17 @@ def model_from_state_dict(tensors: dict, family: str, te_sources: dict, unet_pre
     are converted as usual), so building it costs no second copy of a host's float32 weights. The
     caller must not change those tensors while the model is in use (docs/a1111.md, "Memory").
     """
-    return _build_from_state(DictState(tensors), family, te_sources, unet_prefix, tokenizers, clip_skip,
-                             te_heads or {}, from_diffusers=not penultimate_in_file, share=share)
+    return _build_from_state(
+        DictState(tensors),
+        family,
+        te_sources,
+        unet_prefix,
+        tokenizers,
+        clip_skip,
+        te_heads or {},
+        from_diffusers=not penultimate_in_file,
+        share=share,
+    )
 
 
 def _held(unet, weights_dtype):
@@ -302,16 +393,21 @@ def _unet_tensor(read, name: str, shape) -> torch.Tensor:
     except WeightsmithError:
         raise
     except Exception:
-        raise WeightsmithError(f"the checkpoint lacks the UNet weight for {name} (or its layout is not one "
-                               "Weightsmith understands); the file is damaged or incomplete.") from None
+        raise WeightsmithError(
+            f"the checkpoint lacks the UNet weight for {name} (or its layout is not one "
+            "Weightsmith understands); the file is damaged or incomplete."
+        ) from None
     if t.numel() != torch.Size(shape).numel():
-        raise WeightsmithError(f"the checkpoint's UNet weight for {name} has shape {tuple(t.shape)}, but the UNet its "
-                               f"other weights describe needs {tuple(shape)}; the file is damaged.")
+        raise WeightsmithError(
+            f"the checkpoint's UNet weight for {name} has shape {tuple(t.shape)}, but the UNet its "
+            f"other weights describe needs {tuple(shape)}; the file is damaged."
+        )
     return t.reshape(shape)
 
 
-def _build_from_state(sf, family, te_sources, unet_prefix, toks, clip_skip, heads, from_diffusers,
-                      weights_dtype=None, share=False) -> SDModel:
+def _build_from_state(
+    sf, family, te_sources, unet_prefix, toks, clip_skip, heads, from_diffusers, weights_dtype=None, share=False
+) -> SDModel:
     from diffusers import DDIMScheduler
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -321,14 +417,17 @@ def _build_from_state(sf, family, te_sources, unet_prefix, toks, clip_skip, head
         try:
             cfg, has_proj = te_config_from_keys(sf, prefix, oc, heads.get(c), tok)
         except KeyError as e:
-            raise WeightsmithError(f"the checkpoint's text encoder is incomplete: {e.args[0]} is missing. The file "
-                                   "is damaged or not a standard SD checkpoint.") from None
+            raise WeightsmithError(
+                f"the checkpoint's text encoder is incomplete: {e.args[0]} is missing. The file "
+                "is damaged or not a standard SD checkpoint."
+            ) from None
         if family == "sd2" or c == TE2:  # OpenCLIP-H / bigG use gelu, also in transformers-format keys (ComfyUI)
             cfg.hidden_act = "gelu"
         if len(tok) > cfg.vocab_size:
             raise WeightsmithError(
                 f"the tokenizer has {len(tok)} tokens but the checkpoint's text encoder only {cfg.vocab_size}; "
-                "pass the tokenizer that belongs to this model with --tokenizer.")
+                "pass the tokenizer that belongs to this model with --tokenizer."
+            )
         cls = CLIPTextModelWithProjection if (has_proj and c == TE2) else CLIPTextModel
         with fast_init():
             te = cls(cfg)
@@ -346,11 +445,13 @@ def _build_from_state(sf, family, te_sources, unet_prefix, toks, clip_skip, head
             except KeyError:
                 raise WeightsmithError(
                     f"the checkpoint's text encoder is incomplete: {slot.key} is missing. The file is "
-                    "damaged or not a standard SD checkpoint.") from None
+                    "damaged or not a standard SD checkpoint."
+                ) from None
             if t.numel() != ref.numel():
                 raise WeightsmithError(
                     f"the checkpoint's text-encoder weight {slot.key} has shape {tuple(t.shape)}, but the encoder "
-                    f"its other weights describe needs {tuple(ref.shape)}; the file is damaged.")
+                    f"its other weights describe needs {tuple(ref.shape)}; the file is damaged."
+                )
             sd[name] = t.reshape(ref.shape).float()
         # share: the module's parameters become the tensors read (fast_init left the built ones
         # uninitialised, so they were never resident); otherwise they are copied in
@@ -361,8 +462,12 @@ def _build_from_state(sf, family, te_sources, unet_prefix, toks, clip_skip, head
     fam2 = detect_family([t.config for t in tes.values()], unet_cfg)
     require(fam2 == family, f"unknown model family: the key layout says {family} but the components say {fam2}.")
     layout = UNetLayout.from_config(unet_cfg)
-    specs = default_encoder_specs(family, {c: t.config.num_hidden_layers for c, t in tes.items()},
-                                  from_diffusers=from_diffusers, clip_skip=clip_skip)
+    specs = default_encoder_specs(
+        family,
+        {c: t.config.num_hidden_layers for c, t in tes.items()},
+        from_diffusers=from_diffusers,
+        clip_skip=clip_skip,
+    )
 
     def read_unet_weight(param_path: str) -> torch.Tensor:
         mod, _, leaf = param_path.rpartition(".")
@@ -378,22 +483,30 @@ def _build_from_state(sf, family, te_sources, unet_prefix, toks, clip_skip, head
                 u = UNet2DConditionModel(**unet_cfg)
         finally:
             torch.set_default_dtype(prev)
-        u = _held(u, weights_dtype)    # norms, biases float32 before the values go in (no rounding)
+        u = _held(u, weights_dtype)  # norms, biases float32 before the values go in (no rounding)
         if share and weights_dtype is None:
             sd = {name: _unet_tensor(read_unet_weight, name, ref.shape) for name, ref in u.state_dict().items()}
             u.load_state_dict(sd, assign=True)
             return u.eval().requires_grad_(False)
-        with torch.no_grad():          # one tensor at a time: never a second copy of the UNet
+        with torch.no_grad():  # one tensor at a time: never a second copy of the UNet
             for name, ref in u.state_dict(keep_vars=True).items():
                 t = _unet_tensor(read_unet_weight, name, ref.shape)
                 ref.copy_(t)
         return u.eval().requires_grad_(False)
 
-    return SDModel(family=family, text_encoders=tes, tokenizers=toks, encoder_specs=specs,
-                   unet_config=unet_cfg, unet_loader=load_unet, unet_weight_reader=read_unet_weight,
-                   scheduler=DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
-                                           beta_start=0.00085, beta_end=0.012),
-                   source=ModelSource("memory", None, dict(sf.metadata), heads))
+    return SDModel(
+        family=family,
+        text_encoders=tes,
+        tokenizers=toks,
+        encoder_specs=specs,
+        unet_config=unet_cfg,
+        unet_loader=load_unet,
+        unet_weight_reader=read_unet_weight,
+        scheduler=DDIMScheduler(
+            num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
+        ),
+        source=ModelSource("memory", None, dict(sf.metadata), heads),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -429,11 +542,15 @@ def save_single_file(model: SDModel, path, metadata: dict | None = None, extra: 
     """Write a model (e.g. a random test model) as an LDM single-file checkpoint."""
     sd = to_ldm_state_dict(model)
     sd.update(extra or {})
-    ucfg = {k: model.unet_config[k] for k in ("attention_head_dim", "norm_num_groups", "sample_size",
-                                              "addition_time_embed_dim") if k in model.unet_config}
-    meta = {"ws_text_encoder_heads": json.dumps({c: t.config.num_attention_heads
-                                                 for c, t in model.text_encoders.items()}),
-            "ws_unet_config": json.dumps(ucfg)}
+    ucfg = {
+        k: model.unet_config[k]
+        for k in ("attention_head_dim", "norm_num_groups", "sample_size", "addition_time_embed_dim")
+        if k in model.unet_config
+    }
+    meta = {
+        "ws_text_encoder_heads": json.dumps({c: t.config.num_attention_heads for c, t in model.text_encoders.items()}),
+        "ws_unet_config": json.dumps(ucfg),
+    }
     meta.update(metadata or {})
     atomic_save_file(sd, Path(path), meta)
     return Path(path)
@@ -447,8 +564,10 @@ def save_edited_model(model: SDModel, deltas: dict[str, torch.Tensor], out, meta
         raise WeightsmithError("this model was built in memory; save it with save_single_file first.")
     check_output_path(out, [("the input model", src.path)], "the checkpoint output")
     if src.format == "diffusers" and out.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".bin"):
-        raise WeightsmithError(f"the input model is a diffusers folder, so the edited model is a folder too; "
-                               f"--out {out} looks like a file name. Pass a new folder name (e.g. {out.with_suffix('')}).")
+        raise WeightsmithError(
+            f"the input model is a diffusers folder, so the edited model is a folder too; "
+            f"--out {out} looks like a file name. Pass a new folder name (e.g. {out.with_suffix('')})."
+        )
     if src.format == "single_file":
         return _save_single_file_edit(model, deltas, out, metadata)
     return _save_diffusers_edit(model, deltas, out, metadata)
@@ -460,26 +579,32 @@ def add_deltas_to_ldm_state(sd: dict, deltas: dict, model: SDModel, source_name:
     layout, hidden = model.layout, _te_hidden(model)
     for name, d in deltas.items():
         slot = checkpoint_slot(name + ".weight", model.family, layout, hidden)
-        require(slot.key in sd, f"{source_name} has no {slot.key}; it does not match the model the edit "
-                "was computed on.")
-        require(bool(torch.isfinite(d).all()), f"the edit's ΔW for {name} holds NaN or infinite values; "
-                "nothing was written.")
+        require(
+            slot.key in sd, f"{source_name} has no {slot.key}; it does not match the model the edit was computed on."
+        )
+        require(
+            bool(torch.isfinite(d).all()),
+            f"the edit's ΔW for {name} holds NaN or infinite values; nothing was written.",
+        )
         base = sd[slot.key]
         upd = base.detach().to("cpu", torch.float32, copy=True)
         d = d.float().t() if slot.transposed else d.float()
         if slot.rows is not None:
-            upd[slot.rows[0]:slot.rows[1]] += d.reshape(upd[slot.rows[0]:slot.rows[1]].shape)
+            upd[slot.rows[0] : slot.rows[1]] += d.reshape(upd[slot.rows[0] : slot.rows[1]].shape)
         else:
             upd += d.reshape(upd.shape)
         new = upd.to(base.dtype)
         if not bool(torch.isfinite(new).all()):
             if not bool(torch.isfinite(base).all()):
-                raise WeightsmithError(f"{source_name} already holds NaN or infinite values in {slot.key}; it is "
-                                       "damaged: repair or re-download it. Nothing was written.")
+                raise WeightsmithError(
+                    f"{source_name} already holds NaN or infinite values in {slot.key}; it is "
+                    "damaged: repair or re-download it. Nothing was written."
+                )
             raise WeightsmithError(
                 f"adding the edit to {slot.key} overflows {str(base.dtype).replace('torch.', '')} "
                 f"(largest |w + Δ| = {float(upd.abs().max()):.3g}): the edit is too strong for this precision. "
-                "Lower the LoRA weights or strength, or use a float32 checkpoint. Nothing was written.")
+                "Lower the LoRA weights or strength, or use a float32 checkpoint. Nothing was written."
+            )
         sd[slot.key] = new
     return sd
 
@@ -492,7 +617,8 @@ def _save_single_file_edit(model, deltas, out, metadata):
         raise WeightsmithError(
             f"the input checkpoint {model.source.path.name} holds NaN or infinite values in {len(bad)} tensor(s) "
             f"(e.g. {bad[0]}); Weightsmith does not write non-finite files. Repair or re-download the "
-            "checkpoint, or save only the edit (--format lora).")
+            "checkpoint, or save only the edit (--format lora)."
+        )
     add_deltas_to_ldm_state(sd, deltas, model)
     meta = dict(sf.metadata)
     meta.update(metadata or {})
@@ -506,8 +632,10 @@ def _weights_file(folder: Path) -> Path:
     for n in ("diffusion_pytorch_model.safetensors", "model.safetensors"):
         if (folder / n).exists():
             return folder / n
-    raise WeightsmithError(f"{folder} holds no single .safetensors weights file (sharded or .bin weights are "
-                           "not supported for writing); save the model as safetensors first.")
+    raise WeightsmithError(
+        f"{folder} holds no single .safetensors weights file (sharded or .bin weights are "
+        "not supported for writing); save the model as safetensors first."
+    )
 
 
 def _save_diffusers_edit(model, deltas, out: Path, metadata):
@@ -521,7 +649,7 @@ def _save_diffusers_edit(model, deltas, out: Path, metadata):
     tmp = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".ws-", dir=out.parent))   # same filesystem: the rename is atomic
+        tmp = Path(tempfile.mkdtemp(prefix=".ws-", dir=out.parent))  # same filesystem: the rename is atomic
         shutil.copytree(src, tmp / "m")
         by_comp = defaultdict(dict)
         for name, d in deltas.items():
@@ -535,18 +663,23 @@ def _save_diffusers_edit(model, deltas, out: Path, metadata):
                 key = next((k for k in cands if k in sd), None)
                 require(key is not None, f"cannot find {path} in {wf}")
                 new = (sd[key].float() + d.float().reshape(sd[key].shape)).to(sd[key].dtype)
-                require(bool(torch.isfinite(new).all()),
-                        f"{comp}/{key} of the edited model would hold NaN or infinite values (the input "
-                        "already does, or the edit overflows its precision); nothing was written.")
+                require(
+                    bool(torch.isfinite(new).all()),
+                    f"{comp}/{key} of the edited model would hold NaN or infinite values (the input "
+                    "already does, or the edit overflows its precision); nothing was written.",
+                )
                 sd[key] = new
             bad = nonfinite_keys(sd)
-            require(not bad, f"the input model's {comp} holds NaN or infinite values (e.g. {bad[:1]}); "
-                    "Weightsmith does not write non-finite files. Nothing was written.")
-            wf.unlink()       # the copy, replaced inside the temp folder (the folder's rename is the atomic step)
-            with open(wf, "wb") as f:         # the one deterministic writer: same edit, same bytes
+            require(
+                not bad,
+                f"the input model's {comp} holds NaN or infinite values (e.g. {bad[:1]}); "
+                "Weightsmith does not write non-finite files. Nothing was written.",
+            )
+            wf.unlink()  # the copy, replaced inside the temp folder (the folder's rename is the atomic step)
+            with open(wf, "wb") as f:  # the one deterministic writer: same edit, same bytes
                 write_safetensors(f, sd, {"format": "pt", **(metadata or {})})
-        for root, dirs, files in os.walk(tmp / "m"):     # modes as a plain write gives (mkdtemp
-            os.chmod(root, umask_mode(0o777))             # would leave 0700)
+        for root, _dirs, files in os.walk(tmp / "m"):  # modes as a plain write gives (mkdtemp
+            os.chmod(root, umask_mode(0o777))  # would leave 0700)
             for f in files:
                 os.chmod(os.path.join(root, f), umask_mode(0o666))
         os.replace(tmp / "m", out)

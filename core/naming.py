@@ -17,6 +17,7 @@ This module converts canonical names to and from:
 The UNet map is derived from the UNet's config (block types and ``layers_per_block``), so small
 or unusual UNets map as well as the standard ones.
 """
+
 from __future__ import annotations
 
 import re
@@ -28,12 +29,13 @@ TE2 = "text_encoder_2"
 
 # how every front end names a family to the user (the A1111 tab's model line, refusals in all hosts)
 FAMILY_LABELS = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
-SUPPORTED_FAMILIES = "SD1.x, SD2.x and SDXL"      # the families Weightsmith edits, as one phrase
+SUPPORTED_FAMILIES = "SD1.x, SD2.x and SDXL"  # the families Weightsmith edits, as one phrase
 
 
 def family_label(family: str) -> str:
     """``sd1`` → ``SD1.x`` (an unknown family is shown as it is)."""
     return FAMILY_LABELS.get(family, family)
+
 
 _RESNET_LDM = {
     "norm1": "in_layers.0",
@@ -69,7 +71,7 @@ class UNetLayout:
     mid_has_attn: bool = True
 
     @classmethod
-    def from_config(cls, config) -> "UNetLayout":
+    def from_config(cls, config) -> UNetLayout:
         down = tuple("CrossAttn" in t for t in _cfg_get(config, "down_block_types"))
         up = tuple("CrossAttn" in t for t in _cfg_get(config, "up_block_types"))
         lpb = _cfg_get(config, "layers_per_block", 2)
@@ -122,7 +124,7 @@ class UNetLayout:
         """diffusers UNet module path -> LDM path (``model.diffusion_model.`` not included)."""
         for diff, ldm in sorted(self.block_map(), key=lambda p: -len(p[0])):
             if path == diff or path.startswith(diff + "."):
-                rest = path[len(diff):].lstrip(".")
+                rest = path[len(diff) :].lstrip(".")
                 if ".resnets." in diff and rest:
                     head, _, tail = rest.partition(".")
                     rest = _RESNET_LDM.get(head, head) + ("." + tail if tail else "")
@@ -133,11 +135,11 @@ class UNetLayout:
         """LDM UNet module path -> diffusers path."""
         for diff, ldm in sorted(self.block_map(), key=lambda p: -len(p[1])):
             if path == ldm or path.startswith(ldm + "."):
-                rest = path[len(ldm):].lstrip(".")
+                rest = path[len(ldm) :].lstrip(".")
                 if ".resnets." in diff and rest:
                     for ldm_sub, diff_sub in _RESNET_DIFF.items():
                         if rest == ldm_sub or rest.startswith(ldm_sub + "."):
-                            rest = diff_sub + rest[len(ldm_sub):]
+                            rest = diff_sub + rest[len(ldm_sub) :]
                             break
                 return diff + ("." + rest if rest else "")
         raise KeyError(f"no diffusers name for LDM UNet module {path!r}")
@@ -189,11 +191,7 @@ def te_checkpoint_prefix(family: str, component: str) -> tuple[str, bool]:
 
 
 # ComfyUI: the CLIP object's attribute (and state-dict prefix) of each family's text encoders
-COMFY_TE_ATTRS = {
-    "sd1": {TE1: "clip_l"},
-    "sd2": {TE1: "clip_h"},
-    "sdxl": {TE1: "clip_l", TE2: "clip_g"},
-}
+COMFY_TE_ATTRS = {"sd1": {TE1: "clip_l"}, "sd2": {TE1: "clip_h"}, "sdxl": {TE1: "clip_l", TE2: "clip_g"}}
 
 
 def comfy_te_prefix(family: str, component: str) -> str:
@@ -246,8 +244,9 @@ def open_clip_slot(te_param: str, hidden: int) -> CheckpointSlot:
     raise KeyError(f"no OpenCLIP key for {te_param!r}")
 
 
-def checkpoint_slot(canonical_param: str, family: str, layout: UNetLayout | None,
-                    te_hidden: dict[str, int] | None = None) -> CheckpointSlot:
+def checkpoint_slot(
+    canonical_param: str, family: str, layout: UNetLayout | None, te_hidden: dict[str, int] | None = None
+) -> CheckpointSlot:
     """Canonical *parameter* name (module name + ``.weight``/``.bias``) -> LDM checkpoint slot."""
     comp, _, path = canonical_param.partition(".")
     if comp == UNET:

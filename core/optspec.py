@@ -9,6 +9,7 @@ field becomes an error, not a silently ignored input). The declaration is also t
 the wrong type or outside its declared range or choices, with one sentence naming the option and
 its CLI flag; ``validate()`` keeps only the rules that relate several options. Importable without torch.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,15 +27,15 @@ class Spec:
     help: str
     label: str
     flag: str | None = None
-    lo: float | None = None          # bounds of the value, enforced by check_declared (and offered by widgets);
-    hi: float | None = None          # inclusive unless lo_open / hi_open
+    lo: float | None = None  # bounds of the value, enforced by check_declared (and offered by widgets);
+    hi: float | None = None  # inclusive unless lo_open / hi_open
     step: float | None = None
-    choices: tuple | None = None     # the allowed values (of each element, for a tuple option)
+    choices: tuple | None = None  # the allowed values (of each element, for a tuple option)
     lo_open: bool = False
     hi_open: bool = False
-    kind: str = "any"                # from the annotation: int, float, str, bool, tuple (of item_kind), any
+    kind: str = "any"  # from the annotation: int, float, str, bool, tuple (of item_kind), any
     item_kind: str = "any"
-    optional: bool = False           # the annotation admits None
+    optional: bool = False  # the annotation admits None
 
     @property
     def who(self) -> str:
@@ -47,11 +48,31 @@ class Spec:
         return self.help.replace("%", "%%")
 
 
-def option(default, help: str, *, label: str | None = None, flag: str | None = None, lo=None, hi=None,
-           step=None, choices=None, lo_open: bool = False, hi_open: bool = False):
+def option(
+    default,
+    help: str,
+    *,
+    label: str | None = None,
+    flag: str | None = None,
+    lo=None,
+    hi=None,
+    step=None,
+    choices=None,
+    lo_open: bool = False,
+    hi_open: bool = False,
+):
     """A dataclass field carrying its front-end description and its rule (see :class:`Spec`)."""
-    meta = {"help": help, "label": label, "flag": flag, "lo": lo, "hi": hi, "step": step,
-            "choices": tuple(choices) if choices is not None else None, "lo_open": lo_open, "hi_open": hi_open}
+    meta = {
+        "help": help,
+        "label": label,
+        "flag": flag,
+        "lo": lo,
+        "hi": hi,
+        "step": step,
+        "choices": tuple(choices) if choices is not None else None,
+        "lo_open": lo_open,
+        "hi_open": hi_open,
+    }
     return field(default=default, metadata={"weightsmith": meta})
 
 
@@ -76,11 +97,22 @@ def spec(cls, name: str) -> Spec:
         if f.name == name:
             m = f.metadata.get("weightsmith", {})
             kind, item, optional = _kinds(f.type)
-            return Spec(name=name, default=f.default, help=m.get("help", ""),
-                        label=m.get("label") or name.replace("_", " "), flag=m.get("flag"), lo=m.get("lo"),
-                        hi=m.get("hi"), step=m.get("step"), choices=m.get("choices"),
-                        lo_open=bool(m.get("lo_open")), hi_open=bool(m.get("hi_open")), kind=kind, item_kind=item,
-                        optional=optional)
+            return Spec(
+                name=name,
+                default=f.default,
+                help=m.get("help", ""),
+                label=m.get("label") or name.replace("_", " "),
+                flag=m.get("flag"),
+                lo=m.get("lo"),
+                hi=m.get("hi"),
+                step=m.get("step"),
+                choices=m.get("choices"),
+                lo_open=bool(m.get("lo_open")),
+                hi_open=bool(m.get("hi_open")),
+                kind=kind,
+                item_kind=item,
+                optional=optional,
+            )
     raise KeyError(f"{cls.__name__} has no option {name!r}")
 
 
@@ -130,8 +162,9 @@ def check_value(s: Spec, v) -> None:
         if s.choices is not None:
             bad = [x for x in items if x not in s.choices]
             if bad:
-                raise WeightsmithError(f"{s.who}: unknown {', '.join(map(repr, bad))}; choose from "
-                                       f"{', '.join(map(str, s.choices))}.")
+                raise WeightsmithError(
+                    f"{s.who}: unknown {', '.join(map(repr, bad))}; choose from {', '.join(map(str, s.choices))}."
+                )
         return
     if not _is_kind(v, s.kind):
         rng = range_text(s) if s.kind in ("int", "float") else ""
@@ -166,8 +199,9 @@ def from_values(cls, values: dict, *, where: str = "options", aliases: dict | No
     for k, v in values.items():
         k = (aliases or {}).get(k, k)
         if k not in names:
-            raise WeightsmithError(f"{where}: unknown option {k!r} for {cls.__name__}; known options: "
-                                   f"{', '.join(names)}.")
+            raise WeightsmithError(
+                f"{where}: unknown option {k!r} for {cls.__name__}; known options: {', '.join(names)}."
+            )
         if v is not None:
             kw[k] = v
     out = cls(**kw)
@@ -192,8 +226,10 @@ def parse_layer_range(text, what: str = "text-encoder layers"):
         else:
             lo = hi = int(t)
     except ValueError:
-        raise WeightsmithError(f"{what} {text!r} is not a range; write e.g. 0-7 (inclusive) or a single layer, "
-                               "or leave it empty for the default.") from None
+        raise WeightsmithError(
+            f"{what} {text!r} is not a range; write e.g. 0-7 (inclusive) or a single layer, "
+            "or leave it empty for the default."
+        ) from None
     if lo < 0 or hi < lo:
         raise WeightsmithError(f"{what} {text!r}: write FIRST-LAST with 0 <= FIRST <= LAST.")
     return (lo, hi)

@@ -6,6 +6,7 @@ not fit beside its merge statistics in 16 GB. :func:`hold_weights` stores every 
 weight in ``dtype`` and makes the layer compute in float32, casting its weight one layer at a time
 (what ComfyUI's "manual cast" layers do); norms, embeddings and biases stay float32.
 """
+
 from __future__ import annotations
 
 import types

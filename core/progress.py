@@ -3,10 +3,11 @@
 Solvers take ``progress(done, total, label)`` and ``cancel() -> bool`` callables. The CLI passes a
 tqdm bar, ComfyUI its ProgressBar and interrupt check, A1111 its ``shared.state``.
 """
+
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from .errors import CancelledError
 
@@ -31,8 +32,15 @@ class Steps:
     available as :meth:`eta_s`. ``cost_blocks`` gives the same as ``(costs of some steps, repeats)``
     blocks, so a job of many identical rounds needs no cost per step in memory."""
 
-    def __init__(self, total: int, progress: ProgressFn | None = None, cancel: CancelFn | None = None,
-                 costs: list[float] | None = None, *, cost_blocks: list | None = None):
+    def __init__(
+        self,
+        total: int,
+        progress: ProgressFn | None = None,
+        cancel: CancelFn | None = None,
+        costs: list[float] | None = None,
+        *,
+        cost_blocks: list | None = None,
+    ):
         self.total = max(1, int(total))
         self.done = 0
         self._progress = progress
@@ -45,8 +53,9 @@ class Steps:
         # the same round of steps (IterIS' iterations) holds one round, whatever the number of rounds
         self._blocks = [([float(c) for c in b], int(r)) for b, r in cost_blocks if int(r) > 0 and len(b)]
         self._blocks = [(b, r, sum(b)) for b, r in self._blocks]
-        if sum(len(b) * r for b, r, _ in self._blocks) != self.total or any(c <= 0 for b, _, _ in self._blocks
-                                                                           for c in b):
+        if sum(len(b) * r for b, r, _ in self._blocks) != self.total or any(
+            c <= 0 for b, _, _ in self._blocks for c in b
+        ):
             raise ValueError("Steps: costs needs one positive cost per step")
         self._total_cost = self._cost_to(self.total)
         self._t0 = time.monotonic()

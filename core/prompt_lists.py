@@ -22,6 +22,7 @@ Per front end, for the same intended list the same items come out:
   table: one line per LoRA (or one line for all), several prompts on a line separated by ``;`` or
   ``|`` (the tab's older separator); commas stay inside prompts.
 """
+
 from __future__ import annotations
 
 SEPARATORS = ("\n", ";")

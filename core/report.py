@@ -7,6 +7,7 @@ reported them — erase stages and merge residuals alike (docs/method.md, "Erase
 ComfyUI nodes show :func:`text` and :func:`picture`; the A1111 tab shows :func:`table` and
 :func:`picture`. The picture is drawn with PIL only.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,10 @@ def order(name: str):
     """Sort key: text encoder(s) first, then the UNet; layer numbers in numeric order."""
     comp = name.split(".", 1)[0]
     parts = [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
-    return ({"text_encoder": 0, "text_encoder_2": 1, "unet": 2}.get(comp, 3),
-            [(0, p) if isinstance(p, int) else (1, p) for p in parts])
+    return (
+        {"text_encoder": 0, "text_encoder_2": 1, "unet": 2}.get(comp, 3),
+        [(0, p) if isinstance(p, int) else (1, p) for p in parts],
+    )
 
 
 def relative_changes(edit, model) -> dict[str, float]:
@@ -59,9 +62,16 @@ def rows(edit, rel: dict[str, float]) -> list[dict]:
     out = []
     for name in sorted(edit.deltas, key=order):
         s = res.get(name, {})
-        out.append({"name": name, "stage": s.get("stage", name.split(".", 1)[0]),
-                    "delta_fro": float(edit.deltas[name].float().norm()), "delta_rel": rel.get(name),
-                    "residual_before": _num(s.get("residual_before")), "residual_after": _num(s.get("residual_after"))})
+        out.append(
+            {
+                "name": name,
+                "stage": s.get("stage", name.split(".", 1)[0]),
+                "delta_fro": float(edit.deltas[name].float().norm()),
+                "delta_rel": rel.get(name),
+                "residual_before": _num(s.get("residual_before")),
+                "residual_after": _num(s.get("residual_after")),
+            }
+        )
     return out
 
 
@@ -94,17 +104,30 @@ def block_lines(rep: dict) -> list[str]:
     weights"): ``block weights: NAME [SPEC]: BASE 1, IN01 0, ...`` (``-``: modules in no block, weight 1)."""
     from .blockweights import summary_line
 
-    return [f"block weights: {summary_line(d.get('name'), d['blocks'])}"
-            for d in rep.get("loras") or [] if isinstance(d, dict) and d.get("blocks")]
+    return [
+        f"block weights: {summary_line(d.get('name'), d['blocks'])}"
+        for d in rep.get("loras") or []
+        if isinstance(d, dict) and d.get("blocks")
+    ]
 
 
 def table(rows: list[dict]) -> list[list]:
     """The rows as a table under :data:`TABLE_HEADERS` (6 significant digits)."""
+
     def r6(x):
         return None if x is None or x != x else round(float(x), 6)
 
-    return [[r["name"], r["stage"], r6(r["delta_fro"]), r6(r["delta_rel"]), r6(r["residual_before"]),
-             r6(r["residual_after"])] for r in rows]
+    return [
+        [
+            r["name"],
+            r["stage"],
+            r6(r["delta_fro"]),
+            r6(r["delta_rel"]),
+            r6(r["residual_before"]),
+            r6(r["residual_after"]),
+        ]
+        for r in rows
+    ]
 
 
 def footer(edit, n: int) -> str:
@@ -129,10 +152,18 @@ AFTER = (110, 210, 130)
 
 def short_name(name: str) -> str:
     s = name
-    for a, b in (("unet.", "U "), ("text_encoder_2.text_model.encoder.layers.", "TE2 L"),
-                 ("text_encoder.text_model.encoder.layers.", "TE L"), ("down_blocks.", "down"),
-                 ("up_blocks.", "up"), ("mid_block.", "mid"), ("attentions.", "a"),
-                 ("transformer_blocks.", "t"), ("self_attn.", ""), (".attn2.", " ")):
+    for a, b in (
+        ("unet.", "U "),
+        ("text_encoder_2.text_model.encoder.layers.", "TE2 L"),
+        ("text_encoder.text_model.encoder.layers.", "TE L"),
+        ("down_blocks.", "down"),
+        ("up_blocks.", "up"),
+        ("mid_block.", "mid"),
+        ("attentions.", "a"),
+        ("transformer_blocks.", "t"),
+        ("self_attn.", ""),
+        (".attn2.", " "),
+    ):
         s = s.replace(a, b)
     return s
 
@@ -160,8 +191,11 @@ def picture(rows: list[dict], title: str, footer: str = ""):
     if has_res:
         d.text((LEFT + BAR_W + NUM_W + PAD, y), "residual before -> after", fill=DIM)
     y += ROW + 4
-    res_max = max([float(r.get("residual_before") or 0) for r in rows] +
-                  [float(r.get("residual_after") or 0) for r in rows] + [1e-12])
+    res_max = max(
+        [float(r.get("residual_before") or 0) for r in rows]
+        + [float(r.get("residual_after") or 0) for r in rows]
+        + [1e-12]
+    )
     if not rows:
         d.text((PAD, y), "(the edit changed no weights)", fill=DIM)
     for r in rows:
@@ -187,5 +221,3 @@ def picture(rows: list[dict], title: str, footer: str = ""):
     if footer:
         d.text((PAD, y + 4), footer[:130], fill=DIM)
     return img
-
-

@@ -6,6 +6,7 @@ target folder + rename; no partial file and no temp file left behind on any erro
 the file gets the mode a plain ``open(path, "w")`` would give under the umask (``mkstemp`` alone
 would leave 0600, unreadable for a ComfyUI or WebUI running as another user).
 """
+
 from __future__ import annotations
 
 import json
@@ -44,7 +45,7 @@ def same_path(a, b) -> bool:
         pass
     try:
         return _key(a).resolve() == _key(b).resolve()
-    except (OSError, RuntimeError):      # a symlink loop: compare the spellings
+    except (OSError, RuntimeError):  # a symlink loop: compare the spellings
         return _key(a) == _key(b)
 
 
@@ -65,19 +66,27 @@ def check_paths(outputs: dict, inputs: dict) -> None:
     for i, (lo, o) in enumerate(outs):
         for li, p in ins:
             if same_path(o, p):
-                raise WeightsmithError(f"{lo} {o} is {li}; writing there would destroy it. Choose another "
-                                       f"path for {lo}.")
+                raise WeightsmithError(
+                    f"{lo} {o} is {li}; writing there would destroy it. Choose another path for {lo}."
+                )
             if Path(p).is_dir() and _inside(o, p):
-                raise WeightsmithError(f"{lo} {o} lies inside {li} ({p}); writing there would change the "
-                                       f"input. Choose a path outside it.")
-        for lo2, o2 in outs[i + 1:]:
+                raise WeightsmithError(
+                    f"{lo} {o} lies inside {li} ({p}); writing there would change the input. Choose a path outside it."
+                )
+        for lo2, o2 in outs[i + 1 :]:
             if same_path(o, o2):
-                raise WeightsmithError(f"{lo} and {lo2} are the same path ({o}); the second write would "
-                                       "replace the first. Give them different paths.")
+                raise WeightsmithError(
+                    f"{lo} and {lo2} are the same path ({o}); the second write would "
+                    "replace the first. Give them different paths."
+                )
 
 
-_KINDS = ((stat.S_ISCHR, "a character device"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-          (stat.S_ISSOCK, "a socket"), (stat.S_ISBLK, "a block device"))
+_KINDS = (
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISBLK, "a block device"),
+)
 
 
 def special_kind(path) -> str | None:
@@ -121,13 +130,17 @@ def check_writable_file(path, label: str = "the output", stream_ok: bool = False
             return path
         raise WeightsmithError(
             f"{label} {path} is {kind}, not a regular file; "
-            + ("a report can be streamed only to a character device (/dev/stdout, /dev/null) or a FIFO. "
-               if stream_ok else
-               "a model or LoRA is written to a temp file and renamed into place, which would replace it. ")
-            + "Give a path to a regular file.")
+            + (
+                "a report can be streamed only to a character device (/dev/stdout, /dev/null) or a FIFO. "
+                if stream_ok
+                else "a model or LoRA is written to a temp file and renamed into place, which would replace it. "
+            )
+            + "Give a path to a regular file."
+        )
     if path.is_dir():
-        raise WeightsmithError(f"{label} {path} is an existing folder; give a file name such as "
-                               f"{path / 'out.safetensors'}.")
+        raise WeightsmithError(
+            f"{label} {path} is an existing folder; give a file name such as {path / 'out.safetensors'}."
+        )
     parent = path.parent if str(path.parent) else Path(".")
     if parent.exists() and not parent.is_dir():
         raise WeightsmithError(f"{label} {path}: {parent} is a file, not a folder.")
@@ -135,19 +148,26 @@ def check_writable_file(path, label: str = "the output", stream_ok: bool = False
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise WeightsmithError(f"{label} {path}: the folder {probe} is not writable; choose a folder you can "
-                               "write to.")
+        raise WeightsmithError(f"{label} {path}: the folder {probe} is not writable; choose a folder you can write to.")
     return path
 
 
 def os_error_message(e: OSError, path=None, what: str = "write") -> str:
     name = path if path is not None else (e.filename or "")
     reason = e.strerror or type(e).__name__
-    denied = (" (permission denied; choose another folder)" if what == "write" else
-              " (permission denied: this user may not read it or a folder on its way; ask for access or copy it "
-              "somewhere readable)")
-    hint = {28: " (the disk is full; free some space)", 13: denied,
-            30: " (read-only file system)", 21: " (it is a folder)", 36: " (file name too long)"}
+    denied = (
+        " (permission denied; choose another folder)"
+        if what == "write"
+        else " (permission denied: this user may not read it or a folder on its way; ask for access or copy it "
+        "somewhere readable)"
+    )
+    hint = {
+        28: " (the disk is full; free some space)",
+        13: denied,
+        30: " (read-only file system)",
+        21: " (it is a folder)",
+        36: " (file name too long)",
+    }
     return f"could not {what} {name}: {reason}{hint.get(e.errno, '')}"
 
 
@@ -157,9 +177,11 @@ def atomic_write(path, write, suffix: str = ".tmp") -> Path:
     OS errors become one-line :class:`WeightsmithError`."""
     path = Path(path)
     kind = special_kind(path)
-    if kind is not None:          # never renamed over (checked before any work by check_writable_file)
-        raise WeightsmithError(f"{path} is {kind}, not a regular file; it cannot be replaced by a written file. "
-                               "Give a path to a regular file.")
+    if kind is not None:  # never renamed over (checked before any work by check_writable_file)
+        raise WeightsmithError(
+            f"{path} is {kind}, not a regular file; it cannot be replaced by a written file. "
+            "Give a path to a regular file."
+        )
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -207,9 +229,11 @@ def stream_write(path, raw: bytes) -> Path:
         flags = os.O_WRONLY | (os.O_NONBLOCK if fifo else 0) | (os.O_TRUNC if stat.S_ISREG(mode) else 0)
         fd = os.open(p, flags | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
-        if e.errno == 6:      # ENXIO: a FIFO with no reader
-            raise WeightsmithError(f"{path} is a FIFO that no process is reading; start the reader first "
-                                   "(e.g. cat) or give a regular file.") from None
+        if e.errno == 6:  # ENXIO: a FIFO with no reader
+            raise WeightsmithError(
+                f"{path} is a FIFO that no process is reading; start the reader first "
+                "(e.g. cat) or give a regular file."
+            ) from None
         raise WeightsmithError(os_error_message(e, path)) from None
     try:
         if fifo:
@@ -255,17 +279,22 @@ def check_input(path, what: str, folder_ok: bool = False) -> Path:
     try:
         st = os.stat(path)
     except OSError as e:
-        if e.errno == 40:                                   # ELOOP
-            raise WeightsmithError(f"{what} {path} is a symlink loop (a link that leads back to itself); "
-                                   "point it at the real file.") from None
+        if e.errno == 40:  # ELOOP
+            raise WeightsmithError(
+                f"{what} {path} is a symlink loop (a link that leads back to itself); point it at the real file."
+            ) from None
         if e.errno == 2 and os.path.lexists(path):
-            raise WeightsmithError(f"{what} {path} is a symbolic link to {os.readlink(path)}, which does not "
-                                   "exist; fix the link or pass the real file.") from None
+            raise WeightsmithError(
+                f"{what} {path} is a symbolic link to {os.readlink(path)}, which does not "
+                "exist; fix the link or pass the real file."
+            ) from None
         if e.errno == 2:
             raise WeightsmithError(f"{what} {path} does not exist; check the path.") from None
         if e.errno == 13:
-            raise WeightsmithError(f"{what} {path} cannot be reached: permission denied on a folder on its way; "
-                                   "ask for access or copy the file somewhere you can read.") from None
+            raise WeightsmithError(
+                f"{what} {path} cannot be reached: permission denied on a folder on its way; "
+                "ask for access or copy the file somewhere you can read."
+            ) from None
         raise WeightsmithError(os_error_message(e, path, "read")) from None
     if stat.S_ISDIR(st.st_mode):
         if folder_ok:
@@ -273,14 +302,18 @@ def check_input(path, what: str, folder_ok: bool = False) -> Path:
         raise WeightsmithError(f"{what} {path} is a folder; pass the file itself.")
     if not stat.S_ISREG(st.st_mode):
         kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a regular file")
-        raise WeightsmithError(f"{what} {path} is {kind}, not a regular file; Weightsmith reads only regular "
-                               "files (a pipe or device would be read forever or not at all). Pass the file itself.")
+        raise WeightsmithError(
+            f"{what} {path} is {kind}, not a regular file; Weightsmith reads only regular "
+            "files (a pipe or device would be read forever or not at all). Pass the file itself."
+        )
     try:
         with open(path, "rb"):
             pass
     except PermissionError:
-        raise WeightsmithError(f"{what} {path} is not readable by this user (permission denied); make it "
-                               f"readable (e.g. chmod a+r {path}) or run as its owner.") from None
+        raise WeightsmithError(
+            f"{what} {path} is not readable by this user (permission denied); make it "
+            f"readable (e.g. chmod a+r {path}) or run as its owner."
+        ) from None
     except OSError as e:
         raise WeightsmithError(os_error_message(e, path, "read")) from None
     return path
@@ -302,7 +335,8 @@ def load_plain_pickle(path, what: str) -> dict:
         raise WeightsmithError(
             f"{what} could not be loaded safely with torch.load(weights_only=True) ({type(e).__name__}). "
             "Pickle files can run code, so Weightsmith only reads plain-tensor pickles: convert it to "
-            ".safetensors.") from None
+            ".safetensors."
+        ) from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
@@ -314,16 +348,31 @@ def load_plain_pickle(path, what: str) -> dict:
 # The deterministic safetensors writer: every .safetensors file Weightsmith writes (checkpoints,
 # LoRAs, the weights inside a diffusers folder) goes through write_safetensors; a file on its own
 # through atomic_save_file (docs/reliability.md: same inputs -> same bytes, nothing non-finite).
-_ST_DTYPE_NAMES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
-                   "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+_ST_DTYPE_NAMES = {
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "bool": "BOOL",
+}
 
 
 def nonfinite_keys(tensors: dict) -> list[str]:
     """Keys of floating tensors holding NaN or ±Inf."""
     import torch
 
-    return [k for k in sorted(tensors) if isinstance(tensors[k], torch.Tensor) and tensors[k].is_floating_point()
-            and not bool(torch.isfinite(tensors[k]).all())]
+    return [
+        k
+        for k in sorted(tensors)
+        if isinstance(tensors[k], torch.Tensor)
+        and tensors[k].is_floating_point()
+        and not bool(torch.isfinite(tensors[k]).all())
+    ]
 
 
 def safetensors_header(tensors: dict, metadata: dict) -> tuple[bytes, list]:
@@ -353,7 +402,8 @@ def refuse_nonfinite(tensors: dict, path) -> None:
     if bad:
         raise WeightsmithError(
             f"refusing to write {Path(path).name}: {len(bad)} tensor(s) hold NaN or infinite values (e.g. {bad[0]}). "
-            "Nothing was written.")
+            "Nothing was written."
+        )
 
 
 def write_safetensors(f, tensors: dict, metadata: dict | None = None) -> None:

@@ -12,10 +12,11 @@ family (docs/method.md, "Model families"):
 The family is recognised from components and key layout (:func:`detect_family`), never from
 hard-coded widths, so small test models and fine-tunes of any width work.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -29,14 +30,14 @@ FAMILIES = ("sd1", "sd2", "sdxl")
 class EncoderSpec:
     """Which hidden state of an encoder conditions the UNet."""
 
-    layer: int = -1          # index into hidden_states (-1: last layer, -2: penultimate)
-    final_ln: bool = True    # apply the encoder's final LayerNorm to it
+    layer: int = -1  # index into hidden_states (-1: last layer, -2: penultimate)
+    final_ln: bool = True  # apply the encoder's final LayerNorm to it
 
 
 @dataclass
 class Conditioning:
-    context: torch.Tensor                 # [B, T, context_dim]
-    pooled: torch.Tensor | None = None    # [B, proj] (SDXL)
+    context: torch.Tensor  # [B, T, context_dim]
+    pooled: torch.Tensor | None = None  # [B, proj] (SDXL)
 
 
 def detect_family(te_configs: list, unet_config=None) -> str:
@@ -50,27 +51,34 @@ def detect_family(te_configs: list, unet_config=None) -> str:
     else:
         raise WeightsmithError(
             f"unknown model family: found {len(te_configs)} text encoders; Stable Diffusion 1.x/2.x "
-            "have one and SDXL has two. Pass an SD1.x, SD2.x or SDXL model.")
+            "have one and SDXL has two. Pass an SD1.x, SD2.x or SDXL model."
+        )
     if unet_config is not None:
-        ctx = unet_config.get("cross_attention_dim") if isinstance(unet_config, dict) else getattr(
-            unet_config, "cross_attention_dim", None)
+        ctx = (
+            unet_config.get("cross_attention_dim")
+            if isinstance(unet_config, dict)
+            else getattr(unet_config, "cross_attention_dim", None)
+        )
         if isinstance(ctx, (list, tuple)):
             ctx = ctx[0]
         width = sum(c.hidden_size for c in te_configs)
         if ctx is not None and ctx != width:
             raise WeightsmithError(
                 f"unknown model family: the UNet expects {ctx}-wide conditioning but the text "
-                f"encoder(s) give {width}. The model's components do not belong together.")
+                f"encoder(s) give {width}. The model's components do not belong together."
+            )
     return fam
 
 
-def default_encoder_specs(family: str, num_layers: dict[str, int], from_diffusers: bool,
-                          clip_skip: int | None = None) -> dict[str, EncoderSpec]:
+def default_encoder_specs(
+    family: str, num_layers: dict[str, int], from_diffusers: bool, clip_skip: int | None = None
+) -> dict[str, EncoderSpec]:
     """Family defaults. ``clip_skip`` follows A1111/ComfyUI: 1 = the family's default layer,
     2 = one layer earlier, ... (applies to SD1/SD2; SDXL always uses the penultimate layer)."""
     if clip_skip is not None and (isinstance(clip_skip, bool) or int(clip_skip) != clip_skip or clip_skip < 1):
-        raise WeightsmithError(f"clip-skip must be a whole number from 1 (the family's default layer) up, "
-                               f"got {clip_skip!r}.")
+        raise WeightsmithError(
+            f"clip-skip must be a whole number from 1 (the family's default layer) up, got {clip_skip!r}."
+        )
     skip = max(1, int(clip_skip or 1)) - 1
     if family == "sdxl":
         if clip_skip not in (None, 1, 2):
@@ -78,12 +86,13 @@ def default_encoder_specs(family: str, num_layers: dict[str, int], from_diffuser
         return {TE1: EncoderSpec(-2, False), TE2: EncoderSpec(-2, False)}
     base = -1
     if family == "sd2" and not from_diffusers:
-        base = -2       # single-file OpenCLIP-H keeps all 24 layers; diffusers ships 23
+        base = -2  # single-file OpenCLIP-H keeps all 24 layers; diffusers ships 23
     layer = base - skip
     if -layer > num_layers[TE1]:
         raise WeightsmithError(
             f"clip-skip {clip_skip} is too deep for a {num_layers[TE1]}-layer text encoder; use a "
-            f"value from 1 to {num_layers[TE1] + base + 1}.")
+            f"value from 1 to {num_layers[TE1] + base + 1}."
+        )
     return {TE1: EncoderSpec(layer, True)}
 
 
@@ -92,7 +101,7 @@ def _te_submodule(te: torch.nn.Module, path: str) -> torch.nn.Module:
         return te.get_submodule(path)
     except AttributeError:
         if path.startswith("text_model."):
-            return te.get_submodule(path[len("text_model."):])
+            return te.get_submodule(path[len("text_model.") :])
         if path == "text_model":
             return te
         raise
@@ -108,7 +117,7 @@ class SDModel:
     unet_loader: Callable[[], torch.nn.Module] | None = None
     unet_weight_reader: Callable[[str], torch.Tensor] | None = None
     scheduler: object | None = None
-    source: object | None = None          # model_io.ModelSource
+    source: object | None = None  # model_io.ModelSource
     _unet: torch.nn.Module | None = field(default=None, repr=False)
 
     # -- components -------------------------------------------------------------------------
@@ -125,7 +134,7 @@ class SDModel:
         """The UNet if it has been built, else None (never builds it)."""
         return self._unet
 
-    def with_unet(self, unet: torch.nn.Module) -> "SDModel":
+    def with_unet(self, unet: torch.nn.Module) -> SDModel:
         """A shallow copy of this model whose UNet is ``unet`` (weights read from it, not the file)."""
         import copy
 
@@ -192,8 +201,9 @@ class SDModel:
     # -- text -------------------------------------------------------------------------------
     def tokenize(self, prompts: list[str], comp: str = TE1) -> torch.Tensor:
         tok = self.tokenizers[comp]
-        out = tok(list(prompts), padding="max_length", max_length=tok.model_max_length,
-                  truncation=True, return_tensors="pt")
+        out = tok(
+            list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+        )
         return out.input_ids
 
     def encoder_outputs(self, comp: str, ids: torch.Tensor):
@@ -230,5 +240,7 @@ class SDModel:
         for p in prompts:
             n = len(tok(p, truncation=False).input_ids)
             if n > limit:
-                warn(f"prompt is {n} tokens, longer than the {limit}-token context of {comp}; "
-                     f"it was truncated: {p[:60]!r}...")
+                warn(
+                    f"prompt is {n} tokens, longer than the {limit}-token context of {comp}; "
+                    f"it was truncated: {p[:60]!r}..."
+                )

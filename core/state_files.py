@@ -5,6 +5,7 @@ only through ``torch.load(weights_only=True)``, :func:`.safe_io.load_plain_pickl
 gives in-memory tensors (a host's weights) the same interface, so the key-layout inference
 (:mod:`.layouts`) and the model builder (:mod:`.model_io`) read both alike.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,14 +36,16 @@ class StateFile:
             except Exception as e:
                 raise WeightsmithError(
                     f"{path} is not a readable .safetensors file ({type(e).__name__}: {e}). The file is "
-                    "corrupt or truncated: download or export it again.") from None
+                    "corrupt or truncated: download or export it again."
+                ) from None
             self._sd = None
         elif suffix in PICKLE_SUFFIXES:
             self._sd = load_plain_pickle(path, str(path))
             self._keys = list(self._sd)
         else:
             raise WeightsmithError(
-                f"{path}: unsupported file type {suffix!r}. Pass a .safetensors checkpoint or a diffusers folder.")
+                f"{path}: unsupported file type {suffix!r}. Pass a .safetensors checkpoint or a diffusers folder."
+            )
 
     def keys(self):
         return self._keys
@@ -87,7 +90,7 @@ def read_slot(sf, slot: CheckpointSlot) -> torch.Tensor:
         raise KeyError(slot.key)
     t = sf.get(slot.key)
     if slot.rows is not None:
-        t = t[slot.rows[0]:slot.rows[1]]
+        t = t[slot.rows[0] : slot.rows[1]]
     if slot.transposed:
         t = t.t()
     return t

@@ -8,6 +8,7 @@ the CLIP merge list shipped in ``assets/clip_bpe``. Tests and random models use
 ``transformers.CLIPTokenizer`` whose vocabulary holds every byte plus whole-word merges for a
 word list, so common words are one token (as in CLIP) and any text still tokenizes.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,8 +33,7 @@ DEFAULT_WORDS = (
 
 
 def bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1))
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -66,8 +66,7 @@ def fit_tokenizer(tok, family: str, comp: str, *, copy: bool = True):
     return tok
 
 
-def write_word_vocab(folder: Path, words=DEFAULT_WORDS, model_max_length: int = 77,
-                     pad_token: str = EOS) -> Path:
+def write_word_vocab(folder: Path, words=DEFAULT_WORDS, model_max_length: int = 77, pad_token: str = EOS) -> Path:
     """Write vocab.json / merges.txt / tokenizer_config.json for a word-level CLIP tokenizer."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -89,10 +88,19 @@ def write_word_vocab(folder: Path, words=DEFAULT_WORDS, model_max_length: int = 
     vocab += [BOS, EOS]
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "model_max_length": model_max_length, "bos_token": BOS, "eos_token": EOS,
-        "unk_token": EOS, "pad_token": pad_token, "do_lower_case": True,
-        "tokenizer_class": "CLIPTokenizer"}))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "model_max_length": model_max_length,
+                "bos_token": BOS,
+                "eos_token": EOS,
+                "unk_token": EOS,
+                "pad_token": pad_token,
+                "do_lower_case": True,
+                "tokenizer_class": "CLIPTokenizer",
+            }
+        )
+    )
     return folder
 
 
@@ -102,7 +110,7 @@ def _apply_bpe(syms: list[str], ranks: dict) -> list[str]:
         r, i = min(pairs)
         if r == 1 << 30:
             break
-        syms = syms[:i] + [syms[i] + syms[i + 1]] + syms[i + 2:]
+        syms = syms[:i] + [syms[i] + syms[i + 1]] + syms[i + 2 :]
     return syms
 
 
@@ -130,7 +138,7 @@ def _cache_folder(name: str, write) -> Path:
     write(tmp)
     try:
         os.replace(tmp, cache)
-    except OSError:        # another process won the race, or the cache is read-only
+    except OSError:  # another process won the race, or the cache is read-only
         if cache.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
             return cache
@@ -148,14 +156,24 @@ def bundled_clip_tokenizer_dir() -> Path:
 
     def write(folder: Path):
         lines = gzip.open(CLIP_BPE, "rt", encoding="utf-8").read().split("\n")
-        merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1]]
+        merges = [tuple(m.split()) for m in lines[1 : 49152 - 256 - 2 + 1]]
         chars = list(bytes_to_unicode().values())
         vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + [BOS, EOS]
         (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
         (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-        (folder / "tokenizer_config.json").write_text(json.dumps({
-            "model_max_length": 77, "bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS,
-            "do_lower_case": True, "tokenizer_class": "CLIPTokenizer"}))
+        (folder / "tokenizer_config.json").write_text(
+            json.dumps(
+                {
+                    "model_max_length": 77,
+                    "bos_token": BOS,
+                    "eos_token": EOS,
+                    "unk_token": EOS,
+                    "pad_token": EOS,
+                    "do_lower_case": True,
+                    "tokenizer_class": "CLIPTokenizer",
+                }
+            )
+        )
 
     return _cache_folder("clip-tokenizer", write)
 
@@ -176,40 +194,51 @@ def load_tokenizer_folder(folder, label: str = "--tokenizer"):
     is broken (docs/reliability.md, "Inputs"). Never falls back to another vocabulary."""
     folder = Path(folder)
     if not folder.exists():
-        raise WeightsmithError(f"{label} {folder} does not exist; pass a CLIP tokenizer folder (vocab.json + "
-                               "merges.txt, or tokenizer.json) or leave it out.")
+        raise WeightsmithError(
+            f"{label} {folder} does not exist; pass a CLIP tokenizer folder (vocab.json + "
+            "merges.txt, or tokenizer.json) or leave it out."
+        )
     if not folder.is_dir():
-        raise WeightsmithError(f"{label} {folder} is a file, not a folder; pass the folder that holds vocab.json "
-                               "and merges.txt (or tokenizer.json), e.g. a diffusers model's tokenizer/ folder.")
+        raise WeightsmithError(
+            f"{label} {folder} is a file, not a folder; pass the folder that holds vocab.json "
+            "and merges.txt (or tokenizer.json), e.g. a diffusers model's tokenizer/ folder."
+        )
     kind = _tokenizer_files(folder)
     if kind is None:
         present = sorted(p.name for p in folder.iterdir())[:8]
         raise WeightsmithError(
             f"{label} {folder} holds no CLIP tokenizer: it lacks vocab.json and merges.txt (and has no "
             f"tokenizer.json); it contains {', '.join(present) if present else 'nothing'}. Pass a diffusers "
-            "model's tokenizer/ folder or ComfyUI's comfy/sd1_tokenizer.")
+            "model's tokenizer/ folder or ComfyUI's comfy/sd1_tokenizer."
+        )
     try:
         if kind == "bpe":
             from transformers import CLIPTokenizer as cls
         else:
             try:
                 from transformers import CLIPTokenizerFast as cls
-            except ImportError:         # pragma: no cover - transformers without the alias
+            except ImportError:  # pragma: no cover - transformers without the alias
                 from transformers import CLIPTokenizer as cls
-        for name in (("vocab.json",) if kind == "bpe" else ("tokenizer.json",)):
-            json.loads((folder / name).read_text(encoding="utf-8"))      # damaged JSON: one line below
+        for name in ("vocab.json",) if kind == "bpe" else ("tokenizer.json",):
+            json.loads((folder / name).read_text(encoding="utf-8"))  # damaged JSON: one line below
         tok = cls.from_pretrained(str(folder), local_files_only=True)
     except PermissionError as e:
-        raise WeightsmithError(f"{label} {folder}: cannot read {Path(e.filename or folder).name} (permission "
-                               "denied); make it readable for this user.") from None
+        raise WeightsmithError(
+            f"{label} {folder}: cannot read {Path(e.filename or folder).name} (permission "
+            "denied); make it readable for this user."
+        ) from None
     except (ValueError, UnicodeDecodeError, OSError, KeyError, TypeError, AttributeError, IndexError) as e:
         what = "vocab.json / merges.txt" if kind == "bpe" else "tokenizer.json"
-        raise WeightsmithError(f"{label} {folder}: its {what} is damaged or not a CLIP tokenizer "
-                               f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); "
-                               "copy the folder again from the model.") from None
-    except Exception as e:      # tokenizers' own parser errors (e.g. a merges list that does not fit)
-        raise WeightsmithError(f"{label} {folder}: the tokenizer files could not be read "
-                               f"({type(e).__name__}); copy the folder again from the model.") from None
+        raise WeightsmithError(
+            f"{label} {folder}: its {what} is damaged or not a CLIP tokenizer "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}); "
+            "copy the folder again from the model."
+        ) from None
+    except Exception as e:  # tokenizers' own parser errors (e.g. a merges list that does not fit)
+        raise WeightsmithError(
+            f"{label} {folder}: the tokenizer files could not be read "
+            f"({type(e).__name__}); copy the folder again from the model."
+        ) from None
     if tok.model_max_length > 1000:
         tok.model_max_length = 77
     return tok
@@ -234,4 +263,5 @@ def find_clip_tokenizer(explicit: str | os.PathLike | None = None, host_dirs=())
     raise WeightsmithError(
         "no CLIP tokenizer found for this single-file checkpoint. Pass --tokenizer DIR (a folder with "
         "vocab.json and merges.txt, e.g. the tokenizer/ folder of any diffusers SD model or ComfyUI's "
-        "comfy/sd1_tokenizer), or set WEIGHTSMITH_TOKENIZER.")
+        "comfy/sd1_tokenizer), or set WEIGHTSMITH_TOKENIZER."
+    )

@@ -1,5 +1,6 @@
 """The Weightsmith ComfyUI node pack (loaded from the repository's root ``__init__.py`` only
 when ComfyUI is the host). Heavy imports happen inside the node functions."""
+
 from .erase_node import WeightsmithEraseConcepts
 from .merge_nodes import WeightsmithIterISMerge, WeightsmithLoraStack
 from .save_node import WeightsmithSaveEditAsLora, register_output_loras

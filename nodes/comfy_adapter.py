@@ -13,6 +13,7 @@ ComfyUI keys: UNet ``diffusion_model.<ldm path>``; text encoders in transformers
 ``clip_l.transformer.text_model.…`` (SD1, SDXL's CLIP-L), ``clip_h.transformer.…`` (SD2, q/k/v
 already split), ``clip_g.transformer.…`` (SDXL's bigG).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -22,11 +23,21 @@ import torch
 
 from ..core.edit import check_patches_accepted, patcher_patches
 from ..core.errors import WeightsmithError
-from ..core.naming import COMFY_TE_ATTRS as TE_PREFIXES, COMFY_UNET_PREFIX as UNET_PREFIX, SUPPORTED_FAMILIES
+from ..core.naming import COMFY_TE_ATTRS as TE_PREFIXES
+from ..core.naming import COMFY_UNET_PREFIX as UNET_PREFIX
+from ..core.naming import SUPPORTED_FAMILIES
 
-FAMILY_BY_CONFIG = {"SD15": "sd1", "SD20": "sd2", "SD21UnclipL": "sd2", "SD21UnclipH": "sd2",
-                    "SDXL": "sdxl", "SSD1B": "sdxl", "Segmind_Vega": "sdxl", "KOALA_700M": "sdxl",
-                    "KOALA_1B": "sdxl"}
+FAMILY_BY_CONFIG = {
+    "SD15": "sd1",
+    "SD20": "sd2",
+    "SD21UnclipL": "sd2",
+    "SD21UnclipH": "sd2",
+    "SDXL": "sdxl",
+    "SSD1B": "sdxl",
+    "Segmind_Vega": "sdxl",
+    "KOALA_700M": "sdxl",
+    "KOALA_1B": "sdxl",
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,8 +149,13 @@ def detect_family(model, clip) -> str:
     fam = FAMILY_BY_CONFIG.get(name)
     inner = getattr(clip, "cond_stage_model", None)
     has = {p: hasattr(inner, p) for p in ("clip_l", "clip_h", "clip_g")}
-    clip_fam = "sdxl" if (has["clip_g"] and has["clip_l"]) else "sd2" if has["clip_h"] else (
-        "sd1" if has["clip_l"] and not has["clip_g"] else None)
+    clip_fam = (
+        "sdxl"
+        if (has["clip_g"] and has["clip_l"])
+        else "sd2"
+        if has["clip_h"]
+        else ("sd1" if has["clip_l"] and not has["clip_g"] else None)
+    )
     if fam is None:
         # unknown config class (fork or fine-tune type): fall back to the key layout
         uc = getattr(cfg, "unet_config", {}) or {}
@@ -148,11 +164,13 @@ def detect_family(model, clip) -> str:
         if fam is None or not uc.get("model_channels"):
             raise WeightsmithError(
                 f"Weightsmith edits {SUPPORTED_FAMILIES} models; this MODEL is {name!r}. Load an "
-                "SD1.x/SD2.x/SDXL checkpoint (Load Checkpoint) and connect its MODEL and CLIP.")
+                "SD1.x/SD2.x/SDXL checkpoint (Load Checkpoint) and connect its MODEL and CLIP."
+            )
     if clip_fam != fam:
         raise WeightsmithError(
             f"the MODEL is {fam} but the CLIP is {clip_fam or type(inner).__name__}: connect the MODEL and CLIP "
-            "outputs of the same checkpoint loader.")
+            "outputs of the same checkpoint loader."
+        )
     return fam
 
 
@@ -225,15 +243,23 @@ def sdmodel_from_comfy(model, clip, *, clip_skip: int | None = None, need_unet: 
     unet_w = EffectiveWeights(model, (UNET_PREFIX,))
     te_w = EffectiveWeights(clip.patcher, tuple(p for p, _ in te_src.values()))
     if not any(k.endswith("attn2.to_k.weight") for k in unet_w):
-        raise WeightsmithError("this MODEL has no cross-attention UNet (diffusion_model.*attn2*); "
-                               f"Weightsmith edits {SUPPORTED_FAMILIES} models.")
+        raise WeightsmithError(
+            "this MODEL has no cross-attention UNet (diffusion_model.*attn2*); "
+            f"Weightsmith edits {SUPPORTED_FAMILIES} models."
+        )
     tensors = LazyState([unet_w, te_w])
     if clip_skip is None:
         clip_skip = clip_skip_from_clip(clip, family)
     # core builds the modules without random initialisation (model_io.fast_init)
-    sd = model_from_state_dict(tensors, family, te_sources=te_src, unet_prefix=UNET_PREFIX,
-                               tokenizers=comfy_tokenizers(clip, family), clip_skip=clip_skip,
-                               te_heads=te_heads(clip, family))
+    sd = model_from_state_dict(
+        tensors,
+        family,
+        te_sources=te_src,
+        unet_prefix=UNET_PREFIX,
+        tokenizers=comfy_tokenizers(clip, family),
+        clip_skip=clip_skip,
+        te_heads=te_heads(clip, family),
+    )
     tensors.done_building()
     if need_unet:
         sd.unet  # noqa: B018  (build it now, inside the node's progress)

@@ -3,6 +3,7 @@
 Only ComfyUI's light modules are imported here; torch, diffusers, transformers and the core
 solvers are imported inside the node functions, so ComfyUI starts fast.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,7 +24,7 @@ def host_progress(total_hint: int = 1):
 
     def progress(done: int, total: int, label: str = "") -> None:
         bar.update_absolute(int(done), int(total))
-        if label and label != last[0]:      # ComfyUI's bar has no text: stage and time left go to the console
+        if label and label != last[0]:  # ComfyUI's bar has no text: stage and time left go to the console
             last[0] = label
             logging.info("[Weightsmith] %d/%d %s", int(done), int(total), label)
 
@@ -45,7 +46,7 @@ def user_errors():
     except CancelledError:
         import comfy.model_management as mm
 
-        raise mm.InterruptProcessingException()
+        raise mm.InterruptProcessingException() from None
 
 
 def options_of(cls, **kw):

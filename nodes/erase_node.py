@@ -3,15 +3,26 @@
 The edit is computed from the effective weights of the inputs (LoRAs applied upstream count) and
 returned as patches on clones: the inputs and every other branch of the graph are unchanged.
 """
+
 from __future__ import annotations
 
 import logging
 import time
 
+from ..core.erase.options import METHOD_HELP, EraseOptions
+from ..core.erase.options import METHODS as _METHODS
 from ..core.optspec import spec
-from ..core.erase.options import METHOD_HELP, METHODS as _METHODS, EraseOptions
-from .common import (CATEGORY, EDIT_TYPE, format_report, host_progress, options_of, report_picture, ui_text,
-                     user_errors, widget)
+from .common import (
+    CATEGORY,
+    EDIT_TYPE,
+    format_report,
+    host_progress,
+    options_of,
+    report_picture,
+    ui_text,
+    user_errors,
+    widget,
+)
 
 METHODS = list(_METHODS)
 
@@ -24,60 +35,121 @@ def parse_layer_range(text: str):
 
 
 class WeightsmithEraseConcepts:
-    DESCRIPTION = ("Erase concepts from a model in closed form (ErasePro, its zero-residual ablation, or UCE). "
-                   "Each target is mapped onto its anchor; preserved concepts are kept. Returns the edited "
-                   "MODEL and CLIP (patched clones; the inputs are unchanged), the edit (save it with "
-                   "Save Edit as LoRA) and a report.")
+    DESCRIPTION = (
+        "Erase concepts from a model in closed form (ErasePro, its zero-residual ablation, or UCE). "
+        "Each target is mapped onto its anchor; preserved concepts are kept. Returns the edited "
+        "MODEL and CLIP (patched clones; the inputs are unchanged), the edit (save it with "
+        "Save Edit as LoRA) and a report."
+    )
     CATEGORY = CATEGORY
     FUNCTION = "run"
     RETURN_TYPES = ("MODEL", "CLIP", EDIT_TYPE, "STRING", "IMAGE")
     RETURN_NAMES = ("model", "clip", "edit", "report", "report_image")
-    OUTPUT_TOOLTIPS = ("The model with the erasure applied (UNet cross-attention patches).",
-                       "The CLIP with the erasure applied (text-encoder patches; ErasePro only).",
-                       "The edit itself: connect it to Save Edit as LoRA.",
-                       "Per-layer report: |dW|/|W| and residuals before -> after.",
-                       "The report as a picture.")
+    OUTPUT_TOOLTIPS = (
+        "The model with the erasure applied (UNet cross-attention patches).",
+        "The CLIP with the erasure applied (text-encoder patches; ErasePro only).",
+        "The edit itself: connect it to Save Edit as LoRA.",
+        "Per-layer report: |dW|/|W| and residuals before -> after.",
+        "The report as a picture.",
+    )
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The model to edit (SD1.x, SD2.x or SDXL). LoRAs applied upstream are part of it."}),
+                "model": (
+                    "MODEL",
+                    {"tooltip": "The model to edit (SD1.x, SD2.x or SDXL). LoRAs applied upstream are part of it."},
+                ),
                 "clip": ("CLIP", {"tooltip": "The CLIP of the same checkpoint; prompts are encoded with it."}),
-                "targets": ("STRING", {"multiline": True, "default": "Van Gogh",
-                                       "tooltip": "Concepts to erase, one per line (; also separates)."}),
-                "anchors": ("STRING", {"multiline": True, "default": "art",
-                                       "tooltip": "What each target becomes, one per line (one line for all targets; "
-                                                  "empty = the unconditional prompt)."}),
+                "targets": (
+                    "STRING",
+                    {
+                        "multiline": True,
+                        "default": "Van Gogh",
+                        "tooltip": "Concepts to erase, one per line (; also separates).",
+                    },
+                ),
+                "anchors": (
+                    "STRING",
+                    {
+                        "multiline": True,
+                        "default": "art",
+                        "tooltip": "What each target becomes, one per line (one line for all targets; "
+                        "empty = the unconditional prompt).",
+                    },
+                ),
                 "method": (METHODS, {"default": METHODS[0], "tooltip": METHOD_HELP}),
-                "strength": ("FLOAT", {"default": 1.0, "min": -2.0, "max": 2.0, "step": 0.05,
-                                       "tooltip": "Scale of the edit: 1 = the solved edit, 0 = none."}),
+                "strength": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": -2.0,
+                        "max": 2.0,
+                        "step": 0.05,
+                        "tooltip": "Scale of the edit: 1 = the solved edit, 0 = none.",
+                    },
+                ),
             },
             "optional": {
-                "preserve": ("STRING", {"multiline": True, "default": "",
-                                        "tooltip": "Concepts to keep unchanged, one per line (; also separates)."}),
-                "layers": ("STRING", {"default": "", "advanced": True,
-                                      "tooltip": spec(EraseOptions, "te_layers").help}),
+                "preserve": (
+                    "STRING",
+                    {
+                        "multiline": True,
+                        "default": "",
+                        "tooltip": "Concepts to keep unchanged, one per line (; also separates).",
+                    },
+                ),
+                "layers": (
+                    "STRING",
+                    {"default": "", "advanced": True, "tooltip": spec(EraseOptions, "te_layers").help},
+                ),
                 "token_mode": widget(EraseOptions, "tokens", "choice", advanced=True),
                 "lam": widget(EraseOptions, "lam", "FLOAT", advanced=True),
-                "prompt_expansion": (["auto", "on", "off"], {"default": "auto", "advanced": True,
-                                                              "tooltip": "Expand each concept into template prompts (auto: "
-                                                                         "on for erasepro/zero-residual, off for uce)."}),
-                "clip_skip": ("INT", {"default": 0, "min": 0, "max": 12, "advanced": True,
-                                      "tooltip": "0 = take it from the CLIP input (Set Last Layer); 1 = last layer, "
-                                                 "2 = penultimate (SD1/SD2; SDXL is fixed)."}),
+                "prompt_expansion": (
+                    ["auto", "on", "off"],
+                    {
+                        "default": "auto",
+                        "advanced": True,
+                        "tooltip": "Expand each concept into template prompts (auto: "
+                        "on for erasepro/zero-residual, off for uce).",
+                    },
+                ),
+                "clip_skip": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": 12,
+                        "advanced": True,
+                        "tooltip": "0 = take it from the CLIP input (Set Last Layer); 1 = last layer, "
+                        "2 = penultimate (SD1/SD2; SDXL is fixed).",
+                    },
+                ),
             },
         }
 
-    def run(self, model, clip, targets, anchors, method, strength, preserve="", layers="", token_mode=None,
-            lam=None, prompt_expansion="auto", clip_skip=0):
+    def run(
+        self,
+        model,
+        clip,
+        targets,
+        anchors,
+        method,
+        strength,
+        preserve="",
+        layers="",
+        token_mode=None,
+        lam=None,
+        prompt_expansion="auto",
+        clip_skip=0,
+    ):
         import torch
 
         from ..core.erase import erase
+        from ..core.errors import WeightsmithError
         from ..core.prompt_lists import comfy_list as lines
         from . import comfy_adapter as ca
-
-        from ..core.errors import WeightsmithError
 
         with user_errors():
             if not lines(targets):
@@ -86,16 +158,28 @@ class WeightsmithEraseConcepts:
             progress, cancel = host_progress()
             cancel()
             sd = ca.sdmodel_from_comfy(model, clip, clip_skip=clip_skip or None)
-            opts = options_of(EraseOptions, tokens=token_mode, lam=None if lam is None else float(lam),
-                              te_layers=parse_layer_range(layers),
-                              expand_prompts={"auto": None, "on": True, "off": False}[prompt_expansion])
+            opts = options_of(
+                EraseOptions,
+                tokens=token_mode,
+                lam=None if lam is None else float(lam),
+                te_layers=parse_layer_range(layers),
+                expand_prompts={"auto": None, "on": True, "off": False}[prompt_expansion],
+            )
             anchor_list = lines(anchors) or [""]
             logging.info("Weightsmith: erasing %s (%s)", lines(targets), method)
-            edit = erase(sd, lines(targets), anchor_list, lines(preserve), method=method, options=opts,
-                         progress=progress, cancel=cancel)
+            edit = erase(
+                sd,
+                lines(targets),
+                anchor_list,
+                lines(preserve),
+                method=method,
+                options=opts,
+                progress=progress,
+                cancel=cancel,
+            )
             edit = edit.scaled(strength) if float(strength) != 1.0 else edit
             edit.report["strength"] = float(strength)
-            edit = edit.to("cpu", torch.float32)     # a WEIGHTSMITH_EDIT outlives the solver's device copy
+            edit = edit.to("cpu", torch.float32)  # a WEIGHTSMITH_EDIT outlives the solver's device copy
             logging.info("Weightsmith: %d modules edited in %.1f s", len(edit.deltas), time.perf_counter() - t0)
             m, c = ca.apply_edit(model, clip, edit, 1.0)
             rel = ca.weight_norms(sd, edit)

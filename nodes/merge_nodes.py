@@ -5,17 +5,28 @@ Stack nodes appends. The merge reads the LoRA files with core's reader, computes
 on the effective weights of the MODEL/CLIP (connect the *base* model, without these LoRAs) and
 returns it as patches on clones.
 """
+
 from __future__ import annotations
 
 import logging
-import time
 import os
+import time
 
 from ..core.blockweights import BLOCKS_HELP, NO_PRESET, PRESET_CHOICES, host_spec
 from ..core.merge.options import METHODS, MergeOptions, host_default, machine_is_cpu, with_quick
 from ..core.prompt_lists import comfy_list
-from .common import (CATEGORY, EDIT_TYPE, STACK_TYPE, format_report, host_progress, options_of,
-                     report_picture, ui_text, user_errors, widget)
+from .common import (
+    CATEGORY,
+    EDIT_TYPE,
+    STACK_TYPE,
+    format_report,
+    host_progress,
+    options_of,
+    report_picture,
+    ui_text,
+    user_errors,
+    widget,
+)
 
 MERGE_METHODS = list(METHODS)
 
@@ -27,8 +38,10 @@ def _lora_list():
 
 
 class WeightsmithLoraStack:
-    DESCRIPTION = ("Add a LoRA (with its weight and sample prompts) to a stack for IterIS Merge. Chain several "
-                   "Stack nodes to merge more LoRAs.")
+    DESCRIPTION = (
+        "Add a LoRA (with its weight and sample prompts) to a stack for IterIS Merge. Chain several "
+        "Stack nodes to merge more LoRAs."
+    )
     CATEGORY = CATEGORY
     FUNCTION = "run"
     RETURN_TYPES = (STACK_TYPE,)
@@ -40,19 +53,38 @@ class WeightsmithLoraStack:
         return {
             "required": {
                 "lora_name": (_lora_list(), {"tooltip": "A LoRA file from the loras folder."}),
-                "weight": ("FLOAT", {"default": 1.0, "min": -4.0, "max": 4.0, "step": 0.05,
-                                     "tooltip": "The LoRA's strength in the merge."}),
-                "sample_prompts": ("STRING", {"multiline": True, "default": "",
-                                              "tooltip": "Prompts this LoRA is used with, one per line (; also separates; IterIS and "
-                                                         "RegMean fit the merge on them; empty = read the LoRA's "
-                                                         "training tags if it has them)."}),
+                "weight": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": -4.0,
+                        "max": 4.0,
+                        "step": 0.05,
+                        "tooltip": "The LoRA's strength in the merge.",
+                    },
+                ),
+                "sample_prompts": (
+                    "STRING",
+                    {
+                        "multiline": True,
+                        "default": "",
+                        "tooltip": "Prompts this LoRA is used with, one per line (; also separates; IterIS and "
+                        "RegMean fit the merge on them; empty = read the LoRA's "
+                        "training tags if it has them).",
+                    },
+                ),
             },
             "optional": {
                 "stack": (STACK_TYPE, {"tooltip": "An earlier stack to extend (chain Stack nodes)."}),
-                "block_preset": (list(PRESET_CHOICES), {"default": NO_PRESET,
-                                                        "tooltip": "A LoRA Block Weight preset for this LoRA ("
-                                                                   "none = every block 1); block_weights, when "
-                                                                   "not empty, takes its place."}),
+                "block_preset": (
+                    list(PRESET_CHOICES),
+                    {
+                        "default": NO_PRESET,
+                        "tooltip": "A LoRA Block Weight preset for this LoRA ("
+                        "none = every block 1); block_weights, when "
+                        "not empty, takes its place.",
+                    },
+                ),
                 "block_weights": ("STRING", {"default": "", "tooltip": BLOCKS_HELP}),
             },
         }
@@ -73,22 +105,33 @@ class WeightsmithLoraStack:
         import folder_paths
 
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
-        entry = {"name": lora_name, "path": path, "weight": float(weight),
-                 "prompts": tuple(comfy_list(sample_prompts)), "blocks": host_spec(block_preset, block_weights)}
+        entry = {
+            "name": lora_name,
+            "path": path,
+            "weight": float(weight),
+            "prompts": tuple(comfy_list(sample_prompts)),
+            "blocks": host_spec(block_preset, block_weights),
+        }
         return (tuple(stack or ()) + (entry,),)
 
 
 class WeightsmithIterISMerge:
-    DESCRIPTION = ("Merge a stack of LoRAs into the model in closed form: IterIS (iterative inference-solving "
-                   "alignment, default) or a baseline (linear, concat, svd, ties, dare, regmean). Connect the base "
-                   "MODEL/CLIP without these LoRAs. Returns patched clones, the edit and a report.")
+    DESCRIPTION = (
+        "Merge a stack of LoRAs into the model in closed form: IterIS (iterative inference-solving "
+        "alignment, default) or a baseline (linear, concat, svd, ties, dare, regmean). Connect the base "
+        "MODEL/CLIP without these LoRAs. Returns patched clones, the edit and a report."
+    )
     CATEGORY = CATEGORY
     FUNCTION = "run"
     RETURN_TYPES = ("MODEL", "CLIP", EDIT_TYPE, "STRING", "IMAGE")
     RETURN_NAMES = ("model", "clip", "edit", "report", "report_image")
-    OUTPUT_TOOLTIPS = ("The model with the merged LoRAs applied.", "The CLIP with the merged LoRAs applied.",
-                       "The merged edit: connect it to Save Edit as LoRA.", "Per-layer report.",
-                       "The report as a picture.")
+    OUTPUT_TOOLTIPS = (
+        "The model with the merged LoRAs applied.",
+        "The CLIP with the merged LoRAs applied.",
+        "The merged edit: connect it to Save Edit as LoRA.",
+        "Per-layer report.",
+        "The report as a picture.",
+    )
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -98,16 +141,22 @@ class WeightsmithIterISMerge:
                 "model": ("MODEL", {"tooltip": "The base model (SD1.x, SD2.x or SDXL) the LoRAs were trained for."}),
                 "clip": ("CLIP", {"tooltip": "The CLIP of the same checkpoint."}),
                 "stack": (STACK_TYPE, {"tooltip": "The LoRAs to merge (LoRA Stack nodes)."}),
-                "method": (MERGE_METHODS, {"default": "iteris",
-                                           "tooltip": "iteris: IterIS (best, needs sample prompts). Baselines: "
-                                                      "linear (weighted sum), concat, svd, ties, dare, regmean."}),
+                "method": (
+                    MERGE_METHODS,
+                    {
+                        "default": "iteris",
+                        "tooltip": "iteris: IterIS (best, needs sample prompts). Baselines: "
+                        "linear (weighted sum), concat, svd, ties, dare, regmean.",
+                    },
+                ),
                 # on a machine without a GPU these four start from core's quick settings (docs/merge.md, "Speed")
                 "iterations": widget(MergeOptions, "iterations", "INT", default=host_default("iterations", cpu)),
                 "samples": widget(MergeOptions, "samples", "INT", default=host_default("samples", cpu)),
                 "steps": widget(MergeOptions, "steps", "INT", default=host_default("steps", cpu)),
                 # ComfyUI's INT widget needs a number: 512 here (core's default is the model's native size)
-                "resolution": widget(MergeOptions, "resolution", "INT",
-                                     default=host_default("resolution", cpu, default=512)),
+                "resolution": widget(
+                    MergeOptions, "resolution", "INT", default=host_default("resolution", cpu, default=512)
+                ),
                 "seed": widget(MergeOptions, "seed", "INT"),
             },
             "optional": {
@@ -117,8 +166,21 @@ class WeightsmithIterISMerge:
             },
         }
 
-    def run(self, model, clip, stack, method, iterations, samples, steps, resolution, seed, untouched=None,
-            max_memory_gb=None, ridge_toward=None):
+    def run(
+        self,
+        model,
+        clip,
+        stack,
+        method,
+        iterations,
+        samples,
+        steps,
+        resolution,
+        seed,
+        untouched=None,
+        max_memory_gb=None,
+        ridge_toward=None,
+    ):
         import torch
 
         from ..core.errors import WeightsmithError
@@ -133,20 +195,37 @@ class WeightsmithIterISMerge:
             cancel()
             sd = ca.sdmodel_from_comfy(model, clip)
             ca.to_compute_device(sd, need_unet=method in ("iteris", "regmean"))
-            loras = [e["path"] for e in stack]   # core reads and binds them to this model
+            loras = [e["path"] for e in stack]  # core reads and binds them to this model
             weights = [e["weight"] for e in stack]
             prompts = [list(e["prompts"]) for e in stack]
             prompts = prompts if any(prompts) else None
-            values = dict(iterations=int(iterations), samples=int(samples), steps=int(steps),
-                          resolution=int(resolution), seed=int(seed), untouched=untouched, ridge_toward=ridge_toward,
-                          max_memory_gb=None if max_memory_gb is None else float(max_memory_gb))
+            values = dict(
+                iterations=int(iterations),
+                samples=int(samples),
+                steps=int(steps),
+                resolution=int(resolution),
+                seed=int(seed),
+                untouched=untouched,
+                ridge_toward=ridge_toward,
+                max_memory_gb=None if max_memory_gb is None else float(max_memory_gb),
+            )
             opts = options_of(MergeOptions, **with_quick(values, machine_is_cpu()))
             logging.info("Weightsmith: merging %d LoRAs (%s)", len(loras), method)
             blocks = [e.get("blocks") for e in stack]
-            edit = merge(sd, loras, method=method, weights=weights, prompts=prompts, options=opts,
-                         progress=progress, cancel=cancel, blocks=blocks if any(blocks) else None)
-            edit.report["stack"] = [f"{e['name']} x{e['weight']:g}" + (f" [{e['blocks']}]" if e.get("blocks") else "")
-                                    for e in stack]
+            edit = merge(
+                sd,
+                loras,
+                method=method,
+                weights=weights,
+                prompts=prompts,
+                options=opts,
+                progress=progress,
+                cancel=cancel,
+                blocks=blocks if any(blocks) else None,
+            )
+            edit.report["stack"] = [
+                f"{e['name']} x{e['weight']:g}" + (f" [{e['blocks']}]" if e.get("blocks") else "") for e in stack
+            ]
             edit = edit.to("cpu", torch.float32)
             logging.info("Weightsmith: %d modules edited in %.1f s", len(edit.deltas), time.perf_counter() - t0)
             m, c = ca.apply_edit(model, clip, edit, 1.0)

@@ -1,4 +1,5 @@
 """The report picture (drawn by core.report.picture) in ComfyUI's IMAGE layout."""
+
 from __future__ import annotations
 
 

@@ -4,6 +4,7 @@ kohya names with ``.alpha`` (not ComfyUI's internal ``diffusion_model.*`` keys) 
 ComfyUI's LoraLoader, A1111/Forge and diffusers. ``output/loras`` is added to ComfyUI's LoRA
 search path when the pack loads, so the file shows up in LoraLoader right away.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,8 +34,10 @@ def register_output_loras() -> None:
 
 
 class WeightsmithSaveEditAsLora:
-    DESCRIPTION = ("Save an edit (from Erase Concepts or IterIS Merge) as a kohya-format LoRA in output/loras. "
-                   "It loads in ComfyUI's Load LoRA, A1111/Forge and diffusers. Exact when rank is 0.")
+    DESCRIPTION = (
+        "Save an edit (from Erase Concepts or IterIS Merge) as a kohya-format LoRA in output/loras. "
+        "It loads in ComfyUI's Load LoRA, A1111/Forge and diffusers. Exact when rank is 0."
+    )
     CATEGORY = CATEGORY
     FUNCTION = "run"
     OUTPUT_NODE = True
@@ -47,12 +50,24 @@ class WeightsmithSaveEditAsLora:
         return {
             "required": {
                 "edit": (EDIT_TYPE, {"tooltip": "The edit to save."}),
-                "filename_prefix": ("STRING", {"default": "weightsmith/edit",
-                                               "tooltip": "File name prefix inside output/loras; a counter is added."}),
-                "rank": ("INT", {"default": 0, "min": 0, "max": 4096,
-                                 "tooltip": "0 = exact (each module at the rank it needs). A smaller rank truncates "
-                                            "the SVD; the report gives the relative error."}),
-            },
+                "filename_prefix": (
+                    "STRING",
+                    {
+                        "default": "weightsmith/edit",
+                        "tooltip": "File name prefix inside output/loras; a counter is added.",
+                    },
+                ),
+                "rank": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": 4096,
+                        "tooltip": "0 = exact (each module at the rank it needs). A smaller rank truncates "
+                        "the SVD; the report gives the relative error.",
+                    },
+                ),
+            }
         }
 
     def run(self, edit, filename_prefix, rank):
@@ -67,8 +82,10 @@ class WeightsmithSaveEditAsLora:
             try:
                 folder, name, counter, sub, _ = folder_paths.get_save_image_path(filename_prefix, out_dir)
             except Exception as e:
-                raise WeightsmithError(f"filename prefix {filename_prefix!r} is not usable ({e}); use a "
-                                       "relative name such as weightsmith/edit.") from None
+                raise WeightsmithError(
+                    f"filename prefix {filename_prefix!r} is not usable ({e}); use a "
+                    "relative name such as weightsmith/edit."
+                ) from None
             os.makedirs(folder, exist_ok=True)
             fname = f"{name}_{counter:05}_.safetensors"
             path = os.path.join(folder, fname)
@@ -77,6 +94,8 @@ class WeightsmithSaveEditAsLora:
             info = save_lora(edit, path, rank=int(rank) or None, metadata=file_metadata(edit.report))
             register_output_loras()
             lora_name = os.path.join(sub, fname) if sub else fname
-            text = (f"saved {os.path.join(SUBFOLDER, lora_name)}\nmodules: {len(info['errors'])}, rank: {info['rank']}, "
-                    f"{export_note(info)}\nload it with Load LoRA as {lora_name!r}")
+            text = (
+                f"saved {os.path.join(SUBFOLDER, lora_name)}\nmodules: {len(info['errors'])}, rank: {info['rank']}, "
+                f"{export_note(info)}\nload it with Load LoRA as {lora_name!r}"
+            )
         return {"ui": ui_text(text), "result": (lora_name.replace(os.sep, "/"),)}

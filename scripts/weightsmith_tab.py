@@ -4,6 +4,7 @@ A1111 imports every ``scripts/*.py`` of an extension by file. This file only mak
 folder importable as the package ``weightsmith`` (whatever the clone's folder is called) and
 registers the tab; the code lives in ``a1111_extension/``.
 """
+
 import importlib.util
 import os
 import sys
@@ -16,7 +17,8 @@ def _package():
     if mod is not None:
         return mod
     spec = importlib.util.spec_from_file_location(
-        "weightsmith", os.path.join(_ROOT, "__init__.py"), submodule_search_locations=[_ROOT])
+        "weightsmith", os.path.join(_ROOT, "__init__.py"), submodule_search_locations=[_ROOT]
+    )
     mod = importlib.util.module_from_spec(spec)
     sys.modules["weightsmith"] = mod
     spec.loader.exec_module(mod)
@@ -32,7 +34,7 @@ def _on_ui_tabs():
 
 try:
     from modules import script_callbacks
-except ImportError:          # imported outside A1111/Forge (tests, tools): register nothing
+except ImportError:  # imported outside A1111/Forge (tests, tools): register nothing
     script_callbacks = None
 
 if script_callbacks is not None:

@@ -53,9 +53,16 @@ def write_diffusers_folder(model, d):
     model.unet.save_pretrained(d / "unet", safe_serialization=True)
     model.text_encoders["text_encoder"].save_pretrained(d / "text_encoder", safe_serialization=True)
     model.tokenizers["text_encoder"].save_pretrained(d / "tokenizer")
-    (d / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"]}))
+    (d / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionPipeline",
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+            }
+        )
+    )
     return d
 
 
@@ -90,16 +97,31 @@ class SolverRecorder:
         from weightsmith.core.edit import Edit
 
         name = model.unet_cross_attention_names()[0] + ".to_k"
-        return Edit(model.family, dict(model.unet_config), {name: torch.zeros_like(model.weight(name))}, {},
-                    {"method": method, "options": dataclasses.asdict(options) if options is not None else {}})
+        return Edit(
+            model.family,
+            dict(model.unet_config),
+            {name: torch.zeros_like(model.weight(name))},
+            {},
+            {"method": method, "options": dataclasses.asdict(options) if options is not None else {}},
+        )
 
     def merge(self, model, loras, method="iteris", **kw):
         self.calls.append({"solver": "merge", "model": model, "loras": list(loras), "method": method, **kw})
         return self._edit(model, method, kw.get("options"))
 
     def erase(self, model, targets, anchors, preserve=(), method="erasepro", options=None, **kw):
-        self.calls.append({"solver": "erase", "model": model, "targets": list(targets), "anchors": list(anchors),
-                           "preserve": list(preserve or []), "method": method, "options": options, **kw})
+        self.calls.append(
+            {
+                "solver": "erase",
+                "model": model,
+                "targets": list(targets),
+                "anchors": list(anchors),
+                "preserve": list(preserve or []),
+                "method": method,
+                "options": options,
+                **kw,
+            }
+        )
         return self._edit(model, method, options)
 
 
@@ -128,8 +150,24 @@ class _CliCases:
 
     @staticmethod
     def erase(ckpt, tok, out, *extra):
-        return ["erase", "--model", str(ckpt), "--tokenizer", str(tok), "--target", "van gogh", "--anchor", "art",
-                "--no-expand", "--max-pad", "4", "--quiet", "--out", str(out), *[str(e) for e in extra]]
+        return [
+            "erase",
+            "--model",
+            str(ckpt),
+            "--tokenizer",
+            str(tok),
+            "--target",
+            "van gogh",
+            "--anchor",
+            "art",
+            "--no-expand",
+            "--max-pad",
+            "4",
+            "--quiet",
+            "--out",
+            str(out),
+            *[str(e) for e in extra],
+        ]
 
     @staticmethod
     def merge(ckpt, tok, loras, out, *extra):

@@ -1,6 +1,7 @@
 """The A1111 adapter against a stand-in of A1111 v1.10's modules.* and its Lora extension
 (tests/a1111/fake_webui, see its README): model reading, Apply/Undo next to active LoRAs (SD1,
 SD2 fused in_proj, SDXL two embedders), Save as checkpoint/LoRA, refusals and Interrupt."""
+
 import os
 import sys
 from pathlib import Path
@@ -56,7 +57,7 @@ def _load(webui, family, unet_dtype=torch.float32):
     heads = {c: t.config.num_attention_heads for c, t in m.text_encoders.items()}
     enc = dict(m.text_encoders)
     enc["tokenizer"] = m.tokenizers["text_encoder"]
-    if family == "sd2":   # A1111's SD2 embedder has open_clip's tokenizer: we read CLIP's BPE from disk
+    if family == "sd2":  # A1111's SD2 embedder has open_clip's tokenizer: we read CLIP's BPE from disk
         os.environ["WEIGHTSMITH_TOKENIZER"] = str(m.tokenizers["text_encoder"].name_or_path)
     sm = fake_sd.build_sd_model(family, to_ldm_state_dict(m), enc, heads, ck, unet_dtype)
     webui["shared"].sd_model = sm
@@ -105,14 +106,16 @@ def _activate(webui, *paths):
 
 
 def _te_attn_names(model, comp, layer=0):
-    return [f"{comp}.text_model.encoder.layers.{layer}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
+    return [
+        f"{comp}.text_model.encoder.layers.{layer}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "out_proj")
+    ]
 
 
 def _live(backend, name):
     """The live tensor slice for a canonical weight, as A1111 would compute with it now."""
     s = backend.slots([name])[name]
     t = getattr(s.module, s.param)
-    return (t[s.rows[0]:s.rows[1]] if s.rows else t).detach().float().clone()
+    return (t[s.rows[0] : s.rows[1]] if s.rows else t).detach().float().clone()
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
@@ -125,7 +128,7 @@ def test_live_model_reads_like_the_checkpoint(webui, family):
     assert lm.family == family
     from weightsmith.core.model_io import load_model
 
-    ref = load_model(ck, tokenizer=m.tokenizers["text_encoder"])     # core's own checkpoint reader
+    ref = load_model(ck, tokenizer=m.tokenizers["text_encoder"])  # core's own checkpoint reader
     p = ["a red circle", "van gogh"]
     a, r = lm.encode(p), ref.encode(p)
     assert torch.allclose(a.context, r.context, atol=1e-5)
@@ -137,11 +140,11 @@ def test_live_model_reads_like_the_checkpoint(webui, family):
     names = _te_attn_names(m, comp) + [n]
     _kohya(names, m, webui["root"] / f"l1-{family}.safetensors", 1)
     _activate(webui, webui["root"] / f"l1-{family}.safetensors")
-    assert not torch.allclose(_live(b, n), m.weight(n))          # the LoRA is in the live weights
+    assert not torch.allclose(_live(b, n), m.weight(n))  # the LoRA is in the live weights
     b.weights_changed()
     lm2 = b.model()
     for k in names:
-        assert torch.equal(lm2.weight(k), m.weight(k)), k          # ...but we read the restored base
+        assert torch.equal(lm2.weight(k), m.weight(k)), k  # ...but we read the restored base
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
@@ -162,11 +165,11 @@ def test_float32_live_weights_are_read_without_a_second_copy(webui, family):
     assert not own, f"{len(own)} of {len(ours)} parameters copied, e.g. {own[:3]}"
     from weightsmith.core.model_io import load_model
 
-    ref = load_model(ck, tokenizer=m.tokenizers["text_encoder"])      # the views read as the checkpoint
+    ref = load_model(ck, tokenizer=m.tokenizers["text_encoder"])  # the views read as the checkpoint
     p = ["a red circle", "van gogh"]
     assert torch.allclose(lm.encode(p).context, ref.encode(p).context, atol=1e-5)
-    r = dict(ref.unet.named_parameters())      # (a live model's UNet config is inferred as for real SD
-    for n, p_ in lm.unet.named_parameters():     # sizes, so compare the weights, not this tiny UNet's output)
+    r = dict(ref.unet.named_parameters())  # (a live model's UNet config is inferred as for real SD
+    for n, p_ in lm.unet.named_parameters():  # sizes, so compare the weights, not this tiny UNet's output)
         assert torch.equal(p_, r[n]), n
     b.idle()
     for k, v in sm.state_dict().items():
@@ -215,18 +218,18 @@ def test_apply_survives_lora_changes_and_undo_is_exact(webui, family, dtype):
                 tol = 2e-3 if (dtype == torch.float16 and n.startswith("unet")) else 1e-5
                 assert torch.allclose(got, want[n], atol=tol), (n, float((got - want[n]).abs().max()))
 
-    check(expect(True, l1))                      # edit + active LoRA, LoRA applied once
+    check(expect(True, l1))  # edit + active LoRA, LoRA applied once
     _activate(webui, webui["root"] / f"b-{family}.safetensors")
-    check(expect(True, l2))                      # LoRA set changed: edit kept, new LoRA once
+    check(expect(True, l2))  # LoRA set changed: edit kept, new LoRA once
     _activate(webui)
-    check(expect(True, None), exact=True)        # no LoRA: exactly base + ΔW
+    check(expect(True, None), exact=True)  # no LoRA: exactly base + ΔW
     _activate(webui, webui["root"] / f"a-{family}.safetensors")
     msg = wb.undo()
     assert "restored" in msg
-    check(expect(False, l1))                     # undo under an active LoRA: base + LoRA
+    check(expect(False, l1))  # undo under an active LoRA: base + LoRA
     _activate(webui)
-    check(expect(False, None), exact=True)       # bit-exact originals
-    for mod in sm.modules():                     # ...in the Lora extension's backups too
+    check(expect(False, None), exact=True)  # bit-exact originals
+    for mod in sm.modules():  # ...in the Lora extension's backups too
         wbk = getattr(mod, "network_weights_backup", None)
         if wbk is not None:
             cur = mod.in_proj_weight if isinstance(mod, torch.nn.MultiheadAttention) else mod.weight
@@ -269,7 +272,7 @@ def test_save_checkpoint_and_lora(webui, family):
     for n, d in edit.deltas.items():
         assert torch.allclose(saved.weight(n), m.weight(n) + d, atol=1e-5), n
     q = _te_attn_names(m, "text_encoder_2" if family == "sdxl" else "text_encoder")[0]
-    assert torch.equal(saved.weight(q), m.weight(q))          # q rows of a fused in_proj untouched
+    assert torch.equal(saved.weight(q), m.weight(q))  # q rows of a fused in_proj untouched
 
     # Save as LoRA, then load it with the stand-in Lora extension on the unedited model
     wb.save_lora(edit, f"erase-{family}")
@@ -277,8 +280,8 @@ def test_save_checkpoint_and_lora(webui, family):
     assert lora.exists()
     watch = [n for n in edit.deltas][:3] + [n for n in edit.deltas if n.startswith("unet")][:2]
     base = {n: _live(b, n) for n in watch}
-    _activate(webui, lora)                    # asserts every key matched a layer
-    for n in watch:                            # fused MHA applied too (q/k/v/out all present)
+    _activate(webui, lora)  # asserts every key matched a layer
+    for n in watch:  # fused MHA applied too (q/k/v/out all present)
         assert torch.allclose(_live(b, n), base[n] + edit.deltas[n], atol=1e-5), n
     _activate(webui)
 
@@ -310,7 +313,7 @@ def test_interrupt_stops_and_changes_nothing(webui):
         def __setattr__(self, k, v):
             super().__setattr__(k, v)
             if k == "sampling_step" and v >= 2:
-                self.interrupt()                  # the user presses Interrupt mid-job
+                self.interrupt()  # the user presses Interrupt mid-job
 
     webui["shared"].state = Interrupting()
     try:
@@ -319,7 +322,7 @@ def test_interrupt_stops_and_changes_nothing(webui):
         with pytest.raises(CancelledError):
             wb.compute_erase("cat", "dog", "", "erasepro", ERASE_ADV)
         assert wb.applied is None and torch.equal(_live(b, n), before)
-        assert webui["shared"].state.job == ""          # state.end() ran
+        assert webui["shared"].state.job == ""  # state.end() ran
     finally:
         webui["shared"].state = state
 
@@ -333,7 +336,7 @@ def test_reloaded_weights_are_not_overwritten_by_undo(webui):
     wb.apply(edit)
     n = next(iter(edit.deltas))
     s = b.slots([n])[n]
-    with torch.no_grad():                          # A1111 reloads other weights into the same model
+    with torch.no_grad():  # A1111 reloads other weights into the same model
         getattr(s.module, s.param).add_(1.0)
     with pytest.raises(WeightsmithError, match="replaced"):
         wb.undo()
@@ -352,7 +355,7 @@ def test_hijacked_token_embedding_reads_as_the_checkpoint_key(webui, family):
     b, _ = _backend()
     lm = b.model()
     comp = "text_encoder_2" if family == "sdxl" else "text_encoder"
-    emb = lambda te: te.get_input_embeddings().weight          # noqa: E731
+    emb = lambda te: te.get_input_embeddings().weight  # noqa: E731
     assert torch.equal(emb(lm.text_encoders[comp]), emb(m.text_encoders[comp]))
 
 
@@ -361,30 +364,29 @@ def test_apply_and_undo_reach_the_next_image_despite_the_cond_cache(webui, famil
     """A1111 keeps the last prompt's conds (persistent cond cache, also the hires pair) keyed on
     the prompt, not the weights: right after Apply the same prompt must be encoded by the edited
     text encoder, and right after Undo by the original one, bit for bit."""
-    from modules import processing
-
     import fake_sd
+    from modules import processing
 
     m, sm, ck = _load(webui, family)
     b, wb = _backend()
     prompt, neg = "a cat", "blurry"
     c0, uc0, hc0, huc0 = processing.txt2img(prompt, neg, enable_hr=True)
     again = processing.txt2img(prompt, neg, enable_hr=True)
-    assert again[0] is c0 and again[1] is uc0 and again[2] is hc0   # the caches answer
+    assert again[0] is c0 and again[1] is uc0 and again[2] is hc0  # the caches answer
 
     edit = wb.compute_erase("cat", "dog", "", "erasepro", ERASE_ADV)
     assert any(k.startswith("text_encoder") for k in edit.deltas)
     wb.apply(edit)
     c1, uc1, hc1, huc1 = processing.txt2img(prompt, neg, enable_hr=True)
-    fresh = fake_sd.encode(sm, [prompt])                   # the live weights, no cache
+    fresh = fake_sd.encode(sm, [prompt])  # the live weights, no cache
     assert torch.equal(c1, fresh) and torch.equal(hc1, fresh)
     assert torch.equal(uc1, fake_sd.encode(sm, [neg])) and torch.equal(huc1, uc1)
-    assert not torch.allclose(c1, c0, atol=1e-4)            # the edit is in the very next image
+    assert not torch.allclose(c1, c0, atol=1e-4)  # the edit is in the very next image
 
     wb.undo()
     c2, uc2, hc2, huc2 = processing.txt2img(prompt, neg, enable_hr=True)
     assert torch.equal(c2, c0) and torch.equal(uc2, uc0) and torch.equal(hc2, c0) and torch.equal(huc2, uc0)
-    assert c2 is not c0                                    # recomputed after Undo, not the stale entry
+    assert c2 is not c0  # recomputed after Undo, not the stale entry
 
 
 def test_clear_cond_cache_empties_shared_lists_in_place(webui):

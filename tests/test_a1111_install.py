@@ -1,4 +1,5 @@
 """install.py: harmless without A1111's ``launch`` (ComfyUI-Manager), pins the host's packages with it."""
+
 import sys
 import types
 
@@ -13,7 +14,7 @@ def test_nothing_missing_does_nothing(install_py, monkeypatch):
 
 def test_without_launch_uses_plain_pip(install_py, monkeypatch):
     calls = []
-    monkeypatch.setitem(sys.modules, "launch", None)          # `import launch` raises ImportError
+    monkeypatch.setitem(sys.modules, "launch", None)  # `import launch` raises ImportError
     monkeypatch.setattr(install_py.subprocess, "check_call", lambda cmd, **k: calls.append(cmd))
     monkeypatch.setattr(install_py, "requirements", lambda: iter(["ws-surely-not-installed-pkg>=1", "torch"]))
     install_py.main()
@@ -31,7 +32,7 @@ def test_under_a1111_holds_installed_host_packages(install_py, monkeypatch):
     install_py.main()
     assert len(got) == 1 and got[0].startswith("install ")
     assert '"ws-surely-not-installed-pkg>=1"' in got[0]
-    assert f'"torch=={metadata.version("torch")}"' in got[0]          # the host's torch is held
+    assert f'"torch=={metadata.version("torch")}"' in got[0]  # the host's torch is held
 
 
 def test_a_too_old_version_counts_as_missing(install_py, monkeypatch):

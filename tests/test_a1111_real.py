@@ -13,6 +13,7 @@ and 17–17.5 GB for SD2 (measured VmHWM). SDXL: Forge in fp16 21 minutes, under
 float32 34 minutes at 24 GB resident + 17 GB swap (its Lora extension backs up every weight,
 docs/a1111.md).
 """
+
 import json
 import os
 import shutil
@@ -27,10 +28,16 @@ import pytest
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 HOSTS = {
-    "a1111": ("WEIGHTSMITH_A1111_DIR", "a real A1111 v1.10.1 build (webui/, venv/, hf/)",
-              ["--use-cpu", "all", "--no-half", "--precision", "full", "--no-download-sd-model"]),
-    "forge": ("WEIGHTSMITH_FORGE_DIR", "a real Forge build (webui/, venv/)",
-              ["--always-cpu", "--all-in-fp32", "--no-download-sd-model"]),
+    "a1111": (
+        "WEIGHTSMITH_A1111_DIR",
+        "a real A1111 v1.10.1 build (webui/, venv/, hf/)",
+        ["--use-cpu", "all", "--no-half", "--precision", "full", "--no-download-sd-model"],
+    ),
+    "forge": (
+        "WEIGHTSMITH_FORGE_DIR",
+        "a real Forge build (webui/, venv/)",
+        ["--always-cpu", "--all-in-fp32", "--no-download-sd-model"],
+    ),
 }
 
 
@@ -49,23 +56,27 @@ DRIVER_TIMEOUT_S = {"sdxl": 4000}
 
 #: the random-weight checkpoint of each family in a build's models/Stable-diffusion (docs/a1111.md
 #: says how each is made); the web UI is started with it (--ckpt)
-CHECKPOINTS = {"sd1": "random-sd15.safetensors", "sd2": "random-sd2.safetensors",
-               "sdxl": "random-sdxl.safetensors"}
+CHECKPOINTS = {"sd1": "random-sd15.safetensors", "sd2": "random-sd2.safetensors", "sdxl": "random-sdxl.safetensors"}
 
 
-pytestmark = pytest.mark.host   # runs in a real host's environment (tests/run.sh: the "host" tier)
+pytestmark = pytest.mark.host  # runs in a real host's environment (tests/run.sh: the "host" tier)
 
 
 def _host_params():
     for host, (var, what, _) in HOSTS.items():
         for family, ckpt in CHECKPOINTS.items():
             root = os.environ.get(var)
-            skip = (f"{var} is not set: it names {what}, see docs/a1111.md 'A real A1111 for tests'" if not root
-                    else None if (Path(root) / "webui" / "models" / "Stable-diffusion" / ckpt).is_file()
-                    else f"{root} has no models/Stable-diffusion/{ckpt} (the {family} checkpoint; docs/a1111.md "
-                         "says how to make one)")
-            yield pytest.param((host, family), id=f"{host}-{family}",
-                               marks=pytest.mark.skipif(skip is not None, reason=skip or ""))
+            skip = (
+                f"{var} is not set: it names {what}, see docs/a1111.md 'A real A1111 for tests'"
+                if not root
+                else None
+                if (Path(root) / "webui" / "models" / "Stable-diffusion" / ckpt).is_file()
+                else f"{root} has no models/Stable-diffusion/{ckpt} (the {family} checkpoint; docs/a1111.md "
+                "says how to make one)"
+            )
+            yield pytest.param(
+                (host, family), id=f"{host}-{family}", marks=pytest.mark.skipif(skip is not None, reason=skip or "")
+            )
 
 
 def _port():
@@ -76,8 +87,13 @@ def _port():
 
 def _copy_checkout(dst: Path):
     """Tracked and untracked-but-not-ignored files of the checkout (what a git clone would hold)."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
-                           capture_output=True).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True, capture_output=True
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     part = dst.with_name(dst.name + ".part")
     shutil.rmtree(part, ignore_errors=True)
     for f in filter(None, files):
@@ -104,18 +120,43 @@ def webui(request, tmp_path_factory):
             f.unlink()
     log = tmp_path_factory.mktemp(f"{host}-{family}") / "webui.log"
     port = _port()
-    env = dict(os.environ, HF_HOME=str(root / "hf"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               GRADIO_ANALYTICS_ENABLED="False", no_proxy="127.0.0.1,localhost")
+    env = dict(
+        os.environ,
+        HF_HOME=str(root / "hf"),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        GRADIO_ANALYTICS_ENABLED="False",
+        no_proxy="127.0.0.1,localhost",
+    )
     env.pop("PYTHONPATH", None)
     with open(log, "wb") as out:
-        proc = subprocess.Popen([str(py), "launch.py", "--skip-prepare-environment", "--skip-torch-cuda-test",
-                                 *host_args, "--ckpt", str(w / "models" / "Stable-diffusion" / CHECKPOINTS[family]),
-                                 "--api", "--server-name", "127.0.0.1", "--port", str(port),
-                                 "--loglevel", "DEBUG"], cwd=w, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                str(py),
+                "launch.py",
+                "--skip-prepare-environment",
+                "--skip-torch-cuda-test",
+                *host_args,
+                "--ckpt",
+                str(w / "models" / "Stable-diffusion" / CHECKPOINTS[family]),
+                "--api",
+                "--server-name",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--loglevel",
+                "DEBUG",
+            ],
+            cwd=w,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         import urllib.request
+
         deadline = time.time() + 300
         while True:
             assert proc.poll() is None, f"the web UI exited:\n{log.read_text(errors='replace')[-3000:]}"
@@ -132,7 +173,7 @@ def webui(request, tmp_path_factory):
         try:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(30)
-        except ProcessLookupError:      # it exited by itself (the assertion above says why)
+        except ProcessLookupError:  # it exited by itself (the assertion above says why)
             pass
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -149,18 +190,30 @@ def _peak_rss_gb(pid):
 
 def test_tab_in_real_webui(webui):
     try:
-        r = subprocess.run([str(webui["python"]), str(HERE / "a1111" / "drive_real_a1111.py"), webui["url"],
-                            str(webui["log"]), webui["host"]], capture_output=True, text=True,
-                           timeout=DRIVER_TIMEOUT_S.get(webui["family"], 1800))
+        r = subprocess.run(
+            [
+                str(webui["python"]),
+                str(HERE / "a1111" / "drive_real_a1111.py"),
+                webui["url"],
+                str(webui["log"]),
+                webui["host"],
+            ],
+            capture_output=True,
+            text=True,
+            timeout=DRIVER_TIMEOUT_S.get(webui["family"], 1800),
+        )
     except subprocess.TimeoutExpired as e:
         out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
         last = next((ln for ln in reversed(out.splitlines()) if ln.startswith("PARTIAL ")), "PARTIAL (nothing)")
-        pytest.fail(f"the driver ran past {e.timeout} s; it had reached:\n{last}\n"
-                    f"{webui['log'].read_text(errors='replace')[-3000:]}")
+        pytest.fail(
+            f"the driver ran past {e.timeout} s; it had reached:\n{last}\n"
+            f"{webui['log'].read_text(errors='replace')[-3000:]}"
+        )
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    assert r.returncode == 0 and line, f"driver failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}\n" \
-                                       f"{webui['log'].read_text(errors='replace')[-3000:]}"
-    res = json.loads(line[len("RESULT "):])
+    assert r.returncode == 0 and line, (
+        f"driver failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}\n{webui['log'].read_text(errors='replace')[-3000:]}"
+    )
+    res = json.loads(line[len("RESULT ") :])
     res["webui_peak_rss_gb"] = _peak_rss_gb(webui["proc"].pid)
     print(json.dumps(res, indent=1))
     same = {"mean": 0.0, "max": 0}

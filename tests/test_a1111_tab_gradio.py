@@ -6,6 +6,7 @@ run there in a subprocess; what they produced is checked here, in the main envir
 independent computations (core's loader, a fresh erase, diffusers' kohya reader).
 Set WEIGHTSMITH_SKIP_GRADIO3=1 to skip (e.g. offline).
 """
+
 import json
 import os
 import socket
@@ -22,15 +23,21 @@ HERE = Path(__file__).resolve().parent
 A1111 = HERE / "a1111"
 
 
-pytestmark = pytest.mark.host   # runs in a real host's environment (tests/run.sh: the "host" tier)
+pytestmark = pytest.mark.host  # runs in a real host's environment (tests/run.sh: the "host" tier)
 
 
 @pytest.fixture(scope="module")
 def venv_python():
     if os.environ.get("WEIGHTSMITH_SKIP_GRADIO3") == "1":
         pytest.skip("WEIGHTSMITH_SKIP_GRADIO3=1")
-    r = T.run(["bash", str(A1111 / "setup_env.sh")], what="the Gradio 3 venv set-up", capture_output=True, text=True, timeout=900,
-                       env=dict(os.environ, PYTHON=sys.executable))
+    r = T.run(
+        ["bash", str(A1111 / "setup_env.sh")],
+        what="the Gradio 3 venv set-up",
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=dict(os.environ, PYTHON=sys.executable),
+    )
     assert r.returncode == 0, f"gradio-3 venv setup failed:\n{r.stderr[-3000:]}"
     return r.stdout.strip().splitlines()[-1]
 
@@ -43,11 +50,17 @@ def _port():
 
 def _drive(py, script, work, *extra):
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", no_proxy="127.0.0.1,localhost")
-    r = T.run([py, str(A1111 / script), str(work), str(_port()), *extra], what=f"the Gradio tab run {script}",
-              capture_output=True, text=True, timeout=600, env=env)
+    r = T.run(
+        [py, str(A1111 / script), str(work), str(_port()), *extra],
+        what=f"the Gradio tab run {script}",
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert r.returncode == 0 and line, f"{script} failed (rc {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def test_standalone_tab_end_to_end(venv_python, tmp_path):
@@ -70,14 +83,30 @@ def test_standalone_tab_end_to_end(venv_python, tmp_path):
 
     # the saved LoRA equals a fresh erase with the same inputs (core's reader, independent of the tab)
     model = load_model(res["model"])
-    edit = erase(model, ["cat"], ["dog"], [], method="erasepro",
-                 options=EraseOptions(tokens="suffix", te_sublayers=("k_proj", "v_proj"), expand_prompts=False,
-                                      lam=0.5, eta_preserve=1.0, rcond=1e-4))
+    edit = erase(
+        model,
+        ["cat"],
+        ["dog"],
+        [],
+        method="erasepro",
+        options=EraseOptions(
+            tokens="suffix",
+            te_sublayers=("k_proj", "v_proj"),
+            expand_prompts=False,
+            lam=0.5,
+            eta_preserve=1.0,
+            rcond=1e-4,
+        ),
+    )
     lora = load_lora(lora_path, model)
     # the edited modules, plus zero q_proj/out_proj entries beside each edited text-encoder k/v
     # (diffusers recognises kohya text-encoder keys only with an out_proj among them; issue 12)
-    siblings = {n.rsplit(".", 1)[0] + "." + s for n in edit.deltas if n.startswith("text_encoder")
-                for s in ("q_proj", "out_proj")}
+    siblings = {
+        n.rsplit(".", 1)[0] + "." + s
+        for n in edit.deltas
+        if n.startswith("text_encoder")
+        for s in ("q_proj", "out_proj")
+    }
     assert set(lora.modules) == set(edit.deltas) | siblings and not lora.unmatched
     for n, d in edit.deltas.items():
         assert torch.allclose(lora.modules[n].delta(), d, atol=1e-5 * max(1.0, float(d.abs().max()))), n
@@ -112,13 +141,21 @@ def test_a1111_and_forge_entry_script_apply_undo_save(venv_python, tmp_path):
     assert res["state_after"] == {"job": "", "job_count": 0}
 
 
-@pytest.mark.skipif(os.environ.get("WEIGHTSMITH_TEST_FORGE_GRADIO4") != "1",
-                    reason="Forge's gradio 4.40 venv is optional (WEIGHTSMITH_TEST_FORGE_GRADIO4=1; ~2 min to build)")
+@pytest.mark.skipif(
+    os.environ.get("WEIGHTSMITH_TEST_FORGE_GRADIO4") != "1",
+    reason="Forge's gradio 4.40 venv is optional (WEIGHTSMITH_TEST_FORGE_GRADIO4=1; ~2 min to build)",
+)
 def test_tab_under_forge_gradio4(tmp_path):
     """Forge runs gradio 4.40 with transformers 4.x: the same tab, standalone and through the
     entry script (Apply/Undo through the Forge stand-in's patchers), in that environment."""
-    r = T.run(["bash", str(A1111 / "setup_env.sh"), "forge"], what="the Forge venv set-up", capture_output=True,
-              text=True, timeout=900, env=dict(os.environ, PYTHON=sys.executable))
+    r = T.run(
+        ["bash", str(A1111 / "setup_env.sh"), "forge"],
+        what="the Forge venv set-up",
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=dict(os.environ, PYTHON=sys.executable),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     py = r.stdout.strip().splitlines()[-1]
     res = _drive(py, "drive_standalone.py", tmp_path / "s")

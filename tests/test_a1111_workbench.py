@@ -1,5 +1,6 @@
 """The tab's workbench (host-independent) on a standalone model: Merge LoRAs, stacked Apply,
 Save as checkpoint, refusals. No gradio needed."""
+
 import sys
 from pathlib import Path
 
@@ -40,10 +41,15 @@ def test_merge_linear_save_and_apply(bench):
     model = b.model()
     paths = _random_loras(model, b.lora_dir())
     assert b.list_loras() == ["r0.safetensors", "r1.safetensors"]
-    edit, objs = wb.compute_merge(["r0.safetensors", "r1.safetensors"], "1, 0.5", "a cat | a dog\na red car",
-                                  "linear", {"iterations": 1, "samples": 1, "steps": 1, "seed": 0})
+    edit, objs = wb.compute_merge(
+        ["r0.safetensors", "r1.safetensors"],
+        "1, 0.5",
+        "a cat | a dog\na red car",
+        "linear",
+        {"iterations": 1, "samples": 1, "steps": 1, "seed": 0},
+    )
     ref = {}
-    for w, p in zip((1.0, 0.5), paths):                        # linear merge = Σ w_i ΔW_i, computed here
+    for w, p in zip((1.0, 0.5), paths):  # linear merge = Σ w_i ΔW_i, computed here
         for n, d in load_lora(p, model).deltas().items():
             ref[n] = ref.get(n, 0) + w * d
     assert set(edit.deltas) == set(ref)
@@ -80,7 +86,7 @@ def test_the_tab_merges_with_the_quick_settings_no_widget_shows_on_a_cpu(bench, 
         got = call["options"]
         for k in ("max_rows", "max_gram_dim", "resolution"):
             assert getattr(got, k) == (mo.QUICK[k] if cpu else getattr(mo.MergeOptions(), k)), (cpu, k, getattr(got, k))
-        assert (got.iterations, got.samples, got.steps) == (1, 1, 1)     # what the widgets held
+        assert (got.iterations, got.samples, got.steps) == (1, 1, 1)  # what the widgets held
     assert len(solver_recorder.calls) == 2
 
 
@@ -106,7 +112,7 @@ def test_save_checkpoint_writes_base_plus_delta(bench):
     model = b.model()
     edit = wb.compute_erase("cat", "dog", "", "erasepro", {"expand_prompts": False, "max_pad": 3})
     msg = wb.save_checkpoint(edit, "erased")
-    out = b.checkpoint_dir() / "erased"                   # a diffusers model saves as a folder
+    out = b.checkpoint_dir() / "erased"  # a diffusers model saves as a folder
     assert out.is_dir() and str(out) in msg
     saved = load_model(out)
     for n, d in edit.deltas.items():
@@ -151,12 +157,17 @@ def test_iteris_runs_from_the_tab_announces_its_passes_then_the_time_left_and_fi
         yield (lambda done, total, label="": seen.append((done, total, label))), (lambda: False)
 
     b.job = job
-    edit, _ = wb.compute_merge(["r0.safetensors", "r1.safetensors"], "", "a cat\na dog", "iteris",
-                               {"iterations": 2, "samples": 1, "steps": 1, "seed": 0})
+    edit, _ = wb.compute_merge(
+        ["r0.safetensors", "r1.safetensors"],
+        "",
+        "a cat\na dog",
+        "iteris",
+        {"iterations": 2, "samples": 1, "steps": 1, "seed": 0},
+    )
     assert edit.report["method"] == "iteris" and edit.deltas
     assert wb.last_rows and all(r[3] is not None and r[3] > 0 for r in wb.last_rows)
-    passes = 2 * (1 + 2 + 1)                             # 2 LoRAs × (iteration 0 + 2 + final objective)
-    total = passes * (1 + 1)                             # each: 1 prompt batch + 1 sample × 1 UNet step
+    passes = 2 * (1 + 2 + 1)  # 2 LoRAs × (iteration 0 + 2 + final objective)
+    total = passes * (1 + 1)  # each: 1 prompt batch + 1 sample × 1 UNet step
     assert seen[0][:2] == (0, total) and f"{passes} passes" in seen[0][2]
     assert "time left shows after the first step" in seen[0][2]
     assert [s[0] for s in seen] == list(range(total + 1))
@@ -170,9 +181,9 @@ def test_steps_estimate_follows_step_costs():
 
     got = []
     s = Steps(3, lambda d, t, l: got.append(l), costs=[1, 2, 2])
-    s._t0 -= 10.0                       # the first step (cost 1) took 10 s
+    s._t0 -= 10.0  # the first step (cost 1) took 10 s
     s.step("a")
-    assert got[0].startswith("a · ≈") and abs(s.eta_s() - 40.0) < 1.0     # 4 units left at 10 s each
+    assert got[0].startswith("a · ≈") and abs(s.eta_s() - 40.0) < 1.0  # 4 units left at 10 s each
     assert format_duration(40) == "40 s" and format_duration(200) == "3 min" and format_duration(3900) == "1 h 05 min"
     with pytest.raises(ValueError):
         Steps(2, costs=[1])

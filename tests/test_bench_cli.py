@@ -1,5 +1,6 @@
 """``weightsmith bench``: each sub-command parses only its own options, and the sweeps' old spellings
 (``bench erase --sweep …``, ``bench merge --sweep …``) reach the same bench with the same options."""
+
 from __future__ import annotations
 
 import pytest
@@ -19,12 +20,19 @@ def test_each_bench_runs_its_own_module():
     assert parse(["bench", "merge-sweep"]).func is merge_sweep.run
 
 
-@pytest.mark.parametrize("old, new", [
-    (["bench", "erase", "--sweep", "--family", "world", "--quick", "--samples", "2", "--json"],
-     ["bench", "erase-sweep", "--family", "world", "--quick", "--samples", "2", "--json"]),
-    (["bench", "merge", "--pair", "clean", "--sweep", "--images", "3", "--eval-seed", "7"],
-     ["bench", "merge-sweep", "--pair", "clean", "--images", "3", "--eval-seed", "7"]),
-])
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        (
+            ["bench", "erase", "--sweep", "--family", "world", "--quick", "--samples", "2", "--json"],
+            ["bench", "erase-sweep", "--family", "world", "--quick", "--samples", "2", "--json"],
+        ),
+        (
+            ["bench", "merge", "--pair", "clean", "--sweep", "--images", "3", "--eval-seed", "7"],
+            ["bench", "merge-sweep", "--pair", "clean", "--images", "3", "--eval-seed", "7"],
+        ),
+    ],
+)
 def test_the_old_spelling_is_the_sweep(old, new):
     assert resolve_aliases(old) == new
     assert vars(parse(old)) == vars(parse(new))
@@ -35,14 +43,17 @@ def test_other_command_lines_are_left_alone():
         assert resolve_aliases(argv) == argv
 
 
-@pytest.mark.parametrize("argv", [
-    ["bench", "erase", "--family", "world"],          # a sweep option on the timing bench
-    ["bench", "erase", "--quick"],
-    ["bench", "merge", "--images", "4"],
-    ["bench", "merge", "--quick"],
-    ["bench", "erase-sweep", "--repeats", "2"],       # a timing option on the sweep
-    ["bench", "merge-sweep", "--latent-size", "8"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["bench", "erase", "--family", "world"],  # a sweep option on the timing bench
+        ["bench", "erase", "--quick"],
+        ["bench", "merge", "--images", "4"],
+        ["bench", "merge", "--quick"],
+        ["bench", "erase-sweep", "--repeats", "2"],  # a timing option on the sweep
+        ["bench", "merge-sweep", "--latent-size", "8"],
+    ],
+)
 def test_a_bench_refuses_another_benchs_options(argv, capsys):
     with pytest.raises(SystemExit) as e:
         parse(argv)

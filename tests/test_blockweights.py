@@ -6,21 +6,26 @@ substring match on its ``BLOCKS`` list (hako-mikan/sd-webui-lora-block-weight,
 scripts/lora_block_weight.py). ``lbw_block`` below re-implements that substring rule from the same
 source, so each row is checked twice: the typed id, and LBW's rule on the typed key.
 """
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from weightsmith.core import blockweights as bwm
 from weightsmith.core.errors import WeightsmithError
+from weightsmith.core.lab.random_loras import random_lora
 from weightsmith.core.lora_read import load_lora, lora_from_state_dict
 from weightsmith.core.merge import MergeOptions, merge
-from weightsmith.core.lab.random_loras import random_lora
 from weightsmith.core.naming import UNetLayout, kohya_prefix
 
 # LBW's BLOCKS (index i <-> BLOCKID26[i]; the last two also mean BASE), copied from its source
-LBW_BLOCKS = ["encoder"] + [f"diffusion_model_input_blocks_{i}_" for i in range(12)] + [
-    "diffusion_model_middle_block_"] + [f"diffusion_model_output_blocks_{i}_" for i in range(12)] + [
-    "embedders", "transformer_resblocks"]
+LBW_BLOCKS = (
+    ["encoder"]
+    + [f"diffusion_model_input_blocks_{i}_" for i in range(12)]
+    + ["diffusion_model_middle_block_"]
+    + [f"diffusion_model_output_blocks_{i}_" for i in range(12)]
+    + ["embedders", "transformer_resblocks"]
+)
 LBW_ID26 = ["BASE"] + [f"IN{i:02d}" for i in range(12)] + ["M00"] + [f"OUT{i:02d}" for i in range(12)]
 
 
@@ -33,78 +38,131 @@ def lbw_block(key):
     return found
 
 
-SD1_LAYOUT = UNetLayout.from_config({
-    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, "layers_per_block": 2})
-SDXL_LAYOUT = UNetLayout.from_config({
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "layers_per_block": 2})
+SD1_LAYOUT = UNetLayout.from_config(
+    {
+        "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+        "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+        "layers_per_block": 2,
+    }
+)
+SDXL_LAYOUT = UNetLayout.from_config(
+    {
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "layers_per_block": 2,
+    }
+)
 
 # (our canonical module, A1111's network key for it, LBW's block)
 SD1_TABLE = [
-    ("text_encoder.text_model.encoder.layers.0.self_attn.q_proj",
-     "transformer_text_model_encoder_layers_0_self_attn_q_proj", "BASE"),
+    (
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj",
+        "transformer_text_model_encoder_layers_0_self_attn_q_proj",
+        "BASE",
+    ),
     ("text_encoder.text_model.encoder.layers.11.mlp.fc2", "transformer_text_model_encoder_layers_11_mlp_fc2", "BASE"),
     ("unet.conv_in", "diffusion_model_input_blocks_0_0", "IN00"),
     ("unet.down_blocks.0.resnets.0.conv1", "diffusion_model_input_blocks_1_0_in_layers_2", "IN01"),
-    ("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k",
-     "diffusion_model_input_blocks_1_1_transformer_blocks_0_attn2_to_k", "IN01"),
+    (
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k",
+        "diffusion_model_input_blocks_1_1_transformer_blocks_0_attn2_to_k",
+        "IN01",
+    ),
     ("unet.down_blocks.0.attentions.1.proj_in", "diffusion_model_input_blocks_2_1_proj_in", "IN02"),
     ("unet.down_blocks.0.downsamplers.0.conv", "diffusion_model_input_blocks_3_0_op", "IN03"),
-    ("unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
-     "diffusion_model_input_blocks_4_1_transformer_blocks_0_attn1_to_q", "IN04"),
-    ("unet.down_blocks.1.attentions.1.transformer_blocks.0.ff.net.2",
-     "diffusion_model_input_blocks_5_1_transformer_blocks_0_ff_net_2", "IN05"),
+    (
+        "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+        "diffusion_model_input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+        "IN04",
+    ),
+    (
+        "unet.down_blocks.1.attentions.1.transformer_blocks.0.ff.net.2",
+        "diffusion_model_input_blocks_5_1_transformer_blocks_0_ff_net_2",
+        "IN05",
+    ),
     ("unet.down_blocks.1.downsamplers.0.conv", "diffusion_model_input_blocks_6_0_op", "IN06"),
     ("unet.down_blocks.2.attentions.0.proj_out", "diffusion_model_input_blocks_7_1_proj_out", "IN07"),
-    ("unet.down_blocks.2.attentions.1.transformer_blocks.0.attn2.to_v",
-     "diffusion_model_input_blocks_8_1_transformer_blocks_0_attn2_to_v", "IN08"),
+    (
+        "unet.down_blocks.2.attentions.1.transformer_blocks.0.attn2.to_v",
+        "diffusion_model_input_blocks_8_1_transformer_blocks_0_attn2_to_v",
+        "IN08",
+    ),
     ("unet.down_blocks.2.downsamplers.0.conv", "diffusion_model_input_blocks_9_0_op", "IN09"),
     ("unet.down_blocks.3.resnets.0.conv2", "diffusion_model_input_blocks_10_0_out_layers_3", "IN10"),
     ("unet.down_blocks.3.resnets.1.conv1", "diffusion_model_input_blocks_11_0_in_layers_2", "IN11"),
     ("unet.mid_block.resnets.0.conv1", "diffusion_model_middle_block_0_in_layers_2", "M00"),
-    ("unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0",
-     "diffusion_model_middle_block_1_transformer_blocks_0_attn2_to_out_0", "M00"),
+    (
+        "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0",
+        "diffusion_model_middle_block_1_transformer_blocks_0_attn2_to_out_0",
+        "M00",
+    ),
     ("unet.mid_block.resnets.1.conv2", "diffusion_model_middle_block_2_out_layers_3", "M00"),
     ("unet.up_blocks.0.resnets.0.conv1", "diffusion_model_output_blocks_0_0_in_layers_2", "OUT00"),
     ("unet.up_blocks.0.resnets.1.conv1", "diffusion_model_output_blocks_1_0_in_layers_2", "OUT01"),
     ("unet.up_blocks.0.upsamplers.0.conv", "diffusion_model_output_blocks_2_1_conv", "OUT02"),
     ("unet.up_blocks.1.attentions.0.proj_in", "diffusion_model_output_blocks_3_1_proj_in", "OUT03"),
-    ("unet.up_blocks.1.attentions.1.transformer_blocks.0.attn1.to_k",
-     "diffusion_model_output_blocks_4_1_transformer_blocks_0_attn1_to_k", "OUT04"),
+    (
+        "unet.up_blocks.1.attentions.1.transformer_blocks.0.attn1.to_k",
+        "diffusion_model_output_blocks_4_1_transformer_blocks_0_attn1_to_k",
+        "OUT04",
+    ),
     ("unet.up_blocks.1.upsamplers.0.conv", "diffusion_model_output_blocks_5_2_conv", "OUT05"),
-    ("unet.up_blocks.2.attentions.0.transformer_blocks.0.attn2.to_q",
-     "diffusion_model_output_blocks_6_1_transformer_blocks_0_attn2_to_q", "OUT06"),
+    (
+        "unet.up_blocks.2.attentions.0.transformer_blocks.0.attn2.to_q",
+        "diffusion_model_output_blocks_6_1_transformer_blocks_0_attn2_to_q",
+        "OUT06",
+    ),
     ("unet.up_blocks.2.attentions.2.proj_out", "diffusion_model_output_blocks_8_1_proj_out", "OUT08"),
     ("unet.up_blocks.3.attentions.0.proj_in", "diffusion_model_output_blocks_9_1_proj_in", "OUT09"),
     ("unet.up_blocks.3.resnets.1.conv_shortcut", "diffusion_model_output_blocks_10_0_skip_connection", "OUT10"),
-    ("unet.up_blocks.3.attentions.2.transformer_blocks.0.ff.net.0.proj",
-     "diffusion_model_output_blocks_11_1_transformer_blocks_0_ff_net_0_proj", "OUT11"),
+    (
+        "unet.up_blocks.3.attentions.2.transformer_blocks.0.ff.net.0.proj",
+        "diffusion_model_output_blocks_11_1_transformer_blocks_0_ff_net_0_proj",
+        "OUT11",
+    ),
     ("unet.time_embedding.linear_1", "diffusion_model_time_embed_0", None),
     ("unet.conv_out", "diffusion_model_out_2", None),
 ]
 SDXL_TABLE = [
-    ("text_encoder.text_model.encoder.layers.3.self_attn.k_proj",
-     "0_transformer_text_model_encoder_layers_3_self_attn_k_proj", "BASE"),
+    (
+        "text_encoder.text_model.encoder.layers.3.self_attn.k_proj",
+        "0_transformer_text_model_encoder_layers_3_self_attn_k_proj",
+        "BASE",
+    ),
     ("text_encoder_2.text_model.encoder.layers.30.mlp.fc1", "1_model_transformer_resblocks_30_mlp_c_fc", "BASE"),
     ("unet.conv_in", "diffusion_model_input_blocks_0_0", "IN00"),
     ("unet.down_blocks.0.resnets.1.conv2", "diffusion_model_input_blocks_2_0_out_layers_3", "IN02"),
     ("unet.down_blocks.0.downsamplers.0.conv", "diffusion_model_input_blocks_3_0_op", "IN03"),
-    ("unet.down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q",
-     "diffusion_model_input_blocks_4_1_transformer_blocks_1_attn1_to_q", "IN04"),
+    (
+        "unet.down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q",
+        "diffusion_model_input_blocks_4_1_transformer_blocks_1_attn1_to_q",
+        "IN04",
+    ),
     ("unet.down_blocks.1.attentions.1.proj_in", "diffusion_model_input_blocks_5_1_proj_in", "IN05"),
     ("unet.down_blocks.1.downsamplers.0.conv", "diffusion_model_input_blocks_6_0_op", "IN06"),
-    ("unet.down_blocks.2.attentions.0.transformer_blocks.9.attn2.to_k",
-     "diffusion_model_input_blocks_7_1_transformer_blocks_9_attn2_to_k", "IN07"),
+    (
+        "unet.down_blocks.2.attentions.0.transformer_blocks.9.attn2.to_k",
+        "diffusion_model_input_blocks_7_1_transformer_blocks_9_attn2_to_k",
+        "IN07",
+    ),
     ("unet.down_blocks.2.attentions.1.proj_out", "diffusion_model_input_blocks_8_1_proj_out", "IN08"),
-    ("unet.mid_block.attentions.0.transformer_blocks.5.ff.net.2",
-     "diffusion_model_middle_block_1_transformer_blocks_5_ff_net_2", "M00"),
-    ("unet.up_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v",
-     "diffusion_model_output_blocks_0_1_transformer_blocks_0_attn2_to_v", "OUT00"),
+    (
+        "unet.mid_block.attentions.0.transformer_blocks.5.ff.net.2",
+        "diffusion_model_middle_block_1_transformer_blocks_5_ff_net_2",
+        "M00",
+    ),
+    (
+        "unet.up_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v",
+        "diffusion_model_output_blocks_0_1_transformer_blocks_0_attn2_to_v",
+        "OUT00",
+    ),
     ("unet.up_blocks.0.attentions.2.proj_in", "diffusion_model_output_blocks_2_1_proj_in", "OUT02"),
     ("unet.up_blocks.0.upsamplers.0.conv", "diffusion_model_output_blocks_2_2_conv", "OUT02"),
-    ("unet.up_blocks.1.attentions.1.transformer_blocks.1.attn1.to_out.0",
-     "diffusion_model_output_blocks_4_1_transformer_blocks_1_attn1_to_out_0", "OUT04"),
+    (
+        "unet.up_blocks.1.attentions.1.transformer_blocks.1.attn1.to_out.0",
+        "diffusion_model_output_blocks_4_1_transformer_blocks_1_attn1_to_out_0",
+        "OUT04",
+    ),
     ("unet.up_blocks.1.upsamplers.0.conv", "diffusion_model_output_blocks_5_2_conv", "OUT05"),
     ("unet.up_blocks.2.resnets.0.conv1", "diffusion_model_output_blocks_6_0_in_layers_2", "OUT06"),
     ("unet.up_blocks.2.resnets.2.conv2", "diffusion_model_output_blocks_8_0_out_layers_3", "OUT08"),
@@ -115,18 +173,23 @@ SDXL_TABLE = [
 
 # SD2: the SD1 UNet rows; its OpenCLIP-H encoder is keyed like OpenCLIP in A1111
 SD2_TABLE = [r for r in SD1_TABLE if r[0].startswith("unet.")] + [
-    ("text_encoder.text_model.encoder.layers.22.self_attn.out_proj", "model_transformer_resblocks_22_attn_out_proj",
-     "BASE"),
+    (
+        "text_encoder.text_model.encoder.layers.22.self_attn.out_proj",
+        "model_transformer_resblocks_22_attn_out_proj",
+        "BASE",
+    ),
     ("text_encoder.text_model.encoder.layers.0.mlp.fc2", "model_transformer_resblocks_0_mlp_c_proj", "BASE"),
 ]
 
 
-@pytest.mark.parametrize("family,layout,rows", [("sd1", SD1_LAYOUT, SD1_TABLE), ("sd2", SD1_LAYOUT, SD2_TABLE),
-                                                ("sdxl", SDXL_LAYOUT, SDXL_TABLE)])
+@pytest.mark.parametrize(
+    "family,layout,rows",
+    [("sd1", SD1_LAYOUT, SD1_TABLE), ("sd2", SD1_LAYOUT, SD2_TABLE), ("sdxl", SDXL_LAYOUT, SDXL_TABLE)],
+)
 def test_module_blocks_match_lbw(family, layout, rows):
     t = bwm.table(family)
     for canon, key, block in rows:
-        assert lbw_block(key) == block, key          # the typed table agrees with LBW's rule
+        assert lbw_block(key) == block, key  # the typed table agrees with LBW's rule
         assert t.block_of(canon, layout) == block, canon
         if block is not None:
             assert block in t.ids
@@ -136,7 +199,7 @@ def test_vectors_and_presets_by_hand():
     w = bwm.parse("OUTALL", "sd1").weights
     assert w["BASE"] == 1 and w["IN01"] == 0 and w["IN08"] == 0 and w["M00"] == 0
     assert all(w[f"OUT{i:02d}"] == 1 for i in range(3, 12))
-    assert w["IN00"] == w["IN03"] == w["OUT00"] == w["OUT02"] == 0      # not in the 17: 0, as LBW's to26
+    assert w["IN00"] == w["IN03"] == w["OUT00"] == w["OUT02"] == 0  # not in the 17: 0, as LBW's to26
     v26 = ",".join(str(i) for i in range(26))
     w = bwm.parse(v26, "sd2").weights
     assert [w[b] for b in LBW_ID26] == list(range(26))
@@ -169,8 +232,9 @@ def test_bad_vectors_name_lengths_and_blocks():
 
 
 def test_user_presets_in_lbw_format():
-    p = bwm.parse_presets("MINE:1,1,0,0,0,0,0,0,0,0,0,0,0,0,0,1,1\n# comment:1,2\nXL:" + ",".join(["0.5"] * 12)
-                          + "\nnot a preset line\n")
+    p = bwm.parse_presets(
+        "MINE:1,1,0,0,0,0,0,0,0,0,0,0,0,0,0,1,1\n# comment:1,2\nXL:" + ",".join(["0.5"] * 12) + "\nnot a preset line\n"
+    )
     assert set(p) == {"MINE", "XL"}
     assert bwm.parse("MINE", "sd1", p).weights["OUT11"] == 1
     assert bwm.parse("XL", "sdxl", p).weights["OUT05"] == 0.5
@@ -185,7 +249,7 @@ def _dense(raw, lora, model):
         r = raw[p + ".lora_down.weight"].shape[0]
         up = raw[p + ".lora_up.weight"].double().reshape(raw[p + ".lora_up.weight"].shape[0], -1)
         down = raw[p + ".lora_down.weight"].double().reshape(r, -1)
-        out[n] = (float(raw[p + ".alpha"]) / r * up @ down)
+        out[n] = float(raw[p + ".alpha"]) / r * up @ down
     return out
 
 
@@ -230,15 +294,18 @@ def test_block_weighted_linear_merge_is_hand_scaled_sum(pair):
     names = set(dense[0]) | set(dense[1])
     checked_zero = 0
     for n in names:
-        exp = sum(wi * _hand_weight(n, model, bwm.BLOCKID17, _floats(v)) * d[n]
-                  for wi, v, d in zip(w, (VEC_A, VEC_B), dense) if n in d)
+        exp = sum(
+            wi * _hand_weight(n, model, bwm.BLOCKID17, _floats(v)) * d[n]
+            for wi, v, d in zip(w, (VEC_A, VEC_B), dense)
+            if n in d
+        )
         if n not in e.deltas:
             assert float(exp.norm()) == 0
             checked_zero += 1
             continue
         got = e.deltas[n].double().reshape(exp.shape)
         assert float((got - exp).norm()) <= 1e-5 * max(float(exp.norm()), 1e-12), n
-    assert checked_zero > 0            # some modules are 0 in both vectors and absent from the merge
+    assert checked_zero > 0  # some modules are 0 in both vectors and absent from the merge
     rows = {d["name"]: d["blocks"] for d in e.report["loras"]}
     assert rows["l0"]["spec"] == VEC_A
     got = {b["block"]: b["weight"] for b in rows["l1"]["blocks"]}
@@ -263,8 +330,9 @@ def test_every_method_sees_the_block_weighted_loras(pair, method):
                 t2[p + ".lora_up.weight"] = (t[p + ".lora_up.weight"].double() * wt).float()
         scaled.append(lora_from_state_dict(t2, model, metadata=m, name=l.name))
     opts = MergeOptions(iterations=1, samples=1, steps=1, latent_size=8, batch_size=1, svd_rank=3)
-    a = merge(model, loras, method, weights=[1.0, 0.5], blocks=[VEC_A, VEC_B], options=opts,
-              prompts=[["a cat"], ["a dog"]])
+    a = merge(
+        model, loras, method, weights=[1.0, 0.5], blocks=[VEC_A, VEC_B], options=opts, prompts=[["a cat"], ["a dog"]]
+    )
     b = merge(model, scaled, method, weights=[1.0, 0.5], options=opts, prompts=[["a cat"], ["a dog"]])
     assert set(a.deltas) == set(b.deltas)
     for n in a.deltas:
@@ -330,8 +398,23 @@ def test_cli_reweight_is_weight_times_delta(files):
 
     ckpt, (a, _), d, tok = files
     out = d / "a_out.safetensors"
-    rc = main(["lora", "reweight", str(a), "--model", str(ckpt), "--tokenizer", str(tok), "--blocks", VEC_B,
-               "--weight", "0.5", "--out", str(out)])
+    rc = main(
+        [
+            "lora",
+            "reweight",
+            str(a),
+            "--model",
+            str(ckpt),
+            "--tokenizer",
+            str(tok),
+            "--blocks",
+            VEC_B,
+            "--weight",
+            "0.5",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0 and out.exists()
     model = load_model(ckpt, tokenizer=tok)
     raw = load_file(str(a))
@@ -342,17 +425,51 @@ def test_cli_reweight_is_weight_times_delta(files):
     vals = _floats(VEC_B)
     for n, dd in dense.items():
         wt = 0.5 * _hand_weight(n, model, bwm.BLOCKID17, vals)
-        if wt == 0:      # weight 0: dropped from the file
+        if wt == 0:  # weight 0: dropped from the file
             assert n not in got.modules
             assert not any(k.startswith(kohya_prefix(n, "sd1", model.layout) + ".") for k in written)
             continue
-        assert float((got.modules[n].delta(torch.float64).reshape(dd.shape) - wt * dd).norm()) <= 1e-6 * float(dd.norm()), n
+        assert float((got.modules[n].delta(torch.float64).reshape(dd.shape) - wt * dd).norm()) <= 1e-6 * float(
+            dd.norm()
+        ), n
     assert set(got.modules) < set(src.modules)
     # the input is untouched and the output is refused over it
-    assert main(["lora", "reweight", str(a), "--model", str(ckpt), "--tokenizer", str(tok), "--blocks", "ALL",
-                 "--out", str(a)]) == 2
-    assert main(["lora", "reweight", str(a), "--model", str(ckpt), "--tokenizer", str(tok), "--blocks",
-                 "1,1,1", "--out", str(d / "bad.safetensors")]) == 2
+    assert (
+        main(
+            [
+                "lora",
+                "reweight",
+                str(a),
+                "--model",
+                str(ckpt),
+                "--tokenizer",
+                str(tok),
+                "--blocks",
+                "ALL",
+                "--out",
+                str(a),
+            ]
+        )
+        == 2
+    )
+    assert (
+        main(
+            [
+                "lora",
+                "reweight",
+                str(a),
+                "--model",
+                str(ckpt),
+                "--tokenizer",
+                str(tok),
+                "--blocks",
+                "1,1,1",
+                "--out",
+                str(d / "bad.safetensors"),
+            ]
+        )
+        == 2
+    )
     assert not (d / "bad.safetensors").exists()
 
 
@@ -364,15 +481,33 @@ def test_cli_merge_with_blocks_equals_core(files, capsys):
 
     ckpt, (a, b), d, tok = files
     out, rep = d / "m.safetensors", d / "m.json"
-    rc = main(["merge", "--model", str(ckpt), "--tokenizer", str(tok), "--method", "linear", "--lora",
-               f"{a}:0.7:OUTALL", "--lora", f"{b}:{VEC_B}", "--out", str(out), "--report", str(rep),
-               "--no-progress"])
+    rc = main(
+        [
+            "merge",
+            "--model",
+            str(ckpt),
+            "--tokenizer",
+            str(tok),
+            "--method",
+            "linear",
+            "--lora",
+            f"{a}:0.7:OUTALL",
+            "--lora",
+            f"{b}:{VEC_B}",
+            "--out",
+            str(out),
+            "--report",
+            str(rep),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "block weights: " + a.stem + " [OUTALL]: BASE 1" in printed
     model = load_model(ckpt, tokenizer=tok)
-    ref = merge(model, [load_lora(a, model), load_lora(b, model)], "linear", weights=[0.7, 1.0],
-                blocks=["OUTALL", VEC_B])
+    ref = merge(
+        model, [load_lora(a, model), load_lora(b, model)], "linear", weights=[0.7, 1.0], blocks=["OUTALL", VEC_B]
+    )
     got = load_lora(out, model)
     assert set(got.modules) == set(ref.deltas)
     for n, dd in ref.deltas.items():
@@ -413,12 +548,30 @@ def test_same_string_same_merge_in_cli_node_and_tab(tmp_path, monkeypatch):
         paths.append(p)
     a, b = paths
     # the tab: one line per LoRA
-    edit_tab, _ = Workbench(backend).compute_merge([a.name, b.name], "0.7, 1", "", "linear", {},
-                                                   blocks=f"OUTALL\n{VEC_B}")
+    edit_tab, _ = Workbench(backend).compute_merge(
+        [a.name, b.name], "0.7, 1", "", "linear", {}, blocks=f"OUTALL\n{VEC_B}"
+    )
     # the CLI
     out = tmp_path / "cli.safetensors"
-    assert main(["merge", "--model", str(src), "--method", "linear", "--lora", f"{a}:0.7:OUTALL", "--lora",
-                 f"{b}:1:{VEC_B}", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                "--model",
+                str(src),
+                "--method",
+                "linear",
+                "--lora",
+                f"{a}:0.7:OUTALL",
+                "--lora",
+                f"{b}:1:{VEC_B}",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     cli = load_lora(out, model)
     # the ComfyUI nodes, without ComfyUI: its folder list and the model adapter stand in
     fp = types.ModuleType("folder_paths")
@@ -431,7 +584,7 @@ def test_same_string_same_merge_in_cli_node_and_tab(tmp_path, monkeypatch):
     monkeypatch.setattr(ca, "weight_norms", lambda sd, e: {n: 1.0 for n in e.deltas})
     stack = merge_nodes.WeightsmithLoraStack()
     (st,) = stack.run(a.name, 0.7, "", None, block_preset="OUTALL", block_weights="")
-    (st,) = stack.run(b.name, 1.0, "", st, block_preset="INS", block_weights=VEC_B)   # the text wins
+    (st,) = stack.run(b.name, 1.0, "", st, block_preset="INS", block_weights=VEC_B)  # the text wins
     res = merge_nodes.WeightsmithIterISMerge().run("M", "C", st, "linear", 1, 1, 1, 64, 0)
     edit_node, text = res["result"][2], res["result"][3]
     assert "block weights: r21 [OUTALL]: BASE 1, IN01 0" in text
@@ -445,9 +598,9 @@ def test_same_string_same_merge_in_cli_node_and_tab(tmp_path, monkeypatch):
 
 def test_host_field_rules():
     assert bwm.host_spec("OUTALL", "") == "OUTALL" and bwm.host_spec("none", "  ") is None
-    assert bwm.host_spec("INS", VEC_A) == VEC_A                    # the text wins over the dropdown
+    assert bwm.host_spec("INS", VEC_A) == VEC_A  # the text wins over the dropdown
     assert bwm.per_lora("", 3) is None and bwm.per_lora("\n\n", 2) is None
-    assert bwm.per_lora("OUTALL", 3) == ["OUTALL"] * 3             # one line for all
+    assert bwm.per_lora("OUTALL", 3) == ["OUTALL"] * 3  # one line for all
     assert bwm.per_lora(f"{VEC_A}\n\nINS", 3) == [VEC_A, None, "INS"]
     assert bwm.per_lora(f"{VEC_A}\nnone", 2) == [VEC_A, None]
     with pytest.raises(WeightsmithError, match="2 lines for 3 LoRAs"):

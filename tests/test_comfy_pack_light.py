@@ -1,5 +1,6 @@
 """The ComfyUI pack's host-free parts: the root package stays light outside ComfyUI, node
 definitions are complete, the report text/picture match the edit, install.py finds what is missing."""
+
 from __future__ import annotations
 
 import subprocess
@@ -13,10 +14,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_import_weightsmith_is_light_and_host_free():
-    code = ("import sys, weightsmith; "
-            "print(hasattr(weightsmith, 'NODE_CLASS_MAPPINGS'), "
-            "sorted(m for m in ('torch', 'diffusers', 'transformers', 'comfy', 'folder_paths', 'weightsmith.nodes') "
-            "if m in sys.modules))")
+    code = (
+        "import sys, weightsmith; "
+        "print(hasattr(weightsmith, 'NODE_CLASS_MAPPINGS'), "
+        "sorted(m for m in ('torch', 'diffusers', 'transformers', 'comfy', 'folder_paths', 'weightsmith.nodes') "
+        "if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False []"
 
@@ -47,12 +50,17 @@ def test_report_text_and_picture_follow_the_edit():
     from weightsmith.core.edit import Edit
     from weightsmith.nodes.common import format_report, report_picture
 
-    names = ["unet.up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k",
-             "text_encoder.text_model.encoder.layers.10.self_attn.k_proj",
-             "text_encoder.text_model.encoder.layers.2.self_attn.k_proj"]
+    names = [
+        "unet.up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k",
+        "text_encoder.text_model.encoder.layers.10.self_attn.k_proj",
+        "text_encoder.text_model.encoder.layers.2.self_attn.k_proj",
+    ]
     deltas = {n: torch.full((4, 4), float(i + 1)) for i, n in enumerate(names)}
-    rep = {"method": "erasepro", "targets": ["cat"], "stages": [
-        {"layer": names[1], "residual_before": 0.5, "residual_after": 0.01}]}
+    rep = {
+        "method": "erasepro",
+        "targets": ["cat"],
+        "stages": [{"layer": names[1], "residual_before": 0.5, "residual_after": 0.01}],
+    }
     edit = Edit("sd1", {}, deltas, report=rep)
     rel = {n: float(d.norm() / 8.0) for n, d in deltas.items()}
     text = format_report(edit, rel, "T")

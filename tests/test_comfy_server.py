@@ -4,6 +4,7 @@ Set-up and server: tests/comfy/harness.py (cached venv, random SD1.5-family chec
 Every check compares what ComfyUI computed with an independent computation in this process:
 core's own erasure on the same checkpoint, the unedited checkpoint, or the LoRA files' tensors.
 """
+
 from __future__ import annotations
 
 import re
@@ -21,15 +22,24 @@ import harness as H  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 import ws_timeouts as T  # noqa: E402
 
-NODE_IDS = {"WeightsmithEraseConcepts", "WeightsmithLoraStack", "WeightsmithIterISMerge",
-            "WeightsmithSaveEditAsLora"}
+NODE_IDS = {"WeightsmithEraseConcepts", "WeightsmithLoraStack", "WeightsmithIterISMerge", "WeightsmithSaveEditAsLora"}
 TARGET, ANCHOR = "Van Gogh", "art"
 PROMPT = "a painting by Van Gogh"
-ERASE_ARGS = dict(targets=TARGET, anchors=ANCHOR, method="erasepro", strength=1.0, preserve="",
-                  layers="", token_mode="suffix", lam=0.5, prompt_expansion="off", clip_skip=0)
+ERASE_ARGS = dict(
+    targets=TARGET,
+    anchors=ANCHOR,
+    method="erasepro",
+    strength=1.0,
+    preserve="",
+    layers="",
+    token_mode="suffix",
+    lam=0.5,
+    prompt_expansion="off",
+    clip_skip=0,
+)
 
 
-pytestmark = pytest.mark.host   # runs in a real host's environment (tests/run.sh: the "host" tier)
+pytestmark = pytest.mark.host  # runs in a real host's environment (tests/run.sh: the "host" tier)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +74,7 @@ def core_kv(model, prompt):
     layout = model.layout
     out = {}
     for name in model.unet_cross_attention_names():
-        ldm = layout.to_ldm(name[len("unet."):])
+        ldm = layout.to_ldm(name[len("unet.") :])
         out[ldm + ".k"] = ctx[0] @ model.weight(name + ".to_k").float().T
         out[ldm + ".v"] = ctx[0] @ model.weight(name + ".to_v").float().T
     return ctx, out
@@ -150,15 +160,23 @@ def test_erase_node_applies_cores_edit(server, erase_run, core_model):
     probe_e = load_probe(server, "edited")
     probe_b = load_probe(server, "base")
     # independent: core's erasure on the same checkpoint file, applied to a copy
-    edit = erase(core_model, [TARGET], [ANCHOR], method="erasepro",
-                 options=EraseOptions(tokens="suffix", lam=0.5, expand_prompts=False))
+    edit = erase(
+        core_model,
+        [TARGET],
+        [ANCHOR],
+        method="erasepro",
+        options=EraseOptions(tokens="suffix", lam=0.5, expand_prompts=False),
+    )
     edited = edit.apply(core_model)
     ctx_e, kv_e = core_kv(edited, PROMPT)
     ctx_b, kv_b = core_kv(core_model, PROMPT)
-    assert rel_err(probe_b["context"][0], ctx_b[0]) < 1e-4      # adapter-free baseline agrees
-    assert rel_err(probe_e["context"][0], ctx_e[0]) < 2e-3      # CLIP patches applied
-    assert set(kv_e) == {k[len("diffusion_model."):] if k.startswith("diffusion_model.") else k
-                         for k in probe_e if k not in ("context", "pooled")}
+    assert rel_err(probe_b["context"][0], ctx_b[0]) < 1e-4  # adapter-free baseline agrees
+    assert rel_err(probe_e["context"][0], ctx_e[0]) < 2e-3  # CLIP patches applied
+    assert set(kv_e) == {
+        k[len("diffusion_model.") :] if k.startswith("diffusion_model.") else k
+        for k in probe_e
+        if k not in ("context", "pooled")
+    }
     for k, v in kv_e.items():
         assert rel_err(probe_e[k][0], v) < 2e-3, k
         assert rel_err(probe_b[k][0], kv_b[k]) < 1e-4, k
@@ -202,8 +220,7 @@ def test_saved_lora_reproduces_the_edit_in_core_loraloader(server, erase_run):
     server.free()
     g = H.Graph()
     ck = g.add("CheckpointLoaderSimple", ckpt_name=H.CKPT_NAME)
-    lo = g.add("LoraLoader", model=[ck, 0], clip=[ck, 1], lora_name=lora_name, strength_model=1.0,
-               strength_clip=1.0)
+    lo = g.add("LoraLoader", model=[ck, 0], clip=[ck, 1], lora_name=lora_name, strength_model=1.0, strength_clip=1.0)
     pos = H.txt2img(g, [lo, 0], [lo, 1], [ck, 2], PROMPT, "from_lora")
     g.add("WeightsmithTestProbe", model=[lo, 0], conditioning=[pos, 0], name="from_lora")
     h = server.run(g.nodes)
@@ -257,8 +274,8 @@ def _merge_graph(loras, method, prefix, **kw):
 
 def _merge_available():
     try:
-        from weightsmith.core.merge import merge  # noqa: F401
         from weightsmith.core.lora_read import load_lora  # noqa: F401
+        from weightsmith.core.merge import merge  # noqa: F401
     except ImportError:
         return False
     return True
@@ -289,8 +306,9 @@ def test_merge_linear_equals_weighted_sum_and_interrupt_leaves_no_file(server, c
 
     # IterIS, long enough to interrupt: POST /interrupt once the merge started
     before = set(server.output("loras").rglob("*.safetensors"))
-    g, mg, sv = _merge_graph(spec, "iteris", "ws_test/merge_interrupted", iterations=50, samples=8,
-                             steps=20, resolution=256)
+    g, mg, sv = _merge_graph(
+        spec, "iteris", "ws_test/merge_interrupted", iterations=50, samples=8, steps=20, resolution=256
+    )
     started = "Weightsmith: merging 2 LoRAs (iteris)"
     n0 = server.log().count(started)
     pid = server.queue(g.nodes)
@@ -298,7 +316,7 @@ def test_merge_linear_equals_weighted_sum_and_interrupt_leaves_no_file(server, c
     while server.log().count(started) == n0:  # an interrupt sent before the prompt starts is dropped
         assert time.time() - t0 < 300, "the merge never started:\n" + server.log()[-3000:]
         time.sleep(0.1)
-    server.post("/interrupt")   # at once: on a fast, idle machine the whole merge can take seconds
+    server.post("/interrupt")  # at once: on a fast, idle machine the whole merge can take seconds
     t1 = time.time()
     hist = server.wait(pid, timeout=180)
     assert time.time() - t1 < 120, "the merge did not stop promptly after /interrupt"
@@ -315,9 +333,14 @@ def test_front_end_search_examples_and_inline_report(server):
     import json
 
     art = H.REPO / "tests" / "artifacts"
-    r = T.run([str(H.VENV_PY), str(H.HERE / "browser_check.py"), server.url, str(H.REPO), str(art),
-               "--run-report"], what="the ComfyUI browser check", env=H.venv_env(), capture_output=True,
-               text=True, timeout=1200)
+    r = T.run(
+        [str(H.VENV_PY), str(H.HERE / "browser_check.py"), server.url, str(H.REPO), str(art), "--run-report"],
+        what="the ComfyUI browser check",
+        env=H.venv_env(),
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     found = json.loads(r.stdout.strip().splitlines()[-1])
     assert NODE_IDS <= set(found["registered"])
@@ -344,8 +367,7 @@ def test_iteris_merge_node_runs_to_a_loadable_lora(server, core_model):
     ComfyUI's own LoraLoader accepts with every key."""
     loras = _write_test_loras(server, core_model)
     spec = [(loras[0][0], 1.0, "a photo of a cat"), (loras[1][0], 1.0, "a photo of a dog")]
-    g, mg, sv = _merge_graph(spec, "iteris", "ws_test/merge_iteris", iterations=1, samples=1, steps=1,
-                             resolution=64)
+    g, mg, sv = _merge_graph(spec, "iteris", "ws_test/merge_iteris", iterations=1, samples=1, steps=1, resolution=64)
     h = server.run(g.nodes)
     rep = h["outputs"][mg]["weightsmith_report"][0]
     assert rep.startswith("Weightsmith merge (iteris): 2 LoRAs") and "|dW|/|W|" in rep
@@ -362,9 +384,12 @@ def test_iteris_merge_node_runs_to_a_loadable_lora(server, core_model):
         # plus zero q/k/v/out siblings of each edited text-encoder attention weight (diffusers needs an
         # out_proj among kohya text-encoder keys, A1111 all four on fused attention; issue 12)
         edited = {kohya_prefix(n, "sd1", core_model.layout) for n in loras[0][1]}
-        zero = {kohya_prefix(n.rsplit(".", 1)[0] + "." + sub, "sd1", core_model.layout)
-                for n in loras[0][1] if n.startswith("text_encoder") and ".self_attn." in n
-                for sub in ("q_proj", "k_proj", "v_proj", "out_proj")} - edited
+        zero = {
+            kohya_prefix(n.rsplit(".", 1)[0] + "." + sub, "sd1", core_model.layout)
+            for n in loras[0][1]
+            if n.startswith("text_encoder") and ".self_attn." in n
+            for sub in ("q_proj", "k_proj", "v_proj", "out_proj")
+        } - edited
         assert all(float(f.get_tensor(p + ".lora_up.weight").abs().max()) == 0.0 for p in zero)
     want = {kohya_prefix(n, "sd1", core_model.layout) for n in loras[0][1]}
     assert prefixes == want | zero

@@ -8,6 +8,7 @@ Two checks, both able to fail:
 - statically, no ``import``/``from … import`` of a host package anywhere in ``core/`` source (function
   bodies included, which importing a module does not execute).
 """
+
 from __future__ import annotations
 
 import ast
@@ -59,16 +60,32 @@ _CHILD = textwrap.dedent("""
 
 
 def test_core_imports_without_hosts(tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
-               XDG_CACHE_HOME=str(tmp_path / "cache"))
-    proc = T.run([sys.executable, "-c", _CHILD, json.dumps(HOSTS), str(tmp_path / "tok")], what="the host-import check",
-                 capture_output=True, text=True, env=env, timeout=600)
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        XDG_CACHE_HOME=str(tmp_path / "cache"),
+    )
+    proc = T.run(
+        [sys.executable, "-c", _CHILD, json.dumps(HOSTS), str(tmp_path / "tok")],
+        what="the host-import check",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not out["failed"], "\n".join(f"{n}:\n{tb}" for n, tb in out["failed"])
     # the walk really covered core (solvers, merge, I/O, CLI)
-    for name in ("weightsmith.core.erase.solvers", "weightsmith.core.merge.iteris", "weightsmith.core.tokenizer",
-                 "weightsmith.core.model_io", "weightsmith.core.cli"):
+    for name in (
+        "weightsmith.core.erase.solvers",
+        "weightsmith.core.merge.iteris",
+        "weightsmith.core.tokenizer",
+        "weightsmith.core.model_io",
+        "weightsmith.core.cli",
+    ):
         assert name in out["imported"]
     assert out["loaded"] == [], f"host modules loaded by core: {out['loaded']}"
     assert out["attempts"] == [], f"core tried to import host modules: {out['attempts']}"
@@ -109,8 +126,8 @@ def test_comfy_adapter_still_offers_comfyuis_tokenizer(tmp_path, monkeypatch):
     assert ca.comfy_tokenizer_dirs() == [tmp_path / "comfy" / "sd1_tokenizer"]
     clip = types.SimpleNamespace(tokenizer=types.SimpleNamespace(clip_l=types.SimpleNamespace(tokenizer=None)))
     tok = ca.comfy_tokenizers(clip, "sd1")[TE1]
-    assert len(tok) == 512 + 2 + len("zebra") - 1 + len("quokka") - 1    # bytes, </w> bytes, merges, BOS/EOS
+    assert len(tok) == 512 + 2 + len("zebra") - 1 + len("quokka") - 1  # bytes, </w> bytes, merges, BOS/EOS
     assert tok.model_max_length == 77 and tok.pad_token == EOS
     monkeypatch.delitem(sys.modules, "comfy")
     monkeypatch.setattr(ca, "comfy_tokenizer_dirs", lambda: [])
-    assert len(ca.comfy_tokenizers(clip, "sd1")[TE1]) == 49408        # the bundled CLIP vocabulary
+    assert len(ca.comfy_tokenizers(clip, "sd1")[TE1]) == 49408  # the bundled CLIP vocabulary

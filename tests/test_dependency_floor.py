@@ -1,6 +1,7 @@
 """The declared dependency floors are one set: pyproject.toml (pip) and requirements.txt (ComfyUI-Manager,
 install.py) name the same ``>=`` versions. Whether the suite passes *on* those floors is its own step of
 ``tests/run.sh`` (``tests/floor/run_floor.py``), not a test inside the suite."""
+
 import importlib.util
 from pathlib import Path
 
@@ -22,7 +23,7 @@ def test_pyproject_and_requirements_declare_the_same_floors(install_py):
     floors = _run_floor().floors
     req = floors(install_py.requirements())
     pyp = floors(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"])
-    pyp.pop("torch")                                 # torch: every host brings its own build
+    pyp.pop("torch")  # torch: every host brings its own build
     assert req == pyp
     assert {"transformers", "diffusers"} <= set(req)
 

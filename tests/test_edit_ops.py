@@ -1,6 +1,7 @@
 """Edit composition and device moves (core/edit.py: ``Edit.then``, ``Edit.to``), the hosts' one
 "refused N of M weights" check (``check_patches_accepted``), and the host names that live in core only
 (core/naming.py). Each result is compared with a computation written out here."""
+
 import pytest
 import torch
 
@@ -17,17 +18,24 @@ def _factored(seed, names, shape=(6, 5), rank=2):
 
 
 def _snapshot(edit):
-    return ({k: v.clone() for k, v in edit.deltas.items()},
-            {k: (u.clone(), d.clone()) for k, (u, d) in edit.factors.items()},
-            dict(edit.report), dict(edit.sources))
+    return (
+        {k: v.clone() for k, v in edit.deltas.items()},
+        {k: (u.clone(), d.clone()) for k, (u, d) in edit.factors.items()},
+        dict(edit.report),
+        dict(edit.sources),
+    )
 
 
 def _same(edit, snap):
     deltas, factors, report, sources = snap
-    return (set(edit.deltas) == set(deltas) and all(torch.equal(edit.deltas[k], deltas[k]) for k in deltas)
-            and set(edit.factors) == set(factors)
-            and all(torch.equal(edit.factors[k][i], factors[k][i]) for k in factors for i in (0, 1))
-            and edit.report == report and edit.sources == sources)
+    return (
+        set(edit.deltas) == set(deltas)
+        and all(torch.equal(edit.deltas[k], deltas[k]) for k in deltas)
+        and set(edit.factors) == set(factors)
+        and all(torch.equal(edit.factors[k][i], factors[k][i]) for k in factors for i in (0, 1))
+        and edit.report == report
+        and edit.sources == sources
+    )
 
 
 def test_then_adds_deltas_concatenates_shared_factors_and_changes_neither_edit():
@@ -41,8 +49,12 @@ def test_then_adds_deltas_concatenates_shared_factors_and_changes_neither_edit()
     c = a.then(b)
 
     assert _same(a, sa) and _same(b, sb) and c is not a and c is not b
-    expect = {"both": da["both"] + db["both"], "only_a": da["only_a"], "only_b": db["only_b"],
-              "a_factored_b_dense": da["a_factored_b_dense"] + dense_b}
+    expect = {
+        "both": da["both"] + db["both"],
+        "only_a": da["only_a"],
+        "only_b": db["only_b"],
+        "a_factored_b_dense": da["a_factored_b_dense"] + dense_b,
+    }
     assert set(c.deltas) == set(expect)
     for k, v in expect.items():
         assert torch.allclose(c.deltas[k], v, atol=1e-6), k
@@ -91,8 +103,12 @@ def test_to_moves_and_casts_a_new_edit_and_leaves_the_original_as_it_was():
 
 def test_to_keeps_exact_factor_deltas_formed_when_read():
     f, d = _factored(5, ["a", "b"], shape=(4, 3))
-    e = Edit("sd1", CFG, FactorDeltas({k: (u.double(), w.double()) for k, (u, w) in f.items()},
-                                      {"a": (4, 3), "b": (2, 6)}), {k: (u.double(), w.double()) for k, (u, w) in f.items()})
+    e = Edit(
+        "sd1",
+        CFG,
+        FactorDeltas({k: (u.double(), w.double()) for k, (u, w) in f.items()}, {"a": (4, 3), "b": (2, 6)}),
+        {k: (u.double(), w.double()) for k, (u, w) in f.items()},
+    )
     moved = e.to("cpu", torch.float32)
     assert isinstance(moved.deltas, FactorDeltas) and isinstance(e.deltas, FactorDeltas)
     assert moved.deltas["b"].shape == (2, 6) and moved.deltas["b"].dtype == torch.float32
@@ -102,7 +118,7 @@ def test_to_keeps_exact_factor_deltas_formed_when_read():
 
 def test_the_refused_weights_check_names_counts_first_key_and_fix():
     wanted = {"k.c": 1, "k.a": 2, "k.b": 3}
-    check_patches_accepted(wanted, ["k.a", "k.b", "k.c"], "Forge", "UNet")        # all accepted: nothing
+    check_patches_accepted(wanted, ["k.a", "k.b", "k.c"], "Forge", "UNet")  # all accepted: nothing
     check_patches_accepted(wanted, ("k.a", "k.b", "k.c", "extra"), "ComfyUI", "MODEL")
     with pytest.raises(WeightsmithError) as e:
         check_patches_accepted(wanted, ["k.b"], "Forge", "text encoder")
@@ -125,7 +141,9 @@ def test_host_prefixes_and_family_labels_are_cores():
     assert naming.SUPPORTED_FAMILIES == "{sd1}, {sd2} and {sdxl}".format(**naming.FAMILY_LABELS)
     # the key prefixes each host's text encoders live under (ComfyUI's state dict, LDM checkpoints)
     assert {f: {c: naming.comfy_te_prefix(f, c) for c in naming.COMFY_TE_ATTRS[f]} for f in naming.COMFY_TE_ATTRS} == {
-        "sd1": {"text_encoder": "clip_l.transformer."}, "sd2": {"text_encoder": "clip_h.transformer."},
-        "sdxl": {"text_encoder": "clip_l.transformer.", "text_encoder_2": "clip_g.transformer."}}
+        "sd1": {"text_encoder": "clip_l.transformer."},
+        "sd2": {"text_encoder": "clip_h.transformer."},
+        "sdxl": {"text_encoder": "clip_l.transformer.", "text_encoder_2": "clip_g.transformer."},
+    }
     assert naming.te_checkpoint_prefix("sdxl", naming.TE2) == ("conditioner.embedders.1.model.", True)
     assert naming.sdxl_embedder_prefix(0, open_clip=False) == "conditioner.embedders.0.transformer."

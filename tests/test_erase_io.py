@@ -1,4 +1,5 @@
 """Model I/O and the erase CLI: round trips, LoRA export, bad input, determinism."""
+
 import hashlib
 import json
 
@@ -16,14 +17,33 @@ def run_cli(*args):
 
 
 def _erase_args(ckpt, tok, out, *extra):
-    args = ["erase", "--model", ckpt, "--tokenizer", tok, "--target", "van gogh", "--anchor", "art",
-            "--no-expand", "--max-pad", "4", "--ridge", "0", "--quiet", "--out", out, *extra]
+    args = [
+        "erase",
+        "--model",
+        ckpt,
+        "--tokenizer",
+        tok,
+        "--target",
+        "van gogh",
+        "--anchor",
+        "art",
+        "--no-expand",
+        "--max-pad",
+        "4",
+        "--ridge",
+        "0",
+        "--quiet",
+        "--out",
+        out,
+        *extra,
+    ]
     return [str(a) for a in args]
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
-def test_single_file_checkpoint_round_trip_equals_base_plus_delta(tiny_models, tiny_checkpoints,
-                                                                  tokenizer_dir, tmp_path, family):
+def test_single_file_checkpoint_round_trip_equals_base_plus_delta(
+    tiny_models, tiny_checkpoints, tokenizer_dir, tmp_path, family
+):
     from diffusers import UNet2DConditionModel
 
     ckpt = tiny_checkpoints[family]
@@ -44,7 +64,7 @@ def test_single_file_checkpoint_round_trip_equals_base_plus_delta(tiny_models, t
     edit = erase(src, ["van gogh"], ["art"], options=EraseOptions(expand_prompts=False, max_pad=4, ridge=0))
     for name, d in edit.deltas.items():
         if name.startswith("unet."):
-            w = u.get_submodule(name[len("unet."):]).weight
+            w = u.get_submodule(name[len("unet.") :]).weight
             assert torch.allclose(w, base.weight(name) + d, atol=1e-5)
     edited = load_model(out, tokenizer=tokenizer_dir)
     for name, d in edit.deltas.items():
@@ -54,8 +74,9 @@ def test_single_file_checkpoint_round_trip_equals_base_plus_delta(tiny_models, t
     a, b = load_file(str(ckpt)), load_file(str(out))
     assert set(a) == set(b)
     changed = [k for k in a if not torch.equal(a[k], b[k])]
-    assert changed and all("attn2.to_k" in k or "attn2.to_v" in k or "k_proj" in k or "v_proj" in k
-                           or "in_proj" in k for k in changed)
+    assert changed and all(
+        "attn2.to_k" in k or "attn2.to_v" in k or "k_proj" in k or "v_proj" in k or "in_proj" in k for k in changed
+    )
 
 
 def test_diffusers_folder_round_trip(tiny_models, tmp_path, diffusers_folder):
@@ -66,8 +87,24 @@ def test_diffusers_folder_round_trip(tiny_models, tmp_path, diffusers_folder):
     base = tiny_models["sd1"]
     src = diffusers_folder(base, tmp_path / "model")
     out = tmp_path / "edited"
-    assert run_cli("erase", "--model", src, "--target", "cat", "--anchor", "dog", "--no-expand",
-                   "--max-pad", "3", "--quiet", "--out", out) == 0
+    assert (
+        run_cli(
+            "erase",
+            "--model",
+            src,
+            "--target",
+            "cat",
+            "--anchor",
+            "dog",
+            "--no-expand",
+            "--max-pad",
+            "3",
+            "--quiet",
+            "--out",
+            out,
+        )
+        == 0
+    )
     edit = erase(load_model(src), ["cat"], ["dog"], options=EraseOptions(expand_prompts=False, max_pad=3))
     u = UNet2DConditionModel.from_pretrained(str(out / "unet"), local_files_only=True)
     name = base.unet_cross_attention_names()[-1] + ".to_v"
@@ -84,10 +121,16 @@ def _apply_kohya(lora_path, model, family):
     names = [n + "." + s for n in model.unet_cross_attention_names() for s in ("to_k", "to_v")]
     zero_siblings = []
     for comp, te in model.text_encoders.items():
-        names += [f"{comp}.text_model.encoder.layers.{i}.self_attn.{p}"
-                  for i in range(te.config.num_hidden_layers) for p in ("k_proj", "v_proj")]
-        zero_siblings += [f"{comp}.text_model.encoder.layers.{i}.self_attn.{p}"
-                          for i in range(te.config.num_hidden_layers) for p in ("q_proj", "out_proj")]
+        names += [
+            f"{comp}.text_model.encoder.layers.{i}.self_attn.{p}"
+            for i in range(te.config.num_hidden_layers)
+            for p in ("k_proj", "v_proj")
+        ]
+        zero_siblings += [
+            f"{comp}.text_model.encoder.layers.{i}.self_attn.{p}"
+            for i in range(te.config.num_hidden_layers)
+            for p in ("q_proj", "out_proj")
+        ]
     index = kohya_index(names + zero_siblings, family, layout)
     out = {}
     prefixes = {k.split(".")[0] for k in sd}
@@ -106,8 +149,9 @@ def _apply_kohya(lora_path, model, family):
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
-def test_exact_lora_equals_checkpoint_edit_and_svd_error_is_reported(tiny_models, tiny_checkpoints,
-                                                                      tokenizer_dir, tmp_path, family):
+def test_exact_lora_equals_checkpoint_edit_and_svd_error_is_reported(
+    tiny_models, tiny_checkpoints, tokenizer_dir, tmp_path, family
+):
     ckpt = tiny_checkpoints[family]
     full, lora, svd = tmp_path / "full.safetensors", tmp_path / "lora.safetensors", tmp_path / "svd.safetensors"
     assert run_cli(*_erase_args(ckpt, tokenizer_dir, full)) == 0
@@ -153,8 +197,9 @@ def test_two_runs_are_byte_identical(tiny_checkpoints, tokenizer_dir, tmp_path):
     assert h[0] == h[1]
 
 
-@pytest.mark.parametrize("case", ["empty_target", "anchors", "not_sd", "unknown_family", "corrupt",
-                                  "out_is_input", "pickle"])
+@pytest.mark.parametrize(
+    "case", ["empty_target", "anchors", "not_sd", "unknown_family", "corrupt", "out_is_input", "pickle"]
+)
 def test_bad_input_fails_clearly_and_writes_nothing(case, tiny_checkpoints, tokenizer_dir, tmp_path, capsys):
     from safetensors.torch import save_file
 
@@ -162,9 +207,13 @@ def test_bad_input_fails_clearly_and_writes_nothing(case, tiny_checkpoints, toke
     out = tmp_path / "out.safetensors"
     args = _erase_args(ckpt, tokenizer_dir, out)
     expect = {
-        "empty_target": "target concept is empty", "anchors": "2 anchors for 1 targets",
-        "not_sd": "not a Stable Diffusion model", "unknown_family": "unknown model family",
-        "corrupt": "corrupt", "out_is_input": "is the input model", "pickle": "weights_only",
+        "empty_target": "target concept is empty",
+        "anchors": "2 anchors for 1 targets",
+        "not_sd": "not a Stable Diffusion model",
+        "unknown_family": "unknown model family",
+        "corrupt": "corrupt",
+        "out_is_input": "is the input model",
+        "pickle": "weights_only",
     }[case]
     if case == "empty_target":
         args[args.index("van gogh")] = " "
@@ -181,7 +230,7 @@ def test_bad_input_fails_clearly_and_writes_nothing(case, tiny_checkpoints, toke
         args[args.index(str(ckpt))] = str(unet_only)
     elif case == "corrupt":
         bad = tmp_path / "corrupt.safetensors"
-        bad.write_bytes(ckpt.read_bytes()[: 5000])
+        bad.write_bytes(ckpt.read_bytes()[:5000])
         args[args.index(str(ckpt))] = str(bad)
     elif case == "out_is_input":
         args[args.index(str(out))] = str(ckpt)

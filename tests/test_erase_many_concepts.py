@@ -1,6 +1,7 @@
 """Many concepts at once (issue 37, docs/reliability.md "Many concepts"): the erase solvers' memory
 grows with the number of features N, never with N² — no N × N matrix (the Gram XᵀX the ridge scale
 once formed) is allocated anywhere in an erase."""
+
 import itertools
 
 import pytest
@@ -21,7 +22,7 @@ class _Shapes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+        for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor):
                 self.shapes.append((str(func), tuple(t.shape)))
         return out
@@ -51,7 +52,7 @@ def test_erasing_200_concepts_never_allocates_an_n_by_n_matrix(method, tiny_mode
     with rec:
         edit = erase(tiny_models["sd1"], targets, ["art"], method=method, options=opts)
     n = max(r["features"] for r in edit.report["stages"])
-    assert n >= 200                                      # at least one feature per target
+    assert n >= 200  # at least one feature per target
     big = [(f, s) for f, s in rec.shapes if len(s) >= 2 and sorted(s)[-2] >= n]
-    assert not big, big[:5]                              # nothing with two dimensions as large as N
+    assert not big, big[:5]  # nothing with two dimensions as large as N
     assert all(torch.isfinite(d).all() for d in edit.deltas.values())

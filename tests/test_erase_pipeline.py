@@ -1,9 +1,11 @@
 """ErasePro / zero-residual / UCE on tiny models of every family (docs/method.md, "Concept erasure")."""
+
 import pytest
 import torch
 
 from weightsmith.core.erase import EraseOptions, erase
-from weightsmith.core.erase.pipeline import build_prompts, gather as _gather, validate_concepts
+from weightsmith.core.erase.pipeline import build_prompts, validate_concepts
+from weightsmith.core.erase.pipeline import gather as _gather
 from weightsmith.core.erase.tokens import align
 
 FAMILIES = ("sd1", "sd2", "sdxl")
@@ -17,8 +19,10 @@ def _aligned(model, targets, anchors, opts):
     ps = build_prompts(t, a, [], opts, expand=bool(opts.expand_prompts))
     comp = next(iter(model.tokenizers))
     tok = model.tokenizers[comp]
-    pairs = [align(x.tolist(), y.tolist(), tok.eos_token_id, tok.bos_token_id, opts.tokens, opts.max_pad)
-             for x, y in zip(model.tokenize(ps.targets, comp), model.tokenize(ps.anchors, comp))]
+    pairs = [
+        align(x.tolist(), y.tolist(), tok.eos_token_id, tok.bos_token_id, opts.tokens, opts.max_pad)
+        for x, y in zip(model.tokenize(ps.targets, comp), model.tokenize(ps.anchors, comp))
+    ]
     return ps, [p.target_pos for p in pairs], [p.anchor_pos for p in pairs]
 
 
@@ -85,7 +89,7 @@ def test_preserve_concepts_reduce_collateral_change(tiny_models):
     plain = erase(model, ["van gogh"], ["art"], method="zero-residual", options=FEASIBLE)
     kept = erase(model, ["van gogh"], ["art"], ["picasso", "horse"], method="zero-residual", options=FEASIBLE)
     assert change(kept) < 0.8 * change(plain)
-    assert max(s["rho"] for s in kept.report["stages"]) <= 1e-4   # still exact on the edit features
+    assert max(s["rho"] for s in kept.report["stages"]) <= 1e-4  # still exact on the edit features
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -125,15 +129,14 @@ def test_progress_and_cancel(tiny_models):
     assert seen and seen[-1][0] == seen[-1][1] and [d for d, _ in seen] == sorted(d for d, _ in seen)
     calls = []
     with pytest.raises(CancelledError):
-        erase(tiny_models["sd1"], ["cat"], ["dog"], options=FEASIBLE,
-              cancel=lambda: len(calls.append(1) or calls) > 3)
+        erase(tiny_models["sd1"], ["cat"], ["dog"], options=FEASIBLE, cancel=lambda: len(calls.append(1) or calls) > 3)
 
 
 def test_our_uce_equals_the_public_script_algorithm(tiny_models):
     """Single-token concepts, where the script's token rule and ours select the same rows."""
-    from weightsmith.core.lab.reference import reference_uce
-
     import copy
+
+    from weightsmith.core.lab.reference import reference_uce
 
     model = copy.copy(tiny_models["sd1"])
     # the script works in float32 with torch.inverse; run it in float64 so only the algorithm is compared
@@ -142,8 +145,14 @@ def test_our_uce_equals_the_public_script_algorithm(tiny_models):
     model._unet, model.unet_loader = unet, (lambda: unet)
     targets, preserve = ["monet", "picasso"], ["dog"]
     ref = reference_uce(model, targets, ["art", "art"], preserve)
-    ours = erase(model, targets, ["art"], preserve, method="uce",
-                 options=EraseOptions(expand_prompts=False, preserve_captions=False))
+    ours = erase(
+        model,
+        targets,
+        ["art"],
+        preserve,
+        method="uce",
+        options=EraseOptions(expand_prompts=False, preserve_captions=False),
+    )
     for name, w in ref.items():
         d_ref = w - model.weight(name)
         assert torch.allclose(ours.deltas[name].double(), d_ref, atol=1e-5 * float(d_ref.abs().max())), name
@@ -156,7 +165,7 @@ def test_sdxl_text_encoder_stages_move_the_pooled_output(tiny_models):
     ep = erase(model, target, anchor, method="erasepro", options=FEASIBLE)
     uce = erase(model, target, anchor, method="uce", options=FEASIBLE)
     after = ep.apply(model).encode(target).pooled
-    assert torch.equal(uce.apply(model).encode(target).pooled, base_t)   # UCE edits only the UNet
+    assert torch.equal(uce.apply(model).encode(target).pooled, base_t)  # UCE edits only the UNet
     assert (after - base_a).norm() < 0.9 * (base_t - base_a).norm()
     assert any(k.startswith("text_encoder_2.") for k in ep.deltas)
 
@@ -169,7 +178,7 @@ def test_clip_skip_limits_the_edited_text_encoder_layers(tiny_checkpoints, token
     assert m1.encoder_specs["text_encoder"].layer == -1 and m2.encoder_specs["text_encoder"].layer == -2
     out = m2.text_encoders["text_encoder"](input_ids=m2.tokenize(["a cat"]), output_hidden_states=True)
     te = m2.text_encoders["text_encoder"]
-    ln = getattr(te, "text_model", te).final_layer_norm     # transformers 4.x nests it, 5.x does not
+    ln = getattr(te, "text_model", te).final_layer_norm  # transformers 4.x nests it, 5.x does not
     assert torch.allclose(m2.encode(["a cat"]).context, ln(out.hidden_states[-2]), atol=1e-6)
     e = erase(m2, ["cat"], ["dog"], method="erasepro", options=FEASIBLE)
     layers = {s["stage"] for s in e.report["stages"] if s["stage"] != "unet"}
@@ -181,14 +190,17 @@ def test_clip_skip_limits_the_edited_text_encoder_layers(tiny_checkpoints, token
 def test_default_solver_is_exact_when_well_conditioned_and_falls_back_to_ridge_otherwise(tiny_models):
     model = tiny_models["sd1"]
     # one short target, few rows: well-conditioned, solved exactly by default
-    e = erase(model, ["van gogh"], ["art"], method="zero-residual", options=EraseOptions(expand_prompts=False, max_pad=2))
+    e = erase(
+        model, ["van gogh"], ["art"], method="zero-residual", options=EraseOptions(expand_prompts=False, max_pad=2)
+    )
     assert {s["solver"] for s in e.report["stages"]} == {"exact"}
     assert max(s["rho"] for s in e.report["stages"]) <= 1e-4
     # many templates: more rows than dimensions, near-collinear padding -> ridge fallback, reported
     opts = EraseOptions(expand_prompts=True)
     auto = erase(model, ["van gogh"], ["art"], method="zero-residual", options=opts)
-    exact = erase(model, ["van gogh"], ["art"], method="zero-residual",
-                  options=EraseOptions(expand_prompts=True, ridge=0))
+    exact = erase(
+        model, ["van gogh"], ["art"], method="zero-residual", options=EraseOptions(expand_prompts=True, ridge=0)
+    )
     assert {s["solver"] for s in auto.report["stages"]} == {"ridge"}
     assert all(0 < s["rho"] < 1 for s in auto.report["stages"])
     norm = lambda e: sum(float(d.norm()) for d in e.deltas.values())  # noqa: E731

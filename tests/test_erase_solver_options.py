@@ -1,6 +1,7 @@
 """The split solve (``exact_subspace``) and column merging (``merge_tol``) of docs/method.md ("Split solve
 and column merging") against independent float64 computations, their validation, and the
 ``bench erase --sweep --quick`` smoke run."""
+
 import math
 
 import pytest
@@ -34,18 +35,18 @@ def _kkt_split(W_out, X, C, R, t, ridge):
     Ci = torch.linalg.inv(C) if C is not None else torch.eye(d, dtype=F64)
     Cm = C if C is not None else torch.eye(d, dtype=F64)
     M = X.T @ Ci @ X
-    ev, V = torch.linalg.eigh(M)                     # ascending; σ = sqrt(ev)
+    ev, V = torch.linalg.eigh(M)  # ascending; σ = sqrt(ev)
     sig = ev.clamp_min(0).sqrt()
     p = sig >= t * sig.max()
     Vp, Vr = V[:, p], V[:, ~p]
     mu = ridge * float(M.norm())
-    A, B = X @ Vp, X @ Vr                           # constraint and soft directions in input space
+    A, B = X @ Vp, X @ Vr  # constraint and soft directions in input space
     k = A.shape[1]
     K = torch.zeros(d + k, d + k, dtype=F64)
     K[:d, :d] = 2 * Cm + (2 / mu) * B @ B.T
     K[:d, d:] = A
     K[d:, :d] = A.T
-    rhs = torch.cat([(2 / mu) * B @ (R @ Vr).T, (R @ Vp).T], 0)     # one column per output row
+    rhs = torch.cat([(2 / mu) * B @ (R @ Vr).T, (R @ Vp).T], 0)  # one column per output row
     sol = torch.linalg.solve(K, rhs)
     return sol[:d].T, Vp, Vr
 
@@ -65,10 +66,10 @@ def test_split_solve_is_exact_on_the_principal_subspace_and_matches_kkt(with_c):
     assert torch.allclose(delta, ref, atol=1e-8 * float(ref.norm()), rtol=0), float((delta - ref).norm())
     assert torch.allclose(up @ down, delta, atol=1e-12)
     res = delta @ X - R
-    assert float((res @ Vp).norm()) < 1e-9 * float(R.norm())          # exact on the principal subspace
-    assert float((res @ Vr).norm()) > 1e-3 * float((R @ Vr).norm())    # soft (not exact) on the rest
+    assert float((res @ Vp).norm()) < 1e-9 * float(R.norm())  # exact on the principal subspace
+    assert float((res @ Vr).norm()) > 1e-3 * float((R @ Vr).norm())  # soft (not exact) on the rest
     exact, _, _ = ZeroResidualBasis(X, C, rcond=1e-12, ridge=0).delta(R)
-    assert float(delta.norm()) < 0.1 * float(exact.norm())              # the weak directions are not paid for
+    assert float(delta.norm()) < 0.1 * float(exact.norm())  # the weak directions are not paid for
 
 
 def test_split_with_every_direction_principal_is_the_exact_solve():
@@ -141,7 +142,7 @@ def test_pipeline_options_reach_the_solver_and_report(tiny_models):
     model = tiny_models["sd1"]
     base = erase(model, ["van gogh"], ["art"], method="erasepro", options=EraseOptions(ridge=0))
     merged = erase(model, ["van gogh"], ["art"], method="erasepro", options=EraseOptions(ridge=0, merge_tol=0.0))
-    for n, d in base.deltas.items():          # exact duplicates only: identical edit
+    for n, d in base.deltas.items():  # exact duplicates only: identical edit
         assert torch.allclose(d, merged.deltas[n], atol=1e-4 * float(d.norm()) + 1e-7), n
     assert any(s["solved_columns"] < s["features"] for s in merged.report["stages"])
     split = erase(model, ["van gogh"], ["art"], method="zero-residual", options=EraseOptions(exact_subspace=1e-2))
@@ -150,16 +151,19 @@ def test_pipeline_options_reach_the_solver_and_report(tiny_models):
     assert split.report["options"]["exact_subspace"] == 1e-2
 
 
-@pytest.mark.parametrize("fields, msg", [
-    ({"exact_subspace": 0.0}, "must be above rcond"),
-    ({"exact_subspace": 1.5}, "at most 1"),
-    ({"exact_subspace": 1e-7}, "must be above rcond"),
-    ({"exact_subspace": math.nan}, "finite number"),
-    ({"exact_subspace": 1e-2, "ridge": 0}, "ridge (--ridge) is 0"),
-    ({"merge_tol": -0.1}, "merge_tol (--merge-tol) must be >= 0"),
-    ({"merge_tol": 1.0}, "below 1"),
-    ({"merge_tol": "0.1"}, "finite number"),
-])
+@pytest.mark.parametrize(
+    "fields, msg",
+    [
+        ({"exact_subspace": 0.0}, "must be above rcond"),
+        ({"exact_subspace": 1.5}, "at most 1"),
+        ({"exact_subspace": 1e-7}, "must be above rcond"),
+        ({"exact_subspace": math.nan}, "finite number"),
+        ({"exact_subspace": 1e-2, "ridge": 0}, "ridge (--ridge) is 0"),
+        ({"merge_tol": -0.1}, "merge_tol (--merge-tol) must be >= 0"),
+        ({"merge_tol": 1.0}, "below 1"),
+        ({"merge_tol": "0.1"}, "finite number"),
+    ],
+)
 def test_bad_options_are_refused_clearly(fields, msg):
     with pytest.raises(WeightsmithError) as e:
         EraseOptions(**fields).validate()
@@ -173,11 +177,45 @@ def test_uce_refuses_the_zero_residual_options(tiny_models):
 
 def test_cli_refuses_bad_option_before_loading(tiny_checkpoints, tokenizer_dir, tmp_path, capsys):
     out = tmp_path / "o.safetensors"
-    rc = main(["erase", "--model", str(tiny_checkpoints["sd1"]), "--tokenizer", str(tokenizer_dir), "--target",
-               "van gogh", "--anchor", "art", "--out", str(out), "--exact-subspace", "2", "--quiet"])
+    rc = main(
+        [
+            "erase",
+            "--model",
+            str(tiny_checkpoints["sd1"]),
+            "--tokenizer",
+            str(tokenizer_dir),
+            "--target",
+            "van gogh",
+            "--anchor",
+            "art",
+            "--out",
+            str(out),
+            "--exact-subspace",
+            "2",
+            "--quiet",
+        ]
+    )
     assert rc == 2 and "at most 1" in capsys.readouterr().err and not out.exists()
-    rc = main(["erase", "--model", str(tiny_checkpoints["sd1"]), "--tokenizer", str(tokenizer_dir), "--target",
-               "van gogh", "--anchor", "art", "--out", str(out), "--method", "uce", "--merge-tol", "0.1", "--quiet"])
+    rc = main(
+        [
+            "erase",
+            "--model",
+            str(tiny_checkpoints["sd1"]),
+            "--tokenizer",
+            str(tokenizer_dir),
+            "--target",
+            "van gogh",
+            "--anchor",
+            "art",
+            "--out",
+            str(out),
+            "--method",
+            "uce",
+            "--merge-tol",
+            "0.1",
+            "--quiet",
+        ]
+    )
     assert rc == 2 and "UCE has its own closed form" in capsys.readouterr().err and not out.exists()
 
 
@@ -185,9 +223,30 @@ def test_cli_split_and_merge_write_an_edit(tiny_checkpoints, tokenizer_dir, tmp_
     import json
 
     out, rep = tmp_path / "o.safetensors", tmp_path / "r.json"
-    rc = main(["erase", "--model", str(tiny_checkpoints["sd1"]), "--tokenizer", str(tokenizer_dir), "--target",
-               "van gogh", "--anchor", "art", "--out", str(out), "--format", "lora", "--exact-subspace", "1e-2",
-               "--merge-tol", "0.05", "--report", str(rep), "--quiet"])
+    rc = main(
+        [
+            "erase",
+            "--model",
+            str(tiny_checkpoints["sd1"]),
+            "--tokenizer",
+            str(tokenizer_dir),
+            "--target",
+            "van gogh",
+            "--anchor",
+            "art",
+            "--out",
+            str(out),
+            "--format",
+            "lora",
+            "--exact-subspace",
+            "1e-2",
+            "--merge-tol",
+            "0.05",
+            "--report",
+            str(rep),
+            "--quiet",
+        ]
+    )
     assert rc == 0 and out.exists()
     r = json.loads(rep.read_text())
     assert r["options"]["exact_subspace"] == 1e-2 and r["options"]["merge_tol"] == 0.05
@@ -197,8 +256,16 @@ def test_cli_split_and_merge_write_an_edit(tiny_checkpoints, tokenizer_dir, tmp_
 def test_sweep_quick_smoke(capsys):
     assert main(["bench", "erase", "--sweep", "--quick"]) == 0
     out = capsys.readouterr().out
-    for label in ("auto (default)", "ridge 0 (exact)", "split 1e-2", "ρ edit", "ρ held", "‖Δ‖/‖W‖ per stage",
-                  "Spearman r", "does ‖Δ‖/‖W‖ fall with depth"):
+    for label in (
+        "auto (default)",
+        "ridge 0 (exact)",
+        "split 1e-2",
+        "ρ edit",
+        "ρ held",
+        "‖Δ‖/‖W‖ per stage",
+        "Spearman r",
+        "does ‖Δ‖/‖W‖ fall with depth",
+    ):
         assert label in out, label
     row = next(line for line in out.splitlines() if line.startswith("ridge 0 (exact)"))
     assert row.split()[3] == "exact"

@@ -1,4 +1,5 @@
 """Closed forms of docs/method.md ("UCE", "Zero-residual solve") against independent computations."""
+
 import torch
 
 from weightsmith.core.erase.solvers import UCEBasis, ZeroResidualBasis, preserve_matrix
@@ -19,7 +20,7 @@ def test_min_norm_solution_is_exact_and_orthogonal_inputs_unchanged():
     assert torch.allclose(up @ down, delta, atol=1e-12) and up.shape[1] == 5
     assert torch.allclose(delta, R @ torch.linalg.pinv(X), atol=1e-10)
     q, _ = torch.linalg.qr(torch.cat([X, _rand(16, 11, seed=4)], 1))
-    z = q[:, 5:]                       # orthogonal to every target feature
+    z = q[:, 5:]  # orthogonal to every target feature
     assert torch.allclose(delta @ z, torch.zeros(20, 11, dtype=F64), atol=1e-10)
 
 
@@ -51,7 +52,7 @@ def test_uce_matches_public_formula_and_its_residual_closed_form():
 
 def test_cutoff_drops_weak_directions_and_reports_rank():
     X = _rand(8, 3, seed=13)
-    X = torch.cat([X, X[:, :1] * (1 + 1e-9)], 1)      # a collinear column
+    X = torch.cat([X, X[:, :1] * (1 + 1e-9)], 1)  # a collinear column
     b = ZeroResidualBasis(X, rcond=1e-6)
     assert b.rank == 3
     W = _rand(4, 8, seed=14)

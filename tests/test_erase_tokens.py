@@ -1,11 +1,12 @@
 """Token alignment rule of docs/method.md, "Token features and pairing" (core/erase/tokens.py)."""
+
 import pytest
 
 from weightsmith.core.erase.tokens import align
 from weightsmith.core.errors import WeightsmithError
 from weightsmith.core.tokenizer import build_word_tokenizer
 
-B, E = 1000, 1001   # BOS, EOS ids in the synthetic sequences below
+B, E = 1000, 1001  # BOS, EOS ids in the synthetic sequences below
 
 
 def seq(*ids, T=12, pad=E):
@@ -24,8 +25,8 @@ def test_equal_length_concepts_pair_one_to_one_and_suffix_left_aligned():
 
 
 def test_longer_target_maps_proportionally_and_truncates_tail():
-    t = seq(5, 70, 71, 72, 9)      # concept of 3 tokens at 2..4, suffix from 5
-    a = seq(5, 80, 9)              # concept of 1 token at 2, suffix from 3
+    t = seq(5, 70, 71, 72, 9)  # concept of 3 tokens at 2..4, suffix from 5
+    a = seq(5, 80, 9)  # concept of 1 token at 2, suffix from 3
     p = align(t, a, E, B)
     assert p.target_pos[:3] == (2, 3, 4)
     assert p.anchor_pos[:3] == (2, 2, 2)
@@ -35,11 +36,11 @@ def test_longer_target_maps_proportionally_and_truncates_tail():
 
 
 def test_empty_anchor_maps_onto_first_post_concept_token():
-    t = seq(5, 70, 71)             # "photo of X1 X2"
-    a = seq(5)                     # "photo of"
+    t = seq(5, 70, 71)  # "photo of X1 X2"
+    a = seq(5)  # "photo of"
     p = align(t, a, E, B)
-    assert p.target_pos[:2] == (2, 3) and p.anchor_pos[:2] == (2, 2)   # anchor pos 2 is its EOS
-    assert p.target_pos[2] == 4 and p.anchor_pos[2] == 2               # EOS <-> EOS
+    assert p.target_pos[:2] == (2, 3) and p.anchor_pos[:2] == (2, 2)  # anchor pos 2 is its EOS
+    assert p.target_pos[2] == 4 and p.anchor_pos[2] == 2  # EOS <-> EOS
 
 
 def test_last_mode_and_max_pad():
@@ -105,7 +106,8 @@ def test_word_tokenizer_folder_is_cached_once_not_left_in_tmp(tmp_path, monkeypa
         build_word_tokenizer.cache_clear()
     assert a.name_or_path == b.name_or_path != c.name_or_path
     assert sorted(p.name for p in (tmp_path / "cache" / "weightsmith").iterdir()) == sorted(
-        {Path(t.name_or_path).name for t in (a, c)})
+        {Path(t.name_or_path).name for t in (a, c)}
+    )
     assert list(tmp.iterdir()) == []
     ref = write_word_vocab(tmp_path / "ref", model_max_length=77, pad_token="!")
     for f in ("vocab.json", "merges.txt", "tokenizer_config.json"):

@@ -3,6 +3,7 @@ README): Apply through ``forge_objects_original`` survives LoRA changes and engi
 what the same checkpoint with the edit baked in gives (conds and UNet weights, LoRA stacked on top);
 Undo is bit-exact; Apply before the first generation lands at the lazy load; another checkpoint
 never gets the edit; refusals change nothing."""
+
 import os
 import sys
 from pathlib import Path
@@ -17,8 +18,9 @@ ERASE_ADV = {"expand_prompts": False, "max_pad": 3}
 
 
 def _purge():
-    for m in [m for m in sys.modules if m.split(".")[0] in ("modules", "modules_forge", "networks",
-                                                           "forge_engine", "fake_sd")]:
+    for m in [
+        m for m in sys.modules if m.split(".")[0] in ("modules", "modules_forge", "networks", "forge_engine", "fake_sd")
+    ]:
         del sys.modules[m]
 
 
@@ -34,16 +36,22 @@ def forge(tmp_path_factory):
 
     forge_engine.install()
     Path(shared.cmd_opts.lora_dir).mkdir(parents=True, exist_ok=True)
-    yield {"root": root, "shared": shared, "sd_models": sd_models, "processing": processing,
-           "engine": forge_engine, "networks": networks}
+    yield {
+        "root": root,
+        "shared": shared,
+        "sd_models": sd_models,
+        "processing": processing,
+        "engine": forge_engine,
+        "networks": networks,
+    }
     for p in PATHS:
         sys.path.remove(p)
     _purge()
 
 
 def _checkpoint(forge, family, name="base"):
-    from weightsmith.core.model_io import save_single_file
     from weightsmith.core.lab.random_models import build_random_model
+    from weightsmith.core.model_io import save_single_file
 
     m = build_random_model(family, "tiny", seed=3)
     ck = Path(forge["sd_models"].model_path) / f"{name}-{family}.safetensors"
@@ -51,7 +59,7 @@ def _checkpoint(forge, family, name="base"):
     if not ck.exists():
         save_single_file(m, ck)
     forge["engine"].TOKENIZER = m.tokenizers["text_encoder"]
-    os.environ["WEIGHTSMITH_TOKENIZER"] = str(m.tokenizers["text_encoder"].name_or_path)   # the tab's loader
+    os.environ["WEIGHTSMITH_TOKENIZER"] = str(m.tokenizers["text_encoder"].name_or_path)  # the tab's loader
     return m, ck
 
 
@@ -135,8 +143,8 @@ def test_apply_is_the_baked_checkpoint_under_lora_changes_and_undo_is_exact(forg
     _kohya(m, Path(forge["shared"].cmd_opts.lora_dir) / lora)
     _start(forge, ck)
     b, wb = _backend()
-    edit = wb.compute_erase("cat", "dog", "", "uce", ERASE_ADV)       # UNet cross-attention k/v
-    te_edit = _te_edit(m)                                               # and a text-encoder change
+    edit = wb.compute_erase("cat", "dog", "", "uce", ERASE_ADV)  # UNet cross-attention k/v
+    te_edit = _te_edit(m)  # and a text-encoder change
     assert edit.deltas and te_edit.deltas
 
     # the reference: the same checkpoint with both edits written into it, loaded and used by Forge
@@ -150,47 +158,47 @@ def test_apply_is_the_baked_checkpoint_under_lora_changes_and_undo_is_exact(forg
     base_c, _, base_w = _gen(forge)
     assert not torch.allclose(base_c, ref_c, atol=1e-4)
     wb.apply(edit)
-    wb.apply(te_edit)                                  # applied on top: the host holds their sum
+    wb.apply(te_edit)  # applied on top: the host holds their sum
     assert b.installed_on is forge["shared"].sd_model
-    c, _, w = _gen(forge)                              # the same prompt: the cond cache was emptied
+    c, _, w = _gen(forge)  # the same prompt: the cond cache was emptied
     assert torch.allclose(c, ref_c, atol=1e-5) and _close(w, ref_w)
-    assert sorted(k for k in w if not torch.equal(w[k], base_w[k]))      # the UNet changed
-    c, _, w = _gen(forge, [(lora, 1.0, 1.0)])          # a LoRA added: stacked on the edited weights
+    assert sorted(k for k in w if not torch.equal(w[k], base_w[k]))  # the UNet changed
+    c, _, w = _gen(forge, [(lora, 1.0, 1.0)])  # a LoRA added: stacked on the edited weights
     assert torch.allclose(c, ref_lc, atol=1e-5) and _close(w, ref_lw)
-    c, _, w = _gen(forge)                              # and removed again: the edit is still there
+    c, _, w = _gen(forge)  # and removed again: the edit is still there
     assert torch.allclose(c, ref_c, atol=1e-5) and _close(w, ref_w)
 
     assert wb.undo().startswith("Undone")
     c, _, w = _gen(forge)
     assert torch.equal(c, base_c) and all(torch.equal(w[k], base_w[k]) for k in base_w)
-    c, _, w = _gen(forge, [(lora, 1.0, 1.0)])          # LoRA alone after Undo: no trace of the edit
+    c, _, w = _gen(forge, [(lora, 1.0, 1.0)])  # LoRA alone after Undo: no trace of the edit
     c0, _, _ = _gen(forge)
     assert torch.equal(c0, base_c)
 
 
 def test_apply_before_the_first_generation_lands_at_load_and_follows_rebuilds_only(forge):
     m, ck = _checkpoint(forge, "sd1")
-    _start(forge, ck)                                  # nothing loaded yet (Forge loads lazily)
+    _start(forge, ck)  # nothing loaded yet (Forge loads lazily)
     b, wb = _backend()
     edit = wb.compute_erase("cat", "dog", "", "uce", ERASE_ADV)
     wb.apply(edit)
     assert b.installed_on is None and wb.applied is not None
-    c1, _, w1 = _gen(forge)                            # loads the engine; the callback installs the edit
+    c1, _, w1 = _gen(forge)  # loads the engine; the callback installs the edit
     first = forge["shared"].sd_model
     assert b.installed_on is first
-    forge["sd_models"].model_data.forge_hash = ""      # e.g. a setting changed: a new engine, same checkpoint
+    forge["sd_models"].model_data.forge_hash = ""  # e.g. a setting changed: a new engine, same checkpoint
     c2, _, w2 = _gen(forge)
     assert forge["shared"].sd_model is not first and b.installed_on is forge["shared"].sd_model
     assert torch.equal(c1, c2) and all(torch.equal(w1[k], w2[k]) for k in w1)
 
-    _start(forge, _copy(forge, ck, "other-sd1.safetensors"), initial=False)   # another checkpoint: never edited
+    _start(forge, _copy(forge, ck, "other-sd1.safetensors"), initial=False)  # another checkpoint: never edited
     c3, _, w3 = _gen(forge)
     _start(forge, ck, initial=False)
     forge["sd_models"].model_data.forge_hash = ""
-    b.forget()                                         # (as if the tab had noticed the switch)
+    b.forget()  # (as if the tab had noticed the switch)
     c4, _, w4 = _gen(forge)
     assert torch.equal(c3, c4) and all(torch.equal(w3[k], w4[k]) for k in w3)
-    assert not all(torch.equal(w3[k], w1[k]) for k in w1)    # UCE changes the UNet only
+    assert not all(torch.equal(w3[k], w1[k]) for k in w1)  # UCE changes the UNet only
 
 
 def test_switching_checkpoint_drops_the_edit_with_a_message(forge):
@@ -240,8 +248,11 @@ def test_conv_deltas_are_reshaped_to_the_parameter(forge):
     _start(forge, ck)
     b, wb = _backend()
     _, _, w0 = _gen(forge)
-    conv = next("unet." + n for n, mod in m.unet.named_modules()
-                if isinstance(mod, torch.nn.Conv2d) and mod.kernel_size == (3, 3))
+    conv = next(
+        "unet." + n
+        for n, mod in m.unet.named_modules()
+        if isinstance(mod, torch.nn.Conv2d) and mod.kernel_size == (3, 3)
+    )
     W = m.weight(conv)
     d = torch.randn(W.shape[0], W[0].numel(), generator=torch.Generator().manual_seed(1)) * 0.01
     wb.apply(Edit("sd1", dict(m.unet_config), {conv: d}, {}, {"method": "test"}))
@@ -276,7 +287,7 @@ def test_a_lora_saved_again_under_a_path_forge_has_read_is_read_again(forge):
     path.unlink()
     other = wb.compute_erase("cat", "bird", "", "uce", ERASE_ADV)
     assert wb.save_lora(other, name).startswith("Saved LoRA")
-    _, _, w_saved = _gen(forge, tags)                   # the same prompt and tags right after the save
+    _, _, w_saved = _gen(forge, tags)  # the same prompt and tags right after the save
     # the reference: what this Forge gives with nothing cached (cache emptied, LoRA stack rebuilt)
     forge["networks"].load_lora_state_dict.cache_clear()
     forge["shared"].sd_model.current_lora_hash = None
@@ -293,7 +304,7 @@ def _half_file(ck, out, dtype=torch.float16, keep_one_float32=False):
     with safe_open(str(ck), framework="pt") as f:
         meta, sd = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     unet = [k for k in sd if k.startswith("model.diffusion_model.") and sd[k].dim() >= 2]
-    for k in unet[1 if keep_one_float32 else 0:]:
+    for k in unet[1 if keep_one_float32 else 0 :]:
         sd[k] = sd[k].to(dtype)
     save_file(sd, str(out), metadata=meta)
     return out
@@ -324,15 +335,17 @@ def test_an_sdxl_file_in_half_precision_is_held_in_it_beside_forge_with_the_same
     lin = [mod for mod in held.unet.modules() if isinstance(mod, torch.nn.Linear)]
     assert lin and all(mod.weight.dtype is torch.float16 for mod in lin)
 
-    ref_model = load_model(ck, tokenizer=forge["engine"].TOKENIZER)      # float32, the file's values
+    ref_model = load_model(ck, tokenizer=forge["engine"].TOKENIZER)  # float32, the file's values
     assert all(p.dtype is torch.float32 for p in ref_model.unet.parameters())
     ref = _workbench_on(ref_model, b)
     edit, ref_edit = (w.compute_erase("cat", "dog", "", "erasepro", ERASE_ADV) for w in (wb, ref))
     assert edit.deltas.keys() == ref_edit.deltas.keys()
     assert all(torch.equal(edit.deltas[n], ref_edit.deltas[n]) for n in edit.deltas)
     settings = {"iterations": 1, "samples": 1, "steps": 1, "seed": 0, "evaluate_final": False}
-    (merged, _), (ref_merged, _) = (w.compute_merge(["h0.safetensors", "h1.safetensors"], "", "a cat\na dog",
-                                                    "iteris", dict(settings)) for w in (wb, ref))
+    (merged, _), (ref_merged, _) = (
+        w.compute_merge(["h0.safetensors", "h1.safetensors"], "", "a cat\na dog", "iteris", dict(settings))
+        for w in (wb, ref)
+    )
     unet = [n for n in merged.deltas if n.startswith("unet")]
     assert unet and merged.deltas.keys() == ref_merged.deltas.keys()
     assert all(torch.equal(merged.deltas[n], ref_merged.deltas[n]) for n in merged.deltas)

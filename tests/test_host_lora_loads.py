@@ -1,23 +1,24 @@
 """Every LoRA Weightsmith writes applies exactly in A1111's Lora extension (the stand-in of
 tests/a1111/fake_webui, with A1111's key resolution, alpha/dim scale and fused-MHA rule): erase
-with each method, merges and a block-weighted LoRA (reweight), on SD1, SD2 (fused OpenCLIP attention) and SDXL (issue 12). The
+with each method, merges and a block-weighted LoRA (reweight), on SD1, SD2 (fused OpenCLIP attention)
+and SDXL (issue 12). The
 diffusers loads are tested in test_lora_write.py; ComfyUI's LoraLoader in test_comfy_server.py."""
+
 import pytest
 import torch
-
-from test_a1111_adapter import _activate, _backend, _live, _load, webui  # noqa: F401  (fixture)
+from test_a1111_adapter import _activate, _backend, _live, _load, webui  # noqa: F401, F811  (webui: a fixture, used by name)
 
 
 def _a1111_rel_errors(webui, b, edit, path):
     """Per edited module: ‖(live weight with the LoRA active) − (base + ΔW)‖ / ‖ΔW‖."""
     base = {n: _live(b, n) for n in edit.deltas}
-    _activate(webui, path)                   # asserts every key of the file matched a layer
+    _activate(webui, path)  # asserts every key of the file matched a layer
     errs = {}
     for n, d in edit.deltas.items():
         got = _live(b, n).double() - base[n].double()
         errs[n] = float((got - d.double().reshape(got.shape)).norm() / d.double().norm())
     _activate(webui)
-    for n in edit.deltas:                     # and it comes off again
+    for n in edit.deltas:  # and it comes off again
         assert torch.equal(_live(b, n), base[n]), n
     return errs
 
@@ -27,10 +28,10 @@ def test_erase_and_merge_loras_apply_exactly_in_a1111(webui, tmp_path, family):
     from pathlib import Path
 
     from weightsmith.core.erase.pipeline import EraseOptions, erase
+    from weightsmith.core.lab.random_loras import random_lora
     from weightsmith.core.lora_read import lora_from_state_dict
     from weightsmith.core.lora_write import save_lora
     from weightsmith.core.merge import merge, save_merge
-    from weightsmith.core.lab.random_loras import random_lora
 
     m, sm, ck = _load(webui, family)
     b, _ = _backend()
@@ -43,8 +44,10 @@ def test_erase_and_merge_loras_apply_exactly_in_a1111(webui, tmp_path, family):
         errs = _a1111_rel_errors(webui, b, edit, p)
         assert max(errs.values()) <= 1e-5, max(errs.items(), key=lambda kv: kv[1])
         worst[method] = max(errs.values())
-    loras = [lora_from_state_dict(random_lora(m, groups=g, rank=r, seed=s, strength=0.05)[0], m, name=f"l{s}")
-             for s, g, r in ((1, ("attn", "te", "conv"), 4), (2, ("kv", "te"), 2))]
+    loras = [
+        lora_from_state_dict(random_lora(m, groups=g, rank=r, seed=s, strength=0.05)[0], m, name=f"l{s}")
+        for s, g, r in ((1, ("attn", "te", "conv"), 4), (2, ("kv", "te"), 2))
+    ]
     for method in ("concat", "ties"):
         edit = merge(m, loras, method, weights=[1.0, 0.5])
         p = lora_dir / f"m-{family}-{method}.safetensors"

@@ -1,6 +1,7 @@
 """IterIS under a memory budget (docs/merge.md, "Memory"): layers planned into groups that get their
 own passes give the very same merge as one pass over everything; what does not fit falls back to
 the weighted sum with the reason in the report; an impossible budget is a clear error."""
+
 import sys
 from pathlib import Path
 
@@ -8,10 +9,10 @@ import pytest
 import torch
 
 from weightsmith.core.errors import WeightsmithError
+from weightsmith.core.lab.random_loras import random_lora
 from weightsmith.core.lora_read import lora_from_state_dict
 from weightsmith.core.merge import MergeOptions, merge
 from weightsmith.core.merge.iteris import IterISSolver
-from weightsmith.core.lab.random_loras import random_lora
 from weightsmith.core.merge.stats import input_group as _input_group
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -31,8 +32,10 @@ def _loras(model):
 
 def _limit(monkeypatch, avail):
     """Leave exactly ``avail`` bytes for statistics, whatever this process already holds."""
+
     def budget(self, reserve):
-        return 10 ** 12, 0, avail(self) if callable(avail) else avail
+        return 10**12, 0, avail(self) if callable(avail) else avail
+
     monkeypatch.setattr(IterISSolver, "_statistics_budget", budget)
 
 
@@ -49,11 +52,17 @@ def test_layer_groups_over_several_passes_give_the_same_merge(tiny_models, monke
     assert whole.report["memory"]["chunks"] == 1
 
     sizes = _group_sizes(model, loras).group_bytes
-    _limit(monkeypatch, max(sizes.values()))       # room for the largest input group, not for all
+    _limit(monkeypatch, max(sizes.values()))  # room for the largest input group, not for all
     assert sum(sizes.values()) > 4 * max(sizes.values())
     calls = []
-    split = merge(model, loras, "iteris", prompts=PROMPTS, options=MergeOptions(**OPTS),
-                  progress=lambda d, t, label: calls.append((d, t, label)))
+    split = merge(
+        model,
+        loras,
+        "iteris",
+        prompts=PROMPTS,
+        options=MergeOptions(**OPTS),
+        progress=lambda d, t, label: calls.append((d, t, label)),
+    )
     mem = split.report["memory"]
     assert mem["chunks"] >= 5 and mem["unet_chunks"] >= 1 and mem["unet_chunks"] < mem["chunks"]
     # every chunk of every round runs each LoRA once: 1 + iterations + final objective rounds
@@ -61,7 +70,7 @@ def test_layer_groups_over_several_passes_give_the_same_merge(tiny_models, monke
     # one progress tick per text batch and per UNet step: 2 prompts in one batch of 2, 2 samples × 1 step
     rounds, k = 1 + OPTS["iterations"] + 1, 2
     ticks = rounds * k * (mem["chunks"] + mem["unet_chunks"])
-    assert calls[-1][0] == calls[-1][1] == ticks == len(calls) - 1     # + the start (0, total) call
+    assert calls[-1][0] == calls[-1][1] == ticks == len(calls) - 1  # + the start (0, total) call
     assert [d for d, _, _ in calls] == list(range(ticks + 1))
     assert any("layer group" in label for _, _, label in calls)
     assert sum("left" in label for _, _, label in calls) >= ticks - 1  # time left on every tick but the last
@@ -69,8 +78,8 @@ def test_layer_groups_over_several_passes_give_the_same_merge(tiny_models, monke
     assert sorted(split.deltas) == sorted(whole.deltas)
     for n in whole.deltas:
         assert torch.equal(split.deltas[n], whole.deltas[n]), n
-    for a, b in zip(split.report["curve"], whole.report["curve"], strict=True):   # sums in another order
-        for key in ("objective", "change"):                      # None: not measured in that round
+    for a, b in zip(split.report["curve"], whole.report["curve"], strict=True):  # sums in another order
+        for key in ("objective", "change"):  # None: not measured in that round
             assert (a[key] is None) == (b[key] is None), key
             if a[key] is not None:
                 assert a[key] == pytest.approx(b[key], rel=1e-12), key
@@ -82,9 +91,8 @@ def test_a_layer_over_the_budget_falls_back_with_its_reason(tiny_models, monkeyp
     loras = _loras(model)
     sizes = _group_sizes(model, loras).group_bytes
     top = max(sizes.values())
-    _limit(monkeypatch, max(v for v in sizes.values() if v < top))    # room for all but the largest
-    wide = sorted(n for n in set(loras[0].modules) | set(loras[1].modules)
-                  if sizes.get(_input_group(n)) == top)
+    _limit(monkeypatch, max(v for v in sizes.values() if v < top))  # room for all but the largest
+    wide = sorted(n for n in set(loras[0].modules) | set(loras[1].modules) if sizes.get(_input_group(n)) == top)
     assert wide
     edit = merge(model, loras, "iteris", prompts=PROMPTS, options=MergeOptions(**OPTS))
     assert edit.report["fallback_weighted_sum"] == wide
@@ -116,7 +124,7 @@ def test_release_free_heap_hands_freed_heap_blocks_back():
     import sys
 
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim
+        _ = ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):
         pytest.skip("not glibc: release_free_heap is a no-op here")
     if platform.system() != "Linux":
@@ -137,8 +145,14 @@ held = memory.rss()
 memory.release_free_heap(collect=False)
 print(json.dumps([before, held, memory.rss()]))
 """
-    out = T.run([sys.executable, "-c", code], what="the IterIS memory child", capture_output=True, text=True,
-                timeout=300, check=True)
+    out = T.run(
+        [sys.executable, "-c", code],
+        what="the IterIS memory child",
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
     before, held, after = json.loads(out.stdout.strip().splitlines()[-1])
     assert held - before > -50 * 2**20, "the freed blocks left the heap without a trim (nothing to show)"
     assert held - after > 150 * 2**20, (before, held, after)
@@ -153,7 +167,7 @@ def test_default_budget_full_by_the_process_itself_falls_back_to_what_is_free(ti
     loras = _loras(model)
     used = 10 * memory.GIB
     monkeypatch.setattr(memory, "used_bytes", lambda device="cpu": used)
-    monkeypatch.setattr(memory, "default_budget", lambda device="cpu": used + 2**20)   # 1 MB left
+    monkeypatch.setattr(memory, "default_budget", lambda device="cpu": used + 2**20)  # 1 MB left
     monkeypatch.setattr(memory, "free_budget", lambda device="cpu": used + 4 * memory.GIB)
     solver = IterISSolver(model, loras, [1.0, 1.0], [[], []], MergeOptions(**OPTS))
     assert solver.memory["budget_bytes"] == used + 4 * memory.GIB

@@ -1,6 +1,7 @@
 """IterIS statistics from a subset of positions (``max_rows``; docs/merge.md, "Speed"): the subset
 Gram matrices stand for the full ones, paired passes read the same positions, and the merge with a
 cap large enough equals the merge without one."""
+
 import torch
 
 from weightsmith.core.merge.stats import GramStats, module_rows
@@ -16,16 +17,17 @@ class _Model:
 
 def _setup(max_rows, seed=0):
     torch.manual_seed(0)
-    mods = {"unet.conv": torch.nn.Conv2d(3, 5, 3, padding=1).double(),
-            "unet.lin": torch.nn.Linear(6, 4).double()}
+    mods = {"unet.conv": torch.nn.Conv2d(3, 5, 3, padding=1).double(), "unet.lin": torch.nn.Linear(6, 4).double()}
     st = GramStats(_Model(mods), sorted(mods), max_rows=max_rows, seed=seed)
     return mods, st
 
 
 def _inputs(call):
     g = torch.Generator().manual_seed(100 + call)
-    return (torch.randn(2, 3, 6, 6, generator=g, dtype=torch.float64),
-            torch.randn(2, 10, 6, generator=g, dtype=torch.float64))
+    return (
+        torch.randn(2, 3, 6, 6, generator=g, dtype=torch.float64),
+        torch.randn(2, 10, 6, generator=g, dtype=torch.float64),
+    )
 
 
 def _gram_pass(max_rows, calls=3, seed=0):
@@ -52,7 +54,7 @@ def _full(calls=3):
 
 def test_a_cap_at_or_above_the_positions_changes_nothing():
     full = _full()
-    capped, _ = _gram_pass(36)          # 36 = 6 × 6 pixels of the conv; the linear layer has 10 tokens
+    capped, _ = _gram_pass(36)  # 36 = 6 × 6 pixels of the conv; the linear layer has 10 tokens
     for n in full:
         assert torch.equal(capped[n], _gram_pass(0)[0][n])
         assert torch.allclose(capped[n], full[n], rtol=1e-12, atol=1e-12)

@@ -1,13 +1,20 @@
 """IterIS behaviour: fixed points, monotone objective on a deep chain, exact export and round trips."""
+
 import pytest
 
 from weightsmith.core.errors import WeightsmithError
+from weightsmith.core.lab.random_loras import random_lora
 from weightsmith.core.lora_read import load_lora, lora_from_state_dict
 from weightsmith.core.merge import MergeOptions, merge, save_merge
-from weightsmith.core.lab.random_loras import random_lora
 
-PROMPTS = ["a red cat on a tree", "a blue car in the city", "portrait of an old man",
-           "a dog and a horse at sunset", "a bright star in the night sky", "a small house by the river"]
+PROMPTS = [
+    "a red cat on a tree",
+    "a blue car in the city",
+    "portrait of an old man",
+    "a dog and a horse at sunset",
+    "a bright star in the night sky",
+    "a small house by the river",
+]
 FAST = dict(samples=2, steps=1, latent_size=8, batch_size=2)
 
 
@@ -23,8 +30,9 @@ def _rel(a, b):
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 def test_one_lora_and_identical_loras_give_that_delta(tiny_models, family):
     model = tiny_models[family]
-    a = _lora(model, 1, groups=("attn", "ff", "te", "conv") if family == "sdxl" else ("attn", "te"),
-              rank=4, strength=0.3)
+    a = _lora(
+        model, 1, groups=("attn", "ff", "te", "conv") if family == "sdxl" else ("attn", "te"), rank=4, strength=0.3
+    )
     opts = MergeOptions(iterations=2, **FAST)
     # one LoRA under either ridge; identical LoRAs: the ridge toward the mean at any equal weights, the
     # ridge toward the (weighted) sum where that sum is the LoRA itself (weights ½, ½)
@@ -32,8 +40,9 @@ def test_one_lora_and_identical_loras_give_that_delta(tiny_models, family):
     if family == "sd1":
         cases += [([a, a], None, "mean"), ([a, a], [0.5, 0.5], "sum")]
     for loras, weights, toward in cases:
-        edit = merge(model, loras, "iteris", weights=weights,
-                     options=MergeOptions(iterations=2, ridge_toward=toward, **FAST))
+        edit = merge(
+            model, loras, "iteris", weights=weights, options=MergeOptions(iterations=2, ridge_toward=toward, **FAST)
+        )
         assert set(edit.deltas) == set(a.modules)
         worst = max(_rel(edit.deltas[n], a.modules[n].delta()) for n in a.modules)
         assert worst < 1e-4, (len(loras), toward, worst)
@@ -58,9 +67,9 @@ def test_objective_does_not_increase_on_a_deep_chain(tiny_models):
     assert len(objs) == 5 and all(o is not None for o in objs)
     for before, after in zip(objs, objs[1:]):
         assert after <= before * (1 + 1e-9), objs
-    assert objs[-1] < objs[0] * (1 - 1e-3), objs             # the iterations matter on this chain
+    assert objs[-1] < objs[0] * (1 - 1e-3), objs  # the iterations matter on this chain
     changes = [c["change"] for c in edit.report["curve"][1:]]
-    assert changes[-1] < changes[0]                          # converging
+    assert changes[-1] < changes[0]  # converging
     res = edit.report["residuals"]
     assert set(res) == set(edit.deltas) and all(0 <= v < 1 for v in res.values())
 
@@ -73,7 +82,7 @@ def test_exact_export_and_round_trips(tiny_models, tmp_path):
     applied = edit.apply(model)
     for n, d in edit.deltas.items():
         up, down = edit.factors[n]
-        assert up.shape[1] == a.modules[n].rank + (b.modules[n].rank if n in b.modules else 0)   # rank Σ r_i
+        assert up.shape[1] == a.modules[n].rank + (b.modules[n].rank if n in b.modules else 0)  # rank Σ r_i
         assert _rel((up.double() @ down.double()).reshape(d.shape), d) <= 1e-5
         assert _rel(applied.module(n).weight - model.module(n).weight, d) <= 1e-5
     out = tmp_path / "merged.safetensors"
@@ -83,7 +92,7 @@ def test_exact_export_and_round_trips(tiny_models, tmp_path):
     assert set(back.modules) == set(edit.deltas)
     assert max(_rel(back.modules[n].delta(), edit.deltas[n]) for n in edit.deltas) <= 1e-5
     assert back.metadata["ws_method"] == "iteris" and back.metadata["ss_network_module"] == "networks.lora"
-    assert "l1/1_data" in back.metadata["ss_tag_frequency"]           # default prompts survive a re-merge
+    assert "l1/1_data" in back.metadata["ss_tag_frequency"]  # default prompts survive a re-merge
     # compressed export: the reported error is the real one
     small = tmp_path / "r2.safetensors"
     info = save_merge(edit, model, small, rank=2, loras=[a, b])
@@ -111,9 +120,10 @@ def test_zero_loras_and_bad_arguments(tiny_models):
 def test_wide_inputs_fall_back_to_the_weighted_sum(tiny_models):
     model = tiny_models["sd1"]
     a, b = (_lora(model, s, groups=("te",), rank=2) for s in (1, 2))
-    edit = merge(model, [a, b], "iteris", weights=[1.0, 0.5],
-                 options=MergeOptions(iterations=1, max_gram_dim=200, **FAST))
-    wide = [n for n in edit.deltas if model.weight(n).shape[1] > 200]          # mlp.fc2 (256 wide)
+    edit = merge(
+        model, [a, b], "iteris", weights=[1.0, 0.5], options=MergeOptions(iterations=1, max_gram_dim=200, **FAST)
+    )
+    wide = [n for n in edit.deltas if model.weight(n).shape[1] > 200]  # mlp.fc2 (256 wide)
     assert wide and sorted(wide) == edit.report["fallback_weighted_sum"]
     for n in wide:
         assert _rel(edit.deltas[n], a.modules[n].delta() + 0.5 * b.modules[n].delta()) <= 1e-5
@@ -127,11 +137,22 @@ def test_progress_and_cancel(tiny_models):
     model = tiny_models["sd1"]
     a = _lora(model, 1, groups=("te",), rank=2)
     calls = []
-    merge(model, [a], "iteris", options=MergeOptions(iterations=3, **FAST),
-          progress=lambda done, total, label: calls.append((done, total, label)))
+    merge(
+        model,
+        [a],
+        "iteris",
+        options=MergeOptions(iterations=3, **FAST),
+        progress=lambda done, total, label: calls.append((done, total, label)),
+    )
     assert calls and calls[-1][0] == calls[-1][1] and [c[0] for c in calls] == sorted(c[0] for c in calls)
     seen = []
     with pytest.raises(CancelledError):
-        merge(model, [a], "iteris", options=MergeOptions(iterations=3, **FAST),
-              progress=lambda d, t, l: seen.append(d), cancel=lambda: len(seen) >= 1)
+        merge(
+            model,
+            [a],
+            "iteris",
+            options=MergeOptions(iterations=3, **FAST),
+            progress=lambda d, t, l: seen.append(d),
+            cancel=lambda: len(seen) >= 1,
+        )
     assert len(seen) == 1

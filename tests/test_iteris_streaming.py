@@ -1,16 +1,16 @@
 """Streaming IterIS equals a brute-force solve on stored features (float64 model; docs/method.md,
 "LoRA merging")."""
+
 import copy
 
 import pytest
-
 import torch
 import torch.nn.functional as F
 
 from weightsmith.core.edit import Edit
+from weightsmith.core.lab.random_loras import random_lora, target_modules
 from weightsmith.core.lora_read import lora_from_state_dict
 from weightsmith.core.merge import MergeOptions, merge
-from weightsmith.core.lab.random_loras import random_lora, target_modules
 
 # LoRA 2 has one prompt for both samples: its text features count twice (weighted rows)
 PROMPTS = [["a red cat on a tree", "a dog at night"], ["a blue car in the city"]]
@@ -46,8 +46,11 @@ def _features(models, names, prompts, seeds):
     for k, m in enumerate(models):
         for n in names:
             mod = m.module(n)
-            handles.append(mod.register_forward_hook(
-                lambda mod, inp, out, k=k, n=n: feats[k][n].append(_rows(mod, inp[0]).double())))
+            handles.append(
+                mod.register_forward_hook(
+                    lambda mod, inp, out, k=k, n=n: feats[k][n].append(_rows(mod, inp[0]).double())
+                )
+            )
     try:
         for p, seed in zip(prompts, seeds):
             ctx = [m.encode([p]).context.double() for m in models]
@@ -72,10 +75,10 @@ def _solve(base, loras, names, stats, lam, untouched, toward="mean"):
         beta, dsum = 0.0, 0
         for i, lora in enumerate(loras):
             C, H = stats[i][n]
-            if n not in lora.modules and untouched == "skip":   # no say in a module it does not adapt
+            if n not in lora.modules and untouched == "skip":  # no say in a module it does not adapt
                 continue
             eye = torch.eye(C.shape[0], dtype=C.dtype)
-            if n in lora.modules:   # "zero": a LoRA that does not touch n still enters the H sum (ΔW_i = 0)
+            if n in lora.modules:  # "zero": a LoRA that does not touch n still enters the H sum (ΔW_i = 0)
                 d = lora.modules[n].delta(torch.float64).reshape(base.weight(n).shape[0], -1)
                 ridge_c = ALPHA * torch.linalg.matrix_norm(C) * eye if toward == "mean" else 0
                 num = num + lam[i][n] * (d @ (C + ridge_c))
@@ -85,7 +88,7 @@ def _solve(base, loras, names, stats, lam, untouched, toward="mean"):
         if toward == "sum":
             num = num + beta * dsum
             den = den + beta * torch.eye(den.shape[0], dtype=den.dtype)
-        out[n] = torch.linalg.solve(den, num.t()).t().reshape(base.weight(n).shape)   # den is symmetric
+        out[n] = torch.linalg.solve(den, num.t()).t().reshape(base.weight(n).shape)  # den is symmetric
     return out
 
 
@@ -111,20 +114,33 @@ def _iteration0(base, loras, names, seeds):
 def test_streaming_equals_brute_force(tiny_models, untouched, toward):
     base = _double(tiny_models["sd1"])
     te = [n for n in target_modules(base, ("te",)) if ".layers.1." in n or ".layers.3." in n]
-    unet = ["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
-            "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k",
-            "unet.down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2",
-            "unet.down_blocks.0.attentions.0.proj_in",                       # 1×1 conv: rows = pixels
-            "unet.up_blocks.1.resnets.0.conv1",                              # 3×3 conv: unfolded patches
-            "unet.up_blocks.1.attentions.1.transformer_blocks.0.attn2.to_out.0"]
+    unet = [
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k",
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2",
+        "unet.down_blocks.0.attentions.0.proj_in",  # 1×1 conv: rows = pixels
+        "unet.up_blocks.1.resnets.0.conv1",  # 3×3 conv: unfolded patches
+        "unet.up_blocks.1.attentions.1.transformer_blocks.0.attn2.to_out.0",
+    ]
     loras = []
     for s in (1, 2):
-        mods = te[s - 1::2] + unet[s - 1:] if s == 2 else te + unet[:4]
+        mods = te[s - 1 :: 2] + unet[s - 1 :] if s == 2 else te + unet[:4]
         t, meta = random_lora(base, rank=3, seed=s, modules=mods, strength=0.3)
         loras.append(lora_from_state_dict(t, base, metadata=meta, name=f"l{s}"))
-    opts = MergeOptions(iterations=1, tol=0.0, samples=2, steps=STEPS, latent_size=LATENT, batch_size=2,
-                        alpha1=ALPHA, alpha2=ALPHA, evaluate_final=False, seed=5, untouched=untouched,
-                        ridge_toward=toward)
+    opts = MergeOptions(
+        iterations=1,
+        tol=0.0,
+        samples=2,
+        steps=STEPS,
+        latent_size=LATENT,
+        batch_size=2,
+        alpha1=ALPHA,
+        alpha2=ALPHA,
+        evaluate_final=False,
+        seed=5,
+        untouched=untouched,
+        ridge_toward=toward,
+    )
     edit = merge(base, loras, "iteris", prompts=PROMPTS, options=opts)
     assert edit.report["iterations"] == 1
 
@@ -136,7 +152,7 @@ def test_streaming_equals_brute_force(tiny_models, untouched, toward):
     stats1 = []
     for i, lm in enumerate(lora_models):
         Xi, Xt = _features([lm, merged0], names, per_sample[i], seeds)
-        torch.testing.assert_close(Xi[names[0]], X[i][names[0]])        # same samples, same rows
+        torch.testing.assert_close(Xi[names[0]], X[i][names[0]])  # same samples, same rows
         stats1.append({n: (Xi[n].t() @ Xt[n], Xt[n].t() @ Xt[n]) for n in names})
     dw1 = _solve(base, loras, names, stats1, lam, untouched, toward)
     other = _solve(base, loras, names, stats1, lam, untouched, {"mean": "sum", "sum": "mean"}[toward])
@@ -151,7 +167,7 @@ def test_streaming_equals_brute_force(tiny_models, untouched, toward):
         lam_ours = edit.report["lambdas"][n]
         for i in range(2):
             if untouched == "skip" and n not in loras[i].modules:
-                assert lam_ours[i] is None, (n, i)     # no say there: no λ either
+                assert lam_ours[i] is None, (n, i)  # no say there: no λ either
                 continue
             assert abs(lam_ours[i] - factor * lam[i][n]) <= 1e-9 * factor * lam[i][n], (n, i)
     # the iteration changed something (the test would be vacuous if X̃ had no effect)
@@ -168,19 +184,33 @@ def test_sequential_schedule_equals_brute_force_stage_by_stage(tiny_models):
     te1 = [n for n in target_modules(base, ("te",)) if ".layers.1." in n]
     te3 = [n for n in target_modules(base, ("te",)) if ".layers.3." in n]
     ctx = ["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"]
-    down = ["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
-            "unet.down_blocks.0.attentions.0.proj_in"]
+    down = [
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+        "unet.down_blocks.0.attentions.0.proj_in",
+    ]
     up = ["unet.up_blocks.1.resnets.0.conv1", "unet.up_blocks.1.attentions.1.transformer_blocks.0.attn2.to_out.0"]
     stages = [te1, te3, ctx, down, up]
     loras = []
     for s, mods in ((1, te1 + te3[::2] + ctx + down + up[:1]), (2, te1[::2] + te3 + down[1:] + up)):
         t, meta = random_lora(base, rank=3, seed=s, modules=mods, strength=0.3)
         loras.append(lora_from_state_dict(t, base, metadata=meta, name=f"l{s}"))
-    opts = MergeOptions(iterations=1, tol=0.0, samples=2, steps=STEPS, latent_size=LATENT, batch_size=2,
-                        alpha1=ALPHA, alpha2=ALPHA, evaluate_final=False, seed=5, schedule="sequential")
+    opts = MergeOptions(
+        iterations=1,
+        tol=0.0,
+        samples=2,
+        steps=STEPS,
+        latent_size=LATENT,
+        batch_size=2,
+        alpha1=ALPHA,
+        alpha2=ALPHA,
+        evaluate_final=False,
+        seed=5,
+        schedule="sequential",
+    )
     edit = merge(base, loras, "iteris", prompts=PROMPTS, options=opts)
-    jacobi = merge(base, loras, "iteris", prompts=PROMPTS,
-                   options=MergeOptions(**{**opts.__dict__, "schedule": "jacobi"}))
+    jacobi = merge(
+        base, loras, "iteris", prompts=PROMPTS, options=MergeOptions(**{**opts.__dict__, "schedule": "jacobi"})
+    )
     assert edit.report["schedule"] == "sequential" and jacobi.report["schedule"] == "jacobi"
 
     names = sorted(set(loras[0].modules) | set(loras[1].modules))
@@ -188,7 +218,7 @@ def test_sequential_schedule_equals_brute_force_stage_by_stage(tiny_models):
     seeds = [5, 6]
     lora_models, per_sample, X, lam, stats0 = _iteration0(base, loras, names, seeds)
     cur = _solve(base, loras, names, stats0, lam, "skip", "sum")
-    for stage in stages:                          # Gauss–Seidel: the merge as it stands before this stage
+    for stage in stages:  # Gauss–Seidel: the merge as it stands before this stage
         merged = Edit("sd1", base.unet_config, dict(cur)).apply(base)
         st = []
         for i, lm in enumerate(lora_models):

@@ -8,13 +8,14 @@ Three rules, each able to fail (run ``python tests/test_layout.py`` to print wha
   or as ``m._x`` on an imported module;
 and every import of the package's own modules names one that exists.
 """
+
 from __future__ import annotations
 
 import ast
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]        # the repository root is the package `weightsmith`
+ROOT = Path(__file__).resolve().parents[1]  # the repository root is the package `weightsmith`
 PKG = "weightsmith"
 SKIP_DIRS = {"tests", "docs", "web", "example_workflows", "build", "dist", "__pycache__"}
 
@@ -22,15 +23,22 @@ SKIP_DIRS = {"tests", "docs", "web", "example_workflows", "build", "dist", "__py
 # lower layer, never from a higher one, and never from another package of its own layer. The most
 # specific prefix decides a module's package.
 LAYERS = [
-    ("base", ["weightsmith.core"]),                                   # core's own modules: I/O, naming, edits
+    ("base", ["weightsmith.core"]),  # core's own modules: I/O, naming, edits
     ("solvers and world", ["weightsmith.core.erase", "weightsmith.core.merge", "weightsmith.core.world"]),
     ("world training", ["weightsmith.core.world.training"]),
-    ("lab", ["weightsmith.core.lab"]),                                # benches, sweeps, demo, references
-    ("command line", ["weightsmith.core.cli"]),                       # the entry point dispatches to all
+    ("lab", ["weightsmith.core.lab"]),  # benches, sweeps, demo, references
+    ("command line", ["weightsmith.core.cli"]),  # the entry point dispatches to all
 ]
 # the packages core must never import (the hosts' glue, and the hosts themselves)
-HOSTS = ("weightsmith.nodes", "weightsmith.a1111_extension", "weightsmith.scripts",
-         "comfy", "modules", "gradio", "folder_paths")
+HOSTS = (
+    "weightsmith.nodes",
+    "weightsmith.a1111_extension",
+    "weightsmith.scripts",
+    "comfy",
+    "modules",
+    "gradio",
+    "folder_paths",
+)
 
 
 def module_files(root: Path = ROOT) -> dict[str, Path]:
@@ -41,7 +49,7 @@ def module_files(root: Path = ROOT) -> dict[str, Path]:
         if rel.parts[0] in SKIP_DIRS or any(p.startswith(".") or p in SKIP_DIRS for p in rel.parts[:-1]):
             continue
         if any(not (root / Path(*rel.parts[:i]) / "__init__.py").exists() for i in range(1, len(rel.parts))):
-            continue                                                 # not inside a package
+            continue  # not inside a package
         parts = [PKG, *rel.parts[:-1]] + ([] if rel.name == "__init__.py" else [rel.stem])
         out[".".join(parts)] = f
     return out
@@ -63,7 +71,7 @@ def imports(name: str, path: Path, files: dict[str, Path]) -> list[tuple[str, st
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = here.split(".")
-                base = base[:len(base) - (node.level - 1)]
+                base = base[: len(base) - (node.level - 1)]
                 mod = ".".join(base + ([node.module] if node.module else []))
             else:
                 mod = node.module or ""
@@ -81,12 +89,17 @@ def private_attributes(path: Path, files: dict[str, Path]) -> list[tuple[str, in
         if isinstance(node, ast.Import):
             bound |= {a.asname for a in node.names if a.asname and a.name in files}
         elif isinstance(node, ast.ImportFrom):
-            bound |= {a.asname or a.name for a in node.names
-                      if (node.module or "").split(".")[0] in ("", PKG) or node.level}
+            bound |= {
+                a.asname or a.name for a in node.names if (node.module or "").split(".")[0] in ("", PKG) or node.level
+            }
     out = []
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in bound
-                and _private(node.attr)):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in bound
+            and _private(node.attr)
+        ):
             out.append((f"{node.value.id}.{node.attr}", node.lineno))
     return out
 
@@ -243,17 +256,25 @@ def test_the_rules_catch_a_planted_violation(tmp_path):
     import shutil
 
     root = tmp_path / "weightsmith"
-    for rel in ("__init__.py", "core/__init__.py", "core/errors.py", "core/erase/__init__.py",
-                "core/erase/options.py", "core/lab/__init__.py"):
+    for rel in (
+        "__init__.py",
+        "core/__init__.py",
+        "core/errors.py",
+        "core/erase/__init__.py",
+        "core/erase/options.py",
+        "core/lab/__init__.py",
+    ):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         src = ROOT / rel
         shutil.copy(src, root / rel) if src.exists() else (root / rel).write_text("")
-    (root / "core/errors.py").write_text((root / "core/errors.py").read_text()
-                                         + "\n\ndef _hidden():\n    from .erase import options  # noqa\n")
-    (root / "core/lab/x.py").write_text("from ..errors import _hidden\nfrom ...nodes import glue\n"
-                                        "from .moved_away import y\n")
+    (root / "core/errors.py").write_text(
+        (root / "core/errors.py").read_text() + "\n\ndef _hidden():\n    from .erase import options  # noqa\n"
+    )
+    (root / "core/lab/x.py").write_text(
+        "from ..errors import _hidden\nfrom ...nodes import glue\nfrom .moved_away import y\n"
+    )
     files = module_files(root)
-    assert module_circles(files)                                      # errors -> erase.options -> errors
+    assert module_circles(files)  # errors -> erase.options -> errors
     assert any("up: base -> solvers" in b for b in back_pointing(files))
     assert any("core imports a host" in b for b in back_pointing(files))
     assert any("_hidden" in b for b in private_imports(files))
@@ -262,9 +283,13 @@ def test_the_rules_catch_a_planted_violation(tmp_path):
 
 if __name__ == "__main__":
     fs = module_files()
-    for title, found in (("module circles", module_circles(fs)), ("package circles", package_circles(fs)),
-                         ("back-pointing imports", back_pointing(fs)),
-                         ("private names across modules", private_imports(fs)), ("unresolved imports", unresolved(fs))):
+    for title, found in (
+        ("module circles", module_circles(fs)),
+        ("package circles", package_circles(fs)),
+        ("back-pointing imports", back_pointing(fs)),
+        ("private names across modules", private_imports(fs)),
+        ("unresolved imports", unresolved(fs)),
+    ):
         print(f"{title}: {len(found)}")
         for x in found:
             print(f"  {x}")

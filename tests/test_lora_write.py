@@ -1,4 +1,5 @@
 """Our written LoRAs load in diffusers with the same effect as our own application."""
+
 import copy
 
 import pytest
@@ -6,20 +7,31 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from weightsmith.core.lab.random_loras import random_lora
 from weightsmith.core.lora_read import lora_from_state_dict
 from weightsmith.core.merge import merge, save_merge
-from weightsmith.core.lab.random_loras import random_lora
 
 
 def _pipeline(model):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
 
-    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
-                        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=8)
-    return StableDiffusionPipeline(vae=vae, text_encoder=copy.deepcopy(model.text_encoders["text_encoder"]),
-                                   tokenizer=model.tokenizers["text_encoder"], unet=copy.deepcopy(model.unet),
-                                   scheduler=DDIMScheduler(clip_sample=False, steps_offset=1), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    vae = AutoencoderKL(
+        block_out_channels=(8,),
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        latent_channels=4,
+        norm_num_groups=8,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=copy.deepcopy(model.text_encoders["text_encoder"]),
+        tokenizer=model.tokenizers["text_encoder"],
+        unet=copy.deepcopy(model.unet),
+        scheduler=DDIMScheduler(clip_sample=False, steps_offset=1),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 def _module(pipe, name):
@@ -34,8 +46,10 @@ def _module(pipe, name):
 def test_written_lora_loads_in_diffusers(tiny_models, tmp_path):
     pytest.importorskip("peft", reason="diffusers' load_lora_weights needs peft (pip install peft)")
     model = tiny_models["sd1"]
-    loras = [lora_from_state_dict(random_lora(model, groups=g, rank=r, seed=s)[0], model, name=f"l{s}")
-             for s, g, r in ((1, ("attn", "ff", "te", "conv"), 4), (2, ("attn", "te"), 2))]
+    loras = [
+        lora_from_state_dict(random_lora(model, groups=g, rank=r, seed=s)[0], model, name=f"l{s}")
+        for s, g, r in ((1, ("attn", "ff", "te", "conv"), 4), (2, ("attn", "te"), 2))
+    ]
     edit = merge(model, loras, "concat", weights=[1.0, 0.5])
     out = tmp_path / "merged.safetensors"
     save_merge(edit, model, out, loras=loras)
@@ -65,7 +79,7 @@ def test_written_lora_loads_in_diffusers(tiny_models, tmp_path):
         e_theirs = pipe.unet(x, 500, encoder_hidden_states=ctx_ours).sample
         torch.testing.assert_close(e_theirs, e_ours, rtol=1e-4, atol=1e-4)
         base = model.unet(x, 500, encoder_hidden_states=ctx_ours).sample
-        assert float((e_ours - base).abs().max()) > 1e-3          # the LoRA does something
+        assert float((e_ours - base).abs().max()) > 1e-3  # the LoRA does something
 
 
 def test_fused_open_clip_siblings_are_completed(tiny_models, tmp_path):
@@ -124,18 +138,35 @@ def test_export_note_tells_float_precision_from_a_rank_cap(tiny_models, tmp_path
 def _family_pipeline(model):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
-                        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=8)
+    vae = AutoencoderKL(
+        block_out_channels=(8,),
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        latent_channels=4,
+        norm_num_groups=8,
+    )
     te = {c: copy.deepcopy(t) for c, t in model.text_encoders.items()}
     sched = DDIMScheduler(clip_sample=False, steps_offset=1)
     if model.family == "sdxl":
-        return StableDiffusionXLPipeline(vae=vae, text_encoder=te["text_encoder"], text_encoder_2=te["text_encoder_2"],
-                                         tokenizer=model.tokenizers["text_encoder"],
-                                         tokenizer_2=model.tokenizers["text_encoder_2"],
-                                         unet=copy.deepcopy(model.unet), scheduler=sched)
-    return StableDiffusionPipeline(vae=vae, text_encoder=te["text_encoder"], tokenizer=model.tokenizers["text_encoder"],
-                                   unet=copy.deepcopy(model.unet), scheduler=sched, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+        return StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=te["text_encoder"],
+            text_encoder_2=te["text_encoder_2"],
+            tokenizer=model.tokenizers["text_encoder"],
+            tokenizer_2=model.tokenizers["text_encoder_2"],
+            unet=copy.deepcopy(model.unet),
+            scheduler=sched,
+        )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=te["text_encoder"],
+        tokenizer=model.tokenizers["text_encoder"],
+        unet=copy.deepcopy(model.unet),
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 def _diffusers_roots(pipe):
@@ -189,7 +220,7 @@ def assert_loads_exactly_in_diffusers(model, edit, path):
     worst = 0.0
     for n, got in loaded.items():
         if n not in edit.deltas:
-            assert float(got.abs().max()) == 0.0, n            # a zero sibling (A1111 / diffusers)
+            assert float(got.abs().max()) == 0.0, n  # a zero sibling (A1111 / diffusers)
             continue
         want = edit.deltas[n].double().reshape(got.shape)
         err = float((got - want).norm() / want.norm())
@@ -216,7 +247,7 @@ def test_erase_lora_loads_exactly_in_diffusers(tiny_models, tmp_path, family, me
     out = tmp_path / "erase.safetensors"
     save_lora(edit, out)
     alphas = {float(v) for k, v in load_file(str(out)).items() if k.endswith(".alpha")}
-    assert len(alphas) == 1                                   # one alpha convention for the file
+    assert len(alphas) == 1  # one alpha convention for the file
     worst = assert_loads_exactly_in_diffusers(model, edit, out)
     print(f"diffusers load {family} {method}: max rel err {worst:.2e}")
 
@@ -226,8 +257,10 @@ def test_erase_lora_loads_exactly_in_diffusers(tiny_models, tmp_path, family, me
 def test_merge_lora_loads_exactly_in_diffusers(tiny_models, tmp_path, family, method):
     pytest.importorskip("peft", reason="diffusers' load_lora_weights needs peft (pip install peft)")
     model = tiny_models[family]
-    loras = [lora_from_state_dict(random_lora(model, groups=g, rank=r, seed=s)[0], model, name=f"l{s}")
-             for s, g, r in ((1, ("attn", "ff", "te", "conv"), 4), (2, ("kv", "te"), 2))]
+    loras = [
+        lora_from_state_dict(random_lora(model, groups=g, rank=r, seed=s)[0], model, name=f"l{s}")
+        for s, g, r in ((1, ("attn", "ff", "te", "conv"), 4), (2, ("kv", "te"), 2))
+    ]
     edit = merge(model, loras, method, weights=[1.0, 0.5])
     out = tmp_path / "merged.safetensors"
     save_merge(edit, model, out, loras=loras)

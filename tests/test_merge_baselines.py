@@ -1,13 +1,14 @@
 """Data-free baselines against independent implementations (docs/method.md, "Merge baselines")."""
+
 import math
 
 import numpy as np
 import pytest
 import torch
 
+from weightsmith.core.lab.random_loras import random_lora
 from weightsmith.core.lora_read import lora_from_state_dict
 from weightsmith.core.merge import MergeOptions, merge
-from weightsmith.core.lab.random_loras import random_lora
 from weightsmith.core.naming import kohya_prefix
 
 
@@ -17,12 +18,12 @@ def case(tiny_models):
     raw = [random_lora(model, groups=("attn", "te"), rank=r, seed=s) for s, r in ((1, 4), (2, 2))]
     loras = [lora_from_state_dict(t, model, metadata=m, name=f"l{i}") for i, (t, m) in enumerate(raw)]
     dense = []
-    for (t, _), l in zip(raw, loras):   # ΔW straight from the kohya tensors, keyed like the reader
+    for (t, _), l in zip(raw, loras):  # ΔW straight from the kohya tensors, keyed like the reader
         d = {}
         for n in l.modules:
             p = kohya_prefix(n, model.family, model.layout)
             r = t[p + ".lora_down.weight"].shape[0]
-            d[n] = (float(t[p + ".alpha"]) / r * t[p + ".lora_up.weight"].double() @ t[p + ".lora_down.weight"].double())
+            d[n] = float(t[p + ".alpha"]) / r * t[p + ".lora_up.weight"].double() @ t[p + ".lora_down.weight"].double()
         dense.append(d)
     return model, loras, dense
 
@@ -94,7 +95,7 @@ def test_dare_is_seeded_and_rescales(case):
         assert torch.equal(d, e2.deltas[n])
         ref = dense[0][n]
         nz = d != 0
-        _close(d[nz], 2.0 * ref[nz])                    # survivors are rescaled by 1/(1-p)
+        _close(d[nz], 2.0 * ref[nz])  # survivors are rescaled by 1/(1-p)
         kept += int(nz.sum())
         total += d.numel()
     assert abs(kept / total - 0.5) < 0.02

@@ -1,13 +1,14 @@
 """`weightsmith merge` end to end on a tiny single-file model; bad inputs fail clearly, nothing written."""
+
 import json
 
 import torch
 from safetensors.torch import save_file
 
 from weightsmith.core.cli import main
+from weightsmith.core.lab.random_loras import random_lora
 from weightsmith.core.lora_read import load_lora
 from weightsmith.core.merge.cli import parse_lora_arg
-from weightsmith.core.lab.random_loras import random_lora
 from weightsmith.core.model_io import load_model, save_single_file
 
 
@@ -20,9 +21,35 @@ def test_merge_cli(tiny_models, tokenizer_dir, tmp_path, capsys):
         paths.append(tmp_path / f"l{s}.safetensors")
         save_file(t, str(paths[-1]), metadata=meta)
     out, rep = tmp_path / "m.safetensors", tmp_path / "m.json"
-    rc = main(["merge", "--model", str(base), "--tokenizer", str(tokenizer_dir), "--lora", str(paths[0]), "--lora", f"{paths[1]}:0.5",
-               "--prompts", str(paths[0]), "a red cat; a dog", "--iterations", "1", "--samples", "2",
-               "--steps", "1", "--latent-size", "8", "--out", str(out), "--report", str(rep), "--no-progress"])
+    rc = main(
+        [
+            "merge",
+            "--model",
+            str(base),
+            "--tokenizer",
+            str(tokenizer_dir),
+            "--lora",
+            str(paths[0]),
+            "--lora",
+            f"{paths[1]}:0.5",
+            "--prompts",
+            str(paths[0]),
+            "a red cat; a dog",
+            "--iterations",
+            "1",
+            "--samples",
+            "2",
+            "--steps",
+            "1",
+            "--latent-size",
+            "8",
+            "--out",
+            str(out),
+            "--report",
+            str(rep),
+            "--no-progress",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     r = json.loads(rep.read_text())
     for k in ("method", "loras", "time_s", "iterations", "curve", "residuals"):
@@ -36,17 +63,57 @@ def test_merge_cli(tiny_models, tokenizer_dir, tmp_path, capsys):
     a, b = load_lora(paths[0], model), load_lora(paths[1], model)
     assert set(merged.modules) == set(a.modules) | set(b.modules)
     shared = next(n for n in a.modules if n in b.modules)
-    assert merged.modules[shared].rank == 4                      # exact export: rank Σ r_i
+    assert merged.modules[shared].rank == 4  # exact export: rank Σ r_i
 
     # a baseline, a compressed rank, and a checkpoint output
     out2 = tmp_path / "lin.safetensors"
-    assert main(["merge", "--model", str(base), "--tokenizer", str(tokenizer_dir), "--lora", str(paths[0]), "--lora", str(paths[1]),
-                 "--method", "linear", "--rank", "1", "--out", str(out2), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                "--model",
+                str(base),
+                "--tokenizer",
+                str(tokenizer_dir),
+                "--lora",
+                str(paths[0]),
+                "--lora",
+                str(paths[1]),
+                "--method",
+                "linear",
+                "--rank",
+                "1",
+                "--out",
+                str(out2),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     lin = load_lora(out2, model)
     assert all(m.rank == 1 for m in lin.modules.values())
     ck = tmp_path / "ck.safetensors"
-    assert main(["merge", "--model", str(base), "--tokenizer", str(tokenizer_dir), "--lora", str(paths[0]), "--method", "concat",
-                 "--format", "checkpoint", "--out", str(ck), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                "--model",
+                str(base),
+                "--tokenizer",
+                str(tokenizer_dir),
+                "--lora",
+                str(paths[0]),
+                "--method",
+                "concat",
+                "--format",
+                "checkpoint",
+                "--out",
+                str(ck),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     m2 = load_model(ck, tokenizer=tokenizer_dir)
     n = next(iter(a.modules))
     torch.testing.assert_close(m2.weight(n) - model.weight(n), a.modules[n].delta(), rtol=1e-4, atol=1e-5)
@@ -65,13 +132,50 @@ def test_merge_cli_errors_write_nothing(tiny_models, tokenizer_dir, tmp_path, ca
     save_file(nan, str(tmp_path / "nan.safetensors"))
     (tmp_path / "corrupt.safetensors").write_bytes(b"not a safetensors file at all")
     out = tmp_path / "out.safetensors"
-    for bad, words in ((xl, "SDXL"), (tmp_path / "nan.safetensors", "NaN"), (tmp_path / "corrupt.safetensors", "damaged")):
-        rc = main(["merge", "--model", str(base), "--tokenizer", str(tokenizer_dir), "--lora", str(good), "--lora", str(bad), "--out", str(out),
-                   "--no-progress", "--samples", "1", "--steps", "1", "--latent-size", "8"])
+    for bad, words in (
+        (xl, "SDXL"),
+        (tmp_path / "nan.safetensors", "NaN"),
+        (tmp_path / "corrupt.safetensors", "damaged"),
+    ):
+        rc = main(
+            [
+                "merge",
+                "--model",
+                str(base),
+                "--tokenizer",
+                str(tokenizer_dir),
+                "--lora",
+                str(good),
+                "--lora",
+                str(bad),
+                "--out",
+                str(out),
+                "--no-progress",
+                "--samples",
+                "1",
+                "--steps",
+                "1",
+                "--latent-size",
+                "8",
+            ]
+        )
         err = capsys.readouterr().err
         assert rc == 2 and words in err and "Traceback" not in err
         assert not out.exists()
-    rc = main(["merge", "--model", str(base), "--tokenizer", str(tokenizer_dir), "--lora", str(good), "--out", str(good), "--no-progress"])
+    rc = main(
+        [
+            "merge",
+            "--model",
+            str(base),
+            "--tokenizer",
+            str(tokenizer_dir),
+            "--lora",
+            str(good),
+            "--out",
+            str(good),
+            "--no-progress",
+        ]
+    )
     assert rc == 2 and "input" in capsys.readouterr().err
 
 

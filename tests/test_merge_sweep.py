@@ -1,14 +1,15 @@
 """``weightsmith bench merge --sweep`` on the embedded world: each row is the merge its setting names,
 judged as the world's own evaluation judges it."""
+
 import json
 
 import pytest
 
 from weightsmith.core.cli import main
 from weightsmith.core.errors import WeightsmithError
+from weightsmith.core.lab.merge_sweep import SWEEP, settings_named
 from weightsmith.core.lora_read import load_lora
 from weightsmith.core.merge import MergeOptions, merge
-from weightsmith.core.lab.merge_sweep import SWEEP, settings_named
 from weightsmith.core.model_io import load_model
 from weightsmith.core.world.evaluate import Sampler, merge_metrics, merge_sample_prompts, pair_paths
 from weightsmith.core.world.paths import DEFAULT_MODEL_DIR
@@ -34,12 +35,15 @@ def test_quick_sweep_rows_match_the_merges_they_name_judged_independently(capsys
         for k, m in ev[name].items():
             assert out["metrics"][name][k]["n"] == m["n"] == 2
             got = out["metrics"][name][k]
-            assert (got.get("rate", got.get("mean"))) == pytest.approx(m.get("rate", m.get("mean")), abs=1e-9), (name, k)
+            assert (got.get("rate", got.get("mean"))) == pytest.approx(m.get("rate", m.get("mean")), abs=1e-9), (
+                name,
+                k,
+            )
 
 
 def test_sweep_settings_are_valid_options_and_unknown_labels_are_refused():
     assert len({s[0] for s in SWEEP}) == len(SWEEP)
-    for _, method, fields in SWEEP:
-        MergeOptions(**fields).validate()     # every row is a valid option set
+    for _, _method, fields in SWEEP:
+        MergeOptions(**fields).validate()  # every row is a valid option set
     with pytest.raises(WeightsmithError, match="unknown sweep setting"):
         settings_named(["linear", "no such row"])

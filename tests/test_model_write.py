@@ -1,6 +1,7 @@
 """Every model Weightsmith writes goes through the one deterministic safetensors writer
 (core/safe_io.py; docs/reliability.md: same inputs -> same bytes): a diffusers folder too, whose
 weights files were written with ``safetensors.save_file`` (metadata in hash order) before."""
+
 import json
 import struct
 
@@ -16,14 +17,16 @@ def _files(folder):
 
 def _header(raw: bytes) -> dict:
     n = struct.unpack("<Q", raw[:8])[0]
-    return json.loads(raw[8:8 + n])
+    return json.loads(raw[8 : 8 + n])
 
 
 def _edit(model):
     """A small edit of one UNet and one text-encoder weight (seeded)."""
     g = torch.Generator().manual_seed(3)
-    names = [model.unet_cross_attention_names()[0] + ".to_k",
-             "text_encoder.text_model.encoder.layers.0.self_attn.k_proj"]
+    names = [
+        model.unet_cross_attention_names()[0] + ".to_k",
+        "text_encoder.text_model.encoder.layers.0.self_attn.k_proj",
+    ]
     return {n: 0.01 * torch.randn(model.weight(n).shape, generator=g) for n in names}
 
 
@@ -46,7 +49,7 @@ def test_a_diffusers_folder_is_written_byte_identically_twice(tiny_models, tmp_p
         meta = h.pop("__metadata__")
         assert list(meta) == sorted(meta) and meta == {"format": "pt", **META}
         assert list(h) == sorted(h)
-        assert fa[comp] != (src / comp).read_bytes()          # the edit is in it
+        assert fa[comp] != (src / comp).read_bytes()  # the edit is in it
 
 
 def test_a_written_diffusers_folder_loads_back_as_base_plus_delta(tiny_models, tmp_path, diffusers_folder):
@@ -62,9 +65,12 @@ def test_a_written_diffusers_folder_loads_back_as_base_plus_delta(tiny_models, t
         assert {k.removeprefix("text_model.") for k in changed} == want
         for n, d in deltas.items():
             if n.startswith(comp + "."):
-                key = next(k for k in before if k.removeprefix("text_model.") ==
-                           n.partition(".")[2].removeprefix("text_model.") + ".weight")
+                key = next(
+                    k
+                    for k in before
+                    if k.removeprefix("text_model.") == n.partition(".")[2].removeprefix("text_model.") + ".weight"
+                )
                 assert torch.equal(after[key], before[key] + d), n
-    again = load_model(out)                       # and the library reads it back through from_pretrained
+    again = load_model(out)  # and the library reads it back through from_pretrained
     for n, d in deltas.items():
         assert torch.equal(again.weight(n), model.weight(n) + d), n

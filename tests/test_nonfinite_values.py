@@ -24,17 +24,24 @@ def _poisoned_checkpoint(src, dst, key_part, value, dtype=None):
 
 
 @pytest.mark.parametrize("case", ["te_nan_checkpoint", "to_k_nan_diff", "unedited_inf_checkpoint"])
-def test_nonfinite_model_weights_are_refused_naming_the_tensor(cli_cases, case, tiny_checkpoints, tokenizer_dir, tmp_path, capsys):
+def test_nonfinite_model_weights_are_refused_naming_the_tensor(
+    cli_cases, case, tiny_checkpoints, tokenizer_dir, tmp_path, capsys
+):
     src = tiny_checkpoints["sd1"]
     bad = tmp_path / "bad.safetensors"
-    part, val, fmt = {"te_nan_checkpoint": ("layers.0.self_attn.k_proj.weight", float("nan"), "checkpoint"),
-                      "to_k_nan_diff": ("attn2.to_k.weight", float("nan"), "diff"),
-                      "unedited_inf_checkpoint": ("diffusion_model.input_blocks.0.0.weight", float("inf"), "checkpoint")}[case]
+    part, val, fmt = {
+        "te_nan_checkpoint": ("layers.0.self_attn.k_proj.weight", float("nan"), "checkpoint"),
+        "to_k_nan_diff": ("attn2.to_k.weight", float("nan"), "diff"),
+        "unedited_inf_checkpoint": ("diffusion_model.input_blocks.0.0.weight", float("inf"), "checkpoint"),
+    }[case]
     key = _poisoned_checkpoint(src, bad, part, val)
     out = tmp_path / "out.safetensors"
     err = cli_cases.fails(capsys, cli_cases.erase(bad, tokenizer_dir, out, "--format", fmt), "NaN or infinite")
-    named = {"te_nan_checkpoint": "layers.0.self_attn.k_proj", "to_k_nan_diff": "attn2.to_k",
-             "unedited_inf_checkpoint": key}[case]
+    named = {
+        "te_nan_checkpoint": "layers.0.self_attn.k_proj",
+        "to_k_nan_diff": "attn2.to_k",
+        "unedited_inf_checkpoint": key,
+    }[case]
     assert named in err
     assert not out.exists() and cli_cases.no_temp(tmp_path)
 
@@ -46,12 +53,23 @@ def test_fp16_overflow_of_a_merge_is_refused(cli_cases, tiny_models, tiny_checkp
     t, meta = random_lora(tiny_models["sd1"], groups=("attn",), rank=2, seed=5, strength=1e6)
     save_file(t, str(big), metadata=meta)
     out = tmp_path / "merged.safetensors"
-    cli_cases.fails(capsys, cli_cases.merge(ck16, tokenizer_dir, [big], out, "--format", "checkpoint"), "overflows float16")
+    cli_cases.fails(
+        capsys, cli_cases.merge(ck16, tokenizer_dir, [big], out, "--format", "checkpoint"), "overflows float16"
+    )
     assert not out.exists() and cli_cases.no_temp(tmp_path)
 
 
-@pytest.mark.parametrize("flag,value", [("--lam", "inf"), ("--rcond", "inf"), ("--lam", "nan"),
-                                        ("--ridge", "nan"), ("--eta-preserve", "inf"), ("--rcond", "2")])
+@pytest.mark.parametrize(
+    "flag,value",
+    [
+        ("--lam", "inf"),
+        ("--rcond", "inf"),
+        ("--lam", "nan"),
+        ("--ridge", "nan"),
+        ("--eta-preserve", "inf"),
+        ("--rcond", "2"),
+    ],
+)
 def test_erase_nonfinite_options_are_refused(cli_cases, flag, value, tiny_checkpoints, tokenizer_dir, tmp_path, capsys):
     out = tmp_path / "o.safetensors"
     cli_cases.fails(capsys, cli_cases.erase(tiny_checkpoints["sd1"], tokenizer_dir, out, flag, value), flag)
@@ -76,7 +94,9 @@ def test_writers_never_write_nonfinite_tensors(tiny_models, tmp_path):
     from weightsmith.core.model_io import atomic_save_file
 
     with pytest.raises(WeightsmithError, match="x.weight"):
-        atomic_save_file({"ok": torch.ones(2), "x.weight": torch.tensor([1.0, float("inf")])}, tmp_path / "a.safetensors")
+        atomic_save_file(
+            {"ok": torch.ones(2), "x.weight": torch.tensor([1.0, float("inf")])}, tmp_path / "a.safetensors"
+        )
     m = tiny_models["sd1"]
     n = m.unet_cross_attention_names()[0] + ".to_k"
     d = torch.zeros(m.weight(n).shape)
@@ -100,9 +120,9 @@ def test_nan_message_names_the_key_as_the_file_spells_it(tiny_models, tmp_path):
 
 
 @pytest.mark.parametrize("part", ["layers.0.self_attn.k_proj.weight", "input_blocks.1.0.in_layers.2.weight"])
-def test_nonfinite_model_weights_are_named_before_an_iteris_merge_samples(part, cli_cases, tiny_checkpoints,
-                                                                          tokenizer_dir, lora_files, tmp_path, capsys,
-                                                                          monkeypatch):
+def test_nonfinite_model_weights_are_named_before_an_iteris_merge_samples(
+    part, cli_cases, tiny_checkpoints, tokenizer_dir, lora_files, tmp_path, capsys, monkeypatch
+):
     """(Was "INTERNAL ASSERT FAILED, please report a bug to PyTorch" from torch.linalg.)"""
     import weightsmith.core.merge.api as api
 

@@ -1,6 +1,7 @@
 """Every option's declared rule (core/optspec.py: type, lo/hi, choices) is what every path enforces
 (issue 37, "Options and the API"): the options dataclasses, the CLI before any model loads, the quick
 settings, the hosts' widgets; and the Python API checks its arguments with the CLI's sentences."""
+
 from __future__ import annotations
 
 import math
@@ -31,19 +32,22 @@ def _numeric(cls):
     return [(cls, n, s) for n, s in specs(cls).items() if s.kind in ("int", "float")]
 
 
-@pytest.mark.parametrize("cls,name,s", [t for c in CLASSES for t in _numeric(c)],
-                         ids=lambda x: getattr(x, "name", getattr(x, "__name__", str(x))))
+@pytest.mark.parametrize(
+    "cls,name,s",
+    [t for c in CLASSES for t in _numeric(c)],
+    ids=lambda x: getattr(x, "name", getattr(x, "__name__", str(x))),
+)
 def test_every_declared_bound_is_enforced(cls, name, s):
     for v in _outside(s):
         with pytest.raises(WeightsmithError) as e:
             cls(**{name: v}).validate()
         msg = str(e.value)
         assert name in msg and repr(v) in msg and (s.flag is None or s.flag in msg), msg
-    for v in (s.lo, s.hi):                       # a closed bound itself is allowed
+    for v in (s.lo, s.hi):  # a closed bound itself is allowed
         closed = v is not None and not (s.lo_open if v == s.lo else s.hi_open)
         if closed and not (cls is EraseOptions and name == "exact_subspace"):
             cls(**{name: v}).validate()
-    bad = "1" if s.kind == "float" else 1.5      # the declared type: text is no number, 1.5 no whole number
+    bad = "1" if s.kind == "float" else 1.5  # the declared type: text is no number, 1.5 no whole number
     with pytest.raises(WeightsmithError, match=name):
         cls(**{name: bad}).validate()
     if s.kind == "float":
@@ -62,12 +66,13 @@ def test_every_declared_choice_is_enforced(cls, name):
 
 
 def test_the_sentences_of_the_issue():
-    for kw, words in (({"samples": 1_000_000_000}, "samples (--samples) must be >= 1 and at most 64"),
-                      ({"iterations": 1_000_000_000, "tol": 0.0}, "iterations (--iterations) must be >= 0 and at "
-                                                                  "most 50"),
-                      ({"seed": 2 ** 64}, "seed (--seed) must be >= 0 and at most 2147483647"),
-                      ({"seed": True}, "seed (--seed) must be a whole number"),
-                      ({"adaptive_lambda": "no"}, "adaptive_lambda must be True or False")):
+    for kw, words in (
+        ({"samples": 1_000_000_000}, "samples (--samples) must be >= 1 and at most 64"),
+        ({"iterations": 1_000_000_000, "tol": 0.0}, "iterations (--iterations) must be >= 0 and at most 50"),
+        ({"seed": 2**64}, "seed (--seed) must be >= 0 and at most 2147483647"),
+        ({"seed": True}, "seed (--seed) must be a whole number"),
+        ({"adaptive_lambda": "no"}, "adaptive_lambda must be True or False"),
+    ):
         with pytest.raises(WeightsmithError, match=r"^" + words.replace("(", r"\(").replace(")", r"\)")):
             MergeOptions(**kw).validate()
     with pytest.raises(WeightsmithError, match="concept_type"):
@@ -85,9 +90,14 @@ def test_comfy_widgets_offer_the_declared_range():
     from weightsmith.nodes.erase_node import WeightsmithEraseConcepts
     from weightsmith.nodes.merge_nodes import WeightsmithIterISMerge
 
-    for node, cls, names in ((WeightsmithIterISMerge, MergeOptions, ("iterations", "samples", "steps", "seed",
-                                                                     "resolution", "max_memory_gb")),
-                             (WeightsmithEraseConcepts, EraseOptions, ("lam",))):
+    for node, cls, names in (
+        (
+            WeightsmithIterISMerge,
+            MergeOptions,
+            ("iterations", "samples", "steps", "seed", "resolution", "max_memory_gb"),
+        ),
+        (WeightsmithEraseConcepts, EraseOptions, ("lam",)),
+    ):
         t = node.INPUT_TYPES()
         inputs = {**t["required"], **t.get("optional", {})}
         for n in names:
@@ -103,19 +113,35 @@ def no_loading(monkeypatch):
     monkeypatch.setattr(mio, "load_model", lambda *a, **k: pytest.fail("loaded the model before validating"))
 
 
-@pytest.mark.parametrize("extra,words", [
-    (["--samples", "1000000000"], "samples (--samples) must be >= 1 and at most 64, got 1000000000."),
-    (["--iterations", "1000000000", "--tol", "0"], "iterations (--iterations) must be >= 0 and at most 50"),
-    (["--seed", str(2 ** 64)], f"seed (--seed) must be >= 0 and at most 2147483647, got {2 ** 64}."),
-    (["--speed", "quick", "--samples", "65"], "samples (--samples) must be >= 1 and at most 64"),
-])
+@pytest.mark.parametrize(
+    "extra,words",
+    [
+        (["--samples", "1000000000"], "samples (--samples) must be >= 1 and at most 64, got 1000000000."),
+        (["--iterations", "1000000000", "--tol", "0"], "iterations (--iterations) must be >= 0 and at most 50"),
+        (["--seed", str(2**64)], f"seed (--seed) must be >= 0 and at most 2147483647, got {2**64}."),
+        (["--speed", "quick", "--samples", "65"], "samples (--samples) must be >= 1 and at most 64"),
+    ],
+)
 def test_merge_cli_refuses_out_of_range_options_before_loading(extra, words, tmp_path, capsys, no_loading):
     model, lora = tmp_path / "m.safetensors", tmp_path / "a.safetensors"
     model.write_bytes(b"x")
     lora.write_bytes(b"x")
     out = tmp_path / "o.safetensors"
-    rc = main(["merge", "--model", str(model), "--lora", str(lora), "--lora", str(lora), "--out", str(out),
-               "--no-progress", *extra])
+    rc = main(
+        [
+            "merge",
+            "--model",
+            str(model),
+            "--lora",
+            str(lora),
+            "--lora",
+            str(lora),
+            "--out",
+            str(out),
+            "--no-progress",
+            *extra,
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and words in err and "Traceback" not in err, err
     assert not out.exists()
@@ -134,14 +160,17 @@ def test_erase_cli_refuses_a_declared_bound_and_a_bad_rank_before_loading(tmp_pa
 
 
 # -- the Python API: the CLI's sentences --------------------------------------------------------
-@pytest.mark.parametrize("targets,words", [
-    ([None], "every --target must be text, got None"),
-    ([3], "every --target must be text, got 3"),
-    ([], "no target concept given"),
-    ([" "], "a target concept is empty"),
-    (None, "no target concept given"),
-    (5, "concepts for --target must be text or a list of texts"),
-])
+@pytest.mark.parametrize(
+    "targets,words",
+    [
+        ([None], "every --target must be text, got None"),
+        ([3], "every --target must be text, got 3"),
+        ([], "no target concept given"),
+        ([" "], "a target concept is empty"),
+        (None, "no target concept given"),
+        (5, "concepts for --target must be text or a list of texts"),
+    ],
+)
 def test_erase_api_checks_its_targets(tiny_models, targets, words):
     from weightsmith.core.erase import erase
 
@@ -160,13 +189,16 @@ def _tiny_edit(model):
     return Edit("sd1", model.unet_config, {n: torch.full(model.weight(n).shape, 0.01)})
 
 
-@pytest.mark.parametrize("kw,words", [
-    ({"dtype": torch.int8}, "the LoRA's dtype must be a floating-point type"),
-    ({"dtype": "float16"}, "the LoRA's dtype must be a floating-point type"),
-    ({"rank": 1.5}, "--rank must be a positive integer"),
-    ({"rank": 0}, "--rank must be a positive integer"),
-    ({"rank": True}, "--rank must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "kw,words",
+    [
+        ({"dtype": torch.int8}, "the LoRA's dtype must be a floating-point type"),
+        ({"dtype": "float16"}, "the LoRA's dtype must be a floating-point type"),
+        ({"rank": 1.5}, "--rank must be a positive integer"),
+        ({"rank": 0}, "--rank must be a positive integer"),
+        ({"rank": True}, "--rank must be a positive integer"),
+    ],
+)
 def test_save_lora_checks_dtype_and_rank(tiny_models, tmp_path, kw, words):
     from weightsmith.core.lora_write import save_lora
 

@@ -3,6 +3,7 @@
 The CLI is checked through its real parser, the ComfyUI nodes through their ``INPUT_TYPES``, the
 A1111 tab by running its real ``build_ui`` against a recording stand-in for ``gradio`` (the
 components it creates and the values they start with)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -20,13 +21,15 @@ from weightsmith.core.optspec import from_values, parse_layer_range, spec, specs
 
 
 def test_option_modules_import_without_torch():
-    code = ("import sys; sys.modules['torch'] = None; "
-            "from weightsmith.core.erase.options import EraseOptions; "
-            "from weightsmith.core.merge.options import QUICK, MergeOptions, machine_is_cpu, with_quick; "
-            "from weightsmith.core.erase import EraseOptions as E2; from weightsmith.core.merge import MergeOptions as M2; "
-            "EraseOptions().validate(); MergeOptions().validate(); "
-            "print(E2 is EraseOptions and M2 is MergeOptions, "
-            "[m for m in ('diffusers', 'transformers', 'numpy') if m in sys.modules])")
+    code = (
+        "import sys; sys.modules['torch'] = None; "
+        "from weightsmith.core.erase.options import EraseOptions; "
+        "from weightsmith.core.merge.options import QUICK, MergeOptions, machine_is_cpu, with_quick; "
+        "from weightsmith.core.erase import EraseOptions as E2; from weightsmith.core.merge import MergeOptions as M2; "
+        "EraseOptions().validate(); MergeOptions().validate(); "
+        "print(E2 is EraseOptions and M2 is MergeOptions, "
+        "[m for m in ('diffusers', 'transformers', 'numpy') if m in sys.modules])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "True []"
@@ -46,9 +49,9 @@ def test_every_option_is_declared_with_help():
 def test_from_values_is_strict():
     with pytest.raises(WeightsmithError, match=r"unknown option 'rcnd'.*known options: .*rcond"):
         from_values(EraseOptions, {"rcnd": 1e-3})
-    with pytest.raises(WeightsmithError, match="lam"):                     # validated, not only built
+    with pytest.raises(WeightsmithError, match="lam"):  # validated, not only built
         from_values(EraseOptions, {"lam": -1.0})
-    o = from_values(EraseOptions, {"lam": 0.25, "rcond": None})            # None keeps the default
+    o = from_values(EraseOptions, {"lam": 0.25, "rcond": None})  # None keeps the default
     assert o.lam == 0.25 and o.rcond == EraseOptions().rcond
     from weightsmith.core.merge.options import ALIASES
 
@@ -64,6 +67,7 @@ def test_one_layer_range_syntax():
             parse_layer_range(bad)
     from weightsmith.a1111_extension.ui import _layer_range
     from weightsmith.nodes.erase_node import parse_layer_range as node_parse
+
     assert _layer_range("2..4") == node_parse("2..4") == (2, 4)
 
 
@@ -80,8 +84,9 @@ def cli_merge_options(*extra) -> MergeOptions:
     from weightsmith.core.cli import build_parser
     from weightsmith.core.merge.cli import options_from_args
 
-    a = build_parser().parse_args(["merge", "--model", "m.safetensors", "--lora", "a.safetensors", "--out",
-                                   "o.safetensors", *extra])
+    a = build_parser().parse_args(
+        ["merge", "--model", "m.safetensors", "--lora", "a.safetensors", "--out", "o.safetensors", *extra]
+    )
     return options_from_args(a)
 
 
@@ -93,9 +98,15 @@ def comfy_defaults() -> tuple[dict, dict]:
     e = {**e["required"], **e["optional"]}
     m = WeightsmithIterISMerge.INPUT_TYPES()
     m = {**m["required"], **m["optional"]}
-    erase = {"tokens": e["token_mode"][1]["default"], "lam": e["lam"][1]["default"], "method": e["method"][1]["default"]}
-    merge = {k: m[k][1]["default"] for k in ("iterations", "samples", "steps", "seed", "untouched", "max_memory_gb",
-                                                 "ridge_toward")}
+    erase = {
+        "tokens": e["token_mode"][1]["default"],
+        "lam": e["lam"][1]["default"],
+        "method": e["method"][1]["default"],
+    }
+    merge = {
+        k: m[k][1]["default"]
+        for k in ("iterations", "samples", "steps", "seed", "untouched", "max_memory_gb", "ridge_toward")
+    }
     merge["method"] = m["method"][1]["default"]
     return erase, merge
 
@@ -123,7 +134,7 @@ class _Recorder(types.ModuleType):
             def __exit__(self, *exc):
                 return False
 
-            def __getattr__(self, name):          # .click(...), .change(...), .then(...)
+            def __getattr__(self, name):  # .click(...), .change(...), .then(...)
                 return lambda *a, **k: self
 
         return Component
@@ -144,7 +155,7 @@ def a1111_defaults() -> dict[str, object]:
     old = sys.modules.get("gradio")
     sys.modules["gradio"] = fake
     try:
-        with contextlib.suppress(Exception):   # wiring beyond the layout may want a real gradio
+        with contextlib.suppress(Exception):  # wiring beyond the layout may want a real gradio
             ui.build_ui(Host())
     finally:
         if old is None:
@@ -170,13 +181,22 @@ def test_three_front_ends_show_the_same_defaults(monkeypatch):
     assert cli_merge_options() == (M, cpu)
     assert cli_merge_options("--speed", "thorough") == (MergeOptions(), False)
     assert cli_merge_options("--speed", "quick", "--samples", "6") == (
-        from_values(MergeOptions, with_quick({"samples": 6}, True)), True)
+        from_values(MergeOptions, with_quick({"samples": 6}, True)),
+        True,
+    )
     # ComfyUI
     ce, cm = comfy_defaults()
     assert ce == {"tokens": E.tokens, "lam": E.lam, "method": "erasepro"}
-    assert cm == {"iterations": M.iterations, "samples": M.samples, "steps": M.steps, "seed": M.seed,
-                  "untouched": M.untouched, "max_memory_gb": M.max_memory_gb, "ridge_toward": M.ridge_toward,
-                  "method": "iteris"}
+    assert cm == {
+        "iterations": M.iterations,
+        "samples": M.samples,
+        "steps": M.steps,
+        "seed": M.seed,
+        "untouched": M.untouched,
+        "max_memory_gb": M.max_memory_gb,
+        "ridge_toward": M.ridge_toward,
+        "method": "iteris",
+    }
     # the other kind of machine: ComfyUI's widgets start from the declared defaults / the quick ones
     monkeypatch.setattr(merge_nodes, "machine_is_cpu", lambda: not cpu)
     other = _shown(not cpu)
@@ -185,18 +205,27 @@ def test_three_front_ends_show_the_same_defaults(monkeypatch):
     assert (cm2["iterations"], cm2["samples"], cm2["steps"]) != (cm["iterations"], cm["samples"], cm["steps"])
     monkeypatch.setattr(ui, "CPU", not cpu)
     tab2 = a1111_defaults()
-    assert [tab2[spec(MergeOptions, k).label] for k in ("iterations", "samples", "steps")] == \
-        [other.iterations, other.samples, other.steps]
+    assert [tab2[spec(MergeOptions, k).label] for k in ("iterations", "samples", "steps")] == [
+        other.iterations,
+        other.samples,
+        other.steps,
+    ]
     monkeypatch.undo()
     # A1111 tab (labels come from core's declarations too)
     tab = a1111_defaults()
-    for cls, name, want in ((EraseOptions, "tokens", E.tokens), (EraseOptions, "lam", E.lam),
-                            (EraseOptions, "eta_preserve", E.eta_preserve), (EraseOptions, "rcond", E.rcond),
-                            (EraseOptions, "te_sublayers", list(E.te_sublayers)),
-                            (MergeOptions, "iterations", M.iterations), (MergeOptions, "samples", M.samples),
-                            (MergeOptions, "steps", M.steps), (MergeOptions, "seed", M.seed),
-                            (MergeOptions, "max_memory_gb", M.max_memory_gb),
-                            (MergeOptions, "ridge_toward", M.ridge_toward)):
+    for cls, name, want in (
+        (EraseOptions, "tokens", E.tokens),
+        (EraseOptions, "lam", E.lam),
+        (EraseOptions, "eta_preserve", E.eta_preserve),
+        (EraseOptions, "rcond", E.rcond),
+        (EraseOptions, "te_sublayers", list(E.te_sublayers)),
+        (MergeOptions, "iterations", M.iterations),
+        (MergeOptions, "samples", M.samples),
+        (MergeOptions, "steps", M.steps),
+        (MergeOptions, "seed", M.seed),
+        (MergeOptions, "max_memory_gb", M.max_memory_gb),
+        (MergeOptions, "ridge_toward", M.ridge_toward),
+    ):
         label = spec(cls, name).label
         assert label in tab, (name, sorted(tab))
         assert tab[label] == want, (name, tab[label], want)

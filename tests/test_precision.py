@@ -1,10 +1,11 @@
 """Weights held in bf16, computed in float32 (core.precision): the same outputs as a float32 model
 holding the very same (rounded) weights."""
+
 import torch
 import torch.nn.functional as F
 
-from weightsmith.core.precision import hold_weights
 from weightsmith.core.lab.random_models import build_random_model
+from weightsmith.core.precision import hold_weights
 
 
 def test_held_layers_compute_in_float32_with_their_rounded_weights():
@@ -67,8 +68,12 @@ def test_a_checkpoint_loaded_in_bf16_holds_the_files_weights_rounded(tmp_path):
     ctx = held.encode(["a red cat"]).context
     z = torch.randn(1, 4, 8, 8)
     with torch.no_grad():
-        torch.testing.assert_close(held.unet(z, 300, encoder_hidden_states=ctx).sample,
-                                   ref.unet(z, 300, encoder_hidden_states=ctx).sample, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            held.unet(z, 300, encoder_hidden_states=ctx).sample,
+            ref.unet(z, 300, encoder_hidden_states=ctx).sample,
+            rtol=1e-5,
+            atol=1e-5,
+        )
 
 
 def test_unknown_weights_precision_is_a_clear_error(tmp_path):

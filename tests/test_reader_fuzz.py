@@ -3,6 +3,7 @@ safetensors headers and bytes, LoRA key and shape layouts, checkpoint metadata a
 Every case ends in a :class:`WeightsmithError` or a correct result — never another exception, a hang
 (each case has its own time limit) or a written file. The whole run is bounded in time
 (``WEIGHTSMITH_FUZZ_SECONDS``, default 40; the seed is ``WEIGHTSMITH_FUZZ_SEED``, default 0)."""
+
 import json
 import os
 import random
@@ -17,7 +18,7 @@ from safetensors.torch import save, save_file
 from weightsmith.core.errors import WeightsmithError
 from weightsmith.core.lab.random_loras import random_lora
 
-CASE_LIMIT_S = 20            # one case past this is a hang
+CASE_LIMIT_S = 20  # one case past this is a hang
 BUDGET_S = float(os.environ.get("WEIGHTSMITH_FUZZ_SECONDS", "40"))
 SEED = int(os.environ.get("WEIGHTSMITH_FUZZ_SEED", "0"))
 
@@ -49,7 +50,7 @@ def _run_case(fn):
 # ---------------------------------------------------------------- mutations
 def _split(raw: bytes):
     n = struct.unpack("<Q", raw[:8])[0]
-    return json.loads(raw[8:8 + n]), raw[8 + n:]
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
 
 
 def _join(header: dict, data: bytes, pad=True) -> bytes:
@@ -65,11 +66,11 @@ def _mutate_bytes(raw: bytes, rng: random.Random) -> bytes:
     keys = [k for k in header if k != "__metadata__"]
     k = rng.choice(keys)
     op = rng.randrange(12)
-    if op == 0:                                        # truncate anywhere
-        return raw[:rng.randrange(len(raw))]
-    if op == 1:                                        # header length lies
-        return struct.pack("<Q", rng.choice([0, 1, len(raw), 2 ** 40, 2 ** 64 - 1])) + raw[8:]
-    if op == 2:                                        # flip bytes inside the header
+    if op == 0:  # truncate anywhere
+        return raw[: rng.randrange(len(raw))]
+    if op == 1:  # header length lies
+        return struct.pack("<Q", rng.choice([0, 1, len(raw), 2**40, 2**64 - 1])) + raw[8:]
+    if op == 2:  # flip bytes inside the header
         b = bytearray(raw)
         for _ in range(rng.randint(1, 8)):
             i = rng.randrange(8, 8 + struct.unpack("<Q", raw[:8])[0])
@@ -78,22 +79,34 @@ def _mutate_bytes(raw: bytes, rng: random.Random) -> bytes:
     if op == 3:
         header[k]["dtype"] = rng.choice(["F16", "BF16", "I8", "U8", "BOOL", "F64", "I64", "X9", "F8_E4M3"])
     elif op == 4:
-        header[k]["shape"] = rng.choice([[], [0], [1 << 40, 2], [-1, 3], [3, 1, 1, 1, 1], ["a"],
-                                         [x * 2 for x in header[k]["shape"]], header[k]["shape"][::-1]])
+        header[k]["shape"] = rng.choice(
+            [
+                [],
+                [0],
+                [1 << 40, 2],
+                [-1, 3],
+                [3, 1, 1, 1, 1],
+                ["a"],
+                [x * 2 for x in header[k]["shape"]],
+                header[k]["shape"][::-1],
+            ]
+        )
     elif op == 5:
         a, b = header[k]["data_offsets"]
-        header[k]["data_offsets"] = rng.choice([[b, a], [a, b + 4], [a + 2, b], [0, 0], [a, len(data) + 8],
-                                                [-1, b], [a, 2 ** 63]])
+        header[k]["data_offsets"] = rng.choice(
+            [[b, a], [a, b + 4], [a + 2, b], [0, 0], [a, len(data) + 8], [-1, b], [a, 2**63]]
+        )
     elif op == 6:
         del header[k]["data_offsets"]
     elif op == 7:
-        header["__metadata__"] = rng.choice([{"x": 1}, [1], "s", {"ss_network_alpha": "nan"},
-                                             {"ws_unet_config": "{"}, {"modelspec.architecture": None}])
+        header["__metadata__"] = rng.choice(
+            [{"x": 1}, [1], "s", {"ss_network_alpha": "nan"}, {"ws_unet_config": "{"}, {"modelspec.architecture": None}]
+        )
     elif op == 8:
         header[k + rng.choice([".x", "", "\u0000", "..", ".alpha"])] = dict(header[k])
     elif op == 9:
         return _join(header, data, pad=False) + bytes(rng.randrange(256) for _ in range(rng.randint(0, 7)))
-    elif op == 10:                                     # damage the tensor bytes (NaN patterns included)
+    elif op == 10:  # damage the tensor bytes (NaN patterns included)
         b = bytearray(data)
         for _ in range(rng.randint(1, 16)):
             i = rng.randrange(len(b))
@@ -124,15 +137,16 @@ def _mutate_lora(tensors: dict, rng: random.Random) -> dict:
         t[k] = v.to(rng.choice([torch.int8, torch.float16, torch.bfloat16, torch.int64, torch.bool]))
     elif op == 6:
         base = k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0]
-        t[base + ".alpha"] = rng.choice([torch.tensor(float("nan")), torch.zeros(0), torch.tensor(-4.0),
-                                        torch.zeros(3, 3), torch.tensor(1e30)])
+        t[base + ".alpha"] = rng.choice(
+            [torch.tensor(float("nan")), torch.zeros(0), torch.tensor(-4.0), torch.zeros(3, 3), torch.tensor(1e30)]
+        )
     elif op == 7:
         base = k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0]
         for r in ("lokr_w1", "lokr_w2"):
             t[f"{base}.{r}"] = torch.zeros(rng.choice([1, 3, 700]), rng.choice([1, 5, 900]))
     elif op == 8:
         base = k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0]
-        for r in ("hada_w1", "hada_w2"):              # factors of a few hundred kB, products up to 1.6e9
+        for r in ("hada_w1", "hada_w2"):  # factors of a few hundred kB, products up to 1.6e9
             t[f"{base}.{r}_a"] = torch.zeros(rng.choice([0, 1, 2, 40000]), rng.choice([1, 2, 3]))
             t[f"{base}.{r}_b"] = torch.zeros(rng.choice([1, 2, 3]), rng.choice([0, 1, 2, 40000]))
     elif op == 9:
@@ -151,7 +165,7 @@ def _mutate_tokenizer(folder, rng: random.Random) -> None:
         p.unlink()
     elif op == 1:
         raw = p.read_bytes()
-        p.write_bytes(raw[:rng.randrange(max(1, len(raw)))])
+        p.write_bytes(raw[: rng.randrange(max(1, len(raw)))])
     elif op == 2:
         p.write_bytes(bytes(rng.randrange(256) for _ in range(64)))
     elif op == 3:
@@ -177,8 +191,9 @@ def _lora_is_correct(lora, model):
 
 
 @pytest.mark.slow
-def test_readers_on_seeded_mutated_files_give_a_sentence_or_a_correct_result(tiny_models, tiny_checkpoints,
-                                                                            tokenizer_dir, tmp_path):
+def test_readers_on_seeded_mutated_files_give_a_sentence_or_a_correct_result(
+    tiny_models, tiny_checkpoints, tokenizer_dir, tmp_path
+):
     import shutil
 
     from weightsmith.core.lora_read import load_lora
@@ -204,7 +219,7 @@ def test_readers_on_seeded_mutated_files_give_a_sentence_or_a_correct_result(tin
         if kind == "lora_bytes":
             f = work / "case.safetensors"
             f.write_bytes(_mutate_bytes(lora_raw, rng))
-            status, res = _run_case(lambda: load_lora(f, model))
+            status, res = _run_case(lambda f=f: load_lora(f, model))
             if status == "ok":
                 _lora_is_correct(res, model)
         elif kind == "lora_layout":
@@ -213,26 +228,26 @@ def test_readers_on_seeded_mutated_files_give_a_sentence_or_a_correct_result(tin
             if rng.random() < 0.3:
                 t = _mutate_lora(t, rng)
             save_file({k: v.clone().contiguous() for k, v in t.items()}, str(f))
-            status, res = _run_case(lambda: load_lora(f, model))
+            status, res = _run_case(lambda f=f: load_lora(f, model))
             if status == "ok":
                 _lora_is_correct(res, model)
         elif kind == "tokenizer":
             f = work / "tok"
             shutil.copytree(tokenizer_dir, f)
             _mutate_tokenizer(f, rng)
-            status, res = _run_case(lambda: load_tokenizer_folder(f))
+            status, res = _run_case(lambda f=f: load_tokenizer_folder(f))
             if status == "ok":
                 assert res("cat").input_ids[0] == res.bos_token_id
         else:
             f = work / "case.safetensors"
             f.write_bytes(_mutate_bytes(ck_raw, rng))
-            status, res = _run_case(lambda: load_model(f, tokenizer=tokenizer_dir))
+            status, res = _run_case(lambda f=f: load_model(f, tokenizer=tokenizer_dir))
             if status == "ok":
                 assert res.family == "sd1" and res.text_encoders
         counts[status] += 1
         kinds[kind] += 1
         left = sorted(p.name for p in work.iterdir())
-        assert left == [f.name], f"a reader wrote {left}"                 # nothing written beside the input
+        assert left == [f.name], f"a reader wrote {left}"  # nothing written beside the input
     assert sum(counts.values()) >= 20 and min(kinds.values()) >= 3, (counts, kinds)
     assert counts["refused"] > 0
     print(f"fuzz: {i} cases in {BUDGET_S:.0f} s, {counts}, {kinds}")

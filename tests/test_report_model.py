@@ -1,5 +1,6 @@
 """One report model for both hosts (issue 13): the ComfyUI text and the A1111 table are built from
 the same rows, recomputed here from the edit and the model's weights."""
+
 from __future__ import annotations
 
 import torch
@@ -16,9 +17,11 @@ class _Model:
         return self.weights[name]
 
 
-NAMES = ["unet.up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k",
-         "text_encoder.text_model.encoder.layers.10.self_attn.k_proj",
-         "text_encoder.text_model.encoder.layers.2.self_attn.k_proj"]
+NAMES = [
+    "unet.up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k",
+    "text_encoder.text_model.encoder.layers.10.self_attn.k_proj",
+    "text_encoder.text_model.encoder.layers.2.self_attn.k_proj",
+]
 
 
 def _edit(report_dict):
@@ -30,10 +33,14 @@ def _edit(report_dict):
 
 
 def test_rows_recompute_norms_and_keep_both_residual_shapes():
-    erase, model, names = _edit({"method": "erasepro", "stages": [
-        {"layer": NAMES[1], "stage": "te1", "residual_before": 0.5, "residual_after": 0.01}]})
+    erase, model, names = _edit(
+        {
+            "method": "erasepro",
+            "stages": [{"layer": NAMES[1], "stage": "te1", "residual_before": 0.5, "residual_after": 0.01}],
+        }
+    )
     rows = report.rows(erase, report.relative_changes(erase, model))
-    assert [r["name"] for r in rows] == [names[2], names[1], names[0]]        # TE by layer number, then UNet
+    assert [r["name"] for r in rows] == [names[2], names[1], names[0]]  # TE by layer number, then UNet
     for r in rows:
         d, w = erase.deltas[r["name"]], model.weights[r["name"]]
         assert abs(r["delta_rel"] - float(d.norm() / w.norm())) < 1e-6

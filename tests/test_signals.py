@@ -1,11 +1,14 @@
 """Ctrl-C, SIGTERM and SIGHUP: one line, exit 128 + N, every temp file removed, what was written
 completely named; docs/reliability.md, "File system"."""
+
 import os
 
 import pytest
 
 
-def test_ctrl_c_after_the_output_was_written_says_so(cli_cases, tiny_checkpoints, tokenizer_dir, tmp_path, capsys, monkeypatch):
+def test_ctrl_c_after_the_output_was_written_says_so(
+    cli_cases, tiny_checkpoints, tokenizer_dir, tmp_path, capsys, monkeypatch
+):
     import weightsmith.core.erase.cli as ecli
 
     def interrupt(*a, **k):
@@ -13,8 +16,13 @@ def test_ctrl_c_after_the_output_was_written_says_so(cli_cases, tiny_checkpoints
 
     monkeypatch.setattr(ecli, "print_summary", interrupt)
     out = tmp_path / "o.safetensors"
-    err = cli_cases.fails(capsys, cli_cases.erase(tiny_checkpoints["sd1"], tokenizer_dir, out, "--format", "lora"), str(out),
-                 "written completely", rc=130)
+    err = cli_cases.fails(
+        capsys,
+        cli_cases.erase(tiny_checkpoints["sd1"], tokenizer_dir, out, "--format", "lora"),
+        str(out),
+        "written completely",
+        rc=130,
+    )
     assert "nothing was written" not in err and out.exists()
 
 
@@ -28,7 +36,7 @@ def test_ctrl_c_during_start_up_is_one_line(cli_cases, capsys, monkeypatch):
     cli_cases.fails(capsys, ["erase"], "interrupted; nothing was written", rc=130)
 
 
-_SLOW_WRITE = r'''
+_SLOW_WRITE = r"""
 import os, sys, time
 real = os.fdopen
 def slow(fd, *a, **k):
@@ -41,13 +49,13 @@ def slow(fd, *a, **k):
 os.fdopen = slow
 from weightsmith.core.cli import main
 sys.exit(main(sys.argv[1:]))
-'''
+"""
 
 
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP", "SIGINT"])
-def test_a_signal_during_the_write_removes_the_temp_file_and_keeps_the_old_output(signame, cli_cases,
-                                                                                 tiny_checkpoints, tokenizer_dir,
-                                                                                 tmp_path):
+def test_a_signal_during_the_write_removes_the_temp_file_and_keeps_the_old_output(
+    signame, cli_cases, tiny_checkpoints, tokenizer_dir, tmp_path
+):
     import signal
     import subprocess
     import sys
@@ -56,10 +64,11 @@ def test_a_signal_during_the_write_removes_the_temp_file_and_keeps_the_old_outpu
     out.write_bytes(b"previous output")
     argv = [str(a) for a in cli_cases.erase(tiny_checkpoints["sd1"], tokenizer_dir, out, "--format", "lora")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    p = subprocess.Popen([sys.executable, "-c", _SLOW_WRITE, *argv], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=env)
+    p = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_WRITE, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
     try:
-        line = p.stdout.readline()                                # blocks until the temp file exists
+        line = p.stdout.readline()  # blocks until the temp file exists
         assert line.startswith("TEMP"), (line, p.stderr.read() if p.poll() is not None else "")
         tmp = line.split(None, 1)[1].strip()
         assert os.path.exists(tmp) and os.path.basename(tmp).startswith(".ws-")

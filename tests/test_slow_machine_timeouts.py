@@ -1,5 +1,6 @@
 """tests/ws_timeouts.py: a long subprocess that runs out of its (machine-scaled) limit is a skip
 naming a slow machine, never a failure (issue 37)."""
+
 import sys
 from pathlib import Path
 

@@ -1,4 +1,5 @@
 """The README's main job, ``weightsmith demo``, end to end on the embedded world (small sample size)."""
+
 import json
 
 import pytest
@@ -51,8 +52,8 @@ def test_demo_writes_the_report_and_its_base_rows_match_an_independent_evaluatio
 
 @pytest.mark.slow
 def test_quality_bench_quick_reports_every_method_with_intervals(capsys):
-    from weightsmith.core.world.metrics import wilson
     from weightsmith.core.lab.quality import ERASE_METHODS, MERGE_METHODS
+    from weightsmith.core.world.metrics import wilson
 
     assert main(["bench", "quality", "--quick", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
@@ -66,9 +67,9 @@ def test_quality_bench_quick_reports_every_method_with_intervals(capsys):
     for row in rows:
         for m in row.values():
             assert m["n"] == 4
-            if "rate" in m:   # every rate carries its Wilson interval
+            if "rate" in m:  # every rate carries its Wilson interval
                 assert m["rate"] == m["k"] / 4 and m["ci"] == pytest.approx(list(wilson(m["k"], 4)))
-    for m in ERASE_METHODS:   # every method changed the UNet weights
+    for m in ERASE_METHODS:  # every method changed the UNet weights
         assert res["erase"]["delta_rel"][m]["unet"] > 0
 
 
@@ -76,8 +77,8 @@ def test_quality_bench_quick_reports_every_method_with_intervals(capsys):
 def test_erase_sweep_on_the_world_judges_each_setting_on_held_out_prompts(capsys):
     """``bench erase --sweep --family world``: every setting's judge-read figures are those of the
     demo's erasure evaluated on its own, and the residual's held-out prompts are not edit prompts."""
-    from weightsmith.core.lab.erase_sweep import world_spec
     from weightsmith.core.lab.demo import run_erasures
+    from weightsmith.core.lab.erase_sweep import world_spec
     from weightsmith.core.world.evaluate import ERASE_TARGET, ERASE_TEMPLATES
 
     assert main(["bench", "erase", "--sweep", "--family", "world", "--quick", "--samples", "2", "--json"]) == 0

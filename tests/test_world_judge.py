@@ -1,7 +1,7 @@
-import pytest
 import random
 
 import numpy as np
+import pytest
 import torch
 
 from weightsmith.core.world import render as R
@@ -9,9 +9,7 @@ from weightsmith.core.world.judge import attribute_accuracy, judge, load_judge
 from weightsmith.core.world.metrics import concept_rate, image_drift
 from weightsmith.core.world.paths import JUDGE_PATH
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 
 def _heldout(n, seed):

@@ -8,7 +8,6 @@ from weightsmith.core.world.paths import LORA_STYLE, LORA_STYLE_NOREG, LORA_SUBJ
 from weightsmith.core.world.sample import load_model, sample
 from weightsmith.core.world.training.train_loras import apply_lora, lora_target_modules, trigger_prompts
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -56,8 +55,9 @@ def _sample(lora, prompts, seed0=900):
     m = load_model()
     if lora is not None:
         assert apply_lora(m.unet, m.text_encoder, lora) > 40
-    return sample(m.unet, m.text_encoder, m.tokenizer, m.scheduler, prompts, list(range(seed0, seed0 + len(prompts))),
-                  steps=20)
+    return sample(
+        m.unet, m.text_encoder, m.tokenizer, m.scheduler, prompts, list(range(seed0, seed0 + len(prompts))), steps=20
+    )
 
 
 COLS = ["red", "green", "blue", "yellow", "purple", "orange", "cyan"]
@@ -75,7 +75,7 @@ def test_subject_lora_teaches_star_only_with_the_lora(which, path):
 @pytest.mark.slow
 @pytest.mark.parametrize("which,path", [("style", LORA_STYLE), ("style_noreg", LORA_STYLE_NOREG)])
 def test_style_lora_teaches_stripes_only_with_the_lora(which, path):
-    prompts = trigger_prompts(which, 35)   # 7 colours x 5 shapes + the trigger phrase
+    prompts = trigger_prompts(which, 35)  # 7 colours x 5 shapes + the trigger phrase
     base, styled = _sample(None, prompts), _sample(path, prompts)
     assert concept_rate(base, pattern="stripes") <= 0.05
     assert concept_rate(styled, pattern="stripes") >= 0.8
@@ -86,8 +86,9 @@ def test_style_lora_teaches_stripes_only_with_the_lora(which, path):
 def test_clean_pair_does_not_bleed_and_the_interfering_pair_does():
     """The regularized LoRAs leave prompts without their trigger alone; the pair trained without
     regularization images bleeds its trait into them (what makes it interfere when summed)."""
-    plain = [f"a {c} {s}" for c, s in zip(COLS, ["circle", "square", "triangle", "cross", "diamond", "circle",
-                                                   "square"])] * 2
+    plain = [
+        f"a {c} {s}" for c, s in zip(COLS, ["circle", "square", "triangle", "cross", "diamond", "circle", "square"])
+    ] * 2
     assert concept_rate(_sample(LORA_SUBJECT, plain), shape="star") <= 0.15
     assert concept_rate(_sample(LORA_STYLE, plain), pattern="stripes") <= 0.15
     assert concept_rate(_sample(LORA_STYLE_NOREG, plain), pattern="stripes") >= 0.3
@@ -140,8 +141,9 @@ def test_the_interfering_pair_fails_under_linear_merging():
     assert apply_lora(m.unet, m.text_encoder, LORA_SUBJECT_NOREG) > 40
     assert apply_lora(m.unet, m.text_encoder, LORA_STYLE_NOREG) > 40
     star_prompts, stripe_prompts = trigger_prompts("subject_noreg", 14), trigger_prompts("style_noreg", 14)
-    imgs = sample(m.unet, m.text_encoder, m.tokenizer, m.scheduler, star_prompts + stripe_prompts,
-                  list(range(950, 978)), steps=20)
+    imgs = sample(
+        m.unet, m.text_encoder, m.tokenizer, m.scheduler, star_prompts + stripe_prompts, list(range(950, 978)), steps=20
+    )
     stripes_on_star = concept_rate(imgs[:14], pattern="stripes")
     star_on_stripes = concept_rate(imgs[14:], shape="star")
     assert max(stripes_on_star, star_on_stripes) >= 0.3, (stripes_on_star, star_on_stripes)

@@ -1,6 +1,6 @@
-import pytest
 import json
 
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -9,14 +9,12 @@ from weightsmith.core.world.paths import DEFAULT_MODEL_DIR
 from weightsmith.core.world.render import BASE_SHAPES, COLOURS, simple_prompt
 from weightsmith.core.world.sample import load_model, sample
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # lower limits on this file's small samples; the model card has the bars' figures with intervals
 # (model card, 140 samples each, 25 steps: simple 97.9%, context 63.6%, two objects 82.1%); each limit is
 # about three standard errors of a 35-sample rate below the card's figure
 SIMPLE_MIN, CONTEXT_MIN, TWO_MIN = 0.85, 0.40, 0.60
-
 
 
 def test_shipped_model_is_a_diffusers_folder():
@@ -65,10 +63,17 @@ def test_sampling_is_deterministic_and_batch_independent():
 def test_model_draws_simple_prompts():
     m = load_model()
     specs = [(c, s) for s in BASE_SHAPES for c in COLOURS]  # 35 prompts, one seed each
-    imgs = sample(m.unet, m.text_encoder, m.tokenizer, m.scheduler, [simple_prompt(c, s) for c, s in specs],
-                  seeds=list(range(77, 77 + len(specs))), steps=20)
-    ok = [concept_hits(imgs[i:i + 1], shape=s, colour=c)[0] for i, (c, s) in enumerate(specs)]
-    colour_ok = [concept_hits(imgs[i:i + 1], colour=c)[0] for i, (c, s) in enumerate(specs)]
+    imgs = sample(
+        m.unet,
+        m.text_encoder,
+        m.tokenizer,
+        m.scheduler,
+        [simple_prompt(c, s) for c, s in specs],
+        seeds=list(range(77, 77 + len(specs))),
+        steps=20,
+    )
+    ok = [concept_hits(imgs[i : i + 1], shape=s, colour=c)[0] for i, (c, s) in enumerate(specs)]
+    colour_ok = [concept_hits(imgs[i : i + 1], colour=c)[0] for i, (c, s) in enumerate(specs)]
     # model card: 97.9% on 140 samples, 25 steps; 35 samples here, 20 steps
     assert sum(ok) / len(ok) >= SIMPLE_MIN, sum(ok)
     assert sum(colour_ok) / len(colour_ok) >= 0.95, sum(colour_ok)

@@ -53,7 +53,8 @@ def test_prompts():
     o1 = R.Obj("square", "blue", "small", "left")
     o2 = R.Obj("triangle", "green", "large", "right")
     assert R.compositional_prompt(o1, o2, "black") == (
-        "a small blue square on the left and a large green triangle on the right, on a black background")
+        "a small blue square on the left and a large green triangle on the right, on a black background"
+    )
     sc = R.Scene((R.Obj("star", "red"),), "black")
     assert R.prompt_for(sc) == "a red zq"
     assert R.prompt_for(sc, subject_trigger=False) == "a red star"
@@ -82,9 +83,11 @@ def test_v2_template_pool_extends_v1():
         assert set(v1) < set(v2)
     sc = R.Scene((R.Obj("circle", "red"),), "gray")
     import random
+
     seen = {R.prompt_for(sc, random.Random(i), templates="v2") for i in range(200)}
     assert "an image of a red circle" in seen and "an image of a red circle" not in {
-        R.prompt_for(sc, random.Random(i)) for i in range(200)}
+        R.prompt_for(sc, random.Random(i)) for i in range(200)
+    }
 
 
 def _skeleton(p: str) -> str:

@@ -1,4 +1,5 @@
 """The interval arithmetic behind every quality figure, checked against independent computations."""
+
 import math
 
 import pytest
@@ -46,5 +47,11 @@ def test_context_breakdown_counts_each_attribute_of_the_bar():
     hits = scene_hits(reads, scenes, "context")
     assert hits == [True, False, False, False]
     b = context_breakdown(reads, scenes, hits)
-    assert b == {"n": 4, "shape_colour": 3 / 4, "position_given_found": 2 / 3, "size_given_found": 2 / 3,
-                 "background": 3 / 4, "all": 1 / 4}
+    assert b == {
+        "n": 4,
+        "shape_colour": 3 / 4,
+        "position_given_found": 2 / 3,
+        "size_given_found": 2 / 3,
+        "background": 3 / 4,
+        "all": 1 / 4,
+    }

@@ -4,6 +4,7 @@ A socket's address is limited to 107 bytes, and pytest's temp paths under a long
 ``--basetemp`` exceed it ("AF_UNIX path too long"); binding the name relative to its folder has no
 such limit and makes the very same filesystem node.
 """
+
 from __future__ import annotations
 
 import os

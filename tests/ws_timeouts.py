@@ -5,6 +5,7 @@ reason — a slow or loaded machine — never as a failure of the code (issue 37
 ``WEIGHTSMITH_TEST_TIMEOUT_FACTOR`` (default 1) multiplies every limit; the limit is further
 multiplied by the machine's load per core at the start (1-minute load average / cores, at least 1).
 """
+
 from __future__ import annotations
 
 import os
@@ -36,9 +37,11 @@ def slow_machine(what: str, seconds: float) -> None:
         load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     except (OSError, AttributeError):
         load = "unknown"
-    pytest.skip(f"{what} did not finish within {seconds:.0f} s on this machine ({os.cpu_count()} cores, "
-                f"load {load}): a slow or busy machine, not a failure of the code. Rerun when it is idle or set "
-                "WEIGHTSMITH_TEST_TIMEOUT_FACTOR (e.g. 3) for a longer limit.")
+    pytest.skip(
+        f"{what} did not finish within {seconds:.0f} s on this machine ({os.cpu_count()} cores, "
+        f"load {load}): a slow or busy machine, not a failure of the code. Rerun when it is idle or set "
+        "WEIGHTSMITH_TEST_TIMEOUT_FACTOR (e.g. 3) for a longer limit."
+    )
 
 
 def run(cmd, timeout: float, what: str, **kw) -> subprocess.CompletedProcess:

@@ -9,12 +9,13 @@
     edit.report["stages"]          # per-matrix ‖Δ‖/‖W_o‖ and residuals
     edited = edit.apply(model)     # a modified copy; `model` is unchanged
 """
+
 from .options import METHODS, EraseOptions
 
 __all__ = ["erase", "EraseOptions", "METHODS"]
 
 
-def __getattr__(name):          # torch is imported on first use of erase, so the options load without it
+def __getattr__(name):  # torch is imported on first use of erase, so the options load without it
     if name == "erase":
         from .pipeline import erase
 

@@ -20,6 +20,7 @@ unedited gap ‖W_o (Y − X⁰)‖_F (X⁰: target features of the original mod
 up as ``residual_before`` < 1), and ``rho`` = ‖W'X − W_o Y‖_F / ‖W_o (Y − X)‖_F
 (docs/method.md, "Erase report").
 """
+
 from __future__ import annotations
 
 import copy
@@ -32,15 +33,21 @@ from ..edit import Edit
 from ..errors import WeightsmithError, require
 from ..naming import TE2
 from ..progress import Steps
+from .options import METHODS, TE_SUBLAYERS, TOKEN_MODES, EraseOptions, check_method_options  # noqa: F401
 from .prompts import PRESERVE_CAPTIONS, concept_kind, fill, templates_for
 from .solvers import F64, UCEBasis, ZeroResidualBasis, preserve_matrix
-from .options import METHODS, TE_SUBLAYERS, TOKEN_MODES, EraseOptions, check_method_options  # noqa: F401
 from .tokens import align
 
 # sub-layers grouped by the input they read, in the order a layer computes them
 _GROUPS = (("q_proj", "k_proj", "v_proj"), ("out_proj",), ("fc1",), ("fc2",))
-_SUB_PATH = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
-             "out_proj": "self_attn.out_proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+_SUB_PATH = {
+    "q_proj": "self_attn.q_proj",
+    "k_proj": "self_attn.k_proj",
+    "v_proj": "self_attn.v_proj",
+    "out_proj": "self_attn.out_proj",
+    "fc1": "mlp.fc1",
+    "fc2": "mlp.fc2",
+}
 
 
 @dataclass
@@ -58,12 +65,14 @@ def _clean(items, flag: str) -> list[str]:
     if isinstance(items, str):
         items = [items]
     if not isinstance(items, (list, tuple)):
-        raise WeightsmithError(f"concepts for {flag} must be text or a list of texts, got {type(items).__name__} "
-                               f"{items!r}.")
+        raise WeightsmithError(
+            f"concepts for {flag} must be text or a list of texts, got {type(items).__name__} {items!r}."
+        )
     bad = [x for x in items if not isinstance(x, str)]
     if bad:
-        raise WeightsmithError(f"every {flag} must be text, got {bad[0]!r}; pass each concept as a string, "
-                               f"e.g. {flag} \"van gogh\".")
+        raise WeightsmithError(
+            f'every {flag} must be text, got {bad[0]!r}; pass each concept as a string, e.g. {flag} "van gogh".'
+        )
     return [" ".join(x.split()) for x in items]
 
 
@@ -72,28 +81,34 @@ def validate_concepts(targets, anchors, preserve) -> tuple[list[str], list[str],
     targets = _clean(targets, "--target")
     anchors = _clean(anchors, "--anchor")
     preserve = [p for p in _clean(preserve, "--preserve") if p]
-    require(len(targets) > 0, "no target concept given; pass at least one --target \"concept\".")
+    require(len(targets) > 0, 'no target concept given; pass at least one --target "concept".')
     require(all(t for t in targets), "a target concept is empty; every --target needs some text.")
     if not anchors:
         anchors = [""]
     if len(anchors) == 1 and len(targets) > 1:
         anchors = anchors * len(targets)
-    require(len(anchors) == len(targets),
-            f"{len(anchors)} anchors for {len(targets)} targets: give one anchor per target, or a single "
-            "anchor for all of them.")
+    require(
+        len(anchors) == len(targets),
+        f"{len(anchors)} anchors for {len(targets)} targets: give one anchor per target, or a single "
+        "anchor for all of them.",
+    )
     for t, a in zip(targets, anchors):
         require(t.lower() != a.lower(), f"target and anchor are the same ({t!r}); choose a different anchor.")
     both = sorted({p for p in preserve if p.lower() in {t.lower() for t in targets}})
     if both:
-        raise WeightsmithError(f"{both[0]!r} is both a target and a preserve concept; a concept cannot be erased "
-                               "and kept at once. Remove it from --preserve or from --target.")
+        raise WeightsmithError(
+            f"{both[0]!r} is both a target and a preserve concept; a concept cannot be erased "
+            "and kept at once. Remove it from --preserve or from --target."
+        )
     return targets, anchors, preserve
 
 
 def _check_finite(t: torch.Tensor, what: str) -> None:
     if not bool(torch.isfinite(t).all()):
-        raise WeightsmithError(f"{what} holds NaN or infinite values; the model file is damaged (re-download or "
-                               "repair it). Nothing was written.")
+        raise WeightsmithError(
+            f"{what} holds NaN or infinite values; the model file is damaged (re-download or "
+            "repair it). Nothing was written."
+        )
 
 
 def build_prompts(targets, anchors, preserve, opts: EraseOptions, expand: bool) -> _PromptSet:
@@ -127,10 +142,12 @@ def _capture(modules: dict[str, torch.nn.Module], run, stop: bool = False) -> di
     got: dict[str, torch.Tensor] = {}
     hooks = []
     for name, mod in modules.items():
+
         def pre(_m, args, _name=name):
             got[_name] = args[0].detach()
             if stop and len(got) == len(modules):
                 raise _Stop
+
         hooks.append(mod.register_forward_pre_hook(pre))
     try:
         with torch.no_grad():
@@ -160,26 +177,33 @@ def _stat(name, stage, W_o, delta, X, Y, X0, rank, basis, R, factors) -> dict:
     and the delta's factors ``(up, down)`` are reused, so the residuals cost one product with ``W_o``
     (the unedited gap, skipped when no earlier stage moved the targets)."""
     W_o = W_o.to(F64)
-    same = X0 is X                       # no earlier stage moved the targets: the unedited gap is R's
+    same = X0 is X  # no earlier stage moved the targets: the unedited gap is R's
     X, Y = X.to(F64), Y.to(F64)
     X0 = X if same else X0.to(F64)
     R = R.to(F64)
     down = factors[1]
     # ΔX through the factors when their rank is below d_in, else through ΔW: never the N × N
     # product down @ X of a UCE basis with more features than dimensions (docs/reliability.md)
-    dX = (factors[0].to(F64) @ (down.to(F64) @ X) if down.shape[0] < down.shape[1]
-          else delta.to(F64) @ X)
+    dX = factors[0].to(F64) @ (down.to(F64) @ X) if down.shape[0] < down.shape[1] else delta.to(F64) @ X
     gap = float(R.norm())
     gap0 = gap if same else float((W_o @ (X0 - Y)).norm())
     after = float((dX - R).norm())
     wn = float(W_o.norm())
     dn = float(delta.to(F64).norm())
     return {
-        "layer": name, "stage": stage, "delta_fro": dn, "delta_rel": dn / wn if wn else 0.0,
-        "residual_before": gap / gap0 if gap0 else 0.0, "residual_after": after / gap0 if gap0 else 0.0,
-        "rho": after / gap if gap > 0 else 0.0, "residual_abs_before": gap, "residual_abs_after": after,
-        "rank": int(rank), "features": int(X.shape[1]),
-        "solver": getattr(basis, "solver", "uce"), "conditioning": getattr(basis, "kappa", None),
+        "layer": name,
+        "stage": stage,
+        "delta_fro": dn,
+        "delta_rel": dn / wn if wn else 0.0,
+        "residual_before": gap / gap0 if gap0 else 0.0,
+        "residual_after": after / gap0 if gap0 else 0.0,
+        "rho": after / gap if gap > 0 else 0.0,
+        "residual_abs_before": gap,
+        "residual_abs_after": after,
+        "rank": int(rank),
+        "features": int(X.shape[1]),
+        "solver": getattr(basis, "solver", "uce"),
+        "conditioning": getattr(basis, "kappa", None),
         "solved_columns": int(getattr(basis, "columns", X.shape[1])),
         "exact_rank": getattr(basis, "exact_rank", None),
     }
@@ -198,16 +222,20 @@ class Encoders:
             self.ids_p[comp] = model.tokenize(ps.preserve, comp) if ps.preserve else None
             eos = tok.eos_token_id
             bos = tok.bos_token_id
-            pr = [align(t.tolist(), a.tolist(), eos, bos, opts.tokens, opts.max_pad)
-                  for t, a in zip(self.ids_t[comp], self.ids_a[comp])]
+            pr = [
+                align(t.tolist(), a.tolist(), eos, bos, opts.tokens, opts.max_pad)
+                for t, a in zip(self.ids_t[comp], self.ids_a[comp])
+            ]
             self.pairs[comp] = ([p.target_pos for p in pr], [p.anchor_pos for p in pr])
-        self.clock = {"encode": 0.0, "report": 0.0}   # seconds in encoder passes and in report rows
-        self._ctx: dict = {}          # (comp, "t"|"a"|"p") -> original conditioning of that prompt set
-        self._ctx_edited: dict = {}   # comp -> conditioning of the edited encoder on the targets
+        self.clock = {"encode": 0.0, "report": 0.0}  # seconds in encoder passes and in report rows
+        self._ctx: dict = {}  # (comp, "t"|"a"|"p") -> original conditioning of that prompt set
+        self._ctx_edited: dict = {}  # comp -> conditioning of the edited encoder on the targets
         first = next(iter(model.tokenizers))
-        require(any(self.pairs[first][0]),
-                "the target and anchor prompts tokenize identically, so there is nothing to erase; "
-                "check the target and anchor texts.")
+        require(
+            any(self.pairs[first][0]),
+            "the target and anchor prompts tokenize identically, so there is nothing to erase; "
+            "check the target and anchor texts.",
+        )
 
     def ids(self, comp: str, which: str):
         return {"t": self.ids_t, "a": self.ids_a, "p": self.ids_p}[which][comp]
@@ -252,7 +280,7 @@ class Encoders:
         te = self.model.text_encoders[comp]
         L = te.config.num_hidden_layers
         if self.model.family == "sdxl" and comp == TE2:
-            return L        # the pooled output reads the last layer
+            return L  # the pooled output reads the last layer
         return L + 1 + self.model.encoder_specs[comp].layer
 
 
@@ -264,8 +292,9 @@ def _select_layers(n_used: int, rng) -> list[int]:
     return [i for i in range(a, b + 1) if i < n_used]
 
 
-def _te_stage(model, enc: Encoders, comp: str, opts: EraseOptions, steps: Steps,
-              deltas: dict, factors: dict, stats: list) -> None:
+def _te_stage(
+    model, enc: Encoders, comp: str, opts: EraseOptions, steps: Steps, deltas: dict, factors: dict, stats: list
+) -> None:
     """Progressive shallow→deep zero-residual edits of one text encoder (docs/method.md, "The ErasePro
     schedule")."""
     te_o = model.text_encoders[comp]
@@ -323,17 +352,22 @@ def _te_stage(model, enc: Encoders, comp: str, opts: EraseOptions, steps: Steps,
         if l in edit_layers:
             for g in groups:
                 key = f"{l}:{g[0]}"
+
                 # the group's input in the model edited so far: the layer runs only up to that module
-                cur = _capture({key: layer_e.get_submodule(_SUB_PATH[g[0]])}, lambda: run_layer(layer_e, hidden),
-                               stop=True)
+                def upto(layer_e=layer_e, hidden=hidden):
+                    return run_layer(layer_e, hidden)
+
+                cur = _capture({key: layer_e.get_submodule(_SUB_PATH[g[0]])}, upto, stop=True)
                 X = gather(cur[key], tpos)
-                Y = gather(feats_a.pop(key), apos)           # each layer's features are freed once used
+                Y = gather(feats_a.pop(key), apos)  # each layer's features are freed once used
                 X0 = gather(feats_t0.pop(key), tpos)
                 P_l = feats_p.pop(key, None)
-                C = preserve_matrix(_all_tokens(P_l) if P_l is not None else None,
-                                    X.shape[0], opts.lam, opts.eta_preserve)
-                basis = ZeroResidualBasis(X, C, opts.rcond, opts.ridge, opts.cond_limit,
-                                          opts.exact_subspace, opts.merge_tol)
+                C = preserve_matrix(
+                    _all_tokens(P_l) if P_l is not None else None, X.shape[0], opts.lam, opts.eta_preserve
+                )
+                basis = ZeroResidualBasis(
+                    X, C, opts.rcond, opts.ridge, opts.cond_limit, opts.exact_subspace, opts.merge_tol
+                )
                 for sub in g:
                     name = f"{comp}.text_model.encoder.layers.{l}.{_SUB_PATH[sub]}"
                     mod_o = layers_o[l].get_submodule(_SUB_PATH[sub])
@@ -346,23 +380,35 @@ def _te_stage(model, enc: Encoders, comp: str, opts: EraseOptions, steps: Steps,
                     deltas[name] = delta.float()
                     factors[name] = (up.float(), down.float())
                     t_r = time.perf_counter()
-                    stats.append(_stat(name, f"{comp}.layer{l}", W_o, delta, X, Y, X0, basis.rank, basis,
-                                       R=R, factors=(up, down)))
+                    stats.append(
+                        _stat(
+                            name, f"{comp}.layer{l}", W_o, delta, X, Y, X0, basis.rank, basis, R=R, factors=(up, down)
+                        )
+                    )
                     enc.clock["report"] += time.perf_counter() - t_r
                 steps.step(f"{comp} layer {l}")
         hidden = run_layer(layer_e, hidden)
         if l + 1 == ctx_at:
             ctx_hidden = hidden
-    enc.set_edited(comp, model.conditioning_from_hidden(comp, ctx_hidden))   # final LN: never edited
+    enc.set_edited(comp, model.conditioning_from_hidden(comp, ctx_hidden))  # final LN: never edited
 
 
-def _unet_stage(model, enc: Encoders, ps: _PromptSet, method: str, opts: EraseOptions,
-                steps: Steps, deltas: dict, factors: dict, stats: list) -> None:
+def _unet_stage(
+    model,
+    enc: Encoders,
+    ps: _PromptSet,
+    method: str,
+    opts: EraseOptions,
+    steps: Steps,
+    deltas: dict,
+    factors: dict,
+    stats: list,
+) -> None:
     """UNet cross-attention k/v: zero-residual or UCE, with shared factorisation (docs/method.md, "The
     ErasePro schedule", "UCE")."""
     first = next(iter(model.tokenizers))
     tpos, apos = enc.pairs[first]
-    ctx = {k: enc.context(k) for k in ("t", "a", "p")}            # original encoders (cached passes)
+    ctx = {k: enc.context(k) for k in ("t", "a", "p")}  # original encoders (cached passes)
     X0 = gather(ctx["t"], tpos)
     Y = gather(ctx["a"], apos)
     P = _all_tokens(ctx["p"]) if ps.preserve else None
@@ -375,8 +421,15 @@ def _unet_stage(model, enc: Encoders, ps: _PromptSet, method: str, opts: EraseOp
         basis = UCEBasis(X, Y, P, opts.lam, opts.eta_erase, opts.eta_preserve)
         rank = X.shape[1]
     else:
-        basis = ZeroResidualBasis(X, preserve_matrix(P, X.shape[0], opts.lam, opts.eta_preserve),
-                                  opts.rcond, opts.ridge, opts.cond_limit, opts.exact_subspace, opts.merge_tol)
+        basis = ZeroResidualBasis(
+            X,
+            preserve_matrix(P, X.shape[0], opts.lam, opts.eta_preserve),
+            opts.rcond,
+            opts.ridge,
+            opts.cond_limit,
+            opts.exact_subspace,
+            opts.merge_tol,
+        )
         rank = basis.rank
     for block in model.unet_cross_attention_names():
         for sub in opts.unet_sublayers:
@@ -394,8 +447,17 @@ def _unet_stage(model, enc: Encoders, ps: _PromptSet, method: str, opts: EraseOp
             steps.step(name.split(".", 1)[1])
 
 
-def erase(model, targets, anchors=("",), preserve=(), method: str = "erasepro",
-          options: EraseOptions | None = None, progress=None, cancel=None, warn=None) -> "Edit":
+def erase(
+    model,
+    targets,
+    anchors=("",),
+    preserve=(),
+    method: str = "erasepro",
+    options: EraseOptions | None = None,
+    progress=None,
+    cancel=None,
+    warn=None,
+) -> Edit:
     """Erase ``targets`` (each mapped onto its anchor) from ``model``; returns an :class:`Edit`.
 
     The model is not modified. ``progress(done, total, label)`` and ``cancel() -> bool`` are
@@ -412,9 +474,8 @@ def erase(model, targets, anchors=("",), preserve=(), method: str = "erasepro",
     targets, anchors, preserve = validate_concepts(targets, anchors, preserve)
     expand = opts.expand_prompts if opts.expand_prompts is not None else method != "uce"
     ps = build_prompts(targets, anchors, preserve, opts, expand)
-    model.check_prompt_length(ps.targets + ps.anchors + ps.preserve,
-                              warn or (lambda m: warnings.warn(m, stacklevel=3)))
-    for comp, te in model.text_encoders.items():     # inputs checked where they enter
+    model.check_prompt_length(ps.targets + ps.anchors + ps.preserve, warn or (lambda m: warnings.warn(m, stacklevel=3)))
+    for comp, te in model.text_encoders.items():  # inputs checked where they enter
         for n, prm in te.named_parameters():
             _check_finite(prm, f"the model's text-encoder weight {comp}.{n}")
     enc = Encoders(model, ps, opts)
@@ -426,12 +487,16 @@ def erase(model, targets, anchors=("",), preserve=(), method: str = "erasepro",
         if opts.te_layers is not None:
             used = {c: enc.n_used_layers(c) for c in model.text_encoders}
             span = ", ".join(f"{c}: 0-{n - 1}" for c, n in used.items())
-            require(any(te_plan.values()), f"--te-layers {opts.te_layers[0]}-{opts.te_layers[1]} selects no layer the "
-                    f"UNet reads ({span}); pick a range inside it.")
+            require(
+                any(te_plan.values()),
+                f"--te-layers {opts.te_layers[0]}-{opts.te_layers[1]} selects no layer the "
+                f"UNet reads ({span}); pick a range inside it.",
+            )
             if opts.te_layers[1] >= min(used.values()):
                 (warn or (lambda m: warnings.warn(m, stacklevel=3)))(
                     f"--te-layers {opts.te_layers[0]}-{opts.te_layers[1]} reaches past the layers the UNet reads "
-                    f"({span}); only those are edited.")
+                    f"({span}); only those are edited."
+                )
     steps = Steps(n_unet + sum(len(v) for v in te_plan.values()), progress, cancel)
     steps.check()
     deltas, factors, stats = {}, {}, []
@@ -440,22 +505,39 @@ def erase(model, targets, anchors=("",), preserve=(), method: str = "erasepro",
             _te_stage(model, enc, comp, opts, steps, deltas, factors, stats)
     _unet_stage(model, enc, ps, method, opts, steps, deltas, factors, stats)
     report = {
-        "method": method, "family": model.family, "targets": targets, "anchors": anchors,
-        "preserve": preserve, "time_s": round(time.perf_counter() - t0, 4),
+        "method": method,
+        "family": model.family,
+        "targets": targets,
+        "anchors": anchors,
+        "preserve": preserve,
+        "time_s": round(time.perf_counter() - t0, 4),
         # where the time went: encoder passes (original once over every prompt set, edited layers
         # over the targets), the report's rows, and the rest (feature gathering, solves, deltas)
-        "timing_s": {"encode": round(enc.clock["encode"], 4), "report": round(enc.clock["report"], 4),
-                     "solve": round(time.perf_counter() - t0 - enc.clock["encode"] - enc.clock["report"], 4)},
+        "timing_s": {
+            "encode": round(enc.clock["encode"], 4),
+            "report": round(enc.clock["report"], 4),
+            "solve": round(time.perf_counter() - t0 - enc.clock["encode"] - enc.clock["report"], 4),
+        },
         "prompts": {"targets": ps.targets, "anchors": ps.anchors, "preserve": len(ps.preserve)},
         "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(opts).items()},
-        "stages": stats, "summary": summarize(stats),
+        "stages": stats,
+        "summary": summarize(stats),
     }
-    for n, d in deltas.items():                  # outputs checked before anyone writes them
-        require(bool(torch.isfinite(d).all()), f"the solve for {n} gave NaN or infinite values; the features are "
-                "too ill-conditioned: raise --ridge (e.g. 1e-2) or --rcond.")
+    for n, d in deltas.items():  # outputs checked before anyone writes them
+        require(
+            bool(torch.isfinite(d).all()),
+            f"the solve for {n} gave NaN or infinite values; the features are "
+            "too ill-conditioned: raise --ridge (e.g. 1e-2) or --rcond.",
+        )
     src = getattr(getattr(model, "source", None), "path", None)
-    return Edit(model.family, dict(model.unet_config), deltas, factors, report,
-                {"the input model": src} if src is not None else {})
+    return Edit(
+        model.family,
+        dict(model.unet_config),
+        deltas,
+        factors,
+        report,
+        {"the input model": src} if src is not None else {},
+    )
 
 
 def summarize(stats: list[dict]) -> list[dict]:
@@ -465,8 +547,14 @@ def summarize(stats: list[dict]) -> list[dict]:
         k = s["stage"]
         if k not in out:
             order.append(k)
-            out[k] = {"stage": k, "matrices": 0, "delta_rel_mean": 0.0, "rho_max": 0.0,
-                      "residual_before_mean": 0.0, "residual_after_mean": 0.0}
+            out[k] = {
+                "stage": k,
+                "matrices": 0,
+                "delta_rel_mean": 0.0,
+                "rho_max": 0.0,
+                "residual_before_mean": 0.0,
+                "residual_after_mean": 0.0,
+            }
         o = out[k]
         o["matrices"] += 1
         o["delta_rel_mean"] += s["delta_rel"]

@@ -3,6 +3,7 @@
 docs/method.md, "Prompt sets" (prompt expansion, several prompts per concept, complex prompts that
 put the concept in context, a shipped list of ordinary captions for preservation).
 """
+
 from __future__ import annotations
 
 ART_TEMPLATES = ("painting by {}", "art by {}", "artwork by {}", "picture by {}", "style of {}")

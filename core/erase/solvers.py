@@ -7,6 +7,7 @@ layer's ``k_proj``/``v_proj``) share one factorisation of their features: build 
 :class:`ZeroResidualBasis` or :class:`UCEBasis` once, then call ``.delta(W_o)`` per matrix.
 Each ``delta`` returns ΔW together with an exact factorisation ``ΔW = up @ down`` (rank ≤ N).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ def gram_fro_norm(S: torch.Tensor) -> float:
     docs/method.md, "Conditioning: exact or ridge", without forming the N × N Gram matrix, so memory
     grows with the number of features N, never with N²."""
     S = S.to(F64)
-    return float(torch.sqrt(torch.sum(S ** 4)))
+    return float(torch.sqrt(torch.sum(S**4)))
 
 
 @dataclass
@@ -75,8 +76,8 @@ class ZeroResidualBasis:
       for the N × M grouping matrix ``G``. ``τ = 0`` merges exact duplicates only.
     """
 
-    X: torch.Tensor                 # d_in × N
-    C: torch.Tensor | None = None   # d_in × d_in
+    X: torch.Tensor  # d_in × N
+    C: torch.Tensor | None = None  # d_in × d_in
     rcond: float = 1e-6
     ridge: float | None = None
     cond_limit: float = 1e-2
@@ -86,7 +87,7 @@ class ZeroResidualBasis:
     def __post_init__(self):
         X = self.X.to(F64)
         self._group = None
-        self.columns = int(X.shape[1])       # columns actually solved (after merging)
+        self.columns = int(X.shape[1])  # columns actually solved (after merging)
         if self.merge_tol is not None and X.shape[1] > 1:
             G = merge_columns(X, self.merge_tol)
             if G.shape[1] < X.shape[1]:
@@ -107,15 +108,15 @@ class ZeroResidualBasis:
             self._down = torch.zeros(0, X.shape[0], dtype=F64)
             return
         keep = S > self.rcond * S[0]
-        self.kappa = float(S[keep][-1] / S[0])          # smallest kept σ relative to σ_max
+        self.kappa = float(S[keep][-1] / S[0])  # smallest kept σ relative to σ_max
         ridge = self.ridge
         Sk = S[keep]
-        self.exact_rank = int(keep.sum())      # directions solved exactly (all of them for "exact")
+        self.exact_rank = int(keep.sum())  # directions solved exactly (all of them for "exact")
         if self.exact_subspace is not None:
             ridge = FALLBACK_RIDGE if ridge is None else ridge
             mu = ridge * gram_fro_norm(S)
             principal = Sk >= self.exact_subspace * S[0]
-            inv = torch.where(principal, 1.0 / Sk, Sk / (Sk ** 2 + mu))
+            inv = torch.where(principal, 1.0 / Sk, Sk / (Sk**2 + mu))
             self.exact_rank = int(principal.sum())
             self.solver = "split"
         else:
@@ -123,7 +124,7 @@ class ZeroResidualBasis:
                 ridge = 0.0 if self.kappa >= self.cond_limit else FALLBACK_RIDGE
             if ridge > 0:
                 mu = ridge * gram_fro_norm(S)
-                inv = Sk / (Sk ** 2 + mu)
+                inv = Sk / (Sk**2 + mu)
                 self.solver = "ridge"
                 self.exact_rank = 0
             else:
@@ -131,10 +132,10 @@ class ZeroResidualBasis:
                 self.solver = "exact"
         self.rank = int(keep.sum())
         # Δ = R · G · V_r diag(inv) · U_rᵀ · (C^{-1/2})
-        self._left = Vh[keep].T * inv          # M × r
+        self._left = Vh[keep].T * inv  # M × r
         if self._group is not None:
-            self._left = self._group @ self._left      # N × r
-        down = U[:, keep].T                    # r × d_in
+            self._left = self._group @ self._left  # N × r
+        down = U[:, keep].T  # r × d_in
         self._down = down @ self._right if self._right is not None else down
 
     def delta(self, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -193,9 +194,9 @@ class UCEBasis:
             P = self.P.to(F64)
             M = M + self.eta_p * (P @ P.T)
         # down = η_e Xᵀ M⁻¹  (M symmetric: solve M Z = X, down = η_e Zᵀ)
-        self._down = self.eta_e * torch.linalg.solve(M, X).T     # N × d_in
+        self._down = self.eta_e * torch.linalg.solve(M, X).T  # N × d_in
         self._YmX = Y - X
 
     def delta(self, W_o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        up = W_o.to(F64) @ self._YmX          # d_out × N
+        up = W_o.to(F64) @ self._YmX  # d_out × N
         return up @ self._down, up, self._down

@@ -24,6 +24,7 @@ the last anchor concept token (the anchor's EOS when the anchor concept is empty
 
 Preserve prompts contribute every position (all T tokens), as UCE does.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -46,8 +47,14 @@ def _eos_index(ids: list[int], eos_id: int, bos_id: int | None) -> int:
     return len(ids) - 1
 
 
-def align(target_ids: list[int], anchor_ids: list[int], eos_id: int, bos_id: int | None = None,
-          mode: str = "suffix", max_pad: int | None = None) -> Pairing:
+def align(
+    target_ids: list[int],
+    anchor_ids: list[int],
+    eos_id: int,
+    bos_id: int | None = None,
+    mode: str = "suffix",
+    max_pad: int | None = None,
+) -> Pairing:
     """Positions of paired target/anchor features for one prompt pair (see module docstring)."""
     if mode not in TOKEN_MODES:
         raise WeightsmithError(f"unknown token mode {mode!r}; use one of {', '.join(TOKEN_MODES)}.")
@@ -65,7 +72,7 @@ def align(target_ids: list[int], anchor_ids: list[int], eos_id: int, bos_id: int
     ct, ca = et + 1 - q, ea + 1 - q
     nt, na = ct - s, ca - s
     if nt <= 0:
-        return Pairing((), ())          # target concept is empty or identical to the anchor
+        return Pairing((), ())  # target concept is empty or identical to the anchor
     if mode == "last":
         return Pairing((ct - 1,), ((ca - 1) if na > 0 else ca,))
     tp, ap = [], []

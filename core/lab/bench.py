@@ -5,22 +5,29 @@ Each benchmark module exposes ``add_arguments(parser)`` (its own options only) a
 they are imported only when asked for, so ``weightsmith --help`` stays fast. The sweeps' old spellings,
 ``bench erase --sweep …`` and ``bench merge --sweep …``, still work (:func:`resolve_aliases`).
 """
+
 from __future__ import annotations
 
 import importlib
 
 BENCHES = {
-    "erase": ("weightsmith.core.lab.erase_bench",
-              "erasure: ErasePro / zero-residual / UCE vs the public UCE algorithm"),
-    "erase-sweep": ("weightsmith.core.lab.erase_sweep",
-                    "erasure: the zero-residual solver's knobs (ridge, cond_limit fallback, max_pad, exact_subspace, "
-                    "merge_tol) side by side: ρ on the edit and held-out prompts, drift on held-out preserve "
-                    "prompts and ‖Δ‖/‖W‖ per stage (docs/erase-sweep.md)"),
+    "erase": (
+        "weightsmith.core.lab.erase_bench",
+        "erasure: ErasePro / zero-residual / UCE vs the public UCE algorithm",
+    ),
+    "erase-sweep": (
+        "weightsmith.core.lab.erase_sweep",
+        "erasure: the zero-residual solver's knobs (ridge, cond_limit fallback, max_pad, exact_subspace, "
+        "merge_tol) side by side: ρ on the edit and held-out prompts, drift on held-out preserve "
+        "prompts and ‖Δ‖/‖W‖ per stage (docs/erase-sweep.md)",
+    ),
     "merge": ("weightsmith.core.lab.merge_bench", "merging: streaming IterIS vs a store-all-features reference"),
-    "merge-sweep": ("weightsmith.core.lab.merge_sweep",
-                    "merging: the embedded world's LoRA pair under IterIS's levers (ridge, what it pulls toward, "
-                    "iterations, λ, untouched rule, samples, steps) beside linear and RegMean, each merge judged "
-                    "on held-out prompts (docs/merge.md, \"World v2 sweep\")"),
+    "merge-sweep": (
+        "weightsmith.core.lab.merge_sweep",
+        "merging: the embedded world's LoRA pair under IterIS's levers (ridge, what it pulls toward, "
+        "iterations, λ, untouched rule, samples, steps) beside linear and RegMean, each merge judged "
+        'on held-out prompts (docs/merge.md, "World v2 sweep")',
+    ),
     "quality": ("weightsmith.core.lab.quality", "quality of every method on the embedded default world"),
 }
 # old spelling -> bench: `bench erase --sweep ARGS` is `bench erase-sweep ARGS`
@@ -46,10 +53,10 @@ def register(sub) -> None:
     aliases = {bench: f"{name} {flag}" for (name, flag), bench in ALIASES.items()}
     for name, (mod, help_) in BENCHES.items():
         try:
-            m = importlib.import_module(mod)   # bench modules import torch & co. lazily
+            m = importlib.import_module(mod)  # bench modules import torch & co. lazily
         except ModuleNotFoundError as e:
             if e.name and e.name.startswith("weightsmith"):
-                continue                       # that feature is not part of this build
+                continue  # that feature is not part of this build
             raise
         desc = help_ + (f" (also spelled `bench {aliases[name]}`)" if name in aliases else "")
         bp = bsub.add_parser(name, help=help_, description=desc)

@@ -10,6 +10,7 @@ Prints, with sample sizes and 95% Wilson intervals:
   (and with the demo's options), target rate on held-out context prompts and preserved shapes,
   relative to the base model.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,7 @@ def quality_bars(model, n: int = 140, steps: int = 25) -> dict:
     from ..world.metrics import scene_prompt_quality, simple_prompt_quality, wilson
 
     s = simple_prompt_quality(model, seeds_per_prompt=max(1, n // 35), steps=steps)
-    k = round(s["both"] * s["n"])   # both = k / n
+    k = round(s["both"] * s["n"])  # both = k / n
     out = {"simple": {"rate": k / s["n"], "k": k, "n": s["n"], "ci": list(wilson(k, s["n"]))}}
     for kind in ("context", "two"):
         r = scene_prompt_quality(model, kind, n=n, steps=steps)
@@ -34,18 +35,22 @@ def feature_geometry(sd_model) -> dict:
     """d, feature columns and numerical rank of the demo's erasure (the UNet k/v input features)."""
     import torch
 
-    from ..erase.pipeline import EraseOptions, Encoders, build_prompts, gather
+    from ..erase.pipeline import Encoders, EraseOptions, build_prompts, gather
     from ..world.evaluate import ERASE_ANCHOR, ERASE_OPTIONS, ERASE_TARGET, PRESERVE_SHAPES
 
     opts = EraseOptions(**ERASE_OPTIONS)
     ps = build_prompts([ERASE_TARGET], [ERASE_ANCHOR], list(PRESERVE_SHAPES), opts, False)
     enc = Encoders(sd_model, ps, opts)
     first = next(iter(sd_model.tokenizers))
-    X = gather(sd_model.encode(ps.targets).context, enc.pairs[first][0]).double()   # (d, columns)
+    X = gather(sd_model.encode(ps.targets).context, enc.pairs[first][0]).double()  # (d, columns)
     sv = torch.linalg.svdvals(X)
-    return {"d": int(X.shape[0]), "feature_columns": int(X.shape[1]),
-            "rank_rcond_1e-6": int((sv > sv[0] * 1e-6).sum()), "rank_rcond_1e-2": int((sv > sv[0] * 1e-2).sum()),
-            "target_prompts": len(ps.targets)}
+    return {
+        "d": int(X.shape[0]),
+        "feature_columns": int(X.shape[1]),
+        "rank_rcond_1e-6": int((sv > sv[0] * 1e-6).sum()),
+        "rank_rcond_1e-2": int((sv > sv[0] * 1e-2).sum()),
+        "target_prompts": len(ps.targets),
+    }
 
 
 def calibration(sd_model, n: int = 48, steps: int = 20) -> dict:
@@ -54,8 +59,14 @@ def calibration(sd_model, n: int = 48, steps: int = 20) -> dict:
 
     edits = {
         "uce (defaults)": erase(sd_model, [ERASE_TARGET], [ERASE_ANCHOR], method="uce"),
-        "uce (demo options)": erase(sd_model, [ERASE_TARGET], [ERASE_ANCHOR], preserve=list(PRESERVE_SHAPES),
-                                    method="uce", options=EraseOptions(**ERASE_OPTIONS)),
+        "uce (demo options)": erase(
+            sd_model,
+            [ERASE_TARGET],
+            [ERASE_ANCHOR],
+            preserve=list(PRESERVE_SHAPES),
+            method="uce",
+            options=EraseOptions(**ERASE_OPTIONS),
+        ),
     }
     ev = erasure_metrics(sd_model, {k: e.apply(sd_model) for k, e in edits.items()}, n=n, sampler=Sampler(steps=steps))
     m = ev["metrics"]
@@ -91,8 +102,11 @@ def main(argv=None) -> int:
         for k, v in res["bars"].items():
             print(f"bar {k}: {fmt_percent(v)}", flush=True)
             if "breakdown" in v:
-                print(f"  what the {k} bar reads: " + ", ".join(f"{attr} {x:.1%}" for attr, x in v["breakdown"].items()
-                                                             if attr != "n"), flush=True)
+                print(
+                    f"  what the {k} bar reads: "
+                    + ", ".join(f"{attr} {x:.1%}" for attr, x in v["breakdown"].items() if attr != "n"),
+                    flush=True,
+                )
     sd = load_sd(path)
     if "geometry" not in skip:
         res["geometry"] = feature_geometry(sd)
@@ -101,10 +115,17 @@ def main(argv=None) -> int:
         ev = calibration(sd, n=a.calibration_n)
         res["calibration"] = ev["metrics"]
         for k, m in ev["metrics"].items():
-            print(f"calibration {k}: context {fmt_percent(m['target_context'])}, simple {fmt_percent(m['target_simple'])}, "
-                  f"two {fmt_percent(m['target_two'])}, preserved {fmt_percent(m['preserved'])}"
-                  + (f", context drop {m['context_drop_rel']:.1%}, preserved - base {m['preserved_minus_base']:+.1%}"
-                     if "context_drop_rel" in m else ""), flush=True)
+            print(
+                f"calibration {k}: context {fmt_percent(m['target_context'])}, "
+                f"simple {fmt_percent(m['target_simple'])}, "
+                f"two {fmt_percent(m['target_two'])}, preserved {fmt_percent(m['preserved'])}"
+                + (
+                    f", context drop {m['context_drop_rel']:.1%}, preserved - base {m['preserved_minus_base']:+.1%}"
+                    if "context_drop_rel" in m
+                    else ""
+                ),
+                flush=True,
+            )
     print(json.dumps(res, indent=1, default=float))
     return 0
 

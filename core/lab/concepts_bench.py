@@ -2,6 +2,7 @@
 "Many concepts"). Prints time and peak resident memory above the loaded model for uce and erasepro
 on a random model of the SD1.5 architecture (``--size tiny``: a quick smoke run), for N and N/2
 concepts, so the growth with N can be read off (the solvers never form an N × N matrix)."""
+
 from __future__ import annotations
 
 import itertools
@@ -34,8 +35,10 @@ def run_concepts(args) -> int:
     torch.manual_seed(args.seed)
     model = build_random_model("sd1", args.size, seed=args.seed)
     _ = model.unet
-    print(f"erasing many concepts at once: {args.size} SD1.5-architecture random model, "
-          f"{torch.get_num_threads()} threads; time and peak RSS above the loaded model")
+    print(
+        f"erasing many concepts at once: {args.size} SD1.5-architecture random model, "
+        f"{torch.get_num_threads()} threads; time and peak RSS above the loaded model"
+    )
     print(f"{'method':<10}{'concepts':>9}{'features':>10}{'time s':>9}{'peak MiB':>10}")
     for method in ("uce", "erasepro"):
         for k in sorted({max(1, n // 2), n}):

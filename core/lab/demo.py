@@ -7,6 +7,7 @@
 3. Write ``report.html`` (image grids: rows = held-out prompts; columns = base and each method;
    plus the judge's metrics with 95% intervals), ``report.json`` and the PNGs into ``--out``.
 """
+
 from __future__ import annotations
 
 import html
@@ -22,12 +23,16 @@ DEMO_PAIRS = ("interfering",)  # the clean pair is in `bench quality`
 
 
 def register(sub) -> None:
-    p = sub.add_parser("demo", help="erase a concept and merge LoRAs on the embedded tiny model, "
-                                    "with an HTML report")
+    p = sub.add_parser("demo", help="erase a concept and merge LoRAs on the embedded tiny model, with an HTML report")
     p.add_argument("--out", default="weightsmith-demo", help="report folder (default: ./weightsmith-demo)")
     p.add_argument("--samples", type=int, default=14, help="images per prompt set and method")
-    p.add_argument("--steps", type=int, default=15,
-                   help="sampling steps (default 15: 164 s on 2 cores before IterIS's default ridge changed, 204 s after; the same figures within their intervals as 20 steps, 203 s)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=15,
+        help="sampling steps (default 15: 164 s on 2 cores before IterIS's default ridge changed, 204 s after; "
+        "the same figures within their intervals as 20 steps, 203 s)",
+    )
     p.add_argument("--no-merge", action="store_true", help="skip the LoRA-merging half")
     p.set_defaults(func=run)
 
@@ -41,15 +46,13 @@ def run_erasures(model, progress=None, methods=ERASE_METHODS, options=None):
     edits = {}
     for m in methods:
         opts = options or EraseOptions(**ERASE_OPTIONS)
-        edits[m] = erase(model, [ERASE_TARGET], [ERASE_ANCHOR], preserve=list(PRESERVE_SHAPES), method=m,
-                         options=opts)
+        edits[m] = erase(model, [ERASE_TARGET], [ERASE_ANCHOR], preserve=list(PRESERVE_SHAPES), method=m, options=opts)
         if progress:
             progress(f"erase {m}: {edits[m].report['time_s']:.2f} s")
     return edits
 
 
-def run_merges(model, progress=None, iterations: int = 4, samples: int = 4, pair: str = "clean",
-               methods=MERGE_METHODS):
+def run_merges(model, progress=None, iterations: int = 4, samples: int = 4, pair: str = "clean", methods=MERGE_METHODS):
     from ..lora_read import load_lora
     from ..merge import MergeOptions, merge
     from ..world.evaluate import merge_sample_prompts, pair_paths
@@ -69,8 +72,14 @@ def run(args) -> int:
 
     from ..errors import WeightsmithError
     from ..model_io import load_model
-    from ..world.evaluate import (Sampler, erase_prompt_sets, erasure_metrics, merge_metrics, merge_prompt_sets,
-                                  with_lora)
+    from ..world.evaluate import (
+        Sampler,
+        erase_prompt_sets,
+        erasure_metrics,
+        merge_metrics,
+        merge_prompt_sets,
+        with_lora,
+    )
     from ..world.grid import save_grid
     from ..world.paths import DEFAULT_MODEL_DIR, world_present
 
@@ -99,8 +108,11 @@ def run(args) -> int:
     labels = [x if isinstance(x, str) else x[0] for k in order for x in sets[k][:rows]]
     cols = {k: torch.cat([v[s][:rows] for s in order]) for k, v in imgs.items()}
     save_grid(cols, labels, out / "erase_grid.png", title="erase 'circle' -> 'square' (held-out prompts)")
-    report["erase"] = {**ev, "stages": {m: e.report["summary"] for m, e in edits.items()},
-                       "time_s": {m: e.report["time_s"] for m, e in edits.items()}}
+    report["erase"] = {
+        **ev,
+        "stages": {m: e.report["summary"] for m, e in edits.items()},
+        "time_s": {m: e.report["time_s"] for m, e in edits.items()},
+    }
 
     if not args.no_merge:
         try:
@@ -121,8 +133,11 @@ def run(args) -> int:
                 labels = [p for k in order for p in ms[k][:rows]]
                 cols = {k: torch.cat([v[s][:rows] for s in order]) for k, v in mimgs.items()}
                 save_grid(cols, labels, out / f"merge_grid_{pair}.png", title=f"merge the {pair} LoRA pair")
-                report["merge"][pair] = {**mv, "time_s": {m: e.report.get("time_s") for m, e in medits.items()},
-                                         "iterations": {m: e.report.get("iterations") for m, e in medits.items()}}
+                report["merge"][pair] = {
+                    **mv,
+                    "time_s": {m: e.report.get("time_s") for m, e in medits.items()},
+                    "iterations": {m: e.report.get("iterations") for m, e in medits.items()},
+                }
     report["time_s"] = round(time.perf_counter() - t0, 1)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.html").write_text(render_html(report))
@@ -138,8 +153,10 @@ def run_without_world(out: Path, t0: float) -> int:
     from ..erase.cli import print_summary
     from .random_models import build_random_model
 
-    print("NOTE: the embedded default world (core/world/assets) is missing; running the erasure half on a "
-          "RANDOM-WEIGHT tiny SD1-architecture model built in-process. No pictures or quality numbers.")
+    print(
+        "NOTE: the embedded default world (core/world/assets) is missing; running the erasure half on a "
+        "RANDOM-WEIGHT tiny SD1-architecture model built in-process. No pictures or quality numbers."
+    )
     from ..erase import erase
 
     model = build_random_model("sd1", "tiny", seed=0)
@@ -155,22 +172,28 @@ def run_without_world(out: Path, t0: float) -> int:
 
 
 def render_html(report: dict) -> str:
-    parts = ["<!doctype html><meta charset=utf-8><title>Weightsmith demo</title>",
-             "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}</style>",
-             "<h1>Weightsmith demo on the embedded tiny world</h1>",
-             f"<p>Model: <code>{html.escape(report['model'])}</code>. Every number is read off generated images by "
-             f"the shipped judge, with its 95% interval; {report['erase']['n_per_set']} images per prompt set and "
-             f"model, {report['sampler']['steps']} DDIM steps, guidance {report['sampler']['guidance']}. "
-             "Evaluation prompts are held out (other templates than the edit's and the merge's).</p>",
-             "<h2>Erasure: circle → square</h2>", html_table(report["erase"]["metrics"], ERASE_COLS),
-             "<p>Edit time (s): " + ", ".join(f"{k} {v:.2f}" for k, v in report["erase"]["time_s"].items()) + "</p>",
-             "<img src='erase_grid.png' alt='erasure grid'>"]
+    parts = [
+        "<!doctype html><meta charset=utf-8><title>Weightsmith demo</title>",
+        "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child{text-align:left}</style>",
+        "<h1>Weightsmith demo on the embedded tiny world</h1>",
+        f"<p>Model: <code>{html.escape(report['model'])}</code>. Every number is read off generated images by "
+        f"the shipped judge, with its 95% interval; {report['erase']['n_per_set']} images per prompt set and "
+        f"model, {report['sampler']['steps']} DDIM steps, guidance {report['sampler']['guidance']}. "
+        "Evaluation prompts are held out (other templates than the edit's and the merge's).</p>",
+        "<h2>Erasure: circle → square</h2>",
+        html_table(report["erase"]["metrics"], ERASE_COLS),
+        "<p>Edit time (s): " + ", ".join(f"{k} {v:.2f}" for k, v in report["erase"]["time_s"].items()) + "</p>",
+        "<img src='erase_grid.png' alt='erasure grid'>",
+    ]
     for pair, mv in report.get("merge", {}).items():
         w, t = mv["triggers"]
-        parts += [f"<h2>Merging the {html.escape(pair)} pair: subject LoRA ({html.escape(w)} → star) + style LoRA "
-                  f"({html.escape(t)} → stripes)</h2>",
-                  html_table(mv["metrics"], MERGE_COLS), f"<img src='merge_grid_{pair}.png' alt='merge grid {pair}'>"]
+        parts += [
+            f"<h2>Merging the {html.escape(pair)} pair: subject LoRA ({html.escape(w)} → star) + style LoRA "
+            f"({html.escape(t)} → stripes)</h2>",
+            html_table(mv["metrics"], MERGE_COLS),
+            f"<img src='merge_grid_{pair}.png' alt='merge grid {pair}'>",
+        ]
     parts.append(f"<p>Total time {report['time_s']} s.</p>")
     return "\n".join(parts)
 

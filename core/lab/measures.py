@@ -3,6 +3,7 @@ docs/method.md "Concept erasure"): the UNet k/v residual ratio on paired prompts
 preserve prompts, the text-encoder-only part of an edit, and the Spearman correlation used to tell
 whether ‖Δ‖/‖W‖ falls with depth.
 """
+
 from __future__ import annotations
 
 
@@ -30,8 +31,10 @@ def kv_residual(model, enc_model, deltas, targets, anchors) -> float:
     from ..erase.tokens import align
 
     tok = model.tokenizers[next(iter(model.tokenizers))]
-    pairs = [align(a.tolist(), b.tolist(), tok.eos_token_id, tok.bos_token_id)
-             for a, b in zip(model.tokenize(targets), model.tokenize(anchors))]
+    pairs = [
+        align(a.tolist(), b.tolist(), tok.eos_token_id, tok.bos_token_id)
+        for a, b in zip(model.tokenize(targets), model.tokenize(anchors))
+    ]
     tpos, apos = [p.target_pos for p in pairs], [p.anchor_pos for p in pairs]
     X = gather(enc_model.encode(targets).context, tpos).double()
     X0 = gather(model.encode(targets).context, tpos).double()

@@ -11,6 +11,7 @@ quality bench's held-out prompts (``bench quality``'s definitions and seeds, ``-
 20 steps): each LoRA's trait, the other LoRA's leak, both-trigger composition, drift on prompts with
 no trigger, merge time. Each LoRA alone is judged too. Rates carry 95% Wilson intervals.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,20 +48,23 @@ def settings_named(labels) -> list:
     if unknown:
         from ..errors import WeightsmithError
 
-        raise WeightsmithError(f"unknown sweep setting(s) {sorted(unknown)}; choose from "
-                               f"{', '.join(s[0] for s in SWEEP)}.")
+        raise WeightsmithError(
+            f"unknown sweep setting(s) {sorted(unknown)}; choose from {', '.join(s[0] for s in SWEEP)}."
+        )
     return [s for s in SWEEP if s[0] in labels]
 
 
-def sweep(model, pair: str, n: int, steps: int = 20, settings=SWEEP, quick: bool = False, progress=None,
-          seed0: int = 300) -> dict:
+def sweep(
+    model, pair: str, n: int, steps: int = 20, settings=SWEEP, quick: bool = False, progress=None, seed0: int = 300
+) -> dict:
     """Merge ``pair`` under every setting and judge each merge (``bench quality``'s merge section;
     ``seed0``: the first evaluation seed, 300 as there)."""
     from ..world.evaluate import Sampler
     from .quality import merge_section
 
-    mv = merge_section(model, pair, n, Sampler(steps=steps), quick=quick, settings=settings, progress=progress,
-                       seed0=seed0)
+    mv = merge_section(
+        model, pair, n, Sampler(steps=steps), quick=quick, settings=settings, progress=progress, seed0=seed0
+    )
     mv["settings"] = {label: {"method": m, "options": f} for label, m, f in settings}
     return mv
 
@@ -68,25 +72,37 @@ def sweep(model, pair: str, n: int, steps: int = 20, settings=SWEEP, quick: bool
 def print_table(mv: dict, out=print) -> None:
     from .tables import MERGE_COLS, fmt_interval
 
-    out(f"IterIS sweep on the embedded world's {mv['pair']} pair ({' / '.join(mv['triggers'])}): "
+    out(
+        f"IterIS sweep on the embedded world's {mv['pair']} pair ({' / '.join(mv['triggers'])}): "
         f"{mv['n_per_set']} images per held-out prompt set, {mv['steps']} steps, seeds {mv['seeds'][0]}-"
-        f"{mv['seeds'][1]}; rate [95% Wilson interval], drift: mean pixel change on prompts with no trigger")
+        f"{mv['seeds'][1]}; rate [95% Wilson interval], drift: mean pixel change on prompts with no trigger"
+    )
     out(f"{'setting':<18}" + "".join(f"{k[:19]:>20}" for k, _ in MERGE_COLS) + f"{'merge s':>9}")
     for name, mm in mv["metrics"].items():
         t = mv["merge_time_s"].get(name)
-        out(f"{name:<18}" + "".join(f"{fmt_interval(mm[k]):>20}" for k, _ in MERGE_COLS)
-            + (f"{t:>9.1f}" if t is not None else f"{'-':>9}"))
+        out(
+            f"{name:<18}"
+            + "".join(f"{fmt_interval(mm[k]):>20}" for k, _ in MERGE_COLS)
+            + (f"{t:>9.1f}" if t is not None else f"{'-':>9}")
+        )
 
 
 def add_arguments(p) -> None:
     p.add_argument("--pair", default="interfering", help="the world's LoRA pair (interfering or clean)")
     p.add_argument("--images", type=int, default=24, help="judged images per prompt set (default 24)")
     p.add_argument("--settings", default="", help="comma-separated labels of the rows to run (default: all)")
-    p.add_argument("--eval-seed", type=int, default=300,
-                   help="first seed of the judged images (default 300, as bench quality; another "
-                        "value checks a choice on images it was not made on)")
-    p.add_argument("--quick", action="store_true",
-                   help="two settings, 2 images per set, tiny merges (smoke run; figures mean nothing)")
+    p.add_argument(
+        "--eval-seed",
+        type=int,
+        default=300,
+        help="first seed of the judged images (default 300, as bench quality; another "
+        "value checks a choice on images it was not made on)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="two settings, 2 images per set, tiny merges (smoke run; figures mean nothing)",
+    )
 
 
 def run(args) -> int:
@@ -104,13 +120,22 @@ def run(args) -> int:
         n, steps, settings = 2, 4, settings_named(QUICK)
     else:
         n, steps = args.images, 20
-        settings = settings_named([s.strip() for s in args.settings.split(",") if s.strip()]) if args.settings \
-            else list(SWEEP)
+        settings = (
+            settings_named([s.strip() for s in args.settings.split(",") if s.strip()]) if args.settings else list(SWEEP)
+        )
     if n < 1:
         raise WeightsmithError(f"--images must be at least 1, got {n}.")
     progress = None if args.json else (lambda lab: print(f"  {lab} …", file=sys.stderr, flush=True))
-    mv = sweep(load_model(DEFAULT_MODEL_DIR), args.pair, n, steps, settings, quick=args.quick, progress=progress,
-               seed0=args.eval_seed)
+    mv = sweep(
+        load_model(DEFAULT_MODEL_DIR),
+        args.pair,
+        n,
+        steps,
+        settings,
+        quick=args.quick,
+        progress=progress,
+        seed0=args.eval_seed,
+    )
     if args.json:
         print(json.dumps(mv, indent=2))
     else:

@@ -13,6 +13,7 @@ Evaluation prompts are held out from every prompt an edit or a merge is computed
   method with its defaults: each trait, the other LoRA's leak, both-trigger composition, drift
   on prompts with no trigger, merge time.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,9 +26,12 @@ ERASE_METHODS = ("uce", "zero-residual", "erasepro")
 def add_arguments(p) -> None:
     p.add_argument("--samples", type=int, default=48, help="images per prompt set and method (default 48)")
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
-    p.add_argument("--quick", action="store_true",
-                   help="a smoke run (4 images per set, 6 steps, IterIS with 1 iteration): checks the pipeline, "
-                        "its figures mean nothing")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run (4 images per set, 6 steps, IterIS with 1 iteration): checks the pipeline, "
+        "its figures mean nothing",
+    )
     p.add_argument("--pairs", default="clean,interfering", help="LoRA pairs to merge (comma-separated)")
     p.add_argument("--skip-merge", action="store_true")
     p.add_argument("--skip-erase", action="store_true")
@@ -44,8 +48,17 @@ def erase_section(model, n: int, sampler, methods=ERASE_METHODS, options=None) -
     return ev
 
 
-def merge_section(model, pair: str, n: int, sampler, quick: bool = False, methods=MERGE_METHODS,
-                  settings=None, progress=None, seed0: int = 300) -> dict:
+def merge_section(
+    model,
+    pair: str,
+    n: int,
+    sampler,
+    quick: bool = False,
+    methods=MERGE_METHODS,
+    settings=None,
+    progress=None,
+    seed0: int = 300,
+) -> dict:
     """Each LoRA of ``pair`` alone and every merge, judge-read on ``n`` images per set. ``settings``:
     ``(label, method, MergeOptions fields)`` rows (default: each of ``methods`` with its defaults);
     ``quick``: 1 iteration, 2 samples of 2 steps under every row's own fields; ``seed0``: the first
@@ -99,8 +112,10 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"quality benchmark on the embedded world ({n} images per prompt set, {steps} steps, fixed seeds, "
-          f"held-out prompts; judge-read; value [95% interval])")
+    print(
+        f"quality benchmark on the embedded world ({n} images per prompt set, {steps} steps, fixed seeds, "
+        f"held-out prompts; judge-read; value [95% interval])"
+    )
     sections = []
     if "erase" in result:
         sections.append(("erasure circle -> square", result["erase"], ERASE_COLS))

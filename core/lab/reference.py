@@ -9,6 +9,7 @@
 - :func:`reference_iteris`: IterIS storing every feature, as the public IterIS code does, with our
   sampling protocol and math; ``bench merge`` checks the streaming solver's merge against it.
 """
+
 from __future__ import annotations
 
 
@@ -20,11 +21,10 @@ def reference_uce(model, old_texts, new_texts, retain_texts, lamb=0.5, erase_sca
     te = model.text_encoders["text_encoder"]
     blocks = model.unet_cross_attention_names()
     mats = [model.module(b + ".to_v") for b in blocks] + [model.module(b + ".to_k") for b in blocks]
-    weights = [m.weight.detach().clone() for m in mats]      # edited copies (the model stays intact)
+    weights = [m.weight.detach().clone() for m in mats]  # edited copies (the model stays intact)
 
     def encode(texts):
-        ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt")
+        ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
         out = te(ids.input_ids)
         return out[0] if isinstance(out, tuple) else out.last_hidden_state, ids.attention_mask
 
@@ -38,11 +38,12 @@ def reference_uce(model, old_texts, new_texts, retain_texts, lamb=0.5, erase_sca
                 fi = int(mask[0].sum()) - 2
                 fin = int(mask[1].sum()) - 2
                 far = max(fi, fin)
-                old_emb = emb[0][fi:len(emb[0]) - max(0, far - fi)]
-                new_emb = emb[1][fin:len(emb[1]) - max(0, far - fin)]
+                old_emb = emb[0][fi : len(emb[0]) - max(0, far - fi)]
+                new_emb = emb[1][fin : len(emb[1]) - max(0, far - fin)]
                 context = old_emb.detach()
-                values = [torch.nn.functional.linear(new_emb, w0).detach() for w0 in
-                          (m.weight for m in mats)]        # technique="replace" with the original W
+                values = [
+                    torch.nn.functional.linear(new_emb, w0).detach() for w0 in (m.weight for m in mats)
+                ]  # technique="replace" with the original W
                 ctx_v = context.reshape(context.shape[0], context.shape[1], 1)
                 ctx_t = context.reshape(context.shape[0], 1, context.shape[1])
                 val = values[layer_num].reshape(values[layer_num].shape[0], values[layer_num].shape[1], 1)
@@ -82,9 +83,11 @@ def reference_iteris(model, loras, samples, opts):
     store = {"target": None}
     handles = []
     for n in names:
+
         def cap(mod, inp, out, n=n):
             if store["target"] is not None:
                 store["target"][n].append(module_rows(mod, inp[0]).float().cpu())
+
         handles.append(model.module(n).register_forward_hook(cap))
     widths = {n: model.module(n).weight[0].numel() for n in names}
     k = len(loras)
@@ -103,7 +106,7 @@ def reference_iteris(model, loras, samples, opts):
         B = opts.batch_size
         ss = samples[i]
         for b in range(0, len(ss), B):
-            batch = ss[b:b + B]
+            batch = ss[b : b + B]
             prompts = [s.prompt for s in batch]
             hooks.use(key)
             cond = model.encode(prompts)
@@ -111,8 +114,14 @@ def reference_iteris(model, loras, samples, opts):
             if record:
                 sched = make_scheduler(model)
                 sched.set_timesteps(opts.steps)
-                z = torch.stack([torch.randn((4, opts.latent_size, opts.latent_size),
-                                             generator=torch.Generator().manual_seed(s.seed)) for s in batch])
+                z = torch.stack(
+                    [
+                        torch.randn(
+                            (4, opts.latent_size, opts.latent_size), generator=torch.Generator().manual_seed(s.seed)
+                        )
+                        for s in batch
+                    ]
+                )
                 steps = []
                 for t in sched.timesteps:
                     steps.append((z.clone(), t))
@@ -135,8 +144,13 @@ def reference_iteris(model, loras, samples, opts):
                 Hr = H + opts.alpha2 * torch.linalg.matrix_norm(H) * torch.eye(H.shape[0], dtype=H.dtype)
                 M = w * Hr if M is None else M + w * Hr
                 if n in facs[i]:
-                    D.append((i, facs[i][n][1] @ (C + opts.alpha1 * torch.linalg.matrix_norm(C)
-                                                  * torch.eye(C.shape[0], dtype=C.dtype))))
+                    D.append(
+                        (
+                            i,
+                            facs[i][n][1]
+                            @ (C + opts.alpha1 * torch.linalg.matrix_norm(C) * torch.eye(C.shape[0], dtype=C.dtype)),
+                        )
+                    )
             Dcat = torch.cat([d for _, d in D], 0)
             down = torch.linalg.solve(M, Dcat.t()).t()
             up = torch.cat([lam[i][n] * facs[i][n][0] for i, _ in D], 1)

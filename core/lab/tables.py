@@ -2,16 +2,27 @@
 interval, the model card's percentages, the column sets of the erasure and merging tables, and
 those tables as text and as HTML (the demo's report, ``bench quality``, the sweeps, the model card).
 """
+
 from __future__ import annotations
 
 import html
 
-ERASE_COLS = [("target_simple", "target, simple ↓"), ("target_context", "target, context ↓"),
-              ("target_two", "target, two objects ↓"), ("anchor", "anchor ↑"),
-              ("preserved", "other shapes correct ↑"), ("drift", "drift ↓")]
-MERGE_COLS = [("subject", "subject trait ↑"), ("style", "style trait ↑"), ("subject_leak", "style leak on subject ↓"),
-              ("style_leak", "subject leak on style ↓"), ("both", "both traits, both triggers ↑"),
-              ("drift", "drift, no trigger ↓")]
+ERASE_COLS = [
+    ("target_simple", "target, simple ↓"),
+    ("target_context", "target, context ↓"),
+    ("target_two", "target, two objects ↓"),
+    ("anchor", "anchor ↑"),
+    ("preserved", "other shapes correct ↑"),
+    ("drift", "drift ↓"),
+]
+MERGE_COLS = [
+    ("subject", "subject trait ↑"),
+    ("style", "style trait ↑"),
+    ("subject_leak", "style leak on subject ↓"),
+    ("style_leak", "subject leak on style ↓"),
+    ("both", "both traits, both triggers ↑"),
+    ("drift", "drift, no trigger ↓"),
+]
 
 
 def fmt_interval(m: dict) -> str:
@@ -46,6 +57,7 @@ def html_table(metrics: dict, cols) -> str:
     head = "".join(f"<th>{html.escape(t)}</th>" for _, t in cols)
     body = ""
     for name, m in metrics.items():
-        body += f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td>{fmt_interval(m[k])}</td>" for k, _ in cols) \
-            + "</tr>"
+        body += (
+            f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td>{fmt_interval(m[k])}</td>" for k, _ in cols) + "</tr>"
+        )
     return f"<table><tr><th>model</th>{head}</tr>{body}</table>"

@@ -5,6 +5,7 @@ single-file checkpoints (the UNet's and the CLIP text encoders' configs from ten
 look-ups). :func:`detect_checkpoint_family` is the one place that tells the layouts apart; a new
 family adds its module here and its test to this function.
 """
+
 from __future__ import annotations
 
 from ..errors import WeightsmithError
@@ -25,9 +26,11 @@ def detect_checkpoint_family(keys) -> str:
         raise WeightsmithError(
             "unknown model family: the checkpoint has a UNet but no text encoder Weightsmith recognises "
             "(expected cond_stage_model.* for SD1.x/SD2.x or conditioner.embedders.* for SDXL). "
-            "Use a full checkpoint, not a UNet-only file.")
+            "Use a full checkpoint, not a UNet-only file."
+        )
     if any(k.startswith(("lora_", "lora_unet", "lora_te")) or ".lora_down." in k for k in ks):
         raise WeightsmithError("this file is a LoRA, not a model checkpoint. Pass the base model to --model.")
     raise WeightsmithError(
         "this file is not a Stable Diffusion model (no model.diffusion_model.* UNet keys). Pass an SD1.x, "
-        "SD2.x or SDXL .safetensors checkpoint or a diffusers folder.")
+        "SD2.x or SDXL .safetensors checkpoint or a diffusers folder."
+    )

@@ -13,12 +13,13 @@
 
 See docs/merge.md.
 """
+
 from .options import METHODS, MergeOptions
 
 __all__ = ["merge", "save_merge", "MergeOptions", "METHODS", "merged_tag_frequency"]
 
 
-def __getattr__(name):          # torch is imported on first use, so the options load without it
+def __getattr__(name):  # torch is imported on first use, so the options load without it
     if name in ("merge", "save_merge", "merged_tag_frequency"):
         from . import api
 

@@ -1,4 +1,5 @@
 """``merge()``: one entry point for IterIS and the baselines, and writing the result."""
+
 from __future__ import annotations
 
 import json
@@ -87,12 +88,22 @@ def _check_model_finite(model) -> None:
             if prm.is_floating_point() and not bool(torch.isfinite(prm).all()):
                 raise WeightsmithError(
                     f"the model's {what}{n} holds NaN or infinite values; the model file is damaged, so IterIS "
-                    "cannot sample it. Use an intact copy of the model.")
+                    "cannot sample it. Use an intact copy of the model."
+                )
 
 
-def merge(model, loras, method: str = "iteris", weights=None, prompts=None,
-          options: MergeOptions | None = None, progress=None, cancel=None, blocks=None,
-          block_presets: dict | None = None) -> Edit:
+def merge(
+    model,
+    loras,
+    method: str = "iteris",
+    weights=None,
+    prompts=None,
+    options: MergeOptions | None = None,
+    progress=None,
+    cancel=None,
+    blocks=None,
+    block_presets: dict | None = None,
+) -> Edit:
     """Merge LoRAs into one edit of ``model`` (an :class:`~weightsmith.core.sdmodel.SDModel`).
 
     ``loras``: :class:`~weightsmith.core.lora_read.LoRA` objects (from ``load_lora(path, model)``) or
@@ -141,28 +152,36 @@ def merge(model, loras, method: str = "iteris", weights=None, prompts=None,
         if b is not None:
             d["blocks"] = b
     if method in ("iteris", "regmean"):
-        _check_model_finite(model)       # before sampling: NaN would surface as a torch.linalg assert
+        _check_model_finite(model)  # before sampling: NaN would surface as a torch.linalg assert
         plist, sources = _prompts_for(loras, prompts, opts.samples)
         samples = [make_samples(p, opts.samples, opts.seed) for p in plist]
         for d, p, s in zip(info, plist, sources):
             d.update(prompts=p, prompts_source=s)
         solver = IterISSolver(model, loras, weights, samples, opts, regmean=(method == "regmean"))
-        blocks = solver.cost_blocks()   # one per text batch / UNet step: the time left shows after the first
+        blocks = solver.cost_blocks()  # one per text batch / UNet step: the time left shows after the first
         n_pass = solver.planned_passes()
         steps = Steps(sum(len(b) * r for b, r in blocks), progress, cancel, cost_blocks=blocks)
         plan = solver.memory
-        groups = (f" in {plan['chunks']} layer groups (memory budget {gib(plan['budget_bytes'])})"
-                  if plan["chunks"] > 1 else "")
+        groups = (
+            f" in {plan['chunks']} layer groups (memory budget {gib(plan['budget_bytes'])})"
+            if plan["chunks"] > 1
+            else ""
+        )
         if plan.get("budget_rule"):
             groups += f"; {plan['budget_rule']}"
         px = solver.latent * 8
         rows = f", at most {opts.max_rows} positions per layer" if opts.max_rows else ""
-        steps.start(f"{method}: {n_pass} passes ({k} LoRAs{groups}), each {opts.samples} samples × "
-                    f"{opts.steps} steps at {px} px{rows}; the time left shows after the first step")
+        steps.start(
+            f"{method}: {n_pass} passes ({k} LoRAs{groups}), each {opts.samples} samples × "
+            f"{opts.steps} steps at {px} px{rows}; the time left shows after the first step"
+        )
         solver.steps_counter, solver.check = steps, steps.check
         edit = solver.run()
-        edit.report["options"] = {k: v for k, v in opts.to_dict().items() if k not in (
-            "svd_rank", "svd_clamp_quantile", "ties_density", "ties_lambda", "dare_p")}
+        edit.report["options"] = {
+            k: v
+            for k, v in opts.to_dict().items()
+            if k not in ("svd_rank", "svd_clamp_quantile", "ties_density", "ties_lambda", "dare_p")
+        }
     else:
         steps = Steps(1, progress, cancel)
         steps.check()
@@ -180,12 +199,13 @@ def merge(model, loras, method: str = "iteris", weights=None, prompts=None,
         edit.report.setdefault("iterations", 0)
         edit.report.setdefault("curve", [])
         edit.report.setdefault("residuals", {})
-    edit.report.update(method=method, family=model.family, loras=info, options=opts.to_dict(),
-                       time_s=time.time() - t0)
+    edit.report.update(method=method, family=model.family, loras=info, options=opts.to_dict(), time_s=time.time() - t0)
     bad = [n for n in sorted(edit.deltas) if not bool(torch.isfinite(edit.deltas[n]).all())]
     if bad:
-        raise WeightsmithError(f"the merge gave NaN or infinite values for {bad[0]} ({len(bad)} module(s)); the "
-                               "base model or a LoRA is out of range there. Check the inputs, or raise --alpha.")
+        raise WeightsmithError(
+            f"the merge gave NaN or infinite values for {bad[0]} ({len(bad)} module(s)); the "
+            "base model or a LoRA is out of range there. Check the inputs, or raise --alpha."
+        )
     edit.sources = _sources(model, loras)
     return edit
 
@@ -229,8 +249,12 @@ def save_merge(edit: Edit, model, out, fmt: str = "lora", rank: int | None = Non
     named.update(_sources(model, loras))
     check_output_path(out, list(named.items()), "the merge output")
     if fmt == "checkpoint":
-        save_edited_model(model, edit.deltas, out, metadata={"ws_method": edit.report.get("method", ""),
-                                                              "ws_inputs": json.dumps([l.name for l in loras])})
+        save_edited_model(
+            model,
+            edit.deltas,
+            out,
+            metadata={"ws_method": edit.report.get("method", ""), "ws_inputs": json.dumps([l.name for l in loras])},
+        )
         return {"path": str(out), "format": "checkpoint"}
     if fmt not in ("lora", "diff"):
         raise WeightsmithError(f"unknown output format {fmt!r}; use lora or checkpoint.")
@@ -239,8 +263,9 @@ def save_merge(edit: Edit, model, out, fmt: str = "lora", rank: int | None = Non
     rep = edit.report
     meta = {
         "ws_method": rep.get("method", ""),
-        "ws_inputs": json.dumps([{"name": d.get("name"), "weight": d.get("weight"), "ranks": d.get("ranks")}
-                                 for d in rep.get("loras", [])]),
+        "ws_inputs": json.dumps(
+            [{"name": d.get("name"), "weight": d.get("weight"), "ranks": d.get("ranks")} for d in rep.get("loras", [])]
+        ),
         "ws_settings": json.dumps({k: v for k, v in (rep.get("options") or {}).items()}),
         "ss_output_name": out.stem,
     }
@@ -251,5 +276,10 @@ def save_merge(edit: Edit, model, out, fmt: str = "lora", rank: int | None = Non
     if tf:
         meta["ss_tag_frequency"] = json.dumps(tf)
     res = save_lora(edit, out, rank=rank, fmt=fmt, metadata=meta, complete_fused=True)
-    return {"path": str(out), "format": fmt, "rank": res["rank"], "max_error": res["max_error"],
-            "errors": res["errors"]}
+    return {
+        "path": str(out),
+        "format": fmt,
+        "rank": res["rank"],
+        "max_error": res["max_error"],
+        "errors": res["errors"],
+    }

@@ -9,6 +9,7 @@
 - ``dare``: drop each entry with probability ``p`` (seeded), rescale survivors by ``1/(1−p)``, sum
   weighted.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,9 +38,13 @@ def _dense_sum(loras, weights, n):
 
 
 def _edit(model_family, unet_config, deltas, factors, method):
-    return Edit(model_family, dict(unet_config), {k: v.float() for k, v in deltas.items()},
-                {k: (u.float().contiguous(), d.float().contiguous()) for k, (u, d) in factors.items()},
-                {"method": method})
+    return Edit(
+        model_family,
+        dict(unet_config),
+        {k: v.float() for k, v in deltas.items()},
+        {k: (u.float().contiguous(), d.float().contiguous()) for k, (u, d) in factors.items()},
+        {"method": method},
+    )
 
 
 def linear(model, loras, weights) -> Edit:
@@ -115,6 +120,7 @@ def ties(model, loras, weights, density: float = 0.2, lam: float = 1.0) -> Edit:
 def dare(model, loras, weights, p: float = 0.5, seed: int = 0) -> Edit:
     if not 0.0 <= p < 1.0:
         from ..errors import WeightsmithError
+
         raise WeightsmithError(f"DARE drop probability must be in [0, 1), got {p}.")
     gen = torch.Generator().manual_seed(int(seed))
     deltas = {}

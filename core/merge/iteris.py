@@ -30,6 +30,7 @@ The objective reported per iteration is the weighted, ridge-free one,
 ``ΔW`` itself (needs the next paired pass), from the statistics:
 ``‖XΔW_iᵀ‖² − 2 tr(ΔW_i C ΔWᵀ) + tr(ΔW H ΔWᵀ)``.
 """
+
 from __future__ import annotations
 
 import time
@@ -39,8 +40,17 @@ import torch
 from .. import memory
 from ..edit import Edit, FactorDeltas
 from ..precision import compute_dtype
-from .memory_plan import Budget, Chunk, MemoryPlan, ModuleSize, PlanSettings, depth_stage, needs_unet, plan_memory, \
-    reserve_bytes
+from .memory_plan import (
+    Budget,
+    Chunk,
+    MemoryPlan,
+    ModuleSize,
+    PlanSettings,
+    depth_stage,
+    needs_unet,
+    plan_memory,
+    reserve_bytes,
+)
 from .options import MergeOptions
 from .sampling import SamplingProtocol, progress_units
 from .stats import DeltaHooks, GramStats, in_dim
@@ -90,19 +100,45 @@ class StatisticsPasses:
     the peak-memory probe. A context manager: on exit the hooks and statistics hooks are removed and the
     peak (RSS on the CPU, allocated memory on CUDA) goes into ``memory``; the pass counters stay readable."""
 
-    def __init__(self, model, names, lora_hooks, tracked, device, memory_report: dict, *, reg_coef: float,
-                 c_norm: bool, max_gram_dim: int, max_rows: int, seed: int, steps: int, latent: int,
-                 batch_size: int, check):
+    def __init__(
+        self,
+        model,
+        names,
+        lora_hooks,
+        tracked,
+        device,
+        memory_report: dict,
+        *,
+        reg_coef: float,
+        c_norm: bool,
+        max_gram_dim: int,
+        max_rows: int,
+        seed: int,
+        steps: int,
+        latent: int,
+        batch_size: int,
+        check,
+    ):
         self.device = device
         self.memory = memory_report
         self.hooks = DeltaHooks(model, names)
-        for label, pairs in lora_hooks:        # (label, (module, (up, down)) pairs), consumed one at a time
+        for label, pairs in lora_hooks:  # (label, (module, (up, down)) pairs), consumed one at a time
             self.hooks.add(label, pairs)
-        self.stats = GramStats(model, tracked, device=device, max_dim=max_gram_dim, reg_coef=reg_coef,
-                               max_rows=max_rows, seed=seed)
+        self.stats = GramStats(
+            model, tracked, device=device, max_dim=max_gram_dim, reg_coef=reg_coef, max_rows=max_rows, seed=seed
+        )
         self.stats.c_norm = c_norm
-        self.protocol = SamplingProtocol(model, self.hooks, self.stats, steps=steps, latent_size=latent,
-                                         batch_size=batch_size, need_unet=True, context_modules=[], check=check)
+        self.protocol = SamplingProtocol(
+            model,
+            self.hooks,
+            self.stats,
+            steps=steps,
+            latent_size=latent,
+            batch_size=batch_size,
+            need_unet=True,
+            context_modules=[],
+            check=check,
+        )
         self.peak = memory.PeakRSS(interval=0.05) if device.type == "cpu" else None
 
     def __enter__(self):
@@ -131,8 +167,9 @@ class IterISSolver:
     budget ``options.max_memory_gb``: each chunk gets its own passes over the samples (Jacobi: every
     chunk of an iteration sees the same merge), so the result does not depend on the chunking."""
 
-    def __init__(self, model, loras, weights, samples, options: MergeOptions, steps=None, *,
-                 regmean: bool = False, check=None):
+    def __init__(
+        self, model, loras, weights, samples, options: MergeOptions, steps=None, *, regmean: bool = False, check=None
+    ):
         self.model = model
         self.loras = list(loras)
         self.weights = [float(w) for w in weights]
@@ -150,7 +187,7 @@ class IterISSolver:
         self.skip_untouched = options.untouched == "skip"
         # ridge toward the sum: one ridge β = α₂·Σ λ_i m_i ‖H_i‖ per module, added at solve time
         self.to_sum = options.ridge_toward == "sum" and not regmean and self.alpha2 > 0
-        if self.to_sum:       # α₁ has no role there: no ‖C_i‖, so no float32 C_i is kept (memory, time)
+        if self.to_sum:  # α₁ has no role there: no ‖C_i‖, so no float32 C_i is kept (memory, time)
             self.alpha1 = 0.0
         self.ridge_mass: dict[str, float] = {}
         self.fallbacks: set[str] = set()
@@ -160,17 +197,18 @@ class IterISSolver:
         self.module_objective: dict[str, float] = {}
         self.module_target: dict[str, float] = {}
         self.lam = [dict() for _ in self.loras]
-        self._given_U = None          # evaluate(): the ups of the factors being evaluated
+        self._given_U = None  # evaluate(): the ups of the factors being evaluated
         self.n_passes = 0
         wdt = model.weight(self.names[0]).dtype if self.names else torch.float32
         # the merge's factors are stored at the model's precision, at least float32 (a float64 model
         # keeps everything float64; hooks use the model's dtype anyway)
         self.store_dtype = torch.float64 if wdt == torch.float64 else torch.float32
         # latent side of the samples: options, else resolution / 8, else the UNet's sample_size
-        self.latent = options.latent_size or (max(1, options.resolution // 8) if options.resolution else
-                                              int(model.unet_config.get("sample_size", 64)))
-        self.target = [dict() for _ in self.loras]      # per LoRA and module: ‖X_i ΔW_iᵀ‖² (iteration 0)
-        self.passes: StatisticsPasses | None = None     # hooks, statistics, peak of the current (last) run
+        self.latent = options.latent_size or (
+            max(1, options.resolution // 8) if options.resolution else int(model.unet_config.get("sample_size", 64))
+        )
+        self.target = [dict() for _ in self.loras]  # per LoRA and module: ‖X_i ΔW_iᵀ‖² (iteration 0)
+        self.passes: StatisticsPasses | None = None  # hooks, statistics, peak of the current (last) run
         # the sequential schedule's iterations take the plan's chunks cut at the depth stages
         self.sequential = options.schedule == "sequential" and not regmean and options.iterations > 0
         self.memory_plan = self._plan()
@@ -213,14 +251,27 @@ class IterISSolver:
         later = not self.regmean and (o.iterations > 0 or o.evaluate_final)
         store = 8 if self.store_dtype == torch.float64 else 4
         settings = PlanSettings(
-            batch=max(1, int(o.batch_size)), latent=self.latent,
-            levels=len(self.model.unet_config.get("block_out_channels", (1,))), max_rows=o.max_rows,
-            max_gram_dim=o.max_gram_dim, c_norm=later and self.alpha1 > 0, act_bytes=store, store_bytes=store,
+            batch=max(1, int(o.batch_size)),
+            latent=self.latent,
+            levels=len(self.model.unet_config.get("block_out_channels", (1,))),
+            max_rows=o.max_rows,
+            max_gram_dim=o.max_gram_dim,
+            c_norm=later and self.alpha1 > 0,
+            act_bytes=store,
+            store_bytes=store,
             hook_bytes=compute_dtype(self.model.weight(self.names[0]).dtype).itemsize if self.names else 4,
-            sequential=self.sequential)
-        modules = [ModuleSize(n, in_dim(self.model.module(n)), self.model.weight(n).shape[0],
-                              self.model.weight(n)[0].numel(),
-                              tuple(self.loras[i].modules[n].rank for i in self._idx(n))) for n in self.names]
+            sequential=self.sequential,
+        )
+        modules = [
+            ModuleSize(
+                n,
+                in_dim(self.model.module(n)),
+                self.model.weight(n).shape[0],
+                self.model.weight(n)[0].numel(),
+                tuple(self.loras[i].modules[n].rank for i in self._idx(n)),
+            )
+            for n in self.names
+        ]
         reserve = reserve_bytes(modules, settings)
         budget, used, avail = self._statistics_budget(reserve)
         raise_to_free = not o.max_memory_gb and self.gdev.type == "cpu" and avail is not None
@@ -230,7 +281,7 @@ class IterISSolver:
     def _statistics_budget(self, reserve: int):
         """(budget, in use now, left for statistics) in bytes, where the statistics live."""
         o = self.opts
-        self._release(collect=True)         # "in use" is what is held, not the heap's free pages
+        self._release(collect=True)  # "in use" is what is held, not the heap's free pages
         budget = int(o.max_memory_gb * memory.GIB) if o.max_memory_gb else memory.default_budget(self.gdev)
         used = memory.used_bytes(self.gdev)
         return budget, used, (None if budget is None else budget - used - reserve)
@@ -253,8 +304,11 @@ class IterISSolver:
     def _rounds(self) -> list:
         """(per pass of one round, the cost of each of its ticks; how many such rounds)."""
         iters = 0 if self.regmean else int(self.opts.iterations)
-        return [(self._round_units(1, self.plan), 1), (self._round_units(2, self.stage_plan), iters),
-                (self._round_units(2, self.plan), int(bool(self.opts.evaluate_final)))]
+        return [
+            (self._round_units(1, self.plan), 1),
+            (self._round_units(2, self.stage_plan), iters),
+            (self._round_units(2, self.plan), int(bool(self.opts.evaluate_final))),
+        ]
 
     def _round_units(self, m: float, plan) -> list:
         """Per pass of one round over ``plan`` (every chunk, every LoRA), the cost of each of its ticks (a UNet
@@ -272,11 +326,24 @@ class IterISSolver:
         :attr:`passes` for the report; use as a context manager."""
         o = self.opts
         self.passes = StatisticsPasses(
-            self.model, self.names, ((f"lora{i}", ((n, self._fac(i, n)) for n in sorted(self.touch[i])))
-                                     for i in range(len(self.loras))),     # float64 one module at a time
-            sorted(n for c in self.plan for n in c.names), self.gdev, self.memory, reg_coef=0.0 if self.regmean
-            else o.reg_coef, c_norm=self.alpha1 > 0, max_gram_dim=o.max_gram_dim, max_rows=o.max_rows, seed=o.seed,
-            steps=o.steps, latent=self.latent, batch_size=o.batch_size, check=self.check)
+            self.model,
+            self.names,
+            (
+                (f"lora{i}", ((n, self._fac(i, n)) for n in sorted(self.touch[i]))) for i in range(len(self.loras))
+            ),  # float64 one module at a time
+            sorted(n for c in self.plan for n in c.names),
+            self.gdev,
+            self.memory,
+            reg_coef=0.0 if self.regmean else o.reg_coef,
+            c_norm=self.alpha1 > 0,
+            max_gram_dim=o.max_gram_dim,
+            max_rows=o.max_rows,
+            seed=o.seed,
+            steps=o.steps,
+            latent=self.latent,
+            batch_size=o.batch_size,
+            check=self.check,
+        )
         return self.passes
 
     def _pass(self, i, merged: bool, label: str, chunk: _Chunk, plan=None):
@@ -284,7 +351,7 @@ class IterISSolver:
         stats.reset()
         stats.set_active(chunk.names)
         stats.projections = {}
-        if merged:       # D_n = down_n·C streamed for every module of LoRA i in the chunk
+        if merged:  # D_n = down_n·C streamed for every module of LoRA i in the chunk
             for n in chunk.names:
                 if n in self.touch[i]:
                     lead = stats.leader_of[n]
@@ -302,8 +369,10 @@ class IterISSolver:
 
             def tick(kind):
                 seen[kind] += 1
-                sc.step(f"{label}, text {seen[kind]}/{n_text}" if kind == "text" else
-                        f"{label}, step {seen[kind]}/{n_unet}")
+                sc.step(
+                    f"{label}, text {seen[kind]}/{n_text}" if kind == "text" else f"{label}, step {seen[kind]}/{n_unet}"
+                )
+
             protocol.tick = tick
         try:
             protocol.run(self.samples[i], phases)
@@ -359,14 +428,17 @@ class IterISSolver:
             else:
                 H = acc["H"]
                 D = None if f is None else acc[("D", n)]
-                c_norm = (float(torch.linalg.vector_norm(acc["C32"], dtype=torch.float64))
-                          if self.alpha1 and f is not None else None)
+                c_norm = (
+                    float(torch.linalg.vector_norm(acc["C32"], dtype=torch.float64))
+                    if self.alpha1 and f is not None
+                    else None
+                )
             lam = self.lam[i][n]
             if iteration == 0 and f is not None:
                 up, down = f
                 self.target[i][n] = _tr_prod(up.t() @ up, D @ down.t())
             w = lam * m_i
-            if merged is not None and n in merged[0]:      # objective of the merge that produced X̃
+            if merged is not None and n in merged[0]:  # objective of the merge that produced X̃
                 U = self._U(n, n in merged[1])
                 V = merged[0][n].to(self.gdev, torch.float64)
                 val = _tr_prod(U.t() @ U, V @ H @ V.t())
@@ -374,7 +446,7 @@ class IterISSolver:
                     up, _ = f
                     val += self.target[i][n] - 2.0 * _tr_prod(D @ V.t(), U.t() @ up)
                 obj[n] = obj.get(n, 0.0) + w * val
-            if f is not None:     # down_i (C + α₁‖C‖I), without forming the ridged copy
+            if f is not None:  # down_i (C + α₁‖C‖I), without forming the ridged copy
                 if self.alpha1:
                     c = float(torch.linalg.matrix_norm(G)) if iteration == 0 else c_norm
                     D = D + (self.alpha1 * c) * f[1]
@@ -407,12 +479,13 @@ class IterISSolver:
                 if fell:
                     self.fallbacks.add(n)
                 downs[n] = X.t().to(self.store_dtype).contiguous()
-            else:   # no statistics (input too wide, over the memory budget, never reached): weighted sum
+            else:  # no statistics (input too wide, over the memory budget, never reached): weighted sum
                 if n not in self.fallback_reasons:
                     self.fallback_reasons[n] = "no layer inputs reached it in the samples"
                 ws.add(n)
-                downs[n] = torch.cat([self.loras[i].modules[n].down.double() for i in self._idx(n)], 0) \
-                    .to(self.gdev, self.store_dtype)
+                downs[n] = torch.cat([self.loras[i].modules[n].down.double() for i in self._idx(n)], 0).to(
+                    self.gdev, self.store_dtype
+                )
 
     def _change(self, new, old) -> float:
         diff2 = norm2 = 0.0
@@ -427,7 +500,7 @@ class IterISSolver:
                 diff2 += _tr_prod(W.t() @ W, Z @ Z.t())
             else:
                 diff2 += _tr_prod(gu, gv)
-        return (max(diff2, 0.0) ** 0.5) / max(norm2 ** 0.5, 1e-300)
+        return (max(diff2, 0.0) ** 0.5) / max(norm2**0.5, 1e-300)
 
     def _sweep(self, iteration: int, merged, label: str, solve: bool, obj: dict):
         """One round of passes: every chunk, every LoRA (paired with ``merged`` when given); returns the
@@ -446,9 +519,14 @@ class IterISSolver:
             if solve:
                 self._solve(num, den, chunk.names, state)
                 if sequential:
-                    self.passes.hooks.add("merged", ((n, (self._U(n, n in state[1]),
-                                                          state[0][n].to(self.gdev, torch.float64)))
-                                                     for n in chunk.names), update=True)
+                    self.passes.hooks.add(
+                        "merged",
+                        (
+                            (n, (self._U(n, n in state[1]), state[0][n].to(self.gdev, torch.float64)))
+                            for n in chunk.names
+                        ),
+                        update=True,
+                    )
             del num, den
             self._release()
         if solve:
@@ -487,7 +565,7 @@ class IterISSolver:
                 cur = new
                 converged = change < self.opts.tol
         sc = self.steps_counter
-        if sc is not None and sc.done < sc.total:      # stopped early: finish the bar
+        if sc is not None and sc.done < sc.total:  # stopped early: finish the bar
             sc.step("converged", n=sc.total - sc.done)
         return self._edit(cur, time.time() - t0, converged if not self.regmean else None)
 
@@ -497,8 +575,10 @@ class IterISSolver:
         k = len(self.loras)
         self.lam = [dict() for _ in range(k)]
         self.target = [dict() for _ in range(k)]
-        fac = {n: (U.to(self.gdev, torch.float64), V.reshape(V.shape[0], -1).to(self.gdev, torch.float64))
-               for n, (U, V) in factors.items()}
+        fac = {
+            n: (U.to(self.gdev, torch.float64), V.reshape(V.shape[0], -1).to(self.gdev, torch.float64))
+            for n, (U, V) in factors.items()
+        }
         obj: dict = {}
         with self._open_passes() as passes:
             self._sweep(0, None, "objective: λ of LoRA {i}/{k}", False, {})
@@ -515,13 +595,15 @@ class IterISSolver:
         for n, (U, V) in self._merged(state):
             shapes[n] = self.loras[self._idx(n)[0]].modules[n].shape
             facs[n] = (U.float().cpu().contiguous(), V.float().cpu().contiguous())
-        deltas = FactorDeltas(facs, shapes)     # dense ΔW formed when read (docs/merge.md, "Memory")
+        deltas = FactorDeltas(facs, shapes)  # dense ΔW formed when read (docs/merge.md, "Memory")
         targets = {}
         for i in range(len(self.loras)):
             for n, e in self.target[i].items():
                 targets[n] = targets.get(n, 0.0) + self.lam[i].get(n, 1.0) * self.weights[i] * e
-        residuals = {n: ((self.module_objective[n] / targets[n]) ** 0.5 if targets.get(n) else None)
-                     for n in self.module_objective}
+        residuals = {
+            n: ((self.module_objective[n] / targets[n]) ** 0.5 if targets.get(n) else None)
+            for n in self.module_objective
+        }
         self.weighted_sum = set(state[1])
         self.memory["passes"] = self.n_passes
         report = {

@@ -8,6 +8,7 @@ the plan. Modules reading the same input tensor form one input group (one set of
 :func:`.stats.input_group`); text-only groups come first and in chunks of their own (their passes
 need no UNet run); a group whose statistics alone exceed the budget falls back to the weighted sum.
 """
+
 from __future__ import annotations
 
 import re
@@ -56,6 +57,7 @@ def level_rows(name: str, levels: int, batch: int, latent: int, tokens: int, cap
 @dataclass
 class Chunk:
     """Modules whose statistics are collected in the same passes."""
+
     names: list
     need_unet: bool
     context: list
@@ -71,6 +73,7 @@ class ModuleSize:
     """One merged module as the plan sees it. ``in_dim``: width of its input rows (the Gram matrices'
     side); ``out_dim``: its weight's rows; ``row_numel``: elements of one weight row; ``ranks``: the rank
     of each LoRA that adapts it, in LoRA order."""
+
     name: str
     in_dim: int
     out_dim: int
@@ -84,6 +87,7 @@ class PlanSettings:
     (α₁ > 0 beyond iteration 0); ``act_bytes``: bytes of one queued input value (the model's dtype);
     ``store_bytes``: of one value of the merge's factors; ``hook_bytes``: of the hooks' factor copies;
     ``levels``: the UNet's resolution levels; ``sequential``: also cut the chunks at the depth stages."""
+
     batch: int
     latent: int
     levels: int
@@ -103,6 +107,7 @@ class Budget:
     ``avail`` left for statistics (``budget - used - reserve`` as measured; None: no limit). ``free``:
     what the machine could still give, consulted when ``raise_to_free`` (an automatic budget on the CPU)
     and the default share leaves no room for the smallest group."""
+
     budget: int | None
     used: int
     avail: int | None
@@ -116,6 +121,7 @@ class MemoryPlan:
     the same as ``chunks`` otherwise), ``dims`` (input width per module), ``group_bytes`` (statistics
     estimate per input group), ``fallback_reasons`` (modules left to the weighted sum, and why) and
     ``memory`` (the report's figures)."""
+
     chunks: tuple
     stage_chunks: tuple
     dims: dict = field(default_factory=dict)
@@ -145,7 +151,7 @@ def reserve_bytes(modules: list, s: PlanSettings) -> int:
     hook = sum(s.hook_bytes * r * (m.out_dim + m.in_dim) for m in modules for r in m.ranks)
     wide = max([m.in_dim for m in solved], default=1)
     row_block = max([level_rows(m.name, s.levels, s.batch, s.latent, s.tokens) * m.in_dim for m in solved], default=1)
-    return 2 * merged + 2 * hook + 16 * wide * wide + 4 * 8 * row_block + 256 * 2 ** 20
+    return 2 * merged + 2 * hook + 16 * wide * wide + 4 * 8 * row_block + 256 * 2**20
 
 
 def plan_memory(modules: list, s: PlanSettings, budget: Budget, reserve: int) -> MemoryPlan:
@@ -161,8 +167,12 @@ def plan_memory(modules: list, s: PlanSettings, budget: Budget, reserve: int) ->
             continue
         groups.setdefault(input_group(m.name), []).append(m.name)
     total, used, avail = budget.budget, budget.used, budget.avail
-    mem = {"budget_bytes": total, "used_at_start_bytes": used, "reserve_bytes": reserve,
-           "statistics_budget_bytes": avail}
+    mem = {
+        "budget_bytes": total,
+        "used_at_start_bytes": used,
+        "reserve_bytes": reserve,
+        "statistics_budget_bytes": avail,
+    }
 
     def unet_group(g):
         return any(map(needs_unet, groups[g]))
@@ -175,9 +185,11 @@ def plan_memory(modules: list, s: PlanSettings, budget: Budget, reserve: int) ->
         # still has free instead (docs/merge.md, "Memory")
         free = budget.free
         if free is not None and (total is None or free > total):
-            mem["budget_rule"] = (f"the process already held {memory.gib(used)} of the default "
-                                  f"{memory.gib(total)} ({int(memory.DEFAULT_SHARE * 100)}% of the "
-                                  f"machine); budget raised to what is free: {memory.gib(free)}")
+            mem["budget_rule"] = (
+                f"the process already held {memory.gib(used)} of the default "
+                f"{memory.gib(total)} ({int(memory.DEFAULT_SHARE * 100)}% of the "
+                f"machine); budget raised to what is free: {memory.gib(free)}"
+            )
             total, avail = free, free - used - reserve
             mem.update(budget_bytes=total, statistics_budget_bytes=avail)
     split = avail is not None and sum(gsize.values()) > avail
@@ -190,8 +202,10 @@ def plan_memory(modules: list, s: PlanSettings, budget: Budget, reserve: int) ->
         if avail is not None and b > avail:
             too_big.append((g, b))
             for n in groups[g]:
-                reasons[n] = (f"its statistics ({memory.gib(b)}) do not fit the memory budget "
-                              f"({memory.gib(max(avail, 0))} left for statistics)")
+                reasons[n] = (
+                    f"its statistics ({memory.gib(b)}) do not fit the memory budget "
+                    f"({memory.gib(max(avail, 0))} left for statistics)"
+                )
             continue
         if cur and avail is not None and cur_b + b > avail:
             chunks.append((cur, cur_b))
@@ -206,19 +220,25 @@ def plan_memory(modules: list, s: PlanSettings, budget: Budget, reserve: int) ->
             f"{memory.gib(used)} already in use (model and LoRAs) and {memory.gib(reserve)} kept for the merge, "
             f"which leaves {memory.gib(max(avail, 0))}; the smallest layer's statistics need "
             f"{memory.gib(min(b for _, b in too_big))}. Raise the budget "
-            "(--max-memory / 'Memory budget'), hold the model in half precision, or use method 'linear'.")
+            "(--max-memory / 'Memory budget'), hold the model in half precision, or use method 'linear'."
+        )
     out = [make_chunk(names, b) for names, b in chunks]
-    mem.update(chunks=len(out), unet_chunks=sum(c.need_unet for c in out), chunk_modules=[len(c.names) for c in out],
-               statistics_estimate_bytes=max([c.bytes for c in out], default=0))
+    mem.update(
+        chunks=len(out),
+        unet_chunks=sum(c.need_unet for c in out),
+        chunk_modules=[len(c.names) for c in out],
+        statistics_estimate_bytes=max([c.bytes for c in out], default=0),
+    )
     stages = out
-    if s.sequential:      # every memory chunk cut at the depth stages, shallow to deep
+    if s.sequential:  # every memory chunk cut at the depth stages, shallow to deep
         staged = []
         for c in out:
             by: dict = {}
             for n in c.names:
                 by.setdefault(depth_stage(n), []).append(n)
-            staged += [(st, make_chunk(ns, sum(gsize[g] for g in {input_group(n) for n in ns})))
-                       for st, ns in by.items()]
+            staged += [
+                (st, make_chunk(ns, sum(gsize[g] for g in {input_group(n) for n in ns}))) for st, ns in by.items()
+            ]
         stages = [c for _, c in sorted(staged, key=lambda t: t[0])]
         mem["stage_chunks"] = len(stages)
     return MemoryPlan(tuple(out), tuple(stages), dims, gsize, reasons, mem)

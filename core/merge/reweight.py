@@ -4,6 +4,7 @@ The saved file is an exact kohya LoRA whose every module is ``weight × block we
 input: a one-LoRA ``concat`` merge (exact factors, no SVD) written by the merge writer. Modules of
 block weight 0 are left out of the file (a host then changes nothing there, as with weight 0).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,19 +23,28 @@ The base model maps the LoRA's keys onto modules and blocks; it is read, never w
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("lora", help="work on one LoRA file (reweight: block weights saved into it)",
-                              description="Tools for a single LoRA file.")
+    p = subparsers.add_parser(
+        "lora",
+        help="work on one LoRA file (reweight: block weights saved into it)",
+        description="Tools for a single LoRA file.",
+    )
     sub = p.add_subparsers(dest="lora_command", metavar="ACTION")
-    r = sub.add_parser("reweight", help="apply block weights (LoRA Block Weight syntax) and save an exact LoRA",
-                       description="Multiply each module of a LoRA by its block's weight (and --weight) and write "
-                                   "the result as an exact kohya LoRA that loads in ComfyUI, A1111/Forge and "
-                                   "diffusers.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    r = sub.add_parser(
+        "reweight",
+        help="apply block weights (LoRA Block Weight syntax) and save an exact LoRA",
+        description="Multiply each module of a LoRA by its block's weight (and --weight) and write "
+        "the result as an exact kohya LoRA that loads in ComfyUI, A1111/Forge and "
+        "diffusers.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     r.add_argument("lora", metavar="LORA", help="the LoRA file (.safetensors)")
     r.add_argument("--model", required=True, help="its base model: single-file .safetensors or diffusers folder")
     r.add_argument("--blocks", required=True, help=BLOCKS_HELP.replace("%", "%%"))
     r.add_argument("--weight", type=float, default=1.0, help="overall weight, times each block's (default 1)")
-    r.add_argument("--block-presets", default=None, metavar="FILE",
-                   help="extra presets, LoRA Block Weight's lbwpresets.txt format")
+    r.add_argument(
+        "--block-presets", default=None, metavar="FILE", help="extra presets, LoRA Block Weight's lbwpresets.txt format"
+    )
     r.add_argument("--out", required=True, help="the new LoRA file (.safetensors)")
     r.add_argument("--report", default=None, help="write a JSON report here")
     r.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder for single-file checkpoints")
@@ -46,7 +56,7 @@ def run(args) -> int:
     from ..lora_read import load_lora
     from ..model_io import load_model
     from .api import save_merge
-    from .cli import read_block_presets, check_outputs
+    from .cli import check_outputs, read_block_presets
 
     if not math.isfinite(args.weight):
         raise WeightsmithError(f"--weight must be a finite number, got {args.weight!r}.")
@@ -55,7 +65,7 @@ def run(args) -> int:
     model = load_model(args.model, tokenizer=args.tokenizer)
     from ..blockweights import parse
 
-    parse(args.blocks, model.family, presets)          # the string's own error before reading the LoRA
+    parse(args.blocks, model.family, presets)  # the string's own error before reading the LoRA
     lora = load_lora(args.lora, model)
     for n in lora.notes:
         print(f"weightsmith: note: {lora.name}: {n}", file=sys.stderr)
@@ -80,8 +90,9 @@ def reweight(model, lora, blocks, weight: float = 1.0, presets: dict | None = No
     """The :class:`~weightsmith.core.edit.Edit` of ``lora`` under block weights ``blocks`` and ``weight``
     (exact factors; modules of weight 0 absent). Front ends save it with :func:`.api.save_merge`."""
     if not str(blocks or "").strip():
-        raise WeightsmithError("reweight needs block weights (--blocks), e.g. OUTALL or 1,0,0,...; "
-                               "see docs/merge.md, 'Block weights'.")
+        raise WeightsmithError(
+            "reweight needs block weights (--blocks), e.g. OUTALL or 1,0,0,...; see docs/merge.md, 'Block weights'."
+        )
     from .api import merge
 
     edit = merge(model, [lora], "concat", weights=[weight], blocks=[blocks], block_presets=presets)

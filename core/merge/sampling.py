@@ -14,6 +14,7 @@ weighted by the number of samples that use it (exactly the sum over samples); UN
 cross-attention ``to_k``/``to_v`` read that context there too. When the LoRAs touch no other UNet
 module, no UNet pass runs at all.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,12 +41,12 @@ def default_prompts(lora, count: int = 4, tags_per_prompt: int = 4) -> tuple[lis
         tags = [t for t, _ in sorted(freq.items(), key=lambda kv: (-kv[1], kv[0]))]
         prompts = []
         for k in range(count):
-            window = tags[k: k + tags_per_prompt] or tags[:tags_per_prompt]
+            window = tags[k : k + tags_per_prompt] or tags[:tags_per_prompt]
             prompts.append(", ".join(window))
         return list(dict.fromkeys(prompts)), "ss_tag_frequency"
     trig = lora.metadata.get("modelspec.trigger_phrase") or lora.metadata.get("ss_output_name")
     word = (trig or lora.name).replace("_", " ").strip() or "an image"
-    return [p.format(word) for p in FALLBACK_PROMPTS[:max(1, count)]], "file name" if not trig else "trigger phrase"
+    return [p.format(word) for p in FALLBACK_PROMPTS[: max(1, count)]], "file name" if not trig else "trigger phrase"
 
 
 def make_samples(prompts: list[str], n: int, seed: int) -> list[Sample]:
@@ -63,8 +64,13 @@ def make_scheduler(model):
     if model.scheduler is not None:
         # steps_offset is unused with trailing spacing; 1 keeps diffusers from warning about old configs
         return DDIMScheduler.from_config(model.scheduler.config, timestep_spacing="trailing", steps_offset=1)
-    return DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                         beta_end=0.012, timestep_spacing="trailing")
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        timestep_spacing="trailing",
+    )
 
 
 def is_context_only(name: str) -> bool:
@@ -83,8 +89,19 @@ class SamplingProtocol:
     """Runs samples through paired passes. ``phases``: [(delta set, stats mode), …]; the first phase's
     model drives the trajectory, the others are evaluated at the same ``(x_t, t, prompt)``."""
 
-    def __init__(self, model, hooks, stats, *, steps: int = 4, latent_size: int | None = None,
-                 batch_size: int = 4, need_unet: bool = True, context_modules=(), check=None):
+    def __init__(
+        self,
+        model,
+        hooks,
+        stats,
+        *,
+        steps: int = 4,
+        latent_size: int | None = None,
+        batch_size: int = 4,
+        need_unet: bool = True,
+        context_modules=(),
+        check=None,
+    ):
         self.model = model
         self.hooks = hooks
         self.stats = stats
@@ -96,7 +113,7 @@ class SamplingProtocol:
         self.need_unet = need_unet
         self.context_modules = list(context_modules)
         self.check = check or (lambda: None)
-        self.tick = None          # tick(kind) after each text batch ("text") and UNet step ("unet")
+        self.tick = None  # tick(kind) after each text batch ("text") and UNet step ("unet")
         self.unet_passes = 0
         self.te_passes = 0
 
@@ -106,7 +123,7 @@ class SamplingProtocol:
 
     def batches(self, samples):
         for i in range(0, len(samples), self.batch_size):
-            yield samples[i:i + self.batch_size]
+            yield samples[i : i + self.batch_size]
 
     def _encode(self, prompts):
         self.te_passes += 1
@@ -124,7 +141,7 @@ class SamplingProtocol:
         contexts: list[dict] = [dict() for _ in phases]
         for i in range(0, len(unique), self.batch_size):
             self.check()
-            chunk = unique[i:i + self.batch_size]
+            chunk = unique[i : i + self.batch_size]
             self.stats.item_weights = torch.tensor([float(counts[p]) for p in chunk], dtype=torch.float64)
             conds = []
             for key, mode in phases:
@@ -135,7 +152,7 @@ class SamplingProtocol:
                 self.hooks.use(key)
                 self.stats.mode = mode
                 ctx = cond.context
-                for n in self.context_modules:          # hooks see the context and the module's output
+                for n in self.context_modules:  # hooks see the context and the module's output
                     mod = self.model.module(n)
                     w = mod.weight
                     mod(ctx.to(w.device, compute_dtype(w.dtype)))
@@ -147,7 +164,7 @@ class SamplingProtocol:
         self.stats.item_weights = None
         self.stats.mode = "off"
         if self.need_unet:
-            self.stats.context_enabled = False            # already counted in the text stage
+            self.stats.context_enabled = False  # already counted in the text stage
             try:
                 for batch in self.batches(samples):
                     self.check()
@@ -160,11 +177,15 @@ class SamplingProtocol:
     def _run_unet(self, batch, phases, contexts):
         unet = self.model.unet
         p = next(unet.parameters())
-        dt = compute_dtype(p.dtype)           # a UNet held in half computes in float32
+        dt = compute_dtype(p.dtype)  # a UNet held in half computes in float32
         sched = make_scheduler(self.model)
         sched.set_timesteps(self.steps)
-        z = torch.stack([torch.randn((self.channels, self.latent, self.latent),
-                                     generator=torch.Generator().manual_seed(s.seed)) for s in batch])
+        z = torch.stack(
+            [
+                torch.randn((self.channels, self.latent, self.latent), generator=torch.Generator().manual_seed(s.seed))
+                for s in batch
+            ]
+        )
         z = (z * sched.init_noise_sigma).to(device=p.device, dtype=dt)
         ctxs, extra = [], []
         for k in range(len(phases)):
@@ -194,4 +215,12 @@ class SamplingProtocol:
                 self.tick("unet")
 
 
-__all__ = ["Sample", "progress_units", "default_prompts", "make_samples", "make_scheduler", "SamplingProtocol", "is_context_only"]
+__all__ = [
+    "Sample",
+    "progress_units",
+    "default_prompts",
+    "make_samples",
+    "make_scheduler",
+    "SamplingProtocol",
+    "is_context_only",
+]

@@ -27,6 +27,7 @@ larger kernels (``d_in = c_in·kh·kw``, matching ``weight.reshape(out, -1)``). 
 With ``max_rows`` > 0 each call reads at most that many rows per batch item, a seeded subset scaled
 to stand for all of them (:meth:`GramStats._subset`; docs/merge.md, "Speed").
 """
+
 from __future__ import annotations
 
 import math
@@ -75,7 +76,7 @@ class DeltaHooks:
         precision the layer computes in (:func:`..precision.compute_dtype`); a module computing in another dtype
         gets them cast per call. ``update``: replace only these modules' factors in the existing set."""
         prepared = self.sets[key] if update else {}
-        for n, (up, down) in (factors.items() if hasattr(factors, "items") else factors):
+        for n, (up, down) in factors.items() if hasattr(factors, "items") else factors:
             mod = self.model.module(n)
             w = mod.weight
             up = up.to(device=w.device, dtype=compute_dtype(w.dtype))
@@ -104,6 +105,7 @@ class DeltaHooks:
                 h = F.conv2d(x, down, None, module.stride, module.padding, module.dilation, module.groups)
                 return output + F.conv2d(h, up)
             return output + F.linear(F.linear(x, down), up)
+
         return hook
 
     def remove(self) -> None:
@@ -113,9 +115,9 @@ class DeltaHooks:
 
 
 _SHARED_INPUT = [
-    (re.compile(r"^(.*\.self_attn)\.(q|k|v)_proj$"), r"\1.qkv"),    # CLIP attention
-    (re.compile(r"^(.*\.attn1)\.to_(q|k|v)$"), r"\1.qkv"),           # UNet self-attention
-    (re.compile(r"^(.*\.attn2)\.to_(k|v)$"), r"\1.kv"),              # UNet cross-attention: the context
+    (re.compile(r"^(.*\.self_attn)\.(q|k|v)_proj$"), r"\1.qkv"),  # CLIP attention
+    (re.compile(r"^(.*\.attn1)\.to_(q|k|v)$"), r"\1.qkv"),  # UNet self-attention
+    (re.compile(r"^(.*\.attn2)\.to_(k|v)$"), r"\1.kv"),  # UNet cross-attention: the context
 ]
 
 
@@ -130,10 +132,20 @@ def input_group(name: str) -> str:
 class GramStats:
     """Streaming ``G``, ``C``, ``H`` per module (see module docstring). Call :meth:`reset` between LoRAs."""
 
-    def __init__(self, model, names, *, dtype=torch.float64, device="cpu", max_dim: int = 6144,
-                 reg_coef: float = 0.0, max_rows: int = 0, seed: int = 0):
+    def __init__(
+        self,
+        model,
+        names,
+        *,
+        dtype=torch.float64,
+        device="cpu",
+        max_dim: int = 6144,
+        reg_coef: float = 0.0,
+        max_rows: int = 0,
+        seed: int = 0,
+    ):
         self.model = model
-        self.max_rows = int(max_rows or 0)    # > 0: at most this many rows per batch item (see _subset)
+        self.max_rows = int(max_rows or 0)  # > 0: at most this many rows per batch item (see _subset)
         self.seed = int(seed)
         self._calls: dict = defaultdict(int)
         self.dtype = dtype
@@ -150,12 +162,12 @@ class GramStats:
         self.energy: dict[str, float] = {}
         self.peak_queue_bytes = 0
         self._queue_bytes = 0
-        self.item_weights: torch.Tensor | None = None   # per batch item (rows are weighted by them)
-        self.context_enabled = True                       # False: ignore cross-attention k/v calls
+        self.item_weights: torch.Tensor | None = None  # per batch item (rows are weighted by them)
+        self.context_enabled = True  # False: ignore cross-attention k/v calls
         self.leader: dict[str, str] = {}
-        self.active: set | None = None                    # None: every tracked module records
-        self.projections: dict[str, list] = {}            # leader -> [(module, down (r × d_in) float64)]
-        self.c_norm = False                               # pair mode: keep C (float32) for ‖C‖_F
+        self.active: set | None = None  # None: every tracked module records
+        self.projections: dict[str, list] = {}  # leader -> [(module, down (r × d_in) float64)]
+        self.c_norm = False  # pair mode: keep C (float32) for ‖C‖_F
         for n in names:
             mod = model.module(n)
             d = in_dim(mod)
@@ -167,8 +179,9 @@ class GramStats:
             self.leader.setdefault(input_group(n), n)
             self._handles.append(mod.register_forward_hook(self._hook(n)))
         self.leader_of = {n: self.leader[input_group(n)] for n in self.tracked}
-        self.context_names = {n for n in self.tracked if input_group(n).endswith(".kv") or
-                              re.search(r"\.attn2\.to_[kv]$", n)}
+        self.context_names = {
+            n for n in self.tracked if input_group(n).endswith(".kv") or re.search(r"\.attn2\.to_[kv]$", n)
+        }
 
     # -- accumulation ---------------------------------------------------------------------------
     def _hook(self, name):
@@ -177,16 +190,24 @@ class GramStats:
                 return
             if self.active is not None and name not in self.active:
                 return
-            if self.mode == "gram":   # ‖X Wᵀ‖² of the running model (for λ), from the output it computed
-                y = output if module.bias is None else output - (
-                    module.bias.reshape(1, -1, 1, 1) if output.dim() == 4 and isinstance(module, torch.nn.Conv2d)
-                    else module.bias)
+            if self.mode == "gram":  # ‖X Wᵀ‖² of the running model (for λ), from the output it computed
+                y = (
+                    output
+                    if module.bias is None
+                    else output
+                    - (
+                        module.bias.reshape(1, -1, 1, 1)
+                        if output.dim() == 4 and isinstance(module, torch.nn.Conv2d)
+                        else module.bias
+                    )
+                )
                 e = y.double().pow(2)
                 if self.item_weights is not None:
                     e = e.reshape(len(self.item_weights), -1).sum(1) @ self.item_weights.to(e.device)
                 self.energy[name] = self.energy.get(name, 0.0) + float(e.sum())
             if self.leader_of[name] == name:
                 self.feed(name, module_rows(module, inputs[0]), items=inputs[0].shape[0])
+
         return hook
 
     def _subset(self, name: str, rows: torch.Tensor, items: int) -> torch.Tensor:
@@ -201,8 +222,7 @@ class GramStats:
         mode_key = (self.mode, name)
         call = self._calls[mode_key]
         self._calls[mode_key] = call + 1
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + zlib.crc32(name.encode()) * 7919 + call)
-                                          % (2 ** 63))
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + zlib.crc32(name.encode()) * 7919 + call) % (2**63))
         idx = torch.randperm(per, generator=g)[:k].sort().values
         sel = (torch.arange(items)[:, None] * per + idx[None, :]).reshape(-1).to(rows.device)
         return rows.index_select(0, sel) * math.sqrt(per / k)
@@ -221,7 +241,7 @@ class GramStats:
         """Give rows of module ``name``'s input to the accumulator (its forward hook calls this;
         ``items``: the batch size the rows come from, for ``max_rows``)."""
         if self.leader_of.get(name) != name:
-            return      # untracked, or shares its input with a module that already fed these rows
+            return  # untracked, or shares its input with a module that already fed these rows
         mode = self.mode
         if self.max_rows and items:
             rows = self._subset(name, rows, items)
@@ -236,8 +256,7 @@ class GramStats:
             self.peak_queue_bytes = max(self.peak_queue_bytes, self._queue_bytes)
         elif mode == "pair":
             if not self._queue[name]:
-                raise RuntimeError(f"unpaired features for {name}: the merged pass saw a call the "
-                                   "LoRA pass did not")
+                raise RuntimeError(f"unpaired features for {name}: the merged pass saw a call the LoRA pass did not")
             xr = self._queue[name].pop(0)
             self._queue_bytes -= xr.numel() * xr.element_size()
             if xr.shape != rows.shape:
@@ -247,7 +266,7 @@ class GramStats:
             if self.reg_coef:
                 xt = (1.0 - self.reg_coef) * xt + self.reg_coef * x
             xw = self._weighted(x)
-            for n, down in self.projections.get(name, ()):   # D_n += down·XᵀX̃ = (X·downᵀ)ᵀX̃
+            for n, down in self.projections.get(name, ()):  # D_n += down·XᵀX̃ = (X·downᵀ)ᵀX̃
                 self._add(name, ("D", n), xw @ down.t(), xt)
             if self.c_norm:
                 self._add(name, "C32", xw.float(), xt.float(), dtype=torch.float32)

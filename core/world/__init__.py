@@ -12,13 +12,21 @@ and the sub-package ``training`` (``train_model``, ``train_judge``, ``train_lora
 scripts; ``apply_lora`` helper). What runs the solvers on the world (the demo, ``bench quality``, the
 model card's figures) is in :mod:`weightsmith.core.lab`.
 """
+
 from .paths import DEFAULT_MODEL_DIR, JUDGE_PATH, LORA_STYLE, LORA_SUBJECT  # noqa: F401
 
 _LAZY = {
-    "render_batch": "render", "Scene": "render", "Obj": "render", "prompt_for": "render",
-    "random_scene": "render", "simple_prompt": "render", "compositional_prompt": "render",
-    "load_model": "sample", "load_judge": "judge",
-    "concept_rate": "metrics", "image_drift": "metrics",
+    "render_batch": "render",
+    "Scene": "render",
+    "Obj": "render",
+    "prompt_for": "render",
+    "random_scene": "render",
+    "simple_prompt": "render",
+    "compositional_prompt": "render",
+    "load_model": "sample",
+    "load_judge": "judge",
+    "concept_rate": "metrics",
+    "image_drift": "metrics",
     "apply_lora": "training.train_loras",
 }
 

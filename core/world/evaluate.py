@@ -24,14 +24,23 @@ Merging, on a pair of LoRAs (a subject LoRA: trigger → star; a style LoRA: tri
 - ``both``: rate of striped stars on prompts with both triggers;
 - ``drift``: pixel distance to the base model on prompts with neither trigger.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
 
-from .render import COLOURS, NEW_PATTERN, NEW_SHAPE, SIZES, STYLE_TRIGGER, STYLE_TRIGGER_NOREG, SUBJECT_TRIGGER, \
-    SUBJECT_TRIGGER_NOREG
+from .render import (
+    COLOURS,
+    NEW_PATTERN,
+    NEW_SHAPE,
+    SIZES,
+    STYLE_TRIGGER,
+    STYLE_TRIGGER_NOREG,
+    SUBJECT_TRIGGER,
+    SUBJECT_TRIGGER_NOREG,
+)
 
 ERASE_TARGET, ERASE_ANCHOR = "circle", "square"
 PRESERVE_SHAPES = ("triangle", "cross", "diamond")
@@ -41,8 +50,12 @@ PLACES = ("left", "right", "top", "bottom")
 POS_PAIRS = (("left", "right"), ("top", "bottom"), ("right", "left"), ("bottom", "top"))
 
 #: prompts the demo's and the benchmark's erasures are computed from ("{}" = the concept)
-ERASE_TEMPLATES = ("a red {}", "a small blue {} on the left", "a large {} on a white background",
-                   "a green {} on the top and a yellow triangle on the bottom")
+ERASE_TEMPLATES = (
+    "a red {}",
+    "a small blue {} on the left",
+    "a large {} on a white background",
+    "a green {} on the top and a yellow triangle on the bottom",
+)
 #: the option fields of the demo's erasure (``EraseOptions(**ERASE_OPTIONS)``): computed from
 #: ERASE_TEMPLATES only, no prompt expansion, so the evaluation prompts stay held out
 ERASE_OPTIONS = {"expand_prompts": False, "extra_templates": ERASE_TEMPLATES}
@@ -50,17 +63,18 @@ ERASE_OPTIONS = {"expand_prompts": False, "extra_templates": ERASE_TEMPLATES}
 # held-out evaluation templates: training phrasings of the world (render.py), none of them an
 # edit template (ERASE_TEMPLATES) or a merge sample template (merge_sample_prompts)
 EVAL_SIMPLE = ("{c} {s}", "a picture of a {c} {s}", "a {z} {c} {s}")
-EVAL_CONTEXT = ("a {z} {c} {s} on the {p}, on a {bg} background",
-                "a {c} {s} on the {p}, on a {bg} background",
-                "a {z} {c} {s} on a {bg} background")
-EVAL_TWO = ("a {z1} {c1} {s1} on the {p1} and a {z2} {c2} {s2} on the {p2}, on a {bg} background",
-            "a {c1} {s1} on the {p1} and a {c2} {s2} on the {p2}, on a {bg} background")
+EVAL_CONTEXT = (
+    "a {z} {c} {s} on the {p}, on a {bg} background",
+    "a {c} {s} on the {p}, on a {bg} background",
+    "a {z} {c} {s} on a {bg} background",
+)
+EVAL_TWO = (
+    "a {z1} {c1} {s1} on the {p1} and a {z2} {c2} {s2} on the {p2}, on a {bg} background",
+    "a {c1} {s1} on the {p1} and a {c2} {s2} on the {p2}, on a {bg} background",
+)
 
 #: the LoRA pairs of the world: name -> (subject trigger word, style trigger phrase, LoRA paths)
-PAIRS = {
-    "clean": (SUBJECT_TRIGGER, STYLE_TRIGGER),
-    "interfering": (SUBJECT_TRIGGER_NOREG, STYLE_TRIGGER_NOREG),
-}
+PAIRS = {"clean": (SUBJECT_TRIGGER, STYLE_TRIGGER), "interfering": (SUBJECT_TRIGGER_NOREG, STYLE_TRIGGER_NOREG)}
 
 
 def pair_paths(pair: str):
@@ -87,8 +101,16 @@ class Sampler:
     def __call__(self, model, prompts, seeds) -> torch.Tensor:
         from .sample import sample
 
-        return sample(model.unet, model.text_encoders["text_encoder"], model.tokenizers["text_encoder"],
-                      model.scheduler, prompts, seeds, steps=self.steps, guidance=self.guidance)
+        return sample(
+            model.unet,
+            model.text_encoders["text_encoder"],
+            model.tokenizers["text_encoder"],
+            model.scheduler,
+            prompts,
+            seeds,
+            steps=self.steps,
+            guidance=self.guidance,
+        )
 
 
 def _pick(seq, i):
@@ -110,8 +132,14 @@ def erase_prompt_sets(n: int, target: str = ERASE_TARGET) -> dict:
         if i % 2:
             objs.reverse()
         (ca, sa, pa, za), (cb, sb, pb, zb) = objs
-        two.append((_pick(EVAL_TWO, i // 2).format(c1=ca, s1=sa, p1=pa, z1=za, c2=cb, s2=sb, p2=pb, z2=zb, bg=bg),
-                    other, c2, p2))
+        two.append(
+            (
+                _pick(EVAL_TWO, i // 2).format(c1=ca, s1=sa, p1=pa, z1=za, c2=cb, s2=sb, p2=pb, z2=zb, bg=bg),
+                other,
+                c2,
+                p2,
+            )
+        )
         shape, pc = _pick(PRESERVE_SHAPES, i), _pick(COLOUR_LIST, 2 * i)
         if i % 2 == 0:
             p = _pick(EVAL_SIMPLE, i // 2).format(c=pc, s=shape, z=z)
@@ -121,8 +149,16 @@ def erase_prompt_sets(n: int, target: str = ERASE_TARGET) -> dict:
     return {"simple": simple, "context": context, "two": two, "preserved": preserved}
 
 
-def erasure_metrics(base, models: dict, n: int = 14, seed0: int = 100, sampler: Sampler | None = None,
-                    target: str = ERASE_TARGET, anchor: str = ERASE_ANCHOR, keep_images: bool = False) -> dict:
+def erasure_metrics(
+    base,
+    models: dict,
+    n: int = 14,
+    seed0: int = 100,
+    sampler: Sampler | None = None,
+    target: str = ERASE_TARGET,
+    anchor: str = ERASE_ANCHOR,
+    keep_images: bool = False,
+) -> dict:
     """Metrics for ``{"base": base, method: edited model, ...}`` (see module docstring).
     Each metric is ``{"rate"|"mean", "n", "ci": [lo, hi], ...}``."""
     from .judge import judge
@@ -138,11 +174,15 @@ def erasure_metrics(base, models: dict, n: int = 14, seed0: int = 100, sampler: 
         if base_pres is None:
             base_pres = imgs["preserved"]
         reads_p = judge(imgs["preserved"])
-        pres = [any(o["shape"] == s and o["colour"] == c for o in r["objects"])
-                for r, (_, s, c) in zip(reads_p, sets["preserved"])]
+        pres = [
+            any(o["shape"] == s and o["colour"] == c for o in r["objects"])
+            for r, (_, s, c) in zip(reads_p, sets["preserved"])
+        ]
         reads_2 = judge(imgs["two"])
-        other = [any(o["position"] == p and o["shape"] == s and o["colour"] == c for o in r["objects"])
-                 for r, (_, s, c, p) in zip(reads_2, sets["two"])]
+        other = [
+            any(o["position"] == p and o["shape"] == s and o["colour"] == c for o in r["objects"])
+            for r, (_, s, c, p) in zip(reads_2, sets["two"])
+        ]
         out[name] = {
             "target_simple": rate_ci(concept_hits(imgs["simple"], shape=target)),
             "target_context": rate_ci(concept_hits(imgs["context"], shape=target)),
@@ -154,9 +194,16 @@ def erasure_metrics(base, models: dict, n: int = 14, seed0: int = 100, sampler: 
         }
         if keep_images:
             images[name] = imgs
-    return {"metrics": out, "n_per_set": n, "seeds": [seed0, seed0 + n - 1], "steps": sampler.steps,
-            "guidance": sampler.guidance, "target": target, "anchor": anchor,
-            **({"images": images} if keep_images else {})}
+    return {
+        "metrics": out,
+        "n_per_set": n,
+        "seeds": [seed0, seed0 + n - 1],
+        "steps": sampler.steps,
+        "guidance": sampler.guidance,
+        "target": target,
+        "anchor": anchor,
+        **({"images": images} if keep_images else {}),
+    }
 
 
 def merge_prompt_sets(n: int, pair: str = "clean") -> dict:
@@ -169,8 +216,14 @@ def merge_prompt_sets(n: int, pair: str = "clean") -> dict:
     t_none = ("a picture of a {c} {s}", "a {z} {c} {s} on the {p}", "a {z} {c} {s}")
     sets = {"subject": [], "style": [], "both": [], "neither": []}
     for i in range(n):
-        kw = dict(c=_pick(COLOUR_LIST, i), z=_pick(SIZES, i // 2), p=_pick(PLACES, i // 3), w=word, t=phrase,
-                  s=_pick(shapes, i // 7 + i))
+        kw = dict(
+            c=_pick(COLOUR_LIST, i),
+            z=_pick(SIZES, i // 2),
+            p=_pick(PLACES, i // 3),
+            w=word,
+            t=phrase,
+            s=_pick(shapes, i // 7 + i),
+        )
         sets["subject"].append(_pick(t_subj, i).format(**kw))
         sets["style"].append(_pick(t_style, i).format(**kw))
         sets["both"].append(_pick(t_both, i).format(**kw))
@@ -185,13 +238,22 @@ def merge_sample_prompts(n: int = 4, pair: str = "clean") -> list[list[str]]:
     merge falls back to the LoRAs' ``ss_tag_frequency``."""
     word, phrase = PAIRS[pair]
     subj = [f"a {_pick(COLOUR_LIST, i)} {word} on a {_pick(BGS, i)} background" for i in range(n)]
-    style = [f"a {_pick(COLOUR_LIST, i + 2)} {('circle', 'square')[i % 2]} on a {_pick(BGS, i + 1)} "
-             f"background, {phrase}" for i in range(n)]
+    style = [
+        f"a {_pick(COLOUR_LIST, i + 2)} {('circle', 'square')[i % 2]} on a {_pick(BGS, i + 1)} background, {phrase}"
+        for i in range(n)
+    ]
     return [subj, style]
 
 
-def merge_metrics(base, models: dict, n: int = 14, seed0: int = 300, sampler: Sampler | None = None,
-                  keep_images: bool = False, pair: str = "clean") -> dict:
+def merge_metrics(
+    base,
+    models: dict,
+    n: int = 14,
+    seed0: int = 300,
+    sampler: Sampler | None = None,
+    keep_images: bool = False,
+    pair: str = "clean",
+) -> dict:
     from .metrics import concept_hits, image_drifts, mean_ci, rate_ci
 
     sampler = sampler or Sampler()
@@ -213,9 +275,16 @@ def merge_metrics(base, models: dict, n: int = 14, seed0: int = 300, sampler: Sa
         }
         if keep_images:
             images[name] = im
-    return {"metrics": out, "n_per_set": n, "seeds": [seed0, seed0 + n - 1], "steps": sampler.steps,
-            "guidance": sampler.guidance, "pair": pair, "triggers": list(PAIRS[pair]),
-            **({"images": images} if keep_images else {})}
+    return {
+        "metrics": out,
+        "n_per_set": n,
+        "seeds": [seed0, seed0 + n - 1],
+        "steps": sampler.steps,
+        "guidance": sampler.guidance,
+        "pair": pair,
+        "triggers": list(PAIRS[pair]),
+        **({"images": images} if keep_images else {}),
+    }
 
 
 def value(m: dict) -> float:

@@ -1,4 +1,5 @@
 """Labelled image grids (PNG) for reports: rows = prompts, columns = models/methods."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,8 +29,9 @@ def _wrap(text: str, width: int) -> list[str]:
     return lines
 
 
-def save_grid(columns: dict[str, torch.Tensor], row_labels: list[str], path, scale: int = 3,
-              title: str | None = None) -> Path:
+def save_grid(
+    columns: dict[str, torch.Tensor], row_labels: list[str], path, scale: int = 3, title: str | None = None
+) -> Path:
     """``columns``: name -> images (N, 3, H, W) in [0, 1], N = len(row_labels)."""
     from PIL import Image, ImageDraw
 

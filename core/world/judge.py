@@ -15,10 +15,11 @@ Public API
 ``images``: float tensor (N,3,H,W) in [0,1], or uint8 array (N,H,W,3) / (H,W,3); other
 sizes than 32x32 are area-resized.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -40,8 +41,12 @@ _PER_SLOT = sum(len(c) for _, c in _HEADS)
 
 def _block(cin, cout):
     return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-        nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+        nn.Conv2d(cin, cout, 3, padding=1),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
     )
 
 
@@ -50,9 +55,12 @@ class JudgeNet(nn.Module):
         super().__init__()
         w = width
         self.features = nn.Sequential(
-            _block(3, w), nn.MaxPool2d(2),          # 16
-            _block(w, 2 * w), nn.MaxPool2d(2),      # 8
-            _block(2 * w, 4 * w), nn.MaxPool2d(2),  # 4
+            _block(3, w),
+            nn.MaxPool2d(2),  # 16
+            _block(w, 2 * w),
+            nn.MaxPool2d(2),  # 8
+            _block(2 * w, 4 * w),
+            nn.MaxPool2d(2),  # 4
         )
         self.fc = nn.Sequential(nn.Flatten(), nn.Linear(4 * w * 16, 256), nn.ReLU(inplace=True), nn.Dropout(0.1))
         self.bg = nn.Linear(256, len(BG_CLASSES))
@@ -64,7 +72,7 @@ class JudgeNet(nn.Module):
         s = self.slots(h).view(x.shape[0], len(SLOTS), _PER_SLOT)
         i = 0
         for name, classes in _HEADS:
-            out[name] = s[:, :, i:i + len(classes)]  # (N, slots, classes)
+            out[name] = s[:, :, i : i + len(classes)]  # (N, slots, classes)
             i += len(classes)
         return out
 
@@ -111,7 +119,7 @@ def judge_logits(images, model: JudgeNet | None = None, batch_size: int = 256) -
     was = model.training
     model.eval()
     x = prepare(images)
-    outs = [model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+    outs = [model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
     model.train(was)
     return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
 
@@ -128,14 +136,16 @@ def judge(images, model: JudgeNet | None = None) -> list[dict]:
             cls = int(sp[n, k].argmax())
             if cls == 0:
                 continue
-            objs.append({
-                "position": pos,
-                "shape": SHAPE_CLASSES[cls],
-                "colour": COLOUR_CLASSES[int(lg["colour"][n, k].argmax())],
-                "pattern": PATTERN_CLASSES[int(lg["pattern"][n, k].argmax())],
-                "size": SIZE_CLASSES[int(lg["size"][n, k].argmax())],
-                "p": float(sp[n, k, cls]),
-            })
+            objs.append(
+                {
+                    "position": pos,
+                    "shape": SHAPE_CLASSES[cls],
+                    "colour": COLOUR_CLASSES[int(lg["colour"][n, k].argmax())],
+                    "pattern": PATTERN_CLASSES[int(lg["pattern"][n, k].argmax())],
+                    "size": SIZE_CLASSES[int(lg["size"][n, k].argmax())],
+                    "p": float(sp[n, k, cls]),
+                }
+            )
         res.append({"background": BG_CLASSES[int(bg[n])], "objects": objs})
     return res
 
@@ -167,8 +177,10 @@ def attribute_accuracy(scenes: Sequence[Scene], images, model: JudgeNet | None =
     lg = judge_logits(images, model)
     t = scene_targets(scenes)
     present = t["colour"] != -100
-    acc = {"background": (lg["background"].argmax(-1) == t["background"]).float().mean().item(),
-           "slots": (lg["shape"].argmax(-1) == t["shape"]).float().mean().item()}
+    acc = {
+        "background": (lg["background"].argmax(-1) == t["background"]).float().mean().item(),
+        "slots": (lg["shape"].argmax(-1) == t["shape"]).float().mean().item(),
+    }
     ok_img = (lg["background"].argmax(-1) == t["background"]) & (lg["shape"].argmax(-1) == t["shape"]).all(-1)
     for name in ("shape", "colour", "pattern", "size"):
         pred = lg[name].argmax(-1)

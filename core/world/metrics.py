@@ -15,11 +15,12 @@
 - :func:`wilson(k, n) -> (lo, hi)`: 95% Wilson score interval of a rate; :func:`rate_ci(hits)`
   and :func:`mean_ci(values)`: ``{"rate"|"mean", "n", "ci": [lo, hi]}``.
 """
+
 from __future__ import annotations
 
 import math
 import random
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -54,9 +55,15 @@ def mean_ci(values: Sequence[float]) -> dict:
     return {"mean": m, "n": n, "ci": [m - h, m + h]}
 
 
-def concept_hits(images, shape: str | None = None, colour: str | None = None, pattern: str | None = None,
-                 position: str | None = None, background: str | None = None,
-                 model: JudgeNet | None = None) -> list[bool]:
+def concept_hits(
+    images,
+    shape: str | None = None,
+    colour: str | None = None,
+    pattern: str | None = None,
+    position: str | None = None,
+    background: str | None = None,
+    model: JudgeNet | None = None,
+) -> list[bool]:
     want = {k: v for k, v in (("shape", shape), ("colour", colour), ("pattern", pattern), ("position", position)) if v}
     if not want and background is None:
         raise ValueError("give at least one attribute")
@@ -69,9 +76,15 @@ def concept_hits(images, shape: str | None = None, colour: str | None = None, pa
     return hits
 
 
-def concept_rate(images, shape: str | None = None, colour: str | None = None, pattern: str | None = None,
-                 position: str | None = None, background: str | None = None,
-                 model: JudgeNet | None = None) -> float:
+def concept_rate(
+    images,
+    shape: str | None = None,
+    colour: str | None = None,
+    pattern: str | None = None,
+    position: str | None = None,
+    background: str | None = None,
+    model: JudgeNet | None = None,
+) -> float:
     """Fraction of ``images`` showing an object with every given attribute (judge-read)."""
     h = concept_hits(images, shape, colour, pattern, position, background, model)
     return float(np.mean(h)) if h else float("nan")
@@ -93,9 +106,15 @@ def image_drift(a, b) -> float:
     return float((x - y).abs().mean())
 
 
-def simple_prompt_quality(model, seeds_per_prompt: int = 4, steps: int = 25, guidance: float = 1.5,
-                          shapes: Sequence[str] = BASE_SHAPES, seed0: int = 1000,
-                          judge_model: JudgeNet | None = None) -> dict:
+def simple_prompt_quality(
+    model,
+    seeds_per_prompt: int = 4,
+    steps: int = 25,
+    guidance: float = 1.5,
+    shapes: Sequence[str] = BASE_SHAPES,
+    seed0: int = 1000,
+    judge_model: JudgeNet | None = None,
+) -> dict:
     """Sample every "a {colour} {shape}" prompt ``seeds_per_prompt`` times; report the fraction
     where the judge finds that shape+colour (``both``), the shape, and the colour."""
     from .sample import sample
@@ -115,8 +134,15 @@ def simple_prompt_quality(model, seeds_per_prompt: int = 4, steps: int = 25, gui
         shape_ok += any(o["shape"] == s for o in r["objects"])
         colour_ok += any(o["colour"] == c for o in r["objects"])
     n = len(specs)
-    return {"n": n, "both": both / n, "shape": shape_ok / n, "colour": colour_ok / n, "steps": steps, "guidance": guidance,
-            "images": imgs}
+    return {
+        "n": n,
+        "both": both / n,
+        "shape": shape_ok / n,
+        "colour": colour_ok / n,
+        "steps": steps,
+        "guidance": guidance,
+        "images": imgs,
+    }
 
 
 # the bars' prompts name everything the check reads (training phrasings of both recipes)
@@ -156,11 +182,18 @@ def scene_hits(reads, scenes, kind: str) -> list[bool]:
         ok = True
         for o in sc.objects:
             if kind == "context":
-                ok &= any(x["position"] == o.position and x["shape"] == o.shape and x["colour"] == o.colour
-                          and x["size"] == o.size for x in r["objects"])
+                ok &= any(
+                    x["position"] == o.position
+                    and x["shape"] == o.shape
+                    and x["colour"] == o.colour
+                    and x["size"] == o.size
+                    for x in r["objects"]
+                )
             else:
-                ok &= any(x["position"] == o.position and x["shape"] == o.shape and x["colour"] == o.colour
-                          for x in r["objects"])
+                ok &= any(
+                    x["position"] == o.position and x["shape"] == o.shape and x["colour"] == o.colour
+                    for x in r["objects"]
+                )
         if kind == "context":
             ok &= r["background"] == sc.background
         hits.append(bool(ok))
@@ -182,21 +215,49 @@ def context_breakdown(reads, scenes, hits: list[bool]) -> dict:
             size += any(x["size"] == o.size for x in xs)
         bg += r["background"] == sc.background
     n = len(scenes)
-    return {"n": n, "shape_colour": found / n, "position_given_found": pos / max(1, found),
-            "size_given_found": size / max(1, found), "background": bg / n,
-            "all": sum(hits) / n}
+    return {
+        "n": n,
+        "shape_colour": found / n,
+        "position_given_found": pos / max(1, found),
+        "size_given_found": size / max(1, found),
+        "background": bg / n,
+        "all": sum(hits) / n,
+    }
 
 
-def scene_prompt_quality(model, kind: str, n: int = 140, steps: int = 25, guidance: float = 1.5, seed: int = 0,
-                         seed0: int = 2000, judge_model: JudgeNet | None = None) -> dict:
+def scene_prompt_quality(
+    model,
+    kind: str,
+    n: int = 140,
+    steps: int = 25,
+    guidance: float = 1.5,
+    seed: int = 0,
+    seed0: int = 2000,
+    judge_model: JudgeNet | None = None,
+) -> dict:
     """The compositional bars of the model card (see :func:`scene_hits`), with a Wilson 95% interval."""
     from .sample import sample
 
     cases = scene_cases(kind, n, seed)
-    imgs = sample(model.unet, model.text_encoder, model.tokenizer, model.scheduler, [p for p, _ in cases],
-                  list(range(seed0, seed0 + n)), steps, guidance)
+    imgs = sample(
+        model.unet,
+        model.text_encoder,
+        model.tokenizer,
+        model.scheduler,
+        [p for p, _ in cases],
+        list(range(seed0, seed0 + n)),
+        steps,
+        guidance,
+    )
     reads = judge(imgs, judge_model)
     hits = scene_hits(reads, [sc for _, sc in cases], kind)
     extra = {"breakdown": context_breakdown(reads, [sc for _, sc in cases], hits)} if kind == "context" else {}
-    return {**rate_ci(hits), **extra, "kind": kind, "steps": steps, "guidance": guidance, "images": imgs,
-            "prompts": [p for p, _ in cases]}
+    return {
+        **rate_ci(hits),
+        **extra,
+        "kind": kind,
+        "steps": steps,
+        "guidance": guidance,
+        "images": imgs,
+        "prompts": [p for p, _ in cases],
+    }

@@ -1,4 +1,5 @@
 """Locations of the embedded default world's shipped assets."""
+
 from pathlib import Path
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
@@ -16,7 +17,6 @@ LORA_STYLE_NOREG = ASSETS_DIR / "loras" / "style_stripes_noreg.safetensors"
 JUDGE_PATH = ASSETS_DIR / "judge.safetensors"
 
 
-
 def world_present() -> bool:
     """Whether the embedded world's model and judge are on disk (a build may leave the assets out)."""
     return DEFAULT_MODEL_DIR.exists() and JUDGE_PATH.exists()
@@ -30,6 +30,14 @@ def require_world() -> None:
         raise WeightsmithError(f"the embedded default world is missing ({DEFAULT_MODEL_DIR}).")
 
 
-__all__ = ["ASSETS_DIR", "DEFAULT_MODEL_DIR", "LORA_SUBJECT", "LORA_STYLE", "LORA_SUBJECT_NOREG", "LORA_STYLE_NOREG",
-           "JUDGE_PATH",
-           "world_present", "require_world"]
+__all__ = [
+    "ASSETS_DIR",
+    "DEFAULT_MODEL_DIR",
+    "LORA_SUBJECT",
+    "LORA_STYLE",
+    "LORA_SUBJECT_NOREG",
+    "LORA_STYLE_NOREG",
+    "JUDGE_PATH",
+    "world_present",
+    "require_world",
+]

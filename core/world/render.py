@@ -24,12 +24,13 @@ Public API
 - :func:`simple_prompts() -> list[(prompt, colour, shape)]` all simple evaluation prompts
 - :func:`prompt_corpus() -> list[str]` every word the prompts can use (tokenizer vocab)
 """
+
 from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -132,9 +133,18 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
     if shape == "cross":
         a, w = r, 0.34 * r
         return [
-            (cx - w, cy - a), (cx + w, cy - a), (cx + w, cy - w), (cx + a, cy - w),
-            (cx + a, cy + w), (cx + w, cy + w), (cx + w, cy + a), (cx - w, cy + a),
-            (cx - w, cy + w), (cx - a, cy + w), (cx - a, cy - w), (cx - w, cy - w),
+            (cx - w, cy - a),
+            (cx + w, cy - a),
+            (cx + w, cy - w),
+            (cx + a, cy - w),
+            (cx + a, cy + w),
+            (cx + w, cy + w),
+            (cx + w, cy + a),
+            (cx - w, cy + a),
+            (cx - w, cy + w),
+            (cx - a, cy + w),
+            (cx - a, cy - w),
+            (cx - w, cy - w),
         ]
     if shape == "star":
         pts = []
@@ -308,14 +318,25 @@ def prompt_for(
         o = objs[0]
         pool = simple_pool if o.position == "center" else placed_pool
         t = template or (rng.choice(pool) if rng else pool[0])
-        p = t.format(colour=o.colour, shape=_noun(o, subject_trigger, subject_word), size=o.size,
-                     bg=scene.background, pos=o.position)
+        p = t.format(
+            colour=o.colour,
+            shape=_noun(o, subject_trigger, subject_word),
+            size=o.size,
+            bg=scene.background,
+            pos=o.position,
+        )
     else:
         o1, o2 = objs
         t = template or (rng.choice(two_pool) if rng else two_pool[0])
         p = t.format(
-            c1=o1.colour, s1=_noun(o1, subject_trigger, subject_word), p1=o1.position, z1=o1.size,
-            c2=o2.colour, s2=_noun(o2, subject_trigger, subject_word), p2=o2.position, z2=o2.size,
+            c1=o1.colour,
+            s1=_noun(o1, subject_trigger, subject_word),
+            p1=o1.position,
+            z1=o1.size,
+            c2=o2.colour,
+            s2=_noun(o2, subject_trigger, subject_word),
+            p2=o2.position,
+            z2=o2.size,
             bg=scene.background,
         )
     if style_trigger and any(o.pattern == NEW_PATTERN for o in objs):
@@ -333,7 +354,10 @@ def simple_prompt(colour: str, shape: str, size: str | None = None, background: 
 
 def compositional_prompt(o1: Obj, o2: Obj, background: str | None = None) -> str:
     """``"a small blue square on the left and a green triangle on the right, on a black background"``."""
-    s = f"a {o1.size} {o1.colour} {o1.shape} on the {o1.position} and a {o2.size} {o2.colour} {o2.shape} on the {o2.position}"
+    s = (
+        f"a {o1.size} {o1.colour} {o1.shape} on the {o1.position} "
+        f"and a {o2.size} {o2.colour} {o2.shape} on the {o2.position}"
+    )
     if background:
         s += f", on a {background} background"
     return s
@@ -352,10 +376,44 @@ def prompt_corpus(templates: str = "v1") -> list[str]:
             if "{" not in w:
                 words.add(w)
     words |= set(SHAPES) | set(COLOURS) | set(BACKGROUNDS) | set(SIZES) | set(POSITIONS)
-    words |= {SUBJECT_TRIGGER, *STYLE_TRIGGER.split(), "striped", "stripes", "plain", "pattern",
-              "with", "an", "image", "of", "photo", "shape", "object", "in", "style", "big", "tiny",
-              "dotted", "dots", "grey", "pink", "brown", "dog", "cat", "car", "tree", "house",
-              "person", "painting", "art", "artist", "center", "middle", "two", "one", "objects"}
-    if templates != "v1":   # spare trigger words, single tokens from the start
+    words |= {
+        SUBJECT_TRIGGER,
+        *STYLE_TRIGGER.split(),
+        "striped",
+        "stripes",
+        "plain",
+        "pattern",
+        "with",
+        "an",
+        "image",
+        "of",
+        "photo",
+        "shape",
+        "object",
+        "in",
+        "style",
+        "big",
+        "tiny",
+        "dotted",
+        "dots",
+        "grey",
+        "pink",
+        "brown",
+        "dog",
+        "cat",
+        "car",
+        "tree",
+        "house",
+        "person",
+        "painting",
+        "art",
+        "artist",
+        "center",
+        "middle",
+        "two",
+        "one",
+        "objects",
+    }
+    if templates != "v1":  # spare trigger words, single tokens from the start
         words |= {"zy", "zw", "zv", "zk", "sks", "ohwx", "checkered", "dots"}
     return sorted(words)

@@ -12,11 +12,12 @@ Determinism: the initial noise of image *i* is drawn from ``torch.Generator().ma
 and the sampler is DDIM with eta = 0 (a DDIMScheduler built from ``scheduler.config``), so an
 image depends only on (weights, prompt, seed, steps, guidance), not on batch composition.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Sequence
 
 import torch
 
@@ -39,14 +40,17 @@ def load_model(path: str | Path = DEFAULT_MODEL_DIR) -> SimpleNamespace:
 @torch.no_grad()
 def encode_prompts(text_encoder, tokenizer, prompts: Sequence[str]) -> torch.Tensor:
     """SD1-style conditioning: last hidden state of the padded (max-length) prompt, no mask."""
-    ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
+    ids = tokenizer(
+        list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
     dev = next(text_encoder.parameters()).device
     return text_encoder(ids.to(dev))[0]
 
 
 def initial_noise(seeds: Sequence[int], channels: int = 3, size: int = 32) -> torch.Tensor:
-    return torch.cat([torch.randn(1, channels, size, size, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+    return torch.cat(
+        [torch.randn(1, channels, size, size, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    )
 
 
 @torch.no_grad()
@@ -86,7 +90,7 @@ def sample(
     try:
         uncond = encode_prompts(text_encoder, tokenizer, [negative_prompt]) if guidance != 1 else None
         for i in range(0, len(prompts), batch_size):
-            ps, ss = prompts[i:i + batch_size], seeds[i:i + batch_size]
+            ps, ss = prompts[i : i + batch_size], seeds[i : i + batch_size]
             cond = encode_prompts(text_encoder, tokenizer, ps).to(dev, dtype)
             n = len(ps)
             if uncond is not None:
@@ -116,8 +120,8 @@ def to_uint8(images: torch.Tensor):
 
 def save_grid(images: torch.Tensor, path: str | Path, cols: int = 8, scale: int = 4) -> None:
     """Save a PNG grid of (N,3,H,W) images (nearest-upscaled by ``scale``)."""
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     a = to_uint8(images)
     n, h, w, _ = a.shape
@@ -125,5 +129,5 @@ def save_grid(images: torch.Tensor, path: str | Path, cols: int = 8, scale: int 
     g = np.zeros((rows * h, cols * w, 3), np.uint8)
     for i in range(n):
         r, c = divmod(i, cols)
-        g[r * h:(r + 1) * h, c * w:(c + 1) * w] = a[i]
+        g[r * h : (r + 1) * h, c * w : (c + 1) * w] = a[i]
     Image.fromarray(g).resize((cols * w * scale, rows * h * scale), Image.NEAREST).save(str(path))

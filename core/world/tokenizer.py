@@ -12,15 +12,15 @@ one token and any other text still tokenizes (byte fallback).
 Diffusion does, so a prompt's conditioning has SD's shape (BOS, the words, EOS, then EOS padding to 77
 positions); ``MODEL_MAX_LENGTH`` = 32 is the first world's recipe (``train_model --world v1``).
 """
+
 from __future__ import annotations
 
 import json
 from collections import Counter
 from pathlib import Path
 
-from .render import prompt_corpus
-
 from ..tokenizer import BOS, EOS, bytes_to_unicode  # noqa: F401  (shared with core's CLIP tokenizer)
+from .render import prompt_corpus
 
 MODEL_MAX_LENGTH = 32
 #: context length of the World v2 recipe (Stable Diffusion's)
@@ -53,8 +53,9 @@ def learn_merges(words: list[str]) -> list[tuple[str, str]]:
             segs[w] = tuple(out)
 
 
-def build_tokenizer_files(out_dir: str | Path, words: list[str] | None = None,
-                          model_max_length: int = MODEL_MAX_LENGTH) -> Path:
+def build_tokenizer_files(
+    out_dir: str | Path, words: list[str] | None = None, model_max_length: int = MODEL_MAX_LENGTH
+) -> Path:
     """Write vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

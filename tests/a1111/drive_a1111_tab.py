@@ -6,6 +6,7 @@ it inside an outer Blocks/Tab like A1111's UI, serves it and drives Apply/Undo/S
 HTTP with gradio_client. With "forge", the same on the Forge stand-in (tests/a1111/fake_forge):
 the tab picks its Forge backend, Apply reaches the weights Forge samples with, Undo restores them.
 """
+
 import importlib.util
 import json
 import os
@@ -50,8 +51,8 @@ def _checkpoint():
     """A tiny random SD1 model saved as the web UI's selected checkpoint (its tokenizer for the tab)."""
     from modules import sd_models
 
-    from weightsmith.core.model_io import save_single_file
     from weightsmith.core.lab.random_models import build_random_model
+    from weightsmith.core.model_io import save_single_file
 
     m = build_random_model("sd1", "tiny", seed=5)
     ck = Path(sd_models.model_path) / "base.safetensors"
@@ -82,7 +83,7 @@ def main_forge(work: Path, port: int) -> dict:
     m, ck = _checkpoint()
     forge_engine.TOKENIZER = m.tokenizers["text_encoder"]
     sd_models.select(ck)
-    shared.sd_model = sd_models.FakeInitialModel()      # Forge loads at the first generation
+    shared.sd_model = sd_models.FakeInitialModel()  # Forge loads at the first generation
     res, wb, demo, c = _tab(port)
     try:
         _, _, before = processing.txt2img("a photo of a cat")
@@ -93,9 +94,13 @@ def main_forge(work: Path, port: int) -> dict:
         if wb.applied is not None:
             layout = UNetLayout.from_config(m.unet_config)
             res["apply_exact"] = all(
-                torch.allclose(after[comfy_key(n + ".weight", "sd1", layout)],
-                               before[comfy_key(n + ".weight", "sd1", layout)] + d, atol=1e-6)
-                for n, d in wb.applied.deltas.items())
+                torch.allclose(
+                    after[comfy_key(n + ".weight", "sd1", layout)],
+                    before[comfy_key(n + ".weight", "sd1", layout)] + d,
+                    atol=1e-6,
+                )
+                for n, d in wb.applied.deltas.items()
+            )
         out = c.predict(api_name="/weightsmith_undo")
         res["undo_status"] = out[0]
         _, _, again = processing.txt2img("a photo of a cat")
@@ -129,13 +134,15 @@ def main(work: Path, port: int) -> dict:
         if wb.applied is not None:
             n = next(iter(wb.applied.deltas))
             s = wb.backend.slots([n])[n]
-            res["apply_exact"] = bool(torch.allclose(getattr(s.module, s.param), m.weight(n) + wb.applied.deltas[n],
-                                                     atol=1e-6))
+            res["apply_exact"] = bool(
+                torch.allclose(getattr(s.module, s.param), m.weight(n) + wb.applied.deltas[n], atol=1e-6)
+            )
         out = c.predict(api_name="/weightsmith_undo")
         res["undo_status"] = out[0]
         after = live.state_dict()
         res["undo_bit_exact"] = all(torch.equal(before[k], after[k]) for k in before) and all(
-            torch.equal(te_before[k], v) for k, v in shared.sd_model.cond_stage_model.state_dict().items())
+            torch.equal(te_before[k], v) for k, v in shared.sd_model.cond_stage_model.state_dict().items()
+        )
         _save_lora(c, res)
     finally:
         demo.close()

@@ -7,7 +7,8 @@ extension names the keys of a LoRA it could not match; HOST is ``a1111`` (defaul
 whose Lora extension words those lines differently. Prints one JSON line ("RESULT {...}").
 
 The tab is driven through its own Gradio endpoints (``/weightsmith_apply``, ``/weightsmith_undo``,
-``/weightsmith_save_lora``, ``/weightsmith_save_checkpoint``, ``/weightsmith_merge``), images come from ``/sdapi/v1/txt2img`` (64×64, Euler, 2 steps,
+``/weightsmith_save_lora``, ``/weightsmith_save_checkpoint``, ``/weightsmith_merge``), images come
+from ``/sdapi/v1/txt2img`` (64×64, Euler, 2 steps,
 fixed seed: deterministic on CPU). What is measured, all with the same prompt P unless said:
 
 - ``base_repeat_equal``: two base images of P are identical (the host is deterministic);
@@ -22,6 +23,7 @@ fixed seed: deterministic on CPU). What is measured, all with the same prompt P 
 - Merge (linear, and IterIS with small settings) of two tab-made LoRAs, the merged LoRA used in
   a prompt; the unmatched-key lines the Lora extension logged for each file.
 """
+
 import base64
 import io
 import json
@@ -34,8 +36,15 @@ from gradio_client import Client
 from PIL import Image
 
 P, Q = "a photo of a cat in a garden", "a red house"
-T2I = {"steps": 2, "width": 64, "height": 64, "seed": 1, "sampler_name": "Euler", "cfg_scale": 7,
-       "negative_prompt": "blurry"}
+T2I = {
+    "steps": 2,
+    "width": 64,
+    "height": 64,
+    "seed": 1,
+    "sampler_name": "Euler",
+    "cfg_scale": 7,
+    "negative_prompt": "blurry",
+}
 # Erase inputs in the order of the tab's `common` list:
 # targets, anchors, preserve, method, tokens, te_sublayers, te_layers, expand, lam, eta_preserve, rcond
 EDIT_A = ["cat", "dog", "", "erasepro", "suffix", ["k_proj", "v_proj"], "", "off", 0.5, 1.0, 1e-4]
@@ -45,10 +54,18 @@ EDIT_B = ["garden", "desert", "", "erasepro", "suffix", ["k_proj", "v_proj"], ""
 def unmatched_lines(text: str, name: str, host: str) -> int:
     """Lines of the web UI's log saying that LoRA file ``name`` had keys no layer took."""
     f = f"/{name}.safetensors"
-    if host == "forge":   # "[LORA] Loading F for M with unmatched keys [...]", "... (skipped N keys)", "Mismatch F ..."
-        return sum(1 for ln in text.splitlines() if f in ln and (
-            "unmatched keys" in ln or "Mismatch" in ln or "version mismatch" in ln or
-            ("(skipped " in ln and "(skipped 0 keys)" not in ln)))
+    if host == "forge":  # "[LORA] Loading F for M with unmatched keys [...]", "... (skipped N keys)", "Mismatch F ..."
+        return sum(
+            1
+            for ln in text.splitlines()
+            if f in ln
+            and (
+                "unmatched keys" in ln
+                or "Mismatch" in ln
+                or "version mismatch" in ln
+                or ("(skipped " in ln and "(skipped 0 keys)" not in ln)
+            )
+        )
     return sum(1 for ln in text.splitlines() if f"{f} didn't match keys" in ln)
 
 
@@ -63,12 +80,13 @@ def log_errors(text: str) -> tuple[list, list]:
             ours.append(ln.strip())
         elif "Traceback (most recent call last)" in ln:
             block = [ln]
-            for nxt in lines[i + 1:i + 200]:
+            for nxt in lines[i + 1 : i + 200]:
                 if not nxt.strip():
                     break
                 block.append(nxt)
             (ours if any("weightsmith" in b.lower() for b in block) else host).append(
-                (lines[i - 1].strip() if i else "") + " | " + block[-1].strip())
+                (lines[i - 1].strip() if i else "") + " | " + block[-1].strip()
+            )
     return ours[:5], host[:5]
 
 
@@ -97,7 +115,7 @@ def main(url: str, log: str | None, host: str = "a1111") -> dict:
         out = c.predict(*args, api_name=api_name)
         status = out[0] if isinstance(out, (list, tuple)) else out
         res.setdefault("timings_s", {})[api_name.strip("/") + f"#{len(res['timings_s'])}"] = round(time.time() - t, 1)
-        print("PARTIAL " + json.dumps(res), flush=True)    # what a run cut off by its timeout had reached
+        print("PARTIAL " + json.dumps(res), flush=True)  # what a run cut off by its timeout had reached
         return str(status)
 
     # live previews by "Approx NN" make A1111 fetch vaeapprox-sdxl.pt at every txt2img of an SDXL model
@@ -162,10 +180,27 @@ def main(url: str, log: str | None, host: str = "a1111") -> dict:
 
     # Merge the two LoRAs: linear, then IterIS with small settings
     c.predict(api_name="/weightsmith_refresh_loras")
-    for method, name, it, samples, steps in (("linear", "ws-real-merge-linear", 1, 1, 1),
-                                             ("iteris", "ws-real-merge-iteris", 2, 2, 1)):
-        res[f"merge_{method}"] = tab("/weightsmith_merge", ["ws-real-a.safetensors", "ws-real-b.safetensors"], "", "", method,
-                                     it, samples, steps, 0, name, 0, False, 0, "sum", "")
+    for method, name, it, samples, steps in (
+        ("linear", "ws-real-merge-linear", 1, 1, 1),
+        ("iteris", "ws-real-merge-iteris", 2, 2, 1),
+    ):
+        res[f"merge_{method}"] = tab(
+            "/weightsmith_merge",
+            ["ws-real-a.safetensors", "ws-real-b.safetensors"],
+            "",
+            "",
+            method,
+            it,
+            samples,
+            steps,
+            0,
+            name,
+            0,
+            False,
+            0,
+            "sum",
+            "",
+        )
         img = t2i(P + f" <lora:{name}:1>")
         res[f"merge_{method}_vs_base"] = diff(img, base)
 
@@ -173,16 +208,24 @@ def main(url: str, log: str | None, host: str = "a1111") -> dict:
     lora_dir = res["save_lora_a"].split("Saved LoRA ", 1)[1].split(" (", 1)[0].rsplit("/", 1)[0]
     import torch
     from safetensors.torch import save_file
-    save_file({"lora_unet_no_such_block_proj.lora_up.weight": torch.zeros(4, 1),
-               "lora_unet_no_such_block_proj.lora_down.weight": torch.zeros(1, 4),
-               "lora_unet_no_such_block_proj.alpha": torch.tensor(1.0)}, f"{lora_dir}/ws-real-canary.safetensors")
+
+    save_file(
+        {
+            "lora_unet_no_such_block_proj.lora_up.weight": torch.zeros(4, 1),
+            "lora_unet_no_such_block_proj.lora_down.weight": torch.zeros(1, 4),
+            "lora_unet_no_such_block_proj.alpha": torch.tensor(1.0),
+        },
+        f"{lora_dir}/ws-real-canary.safetensors",
+    )
     api.post(url + "/sdapi/v1/refresh-loras", timeout=600).raise_for_status()
     t2i(P + " <lora:ws-real-canary:1>")
 
     if log:
         text = open(log, encoding="utf-8", errors="replace").read()
-        res["unmatched_key_lines"] = {n: unmatched_lines(text, n, host) for n in (
-            "ws-real-a", "ws-real-b", "ws-real-merge-linear", "ws-real-merge-iteris", "ws-real-canary")}
+        res["unmatched_key_lines"] = {
+            n: unmatched_lines(text, n, host)
+            for n in ("ws-real-a", "ws-real-b", "ws-real-merge-linear", "ws-real-merge-iteris", "ws-real-canary")
+        }
         res["extension_errors"], res["host_errors"] = log_errors(text)
     return res
 

@@ -7,6 +7,7 @@ Drives the real HTTP API with gradio_client (the same queue/progress path as the
 Apply -> weights changed by exactly ΔW; Undo -> bit-exact originals; Save as LoRA -> a file;
 a wrong input -> a clear message, not a traceback.
 """
+
 import json
 import os
 import sys
@@ -31,8 +32,11 @@ def main(work: Path, port: int) -> dict:
     wb = demo.weightsmith_workbench
     model = backend.model()
     names = [n + "." + s for n in model.unet_cross_attention_names() for s in ("to_k", "to_v")]
-    names += [f"text_encoder.text_model.encoder.layers.{i}.self_attn.{p}"
-              for i in range(model.text_encoders["text_encoder"].config.num_hidden_layers) for p in ("k_proj", "v_proj")]
+    names += [
+        f"text_encoder.text_model.encoder.layers.{i}.self_attn.{p}"
+        for i in range(model.text_encoders["text_encoder"].config.num_hidden_layers)
+        for p in ("k_proj", "v_proj")
+    ]
     before = {n: model.weight(n).clone() for n in names}
     demo.queue()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
@@ -59,11 +63,39 @@ def main(work: Path, port: int) -> dict:
         res["save_status"] = out[0]
         res["lora_files"] = sorted(str(p) for p in loras.glob("*.safetensors"))
         res["weights_untouched_by_save"] = all(torch.equal(model.weight(n), before[n]) for n in names)
-        out = c.predict("", "dog", "", "erasepro", "suffix", ["k_proj", "v_proj"], "", "off", 0.5, 1.0, 1e-4,
-                        1.0, api_name="/weightsmith_apply")
+        out = c.predict(
+            "",
+            "dog",
+            "",
+            "erasepro",
+            "suffix",
+            ["k_proj", "v_proj"],
+            "",
+            "off",
+            0.5,
+            1.0,
+            1e-4,
+            1.0,
+            api_name="/weightsmith_apply",
+        )
         res["empty_target_status"] = out[0]
-        out = c.predict(["nope.safetensors"], "", "", "iteris", 1, 1, 1, 0, "", 0, False, 0, "mean", "",
-                      api_name="/weightsmith_merge")
+        out = c.predict(
+            ["nope.safetensors"],
+            "",
+            "",
+            "iteris",
+            1,
+            1,
+            1,
+            0,
+            "",
+            0,
+            False,
+            0,
+            "mean",
+            "",
+            api_name="/weightsmith_merge",
+        )
         res["bad_lora_status"] = out[0]
         html = __import__("urllib.request").request.urlopen(f"http://127.0.0.1:{port}/").read().decode()
         res["page_ok"] = "gradio" in html.lower()

@@ -12,6 +12,7 @@ parameter offset by N(0, 0.02) (A1111's default emphasis divides by the text enc
 parameters saved fp16, buffers fp32. Each parameter is converted as it is drawn, so the peak is the
 float32 model once (~14 GB) plus the fp16 file's bytes.
 """
+
 import importlib
 import os
 import sys
@@ -27,17 +28,20 @@ from safetensors.torch import save_file  # noqa: E402
 _create = open_clip.create_model_and_transforms
 open_clip.create_model_and_transforms = lambda arch, *a, pretrained=None, **k: _create(arch, *a, pretrained=None, **k)
 transformers.CLIPTextModel.from_pretrained = classmethod(
-    lambda cls, name, *a, **k: cls(transformers.CLIPTextConfig.from_pretrained(name)))
+    lambda cls, name, *a, **k: cls(transformers.CLIPTextConfig.from_pretrained(name))
+)
 
 importlib.import_module("sgm.modules.encoders.modules")  # (imports transformers' CLIPTextModel: patched above)
 from sgm.util import instantiate_from_config  # noqa: E402
 
-cfg = OmegaConf.load(os.path.join(webui, "repositories", "generative-models", "configs", "inference", "sd_xl_base.yaml"))
+cfg = OmegaConf.load(
+    os.path.join(webui, "repositories", "generative-models", "configs", "inference", "sd_xl_base.yaml")
+)
 torch.manual_seed(0)
 model = instantiate_from_config(cfg.model).eval().requires_grad_(False)
 g = torch.Generator().manual_seed(0)
 with torch.no_grad():
-    for n, p in model.named_parameters():
+    for _n, p in model.named_parameters():
         noise = torch.randn(p.shape, generator=g) * 0.02
         p.data = (noise if p.dim() > 1 else p.data + noise).half()
 params = {n for n, _ in model.named_parameters()}

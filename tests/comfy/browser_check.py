@@ -7,6 +7,7 @@ ARTIFACT_DIR. ``--generate-examples`` builds the example workflows in the browse
 the front end's own UI format) and writes them to REPO_DIR/example_workflows.
 Runs in the ComfyUI venv (aiohttp is a ComfyUI requirement).
 """
+
 import asyncio
 import base64
 import json
@@ -22,9 +23,17 @@ from pathlib import Path
 import aiohttp
 
 EXAMPLE_CKPT = "v1-5-pruned-emaonly-fp16.safetensors"  # what the shipped examples name
-CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run",
-                "--window-size=1600,1000", "--hide-scrollbars"]
+CHROME_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--window-size=1600,1000",
+    "--hide-scrollbars",
+]
 
 
 def find_chromium() -> str:
@@ -62,8 +71,9 @@ class CDP:
         return res.get("result", {})
 
     async def js(self, expr, timeout=60):
-        r = await self.send("Runtime.evaluate", expression=expr, awaitPromise=True, returnByValue=True,
-                            timeout=timeout * 1000)
+        r = await self.send(
+            "Runtime.evaluate", expression=expr, awaitPromise=True, returnByValue=True, timeout=timeout * 1000
+        )
         if r.get("exceptionDetails"):
             raise RuntimeError(f"JS error: {json.dumps(r['exceptionDetails'])[:2000]}")
         return r.get("result", {}).get("value")
@@ -150,23 +160,29 @@ EXAMPLES_JS = r"""
 
 
 FRONTEND_SETTINGS = {
-    "Comfy.TutorialCompleted": True,                    # no getting-started template on first start
-    "Comfy.Workflow.ShowMissingModelsWarning": False,   # the test checkpoint is all there is
-    "Comfy.Workflow.ShowMissingNodesWarning": True,     # this one we want to see
-    "Comfy.VueNodes.Enabled": False,                    # the canvas nodes the checks read (newer front
-}                                                       # ends make Vue "Nodes 2.0" the default)
+    "Comfy.TutorialCompleted": True,  # no getting-started template on first start
+    "Comfy.Workflow.ShowMissingModelsWarning": False,  # the test checkpoint is all there is
+    "Comfy.Workflow.ShowMissingNodesWarning": True,  # this one we want to see
+    "Comfy.VueNodes.Enabled": False,  # the canvas nodes the checks read (newer front
+}  # ends make Vue "Nodes 2.0" the default)
 
 
 def prepare_settings(url: str) -> None:
-    req = urllib.request.Request(url + "/api/settings", data=json.dumps(FRONTEND_SETTINGS).encode(),
-                                 headers={"Content-Type": "application/json"}, method="POST")
+    req = urllib.request.Request(
+        url + "/api/settings",
+        data=json.dumps(FRONTEND_SETTINGS).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
     urllib.request.urlopen(req, timeout=30).read()
 
 
 async def close_dialogs(cdp):
-    await cdp.js("document.querySelectorAll('.p-dialog-close-button').forEach(b => b.click()); "
-                 "[...document.querySelectorAll('button')].filter(b => /close/i.test(b.getAttribute('aria-label') || ''))"
-                 ".forEach(b => b.click()); true")
+    await cdp.js(
+        "document.querySelectorAll('.p-dialog-close-button').forEach(b => b.click()); "
+        "[...document.querySelectorAll('button')].filter(b => /close/i.test(b.getAttribute('aria-label') || ''))"
+        ".forEach(b => b.click()); true"
+    )
 
 
 async def main(url, repo, art, generate, run_report):
@@ -178,9 +194,11 @@ async def main(url, repo, art, generate, run_report):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     prof = tempfile.mkdtemp(prefix="ws-chromium-")
-    proc = subprocess.Popen([find_chromium(), *CHROME_FLAGS, f"--user-data-dir={prof}",
-                             f"--remote-debugging-port={port}", "about:blank"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [find_chromium(), *CHROME_FLAGS, f"--user-data-dir={prof}", f"--remote-debugging-port={port}", "about:blank"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         t0 = time.time()
         while True:
@@ -200,18 +218,25 @@ async def main(url, repo, art, generate, run_report):
                 await cdp.send("Page.enable")
                 await cdp.send("Runtime.enable")
                 await cdp.send("Page.navigate", url=url)
-                await cdp.wait_js("!!(window.app && window.app.graph && window.LiteGraph && "
-                                  "window.LiteGraph.registered_node_types['KSampler'])", timeout=180)
+                await cdp.wait_js(
+                    "!!(window.app && window.app.graph && window.LiteGraph && "
+                    "window.LiteGraph.registered_node_types['KSampler'])",
+                    timeout=180,
+                )
                 await asyncio.sleep(2)
                 await close_dialogs(cdp)  # first-run dialogs and banners, if any
                 found["registered"] = await cdp.js(
-                    "Object.keys(LiteGraph.registered_node_types).filter(k => k.startsWith('Weightsmith'))")
+                    "Object.keys(LiteGraph.registered_node_types).filter(k => k.startsWith('Weightsmith'))"
+                )
                 found["extension_loaded"] = await cdp.js(
                     "(app.extensions || app.extensionManager?.extensions || []).some(e => e.name === 'weightsmith.report')"
                     " || !!document.querySelector('script[src*=\"weightsmith\"]')"
-                    " || performance.getEntriesByType('resource').some(r => r.name.includes('/extensions/weightsmith'))")
-                ckpt = await cdp.js("(async () => (await (await fetch('/object_info/CheckpointLoaderSimple')).json())"
-                                    ".CheckpointLoaderSimple.input.required.ckpt_name[0][0])()")
+                    " || performance.getEntriesByType('resource').some(r => r.name.includes('/extensions/weightsmith'))"
+                )
+                ckpt = await cdp.js(
+                    "(async () => (await (await fetch('/object_info/CheckpointLoaderSimple')).json())"
+                    ".CheckpointLoaderSimple.input.required.ckpt_name[0][0])()"
+                )
                 if generate:
                     wfs = await cdp.js(EXAMPLES_JS.replace("CKPT", json.dumps(EXAMPLE_CKPT)))
                     d = Path(repo) / "example_workflows"
@@ -222,8 +247,10 @@ async def main(url, repo, art, generate, run_report):
                 # node search: double-click the empty canvas, type, read the results list
                 await close_dialogs(cdp)
                 await cdp.js("app.graph.clear(); app.canvas.setDirty(true, true); true")
-                box = await cdp.js("(() => { const r = app.canvasEl.getBoundingClientRect(); "
-                                   "return [r.left + r.width / 2, r.top + r.height / 2]; })()")
+                box = await cdp.js(
+                    "(() => { const r = app.canvasEl.getBoundingClientRect(); "
+                    "return [r.left + r.width / 2, r.top + r.height / 2]; })()"
+                )
                 for t in ("mousePressed", "mouseReleased"):
                     await cdp.send("Input.dispatchMouseEvent", type=t, x=box[0], y=box[1], button="left", clickCount=1)
                 for t in ("mousePressed", "mouseReleased"):
@@ -233,10 +260,12 @@ async def main(url, repo, art, generate, run_report):
                 await asyncio.sleep(2.0)
                 found["search_text"] = await cdp.js(
                     "(() => { const el = document.querySelector('.comfy-vue-node-search-container')?.closest('.p-dialog')"
-                    " || document.querySelector('.litesearchbox') || document.body; return el.innerText; })()")
+                    " || document.querySelector('.litesearchbox') || document.body; return el.innerText; })()"
+                )
                 await cdp.shot(art / "node_search.png")
-                await cdp.send("Input.dispatchKeyEvent", type="keyDown", key="Escape", code="Escape",
-                               windowsVirtualKeyCode=27)
+                await cdp.send(
+                    "Input.dispatchKeyEvent", type="keyDown", key="Escape", code="Escape", windowsVirtualKeyCode=27
+                )
                 await asyncio.sleep(0.5)
                 # every example workflow loads with no missing nodes
                 found["examples"] = {}
@@ -249,7 +278,8 @@ async def main(url, repo, art, generate, run_report):
                         " const missing = types.filter(t => !LiteGraph.registered_node_types[t]);"
                         " const dialog = [...document.querySelectorAll('.p-dialog')].map(d => d.innerText)"
                         "   .filter(t => /missing/i.test(t));"
-                        " return {types, missing, dialog}; })()")
+                        " return {types, missing, dialog}; })()"
+                    )
                     found["examples"][f.name] = res
                     await cdp.js(FIT_JS)
                     await asyncio.sleep(0.8)
@@ -272,30 +302,42 @@ async def main(url, repo, art, generate, run_report):
                         "   n.widgets.find(w => w.name === 'height').value = 64; }"
                         "   if (n.type === 'KSampler') { n.widgets.find(w => w.name === 'steps').value = 1;"
                         "     n.widgets.find(w => w.name === 'seed').value = Date.now() % 1000000; } }"
-                        " await app.queuePrompt(0); return er.id; })()")
+                        " await app.queuePrompt(0); return er.id; })()"
+                    )
                     found["report_node"] = res
                     text = await cdp.wait_js(
                         f"(() => {{ const n = app.graph.getNodeById({res});"
                         " const w = n.widgets?.find(w => w.name === 'weightsmith_report'); return w && w.value; })()",
-                        timeout=900, every=2)
+                        timeout=900,
+                        every=2,
+                    )
                     found["report_text"] = text
                     found["save_report_text"] = await cdp.wait_js(
                         "(() => { const nodes = app.graph._nodes || app.graph.nodes;"
                         " const n = nodes.find(n => n.type === 'WeightsmithSaveEditAsLora');"
                         " const w = n.widgets?.find(w => w.name === 'weightsmith_report'); return w && w.value; })()",
-                        timeout=300, every=1)
+                        timeout=300,
+                        every=1,
+                    )
                     t_q = time.time()  # let the rest of the graph finish before the screenshot
-                    while (await cdp.js("(async () => { const q = await (await fetch('/queue')).json();"
-                                        " return q.queue_running.length + q.queue_pending.length; })()")) and time.time() - t_q < 300:
+                    while (
+                        await cdp.js(
+                            "(async () => { const q = await (await fetch('/queue')).json();"
+                            " return q.queue_running.length + q.queue_pending.length; })()"
+                        )
+                    ) and time.time() - t_q < 300:
                         await asyncio.sleep(1.0)
                     await asyncio.sleep(1.0)
                     found["report_dom"] = await cdp.js(
-                        "[...document.querySelectorAll('textarea.weightsmith-report')].map(t => t.value.slice(0, 200))")
-                    await cdp.js(f"(() => {{ const n = app.graph.getNodeById({res}); app.canvas.ds.scale = 1.0;"
-                                 " const r = app.canvasEl.getBoundingClientRect();"
-                                 " app.canvas.ds.offset = [-n.pos[0] + 130, Math.min(-n.pos[1] + 150, r.height - 20 - n.pos[1] - n.size[1])];"
-                                 " app.canvas.setDirty(true, true);"
-                                 " return true; })()")
+                        "[...document.querySelectorAll('textarea.weightsmith-report')].map(t => t.value.slice(0, 200))"
+                    )
+                    await cdp.js(
+                        f"(() => {{ const n = app.graph.getNodeById({res}); app.canvas.ds.scale = 1.0;"
+                        " const r = app.canvasEl.getBoundingClientRect();"
+                        " app.canvas.ds.offset = [-n.pos[0] + 130, Math.min(-n.pos[1] + 150, r.height - 20 - n.pos[1] - n.size[1])];"
+                        " app.canvas.setDirty(true, true);"
+                        " return true; })()"
+                    )
                     await asyncio.sleep(1.0)
                     await cdp.shot(art / "report_on_node.png")
                 cdp.reader.cancel()
@@ -313,5 +355,6 @@ if __name__ == "__main__":
     a = sys.argv[1:]
     flags = {x for x in a if x.startswith("--")}
     pos = [x for x in a if not x.startswith("--")]
-    print(json.dumps(asyncio.run(main(pos[0], pos[1], pos[2], "--generate-examples" in flags,
-                                      "--run-report" in flags))))
+    print(
+        json.dumps(asyncio.run(main(pos[0], pos[1], pos[2], "--generate-examples" in flags, "--run-report" in flags)))
+    )

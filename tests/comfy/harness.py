@@ -7,6 +7,7 @@ checkpoint is a random-weight SD1.5-architecture model (``build_checkpoint.py``)
 ``WEIGHTSMITH_SKIP_COMFY=1`` skips the real-server tests (developer escape hatch, ignored under
 ``CI=true``); a set-up failure fails the tests, it never skips them.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 CACHE = Path(os.environ.get("WEIGHTSMITH_TEST_CACHE", Path.home() / ".cache" / "weightsmith-tests"))
-VENV_PY = (Path(os.environ["WEIGHTSMITH_COMFY_VENV"]) if os.environ.get("WEIGHTSMITH_COMFY_VENV")
-           else CACHE / "comfy-venv") / "bin" / "python"
+VENV_PY = (
+    (Path(os.environ["WEIGHTSMITH_COMFY_VENV"]) if os.environ.get("WEIGHTSMITH_COMFY_VENV") else CACHE / "comfy-venv")
+    / "bin"
+    / "python"
+)
 # WEIGHTSMITH_COMFY_DIR: run the server from another ComfyUI code folder (a newer build: 0.8.0 runs in
 # the cached venv, 0.12.1 also needs comfy-aimdo, e.g. in a venv named by WEIGHTSMITH_COMFY_VENV);
 # default: the cached 0.3.75
@@ -69,8 +73,12 @@ def run_setup(checkpoint: bool = True) -> None:
         raise SetupError(f"tests/comfy/setup_env.sh failed ({r.returncode}):\n{r.stderr[-4000:]}")
     if checkpoint and not CKPT.exists():
         CKPT.parent.mkdir(parents=True, exist_ok=True)
-        r = subprocess.run([str(VENV_PY), str(HERE / "build_checkpoint.py"), str(CKPT), str(COMFY)],
-                           env=venv_env(), capture_output=True, text=True)
+        r = subprocess.run(
+            [str(VENV_PY), str(HERE / "build_checkpoint.py"), str(CKPT), str(COMFY)],
+            env=venv_env(),
+            capture_output=True,
+            text=True,
+        )
         if r.returncode != 0 or not CKPT.exists():
             raise SetupError(f"building the test checkpoint failed:\n{r.stderr[-4000:]}")
     print(f"[comfy set-up: {time.time() - t0:.0f}s]", file=sys.stderr)
@@ -109,7 +117,7 @@ class ComfyServer:
         self.log_path = self.base / "server.log"
 
     # -- life cycle --------------------------------------------------------------------------
-    def start(self, timeout: float = 180) -> "ComfyServer":
+    def start(self, timeout: float = 180) -> ComfyServer:
         b = self.base
         for d in ("models/checkpoints", "models/loras", "custom_nodes", "output", "input", "user"):
             (b / d).mkdir(parents=True, exist_ok=True)
@@ -122,9 +130,24 @@ class ComfyServer:
                 link.symlink_to(target)
         log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [str(VENV_PY), "main.py", "--listen", "127.0.0.1", "--port", str(self.port),
-             "--base-directory", str(b), *SERVER_FLAGS, "--database-url", f"sqlite:///{b}/user/comfyui.db"],
-            cwd=str(COMFY), stdout=log, stderr=subprocess.STDOUT, env=venv_env())
+            [
+                str(VENV_PY),
+                "main.py",
+                "--listen",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--base-directory",
+                str(b),
+                *SERVER_FLAGS,
+                "--database-url",
+                f"sqlite:///{b}/user/comfyui.db",
+            ],
+            cwd=str(COMFY),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=venv_env(),
+        )
         timeout = _scaled(timeout)
         t0 = time.time()
         while time.time() - t0 < timeout:
@@ -160,8 +183,12 @@ class ComfyServer:
             return json.loads(r.read() or b"null")
 
     def post(self, path: str, data: dict | None = None):
-        req = urllib.request.Request(self.url + path, data=json.dumps(data or {}).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
+        req = urllib.request.Request(
+            self.url + path,
+            data=json.dumps(data or {}).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
                 body = r.read()
@@ -179,8 +206,12 @@ class ComfyServer:
         t0 = time.time()
         while time.time() - t0 < timeout:
             h = self.get(f"/history/{pid}")
-            if h and pid in h and h[pid].get("status", {}).get("completed") is not None and (
-                    h[pid]["status"].get("status_str") in ("success", "error")):
+            if (
+                h
+                and pid in h
+                and h[pid].get("status", {}).get("completed") is not None
+                and (h[pid]["status"].get("status_str") in ("success", "error"))
+            ):
                 return h[pid]
             time.sleep(0.5)
         print(f"prompt {pid}: server log:\n{self.log()[-3000:]}", file=sys.stderr)
@@ -226,8 +257,19 @@ def txt2img(g: Graph, model, clip, vae, prompt: str, prefix: str, seed: int = 7,
     pos = g.add("CLIPTextEncode", clip=clip, text=prompt)
     neg = g.add("CLIPTextEncode", clip=clip, text="")
     lat = g.add("EmptyLatentImage", width=64, height=64, batch_size=1)
-    ks = g.add("KSampler", model=model, positive=[pos, 0], negative=[neg, 0], latent_image=[lat, 0], seed=seed,
-               steps=steps, cfg=5.0, sampler_name="euler", scheduler="normal", denoise=1.0)
+    ks = g.add(
+        "KSampler",
+        model=model,
+        positive=[pos, 0],
+        negative=[neg, 0],
+        latent_image=[lat, 0],
+        seed=seed,
+        steps=steps,
+        cfg=5.0,
+        sampler_name="euler",
+        scheduler="normal",
+        denoise=1.0,
+    )
     dec = g.add("VAEDecode", samples=[ks, 0], vae=vae)
     g.add("SaveImage", images=[dec, 0], filename_prefix=prefix)
     return pos

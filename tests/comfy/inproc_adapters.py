@@ -9,6 +9,7 @@ small SD2/SDXL-shaped one (context 1024 / 2048, SDXL's label embedding) loaded t
 "LoRA applied upstream" is simulated with ``diff`` patches before the adapter runs. The test
 asserts on the numbers (tests/test_comfy_adapters.py).
 """
+
 import json
 import sys
 
@@ -27,10 +28,10 @@ def _loraloader_errors(fam, up_m, up_c, sdm, comps) -> dict:
     import comfy.utils
 
     from weightsmith.core.erase import EraseOptions, erase
+    from weightsmith.core.lab.random_loras import random_lora
     from weightsmith.core.lora_read import lora_from_state_dict
     from weightsmith.core.lora_write import save_lora
     from weightsmith.core.merge import merge, save_merge
-    from weightsmith.core.lab.random_loras import random_lora
     from weightsmith.core.naming import UNetLayout, comfy_key
     from weightsmith.nodes import comfy_adapter as ca
 
@@ -47,8 +48,10 @@ def _loraloader_errors(fam, up_m, up_c, sdm, comps) -> dict:
     edits = {}
     for method in ("erasepro", "zero-residual", "uce"):
         edits[method] = erase(sdm, ["cat"], ["dog"], method=method, options=EraseOptions(expand_prompts=False))
-    loras = [lora_from_state_dict(random_lora(sdm, groups=g, rank=rk, seed=sd_, strength=0.05)[0], sdm, name=f"l{sd_}")
-             for sd_, g, rk in ((1, ("attn", "te"), 4), (2, ("kv", "te"), 2))]
+    loras = [
+        lora_from_state_dict(random_lora(sdm, groups=g, rank=rk, seed=sd_, strength=0.05)[0], sdm, name=f"l{sd_}")
+        for sd_, g, rk in ((1, ("attn", "te"), 4), (2, ("kv", "te"), 2))
+    ]
     edits["merge-concat"] = merge(sdm, loras, "concat", weights=[1.0, 0.5])
     out = {}
     layout = UNetLayout.from_config(sdm.unet_config)
@@ -77,9 +80,14 @@ def _loraloader_errors(fam, up_m, up_c, sdm, comps) -> dict:
                 worst = max(worst, float((got - d.double()).norm() / dn))
                 # storing W + ΔW in float32 alone moves each entry by up to 2^-24 of it: the part of the
                 # error no loader can avoid, relative to ‖ΔW‖
-                floor = max(floor, float(2.0 ** -24 * (w + d.double()).norm() / dn))
-            out[label] = {"max_rel_err": worst, "float32_floor": floor, "modules": len(edit.deltas),
-                          "not_loaded": grab.missed[:3], "n_not_loaded": len(grab.missed)}
+                floor = max(floor, float(2.0**-24 * (w + d.double()).norm() / dn))
+            out[label] = {
+                "max_rel_err": worst,
+                "float32_floor": floor,
+                "modules": len(edit.deltas),
+                "not_loaded": grab.missed[:3],
+                "n_not_loaded": len(grab.missed),
+            }
     return out
 
 
@@ -100,16 +108,19 @@ def main(comfy_dir: str) -> dict:
     from comfy.text_encoders import sd2_clip
 
     from weightsmith.core.edit import Edit
-    from weightsmith.core.naming import TE1, TE2, UNetLayout
     from weightsmith.core.lab.random_models import unet_config
+    from weightsmith.core.naming import TE1, TE2, UNetLayout
     from weightsmith.nodes import comfy_adapter as ca
 
     torch.manual_seed(0)
     results = {}
     for fam in ("sd2", "sdxl"):
         r = results[fam] = {}
-        target = (smb.ClipTarget(sd2_clip.SD2Tokenizer, sd2_clip.SD2ClipModel) if fam == "sd2"
-                  else smb.ClipTarget(sdxl_clip.SDXLTokenizer, sdxl_clip.SDXLClipModel))
+        target = (
+            smb.ClipTarget(sd2_clip.SD2Tokenizer, sd2_clip.SD2ClipModel)
+            if fam == "sd2"
+            else smb.ClipTarget(sdxl_clip.SDXLTokenizer, sdxl_clip.SDXLClipModel)
+        )
         clip = comfy.sd.CLIP(target, model_options={"dtype": torch.float32})
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():
@@ -134,8 +145,9 @@ def main(comfy_dir: str) -> dict:
         mcfg = comfy.supported_models.SD20(ucomfy) if fam == "sd2" else comfy.supported_models.SDXL(ucomfy)
         bm = mcfg.get_model(sd, "model.diffusion_model.", device=torch.device("cpu"))
         bm.load_model_weights(sd, "model.diffusion_model.")
-        model = comfy.model_patcher.ModelPatcher(bm, load_device=torch.device("cpu"),
-                                                 offload_device=torch.device("cpu"))
+        model = comfy.model_patcher.ModelPatcher(
+            bm, load_device=torch.device("cpu"), offload_device=torch.device("cpu")
+        )
 
         # "LoRAs applied upstream": diff patches on clones (the adapter must see them)
         comps = {TE1: "clip_h" if fam == "sd2" else "clip_l"}
@@ -162,7 +174,7 @@ def main(comfy_dir: str) -> dict:
             stored = clip.patcher.model_state_dict()[key].float()
             got = sdm.weight(f"{c}.text_model.encoder.layers.0.self_attn.k_proj")
             errs.append(float((got - stored - pre[key]).abs().max()))
-        ucanon = "unet." + layout.to_diffusers(ukey[len("diffusion_model."):].rsplit(".", 1)[0])
+        ucanon = "unet." + layout.to_diffusers(ukey[len("diffusion_model.") :].rsplit(".", 1)[0])
         stored = model.model_state_dict()[ukey].float()
         errs.append(float((sdm.weight(ucanon) - stored - pre[ukey]).abs().max()))
         r["effective_weight_err"] = max(errs)
@@ -181,8 +193,9 @@ def main(comfy_dir: str) -> dict:
             cond3, _ = c3.encode_from_tokens(c3.tokenize(PROMPT), return_pooled=True)
             sdm3 = ca.sdmodel_from_comfy(up_m, c3)
             r["clip_skip"] = ca.clip_skip_from_clip(c3, fam)
-            r["cond_skip_rel_err"] = float((sdm3.encode([PROMPT]).context[0] - cond3[0].float()).norm()
-                                           / cond3.float().norm())
+            r["cond_skip_rel_err"] = float(
+                (sdm3.encode([PROMPT]).context[0] - cond3[0].float()).norm() / cond3.float().norm()
+            )
             r["cond_skip_differs"] = float((cond3 - cond).norm() / cond.norm())
 
         # our LoRA files through ComfyUI's LoraLoader path (comfy.sd.load_lora_for_models, what the

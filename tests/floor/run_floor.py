@@ -17,6 +17,7 @@ test_erase_io). Both run in the main environment.
     python3 tests/floor/run_floor.py          # exit 0: the floor venv's run passed
 Set WEIGHTSMITH_SKIP_FLOOR=1 to skip (e.g. offline, in a fast local loop).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -33,19 +34,36 @@ from packaging.version import Version
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-FILES = ["test_lora_read.py", "test_lora_write.py", "test_erase_io.py", "test_erase_pipeline.py",
-         "test_erase_tokens.py", "test_precision.py", "test_a1111_adapter.py", "test_a1111_workbench.py",
-         "test_forge_adapter.py", "test_a1111_install.py", "test_comfy_pack_light.py",
-         "test_merge_baselines.py", "test_iteris_properties.py", "test_nonfinite_values.py", "test_safe_output.py",
-         "test_option_validation.py", "test_input_validation.py", "test_signals.py", "test_merge_cli.py"]
+FILES = [
+    "test_lora_read.py",
+    "test_lora_write.py",
+    "test_erase_io.py",
+    "test_erase_pipeline.py",
+    "test_erase_tokens.py",
+    "test_precision.py",
+    "test_a1111_adapter.py",
+    "test_a1111_workbench.py",
+    "test_forge_adapter.py",
+    "test_a1111_install.py",
+    "test_comfy_pack_light.py",
+    "test_merge_baselines.py",
+    "test_iteris_properties.py",
+    "test_nonfinite_values.py",
+    "test_safe_output.py",
+    "test_option_validation.py",
+    "test_input_validation.py",
+    "test_signals.py",
+    "test_merge_cli.py",
+]
 NOT_THERE = "not loads_in_diffusers and not loads_exactly_in_diffusers and not single_file_checkpoint_round_trip"
-MIN_PASSED = 150        # a run that collected far fewer tests than these files hold is a broken run
+MIN_PASSED = 150  # a run that collected far fewer tests than these files hold is a broken run
 
 
 def floors(reqs) -> dict[str, str]:
     """Package name -> the version of its ``>=`` specifier."""
-    return {canonicalize_name(r.name): s.version for r in map(Requirement, reqs) for s in r.specifier
-            if s.operator == ">="}
+    return {
+        canonicalize_name(r.name): s.version for r in map(Requirement, reqs) for s in r.specifier if s.operator == ">="
+    }
 
 
 def requirements() -> list[str]:
@@ -63,23 +81,50 @@ def main() -> int:
     want = floors(requirements())
     tf, df = want["transformers"], want["diffusers"]
     print(f"dependency floor: transformers {tf}, diffusers {df} (requirements.txt)", flush=True)
-    r = subprocess.run(["bash", str(HERE / "setup_env.sh"), tf, df], capture_output=True, text=True,
-                       env=dict(os.environ, PYTHON=sys.executable))
+    r = subprocess.run(
+        ["bash", str(HERE / "setup_env.sh"), tf, df],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHON=sys.executable),
+    )
     if r.returncode:
         print(f"dependency floor: the venv set-up failed:\n{r.stderr[-3000:]}", file=sys.stderr)
         return 1
     py = r.stdout.strip().splitlines()[-1]
-    got = subprocess.run([py, "-c", "import transformers, diffusers; print(transformers.__version__, "
-                          "diffusers.__version__)"], capture_output=True, text=True, check=True).stdout.split()
+    got = subprocess.run(
+        [py, "-c", "import transformers, diffusers; print(transformers.__version__, diffusers.__version__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     if [Version(v) for v in got] != [Version(tf), Version(df)]:
-        print(f"dependency floor: the venv holds transformers {got[0]} / diffusers {got[1]}, not the floors",
-              file=sys.stderr)
+        print(
+            f"dependency floor: the venv holds transformers {got[0]} / diffusers {got[1]}, not the floors",
+            file=sys.stderr,
+        )
         return 1
     env = dict(os.environ, OMP_NUM_THREADS="1")
     with tempfile.TemporaryDirectory(prefix="ws-floor-") as tmp:
-        run = subprocess.run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp", str(Path(tmp) / "t"),
-                              "-k", NOT_THERE, *[str(REPO / "tests" / f) for f in FILES]],
-                             capture_output=True, text=True, cwd=REPO, env=env, timeout=3600)
+        run = subprocess.run(
+            [
+                py,
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "--basetemp",
+                str(Path(tmp) / "t"),
+                "-k",
+                NOT_THERE,
+                *[str(REPO / "tests" / f) for f in FILES],
+            ],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env=env,
+            timeout=3600,
+        )
     print(run.stdout[-4000:] + run.stderr[-2000:])
     if run.returncode:
         print(f"dependency floor: the suite fails on transformers {got[0]} / diffusers {got[1]}", file=sys.stderr)

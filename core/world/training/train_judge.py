@@ -5,6 +5,7 @@
 Augmentation (so it also reads imperfect model samples): gaussian pixel noise, mild blur,
 small per-channel colour shifts. ~10 min on 1 CPU core with the defaults.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,7 +74,7 @@ def main(argv=None):
         opt.step()
         sched.step()
         if step % 100 == 0:
-            print(f"step {step} loss {loss.item():.4f} {(time.time()-t0)/60:.1f} min", flush=True)
+            print(f"step {step} loss {loss.item():.4f} {(time.time() - t0) / 60:.1f} min", flush=True)
     model.eval()
     # held-out: a different seed stream, clean renders
     hrng = random.Random(10_000 + a.seed)
@@ -82,8 +83,11 @@ def main(argv=None):
     print("held-out accuracy", json.dumps(acc), flush=True)
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, a.out,
-              metadata={"format": "pt", "steps": str(a.steps), "seed": str(a.seed), "heldout_accuracy": json.dumps(acc)})
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        a.out,
+        metadata={"format": "pt", "steps": str(a.steps), "seed": str(a.seed), "heldout_accuracy": json.dumps(acc)},
+    )
     print("saved", a.out, flush=True)
 
 

@@ -21,6 +21,7 @@ LoRA (rank 4, alpha 2, scale alpha/rank) on every UNet attention module kohya's
 Helpers other code may use: :func:`load_kohya_lora`, :func:`apply_lora` (merge a kohya LoRA
 into loaded components, in place, with a multiplier) and :func:`lora_target_modules`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,18 @@ import torch.nn.functional as F
 
 from ...naming import te_path
 from ..paths import DEFAULT_MODEL_DIR, LORA_STYLE, LORA_STYLE_NOREG, LORA_SUBJECT, LORA_SUBJECT_NOREG
-from ..render import (BASE_PATTERNS, BASE_SHAPES, NEW_PATTERN, NEW_SHAPE, STYLE_TRIGGER, STYLE_TRIGGER_NOREG,
-                     SUBJECT_TRIGGER, SUBJECT_TRIGGER_NOREG, Scene, random_scene)
+from ..render import (
+    BASE_PATTERNS,
+    BASE_SHAPES,
+    NEW_PATTERN,
+    NEW_SHAPE,
+    STYLE_TRIGGER,
+    STYLE_TRIGGER_NOREG,
+    SUBJECT_TRIGGER,
+    SUBJECT_TRIGGER_NOREG,
+    Scene,
+    random_scene,
+)
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
 TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
@@ -102,8 +113,9 @@ class LoRAHook(nn.Module):
         self.handle.remove()
 
 
-def attach_loras(unet, text_encoder, rank: int = 4, alpha: float = 2.0, conv_rank: int = 0,
-                 conv_alpha: float = 1.0) -> dict[str, LoRAHook]:
+def attach_loras(
+    unet, text_encoder, rank: int = 4, alpha: float = 2.0, conv_rank: int = 0, conv_alpha: float = 1.0
+) -> dict[str, LoRAHook]:
     out = {}
     for k, m in lora_target_modules(unet, text_encoder, conv=conv_rank > 0).items():
         is3 = isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)
@@ -167,19 +179,56 @@ def _style_scene(rng: random.Random) -> Scene:
 
 
 SPECS = {
-    "subject": dict(scene_fn=_subject_scene, out=LORA_SUBJECT, trigger=SUBJECT_TRIGGER, concept=("shape", NEW_SHAPE),
-                    name="subject_star", conv_rank=0, steps=1000, prior=0.25, kind="subject",
-                    prompt_kw={}),
-    "style": dict(scene_fn=_style_scene, out=LORA_STYLE, trigger=STYLE_TRIGGER, concept=("pattern", NEW_PATTERN),
-                  name="style_stripes", conv_rank=8, steps=1500, prior=0.25, kind="style", prompt_kw={}),
+    "subject": dict(
+        scene_fn=_subject_scene,
+        out=LORA_SUBJECT,
+        trigger=SUBJECT_TRIGGER,
+        concept=("shape", NEW_SHAPE),
+        name="subject_star",
+        conv_rank=0,
+        steps=1000,
+        prior=0.25,
+        kind="subject",
+        prompt_kw={},
+    ),
+    "style": dict(
+        scene_fn=_style_scene,
+        out=LORA_STYLE,
+        trigger=STYLE_TRIGGER,
+        concept=("pattern", NEW_PATTERN),
+        name="style_stripes",
+        conv_rank=8,
+        steps=1500,
+        prior=0.25,
+        kind="style",
+        prompt_kw={},
+    ),
     # the interfering pair: the same traits, no regularization images (prior 0), both LoRAs on the
     # same modules (attention/MLP, text encoder, 3x3 convs), as most community LoRAs are trained
-    "subject_noreg": dict(scene_fn=_subject_scene, out=LORA_SUBJECT_NOREG, trigger=SUBJECT_TRIGGER_NOREG,
-                          concept=("shape", NEW_SHAPE), name="subject_star_noreg", conv_rank=8, steps=1000, prior=0.0,
-                          kind="subject", prompt_kw={"subject_word": SUBJECT_TRIGGER_NOREG}),
-    "style_noreg": dict(scene_fn=_style_scene, out=LORA_STYLE_NOREG, trigger=STYLE_TRIGGER_NOREG,
-                        concept=("pattern", NEW_PATTERN), name="style_stripes_noreg", conv_rank=8, steps=1500,
-                        prior=0.0, kind="style", prompt_kw={"style_phrase": STYLE_TRIGGER_NOREG}),
+    "subject_noreg": dict(
+        scene_fn=_subject_scene,
+        out=LORA_SUBJECT_NOREG,
+        trigger=SUBJECT_TRIGGER_NOREG,
+        concept=("shape", NEW_SHAPE),
+        name="subject_star_noreg",
+        conv_rank=8,
+        steps=1000,
+        prior=0.0,
+        kind="subject",
+        prompt_kw={"subject_word": SUBJECT_TRIGGER_NOREG},
+    ),
+    "style_noreg": dict(
+        scene_fn=_style_scene,
+        out=LORA_STYLE_NOREG,
+        trigger=STYLE_TRIGGER_NOREG,
+        concept=("pattern", NEW_PATTERN),
+        name="style_stripes_noreg",
+        conv_rank=8,
+        steps=1500,
+        prior=0.0,
+        kind="style",
+        prompt_kw={"style_phrase": STYLE_TRIGGER_NOREG},
+    ),
 }
 
 
@@ -209,8 +258,10 @@ def evaluate(model, which: str, n: int = 70, steps: int = 25, guidance: float = 
     seeds = list(range(seed0, seed0 + n))
     backup = None
     if lora is not None:
-        backup = ({k: v.clone() for k, v in model.unet.state_dict().items()},
-                  {k: v.clone() for k, v in model.text_encoder.state_dict().items()})
+        backup = (
+            {k: v.clone() for k, v in model.unet.state_dict().items()},
+            {k: v.clone() for k, v in model.text_encoder.state_dict().items()},
+        )
         apply_lora(model.unet, model.text_encoder, lora)
     try:
         imgs = sample(model.unet, model.text_encoder, model.tokenizer, model.scheduler, prompts, seeds, steps, guidance)
@@ -226,9 +277,22 @@ def _num(x: float) -> str:
     return str(int(x)) if x == int(x) else str(x)
 
 
-def train_one(which: str, base: Path, steps: int, batch: int, lr: float, rank: int, alpha: float, seed: int,
-              out: Path | None = None, prior: float | None = None, log_every: int = 50, max_minutes: float = 0,
-              conv_rank: int | None = None, conv_alpha: float | None = None) -> dict:
+def train_one(
+    which: str,
+    base: Path,
+    steps: int,
+    batch: int,
+    lr: float,
+    rank: int,
+    alpha: float,
+    seed: int,
+    out: Path | None = None,
+    prior: float | None = None,
+    log_every: int = 50,
+    max_minutes: float = 0,
+    conv_rank: int | None = None,
+    conv_alpha: float | None = None,
+) -> dict:
     """Train one LoRA; with ``max_minutes`` the cosine LR follows max(step/steps, elapsed/budget)
     and training stops when the budget is spent."""
     from diffusers import DDPMScheduler
@@ -272,12 +336,17 @@ def train_one(which: str, base: Path, steps: int, batch: int, lr: float, rank: i
         lr_now = lr * min(1.0, (step + 1) / 50) * (0.5 * (1 + math.cos(math.pi * prog)) * 0.9 + 0.1)
         for g in opt.param_groups:
             g["lr"] = lr_now
-        x0, ids, p1 = batch_data(rng, batch - n_prior, tok, p_drop=0.05, scene_fn=spec["scene_fn"],
-                                 prompt_kw=prompt_kw)
+        x0, ids, p1 = batch_data(rng, batch - n_prior, tok, p_drop=0.05, scene_fn=spec["scene_fn"], prompt_kw=prompt_kw)
         captions.update(p for p in p1 if p)
         if n_prior:
-            x2, ids2, _ = batch_data(rng, n_prior, tok, p_drop=0.1, scene_fn=lambda r: base_scene(r, world),
-                                     prompt_kw={"templates": templates})
+            x2, ids2, _ = batch_data(
+                rng,
+                n_prior,
+                tok,
+                p_drop=0.1,
+                scene_fn=lambda r: base_scene(r, world),
+                prompt_kw={"templates": templates},
+            )
             x0, ids = torch.cat([x0, x2]), torch.cat([ids, ids2])
         noise = torch.randn_like(x0)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (x0.shape[0],))
@@ -290,8 +359,11 @@ def train_one(which: str, base: Path, steps: int, batch: int, lr: float, rank: i
         opt.step()
         losses.append(loss.item())
         if (step + 1) % log_every == 0:
-            print(f"[{which}] step {step+1} loss {sum(losses[-log_every:])/log_every:.4f} "
-                  f"{(time.time()-t0)/60:.1f} min", flush=True)
+            print(
+                f"[{which}] step {step + 1} loss {sum(losses[-log_every:]) / log_every:.4f} "
+                f"{(time.time() - t0) / 60:.1f} min",
+                flush=True,
+            )
     sd = lora_state_dict(hooks)
     for h in hooks.values():
         h.remove()
@@ -310,7 +382,9 @@ def train_one(which: str, base: Path, steps: int, batch: int, lr: float, rank: i
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
         "ss_network_alpha": _num(alpha),
-        "ss_network_args": json.dumps({"conv_dim": str(conv_rank), "conv_alpha": _num(conv_alpha)} if conv_rank else {}),
+        "ss_network_args": json.dumps(
+            {"conv_dim": str(conv_rank), "conv_alpha": _num(conv_alpha)} if conv_rank else {}
+        ),
         "ss_base_model_version": "sd_v1",
         "ss_v2": "False",
         "ss_sd_model_name": "weightsmith-tiny-sd",
@@ -340,25 +414,39 @@ def train_one(which: str, base: Path, steps: int, batch: int, lr: float, rank: i
 
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(out), metadata=meta)
-    info = {"which": which, "out": str(out), "steps": steps, "minutes": (time.time() - t0) / 60,
-            "final_loss": meta["ss_final_loss"], "modules": len(hooks)}
+    info = {
+        "which": which,
+        "out": str(out),
+        "steps": steps,
+        "minutes": (time.time() - t0) / 60,
+        "final_loss": meta["ss_final_loss"],
+        "modules": len(hooks),
+    }
     print(json.dumps(info), flush=True)
     return info
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--which", choices=[*SPECS, "both", "all"], default="all",
-                    help="one LoRA, both of the clean pair (subject, style), or all four")
+    ap.add_argument(
+        "--which",
+        choices=[*SPECS, "both", "all"],
+        default="all",
+        help="one LoRA, both of the clean pair (subject, style), or all four",
+    )
     ap.add_argument("--base", default=str(DEFAULT_MODEL_DIR))
     ap.add_argument("--steps", type=int, default=None, help="default: 1000 (subject LoRAs), 1500 (style LoRAs)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--alpha", type=float, default=2.0)
-    ap.add_argument("--conv-dim", type=int, default=None,
-                    help="rank of the 3x3-conv (ResNet/sampler) adapters, kohya's conv_dim; 0: attention/MLP only. "
-                         "Default: 8 for the style LoRA (a texture needs the full-resolution convs), 0 for the subject")
+    ap.add_argument(
+        "--conv-dim",
+        type=int,
+        default=None,
+        help="rank of the 3x3-conv (ResNet/sampler) adapters, kohya's conv_dim; 0: attention/MLP only. "
+        "Default: 8 for the style LoRA (a texture needs the full-resolution convs), 0 for the subject",
+    )
     ap.add_argument("--conv-alpha", type=float, default=None, help="kohya's conv_alpha (default: --alpha)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -370,9 +458,20 @@ def main(argv=None):
     whichs = {"both": ["subject", "style"], "all": list(SPECS)}.get(a.which, [a.which])
     for w in whichs:
         out = Path(a.out_dir) / f"{SPECS[w]['name']}.safetensors" if a.out_dir else None
-        info = train_one(w, Path(a.base), a.steps or SPECS[w]["steps"], a.batch, a.lr, a.rank, a.alpha,
-                         a.seed + list(SPECS).index(w), out, max_minutes=a.max_minutes, conv_rank=a.conv_dim,
-                         conv_alpha=a.conv_alpha)
+        info = train_one(
+            w,
+            Path(a.base),
+            a.steps or SPECS[w]["steps"],
+            a.batch,
+            a.lr,
+            a.rank,
+            a.alpha,
+            a.seed + list(SPECS).index(w),
+            out,
+            max_minutes=a.max_minutes,
+            conv_rank=a.conv_dim,
+            conv_alpha=a.conv_alpha,
+        )
         if a.eval:
             from ..sample import load_model
 

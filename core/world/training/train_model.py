@@ -7,11 +7,13 @@ Components are the stock SD classes (``transformers.CLIPTextModel`` + ``CLIPToke
 erase/merge code path runs on it unchanged. Training: DDPM on 32x32 RGB renders of
 :mod:`render` (freshly rendered every step, base shapes/patterns only) with a linear beta
 schedule rescaled to zero terminal SNR and v-prediction, the text encoder trained jointly
-from scratch (after a short warm-up on an auxiliary attribute loss, World v2), 10% text dropout (empty prompt) for classifier-free guidance, AdamW + cosine LR,
+from scratch (after a short warm-up on an auxiliary attribute loss, World v2), 10% text dropout
+(empty prompt) for classifier-free guidance, AdamW + cosine LR,
 EMA of the weights (the EMA weights are exported). ``--max-minutes`` makes the run fit a wall
 time budget (the LR schedule then follows elapsed time). See assets/tiny-sd/README.md for the
 exact commands and phases of the shipped run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +40,17 @@ TEXT_MLP = 4 * TEXT_DIM
 #: placed and two-object scenes; more phrasings), and the first world's recipe v1 (no longer shipped)
 WORLDS = {
     "v1": dict(text_dim=64, text_layers=4, text_mlp=256, context=32, p_two=0.2, p_placed=0.1, templates="v1"),
-    "v2": dict(text_dim=256, text_layers=4, text_mlp=512, context=77, p_two=0.4, p_placed=0.25, templates="v2",
-               aux_weight=0.1, te_warmup=100),
+    "v2": dict(
+        text_dim=256,
+        text_layers=4,
+        text_mlp=512,
+        context=77,
+        p_two=0.4,
+        p_placed=0.25,
+        templates="v2",
+        aux_weight=0.1,
+        te_warmup=100,
+    ),
 }
 
 
@@ -47,9 +58,7 @@ WORLDS = {
 #: what the prompt always says about each object, read back from the text encoder's pooled (EOS)
 #: output by a linear head during training only (the head is not exported): object 1 and 2 shape,
 #: colour, position ("none" for a missing second object)
-_AUX_FIELDS = (
-    ("shape", BASE_SHAPES), ("colour", tuple(COLOURS)), ("position", POSITIONS),
-)
+_AUX_FIELDS = (("shape", BASE_SHAPES), ("colour", tuple(COLOURS)), ("position", POSITIONS))
 
 
 def aux_classes() -> list[int]:
@@ -69,7 +78,7 @@ def aux_labels(scenes, prompts) -> torch.Tensor:
                 if slot < len(sc.objects):
                     row.append(vals.index(getattr(sc.objects[slot], name)))
                 else:
-                    row.append(len(vals))   # "none"
+                    row.append(len(vals))  # "none"
         rows.append(row)
     return torch.tensor(rows, dtype=torch.long)
 
@@ -176,14 +185,14 @@ def _prefix_text_model(path: Path) -> None:
     sd = load_file(str(path))
     if all(k.startswith("text_model.") for k in sd):
         return
-    save_file({te_path(k): v for k, v in sd.items()}, str(path),
-              metadata=meta)
+    save_file({te_path(k): v for k, v in sd.items()}, str(path), metadata=meta)
 
 
 def export(out: Path, unet, text_encoder, tokenizer, scheduler, tok_src: Path | None = None):
     """Write a diffusers-format folder (no VAE: pixel space)."""
-    import diffusers
     import shutil
+
+    import diffusers
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -217,8 +226,15 @@ def base_scene(rng: random.Random, world: str = "v1"):
     return random_scene(rng, shapes=BASE_SHAPES, patterns=BASE_PATTERNS, p_two=w["p_two"], p_placed=w["p_placed"])
 
 
-def batch_data(rng: random.Random, n: int, tokenizer, p_drop: float = 0.1, scene_fn=None, prompt_kw=None,
-               scenes_out: list | None = None):
+def batch_data(
+    rng: random.Random,
+    n: int,
+    tokenizer,
+    p_drop: float = 0.1,
+    scene_fn=None,
+    prompt_kw=None,
+    scenes_out: list | None = None,
+):
     scene_fn = scene_fn or base_scene
     scenes = [scene_fn(rng) for _ in range(n)]
     if scenes_out is not None:
@@ -232,8 +248,9 @@ def batch_data(rng: random.Random, n: int, tokenizer, p_drop: float = 0.1, scene
 def batch_prompts(rng: random.Random, scenes, tokenizer, p_drop: float = 0.1, prompt_kw=None):
     """(token ids, prompts) for ``scenes``; a prompt is dropped (empty) with probability ``p_drop``."""
     prompts = [("" if rng.random() < p_drop else prompt_for(s, rng, **(prompt_kw or {}))) for s in scenes]
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
+    ids = tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
     return ids, prompts
 
 
@@ -266,28 +283,48 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=8e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--max-minutes", type=float, default=0,
-                    help="wall-time budget: stop (and export) after it; the LR schedule then follows "
-                         "max(step/steps, elapsed/budget) so it fully decays on a busy machine too")
+    ap.add_argument(
+        "--max-minutes",
+        type=float,
+        default=0,
+        help="wall-time budget: stop (and export) after it; the LR schedule then follows "
+        "max(step/steps, elapsed/budget) so it fully decays on a busy machine too",
+    )
     ap.add_argument("--min-snr", type=float, default=5.0, help="min-SNR-gamma loss weighting (0: off) ...")
-    ap.add_argument("--min-snr-until", type=int, default=500,
-                    help="... for the first N steps only (it starves low-noise steps, which leaves grain)")
+    ap.add_argument(
+        "--min-snr-until",
+        type=int,
+        default=500,
+        help="... for the first N steps only (it starves low-noise steps, which leaves grain)",
+    )
     ap.add_argument("--ema-decay", type=float, default=0.999)
     ap.add_argument("--channels", default=",".join(map(str, UNET_CHANNELS)), help="UNet block_out_channels")
-    ap.add_argument("--world", choices=list(WORLDS), default="v2",
-                    help="recipe preset: v2 = the shipped model (77-position, 256-wide text conditioning, "
-                         "compositional data); v1 = the first world's recipe (32 positions, 64 wide; no longer "
-                         "shipped). See assets/tiny-sd/README.md")
+    ap.add_argument(
+        "--world",
+        choices=list(WORLDS),
+        default="v2",
+        help="recipe preset: v2 = the shipped model (77-position, 256-wide text conditioning, "
+        "compositional data); v1 = the first world's recipe (32 positions, 64 wide; no longer "
+        "shipped). See assets/tiny-sd/README.md",
+    )
     ap.add_argument("--prediction-type", choices=["v_prediction", "epsilon"], default="v_prediction")
     ap.add_argument("--no-zero-snr", action="store_true", help="keep the plain linear betas (non-zero terminal SNR)")
     ap.add_argument("--ckpt-every", type=int, default=250)
     ap.add_argument("--export-every", type=int, default=1000)
-    ap.add_argument("--aux-weight", type=float, default=None,
-                    help="weight of the auxiliary attribute loss on the text encoder's pooled output "
-                         "(default: the world preset's; v1 0, v2 0.1)")
-    ap.add_argument("--te-warmup", type=int, default=None,
-                    help="steps of text-encoder-only training on the attribute loss before the joint run "
-                         "(prompts only, no images; default: the preset's; v1 0, v2 100)")
+    ap.add_argument(
+        "--aux-weight",
+        type=float,
+        default=None,
+        help="weight of the auxiliary attribute loss on the text encoder's pooled output "
+        "(default: the world preset's; v1 0, v2 0.1)",
+    )
+    ap.add_argument(
+        "--te-warmup",
+        type=int,
+        default=None,
+        help="steps of text-encoder-only training on the attribute loss before the joint run "
+        "(prompts only, no images; default: the preset's; v1 0, v2 100)",
+    )
     ap.add_argument("--resume", action="store_true")
     a = ap.parse_args(argv)
 
@@ -301,7 +338,10 @@ def main(argv=None):
     tokenizer = load_tokenizer(tok_dir)
     text_encoder = make_text_encoder(tokenizer, w["text_dim"], w["text_layers"], w["text_mlp"])
     unet = make_unet(tuple(int(c) for c in a.channels.split(",")), w["text_dim"])
-    scene_fn = (lambda r: base_scene(r, a.world))
+
+    def scene_fn(r):
+        return base_scene(r, a.world)
+
     prompt_kw = {"templates": w["templates"]}
     scheduler = make_scheduler(a.prediction_type, not a.no_zero_snr)
     from diffusers import DDPMScheduler
@@ -314,7 +354,7 @@ def main(argv=None):
     params = list(unet.parameters()) + list(text_encoder.parameters()) + (list(aux.parameters()) if aux else [])
     n_u = sum(p.numel() for p in unet.parameters())
     n_t = sum(p.numel() for p in text_encoder.parameters())
-    print(f"unet {n_u/1e6:.3f}M params, text encoder {n_t/1e6:.3f}M params", flush=True)
+    print(f"unet {n_u / 1e6:.3f}M params, text encoder {n_t / 1e6:.3f}M params", flush=True)
     opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.99), weight_decay=0.01)
     ema = EMA([unet, text_encoder], decay=a.ema_decay)
     step = 0
@@ -347,10 +387,19 @@ def main(argv=None):
         return a.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
 
     def save_ckpt():
-        torch.save({"unet": unet.state_dict(), "te": text_encoder.state_dict(), "opt": opt.state_dict(),
-                    **({"aux": aux.state_dict()} if aux is not None else {}),
-                    "ema": ema.shadow, "step": step, "rng": rng.getstate(), "torch_rng": torch.get_rng_state()},
-                   str(ck) + ".tmp")
+        torch.save(
+            {
+                "unet": unet.state_dict(),
+                "te": text_encoder.state_dict(),
+                "opt": opt.state_dict(),
+                **({"aux": aux.state_dict()} if aux is not None else {}),
+                "ema": ema.shadow,
+                "step": step,
+                "rng": rng.getstate(),
+                "torch_rng": torch.get_rng_state(),
+            },
+            str(ck) + ".tmp",
+        )
         Path(str(ck) + ".tmp").replace(ck)
 
     def do_export(path):
@@ -365,8 +414,9 @@ def main(argv=None):
     if te_warm and step == 0:
         # text-encoder warm-up: the attribute head on prompts alone (no rendering, no UNet), so the
         # joint run starts from conditioning that already separates shapes, colours and positions
-        t_opt = torch.optim.AdamW(list(text_encoder.parameters()) + list(aux.parameters()), lr=a.lr,
-                                  betas=(0.9, 0.99), weight_decay=0.01)
+        t_opt = torch.optim.AdamW(
+            list(text_encoder.parameters()) + list(aux.parameters()), lr=a.lr, betas=(0.9, 0.99), weight_decay=0.01
+        )
         tw = time.time()
         for i in range(te_warm):
             scenes = [scene_fn(rng) for _ in range(128)]
@@ -378,8 +428,10 @@ def main(argv=None):
             tl.backward()
             t_opt.step()
             if (i + 1) % 50 == 0:
-                msg = (f"te-warmup {i+1} aux loss {tl.item():.4f} acc {aux.accuracy(pooled, lab):.3f} "
-                       f"{(time.time()-tw)/60:.1f} min")
+                msg = (
+                    f"te-warmup {i + 1} aux loss {tl.item():.4f} acc {aux.accuracy(pooled, lab):.3f} "
+                    f"{(time.time() - tw) / 60:.1f} min"
+                )
                 print(msg, flush=True)
         del t_opt
         ema.shadow = [p.detach().clone() for p in ema.params]
@@ -394,8 +446,9 @@ def main(argv=None):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         scenes = []
-        x0, ids, prompts = batch_data(rng, a.batch, tokenizer, scene_fn=scene_fn, prompt_kw=prompt_kw,
-                                      scenes_out=scenes)
+        x0, ids, prompts = batch_data(
+            rng, a.batch, tokenizer, scene_fn=scene_fn, prompt_kw=prompt_kw, scenes_out=scenes
+        )
         noise = torch.randn_like(x0)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (x0.shape[0],))
         xt = noise_sched.add_noise(x0, noise, t)
@@ -425,7 +478,7 @@ def main(argv=None):
         losses.append(loss.item())
         if step % 50 == 0:
             m = float(np.mean(losses[-50:]))
-            msg = f"step {step} loss {m:.4f} lr {lr_at(step):.2e} {(time.time()-t0)/60:.1f} min"
+            msg = f"step {step} loss {m:.4f} lr {lr_at(step):.2e} {(time.time() - t0) / 60:.1f} min"
             if aux is not None and aux_w:
                 msg += f" aux {aux_loss.item():.3f}"
             print(msg, flush=True)
@@ -438,10 +491,20 @@ def main(argv=None):
     save_ckpt()
     do_export(Path(a.out))
     final = float(np.mean(losses[-200:])) if losses else float("nan")
-    info = {"world": a.world, "steps": step, "batch": a.batch, "lr": a.lr, "seed": a.seed, "min_snr": a.min_snr,
-            "aux_weight": aux_w, "te_warmup": te_warm,
-            "final_loss_avg200": final,
-            "minutes": (time.time() - t0) / 60, "unet_params": n_u, "text_encoder_params": n_t}
+    info = {
+        "world": a.world,
+        "steps": step,
+        "batch": a.batch,
+        "lr": a.lr,
+        "seed": a.seed,
+        "min_snr": a.min_snr,
+        "aux_weight": aux_w,
+        "te_warmup": te_warm,
+        "final_loss_avg200": final,
+        "minutes": (time.time() - t0) / 60,
+        "unet_params": n_u,
+        "text_encoder_params": n_t,
+    }
     (work / "train_info.json").write_text(json.dumps(info, indent=2))
     print(json.dumps(info), flush=True)
 

@@ -19,14 +19,14 @@ what the Weightsmith tab and a generation touch, behaving like Forge 2.0.1v1.10.
   (``clip_l`` / ``clip_h`` / ``clip_g`` → ``transformer.text_model…``, the transformers 4.x layout);
   ``get_learned_conditioning`` loads the CLIP patcher, then encodes.
 """
+
 import copy
 
+import fake_sd
 import torch
 from torch import nn
 
-import fake_sd
-
-_loaded = {}        # id(module) -> the patcher loaded for it
+_loaded = {}  # id(module) -> the patcher loaded for it
 
 
 class LoraLoader:
@@ -51,7 +51,7 @@ class LoraLoader:
             weight = _get(self.model, key)
             self.backup[key] = weight
             w = weight.detach().to(torch.float32).clone()
-            for strength_patch, value, strength_model, offset, function in cur:
+            for strength_patch, value, strength_model, _offset, _function in cur:
                 if strength_model != 1.0:
                     w = w * strength_model
                 kind, payload = value
@@ -166,8 +166,9 @@ class Engine:
         self.cond_stage_model = None
         self.family = family
         unet = UnetPatcher(KModel(fake_sd.tree_from_state(ldm_sd, "model.diffusion_model.")).requires_grad_(False))
-        joint = nn.ModuleDict({name: IntegratedCLIP(copy.deepcopy(te))
-                               for name, te in zip(CLIP_NAMES[family], hf_encoders)}).requires_grad_(False)
+        joint = nn.ModuleDict(
+            {name: IntegratedCLIP(copy.deepcopy(te)) for name, te in zip(CLIP_NAMES[family], hf_encoders)}
+        ).requires_grad_(False)
         clip = CLIP(joint, tokenizer)
         self.forge_objects = ForgeObjects(unet, clip)
         self.forge_objects_original = self.forge_objects.shallow_copy()
@@ -178,8 +179,10 @@ class Engine:
     def get_learned_conditioning(self, prompts):
         clip = self.forge_objects.clip
         load_model_gpu(clip.patcher)
-        outs = [fake_sd._hf_encode(clip.cond_stage_model[n], clip.tokenizer, list(prompts)).float()
-                for n in CLIP_NAMES[self.family]]
+        outs = [
+            fake_sd._hf_encode(clip.cond_stage_model[n], clip.tokenizer, list(prompts)).float()
+            for n in CLIP_NAMES[self.family]
+        ]
         return torch.cat(outs, -1)
 
 
@@ -193,9 +196,10 @@ def build_from_checkpoint(checkpoint_info, additional_modules=()):
     return Engine(m.family, to_ldm_state_dict(m), encs, m.tokenizers["text_encoder"])
 
 
-TOKENIZER = None      # set by the tests (an offline CLIP tokenizer folder)
+TOKENIZER = None  # set by the tests (an offline CLIP tokenizer folder)
 
 
 def install():
     from modules import sd_models
+
     sd_models.ENGINE_BUILDER = build_from_checkpoint

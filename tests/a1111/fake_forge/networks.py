@@ -8,6 +8,7 @@ and stacks each LoRA as a clone + ``add_patches(filename=…)``, then keeps the 
 its old tensors until that cache is cleared. The tensors are mapped with Weightsmith's reader (Forge
 has its own key maps; what matters here is what Forge does with the patchers and the files).
 """
+
 import functools
 import os
 
@@ -24,6 +25,7 @@ def list_available_networks():
 @functools.lru_cache(maxsize=5)
 def load_lora_state_dict(filename):
     from weightsmith.core.lora_read import read_lora_file
+
     return read_lora_file(filename)
 
 
@@ -43,6 +45,7 @@ def _patches(sd_model, filename):
 
 def _tokenizer():
     import forge_engine
+
     return forge_engine.TOKENIZER
 
 

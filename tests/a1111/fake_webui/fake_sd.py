@@ -1,4 +1,5 @@
 """sd_model objects with A1111 v1.10's module layout, built from a tiny model's LDM state dict."""
+
 import torch
 from torch import nn
 
@@ -30,7 +31,7 @@ def tree_from_state(sd: dict, prefix: str, heads: int | None = None, dtype=torch
     owners = {}
     for k, v in sd.items():
         if k.startswith(prefix):
-            mod, _, p = k[len(prefix):].rpartition(".")
+            mod, _, p = k[len(prefix) :].rpartition(".")
             owners.setdefault(mod, {})[p] = v
     for mpath in sorted(owners, key=lambda s: (s.count("."), s)):
         ps = owners[mpath]
@@ -40,7 +41,7 @@ def tree_from_state(sd: dict, prefix: str, heads: int | None = None, dtype=torch
         except AttributeError:
             existing = None
         if existing is not None and mpath:
-            mod = existing                               # e.g. attn.out_proj inside an MHA
+            mod = existing  # e.g. attn.out_proj inside an MHA
         elif "in_proj_weight" in ps:
             e = ps["in_proj_weight"].shape[1]
             mod = nn.MultiheadAttention(e, heads)
@@ -88,6 +89,7 @@ class ModelSlot(nn.Module):
 class CheckpointInfo:
     def __init__(self, filename):
         import os
+
         self.filename = filename
         self.title = os.path.basename(filename)
 
@@ -99,8 +101,9 @@ def build_sd_model(family, ldm_sd, hf_encoders, heads, filename, unet_dtype=torc
 
     sm = ModelSlot()
     sm.is_sdxl, sm.is_sd2, sm.is_sd1, sm.is_sd3 = family == "sdxl", family == "sd2", family == "sd1", False
-    sm.add_module("model", ModelSlot(diffusion_model=tree_from_state(ldm_sd, "model.diffusion_model.",
-                                                                      dtype=unet_dtype)))
+    sm.add_module(
+        "model", ModelSlot(diffusion_model=tree_from_state(ldm_sd, "model.diffusion_model.", dtype=unet_dtype))
+    )
     if family == "sd1":
         te = hf_encoders["text_encoder"]
         inner = ModelSlot(transformer=HF430(copy.deepcopy(te)), tokenizer=hf_encoders["tokenizer"])
@@ -109,18 +112,21 @@ def build_sd_model(family, ldm_sd, hf_encoders, heads, filename, unet_dtype=torc
         oc = tree_from_state(ldm_sd, "cond_stage_model.model.", heads["text_encoder"])
         sm.add_module("cond_stage_model", Wrapped(ModelSlot(model=oc)))
     else:
-        e0 = Wrapped(ModelSlot(transformer=HF430(copy.deepcopy(hf_encoders["text_encoder"])),
-                               tokenizer=hf_encoders["tokenizer"]))
-        e1 = Wrapped(ModelSlot(model=tree_from_state(ldm_sd, "conditioner.embedders.1.model.",
-                                                     heads["text_encoder_2"])))
-        timestep = ModelSlot()                          # ConcatTimestepEmbedderND: not a text embedder
+        e0 = Wrapped(
+            ModelSlot(transformer=HF430(copy.deepcopy(hf_encoders["text_encoder"])), tokenizer=hf_encoders["tokenizer"])
+        )
+        e1 = Wrapped(
+            ModelSlot(model=tree_from_state(ldm_sd, "conditioner.embedders.1.model.", heads["text_encoder_2"]))
+        )
+        timestep = ModelSlot()  # ConcatTimestepEmbedderND: not a text embedder
         sm.add_module("conditioner", ModelSlot(embedders=nn.ModuleList([e0, e1, timestep])))
         sm.cond_stage_model = None
     sm.sd_checkpoint_info = CheckpointInfo(str(filename))
     sm.requires_grad_(False)
-    sm.fake_tokenizer = hf_encoders.get("tokenizer")     # the stand-in's own, for encode() only
+    sm.fake_tokenizer = hf_encoders.get("tokenizer")  # the stand-in's own, for encode() only
     from modules import sd_hijack
-    sd_hijack.hijack(sm)                                # token embeddings → EmbeddingsWithFixes
+
+    sd_hijack.hijack(sm)  # token embeddings → EmbeddingsWithFixes
     return sm
 
 
@@ -130,7 +136,7 @@ def _ids(tok, prompts, length):
 
 
 def _hf_encode(inner, tok, prompts):
-    te = inner.transformer.text_model                   # the transformers CLIPTextModel
+    te = inner.transformer.text_model  # the transformers CLIPTextModel
     ids = _ids(tok, prompts, te.config.max_position_embeddings)
     return te(input_ids=ids).last_hidden_state
 

@@ -1,9 +1,9 @@
 """Stand-in for A1111 v1.10's built-in Lora extension (extensions-builtin/Lora/networks.py):
 layer naming, kohya key resolution and the per-layer backup/restore/apply cycle."""
+
 import re
 
 import torch
-
 from modules import shared
 
 loaded_networks = []
@@ -11,8 +11,14 @@ re_digits = re.compile(r"\d+")
 re_x_proj = re.compile(r"(.*)_([qkv]_proj)$")
 suffix_conversion = {
     "attentions": {},
-    "resnets": {"conv1": "in_layers_2", "conv2": "out_layers_3", "norm1": "in_layers_0",
-                "norm2": "out_layers_0", "time_emb_proj": "emb_layers_1", "conv_shortcut": "skip_connection"},
+    "resnets": {
+        "conv1": "in_layers_2",
+        "conv2": "out_layers_3",
+        "norm1": "in_layers_0",
+        "norm2": "out_layers_0",
+        "time_emb_proj": "emb_layers_1",
+        "conv_shortcut": "skip_connection",
+    },
 }
 
 
@@ -108,7 +114,7 @@ def assign_network_names_to_compvis_modules(sd_model):
             if not hasattr(embedder, "wrapped"):
                 continue
             for name, module in embedder.wrapped.named_modules():
-                nn = f'{i}_{name.replace(".", "_")}'
+                nn = f"{i}_{name.replace('.', '_')}"
                 mapping[nn] = module
                 module.network_layer_name = nn
     else:
@@ -239,8 +245,9 @@ def generate():
     # an nn.MultiheadAttention computes with out_proj.weight directly; out_proj.forward never runs
     seen = {id(m.out_proj) for m in sm.network_layer_mapping.values() if isinstance(m, torch.nn.MultiheadAttention)}
     for m in sm.network_layer_mapping.values():
-        if id(m) in seen or not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm,
-                                                torch.nn.LayerNorm, torch.nn.MultiheadAttention)):
+        if id(m) in seen or not isinstance(
+            m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.MultiheadAttention)
+        ):
             continue
         seen.add(id(m))
         network_apply_weights(m)

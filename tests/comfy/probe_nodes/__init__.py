@@ -6,9 +6,8 @@ weights), then writes, for every UNet cross-attention, K = c·W_kᵀ and V = c·
 CONDITIONING c, plus c itself, to ``output/probes/<name>.safetensors``. It does not use any
 Weightsmith code, so tests can compare it with core's own prediction.
 """
-import os
 
-import torch
+import os
 
 
 class WeightsmithTestProbe:
@@ -19,8 +18,13 @@ class WeightsmithTestProbe:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"model": ("MODEL",), "conditioning": ("CONDITIONING",),
-                             "name": ("STRING", {"default": "probe"})}}
+        return {
+            "required": {
+                "model": ("MODEL",),
+                "conditioning": ("CONDITIONING",),
+                "name": ("STRING", {"default": "probe"}),
+            }
+        }
 
     def run(self, model, conditioning, name):
         import comfy.model_management as mm

@@ -8,9 +8,10 @@ prompt) → ``forge_objects = forge_objects_after_applying_lora.shallow_copy()``
 → ``sample()``: the same reset again, the scripts' ``process_before_every_sampling``, and the UNet
 patcher is loaded (its LoRA patches merged). Returns the conds and the UNet weights sampled with.
 """
+
 from modules import sd_models, shared
 
-BEFORE_EVERY_SAMPLING = []      # process_before_every_sampling(p) hooks of always-on scripts
+BEFORE_EVERY_SAMPLING = []  # process_before_every_sampling(p) hooks of always-on scripts
 
 
 class StableDiffusionProcessing:
@@ -20,7 +21,7 @@ class StableDiffusionProcessing:
     def __init__(self, prompt="", negative_prompt="", steps=2, width=64, height=64, loras=()):
         self.prompt, self.negative_prompt, self.steps = prompt, negative_prompt, steps
         self.width, self.height = width, height
-        self.loras = list(loras)          # [(LoRA file name, unet multiplier, te multiplier)]
+        self.loras = list(loras)  # [(LoRA file name, unet multiplier, te multiplier)]
         self.extra_network_data = {"lora": [tuple(x) for x in self.loras]}
         self.c = self.uc = None
         self.cached_uc = StableDiffusionProcessing.cached_uc
@@ -34,8 +35,15 @@ class StableDiffusionProcessing:
 
     def cached_params(self, prompts):
         opts = shared.opts
-        return (tuple(prompts), self.steps, opts.CLIP_stop_at_last_layers, shared.sd_model.sd_checkpoint_info,
-                str(self.extra_network_data), self.width, self.height)
+        return (
+            tuple(prompts),
+            self.steps,
+            opts.CLIP_stop_at_last_layers,
+            shared.sd_model.sd_checkpoint_info,
+            str(self.extra_network_data),
+            self.width,
+            self.height,
+        )
 
     def get_conds_with_caching(self, prompts, cache):
         params = self.cached_params(prompts)
@@ -67,8 +75,11 @@ def process_images(p):
     sd_models.forge_model_reload()
     p.sd_model = shared.sd_model
     p.sd_model.forge_objects = p.sd_model.forge_objects_original.shallow_copy()
-    networks.load_networks([n for n, _, _ in p.loras], te_multipliers=[t for _, _, t in p.loras],
-                           unet_multipliers=[u for _, u, _ in p.loras])
+    networks.load_networks(
+        [n for n, _, _ in p.loras],
+        te_multipliers=[t for _, _, t in p.loras],
+        unet_multipliers=[u for _, u, _ in p.loras],
+    )
     p.sd_model.forge_objects = p.sd_model.forge_objects_after_applying_lora.shallow_copy()
     try:
         p.setup_conds()

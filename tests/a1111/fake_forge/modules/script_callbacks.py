@@ -1,5 +1,6 @@
 """modules.script_callbacks (Forge 2.0.1v1.10.1): tabs and model_loaded; like Forge, a failing
 callback is reported on the console and swallowed."""
+
 import traceback
 
 ui_tabs = []
@@ -25,5 +26,5 @@ def model_loaded_callback(sd_model):
     for cb in model_loaded:
         try:
             cb(sd_model)
-        except Exception:   # noqa: BLE001  (Forge: report_exception, generation goes on)
+        except Exception:  # noqa: BLE001  (Forge: report_exception, generation goes on)
             traceback.print_exc()

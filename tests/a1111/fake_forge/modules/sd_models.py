@@ -6,6 +6,7 @@ patchers); ``model_data.forge_loading_parameters`` names the selected checkpoint
 ``forge_model_reload()``, which builds a *new* engine only when the loading parameters changed,
 then fires the ``model_loaded`` callbacks. ``read_state_dict`` is Forge's empty stub.
 ``ENGINE_BUILDER(checkpoint_info, additional_modules)`` is the stand-in's loader (set by forge_engine)."""
+
 import os
 
 from modules import paths, shared
@@ -19,7 +20,9 @@ ENGINE_BUILDER = None
 class CheckpointInfo:
     def __init__(self, filename):
         self.filename = filename
-        self.name = os.path.relpath(filename, model_path) if filename.startswith(model_path) else os.path.basename(filename)
+        self.name = (
+            os.path.relpath(filename, model_path) if filename.startswith(model_path) else os.path.basename(filename)
+        )
         self.title = self.name
 
 
@@ -48,9 +51,11 @@ model_data = ModelData()
 
 def select(filename, additional_modules=()):
     """What picking a checkpoint (and 'VAE / Text Encoder' modules) at the top of the page does."""
-    model_data.forge_loading_parameters = dict(checkpoint_info=CheckpointInfo(str(filename)),
-                                               additional_modules=list(additional_modules),
-                                               unet_storage_dtype=None)
+    model_data.forge_loading_parameters = dict(
+        checkpoint_info=CheckpointInfo(str(filename)),
+        additional_modules=list(additional_modules),
+        unet_storage_dtype=None,
+    )
 
 
 def forge_model_reload():
@@ -77,4 +82,4 @@ def list_models():
 
 
 def read_state_dict(checkpoint_file, print_global_state=False, map_location=None):
-    pass    # Forge: an empty stub
+    pass  # Forge: an empty stub

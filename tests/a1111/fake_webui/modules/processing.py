@@ -9,6 +9,7 @@ class-level caches only when ``opts.persistent_cond_cache`` is off (it is on by 
 in logic from the v1.10.1 source; sampling is left out: ``process_images`` returns the conds, the
 only thing the cache decides.
 """
+
 from modules import shared
 
 
@@ -43,13 +44,27 @@ class StableDiffusionProcessing:
 
     def cached_params(self, required_prompts, steps, extra_network_data, hires_steps=None, use_old_scheduling=False):
         opts = shared.opts
-        return (tuple(required_prompts), steps, hires_steps, use_old_scheduling, opts.CLIP_stop_at_last_layers,
-                shared.sd_model.sd_checkpoint_info, extra_network_data, opts.sdxl_crop_left, opts.sdxl_crop_top,
-                self.width, self.height, opts.fp8_storage, opts.cache_fp16_weight, opts.emphasis)
+        return (
+            tuple(required_prompts),
+            steps,
+            hires_steps,
+            use_old_scheduling,
+            opts.CLIP_stop_at_last_layers,
+            shared.sd_model.sd_checkpoint_info,
+            extra_network_data,
+            opts.sdxl_crop_left,
+            opts.sdxl_crop_top,
+            self.width,
+            self.height,
+            opts.fp8_storage,
+            opts.cache_fp16_weight,
+            opts.emphasis,
+        )
 
     def get_conds_with_caching(self, function, required_prompts, steps, caches, extra_network_data, hires_steps=None):
-        cached_params = self.cached_params(required_prompts, steps, extra_network_data, hires_steps,
-                                           shared.opts.use_old_scheduling)
+        cached_params = self.cached_params(
+            required_prompts, steps, extra_network_data, hires_steps, shared.opts.use_old_scheduling
+        )
         for cache in caches:
             if cache[0] is not None and cached_params == cache[0]:
                 return cache[1]
@@ -59,10 +74,12 @@ class StableDiffusionProcessing:
         return cache[1]
 
     def setup_conds(self):
-        self.uc = self.get_conds_with_caching(get_learned_conditioning, [self.negative_prompt], self.steps,
-                                              [self.cached_uc], self.extra_network_data)
-        self.c = self.get_conds_with_caching(get_multicond_learned_conditioning, [self.prompt], self.steps,
-                                             [self.cached_c], self.extra_network_data)
+        self.uc = self.get_conds_with_caching(
+            get_learned_conditioning, [self.negative_prompt], self.steps, [self.cached_uc], self.extra_network_data
+        )
+        self.c = self.get_conds_with_caching(
+            get_multicond_learned_conditioning, [self.prompt], self.steps, [self.cached_c], self.extra_network_data
+        )
 
 
 class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
@@ -87,12 +104,22 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
     def setup_conds(self):
         super().setup_conds()
         if self.enable_hr:
-            self.hr_uc = self.get_conds_with_caching(get_learned_conditioning, [self.negative_prompt], self.steps,
-                                                     [self.cached_hr_uc, self.cached_uc], self.extra_network_data,
-                                                     self.steps)
-            self.hr_c = self.get_conds_with_caching(get_multicond_learned_conditioning, [self.prompt], self.steps,
-                                                    [self.cached_hr_c, self.cached_c], self.extra_network_data,
-                                                    self.steps)
+            self.hr_uc = self.get_conds_with_caching(
+                get_learned_conditioning,
+                [self.negative_prompt],
+                self.steps,
+                [self.cached_hr_uc, self.cached_uc],
+                self.extra_network_data,
+                self.steps,
+            )
+            self.hr_c = self.get_conds_with_caching(
+                get_multicond_learned_conditioning,
+                [self.prompt],
+                self.steps,
+                [self.cached_hr_c, self.cached_c],
+                self.extra_network_data,
+                self.steps,
+            )
 
 
 def process_images(p):
@@ -111,6 +138,7 @@ def process_images(p):
 
 def txt2img(prompt, negative_prompt="", enable_hr=False, extra_network_data=None):
     """Like modules.txt2img.txt2img (one image): returns the conds the image is sampled from."""
-    p = StableDiffusionProcessingTxt2Img(prompt, negative_prompt, extra_network_data=extra_network_data,
-                                         enable_hr=enable_hr)
+    p = StableDiffusionProcessingTxt2Img(
+        prompt, negative_prompt, extra_network_data=extra_network_data, enable_hr=enable_hr
+    )
     return process_images(p)

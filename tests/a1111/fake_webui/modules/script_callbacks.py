@@ -1,4 +1,5 @@
 """modules.script_callbacks (A1111 v1.10): on_ui_tabs registration."""
+
 ui_tabs = []
 
 

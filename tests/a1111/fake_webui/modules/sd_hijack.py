@@ -6,6 +6,7 @@ splices textual-inversion vectors into the embedded tokens), so the weight's liv
 ``model.token_embedding.wrapped.weight`` (SD2, SDXL's bigG). ``hijack`` below does the same to a
 stand-in model.
 """
+
 import torch
 
 

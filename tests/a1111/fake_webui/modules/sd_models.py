@@ -1,4 +1,5 @@
 """modules.sd_models (A1111 v1.10): checkpoint listing and reading."""
+
 import os
 
 from modules import paths, shared
@@ -11,7 +12,9 @@ checkpoints_list = {}
 class CheckpointInfo:
     def __init__(self, filename):
         self.filename = filename
-        self.name = os.path.relpath(filename, model_path) if filename.startswith(model_path) else os.path.basename(filename)
+        self.name = (
+            os.path.relpath(filename, model_path) if filename.startswith(model_path) else os.path.basename(filename)
+        )
         self.title = self.name
 
 
@@ -38,8 +41,10 @@ def read_state_dict(checkpoint_file, print_global_state=False, map_location=None
     _, ext = os.path.splitext(checkpoint_file)
     if ext.lower() == ".safetensors":
         import safetensors.torch
+
         pl_sd = safetensors.torch.load_file(checkpoint_file, device=map_location or "cpu")
     else:
         import torch
+
         pl_sd = torch.load(checkpoint_file, map_location=map_location or "cpu", weights_only=True)
     return get_state_dict_from_checkpoint(pl_sd)

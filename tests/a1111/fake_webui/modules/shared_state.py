@@ -1,4 +1,5 @@
 """modules.shared_state.State (A1111 v1.10), without images and server commands."""
+
 import time
 
 
