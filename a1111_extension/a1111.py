@@ -301,7 +301,7 @@ def state_job(state, title: str, lock=None):
 # ----------------------------------------------------------------------------------------------
 class WebUIHost:
     """What A1111 and Forge share: the generation lock, ``shared.state`` jobs and Interrupt, the
-    Lora extension's list. Needs ``self.shared`` (``modules.shared``)."""
+    Lora extension's list and folder. Needs ``self.shared`` (``modules.shared``)."""
 
     @staticmethod
     def _queue_lock():
@@ -322,6 +322,15 @@ class WebUIHost:
 
     def interrupt(self) -> None:
         self.shared.state.interrupt()
+
+    def lora_dir(self) -> Path:
+        """The webui's LoRA folder: --lora-dir, else models/Lora."""
+        d = getattr(self.shared.cmd_opts, "lora_dir", None)
+        if not d:
+            from modules import paths
+
+            d = os.path.join(paths.models_path, "Lora")
+        return Path(d)
 
     def refresh_loras(self) -> None:
         try:
@@ -418,14 +427,6 @@ class A1111Backend(WebUIHost, Backend):
         return out
 
     # folders ----------------------------------------------------------------------------------
-    def lora_dir(self) -> Path:
-        d = getattr(self.shared.cmd_opts, "lora_dir", None)
-        if not d:
-            from modules import paths
-
-            d = os.path.join(paths.models_path, "Lora")
-        return Path(d)
-
     def checkpoint_dir(self) -> Path:
         return Path(getattr(self.shared.cmd_opts, "ckpt_dir", None) or self.sd_models.model_path)
 

@@ -234,14 +234,6 @@ class ForgeBackend(WebUIHost, StandaloneBackend):
         return online and dt not in (torch.float32, torch.float16, torch.bfloat16)
 
     # files ------------------------------------------------------------------------------------
-    def lora_dir(self) -> Path:
-        d = getattr(self.shared.cmd_opts, "lora_dir", None)
-        if not d:
-            from modules import paths
-
-            d = os.path.join(paths.models_path, "Lora")
-        return Path(d)
-
     def checkpoint_dir(self) -> Path:
         from modules import sd_models
 

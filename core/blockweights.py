@@ -37,77 +37,18 @@ from dataclasses import dataclass, field
 
 from .errors import WeightsmithError
 
-# LoRA Block Weight, scripts/lora_block_weight.py (BLOCKID26/17/12/20), verbatim.
-BLOCKID26 = (
-    "BASE",
-    "IN00",
-    "IN01",
-    "IN02",
-    "IN03",
-    "IN04",
-    "IN05",
-    "IN06",
-    "IN07",
-    "IN08",
-    "IN09",
-    "IN10",
-    "IN11",
-    "M00",
-    "OUT00",
-    "OUT01",
-    "OUT02",
-    "OUT03",
-    "OUT04",
-    "OUT05",
-    "OUT06",
-    "OUT07",
-    "OUT08",
-    "OUT09",
-    "OUT10",
-    "OUT11",
-)
-BLOCKID17 = (
-    "BASE",
-    "IN01",
-    "IN02",
-    "IN04",
-    "IN05",
-    "IN07",
-    "IN08",
-    "M00",
-    "OUT03",
-    "OUT04",
-    "OUT05",
-    "OUT06",
-    "OUT07",
-    "OUT08",
-    "OUT09",
-    "OUT10",
-    "OUT11",
-)
-BLOCKID12 = ("BASE", "IN04", "IN05", "IN07", "IN08", "M00", "OUT00", "OUT01", "OUT02", "OUT03", "OUT04", "OUT05")
-BLOCKID20 = (
-    "BASE",
-    "IN00",
-    "IN01",
-    "IN02",
-    "IN03",
-    "IN04",
-    "IN05",
-    "IN06",
-    "IN07",
-    "IN08",
-    "M00",
-    "OUT00",
-    "OUT01",
-    "OUT02",
-    "OUT03",
-    "OUT04",
-    "OUT05",
-    "OUT06",
-    "OUT07",
-    "OUT08",
-)
+# LoRA Block Weight, scripts/lora_block_weight.py (BLOCKID26/17/12/20): the same ids in the same order.
+
+
+def _ids(ins, outs):
+    """BASE, the named input blocks, M00, the named output blocks: the order of LBW's BLOCKID lists."""
+    return ("BASE", *(f"IN{i:02d}" for i in ins), "M00", *(f"OUT{i:02d}" for i in outs))
+
+
+BLOCKID26 = _ids(range(12), range(12))
+BLOCKID17 = _ids((1, 2, 4, 5, 7, 8), range(3, 12))
+BLOCKID12 = _ids((4, 5, 7, 8), range(6))
+BLOCKID20 = _ids(range(9), range(9))
 
 # LoRA Block Weight's default presets (DEF_WEIGHT_PRESET; SuperMerger's LWEIGHTSPRESETS holds the same
 # ten), 17 values each, in BLOCKID17 order. FLUXALL (61 ones) joins with the Flux family.

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 
 CATEGORY = "Weightsmith"
 EDIT_TYPE = "WEIGHTSMITH_EDIT"
 STACK_TYPE = "WEIGHTSMITH_LORA_STACK"
+# what every editing node returns (Erase Concepts, IterIS Merge)
+EDIT_RETURN_TYPES = ("MODEL", "CLIP", EDIT_TYPE, "STRING", "IMAGE")
+EDIT_RETURN_NAMES = ("model", "clip", "edit", "report", "report_image")
 
 
 def host_progress(total_hint: int = 1):
@@ -92,3 +96,19 @@ def report_picture(edit, rel: dict[str, float], title: str):
 def ui_text(text: str) -> dict:
     """The ``ui`` part of a node result; web/weightsmith.js shows it on the node."""
     return {"weightsmith_report": [text]}
+
+
+def edit_result(model, clip, sd, edit, title: str, t0: float) -> dict:
+    """The end of every editing node: the edit moved to CPU float32 (a WEIGHTSMITH_EDIT outlives the
+    solver's device copy), applied as patches on clones of MODEL/CLIP, its report as text and picture."""
+    import torch
+
+    from . import comfy_adapter as ca
+
+    edit = edit.to("cpu", torch.float32)
+    logging.info("Weightsmith: %d modules edited in %.1f s", len(edit.deltas), time.perf_counter() - t0)
+    m, c = ca.apply_edit(model, clip, edit, 1.0)
+    rel = ca.weight_norms(sd, edit)
+    text = format_report(edit, rel, title)
+    image = report_picture(edit, rel, title)
+    return {"ui": ui_text(text), "result": (m, c, edit, text, image)}

@@ -14,12 +14,11 @@ from ..core.erase.options import METHODS as _METHODS
 from ..core.optspec import spec
 from .common import (
     CATEGORY,
-    EDIT_TYPE,
-    format_report,
+    EDIT_RETURN_NAMES,
+    EDIT_RETURN_TYPES,
+    edit_result,
     host_progress,
     options_of,
-    report_picture,
-    ui_text,
     user_errors,
     widget,
 )
@@ -43,8 +42,8 @@ class WeightsmithEraseConcepts:
     )
     CATEGORY = CATEGORY
     FUNCTION = "run"
-    RETURN_TYPES = ("MODEL", "CLIP", EDIT_TYPE, "STRING", "IMAGE")
-    RETURN_NAMES = ("model", "clip", "edit", "report", "report_image")
+    RETURN_TYPES = EDIT_RETURN_TYPES
+    RETURN_NAMES = EDIT_RETURN_NAMES
     OUTPUT_TOOLTIPS = (
         "The model with the erasure applied (UNet cross-attention patches).",
         "The CLIP with the erasure applied (text-encoder patches; ErasePro only).",
@@ -144,8 +143,6 @@ class WeightsmithEraseConcepts:
         prompt_expansion="auto",
         clip_skip=0,
     ):
-        import torch
-
         from ..core.erase import erase
         from ..core.errors import WeightsmithError
         from ..core.prompt_lists import comfy_list as lines
@@ -179,11 +176,5 @@ class WeightsmithEraseConcepts:
             )
             edit = edit.scaled(strength) if float(strength) != 1.0 else edit
             edit.report["strength"] = float(strength)
-            edit = edit.to("cpu", torch.float32)  # a WEIGHTSMITH_EDIT outlives the solver's device copy
-            logging.info("Weightsmith: %d modules edited in %.1f s", len(edit.deltas), time.perf_counter() - t0)
-            m, c = ca.apply_edit(model, clip, edit, 1.0)
-            rel = ca.weight_norms(sd, edit)
             title = f"Weightsmith erase ({method}): {', '.join(lines(targets))[:60]}"
-            text = format_report(edit, rel, title)
-            image = report_picture(edit, rel, title)
-        return {"ui": ui_text(text), "result": (m, c, edit, text, image)}
+            return edit_result(model, clip, sd, edit, title, t0)

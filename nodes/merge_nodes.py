@@ -17,13 +17,12 @@ from ..core.merge.options import METHODS, MergeOptions, host_default, machine_is
 from ..core.prompt_lists import comfy_list
 from .common import (
     CATEGORY,
-    EDIT_TYPE,
+    EDIT_RETURN_NAMES,
+    EDIT_RETURN_TYPES,
     STACK_TYPE,
-    format_report,
+    edit_result,
     host_progress,
     options_of,
-    report_picture,
-    ui_text,
     user_errors,
     widget,
 )
@@ -123,8 +122,8 @@ class WeightsmithIterISMerge:
     )
     CATEGORY = CATEGORY
     FUNCTION = "run"
-    RETURN_TYPES = ("MODEL", "CLIP", EDIT_TYPE, "STRING", "IMAGE")
-    RETURN_NAMES = ("model", "clip", "edit", "report", "report_image")
+    RETURN_TYPES = EDIT_RETURN_TYPES
+    RETURN_NAMES = EDIT_RETURN_NAMES
     OUTPUT_TOOLTIPS = (
         "The model with the merged LoRAs applied.",
         "The CLIP with the merged LoRAs applied.",
@@ -181,8 +180,6 @@ class WeightsmithIterISMerge:
         max_memory_gb=None,
         ridge_toward=None,
     ):
-        import torch
-
         from ..core.errors import WeightsmithError
         from ..core.merge import merge
         from . import comfy_adapter as ca
@@ -226,11 +223,4 @@ class WeightsmithIterISMerge:
             edit.report["stack"] = [
                 f"{e['name']} x{e['weight']:g}" + (f" [{e['blocks']}]" if e.get("blocks") else "") for e in stack
             ]
-            edit = edit.to("cpu", torch.float32)
-            logging.info("Weightsmith: %d modules edited in %.1f s", len(edit.deltas), time.perf_counter() - t0)
-            m, c = ca.apply_edit(model, clip, edit, 1.0)
-            rel = ca.weight_norms(sd, edit)
-            title = f"Weightsmith merge ({method}): {len(stack)} LoRAs"
-            text = format_report(edit, rel, title)
-            image = report_picture(edit, rel, title)
-        return {"ui": ui_text(text), "result": (m, c, edit, text, image)}
+            return edit_result(model, clip, sd, edit, f"Weightsmith merge ({method}): {len(stack)} LoRAs", t0)

@@ -53,133 +53,98 @@ SDXL_LAYOUT = UNetLayout.from_config(
     }
 )
 
+
+def _rows(text):
+    """Table rows typed as text, three words a row (a long row wraps onto a second line): our module,
+    A1111's key for it, LBW's block ('-': none, ratio 1)."""
+    w = text.split()
+    return [(c, k, None if b == "-" else b) for c, k, b in zip(w[::3], w[1::3], w[2::3], strict=True)]
+
+
 # (our canonical module, A1111's network key for it, LBW's block)
-SD1_TABLE = [
-    (
-        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj",
-        "transformer_text_model_encoder_layers_0_self_attn_q_proj",
-        "BASE",
-    ),
-    ("text_encoder.text_model.encoder.layers.11.mlp.fc2", "transformer_text_model_encoder_layers_11_mlp_fc2", "BASE"),
-    ("unet.conv_in", "diffusion_model_input_blocks_0_0", "IN00"),
-    ("unet.down_blocks.0.resnets.0.conv1", "diffusion_model_input_blocks_1_0_in_layers_2", "IN01"),
-    (
-        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k",
-        "diffusion_model_input_blocks_1_1_transformer_blocks_0_attn2_to_k",
-        "IN01",
-    ),
-    ("unet.down_blocks.0.attentions.1.proj_in", "diffusion_model_input_blocks_2_1_proj_in", "IN02"),
-    ("unet.down_blocks.0.downsamplers.0.conv", "diffusion_model_input_blocks_3_0_op", "IN03"),
-    (
-        "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
-        "diffusion_model_input_blocks_4_1_transformer_blocks_0_attn1_to_q",
-        "IN04",
-    ),
-    (
-        "unet.down_blocks.1.attentions.1.transformer_blocks.0.ff.net.2",
-        "diffusion_model_input_blocks_5_1_transformer_blocks_0_ff_net_2",
-        "IN05",
-    ),
-    ("unet.down_blocks.1.downsamplers.0.conv", "diffusion_model_input_blocks_6_0_op", "IN06"),
-    ("unet.down_blocks.2.attentions.0.proj_out", "diffusion_model_input_blocks_7_1_proj_out", "IN07"),
-    (
-        "unet.down_blocks.2.attentions.1.transformer_blocks.0.attn2.to_v",
-        "diffusion_model_input_blocks_8_1_transformer_blocks_0_attn2_to_v",
-        "IN08",
-    ),
-    ("unet.down_blocks.2.downsamplers.0.conv", "diffusion_model_input_blocks_9_0_op", "IN09"),
-    ("unet.down_blocks.3.resnets.0.conv2", "diffusion_model_input_blocks_10_0_out_layers_3", "IN10"),
-    ("unet.down_blocks.3.resnets.1.conv1", "diffusion_model_input_blocks_11_0_in_layers_2", "IN11"),
-    ("unet.mid_block.resnets.0.conv1", "diffusion_model_middle_block_0_in_layers_2", "M00"),
-    (
-        "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0",
-        "diffusion_model_middle_block_1_transformer_blocks_0_attn2_to_out_0",
-        "M00",
-    ),
-    ("unet.mid_block.resnets.1.conv2", "diffusion_model_middle_block_2_out_layers_3", "M00"),
-    ("unet.up_blocks.0.resnets.0.conv1", "diffusion_model_output_blocks_0_0_in_layers_2", "OUT00"),
-    ("unet.up_blocks.0.resnets.1.conv1", "diffusion_model_output_blocks_1_0_in_layers_2", "OUT01"),
-    ("unet.up_blocks.0.upsamplers.0.conv", "diffusion_model_output_blocks_2_1_conv", "OUT02"),
-    ("unet.up_blocks.1.attentions.0.proj_in", "diffusion_model_output_blocks_3_1_proj_in", "OUT03"),
-    (
-        "unet.up_blocks.1.attentions.1.transformer_blocks.0.attn1.to_k",
-        "diffusion_model_output_blocks_4_1_transformer_blocks_0_attn1_to_k",
-        "OUT04",
-    ),
-    ("unet.up_blocks.1.upsamplers.0.conv", "diffusion_model_output_blocks_5_2_conv", "OUT05"),
-    (
-        "unet.up_blocks.2.attentions.0.transformer_blocks.0.attn2.to_q",
-        "diffusion_model_output_blocks_6_1_transformer_blocks_0_attn2_to_q",
-        "OUT06",
-    ),
-    ("unet.up_blocks.2.attentions.2.proj_out", "diffusion_model_output_blocks_8_1_proj_out", "OUT08"),
-    ("unet.up_blocks.3.attentions.0.proj_in", "diffusion_model_output_blocks_9_1_proj_in", "OUT09"),
-    ("unet.up_blocks.3.resnets.1.conv_shortcut", "diffusion_model_output_blocks_10_0_skip_connection", "OUT10"),
-    (
-        "unet.up_blocks.3.attentions.2.transformer_blocks.0.ff.net.0.proj",
-        "diffusion_model_output_blocks_11_1_transformer_blocks_0_ff_net_0_proj",
-        "OUT11",
-    ),
-    ("unet.time_embedding.linear_1", "diffusion_model_time_embed_0", None),
-    ("unet.conv_out", "diffusion_model_out_2", None),
-]
-SDXL_TABLE = [
-    (
-        "text_encoder.text_model.encoder.layers.3.self_attn.k_proj",
-        "0_transformer_text_model_encoder_layers_3_self_attn_k_proj",
-        "BASE",
-    ),
-    ("text_encoder_2.text_model.encoder.layers.30.mlp.fc1", "1_model_transformer_resblocks_30_mlp_c_fc", "BASE"),
-    ("unet.conv_in", "diffusion_model_input_blocks_0_0", "IN00"),
-    ("unet.down_blocks.0.resnets.1.conv2", "diffusion_model_input_blocks_2_0_out_layers_3", "IN02"),
-    ("unet.down_blocks.0.downsamplers.0.conv", "diffusion_model_input_blocks_3_0_op", "IN03"),
-    (
-        "unet.down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q",
-        "diffusion_model_input_blocks_4_1_transformer_blocks_1_attn1_to_q",
-        "IN04",
-    ),
-    ("unet.down_blocks.1.attentions.1.proj_in", "diffusion_model_input_blocks_5_1_proj_in", "IN05"),
-    ("unet.down_blocks.1.downsamplers.0.conv", "diffusion_model_input_blocks_6_0_op", "IN06"),
-    (
-        "unet.down_blocks.2.attentions.0.transformer_blocks.9.attn2.to_k",
-        "diffusion_model_input_blocks_7_1_transformer_blocks_9_attn2_to_k",
-        "IN07",
-    ),
-    ("unet.down_blocks.2.attentions.1.proj_out", "diffusion_model_input_blocks_8_1_proj_out", "IN08"),
-    (
-        "unet.mid_block.attentions.0.transformer_blocks.5.ff.net.2",
-        "diffusion_model_middle_block_1_transformer_blocks_5_ff_net_2",
-        "M00",
-    ),
-    (
-        "unet.up_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v",
-        "diffusion_model_output_blocks_0_1_transformer_blocks_0_attn2_to_v",
-        "OUT00",
-    ),
-    ("unet.up_blocks.0.attentions.2.proj_in", "diffusion_model_output_blocks_2_1_proj_in", "OUT02"),
-    ("unet.up_blocks.0.upsamplers.0.conv", "diffusion_model_output_blocks_2_2_conv", "OUT02"),
-    (
-        "unet.up_blocks.1.attentions.1.transformer_blocks.1.attn1.to_out.0",
-        "diffusion_model_output_blocks_4_1_transformer_blocks_1_attn1_to_out_0",
-        "OUT04",
-    ),
-    ("unet.up_blocks.1.upsamplers.0.conv", "diffusion_model_output_blocks_5_2_conv", "OUT05"),
-    ("unet.up_blocks.2.resnets.0.conv1", "diffusion_model_output_blocks_6_0_in_layers_2", "OUT06"),
-    ("unet.up_blocks.2.resnets.2.conv2", "diffusion_model_output_blocks_8_0_out_layers_3", "OUT08"),
-    ("unet.add_embedding.linear_1", "diffusion_model_label_emb_0_0", None),
-    ("unet.time_embedding.linear_2", "diffusion_model_time_embed_2", None),
-]
+SD1_TABLE = _rows(
+    """
+text_encoder.text_model.encoder.layers.0.self_attn.q_proj
+    transformer_text_model_encoder_layers_0_self_attn_q_proj  BASE
+text_encoder.text_model.encoder.layers.11.mlp.fc2  transformer_text_model_encoder_layers_11_mlp_fc2  BASE
+unet.conv_in  diffusion_model_input_blocks_0_0  IN00
+unet.down_blocks.0.resnets.0.conv1  diffusion_model_input_blocks_1_0_in_layers_2  IN01
+unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k
+    diffusion_model_input_blocks_1_1_transformer_blocks_0_attn2_to_k  IN01
+unet.down_blocks.0.attentions.1.proj_in  diffusion_model_input_blocks_2_1_proj_in  IN02
+unet.down_blocks.0.downsamplers.0.conv  diffusion_model_input_blocks_3_0_op  IN03
+unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q
+    diffusion_model_input_blocks_4_1_transformer_blocks_0_attn1_to_q  IN04
+unet.down_blocks.1.attentions.1.transformer_blocks.0.ff.net.2
+    diffusion_model_input_blocks_5_1_transformer_blocks_0_ff_net_2  IN05
+unet.down_blocks.1.downsamplers.0.conv  diffusion_model_input_blocks_6_0_op  IN06
+unet.down_blocks.2.attentions.0.proj_out  diffusion_model_input_blocks_7_1_proj_out  IN07
+unet.down_blocks.2.attentions.1.transformer_blocks.0.attn2.to_v
+    diffusion_model_input_blocks_8_1_transformer_blocks_0_attn2_to_v  IN08
+unet.down_blocks.2.downsamplers.0.conv  diffusion_model_input_blocks_9_0_op  IN09
+unet.down_blocks.3.resnets.0.conv2  diffusion_model_input_blocks_10_0_out_layers_3  IN10
+unet.down_blocks.3.resnets.1.conv1  diffusion_model_input_blocks_11_0_in_layers_2  IN11
+unet.mid_block.resnets.0.conv1  diffusion_model_middle_block_0_in_layers_2  M00
+unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0
+    diffusion_model_middle_block_1_transformer_blocks_0_attn2_to_out_0  M00
+unet.mid_block.resnets.1.conv2  diffusion_model_middle_block_2_out_layers_3  M00
+unet.up_blocks.0.resnets.0.conv1  diffusion_model_output_blocks_0_0_in_layers_2  OUT00
+unet.up_blocks.0.resnets.1.conv1  diffusion_model_output_blocks_1_0_in_layers_2  OUT01
+unet.up_blocks.0.upsamplers.0.conv  diffusion_model_output_blocks_2_1_conv  OUT02
+unet.up_blocks.1.attentions.0.proj_in  diffusion_model_output_blocks_3_1_proj_in  OUT03
+unet.up_blocks.1.attentions.1.transformer_blocks.0.attn1.to_k
+    diffusion_model_output_blocks_4_1_transformer_blocks_0_attn1_to_k  OUT04
+unet.up_blocks.1.upsamplers.0.conv  diffusion_model_output_blocks_5_2_conv  OUT05
+unet.up_blocks.2.attentions.0.transformer_blocks.0.attn2.to_q
+    diffusion_model_output_blocks_6_1_transformer_blocks_0_attn2_to_q  OUT06
+unet.up_blocks.2.attentions.2.proj_out  diffusion_model_output_blocks_8_1_proj_out  OUT08
+unet.up_blocks.3.attentions.0.proj_in  diffusion_model_output_blocks_9_1_proj_in  OUT09
+unet.up_blocks.3.resnets.1.conv_shortcut  diffusion_model_output_blocks_10_0_skip_connection  OUT10
+unet.up_blocks.3.attentions.2.transformer_blocks.0.ff.net.0.proj
+    diffusion_model_output_blocks_11_1_transformer_blocks_0_ff_net_0_proj  OUT11
+unet.time_embedding.linear_1  diffusion_model_time_embed_0  -
+unet.conv_out  diffusion_model_out_2  -
+"""
+)
+SDXL_TABLE = _rows(
+    """
+text_encoder.text_model.encoder.layers.3.self_attn.k_proj
+    0_transformer_text_model_encoder_layers_3_self_attn_k_proj  BASE
+text_encoder_2.text_model.encoder.layers.30.mlp.fc1  1_model_transformer_resblocks_30_mlp_c_fc  BASE
+unet.conv_in  diffusion_model_input_blocks_0_0  IN00
+unet.down_blocks.0.resnets.1.conv2  diffusion_model_input_blocks_2_0_out_layers_3  IN02
+unet.down_blocks.0.downsamplers.0.conv  diffusion_model_input_blocks_3_0_op  IN03
+unet.down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q
+    diffusion_model_input_blocks_4_1_transformer_blocks_1_attn1_to_q  IN04
+unet.down_blocks.1.attentions.1.proj_in  diffusion_model_input_blocks_5_1_proj_in  IN05
+unet.down_blocks.1.downsamplers.0.conv  diffusion_model_input_blocks_6_0_op  IN06
+unet.down_blocks.2.attentions.0.transformer_blocks.9.attn2.to_k
+    diffusion_model_input_blocks_7_1_transformer_blocks_9_attn2_to_k  IN07
+unet.down_blocks.2.attentions.1.proj_out  diffusion_model_input_blocks_8_1_proj_out  IN08
+unet.mid_block.attentions.0.transformer_blocks.5.ff.net.2
+    diffusion_model_middle_block_1_transformer_blocks_5_ff_net_2  M00
+unet.up_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v
+    diffusion_model_output_blocks_0_1_transformer_blocks_0_attn2_to_v  OUT00
+unet.up_blocks.0.attentions.2.proj_in  diffusion_model_output_blocks_2_1_proj_in  OUT02
+unet.up_blocks.0.upsamplers.0.conv  diffusion_model_output_blocks_2_2_conv  OUT02
+unet.up_blocks.1.attentions.1.transformer_blocks.1.attn1.to_out.0
+    diffusion_model_output_blocks_4_1_transformer_blocks_1_attn1_to_out_0  OUT04
+unet.up_blocks.1.upsamplers.0.conv  diffusion_model_output_blocks_5_2_conv  OUT05
+unet.up_blocks.2.resnets.0.conv1  diffusion_model_output_blocks_6_0_in_layers_2  OUT06
+unet.up_blocks.2.resnets.2.conv2  diffusion_model_output_blocks_8_0_out_layers_3  OUT08
+unet.add_embedding.linear_1  diffusion_model_label_emb_0_0  -
+unet.time_embedding.linear_2  diffusion_model_time_embed_2  -
+"""
+)
 
 
 # SD2: the SD1 UNet rows; its OpenCLIP-H encoder is keyed like OpenCLIP in A1111
-SD2_TABLE = [r for r in SD1_TABLE if r[0].startswith("unet.")] + [
-    (
-        "text_encoder.text_model.encoder.layers.22.self_attn.out_proj",
-        "model_transformer_resblocks_22_attn_out_proj",
-        "BASE",
-    ),
-    ("text_encoder.text_model.encoder.layers.0.mlp.fc2", "model_transformer_resblocks_0_mlp_c_proj", "BASE"),
-]
+SD2_TABLE = [r for r in SD1_TABLE if r[0].startswith("unet.")] + _rows(
+    """
+text_encoder.text_model.encoder.layers.22.self_attn.out_proj  model_transformer_resblocks_22_attn_out_proj  BASE
+text_encoder.text_model.encoder.layers.0.mlp.fc2  model_transformer_resblocks_0_mlp_c_proj  BASE
+"""
+)
 
 
 @pytest.mark.parametrize(
@@ -398,23 +363,12 @@ def test_cli_reweight_is_weight_times_delta(files):
 
     ckpt, (a, _), d, tok = files
     out = d / "a_out.safetensors"
-    rc = main(
-        [
-            "lora",
-            "reweight",
-            str(a),
-            "--model",
-            str(ckpt),
-            "--tokenizer",
-            str(tok),
-            "--blocks",
-            VEC_B,
-            "--weight",
-            "0.5",
-            "--out",
-            str(out),
-        ]
-    )
+
+    def reweight(blocks, out, *more):
+        argv = ["lora", "reweight", str(a), "--model", str(ckpt), "--tokenizer", str(tok), "--blocks", blocks]
+        return main([*argv, *more, "--out", str(out)])
+
+    rc = reweight(VEC_B, out, "--weight", "0.5")
     assert rc == 0 and out.exists()
     model = load_model(ckpt, tokenizer=tok)
     raw = load_file(str(a))
@@ -434,42 +388,8 @@ def test_cli_reweight_is_weight_times_delta(files):
         ), n
     assert set(got.modules) < set(src.modules)
     # the input is untouched and the output is refused over it
-    assert (
-        main(
-            [
-                "lora",
-                "reweight",
-                str(a),
-                "--model",
-                str(ckpt),
-                "--tokenizer",
-                str(tok),
-                "--blocks",
-                "ALL",
-                "--out",
-                str(a),
-            ]
-        )
-        == 2
-    )
-    assert (
-        main(
-            [
-                "lora",
-                "reweight",
-                str(a),
-                "--model",
-                str(ckpt),
-                "--tokenizer",
-                str(tok),
-                "--blocks",
-                "1,1,1",
-                "--out",
-                str(d / "bad.safetensors"),
-            ]
-        )
-        == 2
-    )
+    assert reweight("ALL", a) == 2
+    assert reweight("1,1,1", d / "bad.safetensors") == 2
     assert not (d / "bad.safetensors").exists()
 
 

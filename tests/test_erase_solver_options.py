@@ -175,47 +175,18 @@ def test_uce_refuses_the_zero_residual_options(tiny_models):
         erase(tiny_models["sd1"], ["van gogh"], ["art"], method="uce", options=EraseOptions(merge_tol=0.1))
 
 
+def _erase_van_gogh(ckpt, tok, out, *args):
+    """`weightsmith erase` of 'van gogh' toward 'art' into OUT, quiet, with ARGS: its exit status."""
+    argv = ["erase", "--model", str(ckpt), "--tokenizer", str(tok), "--target", "van gogh", "--anchor", "art"]
+    return main([*argv, "--out", str(out), *map(str, args), "--quiet"])
+
+
 def test_cli_refuses_bad_option_before_loading(tiny_checkpoints, tokenizer_dir, tmp_path, capsys):
     out = tmp_path / "o.safetensors"
-    rc = main(
-        [
-            "erase",
-            "--model",
-            str(tiny_checkpoints["sd1"]),
-            "--tokenizer",
-            str(tokenizer_dir),
-            "--target",
-            "van gogh",
-            "--anchor",
-            "art",
-            "--out",
-            str(out),
-            "--exact-subspace",
-            "2",
-            "--quiet",
-        ]
-    )
+    ckpt = tiny_checkpoints["sd1"]
+    rc = _erase_van_gogh(ckpt, tokenizer_dir, out, "--exact-subspace", 2)
     assert rc == 2 and "at most 1" in capsys.readouterr().err and not out.exists()
-    rc = main(
-        [
-            "erase",
-            "--model",
-            str(tiny_checkpoints["sd1"]),
-            "--tokenizer",
-            str(tokenizer_dir),
-            "--target",
-            "van gogh",
-            "--anchor",
-            "art",
-            "--out",
-            str(out),
-            "--method",
-            "uce",
-            "--merge-tol",
-            "0.1",
-            "--quiet",
-        ]
-    )
+    rc = _erase_van_gogh(ckpt, tokenizer_dir, out, "--method", "uce", "--merge-tol", 0.1)
     assert rc == 2 and "UCE has its own closed form" in capsys.readouterr().err and not out.exists()
 
 
@@ -223,30 +194,8 @@ def test_cli_split_and_merge_write_an_edit(tiny_checkpoints, tokenizer_dir, tmp_
     import json
 
     out, rep = tmp_path / "o.safetensors", tmp_path / "r.json"
-    rc = main(
-        [
-            "erase",
-            "--model",
-            str(tiny_checkpoints["sd1"]),
-            "--tokenizer",
-            str(tokenizer_dir),
-            "--target",
-            "van gogh",
-            "--anchor",
-            "art",
-            "--out",
-            str(out),
-            "--format",
-            "lora",
-            "--exact-subspace",
-            "1e-2",
-            "--merge-tol",
-            "0.05",
-            "--report",
-            str(rep),
-            "--quiet",
-        ]
-    )
+    opts = ["--format", "lora", "--exact-subspace", "1e-2", "--merge-tol", "0.05", "--report", rep]
+    rc = _erase_van_gogh(tiny_checkpoints["sd1"], tokenizer_dir, out, *opts)
     assert rc == 0 and out.exists()
     r = json.loads(rep.read_text())
     assert r["options"]["exact_subspace"] == 1e-2 and r["options"]["merge_tol"] == 0.05

@@ -19,6 +19,23 @@ STEPS = 2
 LATENT = 8
 
 
+def _options(**more):
+    """One IterIS iteration on two samples of the tiny sizes above, seed 5, no final evaluation."""
+    return MergeOptions(
+        iterations=1,
+        tol=0.0,
+        samples=2,
+        steps=STEPS,
+        latent_size=LATENT,
+        batch_size=2,
+        alpha1=ALPHA,
+        alpha2=ALPHA,
+        evaluate_final=False,
+        seed=5,
+        **more,
+    )
+
+
 def _double(model):
     new = copy.copy(model)
     new.text_encoders = {c: copy.deepcopy(t).double() for c, t in model.text_encoders.items()}
@@ -127,20 +144,7 @@ def test_streaming_equals_brute_force(tiny_models, untouched, toward):
         mods = te[s - 1 :: 2] + unet[s - 1 :] if s == 2 else te + unet[:4]
         t, meta = random_lora(base, rank=3, seed=s, modules=mods, strength=0.3)
         loras.append(lora_from_state_dict(t, base, metadata=meta, name=f"l{s}"))
-    opts = MergeOptions(
-        iterations=1,
-        tol=0.0,
-        samples=2,
-        steps=STEPS,
-        latent_size=LATENT,
-        batch_size=2,
-        alpha1=ALPHA,
-        alpha2=ALPHA,
-        evaluate_final=False,
-        seed=5,
-        untouched=untouched,
-        ridge_toward=toward,
-    )
+    opts = _options(untouched=untouched, ridge_toward=toward)
     edit = merge(base, loras, "iteris", prompts=PROMPTS, options=opts)
     assert edit.report["iterations"] == 1
 
@@ -194,19 +198,7 @@ def test_sequential_schedule_equals_brute_force_stage_by_stage(tiny_models):
     for s, mods in ((1, te1 + te3[::2] + ctx + down + up[:1]), (2, te1[::2] + te3 + down[1:] + up)):
         t, meta = random_lora(base, rank=3, seed=s, modules=mods, strength=0.3)
         loras.append(lora_from_state_dict(t, base, metadata=meta, name=f"l{s}"))
-    opts = MergeOptions(
-        iterations=1,
-        tol=0.0,
-        samples=2,
-        steps=STEPS,
-        latent_size=LATENT,
-        batch_size=2,
-        alpha1=ALPHA,
-        alpha2=ALPHA,
-        evaluate_final=False,
-        seed=5,
-        schedule="sequential",
-    )
+    opts = _options(schedule="sequential")
     edit = merge(base, loras, "iteris", prompts=PROMPTS, options=opts)
     jacobi = merge(
         base, loras, "iteris", prompts=PROMPTS, options=MergeOptions(**{**opts.__dict__, "schedule": "jacobi"})

@@ -12,28 +12,6 @@ from weightsmith.core.lora_read import lora_from_state_dict
 from weightsmith.core.merge import merge, save_merge
 
 
-def _pipeline(model):
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
-
-    vae = AutoencoderKL(
-        block_out_channels=(8,),
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        latent_channels=4,
-        norm_num_groups=8,
-    )
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=copy.deepcopy(model.text_encoders["text_encoder"]),
-        tokenizer=model.tokenizers["text_encoder"],
-        unet=copy.deepcopy(model.unet),
-        scheduler=DDIMScheduler(clip_sample=False, steps_offset=1),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-
-
 def _module(pipe, name):
     comp, _, path = name.partition(".")
     root = pipe.unet if comp == "unet" else pipe.text_encoder
@@ -60,7 +38,7 @@ def test_written_lora_loads_in_diffusers(tiny_models, tmp_path):
     assert all(k.startswith(("lora_unet_", "lora_te_")) for k in keys)
     assert sum(k.endswith(".alpha") for k in keys) == len(edit.deltas)
 
-    pipe = _pipeline(model)
+    pipe = _family_pipeline(model)
     pipe.load_lora_weights(load_file(str(out)))
     pipe.fuse_lora()
     ours = edit.apply(model)

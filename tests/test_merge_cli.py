@@ -12,6 +12,11 @@ from weightsmith.core.merge.cli import parse_lora_arg
 from weightsmith.core.model_io import load_model, save_single_file
 
 
+def _merge(base, tok, *args):
+    """`weightsmith merge --model BASE --tokenizer TOK ARGS --no-progress`: its exit status."""
+    return main(["merge", "--model", str(base), "--tokenizer", str(tok), *map(str, args), "--no-progress"])
+
+
 def test_merge_cli(tiny_models, tokenizer_dir, tmp_path, capsys):
     sd1 = tiny_models["sd1"]
     base = save_single_file(sd1, tmp_path / "base.safetensors")
@@ -21,35 +26,9 @@ def test_merge_cli(tiny_models, tokenizer_dir, tmp_path, capsys):
         paths.append(tmp_path / f"l{s}.safetensors")
         save_file(t, str(paths[-1]), metadata=meta)
     out, rep = tmp_path / "m.safetensors", tmp_path / "m.json"
-    rc = main(
-        [
-            "merge",
-            "--model",
-            str(base),
-            "--tokenizer",
-            str(tokenizer_dir),
-            "--lora",
-            str(paths[0]),
-            "--lora",
-            f"{paths[1]}:0.5",
-            "--prompts",
-            str(paths[0]),
-            "a red cat; a dog",
-            "--iterations",
-            "1",
-            "--samples",
-            "2",
-            "--steps",
-            "1",
-            "--latent-size",
-            "8",
-            "--out",
-            str(out),
-            "--report",
-            str(rep),
-            "--no-progress",
-        ]
-    )
+    small = "--iterations 1 --samples 2 --steps 1 --latent-size 8".split()
+    loras = ["--lora", paths[0], "--lora", f"{paths[1]}:0.5", "--prompts", paths[0], "a red cat; a dog"]
+    rc = _merge(base, tokenizer_dir, *loras, *small, "--out", out, "--report", rep)
     assert rc == 0, capsys.readouterr().err
     r = json.loads(rep.read_text())
     for k in ("method", "loras", "time_s", "iterations", "curve", "residuals"):
@@ -67,53 +46,15 @@ def test_merge_cli(tiny_models, tokenizer_dir, tmp_path, capsys):
 
     # a baseline, a compressed rank, and a checkpoint output
     out2 = tmp_path / "lin.safetensors"
-    assert (
-        main(
-            [
-                "merge",
-                "--model",
-                str(base),
-                "--tokenizer",
-                str(tokenizer_dir),
-                "--lora",
-                str(paths[0]),
-                "--lora",
-                str(paths[1]),
-                "--method",
-                "linear",
-                "--rank",
-                "1",
-                "--out",
-                str(out2),
-                "--no-progress",
-            ]
-        )
-        == 0
+    rc = _merge(
+        base, tokenizer_dir, "--lora", paths[0], "--lora", paths[1], "--method", "linear", "--rank", 1, "--out", out2
     )
+    assert rc == 0
     lin = load_lora(out2, model)
     assert all(m.rank == 1 for m in lin.modules.values())
     ck = tmp_path / "ck.safetensors"
-    assert (
-        main(
-            [
-                "merge",
-                "--model",
-                str(base),
-                "--tokenizer",
-                str(tokenizer_dir),
-                "--lora",
-                str(paths[0]),
-                "--method",
-                "concat",
-                "--format",
-                "checkpoint",
-                "--out",
-                str(ck),
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    rc = _merge(base, tokenizer_dir, "--lora", paths[0], "--method", "concat", "--format", "checkpoint", "--out", ck)
+    assert rc == 0
     m2 = load_model(ck, tokenizer=tokenizer_dir)
     n = next(iter(a.modules))
     torch.testing.assert_close(m2.weight(n) - model.weight(n), a.modules[n].delta(), rtol=1e-4, atol=1e-5)
@@ -137,45 +78,12 @@ def test_merge_cli_errors_write_nothing(tiny_models, tokenizer_dir, tmp_path, ca
         (tmp_path / "nan.safetensors", "NaN"),
         (tmp_path / "corrupt.safetensors", "damaged"),
     ):
-        rc = main(
-            [
-                "merge",
-                "--model",
-                str(base),
-                "--tokenizer",
-                str(tokenizer_dir),
-                "--lora",
-                str(good),
-                "--lora",
-                str(bad),
-                "--out",
-                str(out),
-                "--no-progress",
-                "--samples",
-                "1",
-                "--steps",
-                "1",
-                "--latent-size",
-                "8",
-            ]
-        )
+        small = "--samples 1 --steps 1 --latent-size 8".split()
+        rc = _merge(base, tokenizer_dir, "--lora", good, "--lora", bad, "--out", out, *small)
         err = capsys.readouterr().err
         assert rc == 2 and words in err and "Traceback" not in err
         assert not out.exists()
-    rc = main(
-        [
-            "merge",
-            "--model",
-            str(base),
-            "--tokenizer",
-            str(tokenizer_dir),
-            "--lora",
-            str(good),
-            "--out",
-            str(good),
-            "--no-progress",
-        ]
-    )
+    rc = _merge(base, tokenizer_dir, "--lora", good, "--out", good)
     assert rc == 2 and "input" in capsys.readouterr().err
 
 

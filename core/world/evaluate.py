@@ -149,6 +149,20 @@ def erase_prompt_sets(n: int, target: str = ERASE_TARGET) -> dict:
     return {"simple": simple, "context": context, "two": two, "preserved": preserved}
 
 
+def _result(metrics: dict, images: dict | None, n: int, seed0: int, sampler, **about) -> dict:
+    """What :func:`erasure_metrics` and :func:`merge_metrics` return: the metrics, the sampling they
+    came from, ``about`` (what was measured) and, when kept, the images."""
+    return {
+        "metrics": metrics,
+        "n_per_set": n,
+        "seeds": [seed0, seed0 + n - 1],
+        "steps": sampler.steps,
+        "guidance": sampler.guidance,
+        **about,
+        **({"images": images} if images is not None else {}),
+    }
+
+
 def erasure_metrics(
     base,
     models: dict,
@@ -194,16 +208,7 @@ def erasure_metrics(
         }
         if keep_images:
             images[name] = imgs
-    return {
-        "metrics": out,
-        "n_per_set": n,
-        "seeds": [seed0, seed0 + n - 1],
-        "steps": sampler.steps,
-        "guidance": sampler.guidance,
-        "target": target,
-        "anchor": anchor,
-        **({"images": images} if keep_images else {}),
-    }
+    return _result(out, images if keep_images else None, n, seed0, sampler, target=target, anchor=anchor)
 
 
 def merge_prompt_sets(n: int, pair: str = "clean") -> dict:
@@ -275,16 +280,7 @@ def merge_metrics(
         }
         if keep_images:
             images[name] = im
-    return {
-        "metrics": out,
-        "n_per_set": n,
-        "seeds": [seed0, seed0 + n - 1],
-        "steps": sampler.steps,
-        "guidance": sampler.guidance,
-        "pair": pair,
-        "triggers": list(PAIRS[pair]),
-        **({"images": images} if keep_images else {}),
-    }
+    return _result(out, images if keep_images else None, n, seed0, sampler, pair=pair, triggers=list(PAIRS[pair]))
 
 
 def value(m: dict) -> float:
