@@ -7,7 +7,7 @@ only loaded when ComfyUI is the host, so ``import weightsmith`` stays light ever
 
 import sys as _sys
 
-__version__ = "0.1.0"
+from .core import __version__  # noqa: F401  (one version, defined in core)
 
 
 def _inside_comfyui() -> bool:

@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="weightsmith", description="Closed-form weight editing for Stable Diffusion: erase concepts, merge LoRAs."
     )
-    from weightsmith import __version__
+    from . import __version__
 
     p.add_argument("--version", action="version", version=f"weightsmith {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
