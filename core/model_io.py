@@ -70,7 +70,6 @@ __all__ = [
     "te_params",
     "to_ldm_state_dict",
 ]
-_StateFile, _DictState = StateFile, DictState
 
 
 @dataclass

@@ -40,23 +40,10 @@ import torch
 from .. import memory
 from ..edit import Edit, FactorDeltas
 from ..precision import compute_dtype
-from .memory_plan import (
-    Budget,
-    Chunk,
-    MemoryPlan,
-    ModuleSize,
-    PlanSettings,
-    depth_stage,
-    needs_unet,
-    plan_memory,
-    reserve_bytes,
-)
+from .memory_plan import Budget, Chunk, MemoryPlan, ModuleSize, PlanSettings, plan_memory, reserve_bytes
 from .options import MergeOptions
 from .sampling import SamplingProtocol, progress_units
 from .stats import DeltaHooks, GramStats, in_dim
-
-# the names these had here before the memory plan moved to .memory_plan
-_Chunk, _depth_stage, _needs_unet = Chunk, depth_stage, needs_unet
 
 
 def _gram_device(model):
@@ -346,7 +333,7 @@ class IterISSolver:
         )
         return self.passes
 
-    def _pass(self, i, merged: bool, label: str, chunk: _Chunk, plan=None):
+    def _pass(self, i, merged: bool, label: str, chunk: Chunk, plan=None):
         stats, protocol = self.passes.stats, self.passes.protocol
         stats.reset()
         stats.set_active(chunk.names)
@@ -409,7 +396,7 @@ class IterISSolver:
             return 1.0
         return num / den
 
-    def _accumulate(self, i, iteration: int, chunk: _Chunk, num: dict, den: dict, merged, obj: dict):
+    def _accumulate(self, i, iteration: int, chunk: Chunk, num: dict, den: dict, merged, obj: dict):
         """Fold LoRA i's fresh statistics into the numerators/denominators (and the objective)."""
         m_i = self.weights[i]
         for n in chunk.names:
