@@ -114,13 +114,14 @@ def patcher_patches(edit: Edit, shapes: dict | None = None) -> tuple[dict, dict]
     host's key space (:func:`~weightsmith.core.naming.comfy_key`). ``shapes`` (key → parameter
     shape, optional): reshape each ΔW to its parameter's shape (Forge skips a mismatched "diff"
     with a printed warning only); a key missing from ``shapes`` or of another size is a clear error."""
+    from . import families
     from .errors import WeightsmithError
-    from .naming import COMFY_UNET_PREFIX, UNetLayout, comfy_key
 
-    layout = UNetLayout.from_config(edit.unet_config)
+    ckpt = families.get(edit.family).checkpoint  # the family's ComfyUI keys
+    layout = families.get(edit.family).denoiser_layout(edit.unet_config)
     unet, te = {}, {}
     for name in sorted(edit.deltas):
-        key = comfy_key(name + ".weight", edit.family, layout)
+        key = ckpt.comfy_key(name + ".weight", layout)
         d = edit.deltas[name].detach().float().cpu()
         if shapes is not None:
             shape = shapes.get(key)
@@ -131,7 +132,7 @@ def patcher_patches(edit: Edit, shapes: dict | None = None) -> tuple[dict, dict]
                     "it was computed for another model. Nothing was changed; compute it again on this one."
                 )
             d = d.reshape(shape)
-        (unet if key.startswith(COMFY_UNET_PREFIX) else te)[key] = ("diff", (d.contiguous(),))
+        (unet if key.startswith(ckpt.comfy_denoiser_prefix) else te)[key] = ("diff", (d.contiguous(),))
     return unet, te
 
 

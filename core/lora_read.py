@@ -34,8 +34,9 @@ from pathlib import Path
 
 import torch
 
+from . import families
 from .errors import WeightsmithError
-from .naming import TE1, UNET, comfy_te_prefix, te_path
+from .naming import UNET, te_path
 from .safe_io import PICKLE_SUFFIXES, load_plain_pickle
 
 # suffix -> role. Order matters: longest first.
@@ -227,45 +228,30 @@ def load_lora(path, model=None, *, name: str | None = None) -> LoRA:
 # ----------------------------------------------------------------------------------------------
 # mapping
 class ModuleIndex:
-    """Every key prefix a LoRA may use for every weight-bearing module of a model -> canonical."""
+    """Every key prefix a LoRA may use for every weight-bearing module of a model -> canonical (the
+    prefixes each module may go by are the family's, ``Family.lora.read_prefixes``)."""
 
     def __init__(self, model):
         self.family = model.family
         self.layout = model.layout
         self.shapes: dict[str, tuple] = {}
         self.by_key: dict[str, str] = {}
-        fam, layout = self.family, self.layout
+        read_prefixes = families.get(self.family).lora.read_prefixes
         for c, te in model.text_encoders.items():
             for n, m in te.named_modules():
                 if not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
                     continue
-                path = te_path(n)
-                canon = f"{c}.{path}"
+                canon = f"{c}.{te_path(n)}"
                 self.shapes[canon] = tuple(m.weight.shape)
-                kpre = ("lora_te1_" if fam == "sdxl" else "lora_te_") if c == TE1 else "lora_te2_"
-                self._add(kpre + path.replace(".", "_"), canon)
-                self._add(f"{c}.{path}", canon)
-                self._add(f"{c}.{path.removeprefix('text_model.')}", canon)
-                cp = comfy_te_prefix(fam, c)
-                self._add(cp + path, canon)
-                self._add("text_encoders." + cp + path, canon)
-                if fam == "sdxl":  # kohya's own SDXL scripts and some trainers say te1/te2 for SDXL only
-                    self._add(("text_encoder." if c == TE1 else "text_encoder_2.") + path, canon)
+                for key in read_prefixes(canon, self.layout):
+                    self._add(key, canon)
         for n, m in model.unet.named_modules():
             if not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
                 continue
             canon = f"{UNET}.{n}"
             self.shapes[canon] = tuple(m.weight.shape)
-            self._add("lora_unet_" + n.replace(".", "_"), canon)
-            self._add("unet." + n, canon)
-            self._add("base_model.model." + n, canon)
-            try:
-                ldm = layout.to_ldm(n)
-            except KeyError:
-                continue
-            self._add("lora_unet_" + ldm.replace(".", "_"), canon)
-            self._add("diffusion_model." + ldm, canon)
-            self._add("model.diffusion_model." + ldm, canon)
+            for key in read_prefixes(canon, self.layout):
+                self._add(key, canon)
 
     def _add(self, key, canon):
         self.by_key.setdefault(key, canon)
@@ -296,22 +282,7 @@ def _key_format(prefix: str) -> str:
 
 
 def _family_hint(prefixes, meta) -> str | None:
-    v = str(meta.get("ss_base_model_version", "") or meta.get("modelspec.architecture", "")).lower()
-    if "xl" in v:
-        return "sdxl"
-    if "v2" in v or "sd_v2" in v or "2-1" in v:
-        return "sd2"
-    if "v1" in v:
-        return "sd1"
-    if any(p.startswith(("lora_te1_", "lora_te2_", "clip_g.", "text_encoders.clip_g.")) for p in prefixes):
-        return "sdxl"
-    if any(
-        p.startswith(("lora_unet_input_blocks", "lora_unet_output_blocks", "lora_unet_middle_block"))
-        and "transformer_blocks_9" in p
-        for p in prefixes
-    ):
-        return "sdxl"
-    return None
+    return families.lora_family_hint(prefixes, meta)
 
 
 def _finite(name: str, t: torch.Tensor, lora_name: str) -> None:
@@ -573,10 +544,10 @@ def _refuse_unusable(name, family, refused, modules, unmatched, hint, groups) ->
             f"LoRA {name} matches no module of this {family.upper()} model ({len(unmatched)} keys, "
             f"e.g. {unmatched[:1]}). It was made for another base model or uses an unknown key layout."
         )
-    if family != "sdxl" and any(p.startswith(("lora_te1_", "lora_te2_")) for p in groups):
+    foreign = families.get(family).lora.foreign(list(groups))  # keys of another family's LoRA
+    if foreign:
         raise WeightsmithError(
-            f"LoRA {name} has SDXL text-encoder keys (lora_te1_/lora_te2_) but the model is "
-            f"{family.upper()}; use a LoRA made for this base model."
+            f"LoRA {name} {foreign} but the model is {family.upper()}; use a LoRA made for this base model."
         )
 
 

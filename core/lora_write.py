@@ -26,13 +26,14 @@ import re
 
 import torch
 
+from . import families
 from .edit import Edit
 from .errors import WeightsmithError, require
 from .factor import svd_factor
-from .naming import UNetLayout, kohya_prefix
 from .safe_io import atomic_save_file
 
-BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+# the ss_base_model_version each family's LoRAs are written with (``Family.lora.base_model_version``)
+BASE_MODEL_VERSION = {f.name: f.lora.base_model_version for f in families.all_families()}
 
 
 def compress_factors(up: torch.Tensor, down: torch.Tensor, rank: int):
@@ -73,17 +74,18 @@ def lora_tensors(edit: Edit, rank: int | None = None, fmt: str = "lora", complet
         raise WeightsmithError(f"unknown LoRA format {fmt!r}; use 'lora' or 'diff'.")
     if rank is not None and (isinstance(rank, bool) or int(rank) < 1):
         raise WeightsmithError(f"rank must be a positive integer (or None for exact), got {rank!r}.")
-    layout = UNetLayout.from_config(edit.unet_config)
+    lora = families.get(edit.family).lora  # the family's LoRA key layout
+    layout = families.get(edit.family).denoiser_layout(edit.unet_config)
     out, errors = {}, {}
     for name, (up, down) in (_fused_siblings(edit) if complete_fused else {}).items():
-        prefix = kohya_prefix(name, edit.family, layout)
+        prefix = lora.write_prefix(name, layout)
         if fmt == "diff":
             out[prefix + ".diff"] = up @ down
         else:
             out[prefix + ".lora_up.weight"] = up
             out[prefix + ".lora_down.weight"] = down
     for name in sorted(edit.deltas):
-        prefix = kohya_prefix(name, edit.family, layout)
+        prefix = lora.write_prefix(name, layout)
         delta = edit.deltas[name]
         if fmt == "diff":
             out[prefix + ".diff"] = delta.float().contiguous()

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from . import families
 from .errors import WeightsmithError, require
 from .layouts import detect_checkpoint_family
 from .layouts.ldm import heads_problem, infer_unet_config, metadata_json, te_config_from_keys
@@ -192,7 +193,8 @@ def beside_host_weights_dtype(path) -> torch.dtype | None:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        return half if detect_checkpoint_family(list(f.keys())) == "sdxl" else None
+        family = families.get(detect_checkpoint_family(list(f.keys())))
+    return half if family.half_beside_host else None
 
 
 def _folder_json(p: Path, what: str) -> dict:
@@ -323,7 +325,7 @@ def _load_single_file(path: Path, clip_skip, tokenizer, weights_dtype=None) -> S
     sf = StateFile(path)
     family = detect_checkpoint_family(sf.keys())
     heads = metadata_json(sf, "ws_text_encoder_heads", heads_problem)
-    comps = [TE1, TE2] if family == "sdxl" else [TE1]
+    comps = families.get(family).text_encoder_names
     toks = {c: encoder_tokenizer(tokenizer, family, c) for c in comps}
     te_sources = {c: te_checkpoint_prefix(family, c) for c in comps}
     model = _build_from_state(
@@ -420,7 +422,7 @@ def _build_from_state(
                 f"the checkpoint's text encoder is incomplete: {e.args[0]} is missing. The file "
                 "is damaged or not a standard SD checkpoint."
             ) from None
-        if family == "sd2" or c == TE2:  # OpenCLIP-H / bigG use gelu, also in transformers-format keys (ComfyUI)
+        if families.get(family).component(c).kind == "open_clip":  # gelu, also in transformers-format keys (ComfyUI)
             cfg.hidden_act = "gelu"
         if len(tok) > cfg.vocab_size:
             raise WeightsmithError(

@@ -45,10 +45,11 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 def pad_token_for(family: str, comp: str) -> str:
-    """OpenCLIP encoders (SD2's ViT-H, SDXL's bigG) pad with "!" (id 0), CLIP-L pads with EOS."""
-    from .naming import TE2
+    """The pad token the family declares for encoder ``comp``: OpenCLIP encoders (SD2's ViT-H,
+    SDXL's bigG) pad with "!" (id 0), CLIP-L pads with EOS."""
+    from . import families
 
-    return "!" if (family == "sd2" or comp == TE2) else EOS
+    return families.get(family).component(comp).pad_token or EOS
 
 
 def fit_tokenizer(tok, family: str, comp: str, *, copy: bool = True):
@@ -57,9 +58,11 @@ def fit_tokenizer(tok, family: str, comp: str, *, copy: bool = True):
     fix-ups live; every host adapter calls it. A copy unless ``copy=False``."""
     import copy as _copy
 
+    from . import families
+
     tok = _copy.deepcopy(tok) if copy else tok
     if tok.model_max_length > 1000:
-        tok.model_max_length = 77
+        tok.model_max_length = families.get(family).component(comp).max_length or 77
     pad = pad_token_for(family, comp)
     if tok.pad_token != pad:
         tok.pad_token = pad

@@ -2,6 +2,8 @@
 
 docs/method.md, "The ErasePro schedule", "Token features and pairing", "UCE". Methods:
 
+The stages are the model family's (``Family.erase``, docs/method.md, "Model families"); for SD:
+
 - ``erasepro``: text-encoder stages shallow → deep (each layer's ``k_proj``/``v_proj`` by default;
   ``q_proj``, ``out_proj``, ``fc1``, ``fc2`` optional), then the UNet cross-attention ``to_k``/
   ``to_v`` stage. Each stage solves the zero-residual constraint ``W X = W_o Y`` with ``X`` the
@@ -31,23 +33,11 @@ import torch
 
 from ..edit import Edit
 from ..errors import WeightsmithError, require
-from ..naming import TE2
 from ..progress import Steps
 from .options import METHODS, TE_SUBLAYERS, TOKEN_MODES, EraseOptions, check_method_options  # noqa: F401
 from .prompts import PRESERVE_CAPTIONS, concept_kind, fill, templates_for
 from .solvers import F64, UCEBasis, ZeroResidualBasis, preserve_matrix
 from .tokens import align
-
-# sub-layers grouped by the input they read, in the order a layer computes them
-_GROUPS = (("q_proj", "k_proj", "v_proj"), ("out_proj",), ("fc1",), ("fc2",))
-_SUB_PATH = {
-    "q_proj": "self_attn.q_proj",
-    "k_proj": "self_attn.k_proj",
-    "v_proj": "self_attn.v_proj",
-    "out_proj": "self_attn.out_proj",
-    "fc1": "mlp.fc1",
-    "fc2": "mlp.fc2",
-}
 
 
 @dataclass
@@ -129,11 +119,6 @@ def build_prompts(targets, anchors, preserve, opts: EraseOptions, expand: bool) 
 # ----------------------------------------------------------------------------------------------
 class _Stop(Exception):
     pass
-
-
-def _layers(te) -> torch.nn.ModuleList:
-    enc = te.text_model.encoder if hasattr(te, "text_model") else te.encoder
-    return enc.layers
 
 
 def _capture(modules: dict[str, torch.nn.Module], run, stop: bool = False) -> dict[str, torch.Tensor]:
@@ -262,26 +247,32 @@ class Encoders:
         self._ctx_edited[comp] = context.float()
 
     def context(self, which: str, edited: bool = False) -> torch.Tensor | None:
-        """The UNet conditioning of prompt set ``which`` (all encoders, concatenated), from the cached
-        passes; an encoder not run yet runs now. ``edited``: the edited encoders' (targets only)."""
-        parts = []
+        """The denoiser's context of prompt set ``which`` (all encoders' token states, put together
+        as the family does), from the cached passes; an encoder not run yet runs now. ``edited``:
+        the edited encoders' (targets only)."""
+        parts = {}
         for comp in self.model.text_encoders:
+            if not self.model.encoder_specs[comp].tokens:
+                continue
             if edited and comp in self._ctx_edited:
-                parts.append(self._ctx_edited[comp])
+                parts[comp] = self._ctx_edited[comp]
                 continue
             if (comp, which) not in self._ctx:
                 if self.ids(comp, which) is None:
                     return None
                 self.original_pass(comp, which, {})
-            parts.append(self._ctx[(comp, which)])
-        return torch.cat(parts, dim=-1)
+            parts[comp] = self._ctx[(comp, which)]
+        return self.model.build_conditioning(parts).context
 
     def n_used_layers(self, comp: str) -> int:
+        """How many of the encoder's layers feed the denoiser: every one when its pooled output
+        (read from the last layer) does, else those up to the hidden state read."""
         te = self.model.text_encoders[comp]
         L = te.config.num_hidden_layers
-        if self.model.family == "sdxl" and comp == TE2:
+        spec = self.model.encoder_specs[comp]
+        if spec.pooled:
             return L  # the pooled output reads the last layer
-        return L + 1 + self.model.encoder_specs[comp].layer
+        return L + 1 + spec.layer
 
 
 def _select_layers(n_used: int, rng) -> list[int]:
@@ -293,20 +284,23 @@ def _select_layers(n_used: int, rng) -> list[int]:
 
 
 def _te_stage(
-    model, enc: Encoders, comp: str, opts: EraseOptions, steps: Steps, deltas: dict, factors: dict, stats: list
+    model, enc: Encoders, stage, opts: EraseOptions, steps: Steps, deltas: dict, factors: dict, stats: list
 ) -> None:
     """Progressive shallow→deep zero-residual edits of one text encoder (docs/method.md, "The ErasePro
-    schedule")."""
+    schedule"); ``stage``: the family's ``EncoderStage`` (which linears of each layer, grouped by
+    the input they share)."""
+    comp = stage.component
     te_o = model.text_encoders[comp]
-    layers_o = _layers(te_o)
+    layers_o = model.module(f"{comp}.{stage.layers}")
     edit_layers = _select_layers(enc.n_used_layers(comp), opts.te_layers)
     if not edit_layers:
         return
-    groups = [tuple(s for s in g if s in opts.te_sublayers) for g in _GROUPS]
+    # (option name, path) of the selected linears, grouped by the input they share
+    groups = [tuple(s for s in g if s[0] in opts.te_sublayers) for g in stage.groups]
     groups = [g for g in groups if g]
     # one pass of the original encoder over anchor / target / preserve prompts, inputs of every
     # group's first module captured at every edited layer
-    hook_mods = {(l, g[0]): layers_o[l].get_submodule(_SUB_PATH[g[0]]) for l in edit_layers for g in groups}
+    hook_mods = {(l, g[0][1]): layers_o[l].get_submodule(g[0][1]) for l in edit_layers for g in groups}
     named = {f"{l}:{g}": m for (l, g), m in hook_mods.items()}
     feats_a = enc.original_pass(comp, "a", named)
     feats_t0 = enc.original_pass(comp, "t", named)
@@ -351,13 +345,13 @@ def _te_stage(
         layer_e = copy.deepcopy(layers_o[l]) if l in edit_layers else layers_o[l]
         if l in edit_layers:
             for g in groups:
-                key = f"{l}:{g[0]}"
+                key = f"{l}:{g[0][1]}"
 
                 # the group's input in the model edited so far: the layer runs only up to that module
                 def upto(layer_e=layer_e, hidden=hidden):
                     return run_layer(layer_e, hidden)
 
-                cur = _capture({key: layer_e.get_submodule(_SUB_PATH[g[0]])}, upto, stop=True)
+                cur = _capture({key: layer_e.get_submodule(g[0][1])}, upto, stop=True)
                 X = gather(cur[key], tpos)
                 Y = gather(feats_a.pop(key), apos)  # each layer's features are freed once used
                 X0 = gather(feats_t0.pop(key), tpos)
@@ -368,13 +362,13 @@ def _te_stage(
                 basis = ZeroResidualBasis(
                     X, C, opts.rcond, opts.ridge, opts.cond_limit, opts.exact_subspace, opts.merge_tol
                 )
-                for sub in g:
-                    name = f"{comp}.text_model.encoder.layers.{l}.{_SUB_PATH[sub]}"
-                    mod_o = layers_o[l].get_submodule(_SUB_PATH[sub])
+                for _opt, sub in g:
+                    name = f"{comp}.{stage.canonical_layers}.{l}.{sub}"
+                    mod_o = layers_o[l].get_submodule(sub)
                     W_o = mod_o.weight.detach().to(F64)
                     R = W_o @ (Y.to(F64) - X.to(F64))
                     delta, up, down = basis.delta(R)
-                    mod_e = layer_e.get_submodule(_SUB_PATH[sub])
+                    mod_e = layer_e.get_submodule(sub)
                     with torch.no_grad():
                         mod_e.weight.copy_((W_o + delta).to(mod_e.weight.dtype))
                     deltas[name] = delta.float()
@@ -393,8 +387,9 @@ def _te_stage(
     enc.set_edited(comp, model.conditioning_from_hidden(comp, ctx_hidden))  # final LN: never edited
 
 
-def _unet_stage(
+def _conditioning_stage(
     model,
+    stage,
     enc: Encoders,
     ps: _PromptSet,
     method: str,
@@ -404,8 +399,14 @@ def _unet_stage(
     factors: dict,
     stats: list,
 ) -> None:
-    """UNet cross-attention k/v: zero-residual or UCE, with shared factorisation (docs/method.md, "The
+    """The denoiser's linears that read the context (SD: UNet cross-attention k/v; the family's
+    ``ConditioningStage``): zero-residual or UCE, with shared factorisation (docs/method.md, "The
     ErasePro schedule", "UCE")."""
+    require(
+        stage.reads == "context",
+        f"the {model.family_def.label} stage {stage.label} reads the {stage.reads} conditioning, which "
+        "this version of the erasure pipeline does not solve for.",
+    )
     first = next(iter(model.tokenizers))
     tpos, apos = enc.pairs[first]
     ctx = {k: enc.context(k) for k in ("t", "a", "p")}  # original encoders (cached passes)
@@ -431,20 +432,18 @@ def _unet_stage(
             opts.merge_tol,
         )
         rank = basis.rank
-    for block in model.unet_cross_attention_names():
-        for sub in opts.unet_sublayers:
-            name = f"{block}.{sub}"
-            W_o = model.weight(name).to(F64)
-            _check_finite(W_o, f"the model's weight {name}")
-            R = W_o @ (Y64 - X64)
-            delta, up, down = basis.delta(W_o) if method == "uce" else basis.delta(R)
-            deltas[name] = delta.float()
-            if up.shape[1] < min(W_o.shape):
-                factors[name] = (up.float(), down.float())
-            t_r = time.perf_counter()
-            stats.append(_stat(name, "unet", W_o, delta, X64, Y64, X064, rank, basis, R=R, factors=(up, down)))
-            enc.clock["report"] += time.perf_counter() - t_r
-            steps.step(name.split(".", 1)[1])
+    for name in stage.linears(model, tuple(opts.unet_sublayers)):
+        W_o = model.weight(name).to(F64)
+        _check_finite(W_o, f"the model's weight {name}")
+        R = W_o @ (Y64 - X64)
+        delta, up, down = basis.delta(W_o) if method == "uce" else basis.delta(R)
+        deltas[name] = delta.float()
+        if up.shape[1] < min(W_o.shape):
+            factors[name] = (up.float(), down.float())
+        t_r = time.perf_counter()
+        stats.append(_stat(name, stage.label, W_o, delta, X64, Y64, X064, rank, basis, R=R, factors=(up, down)))
+        enc.clock["report"] += time.perf_counter() - t_r
+        steps.step(name.split(".", 1)[1])
 
 
 def erase(
@@ -479,13 +478,15 @@ def erase(
         for n, prm in te.named_parameters():
             _check_finite(prm, f"the model's text-encoder weight {comp}.{n}")
     enc = Encoders(model, ps, opts)
-    n_unet = len(model.unet_cross_attention_names()) * len(opts.unet_sublayers)
+    erase_layout = model.family_def.erase  # the family's stages, shallow → deep
+    te_stages = erase_layout.encoder_stages(model) if method == "erasepro" else ()
+    n_unet = sum(len(st.linears(model, tuple(opts.unet_sublayers))) for st in erase_layout.conditioning_stages)
     te_plan = {}
     if method == "erasepro":
-        for comp in model.text_encoders:
-            te_plan[comp] = _select_layers(enc.n_used_layers(comp), opts.te_layers)
+        for st in te_stages:
+            te_plan[st.component] = _select_layers(enc.n_used_layers(st.component), opts.te_layers)
         if opts.te_layers is not None:
-            used = {c: enc.n_used_layers(c) for c in model.text_encoders}
+            used = {st.component: enc.n_used_layers(st.component) for st in te_stages}
             span = ", ".join(f"{c}: 0-{n - 1}" for c, n in used.items())
             require(
                 any(te_plan.values()),
@@ -500,10 +501,10 @@ def erase(
     steps = Steps(n_unet + sum(len(v) for v in te_plan.values()), progress, cancel)
     steps.check()
     deltas, factors, stats = {}, {}, []
-    if method == "erasepro":
-        for comp in model.text_encoders:
-            _te_stage(model, enc, comp, opts, steps, deltas, factors, stats)
-    _unet_stage(model, enc, ps, method, opts, steps, deltas, factors, stats)
+    for st in te_stages:
+        _te_stage(model, enc, st, opts, steps, deltas, factors, stats)
+    for st in erase_layout.conditioning_stages:
+        _conditioning_stage(model, st, enc, ps, method, opts, steps, deltas, factors, stats)
     report = {
         "method": method,
         "family": model.family,

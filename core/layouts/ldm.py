@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 
+from .. import families
 from ..errors import WeightsmithError, require
 from ..naming import LDM_UNET_PREFIX
 
@@ -109,12 +110,10 @@ def infer_unet_config(sf, family: str, prefix: str = LDM_UNET_PREFIX) -> dict:
     ctx_key = next(k for k in kv if kv[k][1] == common)
     linear = len(shape(next(k for k in keys if k.endswith("proj_in.weight")))) == 2
     mid_attn = "middle_block.1.proj_in.weight" in ks
-    if family == "sd1":
-        heads = 8
-    else:
-        heads = [max(1, c // 64) for c in block_out]
+    defaults = families.get(family).denoiser_defaults  # what the weights do not say
+    heads = defaults.get("attention_head_dim") or [max(1, c // 64) for c in block_out]
     cfg = dict(
-        sample_size=64 if family != "sdxl" else 128,
+        sample_size=defaults.get("sample_size", 64),
         in_channels=in_w[1],
         out_channels=shape("out.2.weight")[0],
         block_out_channels=tuple(block_out),

@@ -1,5 +1,7 @@
-"""The Stable Diffusion sampling protocol for IterIS statistics (docs/method.md, "IterIS sampling
-protocol"; this project's design: the paper's diffusion code was never released).
+"""The sampling protocol for IterIS statistics (docs/method.md, "IterIS sampling protocol"; this
+project's design: the paper's diffusion code was never released). The trajectory, the starting noise
+and the denoiser call are the model family's sampler (``Family.sampler``, docs/method.md, "Model
+families"); what follows describes the SD families' (DDIM).
 
 Samples of LoRA *i* are ``(prompt, seed)`` pairs: prompts are the user's, or by default built from
 the most frequent tags of the LoRA's ``ss_tag_frequency`` metadata (else its file name). For each
@@ -57,20 +59,9 @@ def make_samples(prompts: list[str], n: int, seed: int) -> list[Sample]:
 
 
 def make_scheduler(model):
-    from diffusers import DDIMScheduler
-
-    """DDIM with the model's noise schedule and "trailing" timestep spacing, so a short trajectory
-    starts at the noisiest timestep (3 steps: 999, 666, 333)."""
-    if model.scheduler is not None:
-        # steps_offset is unused with trailing spacing; 1 keeps diffusers from warning about old configs
-        return DDIMScheduler.from_config(model.scheduler.config, timestep_spacing="trailing", steps_offset=1)
-    return DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        timestep_spacing="trailing",
-    )
+    """The scheduler of the model family's sampler before its timesteps are set (SD: DDIM with the
+    model's noise schedule and "trailing" spacing, so 3 steps visit 999, 666, 333)."""
+    return model.family_def.sampler.schedule(model, 1).scheduler
 
 
 def is_context_only(name: str) -> bool:
@@ -106,9 +97,8 @@ class SamplingProtocol:
         self.hooks = hooks
         self.stats = stats
         self.steps = max(1, int(steps))
-        cfg = model.unet_config
-        self.latent = int(latent_size or cfg.get("sample_size", 64))
-        self.channels = int(cfg.get("in_channels", 4))
+        # the family's latent: channels and side (SD: the UNet's in_channels, sample_size unless given)
+        self.channels, self.latent, _ = model.family_def.sampler.latent_shape(model, latent_size)
         self.batch_size = max(1, int(batch_size))
         self.need_unet = need_unet
         self.context_modules = list(context_modules)
@@ -178,39 +168,31 @@ class SamplingProtocol:
         unet = self.model.unet
         p = next(unet.parameters())
         dt = compute_dtype(p.dtype)  # a UNet held in half computes in float32
-        sched = make_scheduler(self.model)
-        sched.set_timesteps(self.steps)
-        z = torch.stack(
-            [
-                torch.randn((self.channels, self.latent, self.latent), generator=torch.Generator().manual_seed(s.seed))
-                for s in batch
-            ]
-        )
-        z = (z * sched.init_noise_sigma).to(device=p.device, dtype=dt)
-        ctxs, extra = [], []
+        sampler = self.model.family_def.sampler  # the family's trajectory and denoiser call
+        sched = sampler.schedule(self.model, self.steps)
+        shape = sampler.latent_shape(self.model, self.latent)
+        z = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s.seed)) for s in batch])
+        z = sched.start(z).to(device=p.device, dtype=dt)
+        ctxs, pools = [], []
         for k in range(len(phases)):
-            ctx = torch.stack([contexts[k][s.prompt][0] for s in batch]).to(p.device, dt)
-            ctxs.append(ctx)
-            kw = {}
-            if self.model.family == "sdxl":
-                px = self.latent * 8
-                pooled = torch.stack([contexts[k][s.prompt][1] for s in batch]).to(p.device, dt)
-                tid = torch.tensor([[px, px, 0, 0, px, px]] * len(batch), device=p.device, dtype=dt)
-                kw["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": tid}
-            extra.append(kw)
+            ctxs.append(torch.stack([contexts[k][s.prompt][0] for s in batch]).to(p.device, dt))
+            first = contexts[k][batch[0].prompt][1]
+            pools.append(
+                None if first is None else torch.stack([contexts[k][s.prompt][1] for s in batch]).to(p.device, dt)
+            )
         for t in sched.timesteps:
             self.check()
-            zin = sched.scale_model_input(z, t)
+            zin = sched.model_input(z, t)
             eps = None
-            for (key, mode), ctx, kw in zip(phases, ctxs, extra):
+            for (key, mode), ctx, pooled in zip(phases, ctxs, pools):
                 self.hooks.use(key)
                 self.stats.mode = mode
-                out = unet(zin, t.to(p.device), encoder_hidden_states=ctx, **kw).sample
+                out = sampler.predict(self.model, unet, zin, t, ctx, pooled)
                 self.unet_passes += 1
                 if eps is None:
                     eps = out
             self.stats.mode = "off"
-            z = sched.step(eps, t, z).prev_sample
+            z = sched.step(eps, t, z)
             if self.tick is not None:
                 self.tick("unet")
 
