@@ -443,7 +443,7 @@ SD_ERASE = EraseLayout(
 # the sampler of IterIS statistics
 def make_ddim(model):
     """DDIM with the model's noise schedule and "trailing" timestep spacing, so a short trajectory
-    starts at the noisiest timestep (3 steps: 999, 666, 333)."""
+    starts at the noisiest timestep (3 steps: 999, 666, 332)."""
     from diffusers import DDIMScheduler
 
     if model.scheduler is not None:

@@ -60,7 +60,7 @@ def make_samples(prompts: list[str], n: int, seed: int) -> list[Sample]:
 
 def make_scheduler(model):
     """The scheduler of the model family's sampler before its timesteps are set (SD: DDIM with the
-    model's noise schedule and "trailing" spacing, so 3 steps visit 999, 666, 333)."""
+    model's noise schedule and "trailing" spacing, so 3 steps visit 999, 666, 332)."""
     return model.family_def.sampler.schedule(model, 1).scheduler
 
 
