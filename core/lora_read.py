@@ -624,13 +624,19 @@ def flux_lora_from_state_dict(tensors: dict, model=None, *, metadata=None, name:
             f"LoRA {name} was made for Flux.1 (its keys name Flux modules) but the model is "
             f"{family_label(fam)}; use a LoRA made for this base model."
         )
-    if not is_flux:
+    got = flux_lora.read(tensors, name) if is_flux or fam == flux_lora.FAMILY else None
+    clip_only = got is not None and got.modules and not got.unmatched
+    if not is_flux and not clip_only:
         raise WeightsmithError(
             f"LoRA {name} is not a Flux.1 LoRA (none of its keys names a Flux module"
             f"{', e.g. ' + next(iter(tensors)) if tensors else ''}); it was made for another base model "
-            "(SD1.x/SD2.x/SDXL keys such as lora_unet_down_blocks_… or lora_te_… alone). Use a Flux LoRA."
+            "(SD1.x/SD2.x/SDXL keys such as lora_unet_down_blocks_…). Use a Flux LoRA."
         )
-    got = flux_lora.read(tensors, name)
+    if not is_flux:
+        got.notes.append(
+            "the file changes CLIP-L only (no transformer or T5 keys); applied to Flux's CLIP-L text encoder, "
+            "as ComfyUI and Forge apply it"
+        )
     if not got.modules:
         raise WeightsmithError(
             f"LoRA {name} matches no Flux module ({len(got.unmatched)} keys, e.g. {got.unmatched[:1]}); "

@@ -745,6 +745,11 @@ def test_sd_lora_for_flux_and_flux_lora_for_sd_are_refused(world, tiny_models, t
     flux_model = type("FluxStub", (), {"family": "flux"})()
     with pytest.raises(WeightsmithError, match="not a Flux.1 LoRA"):
         lora_from_state_dict(sd_lora, flux_model, name="sd")
+    # a CLIP-L-only file is Flux's CLIP-L as much as SD1's: read for Flux, with a note
+    te_only = {k: v for k, v in w_kohya(world).items() if k.startswith("lora_te1_")}
+    lora = lora_from_state_dict(te_only, flux_model, name="te")
+    _check(lora, {k: v for k, v in world["truth"].items() if k.startswith("text_encoder.")})
+    assert any("CLIP-L only" in n for n in lora.notes)
     with pytest.raises(WeightsmithError, match="made for Flux.1.*SD1"):
         lora_from_state_dict(w_peft(world), tiny_models["sd1"], name="flux")
     p = tmp_path / "f.safetensors"
