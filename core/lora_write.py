@@ -288,6 +288,8 @@ def save_flux_lora(
     if not tensors and not t5:
         raise WeightsmithError("the edit is empty; there is nothing to write.")
     note = flux_lora.T5_NOTE.format(file=t5_path.name) if t5 else ""
+    if t5 and not tensors:
+        note += " The edit changes nothing else, so no LoRA file was written."
     ranks = [int(t.shape[0]) for k, t in tensors.items() if k.endswith(".lora_A.weight")]
     meta = {
         "ss_base_model_version": flux_lora.BASE_MODEL_VERSION,
@@ -313,6 +315,7 @@ def save_flux_lora(
         "rank": max(ranks) if ranks else None,
         "rank_cap": None if rank is None else int(rank),
         "t5_file": str(t5_path) if t5 else None,
+        "lora_file": str(path) if tensors else None,
         "note": note,
     }
 
@@ -343,6 +346,13 @@ def save_t5_encoder(base, deltas: dict, path, *, prefix: str = "", metadata: dic
     from .safe_io import atomic_write
 
     keys = sorted(base.keys())
+    have = set(keys)
+    missing = sorted(k for c in deltas if (k := prefix + c[len(flux_lora.T5) + 1 :] + ".weight") not in have)
+    if missing:
+        raise WeightsmithError(
+            f"the base T5 weights lack {missing[0]} ({len(missing)} edited weight(s) in all); pass the T5 "
+            "encoder the edit was computed on."
+        )
     header: dict = {"__metadata__": {k: str(v) for k, v in sorted({"format": "pt", **(metadata or {})}.items())}}
     offset = 0
     for k in keys:
@@ -359,9 +369,9 @@ def save_t5_encoder(base, deltas: dict, path, *, prefix: str = "", metadata: dic
     def write(f):
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for k, t in flux_lora.t5_edited_state(((k, base.get(k)) for k in keys), deltas, prefix):
+        for k, t in flux_lora.t5_edited_state(base, deltas, prefix):
             t = t.detach().cpu().contiguous()
-            if t.is_floating_point() and t.element_size() > 1 and not bool(torch.isfinite(t).all()):
+            if t.is_floating_point() and not bool(torch.isfinite(t.float()).all()):
                 raise WeightsmithError(f"the T5 weight {k} holds NaN or infinite values; nothing was written.")
             if t.numel():
                 f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())

@@ -474,6 +474,44 @@ def test_t5_part_is_a_full_encoder_file_with_a_note(world, written):
     assert all(torch.equal(v, got[k]) for k, v in t5b.state_dict().items())
 
 
+def test_t5_writer_streams_a_lazy_prefixed_scaled_base(world, tmp_path):
+    """save_t5_encoder on a lazy reader (StateFile) of a ComfyUI-style file: prefixed keys, one weight
+    in fp16 and one in scaled fp8 (effective = stored · scale_weight); a T5-only edit writes no LoRA."""
+    from weightsmith.core.edit import Edit
+    from weightsmith.core.lora_write import save_lora, save_t5_encoder
+    from weightsmith.core.state_files import StateFile
+
+    pre = "text_encoders.t5xxl.transformer."
+    base = {pre + k: v.clone() for k, v in world["t5"].state_dict().items()}
+    q, o = "encoder.block.0.layer.0.SelfAttention.q.weight", "encoder.block.1.layer.0.SelfAttention.o.weight"
+    base[pre + q] = base[pre + q].half()
+    base[pre + o] = (base[pre + o] / 0.01).to(torch.float8_e4m3fn)
+    base[pre + o[: -len(".weight")] + ".scale_weight"] = torch.tensor(0.01)
+    src = tmp_path / "base.safetensors"
+    save_file(base, str(src))
+    dq = world["truth"]["text_encoder_2." + q[: -len(".weight")]].float()
+    do = world["truth"]["text_encoder_2." + o[: -len(".weight")]].float()
+    deltas = {"text_encoder_2." + q[: -len(".weight")]: dq, "text_encoder_2." + o[: -len(".weight")]: do}
+    out = save_t5_encoder(StateFile(src), deltas, tmp_path / "t5.safetensors", prefix=pre)
+    got = load_file(str(out))
+    assert set(got) == set(base)
+    assert got[pre + q].dtype == torch.float16 and _rel(got[pre + q].float() - base[pre + q].float(), dq) < 1e-3
+    eff = got[pre + o].float() * 0.01 - base[pre + o].float() * 0.01
+    assert got[pre + o].dtype == torch.float8_e4m3fn and _rel(eff, do) < 0.2  # what fp8 keeps of the edit
+    assert all(torch.equal(got[k], v) for k, v in base.items() if k not in (pre + q, pre + o))
+    # an edit that overflows the stored type is refused, nothing written
+    with pytest.raises(WeightsmithError, match="NaN or infinite.*float16"):
+        save_t5_encoder(
+            StateFile(src), {"text_encoder_2." + q[:-7]: dq * 1e9}, tmp_path / "bad.safetensors", prefix=pre
+        )
+    assert not (tmp_path / "bad.safetensors").exists()
+    # a T5-only edit: the T5 file and the note, no LoRA file
+    edit = Edit("flux", {}, dict(deltas), {}, {"method": "test"})
+    info = save_lora(edit, tmp_path / "only.safetensors", t5_base=StateFile(src), t5_prefix=pre)
+    assert info["lora_file"] is None and not (tmp_path / "only.safetensors").exists()
+    assert (tmp_path / "only_t5xxl.safetensors").exists() and "no LoRA file was written" in info["note"]
+
+
 def test_t5_edit_without_base_weights_is_refused(world, tmp_path):
     from weightsmith.core.lora_write import save_lora
 

@@ -534,15 +534,26 @@ def write_tensors(factors: dict) -> tuple[dict, list[str]]:
 
 
 def t5_edited_state(base, deltas: dict, prefix: str = ""):
-    """Stream ``(key, tensor)`` of a T5 encoder state dict with ``deltas`` (canonical
-    ``text_encoder_2.…`` name -> ΔW) added, in ``base``'s key order. ``base``: a mapping or an
-    iterable of ``(key, tensor)`` (HF ``T5EncoderModel`` keys, ``prefix`` before them, e.g.
-    ``text_encoders.t5xxl.transformer.``); edited tensors keep the base dtype, are computed in
-    float32 and must be finite; nothing of ``base`` is modified. Every delta must find its weight."""
-    items = base.items() if hasattr(base, "items") else base
+    """Stream ``(key, tensor)`` of a T5 encoder state with ``deltas`` (canonical ``text_encoder_2.…``
+    name -> ΔW) added, in sorted key order, one tensor at a time. ``base``: a mapping or a lazy reader
+    with ``keys()`` and ``get(key)`` (:class:`~weightsmith.core.state_files.StateFile`), HF
+    ``T5EncoderModel`` keys after ``prefix`` (e.g. ``text_encoders.t5xxl.transformer.`` in a ComfyUI
+    checkpoint). An edited weight keeps the base dtype; where the base holds a ComfyUI ``scale_weight``
+    beside it (scaled fp8: effective weight = stored · scale), the stored value becomes
+    ``(stored · scale + ΔW) / scale``. Sums are formed in float32, and an edited weight that is not
+    finite after the cast back is refused. ``base`` is not modified. Every delta must find its weight
+    (checked before anything is yielded)."""
+    keys = sorted(base.keys())
+    have = set(keys)
     want = {prefix + c[len(T5) + 1 :] + ".weight": c for c in deltas}
-    done = set()
-    for k, t in items:
+    missing = sorted(set(want) - have)
+    if missing:
+        raise WeightsmithError(
+            f"the base T5 weights lack {missing[0]} ({len(missing)} edited weight(s) in all); pass the T5 "
+            "encoder the edit was computed on."
+        )
+    for k in keys:
+        t = base.get(k)
         c = want.get(k)
         if c is None:
             yield k, t
@@ -550,17 +561,16 @@ def t5_edited_state(base, deltas: dict, prefix: str = ""):
         d = deltas[c]
         if tuple(d.shape) != tuple(t.shape):
             raise WeightsmithError(f"the T5 edit for {c} is {tuple(d.shape)} but the base weight is {tuple(t.shape)}.")
-        new = t.float() + d.float()
-        if not bool(torch.isfinite(new).all()):
-            raise WeightsmithError(f"the edited T5 weight {k} holds NaN or infinite values; nothing was written.")
-        done.add(k)
-        yield k, new.to(t.dtype)
-    missing = sorted(set(want) - done)
-    if missing:
-        raise WeightsmithError(
-            f"the base T5 weights lack {missing[0]} ({len(missing)} edited weight(s) in all); pass the T5 "
-            "encoder the edit was computed on."
-        )
+        sk = k[: -len(".weight")] + ".scale_weight"
+        scale = base.get(sk).float() if sk in have else None
+        new = t.float() + d.float() if scale is None else (t.float() * scale + d.float()) / scale
+        new = new.to(t.dtype)
+        if not bool(torch.isfinite(new.float()).all()):
+            raise WeightsmithError(
+                f"the edited T5 weight {k} holds NaN or infinite values in {str(t.dtype).removeprefix('torch.')} "
+                "(the edit does not fit the stored type); nothing was written."
+            )
+        yield k, new
 
 
 T5_NOTE = (
