@@ -678,6 +678,6 @@ def _check_flux_fit(lora: LoRA, model) -> None:
     for canon in lora.modules:
         try:
             shapes[canon] = tuple(model.module(canon).weight.shape)
-        except (KeyError, AttributeError):
-            pass
+        except (KeyError, AttributeError, WeightsmithError):
+            pass  # check_shapes names the module the model lacks
     flux_lora.check_shapes(flux_lora.FluxRead(lora.modules), shapes, lora.name)

@@ -798,6 +798,64 @@ def test_sd_lora_for_flux_and_flux_lora_for_sd_are_refused(world, tiny_models, t
         load_lora(p).bind(tiny_models["sd2"])
 
 
+class _FluxModel:
+    """What the reader asks of a Flux model: its family and ``module(canonical name)``."""
+
+    family = "flux"
+
+    def __init__(self, tr, clip, t5):
+        self.parts = {"transformer": tr, "text_encoder": clip, "text_encoder_2": t5}
+
+    def module(self, name):
+        comp, _, path = name.partition(".")
+        if comp == "text_encoder":
+            path = path.removeprefix("text_model.")
+        try:
+            return self.parts[comp].get_submodule(path)
+        except AttributeError:
+            raise KeyError(name) from None
+
+
+def test_a_flux_lora_is_checked_against_the_model(world, tmp_path):
+    from weightsmith.core.lora_read import load_lora
+
+    p = tmp_path / "k.safetensors"
+    save_file({k: v.clone().contiguous() for k, v in w_kohya(world).items()}, str(p))
+    lora = load_lora(p, _FluxModel(world["tr"], world["clip"], world["t5"]))
+    _check(lora, world["truth"])
+    assert load_lora(p).bind(_FluxModel(world["tr"], world["clip"], world["t5"])).modules.keys() == lora.modules.keys()
+    from diffusers import FluxTransformer2DModel
+
+    shallow = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=NS,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=[4, 4, 8],
+        guidance_embeds=True,
+    )
+    with pytest.raises(WeightsmithError, match="transformer_blocks.1.* does not have"):
+        load_lora(p, _FluxModel(shallow, world["clip"], world["t5"]))
+    narrow = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        num_layers=ND,
+        num_single_layers=NS,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        pooled_projection_dim=32,
+        axes_dims_rope=[4, 4, 8],
+        guidance_embeds=True,
+    )
+    with pytest.raises(WeightsmithError, match="context_embedder is 32×32 in the LoRA but 32×16"):
+        load_lora(p, _FluxModel(narrow, world["clip"], world["t5"]))
+
+
 def test_damaged_flux_loras_are_refused(world):
     from weightsmith.core.lora_read import flux_lora_from_state_dict
 

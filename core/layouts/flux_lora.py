@@ -472,7 +472,8 @@ def read(tensors: dict, name: str = "lora") -> FluxRead:
                     "ambiguous (ComfyUI and Forge would apply both, diffusers one). Keep one layout."
                 )
             sources[canon] = prefix
-            out.modules[canon] = FluxModule(canon, u.contiguous(), d.contiguous(), float(scale), kind, alpha)
+            # each split piece owns its factors (pieces of one fused tensor share values, not storage)
+            out.modules[canon] = FluxModule(canon, u.clone(), d.clone(), float(scale), kind, alpha)
     out.unmatched.extend(unknown)
     if split_qkv:
         p, r, n, a = split_qkv[0]
