@@ -634,6 +634,7 @@ def _clip_comfy_state(world):
 
 
 @pytest.mark.host
+@pytest.mark.slow  # ComfyUI's import in its venv: about 15 s on 2 cores
 def test_written_file_loads_exactly_in_comfyui(world, written, tmp_path):
     """ComfyUI 0.3.75's LoraLoader path (comfy.sd.load_lora_for_models) on ComfyUI's own Flux model at
     the tiny width, in its venv: every written key loaded, weights = base + ΔW (rel. ≤ 1e-5)."""
@@ -875,3 +876,48 @@ def test_damaged_flux_loras_are_refused(world):
     ctrl = {"double_blocks.0.img_attn.qkv.lora_B.bias": torch.zeros(3 * H), **w_comfy(world)}
     with pytest.raises(WeightsmithError, match="control LoRA"):
         flux_lora_from_state_dict(ctrl, name="b")
+
+
+def test_mutated_flux_loras_give_a_sentence_or_a_consistent_result(world):
+    """Seeded mutations of Flux LoRA state dicts (keys dropped or renamed, factors of other shapes,
+    dimensions, dtypes or values, empty alphas): the reader answers with a WeightsmithError or with
+    finite modules of consistent shapes, never with another exception."""
+    import random
+
+    from weightsmith.core.lora_read import flux_lora_from_state_dict
+
+    rng = random.Random(33)
+    sources = [w_kohya(world), w_peft(world, alpha=True), w_comfy(world), w_xlabs(world)[0], w_onetrainer(world)]
+    counts = {"ok": 0, "refused": 0}
+    for case in range(120):
+        t = dict(sources[case % len(sources)])
+        for _ in range(1 + rng.randrange(2)):
+            k = rng.choice(sorted(t))
+            v = t[k]
+            op = rng.randrange(8)
+            if op == 0:
+                del t[k]
+            elif op == 1:
+                t[k.upper() if rng.random() < 0.5 else k.replace("0", "7")] = t.pop(k)
+            elif op == 2:
+                t[k] = torch.randn(*[rng.choice([0, 1, 2, 3, 32, 97]) for _ in range(rng.choice([1, 2, 3]))])
+            elif op == 3:
+                t[k] = v.clone().fill_(rng.choice([float("nan"), float("inf")])) if v.is_floating_point() else v
+            elif op == 4:
+                t[k] = v.to(rng.choice([torch.int64, torch.float16, torch.bfloat16]))
+            elif op == 5:
+                t[k.rsplit(".", 1)[0] + ".alpha"] = rng.choice([torch.zeros(0), torch.tensor(0.0), torch.tensor(-2.0)])
+            elif op == 6:
+                t[k + ".diff"] = torch.zeros(rng.choice([0, 3]), rng.choice([0, 32]))
+            else:
+                t[k] = v.t().contiguous() if v.dim() == 2 else v
+        try:
+            lora = flux_lora_from_state_dict(t, name="m")
+        except WeightsmithError:
+            counts["refused"] += 1
+            continue
+        counts["ok"] += 1
+        for n, m in lora.modules.items():
+            d = m.delta(torch.float64)
+            assert tuple(d.shape) == m.shape and bool(torch.isfinite(d).all()), n
+    assert counts["ok"] > 10 and counts["refused"] > 10, counts
