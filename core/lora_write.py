@@ -195,13 +195,16 @@ def save_lora(
 def export_note(info: dict) -> str:
     """How exactly a written LoRA holds the edit, for people (one wording for every host): ``exact``;
     at full rank, what only float precision dropped (singular values under ``WRITE_RTOL`` of the
-    largest); with a rank cap, the truncation error and how to lower it."""
+    largest); with a rank cap, the truncation error and how to lower it; then the writer's note where
+    it has one (a Flux edit's T5 part written as a full T5 file, docs/flux_lora.md)."""
     err = float(info.get("max_error") or 0.0)
     if err <= 1e-6:
-        return "exact"
-    if info.get("rank_cap") is None:
-        return f"exact to float precision (largest relative error {err:.1e})"
-    return f"largest relative export error {err:.2e} at rank {info['rank_cap']} (raise Rank to lower it)"
+        out = "exact"
+    elif info.get("rank_cap") is None:
+        out = f"exact to float precision (largest relative error {err:.1e})"
+    else:
+        out = f"largest relative export error {err:.2e} at rank {info['rank_cap']} (raise Rank to lower it)"
+    return f"{out}. {info['note']}" if info.get("note") else out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,8 +285,8 @@ def save_flux_lora(
     if has_t5 and t5_base is None:
         raise WeightsmithError(
             f"the edit changes the T5 encoder ({len(t5)} module(s), e.g. {t5[0]}), which diffusers cannot load "
-            "as a LoRA; pass the base T5 weights (t5_base) so it is written as a full T5 encoder file beside "
-            "the LoRA."
+            "as a LoRA, so that part is written as a full T5 encoder file beside the LoRA; this needs the base "
+            "T5 weights the edit was computed on (save_lora(..., t5_base=...)). Nothing was written."
         )
     if not tensors and not t5:
         raise WeightsmithError("the edit is empty; there is nothing to write.")

@@ -454,8 +454,11 @@ def test_written_layout_is_peft_and_reads_back(world, written, tmp_path):
 def test_t5_part_is_a_full_encoder_file_with_a_note(world, written):
     t5 = world["t5"]
     base = {k: v.clone() for k, v in t5.state_dict().items()}
+    from weightsmith.core.lora_write import export_note
+
     info = written["info"]
     assert info["t5_file"] and "edit_t5xxl.safetensors" in info["note"] and "diffusers" in info["note"]
+    assert export_note(info) == "exact. " + info["note"]
     from safetensors import safe_open
 
     with safe_open(str(written["path"]), "pt") as f:
@@ -515,7 +518,7 @@ def test_t5_writer_streams_a_lazy_prefixed_scaled_base(world, tmp_path):
 def test_t5_edit_without_base_weights_is_refused(world, tmp_path):
     from weightsmith.core.lora_write import save_lora
 
-    with pytest.raises(WeightsmithError, match="T5 encoder.*t5_base"):
+    with pytest.raises(WeightsmithError, match="T5 encoder.*t5_base=.*Nothing was written"):
         save_lora(_edit(world), tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
 
