@@ -924,3 +924,68 @@ def test_mutated_flux_loras_give_a_sentence_or_a_consistent_result(world):
             d = m.delta(torch.float64)
             assert tuple(d.shape) == m.shape and bool(torch.isfinite(d).all()), n
     assert counts["ok"] > 10 and counts["refused"] > 10, counts
+
+
+_SUFS = (".lora_A.weight", ".lora_B.weight", ".lora_down.weight", ".lora_up.weight", ".alpha", ".diff_b", ".diff")
+_KOHYA = {".lora_A.weight": ".lora_down.weight", ".lora_B.weight": ".lora_up.weight"}
+
+
+def _rename(t, fn):
+    """A test LoRA with every key renamed by ``fn(module prefix, suffix)``."""
+    out = {}
+    for k, v in t.items():
+        suf = next(x for x in _SUFS if k.endswith(x))
+        out[fn(k[: -len(suf)], suf)] = v
+    return out
+
+
+def _us(prefix, new, path, suf):
+    """kohya-style key: ``new`` + the path with underscores + the kohya suffix."""
+    return new + path.replace(".", "_") + _KOHYA.get(suf, suf)
+
+
+ALIASES = {
+    "lycoris": lambda w: _rename(
+        w_peft(w), lambda p, s: _us(p, "lycoris_", p[12:], s) if p.startswith("transformer.") else p + s
+    ),
+    "kohya_diffusers_paths": lambda w: _rename(
+        w_peft(w), lambda p, s: _us(p, "lora_unet_", p[12:], s) if p.startswith("transformer.") else p + s
+    ),
+    "peft_base_model": lambda w: _rename(
+        w_peft(w), lambda p, s: "base_model.model." + p[12:] + s if p.startswith("transformer.") else p + s
+    ),
+    "bare_bfl_short_te": lambda w: _rename(
+        w_comfy(w), lambda p, s: p.removeprefix("diffusion_model.").removeprefix("text_encoders.") + s
+    ),
+    "checkpoint_prefix_lora_te": lambda w: _rename(
+        w_comfy(w),
+        lambda p, s: (
+            "model." + p + s
+            if p.startswith("diffusion_model.")
+            else _us(p, "lora_te_", p[len("text_encoders.clip_l.transformer.") :], s)
+            if p.startswith("text_encoders.clip_l.")
+            else p + s
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("alias", sorted(ALIASES))
+def test_key_aliases_read_the_same_deltas(world, tmp_path, alias):
+    lora = _read(tmp_path, ALIASES[alias](world), alias)
+    _check(lora, world["truth"])
+    assert len(lora.ignored) == (1 if alias in ("bare_bfl_short_te", "checkpoint_prefix_lora_te") else 0)
+
+
+def test_linear1_qkv_key_covers_the_attention_rows(world):
+    """ComfyUI maps ``<single block>.linear1_qkv`` onto linear1's first 3H rows (q, k, v)."""
+    from weightsmith.core.lora_read import flux_lora_from_state_dict
+
+    up, down = world["F"]["single_blocks.1.linear1"]
+    t = {
+        "diffusion_model.single_blocks.1.linear1_qkv.lora_up.weight": up[: 3 * H].clone(),
+        "diffusion_model.single_blocks.1.linear1_qkv.lora_down.weight": down.clone(),
+    }
+    lora = flux_lora_from_state_dict(t, name="q")
+    names = [f"transformer.single_transformer_blocks.1.attn.to_{x}" for x in "qkv"]
+    _check(lora, world["truth"], names)
