@@ -36,6 +36,7 @@ import torch
 
 from . import families
 from .errors import WeightsmithError
+from .layouts import flux_lora
 from .naming import UNET, te_path
 from .safe_io import PICKLE_SUFFIXES, load_plain_pickle
 
@@ -126,9 +127,13 @@ class LoRA:
     ignored: list[str] = field(default_factory=list)  # keys understood but not used (bias deltas)
     raw: dict | None = field(default=None, repr=False)  # tensors of a file read without a model
     notes: list[str] = field(default_factory=list)  # how the file was read where it is ambiguous
+    family: str | None = None  # set where the file itself says (a Flux LoRA, read without a model)
 
     def bind(self, model) -> LoRA:
         """This LoRA mapped onto ``model`` (itself when it already is)."""
+        if self.family == flux_lora.FAMILY:
+            _check_flux_fit(self, model)
+            return self
         if self.raw is None:
             return self
         return lora_from_state_dict(self.raw, model, metadata=self.metadata, name=self.name, path=self.path)
@@ -218,6 +223,8 @@ def load_lora(path, model=None, *, name: str | None = None) -> LoRA:
     """
     tensors, meta = read_lora_file(path)
     path = Path(path)
+    if flux_lora.looks_like_flux(tensors):
+        return flux_lora_from_state_dict(tensors, model, metadata=meta, name=name or path.stem, path=path)
     if model is None:
         for k, t in tensors.items():
             _finite(k, t, path.stem)
@@ -432,6 +439,8 @@ def lora_from_state_dict(tensors: dict, model, *, metadata: dict | None = None, 
     meta = dict(metadata or {})
     if not tensors:
         raise WeightsmithError(f"LoRA {name} holds no tensors; the file is empty or damaged.")
+    if model.family == flux_lora.FAMILY or flux_lora.looks_like_flux(tensors):
+        return flux_lora_from_state_dict(tensors, model, metadata=meta, name=name, path=path)
     groups, file_keys, unknown = _group_keys(tensors)
     index = ModuleIndex(model)
     hint = _family_hint(list(groups), meta)
@@ -564,3 +573,82 @@ def _shape_error(name, prefix, canon, shape, got, hint, family):
         f"LoRA {name} does not fit this {family.upper()} model{extra}: {prefix} is {got[0]}×{got[1]} but "
         f"{canon} is {shape[0]}×{int(math.prod(shape[1:]))}. Use a LoRA made for this base model."
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Flux.1 (docs/flux_lora.md)
+def flux_lora_from_state_dict(tensors: dict, model=None, *, metadata=None, name: str = "lora", path=None) -> LoRA:
+    """A Flux LoRA (any layout of :mod:`~weightsmith.core.layouts.flux_lora`) as a :class:`LoRA` with
+    canonical module names (fused BFL layers split into their diffusers modules). Needs no model: each
+    module's shape comes from its factors; with ``model`` (family ``"flux"``, answering
+    ``model.module(canonical)``) every module must exist there with that shape. A Flux LoRA for an SD
+    model, and an SD LoRA for a Flux model, are refused with a :class:`WeightsmithError`."""
+    from .naming import family_label
+
+    meta = dict(metadata or {})
+    if not tensors:
+        raise WeightsmithError(f"LoRA {name} holds no tensors; the file is empty or damaged.")
+    fam = getattr(model, "family", None) if model is not None else None
+    is_flux = flux_lora.looks_like_flux(tensors)
+    if fam is not None and fam != flux_lora.FAMILY and is_flux:
+        raise WeightsmithError(
+            f"LoRA {name} was made for Flux.1 (its keys name Flux modules) but the model is "
+            f"{family_label(fam)}; use a LoRA made for this base model."
+        )
+    got = flux_lora.read(tensors, name) if is_flux or fam == flux_lora.FAMILY else None
+    clip_only = got is not None and got.modules and not got.unmatched
+    if not is_flux and not clip_only:
+        raise WeightsmithError(
+            f"LoRA {name} is not a Flux.1 LoRA (none of its keys names a Flux module"
+            f"{', e.g. ' + next(iter(tensors)) if tensors else ''}); it was made for another base model "
+            "(SD1.x/SD2.x/SDXL keys such as lora_unet_down_blocks_…). Use a Flux LoRA."
+        )
+    if not is_flux:
+        got.notes.append(
+            "the file changes CLIP-L only (no transformer or T5 keys); applied to Flux's CLIP-L text encoder, "
+            "as ComfyUI and Forge apply it"
+        )
+    if not got.modules:
+        raise WeightsmithError(
+            f"LoRA {name} matches no Flux module ({len(got.unmatched)} keys, e.g. {got.unmatched[:1]}); "
+            "it uses an unknown key layout."
+        )
+    modules = {
+        c: LoRAModule(c, m.up, m.down, m.scale, m.shape, m.kind, m.alpha) for c, m in sorted(got.modules.items())
+    }
+    lora = LoRA(
+        Path(path) if path else None,
+        name,
+        modules,
+        meta,
+        tuple(sorted(got.formats)),
+        list(got.unmatched),
+        list(got.ignored),
+        notes=list(got.notes),
+        family=flux_lora.FAMILY,
+    )
+    if model is not None:
+        _check_flux_fit(lora, model)
+    return lora
+
+
+def _check_flux_fit(lora: LoRA, model) -> None:
+    """A Flux LoRA fits ``model``: the model is Flux, and (where it answers ``model.module(name)``)
+    has every module of the LoRA with the LoRA's shape."""
+    from .naming import family_label
+
+    fam = getattr(model, "family", None)
+    if fam != flux_lora.FAMILY:
+        raise WeightsmithError(
+            f"LoRA {lora.name} was made for Flux.1 (its keys name Flux modules) but the model is "
+            f"{family_label(str(fam))}; use a LoRA made for this base model."
+        )
+    if not hasattr(model, "module"):
+        return
+    shapes = {}
+    for canon in lora.modules:
+        try:
+            shapes[canon] = tuple(model.module(canon).weight.shape)
+        except (KeyError, AttributeError, WeightsmithError):
+            pass  # check_shapes names the module the model lacks
+    flux_lora.check_shapes(flux_lora.FluxRead(lora.modules), shapes, lora.name)
