@@ -94,3 +94,47 @@ def read_slot(sf, slot: CheckpointSlot) -> torch.Tensor:
     if slot.transposed:
         t = t.t()
     return t
+
+
+class ShardedState:
+    """A diffusers component's weights, one ``.safetensors`` file or several shards listed by a
+    ``*.safetensors.index.json`` (a Flux transformer: 3 shards, its T5: 2), read lazily with the
+    :class:`StateFile` interface. ``files``: key -> the shard that holds it."""
+
+    def __init__(self, folder: Path, stem: str):
+        import json
+
+        folder = Path(folder)
+        index = folder / f"{stem}.safetensors.index.json"
+        single = folder / f"{stem}.safetensors"
+        if single.is_file():
+            shards = [single]
+        elif index.is_file():
+            try:
+                wm = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                shards = [folder / n for n in sorted(set(wm.values()))]
+            except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+                raise WeightsmithError(
+                    f"{index} is damaged ({type(e).__name__}); copy the model folder again."
+                ) from None
+        else:
+            raise WeightsmithError(
+                f"{folder} holds no {stem}.safetensors (nor a sharded index); copy the model folder "
+                "again (.bin weights are not read)."
+            )
+        self.path = folder
+        self.metadata: dict = {}
+        self.parts = [StateFile(p) for p in shards]
+        self.files: dict[str, StateFile] = {}
+        for part in self.parts:
+            for k in part.keys():
+                self.files[k] = part
+
+    def keys(self):
+        return list(self.files)
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.files[key].get(key)
+
+    def shape(self, key: str) -> tuple:
+        return self.files[key].shape(key)
