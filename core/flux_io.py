@@ -245,20 +245,29 @@ def load_flux(path, text_encoders=(), *, t5_length: int = T5_LENGTH, tokenizer=N
 _FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
 
 
-def store_like(new_eff: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None) -> torch.Tensor:
-    """``new_eff`` (float32, effective values) in a stored ``dtype`` (with ComfyUI's fp8 ``scale``),
-    saturating fp8 at its largest value (fp8 has no infinity)."""
+def store_like(new_eff: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None):
+    """``new_eff`` (float32, effective values) in a stored ``dtype``: ``(stored tensor, scale)``. ComfyUI's
+    scaled fp8 keeps its ``scale`` unless the edited values need a larger one (then the scale grows, so
+    nothing saturates); plain fp8 saturates at its largest value (fp8 has no infinity)."""
     if scale is not None:
+        m = _FP8_MAX.get(dtype)
+        if m is not None:
+            need = float(new_eff.abs().max()) / m
+            if need > float(scale.float()):
+                scale = torch.tensor(need, dtype=torch.float32).to(scale.dtype).reshape(scale.shape)
+                if float(scale.float()) * m < float(new_eff.abs().max()):  # rounding of a half-precision scale
+                    scale = (scale.float() * (1 + 2**-7)).to(scale.dtype)
         new_eff = new_eff / scale.float()
     if dtype in _FP8_MAX:
         m = _FP8_MAX[dtype]
-        return new_eff.clamp(-m, m).to(dtype)
-    return new_eff.to(dtype)
+        return new_eff.clamp(-m, m).to(dtype), scale
+    return new_eff.to(dtype), scale
 
 
-def _edited(state, key: str, delta: torch.Tensor, where: str) -> tuple[torch.Tensor, dict]:
-    """The stored tensor of ``key`` plus ``delta`` in the key's own dtype, and how much of ``delta`` that
-    dtype kept: ``kept`` = ⟨ΔW_written, ΔW⟩/‖ΔW‖², ``rel_error`` = ‖ΔW_written − ΔW‖/‖ΔW‖."""
+def _edited(state, key: str, delta: torch.Tensor, where: str) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """The stored tensor of ``key`` plus ``delta`` in the key's own dtype (and its scale, for ComfyUI's scaled
+    fp8), and how much of ``delta`` that dtype kept: ``kept`` = ⟨ΔW_written, ΔW⟩/‖ΔW‖², ``rel_error`` =
+    ‖ΔW_written − ΔW‖/‖ΔW‖, ``saturated``: values clipped at plain fp8's largest."""
     stored = state.get(key)
     sk = scale_key(key)
     keys = state.files if hasattr(state, "files") else set(state.keys())
@@ -268,8 +277,8 @@ def _edited(state, key: str, delta: torch.Tensor, where: str) -> tuple[torch.Ten
     require(
         bool(torch.isfinite(d).all()), f"the edit's ΔW for {where} holds NaN or infinite values; nothing was written."
     )
-    new = store_like(base + d, stored.dtype, scale)
-    back = new.float() * scale.float() if scale is not None else new.float()
+    new, new_scale = store_like(base + d, stored.dtype, scale)
+    back = new.float() * new_scale.float() if new_scale is not None else new.float()
     if not bool(torch.isfinite(back).all()):
         raise WeightsmithError(
             f"adding the edit to {key} overflows {str(stored.dtype).replace('torch.', '')} (largest |w + Δ| = "
@@ -277,14 +286,41 @@ def _edited(state, key: str, delta: torch.Tensor, where: str) -> tuple[torch.Ten
         )
     dw = back - base
     dn = float(d.double().norm())
+    m = _FP8_MAX.get(stored.dtype)
     info = {
         "key": key,
         "dtype": str(stored.dtype).replace("torch.", ""),
         "scaled": scale is not None,
         "kept": float((dw.double() * d.double()).sum() / dn**2) if dn else 1.0,
         "rel_error": float((dw.double() - d.double()).norm() / dn) if dn else 0.0,
+        "saturated": int(((base + d).abs() > m).sum()) if (m is not None and scale is None) else 0,
     }
-    return new, info
+    if scale is not None and not torch.equal(new_scale, scale):
+        info["scale_grew"] = float(new_scale.float() / scale.float())
+    return new, new_scale, info
+
+
+class _Edits:
+    """The edited tensors of one state, each computed once when its weight or its scale is written."""
+
+    def __init__(self, state, edits: dict, report: dict, label=lambda k: k):
+        self.state, self.edits, self.report, self.label = state, edits, report, label
+        self.scales = {scale_key(k): k for k in edits}
+        self.done: dict = {}
+
+    def _get(self, wkey):
+        if wkey not in self.done:
+            new, scale, info = _edited(self.state, wkey, self.edits[wkey], wkey)
+            self.done[wkey] = (new, scale)
+            self.report[self.label(wkey)] = info
+        return self.done[wkey]
+
+    def __call__(self, k):
+        if k in self.edits:
+            return self._get(k)[0]
+        if k in self.scales:
+            return self._get(self.scales[k])[1]
+        return self.state.get(k)
 
 
 def _write_state(state, edits: dict[str, torch.Tensor], out: Path, metadata: dict, written: list, report: dict) -> None:
@@ -294,16 +330,7 @@ def _write_state(state, edits: dict[str, torch.Tensor], out: Path, metadata: dic
     meta = {k: (dtype_of(state, k), state.shape(k)) for k in state.keys()}
     missing = [k for k in edits if k not in meta]
     require(not missing, f"the model has no {missing[0] if missing else ''}; the edit was computed for another model.")
-
-    def get(k):
-        if k in edits:
-            new, info = _edited(state, k, edits[k], k)
-            report[k] = info
-            return new
-        t = state.get(k)
-        return t
-
-    atomic_save_streamed(meta, get, out, metadata)
+    atomic_save_streamed(meta, _Edits(state, edits, report), out, metadata)
     written.append(out)
 
 
@@ -380,14 +407,7 @@ def _save_folder(model, src, by_part, part_of, out: Path, meta, written, stored)
                 target = tmp / "m" / rel
                 target.unlink()
                 m = {k: (dtype_of(shard, k), shard.shape(k)) for k in shard.keys()}
-
-                def get(k, shard=shard, ed=ed, rel=rel):
-                    if k in ed:
-                        new, info = _edited(shard, k, ed[k], k)
-                        stored[f"{rel.parent.as_posix()}/{k}"] = info
-                        return new
-                    return shard.get(k)
-
+                get = _Edits(shard, ed, stored, lambda k, rel=rel: f"{rel.parent.as_posix()}/{k}")
                 atomic_save_streamed(m, get, target, {"format": "pt", **dict(shard.metadata)})
         for root, _dirs, files in os.walk(tmp / "m"):
             os.chmod(root, umask_mode(0o777))
