@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -180,18 +181,32 @@ class EraseLayout:
     conditioning_stages: tuple[ConditioningStage, ...]
 
 
+class Schedule(Protocol):
+    """One short trajectory of a family's sampler: ``timesteps`` (the visited t, first = noisiest),
+    ``start(noise)`` → the first ``x`` from unit Gaussian noise, ``model_input(x, t)`` → what the
+    denoiser reads at ``t``, ``step(pred, t, x)`` → the next ``x``."""
+
+    timesteps: torch.Tensor
+
+    def start(self, noise: torch.Tensor) -> torch.Tensor: ...
+
+    def model_input(self, x: torch.Tensor, t) -> torch.Tensor: ...
+
+    def step(self, pred: torch.Tensor, t, x: torch.Tensor) -> torch.Tensor: ...
+
+
 @dataclass(frozen=True)
 class Sampler:
     """How IterIS statistics draw ``(x_t, t)`` (docs/method.md, "IterIS sampling protocol").
 
-    ``name``: ``"ddim"``, ``"rectified-flow"``…; ``schedule(model, steps)``: an object with
-    ``timesteps``, ``init_noise_sigma``, ``scale_model_input(z, t)`` and ``step(pred, t, z)``
-    returning the next ``z`` (diffusers' scheduler interface, ``prev_sample`` unwrapped);
-    ``latent_shape(model, latent_size)``: (C, H, W) of one sample's starting noise;
+    ``name``: ``"ddim"``, ``"rectified-flow"``…; ``schedule(model, steps)``: a :class:`Schedule`
+    of ``steps`` steps; ``latent_shape(model, latent_size)``: (C, H, W) of one sample's starting
+    noise (drawn as ``torch.randn(shape, generator=torch.Generator().manual_seed(seed))``; a
+    family that packs latents, like Flux, packs them in ``predict``);
     ``predict(model, denoiser, x, t, context, pooled)``: the denoiser's output at ``(x, t)``."""
 
     name: str
-    schedule: Callable[..., object]
+    schedule: Callable[..., Schedule]
     latent_shape: Callable[..., tuple[int, int, int]]
     predict: Callable[..., torch.Tensor]
 
