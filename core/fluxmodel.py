@@ -55,7 +55,7 @@ class Part:
 
 
 class T5Encoder:
-    """A T5 encoder read from its file one block at a time (docs/flux.md, "Memory")."""
+    """A T5 encoder read from its file one block at a time (docs/flux.md, "How Weightsmith holds a Flux model")."""
 
     def __init__(self, part: Part, config, keep_blocks: bool | None = None):
         self.part, self.config = part, config

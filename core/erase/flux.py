@@ -19,7 +19,7 @@ stage (T5 blocks shallow → deep), then the transformer's text-only input proje
 T5 is bidirectional, so every position of a target prompt carries the concept: the T5 and
 ``txt_in`` stages pair the common prefix position by position too, then the concept span and the
 suffix as :func:`.tokens.align` does (``--tokens last``: one pair). T5 runs layer by layer: one block
-in float32 at a time, whatever the encoder's size (docs/flux.md, "Memory").
+in float32 at a time, whatever the encoder's size (docs/flux.md, "How Weightsmith holds a Flux model").
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Erasure stages, shallow → deep (docs/flux.md, "Erasure on Flux"):
 - :data:`CONDITIONING_STAGES` (every method's final stage): the transformer's two text-only
   projections, ``context_embedder`` (BFL ``txt_in``; input: every T5 token) and
   ``time_text_embed.text_embedder.linear_1`` (``vector_in.in_layer``; input: CLIP-L's pooled vector).
-  Nothing deeper in the transformer sees text alone (docs/flux.md, "Where a text-only edit can act").
+  Nothing deeper in the transformer sees text alone (docs/flux.md, "Erasure on Flux").
 
 The :class:`~.base.Family` value itself (LoRA layouts, sampler) is assembled where those pieces live;
 this module declares what the Flux model I/O and the erasure need.
