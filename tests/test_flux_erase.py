@@ -241,3 +241,39 @@ def test_cli_erases_flux_from_separate_files(files, tmp_path, capsys):
     assert "txt_in.weight" in report["export"]["stored"]
     printed = capsys.readouterr().out
     assert "txt_in" in printed and "no_vg.t5xxl.safetensors" in printed
+
+
+@pytest.mark.slow
+def test_bench_full_size_files_have_the_real_parameter_counts(tmp_path, monkeypatch):
+    """``bench erase --family flux --size full`` writes T5-XXL (4,762,310,656 parameters), CLIP-L
+    (123,060,480) and a full-width 1 + 1 block transformer (545,548,096; docs/flux.md): counted here
+    without writing them (each file's tensors are listed, three drawn)."""
+    import weightsmith.core.safe_io as sio
+    from weightsmith.core.lab import flux_bench
+
+    seen = {}
+
+    def listed(meta, get, path, metadata=None):
+        ks = sorted(meta)
+        seen[Path(path).name] = sum(torch.Size(s).numel() for _, s in meta.values())
+        for k in (ks[0], ks[len(ks) // 2], ks[-1]):
+            t = get(k)
+            assert t.dtype == torch.bfloat16 and tuple(t.shape) == tuple(meta[k][1]) and torch.isfinite(t.float()).all()
+
+    monkeypatch.setattr(sio, "atomic_save_streamed", listed)
+    flux_bench.write_full_random_flux(tmp_path, 0)
+    assert seen == {
+        "t5xxl_bf16.safetensors": 4_762_310_656,
+        "clip_l.safetensors": 123_060_480,
+        "flux1-dev.safetensors": 545_548_096,
+    }
+
+
+@pytest.mark.slow
+def test_bench_erase_flux_tiny_runs(capsys):
+    from weightsmith.core.cli import main
+
+    assert main(["bench", "erase", "--family", "flux", "--size", "tiny", "--json"]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads(out[out.index("{") :])["rows"]
+    assert len(rows) == 4 and all(r["held_out_residual"] >= 0 and r["peak_rss_gib"] > 0 for r in rows.values())
