@@ -225,3 +225,21 @@ def test_overflowing_half_precision_is_refused_and_nothing_written(rf, tmp_path)
     with pytest.raises(WeightsmithError, match="overflows float16"):
         save_flux_edit(m, {CTX: torch.full(m.weight(CTX).shape, 1e6)}, out)
     assert not out.exists() and not list(tmp_path.glob(".ws-*"))
+
+
+def test_a_model_folders_own_t5_tokenizer_wins(written, tmp_path):
+    """A diffusers folder's tokenizer_2/ is used instead of the shipped vocabulary (here one that
+    lower-cases first, so "A CAT" encodes as "a cat" does)."""
+    import json
+    import shutil
+
+    src, _ = written["diffusers"]
+    folder = tmp_path / "own"
+    shutil.copytree(src, folder)
+    tj = json.loads((folder / "tokenizer_2" / "tokenizer.json").read_text())
+    tj["normalizer"] = {"type": "Sequence", "normalizers": [{"type": "Lowercase"}, tj["normalizer"]]}
+    (folder / "tokenizer_2" / "tokenizer.json").write_text(json.dumps(tj))
+    own, shipped = load_flux(folder), load_flux(src)
+    upper, lower = own.tokenize(["A CAT"], "text_encoder_2"), shipped.tokenize(["a cat"], "text_encoder_2")
+    assert torch.equal(upper, lower)
+    assert not torch.equal(shipped.tokenize(["A CAT"], "text_encoder_2"), lower)
