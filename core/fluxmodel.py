@@ -140,7 +140,8 @@ class T5Encoder:
         block indices (an edited copy)."""
         h, bias = self.embed(ids), None
         for i in range(self.n_layers):
-            blk = (blocks or {}).get(i) or self.block(i)
+            blk = (blocks or {}).get(i)
+            blk = self.block(i) if blk is None else blk
             h, bias = self.run_block(blk, h, bias)
         return self.final_norm(h)
 
