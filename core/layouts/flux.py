@@ -19,12 +19,12 @@ from __future__ import annotations
 import re
 
 from ..errors import WeightsmithError, require
+from .flux_names import CLIP_L, T5, TOP, TRANSFORMER  # noqa: F401  (component names, re-exported)
 
-TRANSFORMER, CLIP_L, T5 = "transformer", "text_encoder", "text_encoder_2"
 COMFY_MODEL_PREFIX = "model.diffusion_model."
 COMFY_TE_PREFIX = {CLIP_L: "text_encoders.clip_l.transformer.", T5: "text_encoders.t5xxl.transformer."}
-#: the transformer's text-only input projections: diffusers module -> BFL module
-TEXT_INPUTS = {"context_embedder": "txt_in", "time_text_embed.text_embedder.linear_1": "vector_in.in_layer"}
+#: the transformer's text-only input projections: diffusers module -> BFL module (names: .flux_names)
+TEXT_INPUTS = {TOP[b]: b for b in ("txt_in", "vector_in.in_layer")}
 #: ComfyUI's scaled fp8: per-linear scale tensor (effective weight = fp8 weight · scale) and the marker
 SCALE_WEIGHT = ".scale_weight"
 SCALED_FP8_MARKER = "scaled_fp8"
