@@ -277,3 +277,44 @@ def test_bench_erase_flux_tiny_runs(capsys):
     out = capsys.readouterr().out
     rows = json.loads(out[out.index("{") :])["rows"]
     assert len(rows) == 4 and all(r["held_out_residual"] >= 0 and r["peak_rss_gib"] > 0 for r in rows.values())
+
+
+def test_t5_runs_one_block_at_a_time(files):
+    """With T5-XXL's setting (blocks not kept), ErasePro never holds more than one T5 block built from
+    the file plus its edited copy (docs/flux.md, "How Weightsmith holds a Flux model")."""
+    import gc
+    import weakref
+
+    from transformers.models.t5.modeling_t5 import T5Block
+
+    m = load_flux(*files["bfl"])
+    m.t5.keep_blocks = False
+    alive, peak = [], [0]
+    build = m.t5.block
+
+    def counted(i):
+        blk = build(i)
+        gc.collect()
+        alive[:] = [r for r in alive if r() is not None]
+        alive.append(weakref.ref(blk))
+        peak[0] = max(peak[0], len(alive))
+        return blk
+
+    m.t5.block = counted
+    orig_deepcopy = copy.deepcopy
+
+    def deep(x, *a):
+        out = orig_deepcopy(x, *a)
+        if isinstance(out, T5Block):
+            alive.append(weakref.ref(out))
+            peak[0] = max(peak[0], len([r for r in alive if r() is not None]))
+        return out
+
+    import weightsmith.core.erase.flux as ef
+
+    ef.copy.deepcopy, saved = deep, ef.copy.deepcopy
+    try:
+        erase(m, ["van gogh"], ["art"], [], "erasepro")
+    finally:
+        ef.copy.deepcopy = saved
+    assert 1 <= peak[0] <= 2, peak[0]

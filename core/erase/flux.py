@@ -188,12 +188,14 @@ def erase_flux(
             tc = time.perf_counter()
             h_edit, _ = t5.run_block(blk_e, h_edit, bias)
             clock["encode"] += time.perf_counter() - tc
-            del blk_e
             steps.step(f"T5 layer {i}")
         else:
             h_edit = new_h["t"] if h_edit is h["t"] else t5.run_block(blk, h_edit, bias)[0]
         h = {w: new_h.get(w) for w in ("t", "a", "p")}
         bias = new_bias
+        # drop every reference to this layer's blocks (the hook closures hold them too) before the next
+        # one is built: one T5-XXL block is 0.8 GB in float32
+        blk = blk_e = run = upto = hooks = feats = mod = None
     out = {w: (None if h[w] is None else t5.final_norm(h[w])) for w in h}
     out_edit = t5.final_norm(h_edit)
 
