@@ -123,7 +123,7 @@ def _te_file_parts(files) -> dict[str, Part]:
                 f"--text-encoder {f} is a folder; pass a text-encoder .safetensors file (a diffusers folder "
                 "brings its own text_encoder/ and text_encoder_2/ through --model)."
             )
-        sf = StateFile(check_input(f, "the text-encoder file"))
+        sf = StateFile(check_input(f, "the text-encoder file"), mapped=False)
         found = text_encoders_in(sf.keys())
         if not found:
             if transformer_layout(sf.keys()) is not None:
@@ -161,13 +161,13 @@ def load_flux(path, text_encoders=(), *, t5_length: int = T5_LENGTH, tokenizer=N
             (path / "transformer").is_dir(),
             f"{path} is a folder without transformer/; pass a diffusers Flux folder or a .safetensors file.",
         )
-        st = ShardedState(path / "transformer", "diffusion_pytorch_model")
+        st = ShardedState(path / "transformer", "diffusion_pytorch_model", mapped=False)
         lay = transformer_layout(st.keys())
         require(lay is not None, f"{path}/transformer holds no Flux transformer weights.")
         parts[TRANSFORMER] = Part(st, "", lay[0], path / "transformer", "folder")
         for comp in (CLIP_L, T5):
             if (path / comp).is_dir():
-                parts[comp] = Part(ShardedState(path / comp, "model"), "", "hf", path / comp, "folder")
+                parts[comp] = Part(ShardedState(path / comp, "model", mapped=False), "", "hf", path / comp, "folder")
         for comp, sub in ((CLIP_L, "tokenizer"), (T5, "tokenizer_2")):
             if (path / sub).is_dir():
                 tok_dirs[comp] = path / sub
@@ -179,7 +179,7 @@ def load_flux(path, text_encoders=(), *, t5_length: int = T5_LENGTH, tokenizer=N
                 heads = None
         fmt, meta = "diffusers", {}
     else:
-        sf = StateFile(path)
+        sf = StateFile(path, mapped=False)
         lay = transformer_layout(sf.keys())
         if lay is None:
             found = text_encoders_in(sf.keys())

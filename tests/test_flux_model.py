@@ -243,3 +243,31 @@ def test_a_model_folders_own_t5_tokenizer_wins(written, tmp_path):
     upper, lower = own.tokenize(["A CAT"], "text_encoder_2"), shipped.tokenize(["a cat"], "text_encoder_2")
     assert torch.equal(upper, lower)
     assert not torch.equal(shipped.tokenize(["A CAT"], "text_encoder_2"), lower)
+
+
+def test_flux_files_are_read_without_staying_resident(rf, tmp_path):
+    """Flux parts read each tensor with a positioned read (``StateFile(mapped=False)``): the same values
+    as through the memory map, in every stored dtype, and the pages read do not stay resident."""
+    from weightsmith.core.memory import rss
+    from weightsmith.core.safe_io import atomic_save_streamed
+    from weightsmith.core.state_files import StateFile
+
+    path, tes = write_random_flux(rf, tmp_path / "f", "bfl", dtype="scaled_fp8", t5_dtype=torch.bfloat16)
+    for f in (path, *tes):
+        a, b = StateFile(f), StateFile(f, mapped=False)
+        for k in a.keys():
+            x, y = a.get(k), b.get(k)
+            assert x.dtype == y.dtype and x.shape == y.shape
+            assert torch.equal(
+                x.view(torch.uint8) if x.element_size() == 1 else x, y.view(torch.uint8) if y.element_size() == 1 else y
+            )
+    big = tmp_path / "big.safetensors"
+    shape = (2048, 32768)  # 128 MiB each, 512 MiB in all
+    atomic_save_streamed(
+        {f"t{i}": (torch.bfloat16, shape) for i in range(4)}, lambda k: torch.ones(shape, dtype=torch.bfloat16), big
+    )
+    sf = StateFile(big, mapped=False)
+    r0 = rss()
+    for k in sf.keys():
+        assert float(sf.get(k)[-1, -1]) == 1.0
+    assert rss() - r0 < 160 * 2**20  # at most about one tensor, not the 512 MiB read
