@@ -268,3 +268,53 @@ def find_clip_tokenizer(explicit: str | os.PathLike | None = None, host_dirs=())
         "vocab.json and merges.txt, e.g. the tokenizer/ folder of any diffusers SD model or ComfyUI's "
         "comfy/sd1_tokenizer), or set WEIGHTSMITH_TOKENIZER."
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# T5 (Flux's second text encoder; docs/flux.md, "Tokenizers")
+T5_TOKENIZER = Path(__file__).resolve().parent / "assets" / "t5_tokenizer" / "tokenizer.json.gz"
+#: T5 tokens the Flux transformer reads: ComfyUI and Forge pad to at least 256 (no attention mask)
+T5_LENGTH = 256
+
+
+def bundled_t5_tokenizer_dir() -> Path:
+    """A folder holding the shipped T5 v1.1 ``tokenizer.json`` (decompressed once into the user cache)."""
+    import gzip
+
+    def write(folder: Path):
+        (folder / "tokenizer.json").write_bytes(gzip.open(T5_TOKENIZER, "rb").read())
+
+    return _cache_folder("t5-tokenizer", write)
+
+
+def load_t5_tokenizer(folder=None, length: int = T5_LENGTH):
+    """Flux's T5 tokenizer (``T5TokenizerFast``): the ``tokenizer.json`` of ``folder`` (a diffusers
+    model's ``tokenizer_2/``) when given, else the shipped one. Encoding as the hosts do: no BOS, the
+    prompt's tokens, ``</s>``, ``<pad>`` up to ``length`` (``model_max_length``; 256 as ComfyUI and
+    Forge, 512 as diffusers' dev default)."""
+    from transformers import T5TokenizerFast
+
+    if folder is not None:
+        folder = Path(folder)
+        f = folder / "tokenizer.json"
+        if not f.is_file():
+            raise WeightsmithError(
+                f"the T5 tokenizer folder {folder} has no tokenizer.json; copy the model's tokenizer_2/ "
+                "folder again, or leave it out to use the shipped T5 vocabulary."
+            )
+        label = str(folder)
+    else:
+        f = bundled_t5_tokenizer_dir() / "tokenizer.json"
+        label = "the shipped T5 vocabulary"
+    try:
+        tok = T5TokenizerFast(tokenizer_file=str(f), eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    except Exception as e:
+        raise WeightsmithError(
+            f"{label}: tokenizer.json could not be read ({type(e).__name__}); copy it again from the model."
+        ) from None
+    if isinstance(length, bool) or not isinstance(length, int) or length < 8:
+        raise WeightsmithError(
+            f"the T5 token length must be a whole number of at least 8 (256 or 512), got {length!r}."
+        )
+    tok.model_max_length = length
+    return tok

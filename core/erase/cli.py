@@ -41,7 +41,27 @@ def register(sub) -> None:
         epilog='example: weightsmith erase --model sd15.safetensors --target "Van Gogh" --anchor art '
         "--format lora --out no_vangogh.safetensors --report report.json",
     )
-    p.add_argument("--model", required=True, help="base model: .safetensors checkpoint or diffusers folder")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="base model: .safetensors checkpoint or diffusers folder (Flux: the transformer file, an all-in-one "
+        "checkpoint or a diffusers folder)",
+    )
+    p.add_argument(
+        "--text-encoder",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="Flux: a text-encoder file (CLIP-L, T5-XXL in fp16/bf16/fp8), repeatable, each recognised by its "
+        "keys, as ComfyUI's DualCLIPLoader takes them (docs/flux.md)",
+    )
+    p.add_argument(
+        "--t5-length",
+        type=int,
+        choices=(256, 512),
+        default=256,
+        help="Flux: T5 tokens per prompt (256 as ComfyUI and Forge; 512 as diffusers' dev default)",
+    )
     p.add_argument(
         "--target",
         action="append",
@@ -153,6 +173,8 @@ def _check_out(args) -> Path:
     inputs = {"the input model (--model)": model}
     if args.tokenizer:
         inputs["the --tokenizer folder"] = args.tokenizer
+    for f in getattr(args, "text_encoder", None) or ():
+        inputs[f"the --text-encoder file {f}"] = f
     check_paths({"--out": out, "--report": report}, inputs)
     if args.format == "checkpoint" and model.is_dir():
         require(
@@ -223,7 +245,19 @@ def run(args) -> int:
     # each value may hold several concepts separated by ';' (core.prompt_lists)
     targets, anchors, preserve = cli_list(args.target), cli_list(args.anchor), cli_list(args.preserve)
     validate_concepts(targets, anchors, preserve)  # fail before loading the model
-    model = load_model(args.model, clip_skip=args.clip_skip, tokenizer=args.tokenizer)
+    from ..flux_io import is_flux, load_flux, save_flux_edit
+
+    flux = bool(args.text_encoder) or is_flux(args.model)
+    if flux:
+        require(
+            args.format == "checkpoint",
+            f"--format {args.format} is not written for Flux by this command yet; use --format checkpoint "
+            "(the edited model in its input's layout).",
+        )
+        require(args.clip_skip is None, "--clip-skip applies to SD1.x/SD2.x; Flux reads CLIP-L's pooled output.")
+        model = load_flux(args.model, args.text_encoder, t5_length=args.t5_length, tokenizer=args.tokenizer)
+    else:
+        model = load_model(args.model, clip_skip=args.clip_skip, tokenizer=args.tokenizer)
     bar = None if args.quiet else tqdm_progress(f"erase ({args.method})")
     try:
         edit = erase(
@@ -244,7 +278,10 @@ def run(args) -> int:
         "ws_targets": json.dumps(edit.report["targets"]),
         "ws_anchors": json.dumps(edit.report["anchors"]),
     }
-    if args.format == "checkpoint":
+    if flux:
+        info = save_flux_edit(model, edit.deltas, out, meta)
+        edit.report["export"] = {"format": "checkpoint", **info}
+    elif args.format == "checkpoint":
         save_edited_model(model, edit.deltas, out, meta)
         edit.report["export"] = {"format": "checkpoint"}
     else:
@@ -282,6 +319,16 @@ def print_summary(report: dict, out: Path) -> None:
             f"{s['residual_after_mean']:>11.2e}{s['rho_max']:>10.2e}"
         )
     exp = report.get("export", {})
+    low = [v for v in exp.get("stored", {}).values() if v["dtype"].startswith("float8")]
+    if low:
+        kept = min(v["kept"] for v in low)
+        err = max(v["rel_error"] for v in low)
+        print(
+            f"fp8 storage: {len(low)} edited tensor(s) keep at least {kept:.1%} of the edit (largest relative "
+            f"error {err:.2e}; docs/flux.md, 'fp8')"
+        )
+    for f in exp.get("files", [])[1:]:
+        print(f"wrote {f}")
     if exp.get("format") in ("lora",):
         print(f"LoRA rank {exp['rank']}, max relative export error {exp['max_rel_error']:.2e}")
     print(f"wrote {out}")

@@ -473,6 +473,21 @@ def erase(
     targets, anchors, preserve = validate_concepts(targets, anchors, preserve)
     expand = opts.expand_prompts if opts.expand_prompts is not None else method != "uce"
     ps = build_prompts(targets, anchors, preserve, opts, expand)
+    if getattr(model, "family", None) == "flux":  # docs/flux.md, "Erasure on Flux"
+        from .flux import erase_flux
+
+        model.check_prompt_length(
+            ps.targets + ps.anchors + ps.preserve, warn or (lambda m: warnings.warn(m, stacklevel=3))
+        )
+        edit = erase_flux(model, ps, method, opts, progress, cancel, stat=_stat, summarize=summarize)
+        edit.report.update(
+            targets=targets,
+            anchors=anchors,
+            preserve=preserve,
+            options={k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(opts).items()},
+            time_s=round(time.perf_counter() - t0, 4),
+        )
+        return edit
     model.check_prompt_length(ps.targets + ps.anchors + ps.preserve, warn or (lambda m: warnings.warn(m, stacklevel=3)))
     for comp, te in model.text_encoders.items():  # inputs checked where they enter
         for n, prm in te.named_parameters():

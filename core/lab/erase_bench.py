@@ -36,6 +36,17 @@ def add_arguments(p) -> None:
         default="full",
         help="full: SD1.5 architecture (default); tiny: a quick smoke run",
     )
+    p.add_argument(
+        "--family",
+        choices=("sd1", "flux"),
+        default="sd1",
+        help="sd1 (default): the SD1.5 architecture beside the public UCE algorithm; flux: a random "
+        "Flux.1-dev (full T5-XXL and CLIP-L, full-width transformer, bf16 files), stage sets side by side "
+        "(core/lab/flux_bench.py)",
+    )
+    p.add_argument(
+        "--workdir", default=None, help="flux: folder for the random model files (written once, then reused)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=1, help="time each method this many times (best is kept)")
     p.add_argument(
@@ -54,6 +65,10 @@ def heldout_prompts() -> tuple[list[str], list[str]]:
 
 
 def run(args) -> int:
+    if getattr(args, "family", "sd1") == "flux":
+        from .flux_bench import run_flux
+
+        return run_flux(args)
     if args.concepts:
         from .concepts_bench import run_concepts
 

@@ -207,3 +207,61 @@ def reference_iteris(model, loras, samples, opts):
             h.remove()
     del widths
     return cur, peak
+
+
+def reference_uce_flux(
+    t5_encode,
+    clip_pooled,
+    t5_tokenizer,
+    modules: dict,
+    erase_concepts,
+    guide_concepts,
+    preserve_concepts=(),
+    lamb=0.5,
+    erase_scale=1.0,
+    preserve_scale=1.0,
+    max_sequence_length=256,
+    bias_in_targets=True,
+):
+    """The public ``trainscripts/uce_flux_edit.py`` closed form, re-implemented in float64 (docs/flux.md,
+    "Differences from the official UCE Flux script"): for ``context_embedder`` one T5 vector per concept at
+    index ``attention_mask.sum() − 2`` of the padded encoding, for ``text_embedder.linear_1`` (768 columns
+    in Flux; here: as wide as the pooled vector) the CLIP pooled vector; targets ``module(c*)`` (weight and
+    bias when ``bias_in_targets``, as the script has it); ``W' = (λW + Σ η v* cᵀ)(λI + Σ η c cᵀ)⁻¹`` over the
+    erase/guide pairs and the preserved concepts (targets ``module(p)``). ``t5_encode(texts)`` → [B, L, d]
+    and ``clip_pooled(texts)`` → [B, d]: the text encoders; ``modules``: name → (W, b). Returns name → W'."""
+    import torch
+
+    F = torch.float64
+    emb = {}
+    for e in list(erase_concepts) + list(guide_concepts) + list(preserve_concepts):
+        if e in emb:
+            continue
+        tok = t5_tokenizer(
+            [e], padding="max_length", max_length=max_sequence_length, truncation=True, return_tensors="pt"
+        )
+        idx = int(tok["attention_mask"].sum()) - 2
+        hidden = t5_encode([e])[0].to(F)
+        emb[e] = (hidden[idx], clip_pooled([e])[0].to(F))
+    out = {}
+    for name, (W, b) in modules.items():
+        W, b = W.to(F), b.to(F)
+        which = 0 if W.shape[1] == emb[erase_concepts[0]][0].shape[0] else 1
+
+        def module(x, W=W, b=b):
+            return W @ x + (b if bias_in_targets else 0)
+
+        mat1 = lamb * W
+        mat2 = lamb * torch.eye(W.shape[1], dtype=F)
+        for e, g in zip(erase_concepts, guide_concepts):
+            c = emb[e][which][:, None]
+            v = module(emb[g][which])[:, None]
+            mat1 = mat1 + erase_scale * (v @ c.T)
+            mat2 = mat2 + erase_scale * (c @ c.T)
+        for p in preserve_concepts:
+            c = emb[p][which][:, None]
+            v = module(emb[p][which])[:, None]
+            mat1 = mat1 + preserve_scale * (v @ c.T)
+            mat2 = mat2 + preserve_scale * (c @ c.T)
+        out[name] = mat1 @ torch.inverse(mat2)
+    return out
