@@ -48,8 +48,10 @@ def _float(x, default=None):
 
 def _rounds(x):
     """A slider's count (gradio gives 1.0) as an int; anything else goes on to core's check unchanged."""
+    if x is None or x == "":
+        return None  # the declared default
     v = _float(x)
-    return int(v) if v is not None and v == int(v) else (x if v is None else v)
+    return x if v is None else int(v) if v.is_integer() else v
 
 
 def _erase_tab(gr, backend):

@@ -194,3 +194,56 @@ def test_report_text_and_picture_show_the_hardening_rows(tiny_models, one_thread
 def test_rounds_out_of_range_are_refused(tiny_models, bad):
     with pytest.raises(WeightsmithError, match="harden_rounds"):
         erase(tiny_models["sd1"], ["van gogh"], ["art"], options=EraseOptions(harden_rounds=bad))
+
+
+def test_the_three_front_ends_pass_the_rounds_through(
+    tmp_path, monkeypatch, capsys, one_thread, tiny_models, solver_recorder
+):
+    import json
+    import sys
+    import types
+
+    model = tiny_models["sd1"]
+    # CLI
+    import weightsmith.core.model_io as model_io
+    from weightsmith.core.cli import main
+
+    (tmp_path / "model").mkdir()
+    monkeypatch.setattr(model_io, "load_model", lambda *a, **k: model)
+    argv = ["erase", "--model", str(tmp_path / "model"), "--target", "cat", "--method", "uce", "--format", "diff"]
+    rep = tmp_path / "r.json"
+    out = str(tmp_path / "o.safetensors")
+    assert main([*argv, "--out", out, "--report", str(rep), "--harden-rounds", "2"]) == 0
+    report = json.loads(rep.read_text())  # the CLI runs core.erase.pipeline.erase itself, not the recorder
+    assert report["options"]["harden_rounds"] == 2
+    assert [r["round"] for r in report["hardening"]] == [0, 1, 2]
+    assert "round 2: adversarial residual" in capsys.readouterr().out
+    # ComfyUI: the node's input is the declared one, and its value reaches the solver
+    comfy = types.ModuleType("comfy")
+    mm = types.ModuleType("comfy.model_management")
+    mm.throw_exception_if_processing_interrupted = lambda: None
+    utils = types.ModuleType("comfy.utils")
+    utils.ProgressBar = lambda n: types.SimpleNamespace(update_absolute=lambda *a: None)
+    comfy.model_management, comfy.utils = mm, utils
+    for name, mod in (("comfy", comfy), ("comfy.model_management", mm), ("comfy.utils", utils)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    from weightsmith.nodes import comfy_adapter as ca
+    from weightsmith.nodes.erase_node import WeightsmithEraseConcepts
+
+    kind, decl = WeightsmithEraseConcepts.INPUT_TYPES()["optional"]["harden_rounds"]
+    assert (kind, decl["default"], decl["min"], decl["max"]) == ("INT", 0, 0, 10)
+    monkeypatch.setattr(ca, "sdmodel_from_comfy", lambda m, c, clip_skip=None: model)
+    monkeypatch.setattr(ca, "apply_edit", lambda m, c, edit, s: (m, c))
+    WeightsmithEraseConcepts().run("MODEL", "CLIP", "cat", "art", "uce", 1.0, harden_rounds=3)
+    assert solver_recorder.calls[-1]["options"].harden_rounds == 3
+    # A1111/Forge: the tab's slider value (gradio gives floats) through the workbench
+    from weightsmith.a1111_extension.backend import StandaloneBackend, Workbench
+    from weightsmith.a1111_extension.ui import _rounds
+
+    assert (_rounds(2.0), _rounds(""), _rounds(None), _rounds(1.5)) == (2, None, None, 1.5)
+    b = StandaloneBackend(tmp_path / "unused", tmp_path / "loras", tmp_path / "ckpts")
+    b._model = model
+    Workbench(b).compute_erase("cat", "art", "", "uce", {"harden_rounds": _rounds(4.0)})
+    assert solver_recorder.calls[-1]["options"].harden_rounds == 4
+    with pytest.raises(WeightsmithError, match="harden_rounds"):
+        Workbench(b).compute_erase("cat", "art", "", "uce", {"harden_rounds": _rounds(1.5)})
