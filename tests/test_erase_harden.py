@@ -78,6 +78,26 @@ def test_measure_matches_a_direct_computation():
     assert row["lam"] == pytest.approx(ridge_lambda(grams.A, reg))
 
 
+def test_grams_from_low_rank_factors_equal_the_direct_sums():
+    g = torch.Generator().manual_seed(4)
+    Wo = [torch.randn(o, 10, generator=g, dtype=F64) for o in (6, 14)]
+    fac = [(torch.randn(w.shape[0], 3, generator=g, dtype=F64), torch.randn(3, 10, generator=g, dtype=F64)) for w in Wo]
+    direct, low = StageGrams(10), StageGrams(10)
+    for w, (u, d) in zip(Wo, fac):
+        direct.add(w, u @ d)
+        low.add(w, u @ d, (u, d))
+    We = [w + u @ d for w, (u, d) in zip(Wo, fac)]
+    for k in ("A", "B", "C", "DtD"):
+        torch.testing.assert_close(getattr(direct, k), getattr(low, k), rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(low.A, sum(w.T @ w for w in We))
+    torch.testing.assert_close(low.B, sum(a.T @ b for a, b in zip(We, Wo)))
+    # a later round reuses C: the same sums
+    again = StageGrams(10, low.C)
+    for w, (u, d) in zip(Wo, fac):
+        again.add(w, u @ d, (u, d))
+    torch.testing.assert_close(again.A, low.A, rtol=1e-12, atol=1e-10)
+
+
 def test_adversarial_inputs_refuse_mismatched_lists():
     We, Wo, Xt = _stage()
     with pytest.raises(ValueError):
@@ -159,7 +179,8 @@ def test_rounds_lower_the_adversarial_residual(tiny_models, one_thread, family, 
         assert e.report["hardening_summary"][-1]["adv_residual_unet"] == rs[-1]["adv_residual"]
         return e, rs
 
-    _, r0 = unet_rows(0)
+    e0, r0 = unet_rows(0)
+    assert {r["stage"] for r in e0.report["hardening"]} == {"unet"}  # without rounds: the UNet row alone
     e2, r2 = unet_rows(2)
     plain = r0[0]["adv_residual"]
     assert 0 < plain <= 1.05  # the plain edit leaves most of the closed-form reach (the known weakness)

@@ -28,25 +28,51 @@ DEFAULT_REG = 0.01  # docs/method.md, "Hardening rounds": measured plausibility 
 
 class StageGrams:
     """``A = Σ W_eᵀW_e``, ``B = Σ W_eᵀW_o``, ``C = Σ W_oᵀW_o`` over a stage's matrices (float64),
-    ``W_e = W_o + Δ``. Add each matrix once with :meth:`add`."""
+    ``W_e = W_o + Δ``. Add each matrix once with :meth:`add`.
 
-    def __init__(self, d_in: int):
+    Kept as ``C``, ``E = Σ ΔᵀW_o`` and ``F = Σ ΔᵀΔ`` (``A = C + E + Eᵀ + F``, ``B = C + E``). With the
+    edit's factors ``Δ = up @ down`` of rank ``r`` the two edit terms cost ``O(r·d_in·(d_out + d_in))``
+    instead of ``O(d_out·d_in²)``; ``C`` does not depend on the edit, so a stage's later rounds pass the
+    first round's (``C=``) and skip it."""
+
+    def __init__(self, d_in: int, C: torch.Tensor | None = None):
         z = lambda: torch.zeros(d_in, d_in, dtype=F64)  # noqa: E731
-        self.A, self.B, self.C = z(), z(), z()
+        self._own_C = C is None
+        self.C = z() if C is None else C
+        self.E, self.F = z(), z()
         self.matrices = 0
 
-    def add(self, W_o: torch.Tensor, delta: torch.Tensor | None = None) -> None:
+    def add(
+        self,
+        W_o: torch.Tensor,
+        delta: torch.Tensor | None = None,
+        factors: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
         W_o = W_o.to(F64)
-        G = W_o.T @ W_o
-        self.C += G
-        if delta is None:
-            self.A += G
-            self.B += G
-        else:
-            W_e = W_o + delta.to(F64)
-            self.A += W_e.T @ W_e
-            self.B += W_e.T @ W_o
+        if self._own_C:
+            self.C += W_o.T @ W_o
+        if factors is not None and factors[0].shape[1] < min(W_o.shape):
+            up, down = factors[0].to(F64), factors[1].to(F64)
+            self.E += down.T @ (up.T @ W_o)
+            self.F += down.T @ ((up.T @ up) @ down)
+        elif delta is not None:
+            D = delta.to(F64)
+            self.E += D.T @ W_o
+            self.F += D.T @ D
         self.matrices += 1
+
+    @property
+    def A(self) -> torch.Tensor:
+        return self.C + self.E + self.E.T + self.F
+
+    @property
+    def B(self) -> torch.Tensor:
+        return self.C + self.E
+
+    @property
+    def DtD(self) -> torch.Tensor:
+        """``Σ ΔᵀΔ``."""
+        return self.F
 
     @classmethod
     def of(cls, W_edit: Sequence[torch.Tensor], W_orig: Sequence[torch.Tensor]) -> StageGrams:
@@ -113,8 +139,9 @@ def measure(
     1 = the edit stops nothing an adversary can reach in closed form, 0 = the adversary gets no closer
     to the target than the anchor is (lower is more robust)."""
     Xt, Y = targets_X.to(F64), anchors_Y.to(F64)
+    A, B, dD = g.A, g.B, g.DtD
     if X_adv is None:
-        X_adv = adversarial_inputs_from_grams(g.A, g.B, Xt, reg)
+        X_adv = adversarial_inputs_from_grams(A, B, Xt, reg)
     X_adv = X_adv.to(F64)
     X0 = adversarial_inputs_from_grams(g.C, g.C, Xt, reg)  # the same adversary against the unedited stage
     tC = _quad(g.C, Xt, Xt)
@@ -124,11 +151,10 @@ def measure(
 
     D = Y - Xt
     gap = max(_quad(g.C, D, D), 0.0) ** 0.5
-    d_e = dist(g.A, g.B, X_adv)
+    d_e = dist(A, B, X_adv)
     d_0 = dist(g.C, g.C, X0)
     rec_e = 1 - d_e / gap if gap > 0 else 0.0
     rec_0 = 1 - d_0 / gap if gap > 0 else 0.0
-    dD = g.A - g.B - g.B.T + g.C  # Σ ΔᵀΔ
     wn = float(torch.trace(g.C)) ** 0.5
     row = {
         "adv_residual": rec_e / rec_0 if rec_0 > 0 else None,
@@ -137,7 +163,7 @@ def measure(
         "adv_input_norm": float(X_adv.norm() / Xt.norm()) if float(Xt.norm()) > 0 else 0.0,
         "delta_rel": max(float(torch.trace(dD)), 0.0) ** 0.5 / wn if wn > 0 else 0.0,
         "preserve_residual": None,
-        "lam": ridge_lambda(g.A, reg),
+        "lam": ridge_lambda(A, reg),
         "matrices": g.matrices,
         "targets": int(Xt.shape[1]),
     }

@@ -224,20 +224,28 @@ def _solve_stage(make_basis, delta_of, X, Y, Xt, weights, P, opts: EraseOptions,
     ``weights``: ``(name, get_W_o)`` pairs; ``keep(name, W_o, delta, up, down, basis)`` receives the
     final solve's matrices. Earlier solves keep only the Gram sums."""
     rounds = int(opts.harden_rounds)
+    # without rounds only the UNet stage is measured (the row every report carries; a text-encoder
+    # layer's row costs its Gram sums, about 15% of a full-size erasepro edit for all of them)
+    measured = rounds > 0 or stage == "unet"
     Xa, Ya = X, Y
+    C = None  # Σ W_oᵀW_o of the stage, from the first solve on
     for r in range(rounds + 1):
         basis = make_basis(Xa, Ya)
-        grams = StageGrams(X.shape[0])
+        grams = StageGrams(X.shape[0], C)
         for name, get in weights:
             W_o = get()
             delta, up, down = delta_of(basis, W_o, Xa, Ya)
-            grams.add(W_o, delta)
+            if measured:
+                grams.add(W_o, delta, (up, down))
             if r == rounds:
                 keep(name, W_o, delta, up, down, basis)
+        if not measured:
+            return
         t_r = time.perf_counter()
         row, X_adv = measure(grams, Xt, Y, opts.harden_reg, P)
         enc.hardening.append({"round": r, "stage": stage, "group": group, **row})
         enc.clock["report"] += time.perf_counter() - t_r
+        C = grams.C
         if r < rounds:
             Xa = torch.cat([Xa.to(F64), X_adv], 1)
             Ya = torch.cat([Ya.to(F64), Y.to(F64)], 1)
