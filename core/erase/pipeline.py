@@ -18,7 +18,8 @@ Reported per edited matrix: ``delta_fro`` = ‖Δ‖_F, ``delta_rel`` = ‖Δ‖
 ``residual_before``/``residual_after`` = ‖W X − W_o Y‖_F before/after the edit divided by the
 unedited gap ‖W_o (Y − X⁰)‖_F (X⁰: target features of the original model; so earlier stages show
 up as ``residual_before`` < 1), and ``rho`` = ‖W'X − W_o Y‖_F / ‖W_o (Y − X)‖_F
-(docs/method.md, "Erase report").
+(docs/method.md, "Erase report"). ``options.harden_rounds`` hardening rounds re-solve each stage with
+its closed-form adversarial inputs added (:mod:`.harden`; docs/method.md, "Hardening rounds").
 """
 
 from __future__ import annotations
