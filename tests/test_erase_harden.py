@@ -268,3 +268,24 @@ def test_the_three_front_ends_pass_the_rounds_through(
     assert solver_recorder.calls[-1]["options"].harden_rounds == 4
     with pytest.raises(WeightsmithError, match="harden_rounds"):
         Workbench(b).compute_erase("cat", "art", "", "uce", {"harden_rounds": _rounds(1.5)})
+
+
+def test_rounds_are_cancellable_between_solves(tiny_models, one_thread):
+    from weightsmith.core.errors import CancelledError
+
+    model = tiny_models["sd1"]
+
+    def asked(rounds, stop_at=None):
+        n = [0]
+
+        def cancel():
+            n[0] += 1
+            return stop_at is not None and n[0] >= stop_at
+
+        erase(model, ["van gogh"], ["art"], method="uce", options=EraseOptions(harden_rounds=rounds), cancel=cancel)
+        return n[0]
+
+    plain, hardened = asked(0), asked(3)
+    assert hardened == plain + 3  # one check before each round's solve
+    with pytest.raises(CancelledError):
+        asked(3, stop_at=2)  # the start's check passes, the first round's stops it

@@ -130,9 +130,8 @@ class EraseOptions:
         "stage's Gram matrix: larger keeps them closer to 0 (more plausible), smaller lets them reach further.",
         label="Hardening regulariser",
         flag="--harden-reg",
-        lo=0.0,
+        lo=1e-6,
         hi=10.0,
-        lo_open=True,
     )
 
     def validate(self) -> None:

@@ -216,7 +216,9 @@ def _zr_delta(basis, W_o, Xa, Ya):
     return basis.delta(W_o @ (Ya.to(F64) - Xa.to(F64)))
 
 
-def _solve_stage(make_basis, delta_of, X, Y, Xt, weights, P, opts: EraseOptions, stage, group, keep, enc) -> None:
+def _solve_stage(
+    make_basis, delta_of, X, Y, Xt, weights, P, opts: EraseOptions, stage, group, keep, enc, check=None
+) -> None:
     """Solve one stage (matrices reading the same input), then ``opts.harden_rounds`` hardening rounds
     (docs/method.md, "Hardening rounds"): each round derives the adversarial inputs ``X*`` of the stage
     as edited so far for the target inputs ``Xt`` (:func:`.harden.measure`), appends them to the erase
@@ -231,6 +233,8 @@ def _solve_stage(make_basis, delta_of, X, Y, Xt, weights, P, opts: EraseOptions,
     Xa, Ya = X, Y
     C = None  # Σ W_oᵀW_o of the stage, from the first solve on
     for r in range(rounds + 1):
+        if r and check is not None:
+            check()  # a round is a whole solve: cancellable between rounds
         basis = make_basis(Xa, Ya)
         grams = StageGrams(X.shape[0], C)
         for name, get in weights:
@@ -435,7 +439,19 @@ def _te_stage(
                     for sub in g
                 ]
                 _solve_stage(
-                    make_basis, _zr_delta, X, Y, X0, weights, P_cols, opts, f"{comp}.layer{l}", g[0], keep, enc
+                    make_basis,
+                    _zr_delta,
+                    X,
+                    Y,
+                    X0,
+                    weights,
+                    P_cols,
+                    opts,
+                    f"{comp}.layer{l}",
+                    g[0],
+                    keep,
+                    enc,
+                    steps.check,
                 )
                 steps.step(f"{comp} layer {l}")
         hidden = run_layer(layer_e, hidden)
@@ -511,7 +527,7 @@ def _unet_stage(
         for sub in opts.unet_sublayers
     ]
     # the adversary's targets: the target conditioning of the original encoders (X0)
-    _solve_stage(make_basis, delta_of, X, Y, X0, weights, P, opts, "unet", "cross-attention", keep, enc)
+    _solve_stage(make_basis, delta_of, X, Y, X0, weights, P, opts, "unet", "cross-attention", keep, enc, steps.check)
 
 
 def erase(
