@@ -35,8 +35,9 @@ class StageGrams:
     instead of ``O(d_out·d_in²)``; ``C`` does not depend on the edit, so a stage's later rounds pass the
     first round's (``C=``) and skip it."""
 
-    def __init__(self, d_in: int, C: torch.Tensor | None = None):
-        z = lambda: torch.zeros(d_in, d_in, dtype=F64)  # noqa: E731
+    def __init__(self, d_in: int, C: torch.Tensor | None = None, device=None):
+        device = C.device if C is not None else device
+        z = lambda: torch.zeros(d_in, d_in, dtype=F64, device=device)  # noqa: E731
         self._own_C = C is None
         self.C = z() if C is None else C
         self.E, self.F = z(), z()
@@ -78,7 +79,7 @@ class StageGrams:
     def of(cls, W_edit: Sequence[torch.Tensor], W_orig: Sequence[torch.Tensor]) -> StageGrams:
         if len(W_edit) != len(W_orig) or not W_edit:
             raise ValueError(f"need as many edited as original matrices (got {len(W_edit)} and {len(W_orig)}), >= 1")
-        g = cls(int(W_orig[0].shape[1]))
+        g = cls(int(W_orig[0].shape[1]), device=W_orig[0].device)
         for We, Wo in zip(W_edit, W_orig):
             if We.shape != Wo.shape:
                 raise ValueError(f"edited and original matrix shapes differ: {tuple(We.shape)} vs {tuple(Wo.shape)}")
@@ -96,8 +97,8 @@ def adversarial_inputs_from_grams(
 ) -> torch.Tensor:
     """``(A + λI)⁻¹ B X_t`` with ``λ = ridge_lambda(A, reg)`` (float64, ``d_in × N``)."""
     lam = ridge_lambda(A, reg)
-    M = A + lam * torch.eye(A.shape[0], dtype=F64)
-    return torch.linalg.solve(M, B @ targets_X.to(F64))
+    M = A + lam * torch.eye(A.shape[0], dtype=F64, device=A.device)
+    return torch.linalg.solve(M, B @ targets_X.to(device=A.device, dtype=F64))
 
 
 def adversarial_inputs(
@@ -112,7 +113,8 @@ def adversarial_inputs(
 
         X* = argmin_X Σ_i ‖W_edit[i] X − W_orig[i] X_t‖_F² + λ‖X‖_F²,   λ = reg · tr(Σ W_eᵀW_e) / d_in
 
-    All matrices must read the same input (``d_out_i × d_in``). docs/method.md, "Hardening rounds"."""
+    All matrices must read the same input (``d_out_i × d_in``) and live on one device (the result's).
+    docs/method.md, "Hardening rounds"."""
     g = StageGrams.of(W_edit_list, W_orig_list)
     return adversarial_inputs_from_grams(g.A, g.B, targets_X, reg)
 

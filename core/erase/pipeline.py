@@ -236,7 +236,7 @@ def _solve_stage(
         if r and check is not None:
             check()  # a round is a whole solve: cancellable between rounds
         basis = make_basis(Xa, Ya)
-        grams = StageGrams(X.shape[0], C)
+        grams = StageGrams(X.shape[0], C, device=X.device)
         for name, get in weights:
             W_o = get()
             delta, up, down = delta_of(basis, W_o, Xa, Ya)
