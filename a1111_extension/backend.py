@@ -441,7 +441,7 @@ def picture(edit: Edit, rows: list[dict]):
     from ..core import report
 
     title = f"Weightsmith {(edit.report or {}).get('method', 'edit')}"
-    return report.picture(rows, title, report.footer(edit, len(rows)))
+    return report.edit_picture(edit, rows, title)
 
 
 def user_message(e: BaseException) -> str:

@@ -46,6 +46,14 @@ def _float(x, default=None):
         return default
 
 
+def _rounds(x):
+    """A slider's count (gradio gives 1.0) as an int; anything else goes on to core's check unchanged."""
+    if x is None or x == "":
+        return None  # the declared default
+    v = _float(x)
+    return x if v is None else int(v) if v.is_integer() else v
+
+
 def _erase_tab(gr, backend):
     """The Erase sub-tab's components (defaults and labels from core's option declarations)."""
     with gr.Tab("Erase"):
@@ -83,6 +91,13 @@ def _erase_tab(gr, backend):
                 lam = gr.Number(value=E("lam").default, label=E("lam").label)
                 eta_p = gr.Number(value=E("eta_preserve").default, label=E("eta_preserve").label)
                 rcond = gr.Number(value=E("rcond").default, label=E("rcond").label)
+                rounds = gr.Slider(
+                    E("harden_rounds").lo,
+                    E("harden_rounds").hi,
+                    value=E("harden_rounds").default,
+                    step=E("harden_rounds").step,
+                    label=E("harden_rounds").label,
+                )
         with gr.Row():
             b_apply = gr.Button("Apply", variant="primary", elem_id="weightsmith_apply", interactive=backend.can_apply)
             b_undo = gr.Button("Undo", elem_id="weightsmith_undo", interactive=backend.can_apply)
@@ -107,6 +122,7 @@ def _erase_tab(gr, backend):
         lam=lam,
         eta_p=eta_p,
         rcond=rcond,
+        rounds=rounds,
         b_apply=b_apply,
         b_undo=b_undo,
         b_stop=b_stop,
@@ -229,7 +245,7 @@ def build_ui(backend, *, workbench: Workbench | None = None):
                 idle()
 
     # -- erase actions ------------------------------------------------------------------------
-    def erase_args(targets, anchors, preserve, method, tokens, te_sub, te_layers, expand, lam, eta_p, rcond):
+    def erase_args(targets, anchors, preserve, method, tokens, te_sub, te_layers, expand, lam, eta_p, rcond, rounds):
         adv = {
             "tokens": tokens,
             "te_sublayers": tuple(te_sub or E("te_sublayers").default),
@@ -238,6 +254,7 @@ def build_ui(backend, *, workbench: Workbench | None = None):
             "lam": _float(lam),
             "eta_preserve": _float(eta_p),
             "rcond": _float(rcond),
+            "harden_rounds": _rounds(rounds),
         }
         return targets, anchors, preserve, method, adv
 
@@ -253,11 +270,14 @@ def build_ui(backend, *, workbench: Workbench | None = None):
         lam,
         eta_p,
         rcond,
+        rounds,
         strength,
         progress=gr.Progress(),  # noqa: B008  (gradio injects a progress tracker through this default)
     ):
         def fn():
-            a = erase_args(targets, anchors, preserve, method, tokens, te_sub, te_layers, expand, lam, eta_p, rcond)
+            a = erase_args(
+                targets, anchors, preserve, method, tokens, te_sub, te_layers, expand, lam, eta_p, rcond, rounds
+            )
             edit = wb.compute_erase(*a)
             msg = wb.apply(edit, _float(strength, 1.0))
             return f"{msg} ({edit.report.get('time_s', 0):.1f} s)", edit
@@ -279,13 +299,16 @@ def build_ui(backend, *, workbench: Workbench | None = None):
         lam,
         eta_p,
         rcond,
+        rounds,
         name,
         rank,
         fmt,
         progress=gr.Progress(),  # noqa: B008  (gradio injects a progress tracker through this default)
     ):
         def fn():
-            a = erase_args(targets, anchors, preserve, method, tokens, te_sub, te_layers, expand, lam, eta_p, rcond)
+            a = erase_args(
+                targets, anchors, preserve, method, tokens, te_sub, te_layers, expand, lam, eta_p, rcond, rounds
+            )
             edit, which = wb.edit_to_save(lambda: wb.compute_erase(*a))
             return f"{wb.save_lora(edit, name, int(_float(rank, 0)) or None, fmt)} Saved {which}.", edit
 
@@ -303,11 +326,14 @@ def build_ui(backend, *, workbench: Workbench | None = None):
         lam,
         eta_p,
         rcond,
+        rounds,
         name,
         progress=gr.Progress(),  # noqa: B008  (gradio injects a progress tracker through this default)
     ):
         def fn():
-            a = erase_args(targets, anchors, preserve, method, tokens, te_sub, te_layers, expand, lam, eta_p, rcond)
+            a = erase_args(
+                targets, anchors, preserve, method, tokens, te_sub, te_layers, expand, lam, eta_p, rcond, rounds
+            )
             edit, which = wb.edit_to_save(lambda: wb.compute_erase(*a))
             return f"{wb.save_checkpoint(edit, name)} Saved {which}.", edit
 
@@ -420,6 +446,7 @@ def build_ui(backend, *, workbench: Workbench | None = None):
             er.lam,
             er.eta_p,
             er.rcond,
+            er.rounds,
         ]
         outs = [status, table, figure, state, model_info]
         e1 = er.b_apply.click(on_apply, common + [er.strength], outs, api_name=api("apply"))

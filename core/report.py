@@ -3,9 +3,10 @@
 A row per edited module, in one order (text encoder(s) first, then the UNet, layer numbers
 numerically): ``name``, ``stage``, ``delta_fro`` = ‖ΔW‖_F, ``delta_rel`` = ‖ΔW‖_F/‖W‖_F (W the
 weight the edit was computed from), ``residual_before``/``residual_after`` where the solver
-reported them — erase stages and merge residuals alike (docs/method.md, "Erase report"). The
-ComfyUI nodes show :func:`text` and :func:`picture`; the A1111 tab shows :func:`table` and
-:func:`picture`. The picture is drawn with PIL only.
+reported them — erase stages and merge residuals alike (docs/method.md, "Erase report"). An erase
+report adds one line per hardening round (:func:`hardening_lines`, docs/method.md, "Hardening
+rounds"). The ComfyUI nodes show :func:`text` and :func:`edit_picture`; the A1111 tab shows
+:func:`table` and :func:`edit_picture`. The picture is drawn with PIL only.
 """
 
 from __future__ import annotations
@@ -96,7 +97,30 @@ def text(edit, rows: list[dict], title: str) -> str:
         body.append(line)
     summary = rep.get("summary")
     tail = [f"summary: {json.dumps(summary, default=str)}"] if summary else []
-    return "\n".join(head + [""] + body + tail)
+    hard = hardening_lines(rep)
+    return "\n".join(head + [""] + body + ([""] + hard if hard else []) + tail)
+
+
+def _f3(x) -> str:
+    return "n/a" if x is None else f"{float(x):.3f}"
+
+
+def hardening_lines(rep: dict) -> list[str]:
+    """The erase report's ``hardening_summary`` as text, a heading and one line per round (docs/method.md,
+    "Hardening rounds"): the UNet stage's adversarial residual (1 = an adversary's closed-form input
+    reaches the target as well as on the unedited model, 0 = no closer than the anchor), the worst over
+    stages, and the largest ‖ΔW‖/‖W‖ and preserve residual of any stage. Empty for other reports."""
+    summ = rep.get("hardening_summary") or []
+    if not summ:
+        return []
+    out = ["hardening: adversarial residual (unet; worst stage), max |dW|/|W|, max preserve residual"]
+    for s in summ:
+        out.append(
+            f"round {s['round']}: adversarial residual {_f3(s['adv_residual_unet'])}; worst "
+            f"{_f3(s['adv_residual_max'])} of {s['stages']} stages; |dW|/|W| {_f3(s['delta_rel_max'])}; "
+            f"preserve residual {_f3(s['preserve_residual_max'])}"
+        )
+    return out
 
 
 def block_lines(rep: dict) -> list[str]:
@@ -175,14 +199,22 @@ def _log_pos(v: float, lo: float = 1e-6, hi: float = 10.0) -> float:
     return (math.log10(v) - math.log10(lo)) / (math.log10(hi) - math.log10(lo))
 
 
-def picture(rows: list[dict], title: str, footer: str = ""):
+def edit_picture(edit, rows: list[dict], title: str):
+    """:func:`picture` of an edit as every host shows it: its rows, the footer and the hardening lines."""
+    return picture(rows, title, footer(edit, len(rows)), hardening=hardening_lines(edit.report or {}))
+
+
+def picture(rows: list[dict], title: str, footer: str = "", hardening: list[str] | None = None):
     """The rows as a PIL image: a log-scale bar of ‖ΔW‖/‖W‖ per module and, where reported, the
-    residual before → after (one 16-pixel row per module)."""
+    residual before → after (one 16-pixel row per module); then the ``hardening`` lines
+    (:func:`hardening_lines`), one text row each."""
     from PIL import Image, ImageDraw
 
+    hardening = list(hardening or [])
     has_res = any(r.get("residual_after") is not None for r in rows)
     width = LEFT + BAR_W + NUM_W + (RES_W if has_res else 0) + 3 * PAD
     height = 3 * ROW + PAD * 2 + max(1, len(rows)) * ROW + (ROW if footer else 0)
+    height += (len(hardening) * ROW + 4) if hardening else 0
     img = Image.new("RGB", (width, height), BG)
     d = ImageDraw.Draw(img)
     d.text((PAD, PAD), title[:110], fill=FG)
@@ -218,6 +250,11 @@ def picture(rows: list[dict], title: str, footer: str = ""):
             label = f"{float(rb):.1e}>{ra:.1e}" if rb is not None else f"{ra:.1e}"
             d.text((x0 + int(RES_W * 0.62), y + 2), label, fill=FG)
         y += ROW
+    if hardening:
+        y += 4
+        for k, line in enumerate(hardening):
+            d.text((PAD, y + 2), line[:130], fill=DIM if k == 0 else FG)
+            y += ROW
     if footer:
         d.text((PAD, y + 4), footer[:130], fill=DIM)
     return img

@@ -90,7 +90,7 @@ def report_picture(edit, rel: dict[str, float], title: str):
     from .report_image import to_comfy_image
 
     rows = report.rows(edit, rel)
-    return to_comfy_image(report.picture(rows, title, report.footer(edit, len(rows))))
+    return to_comfy_image(report.edit_picture(edit, rows, title))
 
 
 def ui_text(text: str) -> dict:

@@ -105,6 +105,7 @@ class WeightsmithEraseConcepts:
                 ),
                 "token_mode": widget(EraseOptions, "tokens", "choice", advanced=True),
                 "lam": widget(EraseOptions, "lam", "FLOAT", advanced=True),
+                "harden_rounds": widget(EraseOptions, "harden_rounds", "INT", advanced=True),
                 "prompt_expansion": (
                     ["auto", "on", "off"],
                     {
@@ -140,6 +141,7 @@ class WeightsmithEraseConcepts:
         layers="",
         token_mode=None,
         lam=None,
+        harden_rounds=None,
         prompt_expansion="auto",
         clip_skip=0,
     ):
@@ -159,6 +161,7 @@ class WeightsmithEraseConcepts:
                 EraseOptions,
                 tokens=token_mode,
                 lam=None if lam is None else float(lam),
+                harden_rounds=harden_rounds,
                 te_layers=parse_layer_range(layers),
                 expand_prompts={"auto": None, "on": True, "off": False}[prompt_expansion],
             )

@@ -101,6 +101,7 @@ def comfy_defaults() -> tuple[dict, dict]:
     erase = {
         "tokens": e["token_mode"][1]["default"],
         "lam": e["lam"][1]["default"],
+        "harden_rounds": e["harden_rounds"][1]["default"],
         "method": e["method"][1]["default"],
     }
     merge = {
@@ -186,7 +187,7 @@ def test_three_front_ends_show_the_same_defaults(monkeypatch):
     )
     # ComfyUI
     ce, cm = comfy_defaults()
-    assert ce == {"tokens": E.tokens, "lam": E.lam, "method": "erasepro"}
+    assert ce == {"tokens": E.tokens, "lam": E.lam, "harden_rounds": E.harden_rounds, "method": "erasepro"}
     assert cm == {
         "iterations": M.iterations,
         "samples": M.samples,
@@ -218,6 +219,7 @@ def test_three_front_ends_show_the_same_defaults(monkeypatch):
         (EraseOptions, "lam", E.lam),
         (EraseOptions, "eta_preserve", E.eta_preserve),
         (EraseOptions, "rcond", E.rcond),
+        (EraseOptions, "harden_rounds", E.harden_rounds),
         (EraseOptions, "te_sublayers", list(E.te_sublayers)),
         (MergeOptions, "iterations", M.iterations),
         (MergeOptions, "samples", M.samples),

@@ -32,7 +32,17 @@ def _sublayers(text: str):
 def register(sub) -> None:
     O = {
         k: spec(EraseOptions, k)
-        for k in ("tokens", "te_sublayers", "te_layers", "lam", "eta_preserve", "rcond", "cond_limit")
+        for k in (
+            "tokens",
+            "te_sublayers",
+            "te_layers",
+            "lam",
+            "eta_preserve",
+            "rcond",
+            "cond_limit",
+            "harden_rounds",
+            "harden_reg",
+        )
     }
     p = sub.add_parser(
         "erase",
@@ -156,6 +166,12 @@ def register(sub) -> None:
         metavar="TAU",
         help="merge feature columns closer than TAU·‖column‖ before the solve (0: exact duplicates); default off",
     )
+    g.add_argument(
+        "--harden-rounds", type=int, default=O["harden_rounds"].default, metavar="N", help=O["harden_rounds"].cli_help
+    )
+    g.add_argument(
+        "--harden-reg", type=float, default=O["harden_reg"].default, metavar="REG", help=O["harden_reg"].cli_help
+    )
     g.add_argument("--clip-skip", type=int, default=None, help="CLIP layer the UNet reads (SD1/SD2)")
     g.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder for single-file checkpoints")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -225,6 +241,8 @@ def options_values(args) -> dict:
         max_pad=args.max_pad,
         exact_subspace=args.exact_subspace,
         merge_tol=args.merge_tol,
+        harden_rounds=args.harden_rounds,
+        harden_reg=args.harden_reg,
     )
 
 
@@ -318,6 +336,10 @@ def print_summary(report: dict, out: Path) -> None:
             f"{s['stage']:<28}{s['matrices']:>9}{s['delta_rel_mean']:>10.4f}{s['residual_before_mean']:>12.4f}"
             f"{s['residual_after_mean']:>11.2e}{s['rho_max']:>10.2e}"
         )
+    from ..report import hardening_lines
+
+    for line in hardening_lines(report):
+        print(line)
     exp = report.get("export", {})
     low = [v for v in exp.get("stored", {}).values() if v["dtype"].startswith("float8")]
     if low:

@@ -113,6 +113,26 @@ class EraseOptions:
         hi_open=True,
     )
     preserve_captions: bool = option(True, "Add the shipped ordinary captions to the preserve set.")
+    harden_rounds: int = option(
+        0,
+        "Hardening rounds: each round derives, per edited stage, the input the edited weights map closest "
+        "to the target's original output (closed form), adds it to the erase set paired with the anchor and "
+        'solves again. Each round costs about one more solve per stage (docs/method.md, "Hardening rounds").',
+        label="Hardening rounds",
+        flag="--harden-rounds",
+        lo=0,
+        hi=10,
+        step=1,
+    )
+    harden_reg: float = option(
+        0.01,
+        "Regulariser of the hardening rounds' adversarial inputs, relative to the mean eigenvalue of the "
+        "stage's Gram matrix: larger keeps them closer to 0 (more plausible), smaller lets them reach further.",
+        label="Hardening regulariser",
+        flag="--harden-reg",
+        lo=1e-6,
+        hi=10.0,
+    )
 
     def validate(self) -> None:
         """Each option against its declaration (:func:`..optspec.check_declared`: type, range, choices),

@@ -20,7 +20,8 @@ Reported per edited matrix: ``delta_fro`` = ‖Δ‖_F, ``delta_rel`` = ‖Δ‖
 ``residual_before``/``residual_after`` = ‖W X − W_o Y‖_F before/after the edit divided by the
 unedited gap ‖W_o (Y − X⁰)‖_F (X⁰: target features of the original model; so earlier stages show
 up as ``residual_before`` < 1), and ``rho`` = ‖W'X − W_o Y‖_F / ‖W_o (Y − X)‖_F
-(docs/method.md, "Erase report").
+(docs/method.md, "Erase report"). ``options.harden_rounds`` hardening rounds re-solve each stage with
+its closed-form adversarial inputs added (:mod:`.harden`; docs/method.md, "Hardening rounds").
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ import torch
 from ..edit import Edit
 from ..errors import WeightsmithError, require
 from ..progress import Steps
+from .harden import StageGrams, measure
+from .harden import summarize as harden_summary
 from .options import METHODS, TE_SUBLAYERS, TOKEN_MODES, EraseOptions, check_method_options  # noqa: F401
 from .prompts import PRESERVE_CAPTIONS, concept_kind, fill, templates_for
 from .solvers import F64, UCEBasis, ZeroResidualBasis, preserve_matrix
@@ -194,6 +197,50 @@ def _stat(name, stage, W_o, delta, X, Y, X0, rank, basis, R, factors) -> dict:
     }
 
 
+def _zr_delta(basis, W_o, Xa, Ya):
+    return basis.delta(W_o @ (Ya.to(F64) - Xa.to(F64)))
+
+
+def _solve_stage(
+    make_basis, delta_of, X, Y, Xt, weights, P, opts: EraseOptions, stage, group, keep, enc, check=None, final=False
+) -> None:
+    """Solve one stage (matrices reading the same input), then ``opts.harden_rounds`` hardening rounds
+    (docs/method.md, "Hardening rounds"): each round derives the adversarial inputs ``X*`` of the stage
+    as edited so far for the target inputs ``Xt`` (:func:`.harden.measure`), appends them to the erase
+    set paired with the anchor columns ``Y`` and solves again from the original weights with the same
+    solver and preserve set. A report row is measured after every solve (round 0 = the plain edit).
+    ``weights``: ``(name, get_W_o)`` pairs; ``keep(name, W_o, delta, up, down, basis)`` receives the
+    final solve's matrices. Earlier solves keep only the Gram sums."""
+    rounds = int(opts.harden_rounds)
+    # without rounds only the final (conditioning) stage is measured (the row every report carries; a text-encoder
+    # layer's row costs its Gram sums, about 15% of a full-size erasepro edit for all of them)
+    measured = rounds > 0 or final
+    Xa, Ya = X, Y
+    C = None  # Σ W_oᵀW_o of the stage, from the first solve on
+    for r in range(rounds + 1):
+        if r and check is not None:
+            check()  # a round is a whole solve: cancellable between rounds
+        basis = make_basis(Xa, Ya)
+        grams = StageGrams(X.shape[0], C, device=X.device)
+        for name, get in weights:
+            W_o = get()
+            delta, up, down = delta_of(basis, W_o, Xa, Ya)
+            if measured:
+                grams.add(W_o, delta, (up, down))
+            if r == rounds:
+                keep(name, W_o, delta, up, down, basis)
+        if not measured:
+            return
+        t_r = time.perf_counter()
+        row, X_adv = measure(grams, Xt, Y, opts.harden_reg, P)
+        enc.hardening.append({"round": r, "stage": stage, "group": group, **row})
+        enc.clock["report"] += time.perf_counter() - t_r
+        C = grams.C
+        if r < rounds:
+            Xa = torch.cat([Xa.to(F64), X_adv], 1)
+            Ya = torch.cat([Ya.to(F64), Y.to(F64)], 1)
+
+
 class Encoders:
     """Runs the original and edited text encoders and serves aligned features."""
 
@@ -212,6 +259,7 @@ class Encoders:
                 for t, a in zip(self.ids_t[comp], self.ids_a[comp])
             ]
             self.pairs[comp] = ([p.target_pos for p in pr], [p.anchor_pos for p in pr])
+        self.hardening: list[dict] = []  # one row per stage and round (docs/method.md, "Hardening rounds")
         self.clock = {"encode": 0.0, "report": 0.0}  # seconds in encoder passes and in report rows
         self._ctx: dict = {}  # (comp, "t"|"a"|"p") -> original conditioning of that prompt set
         self._ctx_edited: dict = {}  # comp -> conditioning of the edited encoder on the targets
@@ -356,18 +404,17 @@ def _te_stage(
                 Y = gather(feats_a.pop(key), apos)  # each layer's features are freed once used
                 X0 = gather(feats_t0.pop(key), tpos)
                 P_l = feats_p.pop(key, None)
-                C = preserve_matrix(
-                    _all_tokens(P_l) if P_l is not None else None, X.shape[0], opts.lam, opts.eta_preserve
-                )
-                basis = ZeroResidualBasis(
-                    X, C, opts.rcond, opts.ridge, opts.cond_limit, opts.exact_subspace, opts.merge_tol
-                )
-                for _opt, sub in g:
+                P_cols = _all_tokens(P_l) if P_l is not None else None
+                C = preserve_matrix(P_cols, X.shape[0], opts.lam, opts.eta_preserve)
+
+                def make_basis(Xa, _Ya, C=C):
+                    return ZeroResidualBasis(
+                        Xa, C, opts.rcond, opts.ridge, opts.cond_limit, opts.exact_subspace, opts.merge_tol
+                    )
+
+                def keep(sub, W_o, delta, up, down, basis, l=l, layer_e=layer_e, X=X, Y=Y, X0=X0):
                     name = f"{comp}.{stage.canonical_layers}.{l}.{sub}"
-                    mod_o = layers_o[l].get_submodule(sub)
-                    W_o = mod_o.weight.detach().to(F64)
                     R = W_o @ (Y.to(F64) - X.to(F64))
-                    delta, up, down = basis.delta(R)
                     mod_e = layer_e.get_submodule(sub)
                     with torch.no_grad():
                         mod_e.weight.copy_((W_o + delta).to(mod_e.weight.dtype))
@@ -380,6 +427,26 @@ def _te_stage(
                         )
                     )
                     enc.clock["report"] += time.perf_counter() - t_r
+
+                weights = [
+                    (sub, lambda sub=sub, l=l: layers_o[l].get_submodule(sub).weight.detach().to(F64))
+                    for _opt, sub in g
+                ]
+                _solve_stage(
+                    make_basis,
+                    _zr_delta,
+                    X,
+                    Y,
+                    X0,
+                    weights,
+                    P_cols,
+                    opts,
+                    f"{comp}.layer{l}",
+                    g[0][0],
+                    keep,
+                    enc,
+                    steps.check,
+                )
                 steps.step(f"{comp} layer {l}")
         hidden = run_layer(layer_e, hidden)
         if l + 1 == ctx_at:
@@ -419,24 +486,26 @@ def _conditioning_stage(
     X64, Y64 = X.to(F64), Y.to(F64)
     X064 = X64 if X is X0 else X0.to(F64)
     if method == "uce":
-        basis = UCEBasis(X, Y, P, opts.lam, opts.eta_erase, opts.eta_preserve)
-        rank = X.shape[1]
+
+        def make_basis(Xa, Ya):
+            return UCEBasis(Xa, Ya, P, opts.lam, opts.eta_erase, opts.eta_preserve)
+
+        def delta_of(basis, W_o, Xa, Ya):
+            return basis.delta(W_o)
+
     else:
-        basis = ZeroResidualBasis(
-            X,
-            preserve_matrix(P, X.shape[0], opts.lam, opts.eta_preserve),
-            opts.rcond,
-            opts.ridge,
-            opts.cond_limit,
-            opts.exact_subspace,
-            opts.merge_tol,
-        )
-        rank = basis.rank
-    for name in stage.linears(model, tuple(opts.unet_sublayers)):
-        W_o = model.weight(name).to(F64)
-        _check_finite(W_o, f"the model's weight {name}")
+        C = preserve_matrix(P, X.shape[0], opts.lam, opts.eta_preserve)
+
+        def make_basis(Xa, Ya):
+            return ZeroResidualBasis(
+                Xa, C, opts.rcond, opts.ridge, opts.cond_limit, opts.exact_subspace, opts.merge_tol
+            )
+
+        delta_of = _zr_delta
+
+    def keep(name, W_o, delta, up, down, basis):
         R = W_o @ (Y64 - X64)
-        delta, up, down = basis.delta(W_o) if method == "uce" else basis.delta(R)
+        rank = basis.X.shape[1] if method == "uce" else basis.rank
         deltas[name] = delta.float()
         if up.shape[1] < min(W_o.shape):
             factors[name] = (up.float(), down.float())
@@ -444,6 +513,20 @@ def _conditioning_stage(
         stats.append(_stat(name, stage.label, W_o, delta, X64, Y64, X064, rank, basis, R=R, factors=(up, down)))
         enc.clock["report"] += time.perf_counter() - t_r
         steps.step(name.split(".", 1)[1])
+
+    def getter(name):
+        def get():
+            W_o = model.weight(name).to(F64)
+            _check_finite(W_o, f"the model's weight {name}")
+            return W_o
+
+        return get
+
+    weights = [(name, getter(name)) for name in stage.linears(model, tuple(opts.unet_sublayers))]
+    # the adversary's targets: the target conditioning of the original encoders (X0)
+    _solve_stage(
+        make_basis, delta_of, X, Y, X0, weights, P, opts, stage.label, stage.reads, keep, enc, steps.check, final=True
+    )
 
 
 def erase(
@@ -538,6 +621,8 @@ def erase(
         "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(opts).items()},
         "stages": stats,
         "summary": summarize(stats),
+        "hardening": enc.hardening,
+        "hardening_summary": harden_summary(enc.hardening),
     }
     for n, d in deltas.items():  # outputs checked before anyone writes them
         require(

@@ -19,7 +19,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 
 
-COMMON = ["cat", "dog", "", "uce", "suffix", ["k_proj", "v_proj"], "", "off", 0.5, 1.0, 1e-4]
+COMMON = ["cat", "dog", "", "uce", "suffix", ["k_proj", "v_proj"], "", "off", 0.5, 1.0, 1e-4, 0]
 
 
 def _tab(demo_port):

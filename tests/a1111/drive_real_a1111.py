@@ -46,9 +46,10 @@ T2I = {
     "negative_prompt": "blurry",
 }
 # Erase inputs in the order of the tab's `common` list:
-# targets, anchors, preserve, method, tokens, te_sublayers, te_layers, expand, lam, eta_preserve, rcond
-EDIT_A = ["cat", "dog", "", "erasepro", "suffix", ["k_proj", "v_proj"], "", "off", 0.5, 1.0, 1e-4]
-EDIT_B = ["garden", "desert", "", "erasepro", "suffix", ["k_proj", "v_proj"], "", "off", 0.5, 1.0, 1e-4]
+# targets, anchors, preserve, method, tokens, te_sublayers, te_layers, expand, lam, eta_preserve, rcond,
+# harden_rounds
+EDIT_A = ["cat", "dog", "", "erasepro", "suffix", ["k_proj", "v_proj"], "", "off", 0.5, 1.0, 1e-4, 0]
+EDIT_B = ["garden", "desert", "", "erasepro", "suffix", ["k_proj", "v_proj"], "", "off", 0.5, 1.0, 1e-4, 0]
 
 
 def unmatched_lines(text: str, name: str, host: str) -> int:

@@ -43,7 +43,7 @@ def main(work: Path, port: int) -> dict:
     res = {"gradio": gradio.__version__, "model": str(model_dir), "family": model.family}
     try:
         c = Client(f"http://127.0.0.1:{port}/", verbose=False)
-        common = ["cat", "dog", "", "erasepro", "suffix", ["k_proj", "v_proj"], "", "off", 0.5, 1.0, 1e-4]
+        common = ["cat", "dog", "", "erasepro", "suffix", ["k_proj", "v_proj"], "", "off", 0.5, 1.0, 1e-4, 0]
         out = c.predict(*common, 1.0, api_name="/weightsmith_apply")
         res["apply_status"] = out[0]
         res["apply_state"] = out[3]
@@ -75,6 +75,7 @@ def main(work: Path, port: int) -> dict:
             0.5,
             1.0,
             1e-4,
+            0,
             1.0,
             api_name="/weightsmith_apply",
         )
