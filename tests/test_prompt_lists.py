@@ -93,12 +93,20 @@ def _comfy_targets(monkeypatch, model, recorder, targets):
 
 
 def _cli_targets(tmp_path, monkeypatch, model, recorder, args):
+    import weightsmith.core.erase.pipeline as pipeline
     import weightsmith.core.model_io as model_io
     from weightsmith.core.cli import main
 
     (tmp_path / "model").mkdir(exist_ok=True)
     monkeypatch.setattr(model_io, "load_model", lambda *a, **k: model)
-    out = tmp_path / f"out{len(recorder.calls)}.safetensors"
+    real, seen = pipeline.erase, []
+
+    def recorded(m, targets, *a, **k):  # the CLI imports the pipeline's erase: record, then solve
+        seen.append(list(targets))
+        return real(m, targets, *a, **k)
+
+    monkeypatch.setattr(pipeline, "erase", recorded)
+    out = tmp_path / f"out{len(recorder.calls)}-{len(list(tmp_path.iterdir()))}.safetensors"
     assert (
         main(
             [
@@ -119,7 +127,8 @@ def _cli_targets(tmp_path, monkeypatch, model, recorder, args):
         )
         == 0
     )
-    return recorder.calls[-1]["targets"]
+    assert len(seen) == 1, "the CLI did not reach the solver once"
+    return seen[0]
 
 
 def test_the_three_front_ends_give_the_same_concepts_for_the_same_intended_input(
