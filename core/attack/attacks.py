@@ -53,6 +53,7 @@ class AttackResult:
     target: str
     templates: list[str]
     words: list[str] | None = None
+    start_words: list[str] | None = None  # the seeded words the discrete and continuous attacks start from
     embeddings: dict[str, torch.Tensor] | None = None
     reg: float | None = None
     loss_trace: list[float] = field(default_factory=list)
@@ -94,6 +95,7 @@ class AttackResult:
             "templates": self.templates,
             "prompt": self.prompt,
             "words": self.words,
+            "start_words": self.start_words,
             "embedding_norms": (
                 {c: [float(x) for x in e.norm(dim=-1)] for c, e in self.embeddings.items()} if self.embeddings else None
             ),
@@ -355,6 +357,7 @@ def attack(
     else:
         vocab = Vocabulary(edited, [target] if exclude is None else exclude)
         words = vocab.random_words(opts.tokens, torch.Generator().manual_seed(opts.seed * 7919 + 3))
+        res.start_words = list(words)
         if kind == "continuous":
             res.words = words
             res.embeddings, res.loss_trace, res.loss_start, res.loss_final = run_continuous(
