@@ -291,11 +291,26 @@ def closed_form_map(base, edited, reg: float) -> torch.Tensor:
 
 def closed_form_conditioning(base, edited, prompts: list[str], reg: float):
     """The closed-form adversarial conditioning of ``prompts``: every token of the unedited model's
-    conditioning mapped by :func:`closed_form_map`; the pooled output (SDXL) stays the unedited one."""
+    conditioning ``c`` replaced by the input the edited cross-attention ``to_k``/``to_v`` map closest to
+    ``W_o c`` (ridge ``reg`` toward zero). Computed by the hardening rounds' own closed form
+    (:func:`weightsmith.core.erase.harden.adversarial_inputs`, docs/method.md "Hardening rounds") where this
+    build has it, else by :func:`closed_form_map` (the same formula). The pooled output (SDXL) stays the
+    unedited one."""
     with torch.no_grad():
         ctx, pooled = encode(base, prompts)
-    M = closed_form_map(base, edited, reg)
-    return (ctx.to(F64) @ M.T).float(), pooled
+    import importlib
+
+    try:  # hardening is its own feature; like core/cli.py's sub-commands, it may not be part of this build
+        adversarial_inputs = importlib.import_module("..erase.harden", __package__).adversarial_inputs
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("weightsmith"):
+            raise
+        M = closed_form_map(base, edited, reg)
+        return (ctx.to(F64) @ M.T).float(), pooled
+    pairs = list(kv_pairs(base, edited))
+    require(pairs, "the model has no UNet cross-attention; the closed-form attack needs one.")
+    X = adversarial_inputs([Wn for _, Wn in pairs], [W for W, _ in pairs], ctx.reshape(-1, ctx.shape[-1]).T, reg)
+    return X.T.reshape(ctx.shape).float(), pooled
 
 
 # ----------------------------------------------------------------------------------------------

@@ -74,9 +74,9 @@ class AttackOptions:
         1.5, "Classifier-free guidance scale of every drawing (1: none).", flag="--guidance", lo=1.0, hi=50.0
     )
     reg: float = option(
-        1e-3,
+        0.01,
         "Closed-form attack: ridge λ (× mean eigenvalue of Σ W'ᵀW') pulling the adversarial conditioning "
-        "toward zero, so it stays a plausible input (RECE's close_regzero).",
+        "toward zero, so it stays a plausible input (RECE's close_regzero; 0.01 is the hardening rounds' default).",
         flag="--reg",
         lo=0.0,
         hi=1e6,

@@ -4,7 +4,7 @@
 The demo's erasure, ``circle`` → ``square`` preserving triangle, cross and diamond, computed per method
 (uce, zero-residual, erasepro) and hardening rounds (0, 1, 3: ``EraseOptions(harden_rounds=k)``, where
 this build has the option). Every edited model is attacked by each attack at two budgets (closed-form:
-one; it has no budget), the attack learnt on images of a circle drawn by the unedited model; then the
+two ridges), the attack learnt on images of a circle drawn by the unedited model; then the
 judge reads ``--samples`` images the edited model draws under the attack, on held-out prompt templates
 and seeds: the attack success rate is the fraction showing a circle, with its 95% Wilson interval.
 Beside it, per model: the plain target rate and the preserved shapes' accuracy and drift on the quality
@@ -23,11 +23,11 @@ from pathlib import Path
 
 METHODS = ("uce", "zero-residual", "erasepro")
 ROUNDS = (0, 1, 3)
-#: attack -> its two budgets (closed-form: exact, one "budget")
+#: attack -> its two budgets (closed-form: its ridge; smaller reaches further from plausible inputs)
 BUDGETS = {
     "continuous": ({"steps": 10}, {"steps": 30}),
     "discrete": ({"steps": 3, "candidates": 8}, {"steps": 9, "candidates": 8}),
-    "closed-form": ({},),
+    "closed-form": ({"reg": 0.01}, {"reg": 0.001}),  # the hardening rounds' ridge, and one reaching further
 }
 #: the images the attacks learn from: the unedited model's circles on these templates (target in the slot)
 TRAIN_TEMPLATES = tuple(f"a picture of a {c} {{}}" for c in ("red", "green", "blue", "yellow"))
@@ -176,7 +176,7 @@ def run(args) -> int:
         for r in rounds
         for a in attacks
         for b in range(1, len(BUDGETS[a]) + 1)
-        if b in budgets or len(BUDGETS[a]) == 1
+        if b in budgets
     ]
     settings = _settings(args, cells)
     state = {"settings": settings, "models": {}, "cells": {}, "skipped": {}}
@@ -295,7 +295,7 @@ def budget_text(kind: str, b: int) -> str:
         return f"continuous, {x['steps']} steps"
     if kind == "discrete":
         return f"discrete, {x['steps']}×{x['candidates']}"
-    return kind
+    return f"closed-form, λ {x['reg']:g}"
 
 
 def markdown(state) -> str:
