@@ -10,7 +10,16 @@ import pytest
 import torch
 
 from weightsmith.core.attack import AttackOptions, attack
-from weightsmith.core.attack.engine import Targets, draw, encode, fill, make_draws, token_embedding, unet_eps
+from weightsmith.core.attack.engine import (
+    Targets,
+    draw,
+    encode,
+    fill,
+    guidance_for,
+    make_draws,
+    token_embedding,
+    unet_eps,
+)
 from weightsmith.core.errors import CancelledError, WeightsmithError
 
 SMALL = dict(steps=3, images=2, draws=2, draw_steps=3, candidates=4, tokens=2)
@@ -39,7 +48,8 @@ def _independent_loss(base, edited, res, prompts_for_idx, opts):
     from weightsmith.core.attack.engine import draw_targets
 
     seeds = res.target_seeds
-    tg = draw_targets(base, res.target, res.templates, range(seeds[0], seeds[-1] + 1), opts.draw_steps, opts.guidance)
+    g = guidance_for(base, opts.guidance)
+    tg = draw_targets(base, res.target, res.templates, range(seeds[0], seeds[-1] + 1), opts.draw_steps, g)
     d = make_draws(base, tg, opts.draws, torch.Generator().manual_seed(opts.seed * 7919 + 1))
     idx = d.idx.tolist()
     with torch.no_grad():

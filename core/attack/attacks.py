@@ -32,6 +32,7 @@ from .engine import (
     draw_targets,
     encode,
     fill,
+    guidance_for,
     make_draws,
     slot_starts,
     split_template,
@@ -346,7 +347,8 @@ def attack(
     steps.start(f"{kind}: drawing {opts.images} target images")
     if targets is None:
         seeds = [50_000 + 10_000 * opts.seed + i for i in range(opts.images)]
-        targets = draw_targets(base, target, templates, seeds, opts.draw_steps, opts.guidance, check=steps.check)
+        g = guidance_for(base, opts.guidance)
+        targets = draw_targets(base, target, templates, seeds, opts.draw_steps, g, check=steps.check)
     steps.step("target images drawn")
     teach = opts.loss == "teacher"
     fixed = make_draws(base, targets, opts.draws, torch.Generator().manual_seed(opts.seed * 7919 + 1), teach)

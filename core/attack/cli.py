@@ -61,7 +61,7 @@ def register(sub) -> None:
     a = p.add_argument_group("budget and seeds")
     for name in _FIELDS:
         s = spec(AttackOptions, name)
-        kw = {"choices": s.choices} if s.choices else {"type": type(s.default)}
+        kw = {"choices": s.choices} if s.choices else {"type": {"int": int, "float": float}.get(s.kind, str)}
         a.add_argument(s.flag, dest=name, default=s.default, help=s.cli_help, **kw)
     p.set_defaults(func=run)
 
@@ -92,7 +92,7 @@ def run(args) -> int:
     from ..progress import tqdm_progress
     from ..safe_io import write_json
     from .attacks import attack
-    from .engine import check_pair
+    from .engine import check_pair, guidance_for
     from .world import attack_images, success, world_shape
 
     opts = from_values(AttackOptions, {k: getattr(args, k) for k in _FIELDS}, where="weightsmith attack")
@@ -106,6 +106,7 @@ def run(args) -> int:
     base, edited, world = _load(args)
     check_pair(base, edited)
     judged = world and world_shape(args.target) is not None
+    g = guidance_for(base, opts.guidance)
     t0 = time.perf_counter()
     report = {"model": args.model, "edited": args.edited or args.edit, "target": args.target, "attacks": {}}
     targets, grids = None, {}
@@ -119,7 +120,7 @@ def run(args) -> int:
         entry = res.summary()
         if judged:
             seeds = range(EVAL_SEED0, EVAL_SEED0 + args.samples)
-            imgs = attack_images(base, edited, res, templates, seeds, opts.draw_steps, opts.guidance)
+            imgs = attack_images(base, edited, res, templates, seeds, opts.draw_steps, g)
             entry["success"] = success(imgs, args.target)
             grids[kind] = imgs
         report["attacks"][kind] = entry
@@ -134,7 +135,7 @@ def run(args) -> int:
         seeds = list(range(EVAL_SEED0, EVAL_SEED0 + args.samples))
         plain = [templates[i % len(templates)].replace("{}", args.target) for i in range(len(seeds))]
         for name, m in (("unedited", base), ("edited", edited)):
-            imgs = plain_images(m, plain, seeds, opts.draw_steps, opts.guidance)
+            imgs = plain_images(m, plain, seeds, opts.draw_steps, g)
             report[f"plain_{name}"] = success(imgs, args.target)
             grids[f"plain, {name}"] = imgs
     report["time_s"] = round(time.perf_counter() - t0, 1)

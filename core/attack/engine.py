@@ -135,6 +135,14 @@ def unet_eps(model, x: torch.Tensor, t, ctx: torch.Tensor, pooled: torch.Tensor 
     return unet(x.to(p.device, dt), t, encoder_hidden_states=ctx.to(p.device, dt), **kw).sample.float()
 
 
+def guidance_for(model, guidance: float | None) -> float:
+    """``guidance``, or the model's usual scale: 1.5 for a pixel-space model (the embedded world's sampler
+    default), 7.5 for a latent Stable Diffusion model."""
+    if guidance is not None:
+        return float(guidance)
+    return 1.5 if int(model.unet_config.get("in_channels", 4)) == 3 else 7.5
+
+
 def scheduler(model):
     """The model's DDIM noise schedule (a Stable Diffusion default where the model brings none)."""
     from diffusers import DDIMScheduler
@@ -264,6 +272,7 @@ __all__ = [
     "encode",
     "unet_eps",
     "draw",
+    "guidance_for",
     "Targets",
     "draw_targets",
     "Draws",

@@ -70,8 +70,13 @@ class AttackOptions:
     draw_steps: int = option(
         20, "Sampling steps used to draw the target images and the attack's images.", flag="--draw-steps", lo=1, hi=1000
     )
-    guidance: float = option(
-        1.5, "Classifier-free guidance scale of every drawing (1: none).", flag="--guidance", lo=1.0, hi=50.0
+    guidance: float | None = option(
+        None,
+        "Classifier-free guidance scale of every drawing (1: none; default: 1.5 for a pixel-space model such as "
+        "the embedded world's, its sampler's, and 7.5 for a latent Stable Diffusion model).",
+        flag="--guidance",
+        lo=1.0,
+        hi=50.0,
     )
     reg: float = option(
         0.01,
