@@ -4,9 +4,10 @@
 The demo's erasure, ``circle`` → ``square`` preserving triangle, cross and diamond, computed per method
 (uce, zero-residual, erasepro) and hardening rounds (0, 1, 3: ``EraseOptions(harden_rounds=k)``, where
 this build has the option). Every edited model is attacked by each attack at two budgets (closed-form:
-two ridges), the attack learnt on images of a circle drawn by the unedited model; then the
-judge reads ``--samples`` images the edited model draws under the attack, on held-out prompt templates
-and seeds: the attack success rate is the fraction showing a circle, with its 95% Wilson interval.
+two ridges), the attack learnt on images of a circle drawn by the unedited model; then the judge reads
+``--samples`` images the edited model draws under the attack, on the attacked templates at new seeds
+(``--held-out-prompts``: on other templates): the attack success rate is the fraction showing a
+circle, with its 95% Wilson interval.
 Beside it, per model: the plain target rate and the preserved shapes' accuracy and drift on the quality
 bench's held-out prompts (:func:`weightsmith.core.world.evaluate.erasure_metrics`), and the edit time.
 
@@ -32,7 +33,7 @@ BUDGETS = {
 #: the images the attacks learn from: the unedited model's circles on these templates (target in the slot)
 TRAIN_TEMPLATES = tuple(f"a picture of a {c} {{}}" for c in ("red", "green", "blue", "yellow"))
 TARGET_SEED0 = 5000
-#: the judged images: other templates, colours and sizes, other seeds
+#: the judged images: the attacked templates at other seeds, or (--held-out-prompts) other templates
 EVAL_TEMPLATES = ("a {z} {c} {{}}", "a {c} {{}} on a {bg} background")
 EVAL_SEED0 = 7000
 #: attack options shared by every cell (the budgets above set steps / candidates)
@@ -54,13 +55,22 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--log", default=None, help="progress log (default OUT/progress.log)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--held-out-prompts",
+        action="store_true",
+        help="judge each attack on other templates than the ones it was learnt on (default: the attacked "
+        "templates themselves, at new seeds, as the published attacks are scored)",
+    )
 
 
-def eval_templates(n: int) -> list[str]:
-    """``n`` judged templates (slot ``{}``), cycling colours, sizes, backgrounds."""
+def eval_templates(n: int, held_out: bool = True) -> list[str]:
+    """``n`` judged templates (slot ``{}``): the attacked templates cycled, or (``held_out``) other
+    templates cycling colours, sizes, backgrounds."""
     from ..world.evaluate import BGS, COLOUR_LIST
     from ..world.render import SIZES
 
+    if not held_out:
+        return [TRAIN_TEMPLATES[i % len(TRAIN_TEMPLATES)] for i in range(n)]
     out = []
     for i in range(n):
         t = EVAL_TEMPLATES[i % len(EVAL_TEMPLATES)]
@@ -113,7 +123,7 @@ def _settings(args, cells) -> dict:
         "budgets": BUDGETS,
         "base_options": BASE_OPTIONS,
         "train_templates": TRAIN_TEMPLATES,
-        "eval_templates": EVAL_TEMPLATES,
+        "eval_templates": EVAL_TEMPLATES if args.held_out_prompts else "the attacked templates",
         "seeds": {"target": TARGET_SEED0, "eval": EVAL_SEED0},
         "cells": len(cells),
     }
@@ -214,7 +224,7 @@ def run(args) -> int:
         save()
         log("base model measured")
     targets = None
-    tpl_eval = eval_templates(args.samples)
+    tpl_eval = eval_templates(args.samples, args.held_out_prompts)
     seeds_eval = list(range(EVAL_SEED0, EVAL_SEED0 + args.samples))
     seeds_target = list(range(TARGET_SEED0, TARGET_SEED0 + BASE_OPTIONS["images"]))
     require(not set(seeds_eval) & set(seeds_target), "target and judged seeds overlap.")
