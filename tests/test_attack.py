@@ -169,6 +169,12 @@ def test_bad_input_is_refused_clearly(erased, tiny_models):
     base, edited = erased["sd1"]
     with pytest.raises(WeightsmithError, match="sdxl.*sd1|same model"):
         attack(base, erased["sdxl"][1], "van gogh", "continuous", AttackOptions(**SMALL), TEMPLATES)
+    import copy
+
+    flux = copy.copy(base)
+    flux.family = "flux"
+    with pytest.raises(WeightsmithError, match="flux"):
+        attack(flux, flux, "van gogh", "continuous", AttackOptions(**SMALL), TEMPLATES)
     with pytest.raises(WeightsmithError, match=r"\{\}"):
         attack(base, edited, "van gogh", "discrete", AttackOptions(**SMALL), ["a painting by"])
     with pytest.raises(WeightsmithError, match="unknown attack"):

@@ -72,12 +72,14 @@ def _load(args):
     from ..model_io import load_model
     from ..safe_io import check_input
     from ..world.paths import DEFAULT_MODEL_DIR, require_world
+    from .engine import check_family
 
     world = args.model == "world"
     if world:
         require_world()
     path = DEFAULT_MODEL_DIR if world else check_input(args.model, "--model", folder_ok=True)
     base = load_model(path, clip_skip=args.clip_skip, tokenizer=args.tokenizer)
+    check_family(base)
     if args.edit:
         lora = load_lora(check_input(args.edit, "--edit"), base)
         edited = Edit(base.family, dict(base.unet_config), lora.deltas()).apply(base)

@@ -252,8 +252,22 @@ def denoise_loss(model, draws: Draws, cond) -> torch.Tensor:
     return (eps - ref.to(eps.device)).pow(2).mean()
 
 
+def check_family(model) -> None:
+    """Refuse a model family the attacks do not handle (they read CLIP encoders and a UNet)."""
+    from ..sdmodel import FAMILIES
+
+    fam = getattr(model, "family", None)
+    require(
+        fam in FAMILIES,
+        f"the attacks run on Stable Diffusion 1.x, 2.x and SDXL models (and the embedded world); this model is "
+        f"{fam or type(model).__name__}. Attack an SD1, SD2 or SDXL model.",
+    )
+
+
 def check_pair(base, edited) -> None:
-    """Refuse an edited model that is not an edit of ``base``'s architecture."""
+    """Refuse a model family the attacks do not handle, and an edited model that is not an edit of
+    ``base``'s architecture."""
+    check_family(base)
     require(
         base.family == edited.family,
         f"the edited model is {edited.family} but the unedited model is {base.family}; attack an edit of the "
@@ -278,5 +292,6 @@ __all__ = [
     "Draws",
     "make_draws",
     "denoise_loss",
+    "check_family",
     "check_pair",
 ]
