@@ -17,6 +17,7 @@ from .errors import CancelledError, WeightsmithError
 # (module, attribute) of every sub-command provider, in --help order
 COMMANDS = [
     ("weightsmith.core.erase.cli", "register"),
+    ("weightsmith.core.attack.cli", "register"),
     ("weightsmith.core.merge.cli", "register"),
     ("weightsmith.core.merge.reweight", "register"),
     ("weightsmith.core.lab.demo", "register"),

@@ -26,6 +26,7 @@ LAYERS = [
     ("base", ["weightsmith.core"]),  # core's own modules: I/O, naming, edits
     ("solvers and world", ["weightsmith.core.erase", "weightsmith.core.merge", "weightsmith.core.world"]),
     ("world training", ["weightsmith.core.world.training"]),
+    ("attacks", ["weightsmith.core.attack"]),  # white-box attacks on edits (docs/robustness.md)
     ("lab", ["weightsmith.core.lab"]),  # benches, sweeps, demo, references
     ("command line", ["weightsmith.core.cli"]),  # the entry point dispatches to all
 ]

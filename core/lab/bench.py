@@ -29,6 +29,12 @@ BENCHES = {
         'on held-out prompts (docs/merge.md, "World v2 sweep")',
     ),
     "quality": ("weightsmith.core.lab.quality", "quality of every method on the embedded default world"),
+    "robustness": (
+        "weightsmith.core.lab.robustness_bench",
+        "erasure under attack on the embedded world: attack success rate per method and hardening rounds "
+        "(continuous, discrete, closed-form attacks at two budgets), preserved shapes, drift, edit time "
+        "(docs/robustness.md)",
+    ),
 }
 # old spelling -> bench: `bench erase --sweep ARGS` is `bench erase-sweep ARGS`
 ALIASES = {("erase", "--sweep"): "erase-sweep", ("merge", "--sweep"): "merge-sweep"}

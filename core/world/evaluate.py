@@ -172,40 +172,49 @@ def erasure_metrics(
     target: str = ERASE_TARGET,
     anchor: str = ERASE_ANCHOR,
     keep_images: bool = False,
+    only: tuple[str, ...] | None = None,
 ) -> dict:
     """Metrics for ``{"base": base, method: edited model, ...}`` (see module docstring).
-    Each metric is ``{"rate"|"mean", "n", "ci": [lo, hi], ...}``."""
+    Each metric is ``{"rate"|"mean", "n", "ci": [lo, hi], ...}``. ``only``: the prompt sets drawn
+    (of ``simple``, ``context``, ``two``, ``preserved``; default all); a metric is given when its set is."""
     from .judge import judge
     from .metrics import concept_hits, image_drifts, mean_ci, rate_ci
 
     sampler = sampler or Sampler()
     sets = erase_prompt_sets(n, target)
+    if only is not None:
+        sets = {k: v for k, v in sets.items() if k in only}
     seeds = list(range(seed0, seed0 + n))
     out, images = {}, {}
     base_pres = None
     for name, model in {"base": base, **models}.items():
         imgs = {k: sampler(model, [x if isinstance(x, str) else x[0] for x in v], seeds) for k, v in sets.items()}
-        if base_pres is None:
-            base_pres = imgs["preserved"]
-        reads_p = judge(imgs["preserved"])
-        pres = [
-            any(o["shape"] == s and o["colour"] == c for o in r["objects"])
-            for r, (_, s, c) in zip(reads_p, sets["preserved"])
-        ]
-        reads_2 = judge(imgs["two"])
-        other = [
-            any(o["position"] == p and o["shape"] == s and o["colour"] == c for o in r["objects"])
-            for r, (_, s, c, p) in zip(reads_2, sets["two"])
-        ]
-        out[name] = {
-            "target_simple": rate_ci(concept_hits(imgs["simple"], shape=target)),
-            "target_context": rate_ci(concept_hits(imgs["context"], shape=target)),
-            "target_two": rate_ci(concept_hits(imgs["two"], shape=target)),
-            "anchor": rate_ci(concept_hits(imgs["simple"], shape=anchor)),
-            "other_in_two": rate_ci(other),
-            "preserved": rate_ci(pres),
-            "drift": mean_ci(image_drifts(base_pres, imgs["preserved"])),
-        }
+        out[name] = {}
+        if "simple" in imgs:
+            out[name]["target_simple"] = rate_ci(concept_hits(imgs["simple"], shape=target))
+        if "context" in imgs:
+            out[name]["target_context"] = rate_ci(concept_hits(imgs["context"], shape=target))
+        if "two" in imgs:
+            reads_2 = judge(imgs["two"])
+            other = [
+                any(o["position"] == p and o["shape"] == s and o["colour"] == c for o in r["objects"])
+                for r, (_, s, c, p) in zip(reads_2, sets["two"])
+            ]
+            out[name]["target_two"] = rate_ci(concept_hits(imgs["two"], shape=target))
+        if "simple" in imgs:
+            out[name]["anchor"] = rate_ci(concept_hits(imgs["simple"], shape=anchor))
+        if "two" in imgs:
+            out[name]["other_in_two"] = rate_ci(other)
+        if "preserved" in imgs:
+            if base_pres is None:
+                base_pres = imgs["preserved"]
+            reads_p = judge(imgs["preserved"])
+            pres = [
+                any(o["shape"] == s and o["colour"] == c for o in r["objects"])
+                for r, (_, s, c) in zip(reads_p, sets["preserved"])
+            ]
+            out[name]["preserved"] = rate_ci(pres)
+            out[name]["drift"] = mean_ci(image_drifts(base_pres, imgs["preserved"]))
         if keep_images:
             images[name] = imgs
     return _result(out, images if keep_images else None, n, seed0, sampler, target=target, anchor=anchor)
