@@ -1,0 +1,118 @@
+"""Flux.1 as a registered model family (docs/method.md, "Model families"; docs/flux.md), and
+``load_model`` / ``weightsmith merge`` / ``weightsmith erase --format lora`` on Flux inputs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from weightsmith.core import families
+from weightsmith.core.errors import WeightsmithError
+from weightsmith.core.families.flux import FAMILY, FlowSchedule, build_conditioning
+from weightsmith.core.flux_io import load_flux
+from weightsmith.core.lab.random_models import build_random_flux, write_random_flux
+from weightsmith.core.layouts import flux_lora
+from weightsmith.core.layouts.flux_names import diffusers_to_bfl
+
+CTX, VEC = "transformer.context_embedder", "transformer.time_text_embed.text_embedder.linear_1"
+
+
+@pytest.fixture(scope="module")
+def rf():
+    return build_random_flux(0)
+
+
+@pytest.fixture(scope="module")
+def files(rf, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fluxfam")
+    return {layout: write_random_flux(rf, root / layout, layout) for layout in ("bfl", "comfy", "diffusers")}
+
+
+def _keys(path):
+    with safe_open(str(path), framework="pt") as f:
+        return list(f.keys())
+
+
+def test_flux_is_registered_after_the_sd_families():
+    assert "flux" in families.names() and families.get("flux") is FAMILY
+    assert list(families.labels()) == ["sd1", "sd2", "sdxl", "flux"]
+    assert families.supported_phrase() == "SD1.x, SD2.x, SDXL and Flux.1"
+    assert [c.name for c in FAMILY.components] == ["transformer", "text_encoder", "text_encoder_2"]
+    assert FAMILY.denoiser.name == "transformer" and FAMILY.text_encoder_names == ["text_encoder", "text_encoder_2"]
+    assert [s.label for s in FAMILY.erase.conditioning_stages] == ["txt_in", "vector_in"]
+
+
+def test_detection_from_keys_of_each_flux_layout(files):
+    assert families.detect_from_keys(_keys(files["bfl"][0])) == "flux"
+    assert families.detect_from_keys(_keys(files["comfy"][0])) == "flux"
+    d = files["diffusers"][0] / "transformer"
+    keys = [k for f in sorted(d.glob("*.safetensors")) for k in _keys(f)]
+    assert families.detect_from_keys(keys) == "flux"
+    # a text-encoder file alone is no Flux model
+    assert not FAMILY.recognise_keys(set(_keys(files["bfl"][1][1])))
+
+
+def test_conditioning_is_t5_tokens_and_clip_pooled(files):
+    m = load_flux(*files["bfl"])
+    prompts = ["a cat by van gogh", "a dog"]
+    specs = FAMILY.encoder_specs(12, False, None)
+    assert specs["text_encoder_2"].tokens and not specs["text_encoder_2"].pooled
+    assert specs["text_encoder"].pooled and not specs["text_encoder"].tokens
+    t5, pooled = m.t5_hidden(prompts), m.clip_pooled(prompts)
+    c = build_conditioning({"text_encoder_2": t5}, {"text_encoder": pooled})
+    assert c.context is t5 and c.pooled is pooled
+    assert c.context.shape[-1] == m.weight(CTX).shape[1] and c.pooled.shape[-1] == m.weight(VEC).shape[1]
+    with pytest.raises(WeightsmithError, match="clip-skip"):
+        FAMILY.encoder_specs(12, False, 2)
+
+
+def test_lora_layout_reads_back_what_the_flux_reader_parses():
+    """Every read prefix is one the Flux LoRA reader maps to the same module; the written prefix too; a
+    Flux LoRA's metadata or keys name the family, an SD LoRA's do not."""
+    names = [
+        CTX,
+        "transformer.transformer_blocks.0.attn.to_k",
+        "text_encoder_2.encoder.block.1.layer.0.SelfAttention.v",
+    ]
+    for canon in names:
+        pre = FAMILY.lora.read_prefixes(canon)
+        assert pre and pre[0] == canon
+        for p in pre:
+            t = flux_lora.target_of(p)
+            if t.bfl is not None:
+                assert (t.bfl, t.pieces) == (diffusers_to_bfl(canon.split(".", 1)[1])[0], None), p
+            else:
+                assert (t.canonical or f"transformer.{t.diffusers}") == canon, p
+    assert "lora_unet_txt_in" in FAMILY.lora.read_prefixes(CTX)
+    assert families.lora_family_hint([], {"ss_base_model_version": "flux1"}) == "flux"
+    assert families.lora_family_hint(["lora_unet_double_blocks_0_img_attn_qkv"], {}) == "flux"
+    assert families.lora_family_hint(["lora_unet_down_blocks_0_attentions_0_proj_in"], {}) != "flux"
+    assert FAMILY.lora.foreign(["lora_unet_down_blocks_0_attentions_0_proj_in"])
+    assert FAMILY.lora.write_prefix(CTX) == CTX
+
+
+def test_sampler_is_euler_on_the_shifted_rectified_flow_schedule():
+    """dev: t' = e^μ/(e^μ + 1/t − 1) with μ = 1.15 on linspace(1, 0); schnell unshifted. For a constant
+    velocity v = ε − x₀ (the exact one of x_t = (1−t)x₀ + tε) the Euler steps land on x₀."""
+    dev = FlowSchedule(type("M", (), {"variant": "dev"})(), 4)
+    want = [1.0] + [math.exp(1.15) / (math.exp(1.15) + (1 / t - 1)) for t in (0.75, 0.5, 0.25)]
+    assert torch.allclose(dev.timesteps.double(), torch.tensor(want, dtype=torch.float64), atol=1e-6)
+    sch = FlowSchedule(type("M", (), {"variant": "schnell"})(), 4)
+    assert torch.allclose(sch.timesteps, torch.tensor([1.0, 0.75, 0.5, 0.25]))
+    g = torch.Generator().manual_seed(0)
+    x0, eps = (
+        torch.randn(2, 16, 4, 4, generator=g, dtype=torch.float64),
+        torch.randn(2, 16, 4, 4, generator=g, dtype=torch.float64),
+    )
+    for s in (dev, sch):
+        x = s.start(eps)
+        for t in s.timesteps:
+            x = s.step(eps - x0, t, s.model_input(x, t))
+        assert torch.allclose(x, x0, atol=1e-9)
+    assert FAMILY.sampler.name == "rectified-flow"
+    assert FAMILY.sampler.latent_shape(None, 64) == (16, 64, 64)
+    with pytest.raises(WeightsmithError, match="IterIS on Flux is not available yet"):
+        FAMILY.sampler.predict(None, None, None, None, None)
