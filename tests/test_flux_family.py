@@ -116,3 +116,89 @@ def test_sampler_is_euler_on_the_shifted_rectified_flow_schedule():
     assert FAMILY.sampler.latent_shape(None, 64) == (16, 64, 64)
     with pytest.raises(WeightsmithError, match="IterIS on Flux is not available yet"):
         FAMILY.sampler.predict(None, None, None, None, None)
+
+
+@pytest.mark.parametrize("layout", ["bfl", "comfy", "diffusers"])
+def test_load_model_reads_each_flux_layout(files, layout):
+    from weightsmith.core.fluxmodel import FluxModel
+    from weightsmith.core.model_io import load_model
+
+    path, tes = files[layout]
+    m = load_model(path, text_encoders=tes)
+    assert isinstance(m, FluxModel) and m.family == "flux" and m.variant == "dev"
+    assert set(m.text_encoders) == {"text_encoder", "text_encoder_2"}
+    ref = load_flux(path, tes)
+    assert torch.equal(m.weight(CTX), ref.weight(CTX))
+    with pytest.raises(WeightsmithError, match="clip-skip"):
+        load_model(path, text_encoders=tes, clip_skip=2)
+
+
+def test_text_encoder_files_with_an_sd_model_are_refused(tiny_checkpoints, files):
+    from weightsmith.core.model_io import load_model
+
+    with pytest.raises(WeightsmithError, match="--text-encoder files are for Flux"):
+        load_model(tiny_checkpoints["sd1"], text_encoders=files["bfl"][1])
+
+
+def test_merge_on_a_flux_model_says_it_comes_next(files, tmp_path, capsys):
+    from weightsmith.core.cli import main
+    from weightsmith.core.safe_io import atomic_save_file
+
+    lora = tmp_path / "f.safetensors"
+    atomic_save_file(
+        {f"{CTX}.lora_A.weight": torch.zeros(1, 32), f"{CTX}.lora_B.weight": torch.zeros(64, 1)},
+        lora,
+        {"ss_base_model_version": "flux1"},
+    )
+    out = tmp_path / "m.safetensors"
+    rc = main(["merge", "--model", str(files["comfy"][0]), "--lora", str(lora), "--lora", str(lora), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "merging Flux LoRAs comes next (issue 34)" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("layout", ["bfl", "comfy"])
+def test_cli_lora_output_and_t5_file_applied_by_hand_equal_the_edit(files, tmp_path, capsys, layout):
+    """``weightsmith erase --format lora`` on Flux: the LoRA (PEFT names, ΔW = B·A) plus the full T5 file
+    beside it give back the erase's ΔW of every edited module (rel. error ≤ 1e-5), the T5 file keeps
+    every other tensor of the base T5 as it was."""
+    from weightsmith.core.cli import main
+    from weightsmith.core.erase.options import EraseOptions
+    from weightsmith.core.erase.pipeline import erase
+    from weightsmith.core.model_io import load_model
+
+    path, tes = files[layout]
+    out = tmp_path / "no_vg.safetensors"
+    args = ["erase", "--model", str(path), *[a for t in tes for a in ("--text-encoder", str(t))],
+            "--target", "van gogh", "--anchor", "art", "--method", "erasepro", "--te-layers", "0-1",
+            "--format", "lora", "--out", str(out), "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    assert "no_vg_t5xxl.safetensors" in capsys.readouterr().out
+    m = load_model(path, text_encoders=tes)
+    edit = erase(m, ["van gogh"], ["art"], [], "erasepro", EraseOptions(te_layers=(0, 1)))
+    t5_names = [n for n in edit.deltas if n.startswith("text_encoder_2.")]
+    assert t5_names and CTX in edit.deltas and VEC in edit.deltas
+    with safe_open(str(out), framework="pt") as f:
+        lora = {k: f.get_tensor(k) for k in f.keys()}
+        assert f.metadata()["ss_base_model_version"] == "flux1"
+    for n in (CTX, VEC):
+        d = lora[f"{n}.lora_B.weight"].double() @ lora[f"{n}.lora_A.weight"].double()
+        ref = edit.deltas[n].double()
+        assert float((d - ref).norm() / ref.norm()) <= 1e-5, n
+    assert not any(k.startswith("text_encoder_2") for k in lora)
+    t5_file = tmp_path / "no_vg_t5xxl.safetensors"
+    prefix = "" if layout == "bfl" else "text_encoders.t5xxl.transformer."
+    src = tes[1] if layout == "bfl" else path
+    with safe_open(str(t5_file), framework="pt") as f, safe_open(str(src), framework="pt") as b:
+        base_keys = [k[len(prefix) :] for k in b.keys() if k.startswith(prefix)]
+        if layout == "bfl":
+            base_keys = list(b.keys())
+        assert sorted(f.keys()) == sorted(base_keys)
+        edited = {n[len("text_encoder_2.") :] + ".weight": n for n in t5_names}
+        for k in f.keys():
+            new, old = f.get_tensor(k).double(), b.get_tensor(prefix + k).double()
+            if k in edited:
+                ref = edit.deltas[edited[k]].double()
+                assert float(((new - old) - ref).norm() / ref.norm()) <= 1e-5, k
+            else:
+                assert torch.equal(new, old), k
