@@ -99,7 +99,8 @@ def register(sub) -> None:
         choices=FORMATS,
         default="checkpoint",
         help="checkpoint: the edited model in its input format; lora: only the edit as a kohya "
-        "LoRA (exact rank, or --rank via SVD); diff: the edit as full-rank .diff LoRA",
+        "LoRA (exact rank, or --rank via SVD; Flux: PEFT names, the T5 part as a T5 file beside it, "
+        "docs/flux.md); diff: the edit as full-rank .diff LoRA (not for Flux)",
     )
     p.add_argument("--rank", type=int, default=None, help="LoRA rank (SVD-truncated, error reported)")
     p.add_argument("--out", required=True, help="output file (or folder for a diffusers checkpoint)")

@@ -20,6 +20,8 @@ T5 is bidirectional, so every position of a target prompt carries the concept: t
 ``txt_in`` stages pair the common prefix position by position too, then the concept span and the
 suffix as :func:`.tokens.align` does (``--tokens last``: one pair). T5 runs layer by layer: one block
 in float32 at a time, whatever the encoder's size (docs/flux.md, "How Weightsmith holds a Flux model").
+Every stage is solved by the pipeline's stage solve (passed in as ``solve``), so hardening rounds apply
+to Flux as to SD (docs/flux.md, "Erasure on Flux"; docs/method.md, "Hardening rounds").
 """
 
 from __future__ import annotations
