@@ -240,6 +240,29 @@ def load_flux(path, text_encoders=(), *, t5_length: int = T5_LENGTH, tokenizer=N
     return FluxModel(var, parts, clip, t5, toks, source=src)
 
 
+class _PrefixView:
+    """The keys of ``state`` under ``prefix``, with the prefix removed (read lazily, one tensor at a time)."""
+
+    def __init__(self, state, prefix: str):
+        self.state, self.prefix = state, prefix
+
+    def keys(self):
+        n = len(self.prefix)
+        return [k[n:] for k in self.state.keys() if k.startswith(self.prefix)]
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.state.get(self.prefix + key)
+
+
+def t5_base(model: FluxModel):
+    """The loaded model's T5 weights as HF ``T5EncoderModel`` keys (a lazy reader with ``keys()``/``get()``),
+    wherever they are stored (its own file, an all-in-one checkpoint, a diffusers folder): the base a Flux
+    LoRA's T5 part is added to (:func:`~weightsmith.core.lora_write.save_flux_lora`, ``t5_base``)."""
+    model.require_text_encoders("writing the T5 part of a Flux LoRA")
+    part = model.parts[T5]
+    return _PrefixView(part.state, part.prefix) if part.prefix else part.state
+
+
 # ----------------------------------------------------------------------------------------------
 # writing
 _FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}

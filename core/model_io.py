@@ -124,8 +124,14 @@ def check_output_path(out: Path, inputs: list, label: str = "the output path") -
 WEIGHT_DTYPES = {name: (None if name == "float32" else getattr(torch, name)) for name in WEIGHT_PRECISIONS}
 
 
-def load_model(path, *, clip_skip: int | None = None, tokenizer=None, weights_dtype=None) -> SDModel:
-    """Load an SD1.x / SD2.x / SDXL model from a diffusers folder or a single-file checkpoint.
+def load_model(
+    path, *, clip_skip: int | None = None, tokenizer=None, weights_dtype=None, text_encoders=(), t5_length=None
+):
+    """Load an SD1.x / SD2.x / SDXL model from a diffusers folder or a single-file checkpoint, or a Flux.1
+    model (a BFL transformer file, a ComfyUI all-in-one checkpoint or a diffusers folder, recognised
+    from its keys) as a :class:`~weightsmith.core.fluxmodel.FluxModel` (docs/flux.md, "Files Weightsmith
+    reads"); ``text_encoders``: Flux's separate CLIP-L / T5 files (``--text-encoder``), ``t5_length``: T5
+    tokens (default 256).
 
     ``tokenizer``: a CLIPTokenizer or folder, needed for single-file checkpoints when no CLIP
     vocabulary can be found offline (see :func:`weightsmith.core.tokenizer.find_clip_tokenizer`).
@@ -148,6 +154,15 @@ def load_model(path, *, clip_skip: int | None = None, tokenizer=None, weights_dt
     if not os.path.lexists(path):
         raise WeightsmithError(f"model not found: {path}. Pass a .safetensors checkpoint or a diffusers folder.")
     check_input(path, "the model", folder_ok=True)
+    from .flux_io import is_flux
+
+    if is_flux(path):
+        return _load_flux(path, clip_skip, tokenizer, weights_dtype, text_encoders, t5_length)
+    require(
+        not text_encoders,
+        f"--text-encoder files are for Flux models, but {path.name} is not one; an SD checkpoint holds its own "
+        "text encoders: leave --text-encoder out.",
+    )
     if path.is_dir():
         if not (path / "model_index.json").exists():
             raise WeightsmithError(
@@ -156,6 +171,20 @@ def load_model(path, *, clip_skip: int | None = None, tokenizer=None, weights_dt
             )
         return _load_diffusers(path, clip_skip, weights_dtype)
     return _load_single_file(path, clip_skip, tokenizer, weights_dtype)
+
+
+def _load_flux(path: Path, clip_skip, tokenizer, weights_dtype, text_encoders, t5_length):
+    """A Flux model for :func:`load_model` (docs/flux.md, "How Weightsmith holds a Flux model")."""
+    from .flux_io import load_flux
+    from .tokenizer import T5_LENGTH
+
+    require(clip_skip is None, "--clip-skip applies to SD1.x/SD2.x; Flux reads CLIP-L's pooled output.")
+    require(
+        weights_dtype is None,
+        "--weights-precision applies to the SD UNet; a Flux transformer stays in its file and is read in "
+        "float32 one tensor at a time (docs/flux.md). Leave it out.",
+    )
+    return load_flux(path, tuple(text_encoders or ()), t5_length=t5_length or T5_LENGTH, tokenizer=tokenizer)
 
 
 def stored_half_dtype(path) -> torch.dtype | None:

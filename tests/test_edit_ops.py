@@ -137,13 +137,14 @@ def test_host_prefixes_and_family_labels_are_cores():
 
     assert a1111.UNET_PREFIX is naming.LDM_UNET_PREFIX
     assert comfy_adapter.UNET_PREFIX is naming.COMFY_UNET_PREFIX and comfy_adapter.TE_PREFIXES is naming.COMFY_TE_ATTRS
-    assert [naming.family_label(f) for f in ("sd1", "sd2", "sdxl", "flux")] == ["SD1.x", "SD2.x", "SDXL", "flux"]
-    assert naming.SUPPORTED_FAMILIES == "{sd1}, {sd2} and {sdxl}".format(**naming.FAMILY_LABELS)
+    assert [naming.family_label(f) for f in ("sd1", "sd2", "sdxl", "flux")] == ["SD1.x", "SD2.x", "SDXL", "Flux.1"]
+    assert naming.SUPPORTED_FAMILIES == "{sd1}, {sd2}, {sdxl} and {flux}".format(**naming.FAMILY_LABELS)
     # the key prefixes each host's text encoders live under (ComfyUI's state dict, LDM checkpoints)
     assert {f: {c: naming.comfy_te_prefix(f, c) for c in naming.COMFY_TE_ATTRS[f]} for f in naming.COMFY_TE_ATTRS} == {
         "sd1": {"text_encoder": "clip_l.transformer."},
         "sd2": {"text_encoder": "clip_h.transformer."},
         "sdxl": {"text_encoder": "clip_l.transformer.", "text_encoder_2": "clip_g.transformer."},
+        "flux": {"text_encoder": "clip_l.transformer.", "text_encoder_2": "t5xxl.transformer."},
     }
     assert naming.te_checkpoint_prefix("sdxl", naming.TE2) == ("conditioner.embedders.1.model.", True)
     assert naming.sdxl_embedder_prefix(0, open_clip=False) == "conditioner.embedders.0.transformer."

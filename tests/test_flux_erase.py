@@ -216,7 +216,7 @@ def test_missing_text_encoders_and_lora_output_are_refused(files, tmp_path, caps
 
     rc = main(
         ["erase", "--model", str(path), "--text-encoder", str(tes[0]), "--text-encoder", str(tes[1]),
-         "--target", "van gogh", "--format", "lora", "--out", str(tmp_path / "l.safetensors"), "--quiet"]
+         "--target", "van gogh", "--format", "diff", "--out", str(tmp_path / "l.safetensors"), "--quiet"]
     )  # fmt: skip
     assert rc == 2 and "--format checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "l.safetensors").exists()

@@ -99,7 +99,8 @@ def register(sub) -> None:
         choices=FORMATS,
         default="checkpoint",
         help="checkpoint: the edited model in its input format; lora: only the edit as a kohya "
-        "LoRA (exact rank, or --rank via SVD); diff: the edit as full-rank .diff LoRA",
+        "LoRA (exact rank, or --rank via SVD; Flux: PEFT names, the T5 part as a T5 file beside it, "
+        "docs/flux.md); diff: the edit as full-rank .diff LoRA (not for Flux)",
     )
     p.add_argument("--rank", type=int, default=None, help="LoRA rank (SVD-truncated, error reported)")
     p.add_argument("--out", required=True, help="output file (or folder for a diffusers checkpoint)")
@@ -263,19 +264,22 @@ def run(args) -> int:
     # each value may hold several concepts separated by ';' (core.prompt_lists)
     targets, anchors, preserve = cli_list(args.target), cli_list(args.anchor), cli_list(args.preserve)
     validate_concepts(targets, anchors, preserve)  # fail before loading the model
-    from ..flux_io import is_flux, load_flux, save_flux_edit
+    from ..flux_io import is_flux, save_flux_edit, t5_base
 
-    flux = bool(args.text_encoder) or is_flux(args.model)
-    if flux:
+    if bool(args.text_encoder) or is_flux(args.model):  # before the model is read
         require(
-            args.format == "checkpoint",
-            f"--format {args.format} is not written for Flux by this command yet; use --format checkpoint "
-            "(the edited model in its input's layout).",
+            args.format in ("checkpoint", "lora"),
+            f"--format {args.format} is not written for Flux: use --format checkpoint (the edited model in its "
+            "input's layout) or --format lora (a Flux LoRA, its T5 part as a T5 file beside it; docs/flux.md).",
         )
-        require(args.clip_skip is None, "--clip-skip applies to SD1.x/SD2.x; Flux reads CLIP-L's pooled output.")
-        model = load_flux(args.model, args.text_encoder, t5_length=args.t5_length, tokenizer=args.tokenizer)
-    else:
-        model = load_model(args.model, clip_skip=args.clip_skip, tokenizer=args.tokenizer)
+    model = load_model(
+        args.model,
+        clip_skip=args.clip_skip,
+        tokenizer=args.tokenizer,
+        text_encoders=args.text_encoder,
+        t5_length=args.t5_length,
+    )
+    flux = getattr(model, "parts", None) is not None  # a FluxModel: written by the Flux writers
     bar = None if args.quiet else tqdm_progress(f"erase ({args.method})")
     try:
         edit = erase(
@@ -296,20 +300,23 @@ def run(args) -> int:
         "ws_targets": json.dumps(edit.report["targets"]),
         "ws_anchors": json.dumps(edit.report["anchors"]),
     }
-    if flux:
+    if flux and args.format == "checkpoint":
         info = save_flux_edit(model, edit.deltas, out, meta)
         edit.report["export"] = {"format": "checkpoint", **info}
     elif args.format == "checkpoint":
         save_edited_model(model, edit.deltas, out, meta)
         edit.report["export"] = {"format": "checkpoint"}
     else:
-        info = save_lora(edit, out, rank=args.rank, fmt=args.format, metadata=meta)
+        t5 = {"t5_base": t5_base(model)} if flux and any(n.startswith("text_encoder_2.") for n in edit.deltas) else {}
+        info = save_lora(edit, out, rank=args.rank, fmt=args.format, metadata=meta, **t5)
         edit.report["export"] = {
             "format": args.format,
             "rank": info["rank"],
             "max_rel_error": info["max_error"],
             "errors": info["errors"],
         }
+        if info.get("t5_file"):
+            edit.report["export"].update(t5_file=info["t5_file"], note=info.get("note", ""))
     if args.report:
         from ..safe_io import write_report_after
 
@@ -349,7 +356,7 @@ def print_summary(report: dict, out: Path) -> None:
             f"fp8 storage: {len(low)} edited tensor(s) keep at least {kept:.1%} of the edit (largest relative "
             f"error {err:.2e}; docs/flux.md, 'fp8')"
         )
-    for f in exp.get("files", [])[1:]:
+    for f in exp.get("files", [])[1:] + ([exp["t5_file"]] if exp.get("t5_file") else []):
         print(f"wrote {f}")
     if exp.get("format") in ("lora",):
         print(f"LoRA rank {exp['rank']}, max relative export error {exp['max_rel_error']:.2e}")

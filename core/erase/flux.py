@@ -20,18 +20,21 @@ T5 is bidirectional, so every position of a target prompt carries the concept: t
 ``txt_in`` stages pair the common prefix position by position too, then the concept span and the
 suffix as :func:`.tokens.align` does (``--tokens last``: one pair). T5 runs layer by layer: one block
 in float32 at a time, whatever the encoder's size (docs/flux.md, "How Weightsmith holds a Flux model").
+Every stage is solved by the pipeline's stage solve (passed in as ``solve``), so hardening rounds apply
+to Flux as to SD (docs/flux.md, "Erasure on Flux"; docs/method.md, "Hardening rounds").
 """
 
 from __future__ import annotations
 
 import copy
 import time
+from types import SimpleNamespace
 
 import torch
 
 from ..edit import Edit
 from ..errors import require
-from ..families.flux import CONDITIONING_STAGES, ERASE, stage_linears
+from ..families.flux import CONDITIONING_STAGES, ERASE, T5_STAGE, stage_linears
 from ..progress import Steps
 from .options import EraseOptions
 from .solvers import F64, UCEBasis, ZeroResidualBasis, preserve_matrix
@@ -96,12 +99,18 @@ def _all_tokens(feats: torch.Tensor | None):
     return None if feats is None else feats.reshape(-1, feats.shape[-1]).T
 
 
+def _zr_delta(basis, W_o, Xa, Ya):
+    return basis.delta(W_o @ (Ya.to(F64) - Xa.to(F64)))
+
+
 def erase_flux(
-    model, ps, method: str, opts: EraseOptions, progress=None, cancel=None, stat=None, summarize=None
+    model, ps, method: str, opts: EraseOptions, progress=None, cancel=None, stat=None, summarize=None, solve=None
 ) -> Edit:
     """Erase on a :class:`~weightsmith.core.fluxmodel.FluxModel` with the prompt sets ``ps`` (targets,
     anchors, preserve, already expanded); ``stat``/``summarize``: the erase report's row and summary
-    functions (:mod:`.pipeline`). Returns an :class:`~weightsmith.core.edit.Edit` with canonical names."""
+    functions, ``solve``: the pipeline's stage solve with its hardening rounds (:mod:`.pipeline`,
+    docs/method.md, "Hardening rounds"). Returns an :class:`~weightsmith.core.edit.Edit` with canonical
+    names; its report's ``hardening`` holds a row per stage and round."""
     t0 = time.perf_counter()
     model.require_text_encoders("erasure on Flux")
     T5c = "text_encoder_2"
@@ -126,8 +135,10 @@ def erase_flux(
     n_steps = (len(layers) if stages else 0) + len(CONDITIONING_STAGES)
     steps = Steps(n_steps, progress, cancel)
     steps.check()
-    clock = {"encode": 0.0}
+    rec = SimpleNamespace(hardening=[], clock={"encode": 0.0, "report": 0.0})  # what solve() records
+    clock = rec.clock
     deltas, factors, stats = {}, {}, []
+    words = {path: word for g in T5_STAGE.groups for word, path in g}  # --te-sublayers word of each linear
 
     # T5, layer by layer: original hidden states of every prompt set, and the edited targets'
     def emb(w):
@@ -170,21 +181,42 @@ def erase_flux(
                 X0 = _gather(feats["t"][path0], tpos)
                 P = _all_tokens(feats["p"][path0]) if "p" in feats else None
                 C = preserve_matrix(P, X.shape[0], opts.lam, opts.eta_preserve)
-                basis = ZeroResidualBasis(
-                    X, C, opts.rcond, opts.ridge, opts.cond_limit, opts.exact_subspace, opts.merge_tol
-                )
-                for name, path in g:
-                    mod = blk_e.get_submodule(path)
-                    W_o = t5.weight(i, path).to(F64)
-                    R = W_o @ (Y.to(F64) - X.to(F64))
-                    delta, up, down = basis.delta(R)
+                paths = dict(g)
+
+                def make_basis(Xa, _Ya, C=C):
+                    return ZeroResidualBasis(
+                        Xa, C, opts.rcond, opts.ridge, opts.cond_limit, opts.exact_subspace, opts.merge_tol
+                    )
+
+                def keep(name, W_o, delta, up, down, basis, i=i, blk_e=blk_e, X=X, Y=Y, X0=X0, paths=paths):
+                    mod = blk_e.get_submodule(paths[name])
                     with torch.no_grad():
                         mod.weight.copy_((W_o + delta).to(mod.weight.dtype))
                     deltas[name] = delta.float()
                     factors[name] = (up.float(), down.float())
+                    R = W_o @ (Y.to(F64) - X.to(F64))
+                    t_r = time.perf_counter()
                     stats.append(
                         stat(name, f"{T5c}.layer{i}", W_o, delta, X, Y, X0, basis.rank, basis, R=R, factors=(up, down))
                     )
+                    rec.clock["report"] += time.perf_counter() - t_r
+
+                weights = [(name, lambda i=i, path=path: t5.weight(i, path).to(F64)) for name, path in g]
+                solve(
+                    make_basis,
+                    _zr_delta,
+                    X,
+                    Y,
+                    X0,
+                    weights,
+                    P,
+                    opts,
+                    f"{T5c}.layer{i}",
+                    words[path0],
+                    keep,
+                    rec,
+                    steps.check,
+                )
             tc = time.perf_counter()
             h_edit, _ = t5.run_block(blk_e, h_edit, bias)
             clock["encode"] += time.perf_counter() - tc
@@ -195,7 +227,7 @@ def erase_flux(
         bias = new_bias
         # drop every reference to this layer's blocks (the hook closures hold them too) before the next
         # one is built: one T5-XXL block is 0.8 GB in float32
-        blk = blk_e = run = upto = hooks = feats = mod = None
+        blk = blk_e = run = upto = hooks = feats = keep = weights = None
     out = {w: (None if h[w] is None else t5.final_norm(h[w])) for w in h}
     out_edit = t5.final_norm(h_edit)
 
@@ -221,33 +253,60 @@ def erase_flux(
                 X = X0 = pooled["t"].T
                 Y = pooled["a"].T
                 P = None if pooled["p"] is None else pooled["p"].T
-            W_o = model.weight(name).to(F64)
-            require(
-                bool(torch.isfinite(W_o).all()),
-                f"the model's weight {name} holds NaN or infinite values; the file is damaged.",
-            )
-            X64, Y64 = X.to(F64), Y.to(F64)
-            R = W_o @ (Y64 - X64)
+            X64, Y64, X064 = X.to(F64), Y.to(F64), X0.to(F64)
             if method == "uce":
-                basis = UCEBasis(X, Y, P, opts.lam, opts.eta_erase, opts.eta_preserve)
-                delta, up, down = basis.delta(W_o)
-                rank = X.shape[1]
+
+                def make_basis(Xa, Ya, P=P):
+                    return UCEBasis(Xa, Ya, P, opts.lam, opts.eta_erase, opts.eta_preserve)
+
+                def delta_of(basis, W_o, Xa, Ya):
+                    return basis.delta(W_o)
+
             else:
-                basis = ZeroResidualBasis(
-                    X,
-                    preserve_matrix(P, X.shape[0], opts.lam, opts.eta_preserve),
-                    opts.rcond,
-                    opts.ridge,
-                    opts.cond_limit,
-                    opts.exact_subspace,
-                    opts.merge_tol,
+                Cp = preserve_matrix(P, X.shape[0], opts.lam, opts.eta_preserve)
+
+                def make_basis(Xa, _Ya, Cp=Cp):
+                    return ZeroResidualBasis(
+                        Xa, Cp, opts.rcond, opts.ridge, opts.cond_limit, opts.exact_subspace, opts.merge_tol
+                    )
+
+                delta_of = _zr_delta
+
+            def keep(name, W_o, delta, up, down, basis, X64=X64, Y64=Y64, X064=X064, cs=cs):
+                R = W_o @ (Y64 - X64)
+                rank = basis.X.shape[1] if method == "uce" else basis.rank
+                deltas[name] = delta.float()
+                if up.shape[1] < min(W_o.shape):
+                    factors[name] = (up.float(), down.float())
+                t_r = time.perf_counter()
+                stats.append(stat(name, cs.label, W_o, delta, X64, Y64, X064, rank, basis, R=R, factors=(up, down)))
+                rec.clock["report"] += time.perf_counter() - t_r
+
+            def get(name=name):
+                W_o = model.weight(name).to(F64)
+                require(
+                    bool(torch.isfinite(W_o).all()),
+                    f"the model's weight {name} holds NaN or infinite values; the file is damaged.",
                 )
-                delta, up, down = basis.delta(R)
-                rank = basis.rank
-            deltas[name] = delta.float()
-            if up.shape[1] < min(W_o.shape):
-                factors[name] = (up.float(), down.float())
-            stats.append(stat(name, cs.label, W_o, delta, X64, Y64, X0.to(F64), rank, basis, R=R, factors=(up, down)))
+                return W_o
+
+            # the adversary's targets: the original T5's / CLIP's target features (X0)
+            solve(
+                make_basis,
+                delta_of,
+                X,
+                Y,
+                X0,
+                [(name, get)],
+                P,
+                opts,
+                cs.label,
+                cs.reads,
+                keep,
+                rec,
+                steps.check,
+                final=True,
+            )
         steps.step(cs.label)
     for n, d in deltas.items():
         require(
@@ -260,10 +319,11 @@ def erase_flux(
         "variant": model.variant,
         "t5_tokens": model.tokenizers[T5c].model_max_length,
         "time_s": round(time.perf_counter() - t0, 4),
-        "timing_s": {"encode": round(clock["encode"], 4)},
+        "timing_s": {"encode": round(clock["encode"], 4), "report": round(clock["report"], 4)},
         "prompts": {"targets": ps.targets, "anchors": ps.anchors, "preserve": len(ps.preserve)},
         "stages": stats,
         "summary": summarize(stats),
+        "hardening": rec.hardening,
     }
     src = getattr(getattr(model, "source", None), "path", None)
     sources = {"the input model": src} if src is not None else {}

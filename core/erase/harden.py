@@ -177,7 +177,8 @@ def measure(
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Per round: the last stage's (the UNet's) adversarial residual, the worst over stages, and the
+    """Per round: the denoiser's conditioning stage's adversarial residual (SD: the UNet's; Flux: the
+    worse of ``txt_in`` and ``vector_in``), the worst over stages, and the
     largest ‖Δ‖/‖W‖ and preserve residual of any stage."""
     out: dict[int, dict] = {}
     for r in rows:
@@ -194,8 +195,9 @@ def summarize(rows: list[dict]) -> list[dict]:
         )
         o["stages"] += 1
         a = r.get("adv_residual")
-        if r["stage"] == "unet":
-            o["adv_residual_unet"] = a
+        if r.get("group") in ("context", "pooled") and a is not None:  # the denoiser's conditioning stage(s)
+            u = o["adv_residual_unet"]
+            o["adv_residual_unet"] = a if u is None else max(u, a)
         if a is not None:
             o["adv_residual_max"] = a if o["adv_residual_max"] is None else max(o["adv_residual_max"], a)
         o["delta_rel_max"] = max(o["delta_rel_max"], r["delta_rel"])

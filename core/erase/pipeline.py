@@ -562,11 +562,14 @@ def erase(
         model.check_prompt_length(
             ps.targets + ps.anchors + ps.preserve, warn or (lambda m: warnings.warn(m, stacklevel=3))
         )
-        edit = erase_flux(model, ps, method, opts, progress, cancel, stat=_stat, summarize=summarize)
+        edit = erase_flux(
+            model, ps, method, opts, progress, cancel, stat=_stat, summarize=summarize, solve=_solve_stage
+        )
         edit.report.update(
             targets=targets,
             anchors=anchors,
             preserve=preserve,
+            hardening_summary=harden_summary(edit.report["hardening"]),
             options={k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(opts).items()},
             time_s=round(time.perf_counter() - t0, 4),
         )

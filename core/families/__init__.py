@@ -74,7 +74,7 @@ def label(name: str) -> str:
 
 def labels() -> dict[str, str]:
     """name → label of every family, in the order users read them (SD1.x, SD2.x, SDXL, …)."""
-    return {f.name: f.label for f in sorted(_REGISTRY.values(), key=lambda f: f.name)}
+    return {f.name: f.label for f in sorted(_REGISTRY.values(), key=lambda f: (f.listed, f.name))}
 
 
 def supported_phrase() -> str:

@@ -228,7 +228,8 @@ class Family:
     ``checkpoint``, ``lora``, ``erase``, ``sampler``: see their classes;
     ``denoiser_defaults``: config entries the single-file loader cannot read from the weights
     (SD: ``sample_size``, ``attention_head_dim``); ``half_beside_host``: beside a host holding its
-    own copy, hold the denoiser in the file's half precision (docs/a1111.md, "Memory")."""
+    own copy, hold the denoiser in the file's half precision (docs/a1111.md, "Memory"); ``listed``:
+    position in what users read (labels, the supported-families phrase), then the name."""
 
     name: str
     label: str
@@ -246,6 +247,7 @@ class Family:
     sampler: Sampler
     denoiser_defaults: Mapping[str, object] = field(default_factory=dict)
     half_beside_host: bool = False
+    listed: int = 0
 
     @property
     def denoiser(self) -> Component:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .. import families
 from ..edit import Edit
 from ..errors import WeightsmithError
 from ..memory import gib
@@ -92,6 +93,18 @@ def _check_model_finite(model) -> None:
                 )
 
 
+def require_mergeable(model) -> None:
+    """Refuse a model whose LoRAs Weightsmith cannot merge yet: a Flux.1 model (no UNet; merging Flux
+    LoRAs comes next, docs/flux.md)."""
+    if getattr(model, "unet_config", None) or not hasattr(model, "parts"):
+        return
+    raise WeightsmithError(
+        f"merging LoRAs on {families.label(str(getattr(model, 'family', '')))} models is not available yet: merging "
+        "Flux LoRAs comes next (issue 34). Weightsmith erases concepts from Flux models (weightsmith erase); merge "
+        "SD1.x, SD2.x or SDXL LoRAs for now."
+    )
+
+
 def merge(
     model,
     loras,
@@ -124,6 +137,7 @@ def merge(
     ``change``) and ``residuals`` (per module ``sqrt(J_m / Σ λ m ‖XΔW_iᵀ‖²)``). The model is not changed.
     """
     t0 = time.time()
+    require_mergeable(model)
     opts = options or MergeOptions()
     opts.validate()
     method = (method or "iteris").lower()

@@ -325,6 +325,9 @@ def run(args) -> int:
             file=sys.stderr,
         )
     model = load_model(args.model, tokenizer=args.tokenizer, weights_dtype=args.weights_precision)
+    from .api import require_mergeable
+
+    require_mergeable(model)
     loras = [load_lora(p, model) for p, _ in pairs]
     from ..safe_io import same_path
 
