@@ -124,8 +124,12 @@ class HostState:
     """Several :class:`EffectiveWeights` as one lazy state (``keys``/``get``/``shape``/``dtype``), the
     reader core's Flux model takes (:func:`~weightsmith.core.flux_host.model_from_host_state`)."""
 
+    # ComfyUI's scaled-fp8 scales: the effective weights already carry them (the weight's convert
+    # function), so core must not see them and scale a second time
+    _HIDDEN = (".scale_weight", ".scale_input")
+
     def __init__(self, sources):
-        self._src = {k: s for s in sources for k in s}
+        self._src = {k: s for s in sources for k in s if not k.endswith(self._HIDDEN)}
         self.metadata: dict = {}
 
     def keys(self):
