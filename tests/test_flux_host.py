@@ -278,3 +278,35 @@ def test_comfyui_erase_and_save_nodes_on_flux(files, reference, tmp_path):
     # 4. merging on Flux: a clear refusal
     assert res["merge_refusal"] and "Flux" in res["merge_refusal"] and "Erase Concepts" in res["merge_refusal"]
     print(f"ComfyUI 0.3.75 Flux erase in-graph: worst rel. error {worst:.1e}")
+
+
+class _Patcher:
+    """What the adapter reads of a ComfyUI ModelPatcher: ``get_key_patches`` (current shape of entries)."""
+
+    def __init__(self, sd):
+        self.sd = sd
+
+    def get_key_patches(self):
+        return {k: [(v, None)] for k, v in self.sd.items()}
+
+
+def test_comfy_adapter_refuses_a_clip_without_t5_and_clip_skip(files):
+    """Connecting an SD CLIP (no t5xxl) or setting clip_skip on Flux: a message saying what to connect."""
+    from types import SimpleNamespace
+
+    from weightsmith.nodes import comfy_adapter as ca
+
+    st = host_state(files)
+    model = _Patcher({k: v for k, v in st.items() if k.startswith("diffusion_model.")})
+    te = {k: v for k, v in st.items() if not k.startswith("diffusion_model.")}
+    assert ca.is_flux(model) and not ca.is_flux(_Patcher(te))
+    sd_clip = SimpleNamespace(cond_stage_model=SimpleNamespace(clip_l=1), patcher=_Patcher(te))
+    with pytest.raises(WeightsmithError, match="DualCLIPLoader with type flux"):
+        ca.sdmodel_from_comfy(model, sd_clip, flux_ok=True)
+    clip = SimpleNamespace(cond_stage_model=SimpleNamespace(clip_l=1, t5xxl=1), patcher=_Patcher(te))
+    with pytest.raises(WeightsmithError, match="clip_skip does not apply to Flux"):
+        ca.sdmodel_from_comfy(model, clip, clip_skip=2, flux_ok=True)
+    with pytest.raises(WeightsmithError, match="IterIS Merge does not work on Flux yet"):
+        ca.sdmodel_from_comfy(model, clip, what="IterIS Merge")
+    m = ca.sdmodel_from_comfy(model, clip, flux_ok=True)  # the effective weights, read lazily
+    assert m.family == "flux" and torch.equal(m.weight(CTX), st["diffusion_model.txt_in.weight"].float())
