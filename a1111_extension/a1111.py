@@ -341,6 +341,15 @@ class WebUIHost:
             pass
 
 
+#: what the tab says where a Flux.1 checkpoint is picked in AUTOMATIC1111 (docs/a1111.md, "Flux")
+FLUX_MESSAGE = (
+    "{name} is a Flux.1 model, and AUTOMATIC1111 does not load Flux models (it has no Flux support; the "
+    "model in memory is not that one). Weightsmith erases on Flux in Forge and ComfyUI, and on the "
+    "command line (weightsmith erase --model FILE --text-encoder clip_l.safetensors --text-encoder "
+    "t5xxl.safetensors)."
+)
+
+
 class A1111Backend(WebUIHost, Backend):
     name = "a1111"
 
@@ -362,7 +371,31 @@ class A1111Backend(WebUIHost, Backend):
 
         return sd_models
 
+    def _flux_file(self) -> str | None:
+        """The selected or loaded checkpoint's file when it is a Flux.1 model (from its keys), else None.
+        AUTOMATIC1111 has no Flux support: picking one leaves the previous model loaded (or none)."""
+        from ..core.flux_io import is_flux
+
+        names = []
+        title = getattr(getattr(self.shared, "opts", None), "sd_model_checkpoint", None)
+        if title:
+            match = getattr(self.sd_models, "get_closet_checkpoint_match", None)
+            info = match(title) if match else getattr(self.sd_models, "checkpoints_list", {}).get(title)
+            names.append(getattr(info, "filename", None))
+        names.append(getattr(getattr(self.shared.sd_model, "sd_checkpoint_info", None), "filename", None))
+        cache = self.__dict__.setdefault("_flux_seen", {})
+        for fn in names:
+            if fn and os.path.isfile(fn):
+                if fn not in cache:
+                    cache[fn] = is_flux(fn)
+                if cache[fn]:
+                    return fn
+        return None
+
     def _sd_model(self):
+        fn = self._flux_file()
+        if fn:
+            raise WeightsmithError(FLUX_MESSAGE.format(name=os.path.basename(fn)))
         sm = self.shared.sd_model
         require(sm is not None, "no model is loaded; pick a checkpoint at the top of the page first.")
         return sm
@@ -379,6 +412,9 @@ class A1111Backend(WebUIHost, Backend):
         return (id(sm), getattr(info, "filename", None))
 
     def describe(self) -> str:
+        fn = self._flux_file()
+        if fn:
+            return FLUX_MESSAGE.format(name=os.path.basename(fn))
         sm = self.shared.sd_model
         if sm is None:
             return "no model loaded"

@@ -170,6 +170,12 @@ class StandaloneBackend(Backend):
         from ..core.model_io import save_edited_model
 
         m = self.model()
+        if getattr(m, "family", None) == "flux":  # the input's own layout (docs/flux.md, "Writing edits")
+            from ..core.flux_io import save_flux_edit
+
+            if m.source is not None and m.source.format == "diffusers":
+                out = out.with_suffix("")
+            return save_flux_edit(m, deltas, out, metadata)["files"][0]
         if m.source is not None and m.source.format == "diffusers":
             out = out.with_suffix("")  # a diffusers model is saved as a folder
             require(not out.exists(), f"{out} already exists; choose another name.")
@@ -284,6 +290,11 @@ class Workbench:
 
         names = list(lora_names or [])
         require(bool(names), "pick at least one LoRA to merge.")
+        require(
+            getattr(self.backend.model(), "family", None) != "flux",
+            "merging LoRAs on Flux is not supported yet (it comes with the next release); Erase, Apply, "
+            "Undo and Save work on Flux.",
+        )
         w = [float(x) for x in items(weights)] if items(weights) else None
         require(
             w is None or len(w) == len(names),
@@ -392,8 +403,14 @@ class Workbench:
         require(not out.exists(), f"{out} already exists (it may be one of your LoRAs); choose another name.")
         meta = {"ws_host": self.backend.name}
         meta.update(extra_meta or {})
+        flux = {}
+        if edit.family == "flux":  # a T5 change goes into a T5 file beside the LoRA (docs/flux_lora.md)
+            from ..core.flux_host import t5_base
+
+            base, prefix = t5_base(self.backend.model())
+            flux = {"t5_base": base, "t5_prefix": prefix}
         info = save_lora(
-            edit, out, rank=int(rank) if rank else None, fmt=fmt, metadata=meta
+            edit, out, rank=int(rank) if rank else None, fmt=fmt, metadata=meta, **flux
         )  # siblings: the writer's rule
         self.backend.refresh_loras()
         return f"Saved LoRA {out} (rank {info.get('rank')}; {export_note(info)})."

@@ -22,7 +22,15 @@ Undo installs the same clones without our patch: at the next generation Forge re
 backups of the original weights. A new engine for the same checkpoint (Forge rebuilds one when
 settings change) gets the edit again from a ``model_loaded`` callback; another checkpoint does not.
 Apply before the first generation (Forge loads lazily) is kept and installed when the model loads.
-Save as LoRA / checkpoint compute from the checkpoint file, as before. That model sits beside Forge's
+Save as LoRA / checkpoint compute from the checkpoint file, as before.
+
+Flux.1 (docs/flux.md, "Flux in ComfyUI and Forge"): Forge's Flux engine holds the same patchers with
+ComfyUI's keys (``diffusion_model.double_blocks…``, ``clip_l.transformer.text_model…``,
+``t5xxl.transformer.encoder…``). The tab's model is read from the checkpoint (BFL transformer file or
+all-in-one checkpoint) plus the text-encoder files Forge loads beside it ("VAE / Text Encoder"), by
+:func:`~weightsmith.core.flux_io.load_flux`; the edit goes on the patchers as
+:func:`~weightsmith.core.flux_host.host_patches`; Save as LoRA writes the Flux LoRA (+ T5 file), Save as
+checkpoint the input's own layout (:func:`~weightsmith.core.flux_io.save_flux_edit`). That model sits beside Forge's
 own: for an SDXL file stored in half precision its UNet is held in that precision (computed in
 float32, the same results bit for bit; :func:`~weightsmith.core.model_io.beside_host_weights_dtype`).
 """
@@ -70,6 +78,17 @@ def engine_family(sd_model) -> str | None:
     return None
 
 
+def engine_is_flux(sd_model) -> bool:
+    """Whether a loaded Forge engine runs a Flux transformer (from its UNet patcher's keys)."""
+    from ..core.flux_host import is_flux_state
+
+    unet = getattr(getattr(sd_model, "forge_objects_original", None), "unet", None)
+    model = getattr(unet, "model", None)
+    if model is None:
+        return False
+    return is_flux_state([k for k, _ in model.named_parameters()])
+
+
 def _is_loaded(sd_model) -> bool:
     return getattr(sd_model, "forge_objects_original", None) is not None
 
@@ -115,8 +134,24 @@ class ForgeBackend(WebUIHost, StandaloneBackend):
                 out.append(str(m))
         return out
 
+    def _is_flux_file(self, ck) -> bool:
+        from ..core.flux_io import is_flux
+
+        if getattr(self, "_flux_checked", (None, None))[0] != ck:
+            self._flux_checked = (ck, is_flux(ck))
+        return self._flux_checked[1]
+
     def model(self):
         ck = self._checkpoint()
+        if self._is_flux_file(ck):
+            key = self.model_key()
+            if self._model is None or self._loaded_from != key:
+                from ..core.flux_io import load_flux
+
+                self.model_path, self._model = ck, None
+                self._model = load_flux(ck, self._text_encoder_modules())
+                self._loaded_from = key
+            return self._model
         if ck != self._loaded_from:
             self.model_path, self._model, self._loaded_from = ck, None, ck
             self._weights_dtype = beside_host_weights_dtype(ck)  # SDXL beside Forge's own copy
@@ -144,8 +179,9 @@ class ForgeBackend(WebUIHost, StandaloneBackend):
     def attach(self, edit) -> None:
         """Keep ``edit`` (the whole applied edit, already scaled) installed on the loaded model."""
         te = self._text_encoder_modules()
+        flux = self._is_flux_file(self._checkpoint())  # Flux: the text-encoder files are read too
         require(
-            not te,
+            flux or not te,
             f"Forge loads a separate text encoder ({os.path.basename(te[0]) if te else ''}) beside "
             "the checkpoint, and Weightsmith computes edits from the checkpoint's own: clear it under "
             "'VAE / Text Encoder' at the top of the page, or use Save as LoRA.",
@@ -180,10 +216,11 @@ class ForgeBackend(WebUIHost, StandaloneBackend):
         self.installed_on = sd_model
 
     def _install(self, sm, edit) -> None:
-        fam = engine_family(sm)
+        fam = "flux" if engine_is_flux(sm) else engine_family(sm)
         if fam is None:
             raise WeightsmithError(
-                "the loaded model is not SD1.x, SD2.x or SDXL; Weightsmith edits only those. Nothing was changed."
+                "the loaded model is not SD1.x, SD2.x, SDXL or Flux.1; Weightsmith edits only those. "
+                "Nothing was changed."
             )
         o = sm.forge_objects_original
         unet, clip = o.unet.clone(), o.clip.clone()
@@ -198,7 +235,12 @@ class ForgeBackend(WebUIHost, StandaloneBackend):
             )
             shapes = {k: p.shape for k, p in unet.model.named_parameters()}
             shapes.update({k: p.shape for k, p in clip.patcher.model.named_parameters()})
-            unet_p, clip_p = patcher_patches(edit, shapes)
+            if fam == "flux":
+                from ..core.flux_host import host_patches
+
+                unet_p, clip_p = host_patches(edit, shapes)
+            else:
+                unet_p, clip_p = patcher_patches(edit, shapes)
             name = f"{PATCH_PREFIX}{next(_serial)}"
             for patcher, patches, what in ((unet, unet_p, "UNet"), (clip.patcher, clip_p, "text encoder")):
                 if not patches:

@@ -198,15 +198,38 @@ def load_flux(path, text_encoders=(), *, t5_length: int = T5_LENGTH, tokenizer=N
     tp = parts[TRANSFORMER]
     var = variant(tp.state.keys(), tp.layout, tp.prefix)
 
+    for comp in extra:  # a text-encoder file given explicitly does not take the folder's tokenizer
+        tok_dirs.pop(comp, None)
+    src = FluxSource(fmt, path, {c: p.path for c, p in extra.items()}, meta)
+    return assemble(parts, var, tok_dirs=tok_dirs, heads=heads, tokenizer=tokenizer, t5_length=t5_length, source=src)
+
+
+def assemble(
+    parts: dict[str, Part],
+    var: str,
+    *,
+    tok_dirs: dict | None = None,
+    heads: int | None = None,
+    tokenizer=None,
+    t5_length: int = T5_LENGTH,
+    source=None,
+    clip_tokenizer_dirs=(),
+) -> FluxModel:
+    """A :class:`~.fluxmodel.FluxModel` from located ``parts`` (component -> :class:`~.fluxmodel.Part`):
+    tokenizers (``tokenizer``: a CLIP tokenizer folder; ``tok_dirs``: the model's own tokenizer folders;
+    ``clip_tokenizer_dirs``: a host's CLIP tokenizer folders; else the shipped vocabularies), CLIP-L
+    built in float32, T5 layer-wise, and each text encoder's width checked against the transformer.
+    :func:`load_flux` (files) and :mod:`.flux_host` (a host's weights) both end here."""
+    tok_dirs = tok_dirs or {}
     toks: dict[str, object] = {}
     clip = t5 = None
     if CLIP_L in parts:
         if tokenizer is not None:
             tok = load_tokenizer_folder(tokenizer, "--tokenizer")
-        elif CLIP_L in tok_dirs and CLIP_L not in extra:
+        elif CLIP_L in tok_dirs:
             tok = load_tokenizer_folder(tok_dirs[CLIP_L], "the model's tokenizer folder")
         else:
-            tok = find_clip_tokenizer()
+            tok = find_clip_tokenizer(host_dirs=clip_tokenizer_dirs)
         tok.model_max_length = 77
         toks[CLIP_L] = tok
         clip = _clip_model(parts[CLIP_L], tok, heads)
@@ -216,7 +239,7 @@ def load_flux(path, text_encoders=(), *, t5_length: int = T5_LENGTH, tokenizer=N
             cfg = t5_config_from_keys(p.state, p.prefix)
         except KeyError as e:
             raise WeightsmithError(f"the T5 text encoder in {p.path} lacks {e.args[0]}; the file is damaged.") from None
-        toks[T5] = load_t5_tokenizer(tok_dirs.get(T5) if T5 not in extra else None, t5_length)
+        toks[T5] = load_t5_tokenizer(tok_dirs.get(T5), t5_length)
         if len(toks[T5]) > cfg.vocab_size:
             raise WeightsmithError(
                 f"the T5 tokenizer has {len(toks[T5])} tokens but the T5 encoder in {p.path} only {cfg.vocab_size}; "
@@ -236,8 +259,7 @@ def load_flux(path, text_encoders=(), *, t5_length: int = T5_LENGTH, tokenizer=N
                     f"the {_LABEL[comp]} text encoder ({parts[comp].path}) is {width} wide, but the transformer "
                     f"reads {cols} ({want}); the text encoder does not belong to this model."
                 )
-    src = FluxSource(fmt, path, {c: p.path for c, p in extra.items()}, meta)
-    return FluxModel(var, parts, clip, t5, toks, source=src)
+    return FluxModel(var, parts, clip, t5, toks, source=source)
 
 
 class _PrefixView:

@@ -12,6 +12,12 @@
 ComfyUI keys: UNet ``diffusion_model.<ldm path>``; text encoders in transformers format
 ``clip_l.transformer.text_model.…`` (SD1, SDXL's CLIP-L), ``clip_h.transformer.…`` (SD2, q/k/v
 already split), ``clip_g.transformer.…`` (SDXL's bigG).
+
+Flux.1 (docs/flux.md, "Flux in ComfyUI and Forge"): a MODEL whose keys are a Flux transformer's
+(``diffusion_model.double_blocks.…``, from UNETLoader or CheckpointLoaderSimple) with a CLIP holding
+``clip_l`` and ``t5xxl`` (DualCLIPLoader type flux, or the checkpoint's) is read by
+:func:`flux_from_comfy` into core's :class:`~weightsmith.core.fluxmodel.FluxModel` over the same
+effective weights, and an edit goes back as patches by :func:`~weightsmith.core.flux_host.host_patches`.
 """
 
 from __future__ import annotations
@@ -102,10 +108,41 @@ class EffectiveWeights(Mapping):
     def __len__(self):
         return len(self._entries)
 
-    def shape(self, key):
+    def _stored(self, key):
         first = self._entries[key][0]
-        w = first[0] if isinstance(first, (tuple, list)) else first
-        return tuple(w.shape)
+        return first[0] if isinstance(first, (tuple, list)) else first
+
+    def shape(self, key):
+        return tuple(self._stored(key).shape)
+
+    def dtype(self, key):
+        """The dtype ComfyUI stores the weight in (a written file keeps it)."""
+        return self._stored(key).dtype
+
+
+class HostState:
+    """Several :class:`EffectiveWeights` as one lazy state (``keys``/``get``/``shape``/``dtype``), the
+    reader core's Flux model takes (:func:`~weightsmith.core.flux_host.model_from_host_state`)."""
+
+    # ComfyUI's scaled-fp8 scales: the effective weights already carry them (the weight's convert
+    # function), so core must not see them and scale a second time
+    _HIDDEN = (".scale_weight", ".scale_input")
+
+    def __init__(self, sources):
+        self._src = {k: s for s in sources for k in s if not k.endswith(self._HIDDEN)}
+        self.metadata: dict = {}
+
+    def keys(self):
+        return list(self._src)
+
+    def get(self, key):
+        return self._src[key][key]
+
+    def shape(self, key):
+        return self._src[key].shape(key)
+
+    def dtype(self, key):
+        return self._src[key].dtype(key)
 
 
 class LazyState(Mapping):
@@ -233,11 +270,60 @@ def te_heads(clip, family: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# Flux.1
+FLUX_PREFIX = "diffusion_model."
+FLUX_TE = {"clip_l": "clip_l.transformer.", "t5xxl": "t5xxl.transformer."}
+
+
+def is_flux(model) -> bool:
+    """Whether a MODEL is a Flux transformer, from its keys (ComfyUI's config class varies by fork)."""
+    from ..core.flux_host import is_flux_state
+
+    try:
+        keys = [k for k in model.get_key_patches() if k.startswith(FLUX_PREFIX)]
+    except Exception:
+        return False
+    return is_flux_state(keys)
+
+
+def flux_from_comfy(model, clip, *, clip_skip: int | None = None):
+    """Core's FluxModel over the effective weights of a Flux MODEL and its CLIP (CLIP-L + T5-XXL)."""
+    from ..core.flux_host import model_from_host_state
+
+    inner = getattr(clip, "cond_stage_model", None)
+    missing = [label for attr, label in (("clip_l", "CLIP-L"), ("t5xxl", "T5-XXL")) if not hasattr(inner, attr)]
+    if missing:
+        raise WeightsmithError(
+            f"the MODEL is Flux but the CLIP has no {' and no '.join(missing)} "
+            f"({type(inner).__name__}): connect a DualCLIPLoader with type flux (clip_l + t5xxl files), or the "
+            "CLIP output of the Flux checkpoint's loader."
+        )
+    if clip_skip:
+        raise WeightsmithError(
+            "clip_skip does not apply to Flux (it reads T5's last layer and CLIP-L's pooled output); set it to 0."
+        )
+    state = HostState(
+        [EffectiveWeights(model, (FLUX_PREFIX,)), EffectiveWeights(clip.patcher, tuple(FLUX_TE.values()))]
+    )
+    return model_from_host_state(state, where="the Flux MODEL/CLIP", clip_tokenizer_dirs=comfy_tokenizer_dirs())
+
+
+# ----------------------------------------------------------------------------------------------
 # ComfyUI -> SDModel
-def sdmodel_from_comfy(model, clip, *, clip_skip: int | None = None, need_unet: bool = False):
-    """Build a core SDModel from the effective weights of a ComfyUI MODEL and CLIP."""
+def sdmodel_from_comfy(
+    model, clip, *, clip_skip: int | None = None, need_unet: bool = False, flux_ok: bool = False, what: str = ""
+):
+    """Build a core SDModel from the effective weights of a ComfyUI MODEL and CLIP (a FluxModel for a
+    Flux MODEL where ``flux_ok``; elsewhere a clear refusal naming ``what`` is not available on Flux)."""
     from ..core.model_io import model_from_state_dict
 
+    if is_flux(model):
+        if not flux_ok:
+            raise WeightsmithError(
+                f"{what or 'this node'} does not work on Flux yet (merging Flux LoRAs comes with the next "
+                "release); Erase Concepts and Save Edit as LoRA take a Flux MODEL/CLIP."
+            )
+        return flux_from_comfy(model, clip, clip_skip=clip_skip)
     family = detect_family(model, clip)
     te_src = {comp: (attr + ".transformer.", False) for comp, attr in TE_PREFIXES[family].items()}
     unet_w = EffectiveWeights(model, (UNET_PREFIX,))
@@ -270,7 +356,13 @@ def sdmodel_from_comfy(model, clip, *, clip_skip: int | None = None, need_unet: 
 # Edit -> ComfyUI patches
 def apply_edit(model, clip, edit, strength: float = 1.0):
     """Clones of ``model`` and ``clip`` with the edit added as patches (inputs untouched)."""
-    unet_p, clip_p = patcher_patches(edit)
+    if edit.family == "flux":
+        from ..core.flux_host import host_patches
+
+        shapes = {k: s for w in (model, clip.patcher) for k, s in _shapes(w).items()}
+        unet_p, clip_p = host_patches(edit, shapes)
+    else:
+        unet_p, clip_p = patcher_patches(edit)
     m, c = model, clip
     if unet_p:
         m = model.clone()
@@ -279,6 +371,15 @@ def apply_edit(model, clip, edit, strength: float = 1.0):
         c = clip.clone()
         _check_applied(clip_p, c.add_patches(clip_p, float(strength)), "CLIP")
     return m, c
+
+
+def _shapes(patcher) -> dict:
+    out = {}
+    for k, entry in patcher.get_key_patches().items():
+        first = entry[0]
+        w = first[0] if isinstance(first, (tuple, list)) else first
+        out[k] = tuple(w.shape)
+    return out
 
 
 def _check_applied(wanted: dict, got, what: str) -> None:

@@ -106,6 +106,10 @@ def edit_result(model, clip, sd, edit, title: str, t0: float) -> dict:
     from . import comfy_adapter as ca
 
     edit = edit.to("cpu", torch.float32)
+    if edit.family == "flux":  # Save Edit as LoRA writes a T5 change into a T5 file: it needs the base T5
+        from ..core.flux_host import t5_base
+
+        edit.host_t5_base = t5_base(sd)
     logging.info("Weightsmith: %d modules edited in %.1f s", len(edit.deltas), time.perf_counter() - t0)
     m, c = ca.apply_edit(model, clip, edit, 1.0)
     rel = ca.weight_norms(sd, edit)

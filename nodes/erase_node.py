@@ -58,9 +58,18 @@ class WeightsmithEraseConcepts:
             "required": {
                 "model": (
                     "MODEL",
-                    {"tooltip": "The model to edit (SD1.x, SD2.x or SDXL). LoRAs applied upstream are part of it."},
+                    {
+                        "tooltip": "The model to edit (SD1.x, SD2.x, SDXL or Flux.1). "
+                        "LoRAs applied upstream are part of it."
+                    },
                 ),
-                "clip": ("CLIP", {"tooltip": "The CLIP of the same checkpoint; prompts are encoded with it."}),
+                "clip": (
+                    "CLIP",
+                    {
+                        "tooltip": "The CLIP of the same checkpoint (Flux: DualCLIPLoader type flux); "
+                        "prompts are encoded with it."
+                    },
+                ),
                 "targets": (
                     "STRING",
                     {
@@ -156,7 +165,7 @@ class WeightsmithEraseConcepts:
             t0 = time.perf_counter()
             progress, cancel = host_progress()
             cancel()
-            sd = ca.sdmodel_from_comfy(model, clip, clip_skip=clip_skip or None)
+            sd = ca.sdmodel_from_comfy(model, clip, clip_skip=clip_skip or None, flux_ok=True)
             opts = options_of(
                 EraseOptions,
                 tokens=token_mode,

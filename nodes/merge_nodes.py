@@ -190,7 +190,7 @@ class WeightsmithIterISMerge:
             t0 = time.perf_counter()
             progress, cancel = host_progress()
             cancel()
-            sd = ca.sdmodel_from_comfy(model, clip)
+            sd = ca.sdmodel_from_comfy(model, clip, what="IterIS Merge")
             ca.to_compute_device(sd, need_unet=method in ("iteris", "regmean"))
             loras = [e["path"] for e in stack]  # core reads and binds them to this model
             weights = [e["weight"] for e in stack]

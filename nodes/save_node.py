@@ -36,7 +36,9 @@ def register_output_loras() -> None:
 class WeightsmithSaveEditAsLora:
     DESCRIPTION = (
         "Save an edit (from Erase Concepts or IterIS Merge) as a kohya-format LoRA in output/loras. "
-        "It loads in ComfyUI's Load LoRA, A1111/Forge and diffusers. Exact when rank is 0."
+        "It loads in ComfyUI's Load LoRA, A1111/Forge and diffusers. Exact when rank is 0. A Flux edit is "
+        "written in the layout all three load (diffusers/PEFT names); its T5 part, which no LoRA layout "
+        "carries to every host, as a T5 encoder file beside it (load that with DualCLIPLoader)."
     )
     CATEGORY = CATEGORY
     FUNCTION = "run"
@@ -91,11 +93,18 @@ class WeightsmithSaveEditAsLora:
             path = os.path.join(folder, fname)
             from ..core.blockweights import file_metadata
 
-            info = save_lora(edit, path, rank=int(rank) or None, metadata=file_metadata(edit.report))
+            flux = {}
+            if edit.family == "flux":  # a T5 change is written as a T5 file beside the LoRA (docs/flux_lora.md)
+                base, prefix = getattr(edit, "host_t5_base", (None, ""))
+                flux = {"t5_base": base, "t5_prefix": prefix}
+            info = save_lora(edit, path, rank=int(rank) or None, metadata=file_metadata(edit.report), **flux)
             register_output_loras()
             lora_name = os.path.join(sub, fname) if sub else fname
+            if info.get("lora_file", path) is None:  # a Flux edit of T5 alone: only the T5 file
+                lora_name = ""
             text = (
-                f"saved {os.path.join(SUBFOLDER, lora_name)}\nmodules: {len(info['errors'])}, rank: {info['rank']}, "
-                f"{export_note(info)}\nload it with Load LoRA as {lora_name!r}"
+                f"saved {os.path.join(SUBFOLDER, lora_name) if lora_name else info.get('t5_file')}\n"
+                f"modules: {len(info['errors'])}, rank: {info['rank']}, {export_note(info)}"
+                + (f"\nload it with Load LoRA as {lora_name!r}" if lora_name else "")
             )
         return {"ui": ui_text(text), "result": (lora_name.replace(os.sep, "/"),)}

@@ -186,10 +186,67 @@ class Engine:
         return torch.cat(outs, -1)
 
 
+class _Tree(nn.Module):
+    """Parameters at the dotted names of a flat state dict (Forge's Flux modules, by their keys)."""
+
+    def __init__(self, sd):
+        super().__init__()
+        for k, v in sd.items():
+            mod = self
+            *path, leaf = k.split(".")
+            for p in path:
+                if not hasattr(mod, p):
+                    mod.add_module(p, nn.Module())
+                mod = getattr(mod, p)
+            mod.register_parameter(leaf, nn.Parameter(v.detach().clone(), requires_grad=False))
+
+
+class FluxEngine:
+    """Forge's Flux engine (backend/diffusion_engine/flux.py): no ``is_sd*`` flag set; the UNet patcher
+    over a ``KModel`` whose ``diffusion_model`` has BFL names, the CLIP patcher over a joint encoder with
+    ``clip_l.transformer.text_model…`` and ``t5xxl.transformer.encoder…``. ``get_learned_conditioning``
+    loads the CLIP patcher and returns its weights (no sampler is modelled: the test reads weights)."""
+
+    def __init__(self, bfl_sd, te_sd):
+        self.is_sd1 = self.is_sd2 = self.is_sdxl = self.is_sd3 = False
+        self.cond_stage_model = None
+        unet = UnetPatcher(KModel(_Tree(bfl_sd)))
+        clip = CLIP(_Tree(te_sd), None)
+        self.forge_objects = ForgeObjects(unet, clip)
+        self.forge_objects_original = self.forge_objects.shallow_copy()
+        self.forge_objects_after_applying_lora = self.forge_objects.shallow_copy()
+        self.current_lora_hash = str([])
+
+    @torch.no_grad()
+    def get_learned_conditioning(self, prompts):
+        clip = self.forge_objects.clip
+        load_model_gpu(clip.patcher)
+        return {k: v.detach().clone() for k, v in clip.patcher.model.state_dict().items()}
+
+
+def build_flux(checkpoint, additional_modules):
+    """A FluxEngine from a BFL transformer file or an all-in-one checkpoint plus text-encoder files."""
+    from safetensors.torch import load_file
+
+    sd = load_file(str(checkpoint))
+    pre = "model.diffusion_model." if any(k.startswith("model.diffusion_model.") for k in sd) else ""
+    bfl = {k[len(pre) :]: v for k, v in sd.items() if k.startswith(pre) and not k.startswith("text_encoders.")}
+    te = {k.removeprefix("text_encoders."): v for k, v in sd.items() if k.startswith("text_encoders.")}
+    for f in additional_modules:
+        m = load_file(str(f))
+        name = "clip_l" if any(k.startswith("text_model.") for k in m) else "t5xxl"
+        te.update({f"{name}.transformer.{k}": v for k, v in m.items()})
+    return FluxEngine(bfl, te)
+
+
 def build_from_checkpoint(checkpoint_info, additional_modules=()):
     """The stand-in's loader: an engine from a single-file checkpoint (read with Weightsmith's own
     reader for the text encoders' transformers objects; Forge uses its own loader)."""
+    from weightsmith.core.flux_io import is_flux
     from weightsmith.core.model_io import load_model, to_ldm_state_dict
+
+    if is_flux(checkpoint_info.filename):
+        return build_flux(checkpoint_info.filename, additional_modules)
 
     m = load_model(checkpoint_info.filename, tokenizer=TOKENIZER)
     encs = [m.text_encoders[c] for c in sorted(m.text_encoders)]
