@@ -253,7 +253,7 @@ def test_the_three_front_ends_pass_the_rounds_through(
 
     kind, decl = WeightsmithEraseConcepts.INPUT_TYPES()["optional"]["harden_rounds"]
     assert (kind, decl["default"], decl["min"], decl["max"]) == ("INT", 0, 0, 10)
-    monkeypatch.setattr(ca, "sdmodel_from_comfy", lambda m, c, clip_skip=None: model)
+    monkeypatch.setattr(ca, "sdmodel_from_comfy", lambda m, c, **k: model)
     monkeypatch.setattr(ca, "apply_edit", lambda m, c, edit, s: (m, c))
     WeightsmithEraseConcepts().run("MODEL", "CLIP", "cat", "art", "uce", 1.0, harden_rounds=3)
     assert solver_recorder.calls[-1]["options"].harden_rounds == 3

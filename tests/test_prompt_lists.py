@@ -86,7 +86,7 @@ def _comfy_targets(monkeypatch, model, recorder, targets):
     from weightsmith.nodes import comfy_adapter as ca
     from weightsmith.nodes.erase_node import WeightsmithEraseConcepts
 
-    monkeypatch.setattr(ca, "sdmodel_from_comfy", lambda m, c, clip_skip=None: model)
+    monkeypatch.setattr(ca, "sdmodel_from_comfy", lambda m, c, **k: model)
     monkeypatch.setattr(ca, "apply_edit", lambda m, c, edit, s: (m, c))
     WeightsmithEraseConcepts().run("MODEL", "CLIP", targets, "art", "uce", 1.0)
     return recorder.calls[-1]["targets"]
