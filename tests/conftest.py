@@ -14,6 +14,18 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _tokenizer_env_stays_in_its_test():
+    """A test that points ``WEIGHTSMITH_TOKENIZER`` at its own folder (the A1111/Forge tab's loader reads
+    it) must not hand that folder to the tests after it: restore the variable after every test."""
+    before = os.environ.get("WEIGHTSMITH_TOKENIZER")
+    yield
+    if before is None:
+        os.environ.pop("WEIGHTSMITH_TOKENIZER", None)
+    else:
+        os.environ["WEIGHTSMITH_TOKENIZER"] = before
+
+
 @pytest.fixture(scope="session")
 def tiny_models():
     """Seeded tiny random models of each family (built once per test session)."""

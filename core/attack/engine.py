@@ -253,14 +253,18 @@ def denoise_loss(model, draws: Draws, cond) -> torch.Tensor:
 
 
 def check_family(model) -> None:
-    """Refuse a model family the attacks do not handle (they read CLIP encoders and a UNet)."""
-    from ..sdmodel import FAMILIES
+    """Refuse a model family the attacks do not handle (they read CLIP encoders and a UNet: the
+    families whose denoiser is a ``unet2d``)."""
+    from .. import families
 
     fam = getattr(model, "family", None)
+    known = {f.name: f for f in families.all_families()}
+    unet = sorted(n for n, f in known.items() if f.denoiser.kind == "unet2d")
     require(
-        fam in FAMILIES,
+        fam in unet,
         f"the attacks run on Stable Diffusion 1.x, 2.x and SDXL models (and the embedded world); this model is "
-        f"{fam or type(model).__name__}. Attack an SD1, SD2 or SDXL model.",
+        f"{families.label(fam) + f' ({fam!r})' if fam in known else (fam or type(model).__name__)}, which the attacks do "
+        "not handle yet. Attack an SD1, SD2 or SDXL model.",
     )
 
 
