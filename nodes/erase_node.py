@@ -114,7 +114,6 @@ class WeightsmithEraseConcepts:
                 ),
                 "token_mode": widget(EraseOptions, "tokens", "choice", advanced=True),
                 "lam": widget(EraseOptions, "lam", "FLOAT", advanced=True),
-                "harden_rounds": widget(EraseOptions, "harden_rounds", "INT", advanced=True),
                 "prompt_expansion": (
                     ["auto", "on", "off"],
                     {
@@ -135,6 +134,9 @@ class WeightsmithEraseConcepts:
                         "2 = penultimate (SD1/SD2; SDXL is fixed).",
                     },
                 ),
+                # added after the others: a saved workflow's widget values are positional, so a new widget
+                # goes last and workflows saved before it keep loading
+                "harden_rounds": widget(EraseOptions, "harden_rounds", "INT", advanced=True),
             },
         }
 

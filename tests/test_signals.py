@@ -64,15 +64,24 @@ def test_a_signal_during_the_write_removes_the_temp_file_and_keeps_the_old_outpu
     out.write_bytes(b"previous output")
     argv = [str(a) for a in cli_cases.erase(tiny_checkpoints["sd1"], tokenizer_dir, out, "--format", "lora")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    sig = getattr(signal, signame)
+
+    def default_disposition():  # as from a terminal: under ``nohup`` SIGHUP is ignored, and the CLI keeps it so
+        signal.signal(sig, signal.SIG_DFL)
+
     p = subprocess.Popen(
-        [sys.executable, "-c", _SLOW_WRITE, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        [sys.executable, "-c", _SLOW_WRITE, *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=default_disposition,
     )
     try:
         line = p.stdout.readline()  # blocks until the temp file exists
         assert line.startswith("TEMP"), (line, p.stderr.read() if p.poll() is not None else "")
         tmp = line.split(None, 1)[1].strip()
         assert os.path.exists(tmp) and os.path.basename(tmp).startswith(".ws-")
-        sig = getattr(signal, signame)
         p.send_signal(sig)
         rc = p.wait(120)
     finally:

@@ -260,11 +260,11 @@ def check_family(model) -> None:
     fam = getattr(model, "family", None)
     known = {f.name: f for f in families.all_families()}
     unet = sorted(n for n, f in known.items() if f.denoiser.kind == "unet2d")
+    what = f"{families.label(fam)} ({fam!r})" if fam in known else (fam or type(model).__name__)
     require(
         fam in unet,
         f"the attacks run on Stable Diffusion 1.x, 2.x and SDXL models (and the embedded world); this model is "
-        f"{families.label(fam) + f' ({fam!r})' if fam in known else (fam or type(model).__name__)}, which the attacks do "
-        "not handle yet. Attack an SD1, SD2 or SDXL model.",
+        f"{what}, which the attacks do not handle yet. Attack an SD1, SD2 or SDXL model.",
     )
 
 
