@@ -22,6 +22,7 @@ import os
 import shutil
 import tempfile
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +56,18 @@ class FluxSource:
     path: Path
     text_encoder_files: dict = field(default_factory=dict)  # component -> path of a separate file
     metadata: dict = field(default_factory=dict)
+
+
+def add_text_encoder_argument(p) -> None:
+    """``--text-encoder FILE`` (repeatable), the same in every command that reads a Flux model."""
+    p.add_argument(
+        "--text-encoder",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="Flux: a text-encoder file (CLIP-L, T5-XXL in fp16/bf16/fp8), repeatable, each recognised by its "
+        "keys, as ComfyUI's DualCLIPLoader takes them (docs/flux.md)",
+    )
 
 
 def is_flux(path) -> bool:
@@ -350,21 +363,26 @@ class _Edits:
 
     def __init__(self, state, edits: dict, report: dict, label=lambda k: k):
         self.state, self.edits, self.report, self.label = state, edits, report, label
-        self.scales = {scale_key(k): k for k in edits}
-        self.done: dict = {}
+        keys = set(state.keys())
+        self.scales = {scale_key(k): k for k in edits if scale_key(k) in keys}
+        self.done: dict = {}  # weight key -> (new, scale, reads left): held only until both are written
 
-    def _get(self, wkey):
+    def _get(self, wkey, i: int):
         if wkey not in self.done:
             new, scale, info = _edited(self.state, wkey, self.edits[wkey], wkey)
-            self.done[wkey] = (new, scale)
+            self.done[wkey] = [new, scale, 2 if scale_key(wkey) in self.scales else 1]
             self.report[self.label(wkey)] = info
-        return self.done[wkey]
+        got = self.done[wkey]
+        got[2] -= 1
+        if got[2] <= 0:
+            del self.done[wkey]
+        return got[i]
 
     def __call__(self, k):
         if k in self.edits:
-            return self._get(k)[0]
+            return self._get(k, 0)
         if k in self.scales:
-            return self._get(self.scales[k])[1]
+            return self._get(self.scales[k], 1)
         return self.state.get(k)
 
 
@@ -379,6 +397,37 @@ def _write_state(state, edits: dict[str, torch.Tensor], out: Path, metadata: dic
     written.append(out)
 
 
+class _StoredDeltas(Mapping):
+    """Stored key -> ΔW of that stored tensor, formed when read from the canonical deltas (a fused BFL
+    tensor gets each module's rows; ``norm_out``'s halves are swapped back): one at a time."""
+
+    def __init__(self, deltas, pieces: dict, state):
+        self.deltas, self.pieces, self.state = deltas, pieces, state
+
+    def __getitem__(self, key):
+        got = self.pieces[key]
+        if len(got) == 1 and got[0][0] is None:
+            return self.deltas[got[0][1]]
+        out = torch.zeros(tuple(self.state.shape(key)), dtype=torch.float32)
+        for piece, name in got:
+            d = self.deltas[name].detach().float().reshape(piece.length if piece.rows else out.shape[0], -1)
+            if piece.swap:
+                from .layouts.flux_names import swap_halves
+
+                d = swap_halves(d)
+            if piece.rows is None:
+                out += d.reshape(out.shape)
+            else:
+                out[piece.rows] += d.reshape(out[piece.rows].shape)
+        return out
+
+    def __iter__(self):
+        return iter(self.pieces)
+
+    def __len__(self):
+        return len(self.pieces)
+
+
 def save_flux_edit(model: FluxModel, deltas: dict, out, metadata: dict | None = None) -> dict:
     """Write ``base + ΔW`` in the model's own layout. ``deltas``: canonical module -> ΔW. Returns
     ``{"files": [written paths], "stored": {stored key: kept/rel_error}}`` (docs/flux.md, "fp8")."""
@@ -389,10 +438,19 @@ def save_flux_edit(model: FluxModel, deltas: dict, out, metadata: dict | None = 
     out = Path(out)
     by_part: dict[int, dict] = defaultdict(dict)
     part_of: dict[int, Part] = {}
-    for name, d in deltas.items():
-        part, key = model.weight_key(name)
-        by_part[id(part.state)][key] = d
+    pieces: dict[str, list] = defaultdict(list)  # stored key -> [(piece, canonical)] of fused tensors
+    for name in deltas:
+        try:
+            part, key, piece = model.stored_piece(name)
+        except KeyError:
+            raise WeightsmithError(
+                f"the edit changes {name}, which this Flux model does not have; it was computed for another model."
+            ) from None
+        pieces[key].append((piece, name))
         part_of[id(part.state)] = part
+        by_part[id(part.state)][key] = None
+    for sid in by_part:
+        by_part[sid] = _StoredDeltas(deltas, {k: pieces[k] for k in by_part[sid]}, part_of[sid].state)
     meta = dict(src.metadata)
     meta.update(metadata or {})
     inputs = {"the input model (--model)": src.path}

@@ -159,6 +159,7 @@ class FluxModel:
     family: str = FAMILY
     unet_config: dict = field(default_factory=dict)  # Edit's field; Flux has no UNet
     _weights: dict = field(default_factory=dict, repr=False)
+    _keysets: dict = field(default_factory=dict, repr=False)  # id(part.state) -> its keys
 
     @property
     def text_encoders(self) -> dict:
@@ -198,7 +199,7 @@ class FluxModel:
             return self._weights[canonical]
         comp, _, path = canonical.partition(".")
         if comp == CLIP_L and self.clip is not None:
-            return self.clip.get_submodule(path).weight.detach().float()
+            return self._clip_module(path).weight.detach().float()
         part, key = self.weight_key(canonical)
         try:
             w = read_weight(part.state, key)
@@ -207,6 +208,64 @@ class FluxModel:
         if comp == TRANSFORMER:
             self._weights[canonical] = w
         return w
+
+    def stored_piece(self, canonical: str):
+        """Where any linear module of the model is stored: ``(part, weight key, piece)``, ``piece`` a
+        :class:`~weightsmith.core.layouts.flux_names.Piece` (its rows in a fused BFL tensor, or the
+        ``norm_out`` half swap) or None where the key holds the module as it is. KeyError where the model
+        has no such module."""
+        from .layouts import flux_names
+
+        comp, _, path = canonical.partition(".")
+        part = self.parts.get(comp)
+        if part is None:
+            raise KeyError(canonical)
+        if comp != TRANSFORMER or part.layout != "bfl":
+            key = part.prefix + (path.removeprefix("text_model.") if comp == CLIP_L else path) + ".weight"
+            if key not in self._keys(part):
+                raise KeyError(canonical)
+            return part, key, None
+        img_in = part.prefix + "img_in.weight"
+        mlp = part.prefix + "double_blocks.0.img_mlp.0.weight"
+        if img_in not in self._keys(part):
+            raise KeyError(canonical)
+        hidden = part.state.shape(img_in)[0]
+        width = part.state.shape(mlp)[0] if mlp in self._keys(part) else None
+        bfl, piece = flux_names.diffusers_to_bfl(path, hidden, width)  # KeyError: no such module
+        key = part.prefix + bfl + ".weight"
+        if key not in self._keys(part):
+            raise KeyError(canonical)
+        return part, key, (piece if piece.rows is not None or piece.swap else None)
+
+    def weight_shape(self, canonical: str) -> tuple | None:
+        """The (out, in) shape of any linear module of the model (canonical name), read from the file's
+        header; ``None`` where the model has no such module (a LoRA for another model is refused on it,
+        docs/flux_lora.md)."""
+        comp, _, path = canonical.partition(".")
+        if comp == CLIP_L and self.clip is not None:
+            try:
+                return tuple(self._clip_module(path).weight.shape)
+            except AttributeError:
+                return None
+        try:
+            part, key, piece = self.stored_piece(canonical)
+        except KeyError:
+            return None
+        full = tuple(part.state.shape(key))
+        return full if piece is None or piece.rows is None else (piece.length, *full[1:])
+
+    def _clip_module(self, path: str) -> torch.nn.Module:
+        """A CLIP-L submodule by its canonical path (``text_model.…``; transformers 5 has no ``text_model``)."""
+        try:
+            return self.clip.get_submodule(path)
+        except AttributeError:
+            return self.clip.get_submodule(path.removeprefix("text_model."))
+
+    def _keys(self, part: Part) -> set:
+        got = self._keysets.get(id(part.state))
+        if got is None:
+            got = self._keysets[id(part.state)] = set(part.state.keys())
+        return got
 
     def bias(self, canonical: str) -> torch.Tensor | None:
         comp, _, path = canonical.partition(".")

@@ -57,14 +57,9 @@ def register(sub) -> None:
         help="base model: .safetensors checkpoint or diffusers folder (Flux: the transformer file, an all-in-one "
         "checkpoint or a diffusers folder)",
     )
-    p.add_argument(
-        "--text-encoder",
-        action="append",
-        default=[],
-        metavar="FILE",
-        help="Flux: a text-encoder file (CLIP-L, T5-XXL in fp16/bf16/fp8), repeatable, each recognised by its "
-        "keys, as ComfyUI's DualCLIPLoader takes them (docs/flux.md)",
-    )
+    from ..flux_io import add_text_encoder_argument
+
+    add_text_encoder_argument(p)
     p.add_argument(
         "--t5-length",
         type=int,

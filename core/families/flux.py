@@ -294,8 +294,8 @@ def latent_shape(model, latent_size: int | None = None) -> tuple[int, int, int]:
 
 def predict(model, denoiser, x, t, context, pooled=None):
     raise WeightsmithError(
-        "IterIS on Flux is not available yet: Weightsmith does not run the Flux transformer (merging Flux "
-        "LoRAs comes next, issue 34). Flux models can be erased (weightsmith erase)."
+        "IterIS on Flux is not available yet: Weightsmith does not run the Flux transformer to sample statistics. "
+        "Merge Flux LoRAs with linear, concat, svd, ties or dare; Flux models can be erased (weightsmith erase)."
     )
 
 

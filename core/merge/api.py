@@ -93,15 +93,22 @@ def _check_model_finite(model) -> None:
                 )
 
 
-def require_mergeable(model) -> None:
-    """Refuse a model whose LoRAs Weightsmith cannot merge yet: a Flux.1 model (no UNet; merging Flux
-    LoRAs comes next, docs/flux.md)."""
+#: merge methods that read only the LoRAs (no statistics from the model): every family has them
+DATA_FREE = ("linear", "concat", "svd", "ties", "dare")
+
+
+def require_mergeable(model, method: str | None = None) -> None:
+    """Refuse a merge Weightsmith cannot do on ``model`` yet: on Flux.1 the data-free methods work
+    (they read only the LoRAs); IterIS and RegMean need the family's sampler for their statistics,
+    which Flux does not have yet (docs/flux_lora.md, "Merging Flux LoRAs")."""
     if getattr(model, "unet_config", None) or not hasattr(model, "parts"):
         return
+    if method is not None and method.lower() in DATA_FREE:
+        return
     raise WeightsmithError(
-        f"merging LoRAs on {families.label(str(getattr(model, 'family', '')))} models is not available yet: merging "
-        "Flux LoRAs comes next (issue 34). Weightsmith erases concepts from Flux models (weightsmith erase); merge "
-        "SD1.x, SD2.x or SDXL LoRAs for now."
+        f"{method or 'iteris'} on {families.label(str(getattr(model, 'family', '')))} LoRAs is not available yet: "
+        "IterIS and RegMean draw statistics from the model, and the Flux sampler for them is not built yet. "
+        f"Merge Flux LoRAs with {', '.join(DATA_FREE)} (--method concat keeps the sum exactly)."
     )
 
 
@@ -137,7 +144,7 @@ def merge(
     ``change``) and ``residuals`` (per module ``sqrt(J_m / Σ λ m ‖XΔW_iᵀ‖²)``). The model is not changed.
     """
     t0 = time.time()
-    require_mergeable(model)
+    require_mergeable(model, method or "iteris")
     opts = options or MergeOptions()
     opts.validate()
     method = (method or "iteris").lower()
@@ -262,13 +269,17 @@ def save_merge(edit: Edit, model, out, fmt: str = "lora", rank: int | None = Non
     named = dict(edit.sources)
     named.update(_sources(model, loras))
     check_output_path(out, list(named.items()), "the merge output")
+    flux = getattr(model, "parts", None) is not None  # a FluxModel: the Flux writers (docs/flux_lora.md)
+    meta_in = {"ws_method": edit.report.get("method", ""), "ws_inputs": json.dumps([l.name for l in loras])}
+    if flux and fmt == "checkpoint":
+        from ..flux_io import save_flux_edit
+
+        info = save_flux_edit(model, edit.deltas, out, meta_in)
+        return {"path": str(out), "format": "checkpoint", **info}
+    if flux and fmt == "diff":
+        raise WeightsmithError("a Flux merge is written as a LoRA or a checkpoint (--format lora or checkpoint).")
     if fmt == "checkpoint":
-        save_edited_model(
-            model,
-            edit.deltas,
-            out,
-            metadata={"ws_method": edit.report.get("method", ""), "ws_inputs": json.dumps([l.name for l in loras])},
-        )
+        save_edited_model(model, edit.deltas, out, metadata=meta_in)
         return {"path": str(out), "format": "checkpoint"}
     if fmt not in ("lora", "diff"):
         raise WeightsmithError(f"unknown output format {fmt!r}; use lora or checkpoint.")
@@ -289,11 +300,13 @@ def save_merge(edit: Edit, model, out, fmt: str = "lora", rank: int | None = Non
     tf = merged_tag_frequency(loras)
     if tf:
         meta["ss_tag_frequency"] = json.dumps(tf)
-    res = save_lora(edit, out, rank=rank, fmt=fmt, metadata=meta, complete_fused=True)
-    return {
-        "path": str(out),
-        "format": fmt,
-        "rank": res["rank"],
-        "max_error": res["max_error"],
-        "errors": res["errors"],
-    }
+    t5 = {}
+    if flux and any(n.startswith("text_encoder_2.") for n in edit.deltas):
+        from ..flux_io import t5_base
+
+        t5 = {"t5_base": t5_base(model)}  # the T5 part is written as a T5 file beside the LoRA
+    res = save_lora(edit, out, rank=rank, fmt=fmt, metadata=meta, complete_fused=True, **t5)
+    got = {"path": str(out), "format": fmt, "rank": res["rank"], "max_error": res["max_error"], "errors": res["errors"]}
+    if res.get("t5_file"):
+        got.update(t5_file=res["t5_file"], note=res.get("note", ""))
+    return got

@@ -6,8 +6,9 @@ import argparse
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
-from ..errors import WeightsmithError
+from ..errors import WeightsmithError, require
 from ..memory import WEIGHT_PRECISIONS
 from ..optspec import spec
 from .options import METHODS, QUICK, MergeOptions, with_quick
@@ -35,7 +36,15 @@ def register(subparsers) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", required=True, help="base model: single-file .safetensors or diffusers folder")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="base model: single-file .safetensors or diffusers folder (Flux: the transformer file, an all-in-one "
+        "checkpoint or a diffusers folder; linear, concat, svd, ties and dare)",
+    )
+    from ..flux_io import add_text_encoder_argument
+
+    add_text_encoder_argument(p)
     p.add_argument(
         "--lora",
         action="append",
@@ -315,6 +324,17 @@ def run(args) -> int:
     out = check_outputs(args, pairs)
     prompts = _prompt_map(args.prompts, [p for p, _ in pairs])
     opts, quick = options_from_args(args)  # validated, before loading anything
+    from ..flux_io import is_flux
+    from .api import require_mergeable
+
+    flux = bool(args.text_encoder) or is_flux(args.model)
+    if flux:  # before the model is read
+        require_mergeable(SimpleNamespace(parts={}, family="flux"), args.method)
+        require(
+            args.format in ("checkpoint", "lora"),
+            f"--format {args.format} is not written for Flux: use --format lora (a Flux LoRA every host loads; a T5 "
+            "part as a T5 file beside it) or --format checkpoint (the merged model in its input's layout).",
+        )
     if quick and args.method in ("iteris", "regmean"):
         label = "IterIS" if args.method == "iteris" else "RegMean"
         print(
@@ -324,10 +344,10 @@ def run(args) -> int:
             "defaults, docs/merge.md 'Speed')",
             file=sys.stderr,
         )
-    model = load_model(args.model, tokenizer=args.tokenizer, weights_dtype=args.weights_precision)
-    from .api import require_mergeable
-
-    require_mergeable(model)
+    model = load_model(
+        args.model, tokenizer=args.tokenizer, weights_dtype=args.weights_precision, text_encoders=args.text_encoder
+    )
+    require_mergeable(model, args.method)
     loras = [load_lora(p, model) for p, _ in pairs]
     from ..safe_io import same_path
 
@@ -393,6 +413,10 @@ def run(args) -> int:
     if written.get("rank") is not None:
         msg += f", rank {written['rank']}, export error {written.get('max_error', 0):.2e}"
     print(msg + ")")
+    for f in written.get("files", [])[1:] + ([written["t5_file"]] if written.get("t5_file") else []):
+        print(f"wrote {f}")
+    if written.get("note"):
+        print(f"note: {written['note']}")
     from ..report import block_lines
 
     for line in block_lines(rep):
@@ -425,6 +449,8 @@ def check_outputs(args, pairs) -> Path:
     inputs = {"the input model (--model)": args.model}
     for p, _ in pairs:
         inputs.setdefault(f"the input LoRA {p}", p)
+    for f in getattr(args, "text_encoder", None) or ():
+        inputs.setdefault(f"the --text-encoder file {f}", f)
     if args.tokenizer:
         inputs["the --tokenizer folder"] = args.tokenizer
     check_paths({"--out": out, "--report": report}, inputs)
