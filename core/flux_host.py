@@ -21,7 +21,7 @@ import torch
 from .errors import WeightsmithError, require
 from .fluxmodel import FluxModel, Part
 from .layouts.flux import text_encoders_in, transformer_layout, variant
-from .layouts.flux_names import CLIP_L, T5, TRANSFORMER, diffusers_to_bfl, swap_halves
+from .layouts.flux_names import CLIP_L, T5, TRANSFORMER, add_piece, diffusers_to_bfl
 from .tokenizer import T5_LENGTH
 
 #: the host's key prefixes (ComfyUI and Forge alike)
@@ -100,17 +100,7 @@ def host_patches(edit, shapes: dict) -> tuple[dict, dict]:
                 f"{'does not have' if shape is None else f'holds as {tuple(want)}, not {tuple(d.shape)}'}: "
                 "it was computed for another model. Nothing was changed; compute it again on this one."
             )
-        d = d.reshape(want)
-        if piece is not None and piece.swap:
-            d = swap_halves(d)
-        if rows is None and key not in full:
-            full[key] = d.clone()
-            continue
-        acc = full.setdefault(key, torch.zeros(tuple(shape)))
-        if rows is None:
-            acc += d
-        else:
-            acc[rows] += d
+        add_piece(full.setdefault(key, torch.zeros(tuple(shape))), d.reshape(want), piece)
     den, te = {}, {}
     for key in sorted(full):
         (den if key.startswith(DENOISER_PREFIX) else te)[key] = ("diff", (full[key].contiguous(),))

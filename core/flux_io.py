@@ -408,17 +408,11 @@ class _StoredDeltas(Mapping):
         got = self.pieces[key]
         if len(got) == 1 and got[0][0] is None:
             return self.deltas[got[0][1]]
+        from .layouts.flux_names import add_piece
+
         out = torch.zeros(tuple(self.state.shape(key)), dtype=torch.float32)
         for piece, name in got:
-            d = self.deltas[name].detach().float().reshape(piece.length if piece.rows else out.shape[0], -1)
-            if piece.swap:
-                from .layouts.flux_names import swap_halves
-
-                d = swap_halves(d)
-            if piece.rows is None:
-                out += d.reshape(out.shape)
-            else:
-                out[piece.rows] += d.reshape(out[piece.rows].shape)
+            add_piece(out, self.deltas[name].detach().float(), piece)
         return out
 
     def __iter__(self):

@@ -194,18 +194,24 @@ class FluxModel:
         return part, part.prefix + path + ".weight"
 
     def weight(self, canonical: str) -> torch.Tensor:
-        """The float32 weight of a canonical module (read from its file; cached for the text inputs)."""
+        """The float32 weight of any linear module (canonical name; a fused BFL tensor's rows, ``norm_out``
+        in diffusers' row order), read from its file; the text inputs the solvers read are cached."""
+        from .layouts.flux_names import swap_halves
+
         if canonical in self._weights:
             return self._weights[canonical]
         comp, _, path = canonical.partition(".")
         if comp == CLIP_L and self.clip is not None:
             return self._clip_module(path).weight.detach().float()
-        part, key = self.weight_key(canonical)
         try:
-            w = read_weight(part.state, key)
+            part, key, piece = self.stored_piece(canonical)
         except KeyError:
-            raise WeightsmithError(f"the model lacks {key}; the file is damaged or not a Flux model.") from None
-        if comp == TRANSFORMER:
+            raise WeightsmithError(f"the model lacks {canonical}; the file is damaged or not this model.") from None
+        w = read_weight(part.state, key)
+        if piece is not None:
+            w = w[piece.rows] if piece.rows is not None else w
+            w = swap_halves(w) if piece.swap else w
+        if comp == TRANSFORMER and path in TEXT_INPUTS:
             self._weights[canonical] = w
         return w
 

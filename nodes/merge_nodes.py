@@ -137,7 +137,13 @@ class WeightsmithIterISMerge:
         cpu = machine_is_cpu()
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The base model (SD1.x, SD2.x or SDXL) the LoRAs were trained for."}),
+                "model": (
+                    "MODEL",
+                    {
+                        "tooltip": "The base model the LoRAs were trained for (SD1.x, SD2.x, SDXL; Flux.1 with "
+                        "linear, concat, svd, ties or dare)."
+                    },
+                ),
                 "clip": ("CLIP", {"tooltip": "The CLIP of the same checkpoint."}),
                 "stack": (STACK_TYPE, {"tooltip": "The LoRAs to merge (LoRA Stack nodes)."}),
                 "method": (
@@ -190,8 +196,10 @@ class WeightsmithIterISMerge:
             t0 = time.perf_counter()
             progress, cancel = host_progress()
             cancel()
-            sd = ca.sdmodel_from_comfy(model, clip, what="IterIS Merge")
-            ca.to_compute_device(sd, need_unet=method in ("iteris", "regmean"))
+            # Flux: the data-free methods; core refuses IterIS/RegMean there with its own message
+            sd = ca.sdmodel_from_comfy(model, clip, what="IterIS Merge", flux_ok=True)
+            if sd.family != "flux":
+                ca.to_compute_device(sd, need_unet=method in ("iteris", "regmean"))
             loras = [e["path"] for e in stack]  # core reads and binds them to this model
             weights = [e["weight"] for e in stack]
             prompts = [list(e["prompts"]) for e in stack]

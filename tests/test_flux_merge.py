@@ -362,3 +362,19 @@ def test_report_names_the_flux_inputs(world, tmp_path):
     r = json.loads(rep.read_text())
     assert r["family"] == "flux" and r["method"] == "svd" and [d["name"] for d in r["loras"]] == [a.stem, b.stem]
     assert Path(r["output"]["t5_file"]).exists()
+
+
+@pytest.mark.parametrize("layout", ["bfl", "diffusers"])
+def test_every_linear_module_reads_as_diffusers_holds_it(world, tmp_path, layout):
+    """``FluxModel.weight`` / ``weight_shape`` of every transformer linear module (rows of a fused BFL
+    tensor, ``norm_out`` in diffusers' order) = the diffusers module's own weight."""
+    from weightsmith.core.flux_io import load_flux
+    from weightsmith.core.lab.random_models import write_random_flux
+
+    rf = world["rf"]
+    m = world["model"] if layout == "bfl" else load_flux(write_random_flux(rf, tmp_path, layout)[0])
+    for n, mod in rf.transformer.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            assert m.weight_shape("transformer." + n) == tuple(mod.weight.shape), n
+            assert torch.equal(m.weight("transformer." + n), mod.weight.detach().float()), n
+    assert m.weight_shape("transformer.transformer_blocks.7.attn.to_q") is None

@@ -154,6 +154,18 @@ def swap_halves(t):
     return torch.cat([t[h:], t[:h]], 0)
 
 
+def add_piece(acc, d, piece: Piece | None):
+    """Add one module's ΔW ``d`` into ``acc``, the ΔW of the whole stored (BFL) tensor holding it: at the
+    piece's rows where it is fused, halves swapped back where it is ``norm_out``; returns ``acc``."""
+    if piece is not None and piece.swap:
+        d = swap_halves(d.reshape(acc.shape[0] if piece.rows is None else piece.length, -1))
+    if piece is None or piece.rows is None:
+        acc += d.reshape(acc.shape)
+    else:
+        acc[piece.rows] += d.reshape(acc[piece.rows].shape)
+    return acc
+
+
 def bfl_linear_names(num_double: int, num_single: int, guidance: bool = True) -> list[str]:
     """Every BFL linear layer of a Flux transformer with the given depth, in model order."""
     top_in = [k for k in TOP if not k.startswith("final_layer") and (guidance or not k.startswith("guidance_in"))]

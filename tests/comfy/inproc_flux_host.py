@@ -18,7 +18,8 @@ gives; ComfyUI's own T5-XXL class has a fixed full size). Then:
    "lora key not loaded" counted.
 3. A synthetic edit on fused BFL tensors (``qkv`` rows, ``linear1``'s MLP rows, ``norm_out``'s swapped
    halves) and a CLIP-L layer: in-graph (``fused_patched``) and saved + LoraLoader (``fused_loaded``).
-4. IterIS Merge on the Flux MODEL: its refusal message.
+4. IterIS Merge on the Flux MODEL: ``concat`` of the step-3 LoRA (×1) and the step-2 LoRA (×0.5) in-graph
+   (``merge_patched``) and saved + LoraLoader (``merge_loaded``); ``iteris``: its refusal message.
 
 The test (tests/test_flux_host.py) compares all of it with an independent computation on the files.
 """
@@ -172,10 +173,22 @@ def main(comfy_dir: str, work: str) -> None:
     loaded, n_keys = loraloader(work / "output" / "loras" / saved["result"][0])
     save_file(loaded, str(work / "fused_loaded.safetensors"))
     res["fused_not_loaded"], res["fused_lora_keys"] = list(missed), n_keys
-    # 4. merging on Flux is refused
+    # 4. IterIS Merge on Flux (concat: the fused LoRA ×1 + the erase LoRA ×0.5), in-graph, saved, LoraLoader;
+    #    IterIS itself refused
+    fused_path = work / "output" / "loras" / saved["result"][0]
+    stack = [
+        {"path": str(fused_path), "weight": 1.0, "prompts": (), "name": "fused"},
+        {"path": str(lora_path), "weight": 0.5, "prompts": (), "name": "erase"},
+    ]
+    m_m, c_m, merged, _, _ = WeightsmithIterISMerge().run(model, clip, stack, "concat", 1, 1, 1, 512, 0)["result"]
+    save_file(_patched(m_m, c_m), str(work / "merge_patched.safetensors"))
+    saved_m = WeightsmithSaveEditAsLora().run(merged, "weightsmith/fluxmerge", 0)
+    missed.clear()
+    loaded, n_keys = loraloader(work / "output" / "loras" / saved_m["result"][0])
+    save_file(loaded, str(work / "merge_loaded.safetensors"))
+    res["merge_not_loaded"], res["merge_lora_keys"] = list(missed), n_keys
     try:
-        stack = [{"path": str(lora_path), "weight": 1.0, "prompts": (), "name": "x"}]
-        WeightsmithIterISMerge().run(model, clip, stack, "concat", 1, 1, 1, 512, 0)
+        WeightsmithIterISMerge().run(model, clip, stack, "iteris", 1, 1, 1, 512, 0)
         res["merge_refusal"] = None
     except Exception as e:  # noqa: BLE001
         res["merge_refusal"] = f"{type(e).__name__}: {e}"
