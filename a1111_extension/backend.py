@@ -290,11 +290,10 @@ class Workbench:
 
         names = list(lora_names or [])
         require(bool(names), "pick at least one LoRA to merge.")
-        require(
-            getattr(self.backend.model(), "family", None) != "flux",
-            "merging LoRAs on Flux is not supported yet (it comes with the next release); Erase, Apply, "
-            "Undo and Save work on Flux.",
-        )
+        if getattr(self.backend.model(), "family", None) == "flux":  # core says which methods work on Flux
+            from ..core.merge.api import require_mergeable
+
+            require_mergeable(self.backend.model(), method)
         w = [float(x) for x in items(weights)] if items(weights) else None
         require(
             w is None or len(w) == len(names),

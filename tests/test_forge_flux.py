@@ -4,8 +4,8 @@
 random Flux as a BFL transformer file plus CLIP-L and T5 files loaded beside it ("VAE / Text Encoder"):
 Apply puts base + ΔW on the weights a generation uses (ΔW: the erasure computed from the files, host
 keys written out by hand here), Undo is bit-exact, Save as LoRA writes the Flux LoRA + T5 file, Save as
-checkpoint the BFL layout (+ the edited T5 file), merging is refused. docs/flux.md says what this does
-not cover (Forge's real Flux loader and sampler)."""
+checkpoint the BFL layout (+ the edited T5 file), Merge (data-free methods) applies, IterIS is
+refused. docs/flux.md says what this does not cover (Forge's real Flux loader and sampler)."""
 
 import os
 import sys
@@ -146,9 +146,23 @@ def test_flux_apply_undo_save_in_forge(forge, flux, tmp_path):
         hk = "t5xxl.transformer." + k
         assert (_rel(side[k] - v, edited[hk].reshape(v.shape)) <= 1e-5) if hk in edited else torch.equal(side[k], v)
 
-    # merging on Flux: refused, nothing computed
-    with pytest.raises(WeightsmithError, match="merging LoRAs on Flux is not supported yet"):
-        wb.compute_merge(["flux-erase.safetensors"], "", "", "concat")
+    # Merge on Flux: concat of the saved LoRA with weight 2 = twice its ΔW (the LoRA file holds the
+    # transformer part; T5 came as a file); applied, a generation uses base + 2ΔW; Undo bit-exact
+    merged, _ = wb.compute_merge(["flux-erase.safetensors"], "2", "", "concat")
+    assert sorted(merged.deltas) == sorted(n for n in ref.deltas if not n.startswith("text_encoder_2."))
+    wb.apply(merged)
+    got = _gen(forge)
+    for k, v in base.items():
+        hk_edit = {host_key(n): 2 * ref.deltas[n] for n in merged.deltas}
+        if k in hk_edit:
+            assert _rel(got[k] - v, hk_edit[k].reshape(v.shape)) <= 1e-5, k
+        else:
+            assert torch.equal(got[k], v), k
+    wb.undo()
+    assert all(torch.equal(a, base[k]) for k, a in _gen(forge).items() if k in base)
+    # IterIS on Flux: refused with the methods that work, nothing computed
+    with pytest.raises(WeightsmithError, match="Flux.*concat"):
+        wb.compute_merge(["flux-erase.safetensors"], "", "", "iteris")
 
 
 def test_sd_edit_on_flux_engine_is_refused(forge, flux):
