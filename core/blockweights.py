@@ -23,9 +23,11 @@ LBW's presets are 17-value vectors: on SDXL they are applied by block id exactly
 there. LBW's random letters (``R``, ``U``, ``X``) and its element-wise ``lbwe`` syntax are not
 supported (a saved file should not depend on a random draw).
 
-Flux (LBW: ``CLIP``, ``T5``, ``IN``, ``D00``-``D18``, ``S00``-``S37``, ``OUT``; 61 values) is one
-more :class:`BlockTable` in :data:`TABLES` when the Flux family lands; nothing else here changes.
-Importable without torch.
+Flux.1 (LBW's ``BLOCKIDFLUX``, 61 values: ``CLIP``, ``T5``, ``IN``, ``D00``-``D18``, ``S00``-``S37``,
+``OUT``; LBW's ``get_flux_blocks``): CLIP-L and T5 modules, the double and single blocks by index, the
+input embedders (``img_in``, ``txt_in``, ``time_in``, ``vector_in``, ``guidance_in``) as ``IN`` and
+``final_layer`` as ``OUT``. Only the 61-value vector (and the ``FLUXALL`` preset) applies to Flux, as in
+LBW. Importable without torch.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ BLOCKID12 = _ids((4, 5, 7, 8), range(6))
 BLOCKID20 = _ids(range(9), range(9))
 
 # LoRA Block Weight's default presets (DEF_WEIGHT_PRESET; SuperMerger's LWEIGHTSPRESETS holds the same
-# ten), 17 values each, in BLOCKID17 order. FLUXALL (61 ones) joins with the Flux family.
+# ten), 17 values each, in BLOCKID17 order; then LBW's FLUXALL (61 ones, BLOCKIDFLUX order).
+BLOCKIDFLUX = ("CLIP", "T5", "IN", *(f"D{i:02d}" for i in range(19)), *(f"S{i:02d}" for i in range(38)), "OUT")
 PRESETS: dict[str, tuple[float, ...]] = {
     "NONE": (0,) * 17,
     "ALL": (1,) * 17,
@@ -63,6 +66,7 @@ PRESETS: dict[str, tuple[float, ...]] = {
     "OUTS": (1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1),
     "OUTALL": (1, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1),
     "ALL0.5": (0.5,) * 17,
+    "FLUXALL": (1,) * 61,
 }
 PRESET_IDS = BLOCKID17  # the block ids a preset's values stand for
 
@@ -88,6 +92,30 @@ def _sd_block(canonical: str, layout) -> str | None:
     return ("IN" if m.group(1) == "input_blocks" else "OUT") + f"{int(m.group(2)):02d}"
 
 
+_FLUX_BLOCK = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.")
+_FLUX_IN = ("x_embedder", "context_embedder", "time_text_embed.")  # BFL img_in, txt_in, time/vector/guidance_in
+_FLUX_OUT = ("norm_out.", "proj_out")  # BFL final_layer.adaLN_modulation.1, final_layer.linear
+
+
+def _flux_block(canonical: str, layout=None) -> str | None:
+    """LBW's block of a Flux.1 module (canonical diffusers name), None if in no block."""
+    comp, _, path = canonical.partition(".")
+    if comp == "text_encoder":
+        return "CLIP"
+    if comp == "text_encoder_2":
+        return "T5"
+    if comp != "transformer":
+        return None
+    m = _FLUX_BLOCK.match(path)
+    if m:
+        return ("D" if m.group(1) == "transformer_blocks" else "S") + f"{int(m.group(2)):02d}"
+    if path.startswith(_FLUX_IN):
+        return "IN"
+    if path.startswith(_FLUX_OUT):
+        return "OUT"
+    return None
+
+
 @dataclass(frozen=True)
 class BlockTable:
     """One family's block vocabulary: every block id in order, the vector lengths it accepts (length ->
@@ -106,14 +134,15 @@ TABLES: dict[str, BlockTable] = {
     "sd1": BlockTable("sd1", BLOCKID26, {17: BLOCKID17, 26: BLOCKID26}),
     "sd2": BlockTable("sd2", BLOCKID26, {17: BLOCKID17, 26: BLOCKID26}),
     "sdxl": BlockTable("sdxl", BLOCKID20, {12: BLOCKID12, 20: BLOCKID20}),
+    "flux": BlockTable("flux", BLOCKIDFLUX, {61: BLOCKIDFLUX}, _flux_block),
 }
 
 BLOCKS_HELP = (
     "Block weights as LoRA Block Weight writes them: a preset (" + ", ".join(PRESETS) + ") or "
     "comma-separated numbers, 17 or 26 for SD1.x/SD2.x (BASE,IN01,IN02,IN04,IN05,IN07,IN08,M00,"
-    "OUT03..OUT11), 12 or 20 for SDXL (BASE,IN04,IN05,IN07,IN08,M00,OUT00..OUT05); empty = every "
-    "block 1. BASE is the text encoder(s). Each module's weight is its block's value times the "
-    "LoRA's weight (docs/merge.md, 'Block weights')."
+    "OUT03..OUT11), 12 or 20 for SDXL (BASE,IN04,IN05,IN07,IN08,M00,OUT00..OUT05), 61 for Flux.1 "
+    "(CLIP,T5,IN,D00..D18,S00..S37,OUT); empty = every block 1. BASE is the text encoder(s). Each "
+    "module's weight is its block's value times the LoRA's weight (docs/merge.md, 'Block weights')."
 )
 
 
@@ -220,12 +249,14 @@ def parse(spec, family: str, presets: dict | None = None) -> BlockWeights | None
         raise WeightsmithError(f"block weights {text!r}: every value must be a finite number.")
     n = len(vals)
     ids = t.vectors.get(n)
-    if ids is None and from_preset and n == len(PRESET_IDS) and set(PRESET_IDS) <= set(BLOCKID26):
+    unet_ids = set(t.ids) <= set(BLOCKID26)  # an SD family (LBW's presets are SD vectors)
+    if ids is None and from_preset and n == len(PRESET_IDS) and unet_ids:
         ids = PRESET_IDS  # LBW's 17-value presets on SDXL: applied by block id, as LBW does
     if ids is None:
         raise WeightsmithError(
             f"block weights {text!r} have {n} value(s), but {family.upper()} takes "
-            f"{' or '.join(str(k) for k in sorted(t.vectors))}: {t.describe()}. BASE is the text encoder(s)."
+            f"{' or '.join(str(k) for k in sorted(t.vectors))}: {t.describe()}. "
+            + ("BASE is the text encoder(s)." if unet_ids else "Use FLUXALL or 61 values, as LoRA Block Weight does.")
         )
     w = {b: 0.0 for b in t.ids}  # blocks the vector does not name: 0 (LBW's to26)
     for b, v in zip(ids, vals):
@@ -273,7 +304,7 @@ def apply(lora, spec, model, presets: dict | None = None):
     bw = parse(spec, model.family, presets)
     if bw is None:
         return lora, None
-    layout = model.layout
+    layout = getattr(model, "layout", None)  # Flux's blocks are read from the names alone
     summary = block_summary(lora.modules, bw, layout)
     mods = {}
     for n, m in lora.modules.items():

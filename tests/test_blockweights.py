@@ -192,8 +192,12 @@ def test_bad_vectors_name_lengths_and_blocks():
         bwm.parse("1,R,1", "sd1")
     with pytest.raises(WeightsmithError, match="finite"):
         bwm.parse(",".join(["nan"] * 17), "sd1")
-    with pytest.raises(WeightsmithError, match="not defined for the 'flux'"):
-        bwm.parse("ALL", "flux")
+    with pytest.raises(WeightsmithError, match=r"17 value.*FLUX takes 61.*CLIP,T5,IN,D00.*FLUXALL"):
+        bwm.parse("ALL", "flux")  # LBW applies only its 61-value vectors to Flux
+    with pytest.raises(WeightsmithError, match=r"61 value.*SD1 takes 17 or 26"):
+        bwm.parse("FLUXALL", "sd1")
+    with pytest.raises(WeightsmithError, match="not defined for the 'sd3'"):
+        bwm.parse("ALL", "sd3")
 
 
 def test_user_presets_in_lbw_format():

@@ -378,3 +378,55 @@ def test_every_linear_module_reads_as_diffusers_holds_it(world, tmp_path, layout
             assert m.weight_shape("transformer." + n) == tuple(mod.weight.shape), n
             assert torch.equal(m.weight("transformer." + n), mod.weight.detach().float()), n
     assert m.weight_shape("transformer.transformer_blocks.7.attn.to_q") is None
+
+
+def lbw_flux_block(host_key: str) -> str:
+    """LoRA Block Weight's ``get_flux_blocks`` (scripts/lora_block_weight.py), on a host's patch key with
+    "." replaced by "_", as LBW calls it."""
+    key = host_key.replace(".", "_")
+    if "t5xxl" in key:
+        return "T5"
+    if "clip_" in key:
+        return "CLIP"
+    m = re.search(r"\_(\d+)\_", key)
+    if "double_blocks" in key:
+        return f"D{m.group(1).zfill(2)}"
+    if "single_blocks" in key:
+        return f"S{m.group(1).zfill(2)}"
+    if "_in" in key:
+        return "IN"
+    if "final_layer" in key:
+        return "OUT"
+    return "Not Merge"
+
+
+def test_block_weights_follow_lora_block_weight_on_flux(world, tmp_path):
+    """A 61-value vector on a Flux merge: each module's ΔW scaled by the value of the block LBW's own rule
+    gives its host key (ComfyUI/Forge ``diffusion_model.<BFL>``, ``clip_l.…``, ``t5xxl.…``)."""
+    from weightsmith.core import blockweights as bwm
+    from weightsmith.core.lora_read import load_lora
+    from weightsmith.core.merge import merge
+
+    host = {}
+    for bfl, ds in world["tab"].items():
+        for d in ds:
+            host["transformer." + d] = f"diffusion_model.{bfl}.weight"
+    for n in world["truth"][0]:
+        if n.startswith("text_encoder."):
+            host[n] = "clip_l.transformer." + n.removeprefix("text_encoder.") + ".weight"
+        elif n.startswith("text_encoder_2."):
+            host[n] = "t5xxl.transformer." + n.removeprefix("text_encoder_2.") + ".weight"
+    values = [round(0.1 * (i % 7) + 0.05, 2) for i in range(61)]
+    value = dict(zip(bwm.BLOCKIDFLUX, values))
+    spec = ",".join(str(v) for v in values)
+    a, b = (load_lora(p, world["model"]) for p in world["loras"])
+    edit = merge(world["model"], [a, b], "linear", weights=list(W), blocks=[spec, None])
+    ta, tb = world["truth"]
+    for n, d in edit.deltas.items():
+        blk = lbw_flux_block(host[n])
+        assert blk in value, (n, host[n], blk)
+        want = value[blk] * W[0] * ta.get(n, 0) + W[1] * tb.get(n, 0)
+        assert _rel(d, want) <= 1e-6, (n, blk)
+    assert {lbw_flux_block(host[n]) for n in ta} >= {"CLIP", "T5", "IN", "D00", "S00", "OUT"}
+    rows = edit.report["loras"][0]["blocks"]["blocks"]
+    assert {r["block"] for r in rows} >= {"CLIP", "T5", "IN", "D00", "S00", "OUT"}
