@@ -35,6 +35,27 @@ class FactorDeltas(Mapping):
         return len(self.factors)
 
 
+class LazyFactors(Mapping):
+    """name -> exact ``(up, down)`` computed when first read by ``compute(name)`` and kept (factors are
+    LoRA-sized): a merge whose factors need a dense step per module (SVD) holds one dense ΔW at a time."""
+
+    def __init__(self, names, compute):
+        self.names, self.compute, self.done = list(names), compute, {}
+
+    def __getitem__(self, name):
+        if name not in self.done:
+            if name not in self.names:
+                raise KeyError(name)
+            self.done[name] = self.compute(name)
+        return self.done[name]
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self):
+        return len(self.names)
+
+
 @dataclass
 class Edit:
     family: str

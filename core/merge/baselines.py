@@ -17,7 +17,7 @@ import math
 import numpy as np
 import torch
 
-from ..edit import Edit
+from ..edit import Edit, FactorDeltas, LazyFactors
 
 
 def _modules(loras):
@@ -47,24 +47,33 @@ def _edit(model_family, unet_config, deltas, factors, method):
     )
 
 
+def _factor_edit(model, loras, factors, method) -> Edit:
+    """An edit held as exact factors, ΔW formed one module at a time when read (bounded memory)."""
+    shapes = {n: _shape(loras, n) for n in _modules(loras)}
+    return Edit(model.family, dict(model.unet_config), FactorDeltas(factors, shapes), factors, {"method": method})
+
+
+def _concat_factors(loras, weights, n):
+    ups, downs = [], []
+    for l, w in zip(loras, weights):
+        if n in l.modules:
+            m = l.modules[n]
+            ups.append(w * m.scale * m.up.double())
+            downs.append(m.down.double())
+    U, V = torch.cat(ups, 1), torch.cat(downs, 0)
+    return U.reshape(U.shape[0], -1).float().contiguous(), V.reshape(V.shape[0], -1).float().contiguous()
+
+
 def linear(model, loras, weights) -> Edit:
-    deltas = {n: _dense_sum(loras, weights, n) for n in _modules(loras)}
-    return _edit(model.family, model.unet_config, deltas, {}, "linear")
+    """Σ wᵢ ΔWᵢ. Held as the concatenated factors (the same sum, exact): a file written from it has rank
+    Σ rᵢ, as a dense sum's numerical rank is, without forming every dense ΔW at once."""
+    factors = {n: _concat_factors(loras, weights, n) for n in _modules(loras)}
+    return _factor_edit(model, loras, factors, "linear")
 
 
 def concat(model, loras, weights) -> Edit:
-    deltas, factors = {}, {}
-    for n in _modules(loras):
-        ups, downs = [], []
-        for l, w in zip(loras, weights):
-            if n in l.modules:
-                m = l.modules[n]
-                ups.append(w * m.scale * m.up.double())
-                downs.append(m.down.double())
-        U, V = torch.cat(ups, 1), torch.cat(downs, 0)
-        factors[n] = (U, V)
-        deltas[n] = (U @ V).reshape(_shape(loras, n))
-    return _edit(model.family, model.unet_config, deltas, factors, "concat")
+    factors = {n: _concat_factors(loras, weights, n) for n in _modules(loras)}
+    return _factor_edit(model, loras, factors, "concat")
 
 
 def _quantile(x: torch.Tensor, q: float) -> float:
@@ -73,22 +82,21 @@ def _quantile(x: torch.Tensor, q: float) -> float:
 
 def svd_merge(model, loras, weights, rank: int | None = None, clamp_quantile: float = 0.99) -> Edit:
     rank = int(rank or max(m.rank for l in loras for m in l.modules.values()))
-    deltas, factors, errors = {}, {}, {}
-    for n in _modules(loras):
+    errors: dict = {}
+
+    def one(n):  # one module's dense sum and SVD, when its factors are first read
         d = _dense_sum(loras, weights, n)
-        shape = d.shape
-        mat = d.reshape(shape[0], -1)
+        mat = d.reshape(d.shape[0], -1)
         U, S, Vh = torch.linalg.svd(mat, full_matrices=False)
         r = min(rank, S.numel())
         U = U[:, :r] * S[:r]
         Vh = Vh[:r]
         hi = _quantile(torch.cat([U.flatten(), Vh.flatten()]), clamp_quantile)
         U, Vh = U.clamp(-hi, hi), Vh.clamp(-hi, hi)
-        factors[n] = (U, Vh)
-        merged = U @ Vh
-        errors[n] = float((merged - mat).norm() / mat.norm()) if mat.norm() > 0 else 0.0
-        deltas[n] = merged.reshape(shape)
-    e = _edit(model.family, model.unet_config, deltas, factors, "svd")
+        errors[n] = float((U @ Vh - mat).norm() / mat.norm()) if mat.norm() > 0 else 0.0
+        return U.float().contiguous(), Vh.float().contiguous()
+
+    e = _factor_edit(model, loras, LazyFactors(_modules(loras), one), "svd")
     e.report.update({"rank": rank, "clamp_quantile": clamp_quantile, "svd_errors": errors})
     return e
 
