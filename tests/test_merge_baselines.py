@@ -51,7 +51,9 @@ def test_svd_merge_matches_kohya_style(case):
     e = merge(model, loras, "svd", options=MergeOptions(svd_rank=3))
     for n in e.deltas:
         mat = dense[0][n] + dense[1][n]
-        U, S, Vh = torch.linalg.svd(mat)
+        U, S, Vh = torch.linalg.svd(mat, full_matrices=False)  # the dense sum, each pair signed as ours
+        sign = torch.sign(U[U.abs().argmax(0), torch.arange(U.shape[1])])
+        U, Vh = U * sign, Vh * sign[:, None]
         U = U[:, :3] @ torch.diag(S[:3])
         Vh = Vh[:3, :]
         hi = torch.quantile(torch.cat([U.flatten(), Vh.flatten()]), 0.99)
@@ -100,3 +102,21 @@ def test_dare_is_seeded_and_rescales(case):
         total += d.numel()
     assert abs(kept / total - 0.5) < 0.02
     assert any(not torch.equal(d, e3.deltas[n]) for n, d in e1.deltas.items())
+
+
+def test_svd_from_the_factors_equals_the_dense_svd():
+    """The SVD of Σ wᵢ upᵢ·downᵢ taken through QR of the factors = the dense matrix's own SVD (each pair's
+    sign fixed the same way), and the dense route where Σ rᵢ reaches a side."""
+    from weightsmith.core.merge.baselines import _svd_of_sum
+
+    g = torch.Generator().manual_seed(0)
+    for m, n, r in ((300, 80, 12), (40, 90, 6), (20, 30, 25)):
+        U0 = torch.randn(m, r, generator=g, dtype=torch.float64)
+        V0 = torch.randn(r, n, generator=g, dtype=torch.float64)
+        U, S, Vh = _svd_of_sum(U0, V0)
+        Ud, Sd, Vhd = torch.linalg.svd(U0 @ V0, full_matrices=False)
+        sign = torch.sign(Ud[Ud.abs().argmax(0), torch.arange(Ud.shape[1])])
+        Ud, Vhd = Ud * sign, Vhd * sign[:, None]
+        k = min(r, m, n)
+        assert torch.allclose(S[:k], Sd[:k], rtol=1e-10, atol=1e-10)
+        assert torch.allclose(U[:, :k], Ud[:, :k], atol=1e-8) and torch.allclose(Vh[:k], Vhd[:k], atol=1e-8)

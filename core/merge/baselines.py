@@ -2,8 +2,12 @@
 
 - ``linear``: task arithmetic ``Σ w_i ΔW_i`` (what stacking LoRA loaders does); dense result.
 - ``concat``: the same sum kept exact as factors of rank ``Σ r_i`` (kohya ``--concat``).
-- ``svd``: kohya ``svd_merge_lora.py``: dense ``Σ w_i ΔW_i``, truncated SVD to ``rank``, ``U·S`` and
-  ``Vh`` entries clamped to ``±q`` with ``q`` the 0.99-quantile of their concatenated entries.
+- ``svd``: kohya ``svd_merge_lora.py``: ``Σ w_i ΔW_i`` truncated by SVD to ``rank``, ``U·S`` and
+  ``Vh`` entries clamped to ``±q`` with ``q`` the 0.99-quantile of their concatenated entries. The SVD
+  is taken from the LoRAs' factors (QR of both, SVD of the Σrᵢ × Σrᵢ core: the same singular triplets
+  as the dense sum's, in seconds where a full-size Flux layer's dense SVD takes minutes on a CPU), and
+  each singular pair's sign is fixed (largest entry of its left vector positive), which kohya leaves
+  to the SVD routine.
 - ``ties``: per module, keep each delta's top ``density`` fraction by magnitude, elect the sign of
   the weighted sum, average (weighted) the entries that agree with it, times ``ties_lambda``.
 - ``dare``: drop each entry with probability ``p`` (seeded), rescale survivors by ``1/(1−p)``, sum
@@ -80,19 +84,50 @@ def _quantile(x: torch.Tensor, q: float) -> float:
     return float(np.quantile(x.detach().double().cpu().numpy(), q))
 
 
+def _canonical_signs(U: torch.Tensor, Vh: torch.Tensor):
+    """Each singular pair's sign fixed so the largest-magnitude entry of its left vector is positive (SVD
+    leaves the sign to the LAPACK build; kohya's clamp below is not sign-symmetric, so this makes the
+    result the same on every device and by either route)."""
+    idx = U.abs().argmax(0)
+    s = torch.sign(U[idx, torch.arange(U.shape[1])])
+    s[s == 0] = 1
+    return U * s, Vh * s[:, None]
+
+
+def _svd_of_sum(U0: torch.Tensor, V0: torch.Tensor):
+    """The thin SVD ``(U, S, Vh)`` of ``U0 @ V0`` (float64) without forming it where its rank R = Σ rᵢ is
+    below both sides: QR of both factors, then the SVD of the R × R core (the same singular triplets)."""
+    m, n, R = U0.shape[0], V0.shape[1], U0.shape[1]
+    if R >= min(m, n):
+        U, S, Vh = torch.linalg.svd(U0 @ V0, full_matrices=False)
+    else:
+        Q1, R1 = torch.linalg.qr(U0)
+        Q2, R2 = torch.linalg.qr(V0.T)
+        a, S, bh = torch.linalg.svd(R1 @ R2.T)
+        U, Vh = Q1 @ a, bh @ Q2.T
+    U, Vh = _canonical_signs(U, Vh)
+    return U, S, Vh
+
+
 def svd_merge(model, loras, weights, rank: int | None = None, clamp_quantile: float = 0.99) -> Edit:
     rank = int(rank or max(m.rank for l in loras for m in l.modules.values()))
     errors: dict = {}
 
-    def one(n):  # one module's dense sum and SVD, when its factors are first read
-        d = _dense_sum(loras, weights, n)
-        mat = d.reshape(d.shape[0], -1)
-        U, S, Vh = torch.linalg.svd(mat, full_matrices=False)
+    def one(n):  # one module's SVD, when its factors are first read
+        ups, downs = [], []
+        for l, w in zip(loras, weights):
+            if n in l.modules:
+                m = l.modules[n]
+                ups.append(w * m.scale * m.up.double().reshape(m.up.shape[0], -1))
+                downs.append(m.down.double().reshape(m.down.shape[0], -1))
+        U0, V0 = torch.cat(ups, 1), torch.cat(downs, 0)
+        U, S, Vh = _svd_of_sum(U0, V0)
         r = min(rank, S.numel())
         U = U[:, :r] * S[:r]
         Vh = Vh[:r]
         hi = _quantile(torch.cat([U.flatten(), Vh.flatten()]), clamp_quantile)
         U, Vh = U.clamp(-hi, hi), Vh.clamp(-hi, hi)
+        mat = U0 @ V0
         errors[n] = float((U @ Vh - mat).norm() / mat.norm()) if mat.norm() > 0 else 0.0
         return U.float().contiguous(), Vh.float().contiguous()
 
