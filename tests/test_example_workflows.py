@@ -86,3 +86,20 @@ def test_a_workflow_saved_before_a_new_widget_still_fits():
     first += ["prompt_expansion", "clip_skip"]
     names = [w[0] for w in widgets(NODE_CLASS_MAPPINGS["WeightsmithEraseConcepts"])]
     assert names[: len(first)] == first, names
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_links_join_the_slots_they_name(path):
+    """Every link [id, from node, from slot, to node, to slot, type] joins an output and an input of that
+    type, and both ends list it (what the front end checks when it loads a graph)."""
+    graph = json.loads(path.read_text())
+    nodes = {n["id"]: n for n in graph["nodes"]}
+    for lid, src, s_slot, dst, d_slot, kind in graph["links"]:
+        out, inp = nodes[src]["outputs"][s_slot], nodes[dst]["inputs"][d_slot]
+        assert out["type"] == kind and inp["type"] == kind, (path.name, lid)
+        assert lid in (out.get("links") or []) and inp.get("link") == lid, (path.name, lid)
+    linked = {lid for lid, *_ in graph["links"]}
+    for n in graph["nodes"]:
+        for i in n.get("inputs", []):
+            assert i.get("link") is None or i["link"] in linked, (path.name, n["id"], i["name"])
+    assert graph["last_link_id"] >= max(linked) and graph["last_node_id"] >= max(nodes)

@@ -56,7 +56,7 @@ def add_arguments(p) -> None:
     p.add_argument("--iterations", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--heldout", type=int, default=4, help="held-out samples per LoRA for the objective")
-    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--rank", type=int, default=None, help="LoRA rank (default 8; flux: 16)")
     p.add_argument(
         "--max-gram-dim",
         type=int,
@@ -68,13 +68,18 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--family",
-        choices=("sd1", "sdxl"),
+        choices=("sd1", "sdxl", "flux"),
         default=None,
         help="memory mode: IterIS on the full SD1.5 or SDXL architecture (random, seeded) with LoRAs "
         "on every transformer linear layer and both text encoders, default merge settings but "
         "--samples/--steps/--iterations/--latent-size sized for a CPU; prints peak RSS (model "
-        "included), time, passes and layer groups",
+        "included), time, passes and layer groups. flux: the data-free merges of two full-size Flux "
+        "LoRAs as `weightsmith merge` runs them (core/lab/flux_merge_bench.py)",
     )
+    p.add_argument("--workdir", default=None, help="flux: folder for the random model and LoRAs (kept, reused)")
+    p.add_argument("--depth", default="19,38", help="flux: double,single blocks (default 19,38: Flux.1)")
+    p.add_argument("--methods", default="linear,concat,svd", help="flux: data-free methods to run")
+    p.add_argument("--fresh", action="store_true", help="flux: ignore the results saved in --workdir")
     p.add_argument("--loras", type=int, default=3, help="memory mode: number of LoRAs (default 3)")
     p.add_argument(
         "--weights",
@@ -130,7 +135,7 @@ def run_memory(args) -> int:
     groups = ("attn", "ff", "proj", "te")
     loras = [
         lora_from_state_dict(
-            random_lora(model, groups=groups, rank=args.rank, seed=args.seed + 1 + i, strength=0.2)[0],
+            random_lora(model, groups=groups, rank=args.rank or 8, seed=args.seed + 1 + i, strength=0.2)[0],
             model,
             name=f"lora{i + 1}",
         )
@@ -155,7 +160,7 @@ def run_memory(args) -> int:
     settings = {
         "model": f"{args.family} full architecture, random, seed {args.seed}, weights {args.weights}",
         "threads": torch.get_num_threads(),
-        "loras": f"{args.loras} random, rank {args.rank}, {'+'.join(groups)} ({n_mod} modules)",
+        "loras": f"{args.loras} random, rank {args.rank or 8}, {'+'.join(groups)} ({n_mod} modules)",
         "samples": samples,
         "steps": args.steps,
         "latent": args.latent_size,
@@ -244,6 +249,10 @@ def run(args) -> int:
     from .random_models import build_random_model
     from .reference import reference_iteris
 
+    if args.family == "flux":
+        from .flux_merge_bench import run_flux_merge
+
+        return run_flux_merge(args)
     if args.family:
         return run_memory(args)
     counts = [int(c) for c in str(args.samples).split(",") if c.strip()]
@@ -252,7 +261,7 @@ def run(args) -> int:
     groups = ("attn", "ff", "te")
     loras = [
         lora_from_state_dict(
-            random_lora(model, groups=groups, rank=args.rank, seed=args.seed + 1 + i, strength=0.2)[0],
+            random_lora(model, groups=groups, rank=args.rank or 8, seed=args.seed + 1 + i, strength=0.2)[0],
             model,
             name=f"lora{i + 1}",
         )
@@ -273,7 +282,7 @@ def run(args) -> int:
     settings = {
         "model": f"sd1 random, size={args.size}, seed={args.seed}",
         "threads": torch.get_num_threads(),
-        "loras": f"2 random, rank {args.rank}, targets {'+'.join(groups)} ({len(loras[0].modules)} modules each)",
+        "loras": f"2 random, rank {args.rank or 8}, targets {'+'.join(groups)} ({len(loras[0].modules)} modules each)",
         "latent": f"{args.latent_size}x{args.latent_size}",
         "timesteps_per_sample": args.steps,
         "iterations": args.iterations,
