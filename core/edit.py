@@ -28,6 +28,9 @@ class FactorDeltas(Mapping):
         up, down = self.factors[name]
         return (up @ down).reshape(self.shapes[name])
 
+    def __contains__(self, name):  # Mapping's default would form ΔW to answer
+        return name in self.factors
+
     def __iter__(self):
         return iter(self.factors)
 
@@ -41,13 +44,19 @@ class LazyFactors(Mapping):
 
     def __init__(self, names, compute):
         self.names, self.compute, self.done = list(names), compute, {}
+        self._known = set(self.names)
 
     def __getitem__(self, name):
         if name not in self.done:
-            if name not in self.names:
+            if name not in self._known:
                 raise KeyError(name)
             self.done[name] = self.compute(name)
+            if len(self.done) == len(self.names):
+                self.compute = None  # every module done: let go of the inputs it read
         return self.done[name]
+
+    def __contains__(self, name):
+        return name in self._known
 
     def __iter__(self):
         return iter(self.names)

@@ -33,3 +33,21 @@ def exact_factors(delta2d: torch.Tensor, rtol: float = READ_RTOL):
     """Exact factors of a full 2-D delta at its numerical rank: ``(up, down)`` with up@down == Δ."""
     up, down, _ = svd_factor(delta2d, None, rtol)
     return up, down
+
+
+def svd_of_product(up: torch.Tensor, down: torch.Tensor):
+    """The thin SVD ``(U, S, Vh)`` of ``up @ down`` (2-D; up: out × R, down: R × in), float64, without
+    forming the product where R is below both sides: QR of both factors, then the SVD of the R × R core
+    (the same singular triplets as the dense product's)."""
+    up, down = up.double(), down.double()
+    if up.shape[1] >= min(up.shape[0], down.shape[1]):
+        return torch.linalg.svd(up @ down, full_matrices=False)
+    Qu, Ru = torch.linalg.qr(up)
+    Qd, Rd = torch.linalg.qr(down.t())
+    U, S, Vh = torch.linalg.svd(Ru @ Rd.t())
+    return Qu @ U, S, Vh @ Qd.t()
+
+
+def numerical_rank(S: torch.Tensor, rtol: float = WRITE_RTOL) -> int:
+    """How many singular values are above ``rtol`` of the largest (at least 1)."""
+    return max(1, int((S > rtol * S[0]).sum())) if S.numel() and S[0] > 0 else 1

@@ -415,11 +415,18 @@ class _StoredDeltas(Mapping):
             add_piece(out, self.deltas[name].detach().float(), piece)
         return out
 
+    def __contains__(self, key):  # Mapping's default would form ΔW to answer
+        return key in self.pieces
+
     def __iter__(self):
         return iter(self.pieces)
 
     def __len__(self):
         return len(self.pieces)
+
+    def only(self, keys) -> _StoredDeltas:
+        """The same view restricted to ``keys`` (one shard of a diffusers folder)."""
+        return _StoredDeltas(self.deltas, {k: self.pieces[k] for k in keys}, self.state)
 
 
 def save_flux_edit(model: FluxModel, deltas: dict, out, metadata: dict | None = None) -> dict:
@@ -496,10 +503,11 @@ def _save_folder(model, src, by_part, part_of, out: Path, meta, written, stored)
             if part.container != "folder":
                 continue
             state: ShardedState = part.state
-            shards = defaultdict(dict)
-            for key, d in edits.items():
-                shards[state.files[key]][key] = d
-            for shard, ed in shards.items():
+            shards = defaultdict(list)
+            for key in edits:  # the keys only: each ΔW is formed when its shard is written
+                shards[state.files[key]].append(key)
+            for shard, keys in shards.items():
+                ed = edits.only(keys) if isinstance(edits, _StoredDeltas) else {k: edits[k] for k in keys}
                 rel = Path(shard.path).relative_to(src.path)
                 target = tmp / "m" / rel
                 target.unlink()

@@ -40,12 +40,12 @@ BASE_MODEL_VERSION = {f.name: f.lora.base_model_version for f in families.all_fa
 def compress_factors(up: torch.Tensor, down: torch.Tensor, rank: int):
     """Best rank-``rank`` factors of ``up @ down`` (2-D, up: out × R, down: R × in) without forming
     the dense product: QR of both factors, SVD of the small R × R core. Returns (up, down, rel. error)."""
-    Qu, Ru = torch.linalg.qr(up.double())
-    Qd, Rd = torch.linalg.qr(down.double().t())
-    U, S, Vh = torch.linalg.svd(Ru @ Rd.t())
+    from .factor import svd_of_product
+
+    U, S, Vh = svd_of_product(up, down)
     r = max(1, min(int(rank), S.numel()))
     err = float(S[r:].norm() / S.norm()) if S.norm() > 0 else 0.0
-    return (Qu @ (U[:, :r] * S[:r])).float(), (Vh[:r] @ Qd.t()).float(), err
+    return (U[:, :r] * S[:r]).float(), Vh[:r].float(), err
 
 
 _FUSED_ATTN = re.compile(r"^(.*\.self_attn)\.(q_proj|k_proj|v_proj|out_proj)$")

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from weightsmith.core.errors import WeightsmithError
+from weightsmith.core.lora_read import load_lora
 
 D_TAB = {  # BFL double-block layer -> diffusers module(s), in row order
     "img_attn.qkv": ["attn.to_q", "attn.to_k", "attn.to_v"],
@@ -197,8 +198,9 @@ def test_every_data_free_method_runs_on_flux_and_its_lora_reads_back(world, meth
     for n in [n for n in edit.deltas if n.startswith("text_encoder_2.")]:
         key = n.removeprefix("text_encoder_2.") + ".weight"
         assert _rel(t5[key].double() - base[key].double(), edit.deltas[n]) <= 1e-6, n
-    if method == "svd":
-        assert edit.report["svd_errors"] and all(0 <= e < 1 for e in edit.report["svd_errors"].values())
+    if method == "svd":  # every module's truncation error is in the report once merge() returns
+        errs = edit.report["svd_errors"]
+        assert set(errs) == set(edit.deltas) and all(0 <= e < 1 for e in errs.values())
 
 
 def test_the_cli_merge_loads_exactly_in_diffusers(world, tmp_path, capsys):
@@ -430,3 +432,26 @@ def test_block_weights_follow_lora_block_weight_on_flux(world, tmp_path):
     assert {lbw_flux_block(host[n]) for n in ta} >= {"CLIP", "T5", "IN", "D00", "S00", "OUT"}
     rows = edit.report["loras"][0]["blocks"]["blocks"]
     assert {r["block"] for r in rows} >= {"CLIP", "T5", "IN", "D00", "S00", "OUT"}
+
+
+def test_a_gpu_machine_and_missing_text_encoders(world, tmp_path, capsys, monkeypatch):
+    """On a machine whose default device is a GPU the data-free Flux merge never moves the model (it has no
+    UNet to move back); a LoRA that changes T5 without the T5 file loaded stops before the merge, naming
+    --text-encoder; a transformer-only LoRA needs no text encoder."""
+    import weightsmith.core.merge.cli as mcli
+    from weightsmith.core.cli import main
+
+    monkeypatch.setattr(mcli, "_device", lambda d: "cuda")
+    a, b = world["loras"]
+    out = tmp_path / "m.safetensors"
+    rc = main(["merge", "--model", str(world["path"]), "--lora", str(a), "--lora", str(b), "--method", "concat",
+               "--out", str(out), "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "a_kohya changes the T5-XXL text encoder" in err and "--text-encoder" in err
+    assert not out.exists()
+    rc = main(["merge", "--model", str(world["path"]), "--lora", str(b), "--lora", f"{b}:0.5", "--method", "concat",
+               "--out", str(out), "--no-progress"])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    back = load_lora(out, world["model"])
+    _, tb = world["truth"]
+    assert max(_rel(back.modules[n].delta(torch.float64), 1.5 * tb[n]) for n in tb) <= 1e-5

@@ -110,13 +110,26 @@ def test_svd_from_the_factors_equals_the_dense_svd():
     from weightsmith.core.merge.baselines import _svd_of_sum
 
     g = torch.Generator().manual_seed(0)
-    for m, n, r in ((300, 80, 12), (40, 90, 6), (20, 30, 25)):
+    for m, n, r, dup in ((300, 80, 12, 0), (40, 90, 6, 0), (200, 60, 10, 5)):  # R < both sides: the QR route
         U0 = torch.randn(m, r, generator=g, dtype=torch.float64)
         V0 = torch.randn(r, n, generator=g, dtype=torch.float64)
+        if dup:  # the same LoRA twice: rank r - dup, the rest of the spectrum zero
+            U0[:, dup:], V0[dup:] = U0[:, :dup], V0[:dup]
         U, S, Vh = _svd_of_sum(U0, V0)
         Ud, Sd, Vhd = torch.linalg.svd(U0 @ V0, full_matrices=False)
         sign = torch.sign(Ud[Ud.abs().argmax(0), torch.arange(Ud.shape[1])])
         Ud, Vhd = Ud * sign, Vhd * sign[:, None]
-        k = min(r, m, n)
-        assert torch.allclose(S[:k], Sd[:k], rtol=1e-10, atol=1e-10)
+        assert torch.allclose(S[:r], Sd[:r], rtol=1e-10, atol=1e-9)
+        k = r - dup if dup else r  # singular vectors of zero singular values are arbitrary
         assert torch.allclose(U[:, :k], Ud[:, :k], atol=1e-8) and torch.allclose(Vh[:k], Vhd[:k], atol=1e-8)
+
+
+def test_linear_of_a_lora_with_itself_keeps_its_rank(case):
+    """``linear`` is held at the sum's numerical rank: the same LoRA twice is 2ΔW at the LoRA's rank (the
+    concatenated factors would be twice as wide)."""
+    model, loras, dense = case
+    lin = merge(model, [loras[0], loras[0]], "linear")
+    cat = merge(model, [loras[0], loras[0]], "concat")
+    for n in lin.deltas:
+        _close(lin.deltas[n], 2 * dense[0][n])
+        assert lin.factors[n][0].shape[1] == 4 and cat.factors[n][0].shape[1] == 8

@@ -112,6 +112,29 @@ def require_mergeable(model, method: str | None = None) -> None:
     )
 
 
+def check_flux_parts(model, loras, fmt: str = "lora") -> None:
+    """The text encoders a Flux merge's output needs are loaded: a checkpoint adds every changed
+    component to its base weights; a LoRA file carries CLIP-L itself but a T5 change goes into a T5 file
+    made from the base T5 (docs/flux_lora.md). Raises a WeightsmithError naming the LoRA and the fix."""
+    from ..layouts.flux_names import CLIP_L, T5
+
+    held = set(getattr(model, "parts", {}))
+    need = (CLIP_L, T5) if fmt == "checkpoint" else (T5,)
+    label = {CLIP_L: "CLIP-L", T5: "T5-XXL"}
+    for l in loras:
+        comps = {n.partition(".")[0] for n in l.modules}
+        missing = [c for c in need if c in comps and c not in held]
+        if missing:
+            what = " and ".join(label[c] for c in missing)
+            who = l.name if l.name == "the merge" else f"LoRA {l.name}"
+            raise WeightsmithError(
+                f"{who} changes the {what} text encoder, and writing the merged "
+                f"{'checkpoint' if fmt == 'checkpoint' else 'T5 file'} needs its base weights, which were not "
+                f"loaded: pass the text-encoder file{'s' if len(missing) > 1 else ''} the model uses with "
+                "--text-encoder (e.g. --text-encoder t5xxl_fp16.safetensors), as ComfyUI's DualCLIPLoader takes them."
+            )
+
+
 def merge(
     model,
     loras,
@@ -220,13 +243,13 @@ def merge(
         edit.report.setdefault("iterations", 0)
         edit.report.setdefault("curve", [])
         edit.report.setdefault("residuals", {})
-    edit.report.update(method=method, family=model.family, loras=info, options=opts.to_dict(), time_s=time.time() - t0)
-    bad = [n for n in sorted(edit.deltas) if not bool(torch.isfinite(edit.deltas[n]).all())]
+    bad = [n for n in sorted(edit.deltas) if not bool(torch.isfinite(edit.deltas[n]).all())]  # forms lazy ones
     if bad:
         raise WeightsmithError(
             f"the merge gave NaN or infinite values for {bad[0]} ({len(bad)} module(s)); the "
             "base model or a LoRA is out of range there. Check the inputs, or raise --alpha."
         )
+    edit.report.update(method=method, family=model.family, loras=info, options=opts.to_dict(), time_s=time.time() - t0)
     edit.sources = _sources(model, loras)
     return edit
 
@@ -270,6 +293,10 @@ def save_merge(edit: Edit, model, out, fmt: str = "lora", rank: int | None = Non
     named.update(_sources(model, loras))
     check_output_path(out, list(named.items()), "the merge output")
     flux = getattr(model, "parts", None) is not None  # a FluxModel: the Flux writers (docs/flux_lora.md)
+    if flux:
+        from types import SimpleNamespace
+
+        check_flux_parts(model, [SimpleNamespace(name="the merge", modules=edit.deltas)], fmt)
     meta_in = {"ws_method": edit.report.get("method", ""), "ws_inputs": json.dumps([l.name for l in loras])}
     if flux and fmt == "checkpoint":
         from ..flux_io import save_flux_edit

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..edit import Edit, FactorDeltas, LazyFactors
+from ..factor import numerical_rank, svd_of_product
 
 
 def _modules(loras):
@@ -68,10 +69,18 @@ def _concat_factors(loras, weights, n):
     return U.reshape(U.shape[0], -1).float().contiguous(), V.reshape(V.shape[0], -1).float().contiguous()
 
 
+def _numerical(up, down):
+    """``up @ down`` as factors of its numerical rank (the rank a dense sum's SVD shows)."""
+    U, S, Vh = svd_of_product(up, down)
+    r = numerical_rank(S)
+    return (U[:, :r] * S[:r]).float().contiguous(), Vh[:r].float().contiguous()
+
+
 def linear(model, loras, weights) -> Edit:
-    """Σ wᵢ ΔWᵢ. Held as the concatenated factors (the same sum, exact): a file written from it has rank
-    Σ rᵢ, as a dense sum's numerical rank is, without forming every dense ΔW at once."""
-    factors = {n: _concat_factors(loras, weights, n) for n in _modules(loras)}
+    """Σ wᵢ ΔWᵢ, held as exact factors at the sum's numerical rank (the concatenated factors compressed
+    through their small core: identical LoRAs or zero weights do not widen the file), ΔW formed one module
+    at a time when read."""
+    factors = {n: _numerical(*_concat_factors(loras, weights, n)) for n in _modules(loras)}
     return _factor_edit(model, loras, factors, "linear")
 
 
@@ -95,16 +104,9 @@ def _canonical_signs(U: torch.Tensor, Vh: torch.Tensor):
 
 
 def _svd_of_sum(U0: torch.Tensor, V0: torch.Tensor):
-    """The thin SVD ``(U, S, Vh)`` of ``U0 @ V0`` (float64) without forming it where its rank R = Σ rᵢ is
-    below both sides: QR of both factors, then the SVD of the R × R core (the same singular triplets)."""
-    m, n, R = U0.shape[0], V0.shape[1], U0.shape[1]
-    if R >= min(m, n):
-        U, S, Vh = torch.linalg.svd(U0 @ V0, full_matrices=False)
-    else:
-        Q1, R1 = torch.linalg.qr(U0)
-        Q2, R2 = torch.linalg.qr(V0.T)
-        a, S, bh = torch.linalg.svd(R1 @ R2.T)
-        U, Vh = Q1 @ a, bh @ Q2.T
+    """The thin SVD of ``U0 @ V0`` from the factors (:func:`~weightsmith.core.factor.svd_of_product`),
+    each pair's sign fixed."""
+    U, S, Vh = svd_of_product(U0, V0)
     U, Vh = _canonical_signs(U, Vh)
     return U, S, Vh
 

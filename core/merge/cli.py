@@ -349,6 +349,10 @@ def run(args) -> int:
     )
     require_mergeable(model, args.method)
     loras = [load_lora(p, model) for p, _ in pairs]
+    if flux:
+        from .api import check_flux_parts
+
+        check_flux_parts(model, loras, args.format)  # before the merge: the text encoders the output needs
     from ..safe_io import same_path
 
     for i, (p, _) in enumerate(pairs):
@@ -389,7 +393,7 @@ def run(args) -> int:
     finally:
         if progress is not None:
             progress.close()
-    if dev != "cpu":
+    if dev != "cpu" and args.method in ("iteris", "regmean"):  # only what was moved above goes back
         for te in model.text_encoders.values():
             te.to("cpu")
         model.unet.to("cpu")
