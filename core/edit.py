@@ -65,6 +65,23 @@ class LazyFactors(Mapping):
         return len(self.names)
 
 
+def delta_shape(edit, name: str) -> tuple:
+    """The shape of one module's ΔW, without forming a lazily held one."""
+    shapes = getattr(edit.deltas, "shapes", None)
+    return tuple(shapes[name]) if shapes is not None else tuple(edit.deltas[name].shape)
+
+
+def delta_is_finite(edit, name: str) -> bool:
+    """Whether one module's ΔW holds no NaN/Inf; read from its exact factors where the edit is held as
+    factors (its dense ΔW is not formed), else from ΔW itself."""
+    from .factor import product_is_finite
+
+    if isinstance(edit.deltas, FactorDeltas):
+        up, down = edit.factors[name]
+        return product_is_finite(up, down)
+    return bool(torch.isfinite(edit.deltas[name]).all())
+
+
 @dataclass
 class Edit:
     family: str

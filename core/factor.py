@@ -51,3 +51,20 @@ def svd_of_product(up: torch.Tensor, down: torch.Tensor):
 def numerical_rank(S: torch.Tensor, rtol: float = WRITE_RTOL) -> int:
     """How many singular values are above ``rtol`` of the largest (at least 1)."""
     return max(1, int((S > rtol * S[0]).sum())) if S.numel() and S[0] > 0 else 1
+
+
+def product_norm(up: torch.Tensor, down: torch.Tensor) -> float:
+    """‖up @ down‖_F without forming the product: √Σ (upᵀup) ∘ (down downᵀ) (float64)."""
+    up, down = up.double().reshape(up.shape[0], -1), down.double().reshape(down.shape[0], -1)
+    return float(((up.T @ up) * (down @ down.T)).sum().clamp_min(0).sqrt())
+
+
+def product_is_finite(up: torch.Tensor, down: torch.Tensor) -> bool:
+    """Whether ``up @ down`` is finite in float32, from the factors: both finite, and every entry's
+    Cauchy–Schwarz bound (largest row norm of ``up`` × largest column norm of ``down``) below float32's
+    largest value."""
+    if not (bool(torch.isfinite(up).all()) and bool(torch.isfinite(down).all())):
+        return False
+    u, d = up.double().reshape(up.shape[0], -1), down.double().reshape(down.shape[0], -1)
+    bound = float(u.norm(dim=1).max()) * float(d.norm(dim=0).max()) if u.numel() and d.numel() else 0.0
+    return bound < float(torch.finfo(torch.float32).max)

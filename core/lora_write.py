@@ -22,12 +22,13 @@ entries change nothing.
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import torch
 
 from . import families
-from .edit import Edit
+from .edit import Edit, delta_is_finite, delta_shape
 from .errors import WeightsmithError, require
 from .factor import svd_factor
 from .layouts import flux_lora
@@ -87,24 +88,24 @@ def lora_tensors(edit: Edit, rank: int | None = None, fmt: str = "lora", complet
             out[prefix + ".lora_down.weight"] = down
     for name in sorted(edit.deltas):
         prefix = lora.write_prefix(name, layout)
-        delta = edit.deltas[name]
+        shape = delta_shape(edit, name)  # a lazily held ΔW is formed only where it is needed
         if fmt == "diff":
-            out[prefix + ".diff"] = delta.float().contiguous()
+            out[prefix + ".diff"] = edit.deltas[name].float().contiguous()
             errors[name] = 0.0
             continue
         fac = edit.factors.get(name)
         if fac is not None and (rank is None or fac[0].shape[1] <= rank):
             up, down = fac
             err = 0.0
-        elif fac is not None and fac[0].shape[1] < min(delta.shape[0], delta[0].numel()):
+        elif fac is not None and fac[0].shape[1] < min(shape[0], math.prod(shape[1:])):
             up, down, err = compress_factors(
                 fac[0].reshape(fac[0].shape[0], -1), fac[1].reshape(fac[1].shape[0], -1), rank
             )
         else:
-            up, down, err = svd_factor(delta, rank)
-        if delta.dim() == 4 and up.dim() == 2:
+            up, down, err = svd_factor(edit.deltas[name], rank)
+        if len(shape) == 4 and up.dim() == 2:
             up = up.reshape(*up.shape, 1, 1)
-            down = down.reshape(down.shape[0], *delta.shape[1:])
+            down = down.reshape(down.shape[0], *shape[1:])
         out[prefix + ".lora_up.weight"] = up.float().contiguous()
         out[prefix + ".lora_down.weight"] = down.float().contiguous()
         errors[name] = err
@@ -162,7 +163,7 @@ def save_lora(
     if edit.family == flux_lora.FAMILY:
         return save_flux_lora(edit, path, rank, fmt, metadata, dtype, t5_base=t5_base, t5_prefix=t5_prefix)
     check_paths({"the LoRA output": path}, dict(getattr(edit, "sources", None) or {}))
-    bad = [n for n in sorted(edit.deltas) if not bool(torch.isfinite(edit.deltas[n]).all())]
+    bad = [n for n in sorted(edit.deltas) if not delta_is_finite(edit, n)]
     if bad:
         raise WeightsmithError(
             f"the edit's ΔW for {bad[0]} ({len(bad)} module(s) in all) holds NaN or infinite "
@@ -214,12 +215,13 @@ def export_note(info: dict) -> str:
 def _module_factors(edit: Edit, name: str, rank: int | None):
     """(up, down, relative export error) of one module of ``edit``: its exact factors where it has
     them within ``rank``, else the best rank-``rank`` factors (exact rank when ``rank`` is None)."""
-    delta = edit.deltas[name]
+    shape = delta_shape(edit, name)
     fac = edit.factors.get(name)
     if fac is not None and (rank is None or fac[0].shape[1] <= rank):
         return fac[0].reshape(fac[0].shape[0], -1), fac[1].reshape(fac[1].shape[0], -1), 0.0
-    if fac is not None and fac[0].shape[1] < min(delta.shape[0], delta[0].numel()):
+    if fac is not None and fac[0].shape[1] < min(shape[0], math.prod(shape[1:])):
         return compress_factors(fac[0].reshape(fac[0].shape[0], -1), fac[1].reshape(fac[1].shape[0], -1), rank)
+    delta = edit.deltas[name]
     return svd_factor(delta.reshape(delta.shape[0], -1), rank)
 
 
@@ -277,7 +279,7 @@ def save_flux_lora(
     if t5_path is not None:
         outs["the T5 encoder output"] = t5_path
     check_paths(outs, dict(getattr(edit, "sources", None) or {}))
-    bad = [n for n in sorted(edit.deltas) if not bool(torch.isfinite(edit.deltas[n]).all())]
+    bad = [n for n in sorted(edit.deltas) if not delta_is_finite(edit, n)]
     if bad:
         raise WeightsmithError(
             f"the edit's ΔW for {bad[0]} ({len(bad)} module(s) in all) holds NaN or infinite values; "

@@ -133,3 +133,16 @@ def test_linear_of_a_lora_with_itself_keeps_its_rank(case):
     for n in lin.deltas:
         _close(lin.deltas[n], 2 * dense[0][n])
         assert lin.factors[n][0].shape[1] == 4 and cat.factors[n][0].shape[1] == 8
+
+
+def test_norms_and_finiteness_from_factors():
+    from weightsmith.core.factor import product_is_finite, product_norm
+
+    g = torch.Generator().manual_seed(1)
+    up, down = torch.randn(50, 4, generator=g), torch.randn(4, 30, generator=g)
+    assert math.isclose(product_norm(up, down), float((up.double() @ down.double()).norm()), rel_tol=1e-9)
+    assert product_is_finite(up, down)
+    assert not product_is_finite(up * 1e20, down * 1e20)  # the product overflows float32
+    bad = up.clone()
+    bad[3, 1] = float("nan")
+    assert not product_is_finite(bad, down)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .. import families
-from ..edit import Edit
+from ..edit import Edit, delta_is_finite
 from ..errors import WeightsmithError
 from ..memory import gib
 from ..progress import Steps
@@ -243,7 +243,7 @@ def merge(
         edit.report.setdefault("iterations", 0)
         edit.report.setdefault("curve", [])
         edit.report.setdefault("residuals", {})
-    bad = [n for n in sorted(edit.deltas) if not bool(torch.isfinite(edit.deltas[n]).all())]  # forms lazy ones
+    bad = [n for n in sorted(edit.deltas) if not delta_is_finite(edit, n)]  # svd: computes each module once
     if bad:
         raise WeightsmithError(
             f"the merge gave NaN or infinite values for {bad[0]} ({len(bad)} module(s)); the "

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..edit import Edit, FactorDeltas, LazyFactors
-from ..factor import numerical_rank, svd_of_product
+from ..factor import numerical_rank, product_norm, svd_of_product
 
 
 def _modules(loras):
@@ -129,8 +129,8 @@ def svd_merge(model, loras, weights, rank: int | None = None, clamp_quantile: fl
         Vh = Vh[:r]
         hi = _quantile(torch.cat([U.flatten(), Vh.flatten()]), clamp_quantile)
         U, Vh = U.clamp(-hi, hi), Vh.clamp(-hi, hi)
-        mat = U0 @ V0
-        errors[n] = float((U @ Vh - mat).norm() / mat.norm()) if mat.norm() > 0 else 0.0
+        full = product_norm(U0, V0)  # the error from the factors: ‖[U, −U0]·[Vh; V0]‖ / ‖U0·V0‖
+        errors[n] = product_norm(torch.cat([U, -U0], 1), torch.cat([Vh, V0], 0)) / full if full > 0 else 0.0
         return U.float().contiguous(), Vh.float().contiguous()
 
     e = _factor_edit(model, loras, LazyFactors(_modules(loras), one), "svd")
