@@ -455,3 +455,22 @@ def test_a_gpu_machine_and_missing_text_encoders(world, tmp_path, capsys, monkey
     back = load_lora(out, world["model"])
     _, tb = world["truth"]
     assert max(_rel(back.modules[n].delta(torch.float64), 1.5 * tb[n]) for n in tb) <= 1e-5
+
+
+@pytest.mark.slow  # writes a 1.1 GB full-width transformer and runs two child processes: about 20 s
+def test_flux_merge_bench_runs_and_resumes(tmp_path, capsys):
+    """``bench merge --family flux`` at one double + one single block: the floor and ``concat`` rows come
+    from the user's command in child processes (rank Σr = 32 for two rank-16 LoRAs), and a second run
+    resumes from results.json without running them again."""
+    from weightsmith.core.cli import main
+
+    argv = ["bench", "merge", "--family", "flux", "--depth", "1,1", "--methods", "concat", "--workdir",
+            str(tmp_path), "--json"]  # fmt: skip
+    assert main(argv) == 0
+    first = json.loads(capsys.readouterr().out)
+    rows = first["rows"]
+    assert set(rows) == {"floor", "concat"} and all(r["rc"] == 0 for r in rows.values())
+    assert rows["concat"]["rank"] == 32 and rows["concat"]["out_mb"] > 0 and rows["concat"]["peak_rss_gib"] > 0
+    log = (tmp_path / "bench.log").read_text()
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == rows and (tmp_path / "bench.log").read_text() == log

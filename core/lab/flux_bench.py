@@ -37,7 +37,7 @@ def _random(key: str, shape, std: float, seed: int, dtype):
     return (torch.randn(shape, generator=g) * std).to(dtype)
 
 
-def _write_random(shapes: dict, std_of, path: Path, seed: int) -> None:
+def write_random_tensors(shapes: dict, std_of, path: Path, seed: int) -> None:
     import torch
 
     from ..safe_io import atomic_save_streamed
@@ -105,9 +105,9 @@ def write_full_random_flux(folder: Path, seed: int = 0) -> tuple[Path, list[Path
         if not k.endswith("position_ids")
     }
     tr_shapes = {k: tuple(v.shape) for k, v in diffusers_to_bfl_state(trm.state_dict(), trm.config).items()}
-    _write_random(t5_shapes, t5_std, t5, seed)
-    _write_random(clip_shapes, clip_std, clip, seed + 1)
-    _write_random(tr_shapes, tr_std, tr, seed + 2)
+    write_random_tensors(t5_shapes, t5_std, t5, seed)
+    write_random_tensors(clip_shapes, clip_std, clip, seed + 1)
+    write_random_tensors(tr_shapes, tr_std, tr, seed + 2)
     done.write_text(json.dumps({"seed": seed}))
     return tr, [clip, t5]
 

@@ -43,7 +43,7 @@ def write_transformer(folder: Path, depth: int, single: int, seed: int) -> Path:
     import torch
     from diffusers import FluxTransformer2DModel
 
-    from .flux_bench import _write_random
+    from .flux_bench import write_random_tensors
     from .random_models import diffusers_to_bfl_state
 
     path = folder / f"flux1-dev-{depth}x{single}.safetensors"
@@ -59,7 +59,7 @@ def write_transformer(folder: Path, depth: int, single: int, seed: int) -> Path:
             return "ones"
         return 0.02 if k.endswith("bias") else shape[1] ** -0.5
 
-    _write_random(shapes, std, path, seed)
+    write_random_tensors(shapes, std, path, seed)
     done.write_text("ok")
     return path
 
