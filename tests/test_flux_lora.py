@@ -19,42 +19,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from flux_tables import SWAPPED, swap, table
 from safetensors.torch import load_file, save_file
 
 from weightsmith.core.errors import WeightsmithError
 
 H, ND, NS = 32, 2, 2
 
-# ---------------------------------------------------------------- test-local name tables
-D_TAB = {
-    "img_attn.qkv": ["attn.to_q", "attn.to_k", "attn.to_v"],
-    "txt_attn.qkv": ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
-    "img_attn.proj": "attn.to_out.0",
-    "txt_attn.proj": "attn.to_add_out",
-    "img_mlp.0": "ff.net.0.proj",
-    "img_mlp.2": "ff.net.2",
-    "txt_mlp.0": "ff_context.net.0.proj",
-    "txt_mlp.2": "ff_context.net.2",
-    "img_mod.lin": "norm1.linear",
-    "txt_mod.lin": "norm1_context.linear",
-}
-S_TAB = {
-    "linear1": ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"],
-    "linear2": "proj_out",
-    "modulation.lin": "norm.linear",
-}
-T_TAB = {
-    "img_in": "x_embedder",
-    "txt_in": "context_embedder",
-    "time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
-    "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
-    "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
-    "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
-    "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
-    "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
-    "final_layer.adaLN_modulation.1": "norm_out.linear",
-    "final_layer.linear": "proj_out",
-}
+# ---------------------------------------------------------------- test-local name tables (tests/flux_tables.py)
 CLIP_SUBS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2"]
 T5_SUBS = [
     "layer.0.SelfAttention.q",
@@ -69,16 +41,7 @@ T5_SUBS = [
 
 def bfl_table():
     """BFL name -> (diffusers names of its row blocks, in order) for the tiny depth."""
-    out = {k: [v] for k, v in T_TAB.items()}
-    for i in range(ND):
-        for k, v in D_TAB.items():
-            out[f"double_blocks.{i}.{k}"] = [f"transformer_blocks.{i}.{x}" for x in ([v] if isinstance(v, str) else v)]
-    for i in range(NS):
-        for k, v in S_TAB.items():
-            out[f"single_blocks.{i}.{k}"] = [
-                f"single_transformer_blocks.{i}.{x}" for x in ([v] if isinstance(v, str) else v)
-            ]
-    return out
+    return table(ND, NS)
 
 
 def row_blocks(bfl, shapes):
@@ -89,11 +52,6 @@ def row_blocks(bfl, shapes):
         out.append((d, i, i + n))
         i += n
     return out
-
-
-def swap(t):
-    h = t.shape[0] // 2
-    return torch.cat([t[h:], t[:h]])
 
 
 # ---------------------------------------------------------------- tiny models
@@ -172,7 +130,7 @@ def world():
     # canonical truth
     truth = {}
     for bfl, (up, down) in F.items():
-        if bfl == "final_layer.adaLN_modulation.1":
+        if bfl == SWAPPED:
             up = swap(up)  # BFL (shift, scale) -> diffusers (scale, shift)
         for d, a, b in row_blocks(bfl, shapes):
             truth["transformer." + d] = up[a:b].double() @ down.double()
@@ -186,7 +144,7 @@ def world():
 # ---------------------------------------------------------------- independent writers
 def _fused_peft_pieces(w, bfl, up, down):
     """[(diffusers name, up rows, down)] of one BFL factor pair (norm_out rows swapped)."""
-    if bfl == "final_layer.adaLN_modulation.1":
+    if bfl == SWAPPED:
         up = swap(up)
     return [(d, up[a:b], down) for d, a, b in row_blocks(bfl, w["shapes"])]
 
@@ -581,7 +539,7 @@ def _bfl_state(world):
     for bfl in bfl_table():
         for leaf in ("weight", "bias"):
             t = torch.cat([sd[f"{d}.{leaf}"] for d in bfl_table()[bfl]])
-            out[f"{bfl}.{leaf}"] = swap(t) if bfl == "final_layer.adaLN_modulation.1" else t
+            out[f"{bfl}.{leaf}"] = swap(t) if bfl == SWAPPED else t
     for k, v in sd.items():
         m = re.match(r"(single_)?transformer_blocks\.(\d+)\.attn\.norm_(added_)?([qk])\.weight", k)
         if m:
@@ -602,7 +560,7 @@ def _bfl_truth(world):
     out = {}
     for bfl, ds in bfl_table().items():
         d = torch.cat([t["transformer." + x] for x in ds])
-        out[bfl + ".weight"] = swap(d) if bfl == "final_layer.adaLN_modulation.1" else d
+        out[bfl + ".weight"] = swap(d) if bfl == SWAPPED else d
     return out
 
 
