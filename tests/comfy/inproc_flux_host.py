@@ -127,6 +127,19 @@ def main(comfy_dir: str, work: str) -> None:
         return _patched(m2, c2), len(lora)
 
     res = {}
+
+    def saved_lora(edit, prefix):
+        """Save Edit as LoRA: (the node's output, the written file)."""
+        saved = WeightsmithSaveEditAsLora().run(edit, prefix, 0)
+        return saved, work / "output" / "loras" / saved["result"][0]
+
+    def through_loraloader(path, tag):
+        """``path`` through ComfyUI's LoraLoader: weights to ``<tag>_loaded``, keys not loaded and count to res."""
+        missed.clear()
+        loaded, n_keys = loraloader(path)
+        save_file(loaded, str(work / f"{tag}_loaded.safetensors"))
+        res[f"{tag}_not_loaded"], res[f"{tag}_lora_keys"] = list(missed), n_keys
+
     # 1. erase in-graph
     out = WeightsmithEraseConcepts().run(model, clip, "cat", "dog", "erasepro", 1.0, prompt_expansion="off")
     m_e, c_e, edit, text, image = out["result"]
@@ -140,16 +153,11 @@ def main(comfy_dir: str, work: str) -> None:
     )
     res["base_patches"] = len(model.patches) + len(clip.patcher.patches)
     # 2. save + ComfyUI's LoraLoader
-    saved = WeightsmithSaveEditAsLora().run(edit, "weightsmith/flux", 0)
+    saved, lora_path = saved_lora(edit, "weightsmith/flux")
     res["save_text"] = saved["ui"]["weightsmith_report"][0]
-    lora_path = work / "output" / "loras" / saved["result"][0]
     res["lora_file"] = str(lora_path)
-    t5_files = sorted(str(p) for p in lora_path.parent.glob("*_t5xxl.safetensors"))
-    res["t5_files"] = t5_files
-    missed.clear()
-    loaded, n_keys = loraloader(lora_path)
-    save_file(loaded, str(work / "erase_loaded.safetensors"))
-    res["erase_not_loaded"], res["erase_lora_keys"] = list(missed), n_keys
+    res["t5_files"] = sorted(str(p) for p in lora_path.parent.glob("*_t5xxl.safetensors"))
+    through_loraloader(lora_path, "erase")
     # 3. fused rows: a synthetic low-rank edit through the same adapter and writer
     g = torch.Generator().manual_seed(3)
     names = {
@@ -168,25 +176,17 @@ def main(comfy_dir: str, work: str) -> None:
     torch.save({"deltas": deltas}, str(work / "fused_truth.pt"))
     m_f, c_f = ca.apply_edit(model, clip, fused)
     save_file(_patched(m_f, c_f), str(work / "fused_patched.safetensors"))
-    saved = WeightsmithSaveEditAsLora().run(fused, "weightsmith/fused", 0)
-    missed.clear()
-    loaded, n_keys = loraloader(work / "output" / "loras" / saved["result"][0])
-    save_file(loaded, str(work / "fused_loaded.safetensors"))
-    res["fused_not_loaded"], res["fused_lora_keys"] = list(missed), n_keys
+    _, fused_path = saved_lora(fused, "weightsmith/fused")
+    through_loraloader(fused_path, "fused")
     # 4. IterIS Merge on Flux (concat: the fused LoRA ×1 + the erase LoRA ×0.5), in-graph, saved, LoraLoader;
     #    IterIS itself refused
-    fused_path = work / "output" / "loras" / saved["result"][0]
     stack = [
         {"path": str(fused_path), "weight": 1.0, "prompts": (), "name": "fused"},
         {"path": str(lora_path), "weight": 0.5, "prompts": (), "name": "erase"},
     ]
     m_m, c_m, merged, _, _ = WeightsmithIterISMerge().run(model, clip, stack, "concat", 1, 1, 1, 512, 0)["result"]
     save_file(_patched(m_m, c_m), str(work / "merge_patched.safetensors"))
-    saved_m = WeightsmithSaveEditAsLora().run(merged, "weightsmith/fluxmerge", 0)
-    missed.clear()
-    loaded, n_keys = loraloader(work / "output" / "loras" / saved_m["result"][0])
-    save_file(loaded, str(work / "merge_loaded.safetensors"))
-    res["merge_not_loaded"], res["merge_lora_keys"] = list(missed), n_keys
+    through_loraloader(saved_lora(merged, "weightsmith/fluxmerge")[1], "merge")
     try:
         WeightsmithIterISMerge().run(model, clip, stack, "iteris", 1, 1, 1, 512, 0)
         res["merge_refusal"] = None
