@@ -290,10 +290,9 @@ class Workbench:
 
         names = list(lora_names or [])
         require(bool(names), "pick at least one LoRA to merge.")
-        if getattr(self.backend.model(), "family", None) == "flux":  # core says which methods work on Flux
-            from ..core.merge.api import require_mergeable
+        from ..core.merge.api import require_mergeable
 
-            require_mergeable(self.backend.model(), method)
+        require_mergeable(self.backend.model(), method)  # core's rule (Flux: the data-free methods), before reading
         w = [float(x) for x in items(weights)] if items(weights) else None
         require(
             w is None or len(w) == len(names),

@@ -21,14 +21,12 @@ import torch
 from .errors import WeightsmithError, require
 from .fluxmodel import FluxModel, Part
 from .layouts.flux import text_encoders_in, transformer_layout, variant
-from .layouts.flux_names import CLIP_L, T5, TRANSFORMER, add_piece, diffusers_to_bfl
+from .layouts.flux_names import CLIP_L, T5, TRANSFORMER, add_piece, bfl_widths, diffusers_to_bfl
 from .tokenizer import T5_LENGTH
 
 #: the host's key prefixes (ComfyUI and Forge alike)
 DENOISER_PREFIX = "diffusion_model."
 TE_PREFIX = {CLIP_L: "clip_l.transformer.", T5: "t5xxl.transformer."}
-_HIDDEN_KEY = DENOISER_PREFIX + "img_in.weight"
-_MLP_KEY = DENOISER_PREFIX + "double_blocks.0.img_mlp.0.weight"
 
 
 def is_flux_state(keys) -> bool:
@@ -83,10 +81,9 @@ def host_patches(edit, shapes: dict) -> tuple[dict, dict]:
     ``shapes``: host key -> parameter shape of the loaded model (every edited key must be there, with the
     size the edit has). Pieces of one fused tensor are summed into one full-size ΔW, zero elsewhere."""
     require(edit.family == "flux", f"internal: host_patches takes a Flux edit, not {edit.family}.")
-    hidden = shapes.get(_HIDDEN_KEY)
-    require(hidden is not None, "the loaded model is not a Flux transformer (no diffusion_model.img_in.weight).")
-    hidden = int(hidden[0])
-    mlp = int(shapes[_MLP_KEY][0]) if _MLP_KEY in shapes else None
+    widths = bfl_widths(shapes.get, DENOISER_PREFIX)
+    require(widths is not None, "the loaded model is not a Flux transformer (no diffusion_model.img_in.weight).")
+    hidden, mlp = widths
     full: dict[str, torch.Tensor] = {}
     for name in sorted(edit.deltas):
         key, piece = host_key(name, hidden, mlp)

@@ -231,13 +231,10 @@ class FluxModel:
             if key not in self._keys(part):
                 raise KeyError(canonical)
             return part, key, None
-        img_in = part.prefix + "img_in.weight"
-        mlp = part.prefix + "double_blocks.0.img_mlp.0.weight"
-        if img_in not in self._keys(part):
+        widths = flux_names.bfl_widths(lambda k: part.state.shape(k) if k in self._keys(part) else None, part.prefix)
+        if widths is None:
             raise KeyError(canonical)
-        hidden = part.state.shape(img_in)[0]
-        width = part.state.shape(mlp)[0] if mlp in self._keys(part) else None
-        bfl, piece = flux_names.diffusers_to_bfl(path, hidden, width)  # KeyError: no such module
+        bfl, piece = flux_names.diffusers_to_bfl(path, *widths)  # KeyError: no such module
         key = part.prefix + bfl + ".weight"
         if key not in self._keys(part):
             raise KeyError(canonical)

@@ -643,16 +643,11 @@ def _check_flux_fit(lora: LoRA, model) -> None:
             f"LoRA {lora.name} was made for Flux.1 (its keys name Flux modules) but the model is "
             f"{family_label(str(fam))}; use a LoRA made for this base model."
         )
-    shapes = {}
+    modules, shapes = lora.modules, {}
     if hasattr(model, "weight_shape"):  # a FluxModel: shapes from the files' headers
-        held = set(getattr(model, "parts", {}))
-        for canon in list(lora.modules):
-            if canon.partition(".")[0] not in held:  # a text encoder not loaded: nothing to check it against
-                shapes[canon] = lora.modules[canon].shape
-                continue
-            got = model.weight_shape(canon)
-            if got is not None:
-                shapes[canon] = got
+        held = set(getattr(model, "parts", {}))  # a text encoder not loaded: nothing to check it against
+        modules = {c: m for c, m in lora.modules.items() if c.partition(".")[0] in held}
+        shapes = {c: s for c in modules if (s := model.weight_shape(c)) is not None}
     elif hasattr(model, "module"):
         for canon in lora.modules:
             try:
@@ -661,4 +656,4 @@ def _check_flux_fit(lora: LoRA, model) -> None:
                 pass  # check_shapes names the module the model lacks
     else:
         return
-    flux_lora.check_shapes(flux_lora.FluxRead(lora.modules), shapes, lora.name)
+    flux_lora.check_shapes(flux_lora.FluxRead(modules), shapes, lora.name)

@@ -258,11 +258,10 @@ def check_family(model) -> None:
     from .. import families
 
     fam = getattr(model, "family", None)
-    known = {f.name: f for f in families.all_families()}
-    unet = sorted(n for n, f in known.items() if f.denoiser.kind == "unet2d")
-    what = f"{families.label(fam)} ({fam!r})" if fam in known else (fam or type(model).__name__)
+    known = {f.name: f for f in families.all_families()}.get(fam)
+    what = f"{known.label} ({fam!r})" if known else (fam or type(model).__name__)
     require(
-        fam in unet,
+        known is not None and known.denoiser.kind == "unet2d",
         f"the attacks run on Stable Diffusion 1.x, 2.x and SDXL models (and the embedded world); this model is "
         f"{what}, which the attacks do not handle yet. Attack an SD1, SD2 or SDXL model.",
     )

@@ -53,13 +53,43 @@ def write_random_tensors(shapes: dict, std_of, path: Path, seed: int) -> None:
     atomic_save_streamed({k: (torch.bfloat16, s) for k, s in shapes.items()}, get, path)
 
 
+def transformer_std(k, shape):
+    """The random transformer's scales: unit-variance outputs for unit-variance inputs."""
+    if k.endswith("scale"):
+        return "ones"
+    return 0.02 if k.endswith("bias") else shape[1] ** -0.5
+
+
+def meta_transformer(depth: int = 1, single: int = 1):
+    """A full-width Flux.1-dev transformer on the meta device (no memory) at the given depth, and its
+    tensor shapes under BFL names."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from .random_models import diffusers_to_bfl_state
+
+    with torch.device("meta"):
+        trm = FluxTransformer2DModel(num_layers=depth, num_single_layers=single, guidance_embeds=True)
+    return trm, {k: tuple(v.shape) for k, v in diffusers_to_bfl_state(trm.state_dict(), trm.config).items()}
+
+
+def in_workdir(args, run, prefix: str) -> int:
+    """``run(args, folder)`` in ``--workdir`` (kept), or in a temporary folder removed at the end."""
+    import shutil
+    import tempfile
+
+    temp = None if getattr(args, "workdir", None) else Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        return run(args, Path(args.workdir) if temp is None else temp)
+    finally:
+        if temp is not None:
+            shutil.rmtree(temp, ignore_errors=True)
+
+
 def write_full_random_flux(folder: Path, seed: int = 0) -> tuple[Path, list[Path]]:
     """The full-size random Flux files (see the module docstring); written once, then reused."""
     import torch
-    from diffusers import FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    from .random_models import diffusers_to_bfl_state
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -70,7 +100,6 @@ def write_full_random_flux(folder: Path, seed: int = 0) -> tuple[Path, list[Path
     with torch.device("meta"):
         t5m = T5EncoderModel(T5Config(feed_forward_proj="gated-gelu", is_encoder_decoder=False, **T5_XXL))
         clipm = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **CLIP_L_FULL))
-        trm = FluxTransformer2DModel(num_layers=1, num_single_layers=1, guidance_embeds=True)
     d, kv, h, ff = T5_XXL["d_model"], T5_XXL["d_kv"], T5_XXL["num_heads"], T5_XXL["d_ff"]
 
     def t5_std(k, shape):  # transformers' T5 initialisation (factor 1)
@@ -93,21 +122,16 @@ def write_full_random_flux(folder: Path, seed: int = 0) -> tuple[Path, list[Path
             return "zeros"
         return 0.02
 
-    def tr_std(k, shape):
-        if k.endswith("scale"):
-            return "ones"
-        return 0.02 if k.endswith("bias") else shape[1] ** -0.5
-
     t5_shapes = {k: tuple(v.shape) for k, v in t5m.state_dict().items() if k != "encoder.embed_tokens.weight"}
     clip_shapes = {
         ("text_model." + k if not k.startswith("text_model.") else k): tuple(v.shape)
         for k, v in clipm.state_dict().items()
         if not k.endswith("position_ids")
     }
-    tr_shapes = {k: tuple(v.shape) for k, v in diffusers_to_bfl_state(trm.state_dict(), trm.config).items()}
+    _, tr_shapes = meta_transformer(1, 1)
     write_random_tensors(t5_shapes, t5_std, t5, seed)
     write_random_tensors(clip_shapes, clip_std, clip, seed + 1)
-    write_random_tensors(tr_shapes, tr_std, tr, seed + 2)
+    write_random_tensors(tr_shapes, transformer_std, tr, seed + 2)
     done.write_text(json.dumps({"seed": seed}))
     return tr, [clip, t5]
 
@@ -158,15 +182,7 @@ def txt_in_residual(model, deltas: dict, held_t: list[str], held_a: list[str], o
 
 def run_flux(args) -> int:
     """The bench; without ``--workdir`` the model files go to a temporary folder removed at the end."""
-    import shutil
-    import tempfile
-
-    temp = None if getattr(args, "workdir", None) else Path(tempfile.mkdtemp(prefix="ws-flux-bench-"))
-    try:
-        return _run_flux(args, Path(args.workdir) if temp is None else temp)
-    finally:
-        if temp is not None:
-            shutil.rmtree(temp, ignore_errors=True)
+    return in_workdir(args, _run_flux, "ws-flux-bench-")
 
 
 def _run_flux(args, work: Path) -> int:

@@ -40,26 +40,13 @@ def _depth(text: str) -> tuple[int, int]:
 
 def write_transformer(folder: Path, depth: int, single: int, seed: int) -> Path:
     """A full-width random Flux.1-dev transformer (BFL names, bf16) at the given depth, written once."""
-    import torch
-    from diffusers import FluxTransformer2DModel
-
-    from .flux_bench import write_random_tensors
-    from .random_models import diffusers_to_bfl_state
+    from .flux_bench import meta_transformer, transformer_std, write_random_tensors
 
     path = folder / f"flux1-dev-{depth}x{single}.safetensors"
     done = folder / f"{path.stem}.done"
     if path.is_file() and done.is_file():
         return path
-    with torch.device("meta"):
-        trm = FluxTransformer2DModel(num_layers=depth, num_single_layers=single, guidance_embeds=True)
-    shapes = {k: tuple(v.shape) for k, v in diffusers_to_bfl_state(trm.state_dict(), trm.config).items()}
-
-    def std(k, shape):  # the scales flux_bench uses: unit-variance outputs for unit-variance inputs
-        if k.endswith("scale"):
-            return "ones"
-        return 0.02 if k.endswith("bias") else shape[1] ** -0.5
-
-    write_random_tensors(shapes, std, path, seed)
+    write_random_tensors(meta_transformer(depth, single)[1], transformer_std, path, seed)
     done.write_text("ok")
     return path
 
@@ -68,19 +55,16 @@ def write_loras(folder: Path, depth: int, single: int, rank: int, seed: int) -> 
     """LoRA A (kohya-Flux: fused BFL names, ``.alpha`` = rank/2) and B (PEFT: split diffusers names) over
     every linear layer of the transformer, seeded; written once."""
     import torch
-    from diffusers import FluxTransformer2DModel
     from safetensors.torch import save_file
 
     from ..layouts.flux_names import bfl_linear_names
-    from .random_models import diffusers_to_bfl_state
+    from .flux_bench import meta_transformer
 
     a = folder / f"lora_a_kohya_r{rank}_{depth}x{single}.safetensors"
     b = folder / f"lora_b_peft_r{rank}_{depth}x{single}.safetensors"
     if a.is_file() and b.is_file():
         return a, b
-    with torch.device("meta"):
-        trm = FluxTransformer2DModel(num_layers=depth, num_single_layers=single, guidance_embeds=True)
-    bfl_shapes = {k: tuple(v.shape) for k, v in diffusers_to_bfl_state(trm.state_dict(), trm.config).items()}
+    trm, bfl_shapes = meta_transformer(depth, single)
     g = torch.Generator().manual_seed(seed)
 
     def pair(out, inn):
@@ -110,32 +94,27 @@ def _child(argv: list[str], log) -> dict:
     """Run ``argv`` as a child process: wall seconds, peak RSS (GiB) and exit status."""
     t0 = time.perf_counter()
     p = subprocess.Popen(argv, stdout=log, stderr=log, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    _, status, usage = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
+    _, status, usage = os.wait4(p.pid, 0)  # this child's own rusage (peak RSS), where Popen.wait gives none
+    p.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
     return {"time_s": time.perf_counter() - t0, "peak_rss_gib": usage.ru_maxrss * 1024 / 2**30, "rc": p.returncode}
 
 
 def run_flux_merge(args) -> int:
-    import shutil
-    import tempfile
+    from .flux_bench import in_workdir
 
-    temp = None if getattr(args, "workdir", None) else Path(tempfile.mkdtemp(prefix="ws-flux-merge-"))
-    try:
-        return _run(args, Path(args.workdir) if temp is None else temp)
-    finally:
-        if temp is not None:
-            shutil.rmtree(temp, ignore_errors=True)
+    return in_workdir(args, _run, "ws-flux-merge-")
 
 
 def _run(args, work: Path) -> int:
     from ..errors import WeightsmithError
+    from ..merge.api import DATA_FREE
 
     depth, single = _depth(args.depth)
     rank = args.rank or 16
     methods = [m.strip() for m in str(args.methods).split(",") if m.strip()]
-    bad = [m for m in methods if m not in ("linear", "concat", "svd", "ties", "dare")]
+    bad = [m for m in methods if m not in DATA_FREE]
     if bad:
-        raise WeightsmithError(f"--methods: {bad[0]} is not a data-free merge; use linear, concat, svd, ties, dare.")
+        raise WeightsmithError(f"--methods: {bad[0]} is not a data-free merge; use {', '.join(DATA_FREE)}.")
     work.mkdir(parents=True, exist_ok=True)
     res_path = work / "results.json"
     key = f"{depth}x{single} r{rank} seed {args.seed}"
@@ -172,7 +151,6 @@ def _run(args, work: Path) -> int:
                     rank=r["output"].get("rank"),
                     export_error=r["output"].get("max_error"),
                     svd_error_max=max((r.get("svd_errors") or {0: 0.0}).values()),
-                    modules=len(r.get("loras", [{}])[0].get("ranks", {}) or {}),
                 )
                 out.unlink()  # the merged file is the same size as the inputs: not kept
         if row["rc"] != 0:

@@ -154,6 +154,17 @@ def swap_halves(t):
     return torch.cat([t[h:], t[:h]], 0)
 
 
+def bfl_widths(shape_of, prefix: str = "") -> tuple[int, int | None] | None:
+    """``(hidden, MLP width)`` of a BFL-named transformer, from ``shape_of(key)`` (a stored shape, or None
+    where there is no such key): ``img_in`` gives H, the first double block's MLP its width (None: 4H).
+    None where the transformer has no ``img_in``. What :func:`diffusers_to_bfl` needs to find a module's rows."""
+    hidden = shape_of(prefix + "img_in.weight")
+    if hidden is None:
+        return None
+    mlp = shape_of(prefix + "double_blocks.0.img_mlp.0.weight")
+    return int(hidden[0]), (int(mlp[0]) if mlp is not None else None)
+
+
 def add_piece(acc, d, piece: Piece | None):
     """Add one module's ΔW ``d`` into ``acc``, the ΔW of the whole stored (BFL) tensor holding it: at the
     piece's rows where it is fused, halves swapped back where it is ``norm_out``; returns ``acc``."""

@@ -98,35 +98,41 @@ DATA_FREE = ("linear", "concat", "svd", "ties", "dare")
 
 
 def require_mergeable(model, method: str | None = None) -> None:
-    """Refuse a merge Weightsmith cannot do on ``model`` yet: on Flux.1 the data-free methods work
-    (they read only the LoRAs); IterIS and RegMean need the family's sampler for their statistics,
-    which Flux does not have yet (docs/flux_lora.md, "Merging Flux LoRAs")."""
+    """Refuse a merge Weightsmith cannot do on ``model`` yet: the SD families take every method; on Flux.1
+    see :func:`require_flux_method`."""
     if getattr(model, "unet_config", None) or not hasattr(model, "parts"):
         return
+    require_flux_method(method)
+
+
+def require_flux_method(method: str | None) -> None:
+    """On Flux.1 the data-free methods work (they read only the LoRAs); IterIS and RegMean need the
+    family's sampler for their statistics, which Flux does not have yet (docs/flux_lora.md, "Merging Flux
+    LoRAs"). Needs no model: the CLI asks before reading one."""
     if method is not None and method.lower() in DATA_FREE:
         return
     raise WeightsmithError(
-        f"{method or 'iteris'} on {families.label(str(getattr(model, 'family', '')))} LoRAs is not available yet: "
+        f"{method or 'iteris'} on {families.label('flux')} LoRAs is not available yet: "
         "IterIS and RegMean draw statistics from the model, and the Flux sampler for them is not built yet. "
         f"Merge Flux LoRAs with {', '.join(DATA_FREE)} (--method concat keeps the sum exactly)."
     )
 
 
-def check_flux_parts(model, loras, fmt: str = "lora") -> None:
+def check_flux_parts(model, changes: dict, fmt: str = "lora") -> None:
     """The text encoders a Flux merge's output needs are loaded: a checkpoint adds every changed
     component to its base weights; a LoRA file carries CLIP-L itself but a T5 change goes into a T5 file
-    made from the base T5 (docs/flux_lora.md). Raises a WeightsmithError naming the LoRA and the fix."""
+    made from the base T5 (docs/flux_lora.md). ``changes``: what is named in the message (``"LoRA x"``,
+    ``"the merge"``) -> the canonical modules it changes. Raises a WeightsmithError naming it and the fix."""
     from ..layouts.flux_names import CLIP_L, T5
 
     held = set(getattr(model, "parts", {}))
     need = (CLIP_L, T5) if fmt == "checkpoint" else (T5,)
     label = {CLIP_L: "CLIP-L", T5: "T5-XXL"}
-    for l in loras:
-        comps = {n.partition(".")[0] for n in l.modules}
+    for who, modules in changes.items():
+        comps = {n.partition(".")[0] for n in modules}
         missing = [c for c in need if c in comps and c not in held]
         if missing:
             what = " and ".join(label[c] for c in missing)
-            who = l.name if l.name == "the merge" else f"LoRA {l.name}"
             raise WeightsmithError(
                 f"{who} changes the {what} text encoder, and writing the merged "
                 f"{'checkpoint' if fmt == 'checkpoint' else 'T5 file'} needs its base weights, which were not "
@@ -294,9 +300,7 @@ def save_merge(edit: Edit, model, out, fmt: str = "lora", rank: int | None = Non
     check_output_path(out, list(named.items()), "the merge output")
     flux = getattr(model, "parts", None) is not None  # a FluxModel: the Flux writers (docs/flux_lora.md)
     if flux:
-        from types import SimpleNamespace
-
-        check_flux_parts(model, [SimpleNamespace(name="the merge", modules=edit.deltas)], fmt)
+        check_flux_parts(model, {"the merge": edit.deltas}, fmt)
     meta_in = {"ws_method": edit.report.get("method", ""), "ws_inputs": json.dumps([l.name for l in loras])}
     if flux and fmt == "checkpoint":
         from ..flux_io import save_flux_edit

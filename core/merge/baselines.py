@@ -33,23 +33,10 @@ def _shape(loras, n):
     return next(l.modules[n].shape for l in loras if n in l.modules)
 
 
-def _dense_sum(loras, weights, n):
-    out = None
-    for l, w in zip(loras, weights):
-        if n in l.modules:
-            d = w * l.modules[n].delta(torch.float64)
-            out = d if out is None else out + d
-    return out
-
-
-def _edit(model_family, unet_config, deltas, factors, method):
-    return Edit(
-        model_family,
-        dict(unet_config),
-        {k: v.float() for k, v in deltas.items()},
-        {k: (u.float().contiguous(), d.float().contiguous()) for k, (u, d) in factors.items()},
-        {"method": method},
-    )
+def _edit(model, deltas, method):
+    """A dense edit (ties, dare: they work on the entries of each ΔW)."""
+    dense = {k: v.float() for k, v in deltas.items()}
+    return Edit(model.family, dict(model.unet_config), dense, {}, {"method": method})
 
 
 def _factor_edit(model, loras, factors, method) -> Edit:
@@ -59,14 +46,14 @@ def _factor_edit(model, loras, factors, method) -> Edit:
 
 
 def _concat_factors(loras, weights, n):
+    """``[w₁s₁up₁ | …]`` and ``[down₁ ; …]`` of module ``n`` (2-D, float64): ``Σ wᵢΔWᵢ`` exactly."""
     ups, downs = [], []
     for l, w in zip(loras, weights):
         if n in l.modules:
             m = l.modules[n]
-            ups.append(w * m.scale * m.up.double())
-            downs.append(m.down.double())
-    U, V = torch.cat(ups, 1), torch.cat(downs, 0)
-    return U.reshape(U.shape[0], -1).float().contiguous(), V.reshape(V.shape[0], -1).float().contiguous()
+            ups.append(w * m.scale * m.up.double().reshape(m.up.shape[0], -1))
+            downs.append(m.down.double().reshape(m.down.shape[0], -1))
+    return torch.cat(ups, 1), torch.cat(downs, 0)
 
 
 def _numerical(up, down):
@@ -85,7 +72,7 @@ def linear(model, loras, weights) -> Edit:
 
 
 def concat(model, loras, weights) -> Edit:
-    factors = {n: _concat_factors(loras, weights, n) for n in _modules(loras)}
+    factors = {n: tuple(f.float().contiguous() for f in _concat_factors(loras, weights, n)) for n in _modules(loras)}
     return _factor_edit(model, loras, factors, "concat")
 
 
@@ -116,13 +103,7 @@ def svd_merge(model, loras, weights, rank: int | None = None, clamp_quantile: fl
     errors: dict = {}
 
     def one(n):  # one module's SVD, when its factors are first read
-        ups, downs = [], []
-        for l, w in zip(loras, weights):
-            if n in l.modules:
-                m = l.modules[n]
-                ups.append(w * m.scale * m.up.double().reshape(m.up.shape[0], -1))
-                downs.append(m.down.double().reshape(m.down.shape[0], -1))
-        U0, V0 = torch.cat(ups, 1), torch.cat(downs, 0)
+        U0, V0 = _concat_factors(loras, weights, n)
         U, S, Vh = _svd_of_sum(U0, V0)
         r = min(rank, S.numel())
         U = U[:, :r] * S[:r]
@@ -157,7 +138,7 @@ def ties(model, loras, weights, density: float = 0.2, lam: float = 1.0) -> Edit:
         num = (W * T * agree).sum(0)
         den = (W * agree).sum(0)
         deltas[n] = lam * torch.where(den != 0, num / den.where(den != 0, torch.ones_like(den)), torch.zeros_like(num))
-    e = _edit(model.family, model.unet_config, deltas, {}, "ties")
+    e = _edit(model, deltas, "ties")
     e.report.update({"density": density, "lambda": lam})
     return e
 
@@ -179,6 +160,6 @@ def dare(model, loras, weights, p: float = 0.5, seed: int = 0) -> Edit:
             d = w * d * keep / (1.0 - p)
             out = d if out is None else out + d
         deltas[n] = out
-    e = _edit(model.family, model.unet_config, deltas, {}, "dare")
+    e = _edit(model, deltas, "dare")
     e.report.update({"p": p, "seed": seed})
     return e

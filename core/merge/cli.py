@@ -6,7 +6,6 @@ import argparse
 import math
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 from ..errors import WeightsmithError, require
 from ..memory import WEIGHT_PRECISIONS
@@ -325,11 +324,11 @@ def run(args) -> int:
     prompts = _prompt_map(args.prompts, [p for p, _ in pairs])
     opts, quick = options_from_args(args)  # validated, before loading anything
     from ..flux_io import is_flux
-    from .api import require_mergeable
+    from .api import require_flux_method
 
     flux = bool(args.text_encoder) or is_flux(args.model)
     if flux:  # before the model is read
-        require_mergeable(SimpleNamespace(parts={}, family="flux"), args.method)
+        require_flux_method(args.method)
         require(
             args.format in ("checkpoint", "lora"),
             f"--format {args.format} is not written for Flux: use --format lora (a Flux LoRA every host loads; a T5 "
@@ -347,12 +346,12 @@ def run(args) -> int:
     model = load_model(
         args.model, tokenizer=args.tokenizer, weights_dtype=args.weights_precision, text_encoders=args.text_encoder
     )
-    require_mergeable(model, args.method)
     loras = [load_lora(p, model) for p, _ in pairs]
     if flux:
         from .api import check_flux_parts
 
-        check_flux_parts(model, loras, args.format)  # before the merge: the text encoders the output needs
+        # before the merge: the text encoders the output needs
+        check_flux_parts(model, {f"LoRA {l.name}": l.modules for l in loras}, args.format)
     from ..safe_io import same_path
 
     for i, (p, _) in enumerate(pairs):
