@@ -70,6 +70,16 @@ def add_text_encoder_argument(p) -> None:
     )
 
 
+def require_flux_format(fmt: str, what: str = "edited") -> None:
+    """A Flux edit or merge is written as a checkpoint or a LoRA; the full-delta ``diff`` format is not
+    (diffusers loads no ``.diff`` file). One rule for erase and merge, asked before the model is read."""
+    require(
+        fmt in ("checkpoint", "lora"),
+        f"--format {fmt} is not written for Flux: use --format checkpoint (the {what} model in its input's "
+        "layout) or --format lora (a Flux LoRA every host loads, its T5 part as a T5 file beside it; docs/flux.md).",
+    )
+
+
 def is_flux(path) -> bool:
     """Whether ``path`` (a file or folder) holds a Flux transformer (recognised from keys)."""
     path = Path(path)

@@ -259,14 +259,10 @@ def run(args) -> int:
     # each value may hold several concepts separated by ';' (core.prompt_lists)
     targets, anchors, preserve = cli_list(args.target), cli_list(args.anchor), cli_list(args.preserve)
     validate_concepts(targets, anchors, preserve)  # fail before loading the model
-    from ..flux_io import is_flux, save_flux_edit, t5_base
+    from ..flux_io import is_flux, require_flux_format, save_flux_edit, t5_base
 
     if bool(args.text_encoder) or is_flux(args.model):  # before the model is read
-        require(
-            args.format in ("checkpoint", "lora"),
-            f"--format {args.format} is not written for Flux: use --format checkpoint (the edited model in its "
-            "input's layout) or --format lora (a Flux LoRA, its T5 part as a T5 file beside it; docs/flux.md).",
-        )
+        require_flux_format(args.format)
     model = load_model(
         args.model,
         clip_skip=args.clip_skip,

@@ -300,6 +300,9 @@ def save_merge(edit: Edit, model, out, fmt: str = "lora", rank: int | None = Non
     check_output_path(out, list(named.items()), "the merge output")
     flux = getattr(model, "parts", None) is not None  # a FluxModel: the Flux writers (docs/flux_lora.md)
     if flux:
+        from ..flux_io import require_flux_format
+
+        require_flux_format(fmt, "merged")
         check_flux_parts(model, {"the merge": edit.deltas}, fmt)
     meta_in = {"ws_method": edit.report.get("method", ""), "ws_inputs": json.dumps([l.name for l in loras])}
     if flux and fmt == "checkpoint":
@@ -307,8 +310,6 @@ def save_merge(edit: Edit, model, out, fmt: str = "lora", rank: int | None = Non
 
         info = save_flux_edit(model, edit.deltas, out, meta_in)
         return {"path": str(out), "format": "checkpoint", **info}
-    if flux and fmt == "diff":
-        raise WeightsmithError("a Flux merge is written as a LoRA or a checkpoint (--format lora or checkpoint).")
     if fmt == "checkpoint":
         save_edited_model(model, edit.deltas, out, metadata=meta_in)
         return {"path": str(out), "format": "checkpoint"}

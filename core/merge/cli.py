@@ -7,7 +7,7 @@ import math
 import sys
 from pathlib import Path
 
-from ..errors import WeightsmithError, require
+from ..errors import WeightsmithError
 from ..memory import WEIGHT_PRECISIONS
 from ..optspec import spec
 from .options import METHODS, QUICK, MergeOptions, with_quick
@@ -323,17 +323,13 @@ def run(args) -> int:
     out = check_outputs(args, pairs)
     prompts = _prompt_map(args.prompts, [p for p, _ in pairs])
     opts, quick = options_from_args(args)  # validated, before loading anything
-    from ..flux_io import is_flux
+    from ..flux_io import is_flux, require_flux_format
     from .api import require_flux_method
 
     flux = bool(args.text_encoder) or is_flux(args.model)
     if flux:  # before the model is read
         require_flux_method(args.method)
-        require(
-            args.format in ("checkpoint", "lora"),
-            f"--format {args.format} is not written for Flux: use --format lora (a Flux LoRA every host loads; a T5 "
-            "part as a T5 file beside it) or --format checkpoint (the merged model in its input's layout).",
-        )
+        require_flux_format(args.format, "merged")
     if quick and args.method in ("iteris", "regmean"):
         label = "IterIS" if args.method == "iteris" else "RegMean"
         print(
