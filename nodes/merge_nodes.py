@@ -13,7 +13,7 @@ import os
 import time
 
 from ..core.blockweights import BLOCKS_HELP, NO_PRESET, PRESET_CHOICES, host_spec
-from ..core.merge.options import METHODS, MergeOptions, host_default, machine_is_cpu, with_quick
+from ..core.merge.options import DATA_FREE, METHODS, MergeOptions, host_default, machine_is_cpu, with_quick
 from ..core.prompt_lists import comfy_list
 from .common import (
     CATEGORY,
@@ -141,7 +141,7 @@ class WeightsmithIterISMerge:
                     "MODEL",
                     {
                         "tooltip": "The base model the LoRAs were trained for (SD1.x, SD2.x, SDXL; Flux.1 with "
-                        "linear, concat, svd, ties or dare)."
+                        f"{', '.join(DATA_FREE)})."
                     },
                 ),
                 "clip": ("CLIP", {"tooltip": "The CLIP of the same checkpoint."}),

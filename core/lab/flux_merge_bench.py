@@ -107,7 +107,7 @@ def run_flux_merge(args) -> int:
 
 def _run(args, work: Path) -> int:
     from ..errors import WeightsmithError
-    from ..merge.api import DATA_FREE
+    from ..merge.options import DATA_FREE
 
     depth, single = _depth(args.depth)
     rank = args.rank or 16

@@ -16,7 +16,7 @@ from ..memory import gib
 from ..progress import Steps
 from . import baselines
 from .iteris import IterISSolver
-from .options import METHODS, MergeOptions
+from .options import DATA_FREE, METHODS, MergeOptions
 from .sampling import default_prompts, make_samples
 
 
@@ -91,10 +91,6 @@ def _check_model_finite(model) -> None:
                     f"the model's {what}{n} holds NaN or infinite values; the model file is damaged, so IterIS "
                     "cannot sample it. Use an intact copy of the model."
                 )
-
-
-#: merge methods that read only the LoRAs (no statistics from the model): every family has them
-DATA_FREE = ("linear", "concat", "svd", "ties", "dare")
 
 
 def require_mergeable(model, method: str | None = None) -> None:

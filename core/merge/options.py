@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 from ..optspec import check_declared, option
 
 METHODS = ("iteris", "linear", "concat", "svd", "ties", "dare", "regmean")
+#: the methods that read only the LoRAs (no statistics from the model): the ones every family has (Flux.1)
+DATA_FREE = ("linear", "concat", "svd", "ties", "dare")
 
 
 @dataclass
