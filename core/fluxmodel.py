@@ -89,6 +89,10 @@ class T5Encoder:
         """The stored weight of block ``i``'s sub-layer (a :data:`T5_SUBLAYERS` path), float32."""
         return read_weight(self.part.state, self._key(f"encoder.block.{i}.{sub}.weight"))
 
+    def block_param(self, i: int, name: str) -> torch.Tensor:
+        """A parameter of block ``i`` by its path inside the block, float32."""
+        return read_weight(self.part.state, self._key(f"encoder.block.{i}.{name}"))
+
     def block(self, i: int) -> torch.nn.Module:
         """Block ``i`` as a transformers ``T5Block`` in float32, its weights read from the file."""
         if i in self._blocks:
@@ -158,6 +162,7 @@ class FluxModel:
     source: object | None = None  # flux_io.FluxSource
     family: str = FAMILY
     unet_config: dict = field(default_factory=dict)  # Edit's field; Flux has no UNet
+    sample_dtype: torch.dtype = torch.float32  # the precision IterIS samples in (tests: float64)
     _weights: dict = field(default_factory=dict, repr=False)
     _keysets: dict = field(default_factory=dict, repr=False)  # id(part.state) -> its keys
 
@@ -180,6 +185,13 @@ class FluxModel:
                 "Pass each text-encoder file with --text-encoder (e.g. --text-encoder clip_l.safetensors "
                 "--text-encoder t5xxl_fp16.safetensors), as ComfyUI's DualCLIPLoader takes them."
             )
+
+    def sampling_model(self, names):
+        """The model IterIS and RegMean sample, for the modules ``names`` the LoRAs adapt
+        (:class:`~weightsmith.core.flux_sampling.FluxSampling`)."""
+        from .flux_sampling import FluxSampling
+
+        return FluxSampling(self, names, self.sample_dtype)
 
     # -- weights ------------------------------------------------------------------------------
     def weight_key(self, canonical: str) -> tuple[Part, str]:

@@ -114,8 +114,8 @@ def test_sampler_is_euler_on_the_shifted_rectified_flow_schedule():
         assert torch.allclose(x, x0, atol=1e-9)
     assert FAMILY.sampler.name == "rectified-flow"
     assert FAMILY.sampler.latent_shape(None, 64) == (16, 64, 64)
-    with pytest.raises(WeightsmithError, match="IterIS on Flux is not available yet"):
-        FAMILY.sampler.predict(None, None, None, None, None)
+    assert FAMILY.sampler.latent_shape(None, 7) == (16, 8, 8)  # packed 2×2: an even side
+    assert FAMILY.sampler.latent_shape(type("M", (), {"latent_channels": 1})(), 4) == (1, 4, 4)
 
 
 @pytest.mark.parametrize("layout", ["bfl", "comfy", "diffusers"])
@@ -140,22 +140,28 @@ def test_text_encoder_files_with_an_sd_model_are_refused(tiny_checkpoints, files
         load_model(tiny_checkpoints["sd1"], text_encoders=files["bfl"][1])
 
 
-def test_iteris_on_a_flux_model_says_it_is_not_built_yet(files, tmp_path, capsys):
+def test_iteris_on_a_flux_checkpoint_from_the_cli(files, tmp_path, capsys):
+    """``weightsmith merge --method iteris`` on a ComfyUI all-in-one Flux checkpoint (quick CPU settings): a
+    one-LoRA merge is that LoRA, written as one LoRA file that reads back exactly."""
     from weightsmith.core.cli import main
+    from weightsmith.core.flux_io import load_flux
+    from weightsmith.core.lora_read import load_lora
     from weightsmith.core.safe_io import atomic_save_file
 
+    g = torch.Generator().manual_seed(0)
+    down, up = torch.randn(2, 32, generator=g) * 0.3, torch.randn(32, 2, generator=g) * 0.3
     lora = tmp_path / "f.safetensors"
     atomic_save_file(
-        {f"{CTX}.lora_A.weight": torch.zeros(1, 32), f"{CTX}.lora_B.weight": torch.zeros(64, 1)},
-        lora,
-        {"ss_base_model_version": "flux1"},
+        {f"{CTX}.lora_A.weight": down, f"{CTX}.lora_B.weight": up}, lora, {"ss_base_model_version": "flux1"}
     )
     out = tmp_path / "m.safetensors"
-    rc = main(["merge", "--model", str(files["comfy"][0]), "--lora", str(lora), "--lora", str(lora), "--out", str(out)])
+    rc = main(["merge", "--model", str(files["comfy"][0]), "--lora", str(lora), "--out", str(out)])
     err = capsys.readouterr().err
-    assert rc == 2 and "Flux sampler for them is not built yet" in err and "linear, concat" in err
+    assert rc == 0, err
     assert "Traceback" not in err
-    assert not out.exists()
+    back = load_lora(out, load_flux(files["comfy"][0]))
+    want = up.double() @ down.double()
+    assert float((back.modules[CTX].delta(torch.float64) - want).norm() / want.norm()) <= 1e-5
 
 
 @pytest.mark.parametrize("layout", ["bfl", "comfy"])

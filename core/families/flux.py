@@ -16,8 +16,8 @@ Erasure stages, shallow → deep (docs/flux.md, "Erasure on Flux"):
 recognised as :func:`~weightsmith.core.layouts.flux.transformer_layout` does (BFL file, ComfyUI all-in-one,
 diffusers transformer), conditioning T5 tokens + CLIP-L pooled, the checkpoint layout of
 :mod:`~weightsmith.core.layouts.flux`, the LoRA layout of :mod:`~weightsmith.core.layouts.flux_lora`, and the
-rectified-flow sampler's trajectory (Euler on the shifted schedule, docs/flux.md, "Sampling"); its
-denoiser call (``predict``) raises until IterIS runs on Flux.
+rectified-flow sampler (Euler on the shifted schedule, docs/flux.md, "Sampling"; the denoiser call is
+:func:`~weightsmith.core.flux_sampling.predict`).
 """
 
 from __future__ import annotations
@@ -288,15 +288,18 @@ class FlowSchedule:
 
 
 def latent_shape(model, latent_size: int | None = None) -> tuple[int, int, int]:
-    side = int(latent_size or 128)
-    return LATENT_CHANNELS, side, side
+    """(C, H, W) of one sample's noise: the transformer's latent channels (``in_channels / 4``: 2×2 patches are
+    packed into tokens), an even side (default 128: 1024 px)."""
+    side = max(2, int(latent_size or 128))
+    side += side % 2
+    return int(getattr(model, "latent_channels", LATENT_CHANNELS)), side, side
 
 
 def predict(model, denoiser, x, t, context, pooled=None):
-    raise WeightsmithError(
-        "IterIS on Flux is not available yet: Weightsmith does not run the Flux transformer to sample statistics. "
-        "Merge Flux LoRAs with linear, concat, svd, ties or dare; Flux models can be erased (weightsmith erase)."
-    )
+    """The transformer's velocity at ``(x, t)``: :func:`weightsmith.core.flux_sampling.predict`."""
+    from ..flux_sampling import predict as run
+
+    return run(model, denoiser, x, t, context, pooled)
 
 
 SAMPLER = Sampler("rectified-flow", FlowSchedule, latent_shape, predict)

@@ -230,7 +230,7 @@ class RandomFlux:
 
 def diffusers_to_bfl_state(sd: dict, config) -> dict:
     """A diffusers Flux transformer state dict in BFL names (:mod:`..layouts.flux_names`)."""
-    from ..layouts.flux_names import bfl_linear_names, bfl_to_diffusers, swap_halves
+    from ..layouts.flux_names import DOUBLE_NORMS, SINGLE_NORMS, bfl_linear_names, bfl_to_diffusers, swap_halves
 
     hidden = (
         config["num_attention_heads"] * config["attention_head_dim"]
@@ -250,18 +250,12 @@ def diffusers_to_bfl_state(sd: dict, config) -> dict:
                 parts.append(swap_halves(t) if piece.swap else t)
                 used.add(k)
             out[f"{b}.{leaf}"] = torch.cat(parts, 0).contiguous()
-    norms = {
-        "img_attn.norm.query_norm.scale": "attn.norm_q.weight",
-        "img_attn.norm.key_norm.scale": "attn.norm_k.weight",
-        "txt_attn.norm.query_norm.scale": "attn.norm_added_q.weight",
-        "txt_attn.norm.key_norm.scale": "attn.norm_added_k.weight",
-    }
     for i in range(nd):
-        for bk, dk in norms.items():
+        for bk, dk in DOUBLE_NORMS.items():
             out[f"double_blocks.{i}.{bk}"] = sd[f"transformer_blocks.{i}.{dk}"].clone()
             used.add(f"transformer_blocks.{i}.{dk}")
     for i in range(ns):
-        for bk, dk in (("norm.query_norm.scale", "attn.norm_q.weight"), ("norm.key_norm.scale", "attn.norm_k.weight")):
+        for bk, dk in SINGLE_NORMS.items():
             out[f"single_blocks.{i}.{bk}"] = sd[f"single_transformer_blocks.{i}.{dk}"].clone()
             used.add(f"single_transformer_blocks.{i}.{dk}")
     left = sorted(set(sd) - used)

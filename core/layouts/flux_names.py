@@ -61,6 +61,14 @@ TOP = {
     "final_layer.adaLN_modulation.1": "norm_out.linear",
     "final_layer.linear": "proj_out",
 }
+# the RMS norms' scales (not linear layers): BFL name inside the block -> diffusers parameter inside the block
+DOUBLE_NORMS = {
+    "img_attn.norm.query_norm.scale": "attn.norm_q.weight",
+    "img_attn.norm.key_norm.scale": "attn.norm_k.weight",
+    "txt_attn.norm.query_norm.scale": "attn.norm_added_q.weight",
+    "txt_attn.norm.key_norm.scale": "attn.norm_added_k.weight",
+}
+SINGLE_NORMS = {"norm.query_norm.scale": "attn.norm_q.weight", "norm.key_norm.scale": "attn.norm_k.weight"}
 SWAPPED = frozenset({"final_layer.adaLN_modulation.1"})  # BFL names whose rows are (shift, scale)
 SWAPPED_DIFFUSERS = frozenset({"norm_out.linear"})
 
@@ -135,6 +143,21 @@ def diffusers_to_bfl(diffusers: str, hidden: int = 3072, mlp: int | None = None)
             return bfl, bfl_to_diffusers(bfl, hidden, mlp)[idx]
     bfl = _INV_TOP[diffusers]
     return bfl, Piece(diffusers, swap=bfl in SWAPPED)
+
+
+def bfl_param(param: str, hidden: int = 3072, mlp: int | None = None) -> tuple[str, Piece]:
+    """The BFL tensor holding a diffusers *parameter* (``….weight``/``….bias`` of a linear, or an RMS
+    norm's scale) and the :class:`Piece` (its rows there; a norm's is whole). KeyError where ``param``
+    names no Flux transformer parameter."""
+    for rx, norms, pre in ((_TBLOCK_RE, DOUBLE_NORMS, "double_blocks"), (_SBLOCK_RE, SINGLE_NORMS, "single_blocks")):
+        m = rx.match(param)
+        if m:
+            inv = {v: k for k, v in norms.items()}
+            if m.group(2) in inv:
+                return f"{pre}.{m.group(1)}.{inv[m.group(2)]}", Piece(param)
+    module, _, leaf = param.rpartition(".")
+    bfl, piece = diffusers_to_bfl(module, hidden, mlp)
+    return f"{bfl}.{leaf}", piece
 
 
 def is_fused(bfl: str) -> bool:

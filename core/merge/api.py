@@ -81,7 +81,11 @@ def _prompts_for(loras, prompts, count):
 
 def _check_model_finite(model) -> None:
     """The weights IterIS/RegMean sample (text encoders, UNet) hold no NaN/Inf; else one
-    :class:`WeightsmithError` naming the first such tensor (docs/reliability.md, "Non-finite values")."""
+    :class:`WeightsmithError` naming the first such tensor (docs/reliability.md, "Non-finite values").
+    A model that reads its weights as it samples (Flux) checks them itself."""
+    if hasattr(model, "check_finite"):
+        model.check_finite()
+        return
     parts = [(f"text-encoder weight {c}.", te) for c, te in model.text_encoders.items()]
     parts.append(("UNet weight unet.", model.unet))
     for what, module in parts:
@@ -94,24 +98,24 @@ def _check_model_finite(model) -> None:
 
 
 def require_mergeable(model, method: str | None = None) -> None:
-    """Refuse a merge Weightsmith cannot do on ``model`` yet: the SD families take every method; on Flux.1
-    see :func:`require_flux_method`."""
+    """Refuse a merge Weightsmith cannot do on ``model``: the SD families take every method; on Flux.1 see
+    :func:`require_flux_method`, and the data-driven methods need both text encoders."""
     if getattr(model, "unet_config", None) or not hasattr(model, "parts"):
         return
     require_flux_method(method)
+    if (method or "iteris").lower() not in DATA_FREE:
+        model.require_text_encoders(f"{method or 'iteris'} on {families.label('flux')}")
 
 
 def require_flux_method(method: str | None) -> None:
-    """On Flux.1 the data-free methods work (they read only the LoRAs); IterIS and RegMean need the
-    family's sampler for their statistics, which Flux does not have yet (docs/flux_lora.md, "Merging Flux
-    LoRAs"). Needs no model: the CLI asks before reading one."""
+    """Every method runs on Flux.1; IterIS and RegMean run its transformer with diffusers'
+    ``FluxTransformer2DModel`` (docs/flux_lora.md, "IterIS on Flux"), which an old diffusers lacks. Needs
+    no model: the CLI asks before reading one."""
     if method is not None and method.lower() in DATA_FREE:
         return
-    raise WeightsmithError(
-        f"{method or 'iteris'} on {families.label('flux')} LoRAs is not available yet: "
-        "IterIS and RegMean draw statistics from the model, and the Flux sampler for them is not built yet. "
-        f"Merge Flux LoRAs with {', '.join(DATA_FREE)} (--method concat keeps the sum exactly)."
-    )
+    from ..flux_sampling import _require_diffusers
+
+    _require_diffusers()
 
 
 def check_flux_parts(model, changes: dict, fmt: str = "lora") -> None:
@@ -198,12 +202,18 @@ def merge(
         if b is not None:
             d["blocks"] = b
     if method in ("iteris", "regmean"):
-        _check_model_finite(model)  # before sampling: NaN would surface as a torch.linalg assert
+        # the model that samples: the model itself, or what a family that streams its weights builds for it
+        sampler_model = (
+            model.sampling_model(set().union(*[set(l.modules) for l in loras]))
+            if hasattr(model, "sampling_model")
+            else model
+        )
+        _check_model_finite(sampler_model)  # before sampling: NaN would surface as a torch.linalg assert
         plist, sources = _prompts_for(loras, prompts, opts.samples)
         samples = [make_samples(p, opts.samples, opts.seed) for p in plist]
         for d, p, s in zip(info, plist, sources):
             d.update(prompts=p, prompts_source=s)
-        solver = IterISSolver(model, loras, weights, samples, opts, regmean=(method == "regmean"))
+        solver = IterISSolver(sampler_model, loras, weights, samples, opts, regmean=(method == "regmean"))
         blocks = solver.cost_blocks()  # one per text batch / UNet step: the time left shows after the first
         n_pass = solver.planned_passes()
         steps = Steps(sum(len(b) * r for b, r in blocks), progress, cancel, cost_blocks=blocks)

@@ -186,7 +186,7 @@ class IterISSolver:
         self.lam = [dict() for _ in self.loras]
         self._given_U = None  # evaluate(): the ups of the factors being evaluated
         self.n_passes = 0
-        wdt = model.weight(self.names[0]).dtype if self.names else torch.float32
+        wdt = model.module(self.names[0]).weight.dtype if self.names else torch.float32
         # the merge's factors are stored at the model's precision, at least float32 (a float64 model
         # keeps everything float64; hooks use the model's dtype anyway)
         self.store_dtype = torch.float64 if wdt == torch.float64 else torch.float32
@@ -246,15 +246,17 @@ class IterISSolver:
             c_norm=later and self.alpha1 > 0,
             act_bytes=store,
             store_bytes=store,
-            hook_bytes=compute_dtype(self.model.weight(self.names[0]).dtype).itemsize if self.names else 4,
+            hook_bytes=compute_dtype(self.model.module(self.names[0]).weight.dtype).itemsize if self.names else 4,
+            tokens=getattr(self.model, "plan_tokens", 77),  # text tokens per prompt (Flux: T5's 256)
             sequential=self.sequential,
         )
+        weights = {n: self.model.module(n).weight for n in self.names}  # shapes only (a streamed one is on meta)
         modules = [
             ModuleSize(
                 n,
                 in_dim(self.model.module(n)),
-                self.model.weight(n).shape[0],
-                self.model.weight(n)[0].numel(),
+                weights[n].shape[0],
+                weights[n][0].numel(),
                 tuple(self.loras[i].modules[n].rank for i in self._idx(n)),
             )
             for n in self.names

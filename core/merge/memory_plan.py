@@ -16,22 +16,27 @@ from dataclasses import dataclass, field
 
 from .. import memory
 from ..errors import WeightsmithError
-from .sampling import is_context_only
+from .sampling import is_context_only, is_denoiser
 from .stats import input_group
 
 
 def needs_unet(name: str) -> bool:
-    """A UNet module whose inputs only a UNet pass produces (not cross-attention k/v)."""
-    return name.startswith("unet.") and not is_context_only(name)
+    """A denoiser module whose inputs only a denoiser pass produces (not SD's cross-attention k/v)."""
+    return is_denoiser(name) and not is_context_only(name)
 
 
 def depth_stage(name: str) -> tuple:
     """Depth order of the sequential schedule: text-encoder layers one by one (SDXL's two encoders side by
     side), then cross-attention k/v (fed by the text encoders only), the UNet's down blocks (with the
-    input layers and time embedding), its middle block, its up blocks (with the output layers)."""
-    if not name.startswith("unet."):
-        m = re.search(r"\.layers\.(\d+)\.", name)
+    input layers and time embedding), its middle block, its up blocks (with the output layers). Flux: T5's
+    blocks, then the transformer's input layers with the double blocks, the single blocks, the output layers."""
+    if not is_denoiser(name):
+        m = re.search(r"\.(?:layers|block)\.(\d+)\.", name)
         return (0, int(m.group(1)) if m else 0)
+    if name.startswith("transformer."):
+        if name.startswith("transformer.single_transformer_blocks."):
+            return (3,)
+        return (4,) if name.startswith(("transformer.norm_out", "transformer.proj_out")) else (2,)
     if is_context_only(name):
         return (1,)
     if name.startswith("unet.mid_block."):
@@ -43,10 +48,12 @@ def depth_stage(name: str) -> tuple:
 
 def level_rows(name: str, levels: int, batch: int, latent: int, tokens: int, cap: int = 0) -> int:
     """Rows one forward batch feeds module ``name``: tokens in the text encoders and cross-attention
-    k/v, pixels of the block's resolution in the UNet (``levels``: its number of resolution levels);
-    at most ``cap`` per item."""
+    k/v, pixels of the block's resolution in the UNet (``levels``: its number of resolution levels), image
+    plus text tokens in Flux's transformer (an upper bound for every module there); at most ``cap`` per item."""
     if not needs_unet(name):
         per = tokens
+    elif name.startswith("transformer."):
+        per = max(1, latent // 2) ** 2 + tokens
     else:
         m = re.match(r"unet\.(down|up)_blocks\.(\d+)\.", name)
         lv = levels - 1 if m is None else (int(m.group(2)) if m.group(1) == "down" else levels - 1 - int(m.group(2)))

@@ -64,6 +64,14 @@ def make_scheduler(model):
     return model.family_def.sampler.schedule(model, 1).scheduler
 
 
+DENOISERS = ("unet.", "transformer.")  # canonical prefixes of the families' denoisers (SD's UNet, Flux's transformer)
+
+
+def is_denoiser(name: str) -> bool:
+    """A module of the denoiser (its inputs come from denoiser passes, except :func:`is_context_only`'s)."""
+    return name.startswith(DENOISERS)
+
+
 def is_context_only(name: str) -> bool:
     """UNet modules whose input is the text conditioning (cross-attention keys/values)."""
     return name.startswith("unet.") and (name.endswith("attn2.to_k") or name.endswith("attn2.to_v"))
@@ -205,4 +213,5 @@ __all__ = [
     "make_scheduler",
     "SamplingProtocol",
     "is_context_only",
+    "is_denoiser",
 ]

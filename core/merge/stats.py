@@ -79,8 +79,9 @@ class DeltaHooks:
         for n, (up, down) in factors.items() if hasattr(factors, "items") else factors:
             mod = self.model.module(n)
             w = mod.weight
-            up = up.to(device=w.device, dtype=compute_dtype(w.dtype))
-            down = down.to(device=w.device, dtype=compute_dtype(w.dtype))
+            dev = w.device if w.device.type != "meta" else torch.device("cpu")  # a streamed block (Flux)
+            up = up.to(device=dev, dtype=compute_dtype(w.dtype))
+            down = down.to(device=dev, dtype=compute_dtype(w.dtype))
             if isinstance(mod, torch.nn.Conv2d):
                 down = down.reshape(down.shape[0], *w.shape[1:])
                 up = up.reshape(up.shape[0], up.shape[1], 1, 1)
@@ -118,6 +119,15 @@ _SHARED_INPUT = [
     (re.compile(r"^(.*\.self_attn)\.(q|k|v)_proj$"), r"\1.qkv"),  # CLIP attention
     (re.compile(r"^(.*\.attn1)\.to_(q|k|v)$"), r"\1.qkv"),  # UNet self-attention
     (re.compile(r"^(.*\.attn2)\.to_(k|v)$"), r"\1.kv"),  # UNet cross-attention: the context
+    # Flux: the image stream's q/k/v (and, in a single block, its MLP input), the text stream's q/k/v
+    (re.compile(r"^(transformer\.transformer_blocks\.\d+\.attn)\.to_(q|k|v)$"), r"\1.qkv"),
+    (re.compile(r"^(transformer\.transformer_blocks\.\d+\.attn)\.add_(q|k|v)_proj$"), r"\1.add_qkv"),
+    (
+        re.compile(r"^(transformer\.single_transformer_blocks\.\d+)\.(attn\.to_q|attn\.to_k|attn\.to_v|proj_mlp)$"),
+        r"\1.in",
+    ),
+    (re.compile(r"^(.*\.layer\.0\.SelfAttention)\.(q|k|v)$"), r"\1.qkv"),  # T5 self-attention
+    (re.compile(r"^(.*\.layer\.1\.DenseReluDense)\.wi_(0|1)$"), r"\1.wi"),  # T5's gated MLP input
 ]
 
 

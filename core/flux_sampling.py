@@ -1,0 +1,291 @@
+"""Running the Flux.1 transformer for IterIS statistics (docs/flux_lora.md, "IterIS on Flux").
+
+IterIS and RegMean read the inputs of every module a LoRA adapts while the model samples (docs/method.md,
+"IterIS sampling protocol"). On Flux the model that samples is :class:`FluxSampling`, built from a
+:class:`~weightsmith.core.fluxmodel.FluxModel` for one merge:
+
+- the **transformer** is diffusers' ``FluxTransformer2DModel`` (its module paths are Weightsmith's canonical
+  Flux names, so the LoRAs' modules, fused ``qkv``/``linear1`` pieces included, are hooked where they are).
+  Its weights are read from the model file (:func:`read_param`, any layout part 1 reads: BFL, ComfyUI,
+  diffusers; bf16/fp16/fp8) in the sampling precision (float32). A small transformer is held; a large one
+  keeps each block on the ``meta`` device between calls and reads it from the file for each call
+  (:class:`_Streamed`), so one block is in memory at a time whatever the depth;
+- **T5** runs layer by layer as it does for erasure; the blocks a LoRA adapts are built once (streamed the
+  same way when large) so that their hooks persist. **CLIP-L** is held.
+
+The trajectory (Euler on the shifted schedule, dev's guidance embedding, latent packing and position ids)
+is the family's sampler (:mod:`.families.flux`); :func:`predict` is its denoiser call.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import torch
+
+from .errors import WeightsmithError
+from .families.base import Conditioning
+from .layouts.flux import CLIP_L, T5, TRANSFORMER, read_weight
+from .layouts.flux_names import bfl_param, bfl_widths, swap_halves
+
+GUIDANCE = 3.5  # dev's distilled guidance: ComfyUI's FluxGuidance and Forge's default
+#: a transformer with more parameters than this streams its blocks (a full-size double block is 340 M)
+HOLD_LIMIT = 400_000_000
+_T5_BLOCK = re.compile(rf"^{T5}\.encoder\.block\.(\d+)\.(.+)$")
+
+
+def _require_diffusers():
+    try:
+        from diffusers import FluxTransformer2DModel
+    except ImportError:
+        import diffusers
+
+        raise WeightsmithError(
+            f"IterIS and RegMean on Flux.1 run the transformer with diffusers' FluxTransformer2DModel, which "
+            f"diffusers {diffusers.__version__} lacks: upgrade it (pip install -U 'diffusers>=0.31'), or merge "
+            "with linear, concat, svd, ties or dare."
+        ) from None
+    return FluxTransformer2DModel
+
+
+def read_param(flux, param: str, dtype=torch.float32) -> torch.Tensor:
+    """A transformer parameter by its diffusers path (``transformer_blocks.0.attn.to_q.weight``,
+    ``….norm_q.weight``), read from the model file in ``dtype``: rows of a fused BFL tensor, ``norm_out``'s
+    halves swapped back, ComfyUI's fp8 scaled."""
+    part = flux.parts[TRANSFORMER]
+    if part.layout != "bfl":
+        key = part.prefix + param
+    else:
+        widths = bfl_widths(lambda k: part.state.shape(k) if k in flux._keys(part) else None, part.prefix)
+        bfl, piece = bfl_param(param, *widths)
+        key = part.prefix + bfl
+    if key not in flux._keys(part):
+        raise WeightsmithError(f"the Flux transformer lacks {key}; the file is damaged or incomplete.")
+    t = read_weight(part.state, key)
+    if part.layout == "bfl":
+        t = t[piece.rows] if piece.rows is not None else t
+        t = swap_halves(t) if piece.swap else t
+    return t.to(dtype).contiguous()
+
+
+def transformer_config(flux) -> dict:
+    """The ``FluxTransformer2DModel`` configuration of the model's transformer, read from the stored shapes."""
+
+    def shape(module):
+        return flux.weight_shape(f"{TRANSFORMER}.{module}")
+
+    hidden, in_ch = shape("x_embedder")
+    nd = ns = 0
+    while shape(f"transformer_blocks.{nd}.attn.to_q") is not None:
+        nd += 1
+    while shape(f"single_transformer_blocks.{ns}.attn.to_q") is not None:
+        ns += 1
+    first = "transformer_blocks.0" if nd else "single_transformer_blocks.0"
+    head = int(read_param(flux, f"{first}.attn.norm_q.weight").numel())
+    return dict(
+        patch_size=1,
+        in_channels=int(in_ch),
+        out_channels=int(shape("proj_out")[0]),
+        num_layers=nd,
+        num_single_layers=ns,
+        attention_head_dim=head,
+        num_attention_heads=int(hidden) // head,
+        joint_attention_dim=int(shape("context_embedder")[1]),
+        pooled_projection_dim=int(shape("time_text_embed.text_embedder.linear_1")[1]),
+        guidance_embeds=shape("time_text_embed.guidance_embedder.linear_1") is not None,
+        # Flux.1's rotary axes (16, 56, 56) for its 128-wide heads; other widths are test models
+        axes_dims_rope=(16, 56, 56) if head == 128 else (head // 4, head // 4, head // 2),
+    )
+
+
+def _check_finite(name: str, t: torch.Tensor) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise WeightsmithError(
+            f"the model's weight {name} holds NaN or infinite values; the model file is damaged, so IterIS "
+            "cannot sample it. Use an intact copy of the model."
+        )
+
+
+def _load(module: torch.nn.Module, read, label: str) -> None:
+    """Give ``module`` its parameters, ``read(name)`` for each parameter name inside it, checked."""
+    sd = {}
+    for n, p in module.named_parameters():
+        t = read(n)
+        _check_finite(f"{label}.{n}", t)
+        if tuple(t.shape) != tuple(p.shape):
+            raise WeightsmithError(
+                f"the weight {label}.{n} has shape {tuple(t.shape)}, but the model its other weights "
+                f"describe needs {tuple(p.shape)}; the file is damaged."
+            )
+        sd[n] = t
+    module.load_state_dict(sd, assign=True, strict=False)
+
+
+class _Streamed:
+    """Loads ``module``'s parameters (:func:`_load`) when it is called and puts them back on the ``meta``
+    device after, so its hooks stay while its weights come and go."""
+
+    def __init__(self, module: torch.nn.Module, read, label: str):
+        self.loads = 0
+
+        def pre(m, args):
+            _load(m, read, label)
+            self.loads += 1
+
+        def post(m, args, out):
+            m.to("meta")  # returns None: the output stays
+
+        module.register_forward_pre_hook(pre)
+        module.register_forward_hook(post)
+
+
+def _read_block_param(flux, prefix: str, dtype, name: str) -> torch.Tensor:
+    return read_param(flux, f"{prefix}.{name}", dtype)
+
+
+def build_transformer(flux, dtype=torch.float32, hold: bool | None = None):
+    """The model's transformer as a ``FluxTransformer2DModel`` in ``dtype`` (docstring above); ``hold``:
+    keep every block loaded (default: when it has at most :data:`HOLD_LIMIT` parameters)."""
+    cls = _require_diffusers()
+    cfg = transformer_config(flux)
+    with torch.device("meta"):
+        tr = cls(**cfg)
+    tr.eval().requires_grad_(False)
+    n_params = sum(p.numel() for p in tr.parameters())
+    hold = n_params <= HOLD_LIMIT if hold is None else hold
+    blocks = [(f"transformer_blocks.{i}", b) for i, b in enumerate(tr.transformer_blocks)]
+    blocks += [(f"single_transformer_blocks.{i}", b) for i, b in enumerate(tr.single_transformer_blocks)]
+    in_blocks = set()
+    for prefix, blk in blocks:
+        read = functools.partial(_read_block_param, flux, prefix, dtype)
+        if hold:
+            _load(blk, read, f"{TRANSFORMER}.{prefix}")
+        else:
+            _Streamed(blk, read, f"{TRANSFORMER}.{prefix}")
+        in_blocks |= {f"{prefix}.{n}" for n, _ in blk.named_parameters()}
+    top = {n: read_param(flux, n, dtype) for n, _ in tr.named_parameters() if n not in in_blocks}
+    for n, t in top.items():
+        _check_finite(f"{TRANSFORMER}.{n}", t)
+    tr.load_state_dict(top, assign=True, strict=False)
+    tr.streamed = not hold
+    return tr
+
+
+# ----------------------------------------------------------------------------------------------
+# the denoiser call: latents packed 2×2 into tokens, position ids, guidance (docs/flux.md, "Sampling")
+def pack(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] → [B, (H/2)(W/2), 4C] (each 2×2 patch one token, channels first)."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The inverse of :func:`pack` for a latent of side ``h`` × ``w``."""
+    b, _, d = x.shape
+    c = d // 4
+    return x.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+def image_ids(h2: int, w2: int, dtype=torch.float32, device=None) -> torch.Tensor:
+    """Position ids of the packed image tokens: (0, row, column)."""
+    ids = torch.zeros(h2, w2, 3, dtype=dtype, device=device)
+    ids[..., 1] = torch.arange(h2, dtype=dtype, device=device)[:, None]
+    ids[..., 2] = torch.arange(w2, dtype=dtype, device=device)[None, :]
+    return ids.reshape(h2 * w2, 3)
+
+
+def predict(model, denoiser, x, t, context, pooled=None) -> torch.Tensor:
+    """The velocity the transformer predicts at ``(x, t)`` ([B, C, H, W] latents, ``t`` in [0, 1]) for T5
+    tokens ``context`` and CLIP-L's ``pooled`` vector; dev reads the guidance :data:`GUIDANCE`."""
+    b, _, h, w = x.shape
+    if pooled is None:
+        raise WeightsmithError("Flux's transformer needs CLIP-L's pooled vector; load CLIP-L (--text-encoder).")
+    dt, dev = x.dtype, x.device
+    out = denoiser(
+        hidden_states=pack(x),
+        encoder_hidden_states=context.to(dev, dt),
+        pooled_projections=pooled.to(dev, dt),
+        timestep=torch.full((b,), float(t), dtype=dt, device=dev),
+        img_ids=image_ids(h // 2, w // 2, dt, dev),
+        txt_ids=torch.zeros(context.shape[1], 3, dtype=dt, device=dev),
+        guidance=torch.full((b,), GUIDANCE, dtype=dt, device=dev) if denoiser.config.guidance_embeds else None,
+        return_dict=False,
+    )[0]
+    return unpack(out, h, w)
+
+
+# ----------------------------------------------------------------------------------------------
+class FluxSampling:
+    """The Flux model IterIS samples (see the module docstring): what :class:`~.merge.iteris.IterISSolver`
+    and :class:`~.merge.sampling.SamplingProtocol` ask of a model (``unet``, ``text_encoders``,
+    ``module``, ``weight``, ``encode``, ``family_def``…), for the modules ``names`` the LoRAs adapt."""
+
+    unet_config: dict = {}
+
+    def __init__(self, flux, names, dtype=torch.float32, hold: bool | None = None):
+        from . import families
+
+        flux.require_text_encoders("IterIS and RegMean on Flux.1")
+        self.flux, self.variant, self.family = flux, flux.variant, flux.family
+        self.family_def = families.get(flux.family)
+        self.dtype = dtype
+        self.unet = build_transformer(flux, dtype, hold)
+        self.latent_channels = self.unet.config.in_channels // 4
+        self.clip = flux.clip  # the text encoders compute in float32 (their output is cast to ``dtype``)
+        self.plan_tokens = int(flux.tokenizers[T5].model_max_length)
+        self.t5_blocks = {}
+        for i in sorted({int(m.group(1)) for n in names if (m := _T5_BLOCK.match(n))}):
+            if flux.t5.keep_blocks:
+                self.t5_blocks[i] = flux.t5.block(i)
+            else:
+                self.t5_blocks[i] = blk = _meta_t5_block(flux.t5, i)
+                _Streamed(blk, functools.partial(flux.t5.block_param, i), f"{T5}.encoder.block.{i}")
+
+    @property
+    def text_encoders(self) -> dict:
+        """CLIP-L, and the T5 blocks the LoRAs adapt (T5's other blocks run from the file)."""
+        return {CLIP_L: self.clip, T5: torch.nn.ModuleDict({str(i): b for i, b in self.t5_blocks.items()})}
+
+    def module(self, canonical: str) -> torch.nn.Module:
+        comp, _, path = canonical.partition(".")
+        if comp == TRANSFORMER:
+            return self.unet.get_submodule(path)
+        if comp == CLIP_L:
+            try:
+                return self.clip.get_submodule(path)
+            except AttributeError:
+                return self.clip.get_submodule(path.removeprefix("text_model."))
+        m = _T5_BLOCK.match(canonical)
+        if m is None or int(m.group(1)) not in self.t5_blocks:
+            raise WeightsmithError(f"{canonical} is not a module this merge samples.")
+        return self.t5_blocks[int(m.group(1))].get_submodule(m.group(2))
+
+    def weight(self, canonical: str) -> torch.Tensor:
+        """A module's weight in the sampling precision (from the file where its block is not loaded)."""
+        w = self.module(canonical).weight
+        if w.device.type == "meta":
+            return self.flux.weight(canonical).to(self.dtype)
+        return w.detach()
+
+    def check_finite(self) -> None:
+        """Held weights are finite (streamed blocks are checked as they are read)."""
+        for label, mod in ((CLIP_L, self.clip), (TRANSFORMER, self.unet)):
+            for n, p in mod.named_parameters():
+                if p.device.type != "meta":
+                    _check_finite(f"{label}.{n}", p)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> Conditioning:
+        """T5 tokens (through the hooked blocks where the LoRAs adapt T5) and CLIP-L's pooled vector."""
+        ctx = self.flux.t5.encode(self.flux.tokenize(prompts, T5), blocks=self.t5_blocks)
+        pooled = self.clip(input_ids=self.flux.tokenize(prompts, CLIP_L)).pooler_output
+        return Conditioning(ctx.to(self.dtype), pooled.to(self.dtype))
+
+
+def _meta_t5_block(t5, i: int):
+    from transformers.models.t5.modeling_t5 import T5Block
+
+    with torch.device("meta"):
+        blk = T5Block(t5.config, has_relative_attention_bias=(i == 0), layer_idx=i)
+    return blk.eval().requires_grad_(False)
