@@ -319,11 +319,9 @@ def sdmodel_from_comfy(
 
     if is_flux(model):
         if not flux_ok:
-            from ..core.merge.options import DATA_FREE
-
             raise WeightsmithError(
-                f"{what or 'this node'} does not work on Flux yet; Erase Concepts, IterIS Merge "
-                f"({', '.join(DATA_FREE)}) and Save Edit as LoRA take a Flux MODEL/CLIP."
+                f"{what or 'this node'} does not work on Flux yet; Erase Concepts, IterIS Merge (every method) "
+                "and Save Edit as LoRA take a Flux MODEL/CLIP."
             )
         return flux_from_comfy(model, clip, clip_skip=clip_skip)
     family = detect_family(model, clip)

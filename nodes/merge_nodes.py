@@ -13,7 +13,7 @@ import os
 import time
 
 from ..core.blockweights import BLOCKS_HELP, NO_PRESET, PRESET_CHOICES, host_spec
-from ..core.merge.options import DATA_FREE, METHODS, MergeOptions, host_default, machine_is_cpu, with_quick
+from ..core.merge.options import METHODS, MergeOptions, host_default, machine_is_cpu, with_quick
 from ..core.prompt_lists import comfy_list
 from .common import (
     CATEGORY,
@@ -140,8 +140,7 @@ class WeightsmithIterISMerge:
                 "model": (
                     "MODEL",
                     {
-                        "tooltip": "The base model the LoRAs were trained for (SD1.x, SD2.x, SDXL; Flux.1 with "
-                        f"{', '.join(DATA_FREE)})."
+                        "tooltip": "The base model the LoRAs were trained for (SD1.x, SD2.x, SDXL, Flux.1)."
                     },
                 ),
                 "clip": ("CLIP", {"tooltip": "The CLIP of the same checkpoint."}),
@@ -196,7 +195,7 @@ class WeightsmithIterISMerge:
             t0 = time.perf_counter()
             progress, cancel = host_progress()
             cancel()
-            # Flux: the data-free methods; core refuses IterIS/RegMean there with its own message
+            # Flux: every method (IterIS and RegMean sample the transformer, core/flux_sampling.py)
             sd = ca.sdmodel_from_comfy(model, clip, what="IterIS Merge", flux_ok=True)
             if sd.family != "flux":
                 ca.to_compute_device(sd, need_unet=method in ("iteris", "regmean"))

@@ -290,7 +290,35 @@ def test_comfyui_erase_and_save_nodes_on_flux(files, reference, tmp_path):
         else:
             assert torch.equal(mp[k], v) and torch.equal(ml[k], v), k
     assert n_changed >= 5
-    assert res["merge_refusal"] and "Flux" in res["merge_refusal"] and "concat" in res["merge_refusal"]
+    # 5. IterIS in-graph = core's IterIS on the files (same options, prompts, weights); the saved LoRA through
+    #    LoraLoader = the in-graph patch, 0 keys not loaded
+    from weightsmith.core.flux_io import load_flux
+    from weightsmith.core.merge import MergeOptions, merge
+
+    ours = torch.load(str(tmp_path / "iteris_deltas.pt"))["deltas"]
+    opts = MergeOptions(**res["iteris_options"])
+    ref = merge(
+        load_flux(files["model"], files["te"]),
+        res["iteris_loras"],
+        "iteris",
+        weights=[1.0, 0.5],
+        prompts=[["a red cat on a tree"], ["a dog at night"]],
+        options=opts,
+    )
+    assert sorted(ours) == sorted(ref.deltas)
+    for n in ref.deltas:
+        assert _rel(ours[n], ref.deltas[n]) <= 1e-4, n
+    ip, il = (
+        load_file(str(tmp_path / "iteris_patched.safetensors")),
+        load_file(str(tmp_path / "iteris_loaded.safetensors")),
+    )
+    assert res["iteris_not_loaded"] == [] and res["iteris_lora_keys"] > 0
+    n_changed = 0
+    for k, v in base.items():
+        if not k.startswith("t5xxl.") and not torch.equal(ip[k], v):
+            assert _rel(il[k] - v, ip[k] - v) <= 1e-5, k
+            n_changed += 1
+    assert n_changed >= 5 and "iteris" in res["iteris_report_head"]
     print(f"ComfyUI 0.3.75 Flux erase in-graph: worst rel. error {worst:.1e}")
 
 
@@ -320,7 +348,7 @@ def test_comfy_adapter_refuses_a_clip_without_t5_and_clip_skip(files):
     clip = SimpleNamespace(cond_stage_model=SimpleNamespace(clip_l=1, t5xxl=1), patcher=_Patcher(te))
     with pytest.raises(WeightsmithError, match="clip_skip does not apply to Flux"):
         ca.sdmodel_from_comfy(model, clip, clip_skip=2, flux_ok=True)
-    with pytest.raises(WeightsmithError, match="IterIS Merge does not work on Flux yet"):
-        ca.sdmodel_from_comfy(model, clip, what="IterIS Merge")
+    with pytest.raises(WeightsmithError, match="Block Weights does not work on Flux yet"):
+        ca.sdmodel_from_comfy(model, clip, what="Block Weights")
     m = ca.sdmodel_from_comfy(model, clip, flux_ok=True)  # the effective weights, read lazily
     assert m.family == "flux" and torch.equal(m.weight(CTX), st["diffusion_model.txt_in.weight"].float())

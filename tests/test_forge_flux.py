@@ -4,8 +4,8 @@
 random Flux as a BFL transformer file plus CLIP-L and T5 files loaded beside it ("VAE / Text Encoder"):
 Apply puts base + ΔW on the weights a generation uses (ΔW: the erasure computed from the files, host
 keys written out by hand here), Undo is bit-exact, Save as LoRA writes the Flux LoRA + T5 file, Save as
-checkpoint the BFL layout (+ the edited T5 file), Merge (data-free methods) applies, IterIS is
-refused. docs/flux.md says what this does not cover (Forge's real Flux loader and sampler)."""
+checkpoint the BFL layout (+ the edited T5 file), Merge applies (concat), IterIS of one
+LoRA returns it. docs/flux.md says what this does not cover (Forge's real Flux loader and sampler)."""
 
 import os
 import sys
@@ -160,9 +160,12 @@ def test_flux_apply_undo_save_in_forge(forge, flux, tmp_path):
             assert torch.equal(got[k], v), k
     wb.undo()
     assert all(torch.equal(a, base[k]) for k, a in _gen(forge).items() if k in base)
-    # IterIS on Flux: refused with the methods that work, nothing computed
-    with pytest.raises(WeightsmithError, match="Flux.*concat"):
-        wb.compute_merge(["flux-erase.safetensors"], "", "", "iteris")
+    # IterIS on Flux (Forge's CPU defaults: core's quick settings), sampled from the weights Forge holds: a
+    # one-LoRA merge returns that LoRA
+    it, _ = wb.compute_merge(["flux-erase.safetensors"], "", "a cat in a garden", "iteris")
+    assert sorted(it.deltas) == sorted(merged.deltas) and it.report["family"] == "flux"
+    for n in it.deltas:
+        assert _rel(it.deltas[n], ref.deltas[n]) <= 1e-4, n
 
 
 def test_sd_edit_on_flux_engine_is_refused(forge, flux):

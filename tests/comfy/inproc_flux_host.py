@@ -178,8 +178,7 @@ def main(comfy_dir: str, work: str) -> None:
     save_file(_patched(m_f, c_f), str(work / "fused_patched.safetensors"))
     _, fused_path = saved_lora(fused, "weightsmith/fused")
     through_loraloader(fused_path, "fused")
-    # 4. IterIS Merge on Flux (concat: the fused LoRA ×1 + the erase LoRA ×0.5), in-graph, saved, LoraLoader;
-    #    IterIS itself refused
+    # 4. IterIS Merge on Flux (concat: the fused LoRA ×1 + the erase LoRA ×0.5), in-graph, saved, LoraLoader
     stack = [
         {"path": str(fused_path), "weight": 1.0, "prompts": (), "name": "fused"},
         {"path": str(lora_path), "weight": 0.5, "prompts": (), "name": "erase"},
@@ -187,11 +186,16 @@ def main(comfy_dir: str, work: str) -> None:
     m_m, c_m, merged, _, _ = WeightsmithIterISMerge().run(model, clip, stack, "concat", 1, 1, 1, 512, 0)["result"]
     save_file(_patched(m_m, c_m), str(work / "merge_patched.safetensors"))
     through_loraloader(saved_lora(merged, "weightsmith/fluxmerge")[1], "merge")
-    try:
-        WeightsmithIterISMerge().run(model, clip, stack, "iteris", 1, 1, 1, 512, 0)
-        res["merge_refusal"] = None
-    except Exception as e:  # noqa: BLE001
-        res["merge_refusal"] = f"{type(e).__name__}: {e}"
+    # 5. IterIS in-graph (one iteration, one sample, one step at 64 px, each LoRA its own prompt): saved, and
+    #    through LoraLoader; its ΔW and options kept for the test to compare with core's merge of the files
+    stack = [dict(stack[0], prompts=("a red cat on a tree",)), dict(stack[1], prompts=("a dog at night",))]
+    m_i, c_i, it_edit, it_text, _ = WeightsmithIterISMerge().run(model, clip, stack, "iteris", 1, 1, 1, 64, 0)["result"]
+    save_file(_patched(m_i, c_i), str(work / "iteris_patched.safetensors"))
+    through_loraloader(saved_lora(it_edit, "weightsmith/fluxiteris")[1], "iteris")
+    torch.save({"deltas": {n: it_edit.deltas[n] for n in it_edit.deltas}}, str(work / "iteris_deltas.pt"))
+    res["iteris_options"] = it_edit.report["options"]
+    res["iteris_loras"] = [str(fused_path), str(lora_path)]
+    res["iteris_report_head"] = it_text.splitlines()[0]
     (work / "result.json").write_text(json.dumps(res))
 
 
