@@ -292,7 +292,8 @@ class Workbench:
         require(bool(names), "pick at least one LoRA to merge.")
         from ..core.merge.api import require_mergeable
 
-        require_mergeable(self.backend.model(), method)  # core's rule (Flux: IterIS/RegMean need both text encoders), before reading
+        # core's rule (Flux: IterIS/RegMean need both text encoders), before reading
+        require_mergeable(self.backend.model(), method)
         w = [float(x) for x in items(weights)] if items(weights) else None
         require(
             w is None or len(w) == len(names),

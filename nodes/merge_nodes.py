@@ -139,9 +139,7 @@ class WeightsmithIterISMerge:
             "required": {
                 "model": (
                     "MODEL",
-                    {
-                        "tooltip": "The base model the LoRAs were trained for (SD1.x, SD2.x, SDXL, Flux.1)."
-                    },
+                    {"tooltip": "The base model the LoRAs were trained for (SD1.x, SD2.x, SDXL, Flux.1)."},
                 ),
                 "clip": ("CLIP", {"tooltip": "The CLIP of the same checkpoint."}),
                 "stack": (STACK_TYPE, {"tooltip": "The LoRAs to merge (LoRA Stack nodes)."}),

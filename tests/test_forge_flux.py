@@ -90,7 +90,6 @@ def _gen(forge):
 def test_flux_apply_undo_save_in_forge(forge, flux, tmp_path):
     from weightsmith.a1111_extension.backend import Workbench
     from weightsmith.a1111_extension.forge import ForgeBackend
-    from weightsmith.core.errors import WeightsmithError
 
     forge["sd_models"].select(flux["ck"], additional_modules=[str(p) for p in flux["tes"]])
     forge["shared"].sd_model = forge["sd_models"].FakeInitialModel()
