@@ -235,6 +235,8 @@ class FluxSampling:
         self.clip = flux.clip  # the text encoders compute in float32 (their output is cast to ``dtype``)
         self.plan_tokens = int(flux.tokenizers[T5].model_max_length)
         self.t5_blocks = {}
+        text = any(n.startswith((CLIP_L + ".", T5 + ".")) for n in names)
+        self._cache = None if text else {}  # prompt -> (T5 tokens, CLIP-L pooled) when no LoRA adapts them
         for i in sorted({int(m.group(1)) for n in names if (m := _T5_BLOCK.match(n))}):
             if flux.t5.keep_blocks:
                 self.t5_blocks[i] = flux.t5.block(i)
@@ -277,10 +279,21 @@ class FluxSampling:
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Conditioning:
-        """T5 tokens (through the hooked blocks where the LoRAs adapt T5) and CLIP-L's pooled vector."""
-        ctx = self.flux.t5.encode(self.flux.tokenize(prompts, T5), blocks=self.t5_blocks)
-        pooled = self.clip(input_ids=self.flux.tokenize(prompts, CLIP_L)).pooler_output
-        return Conditioning(ctx.to(self.dtype), pooled.to(self.dtype))
+        """T5 tokens (through the hooked blocks where the LoRAs adapt T5) and CLIP-L's pooled vector. Where
+        the LoRAs adapt neither encoder, every pass reads the same conditioning: each prompt is encoded once
+        and kept (T5-XXL takes seconds per prompt; 4 MB each)."""
+        cache = self._cache
+        todo = [p for p in dict.fromkeys(prompts) if cache is None or p not in cache]
+        got = {}
+        if todo:
+            ctx = self.flux.t5.encode(self.flux.tokenize(todo, T5), blocks=self.t5_blocks)
+            pooled = self.clip(input_ids=self.flux.tokenize(todo, CLIP_L)).pooler_output
+            for j, p in enumerate(todo):
+                got[p] = (ctx[j].to(self.dtype), pooled[j].to(self.dtype))
+            if cache is not None:
+                cache.update(got)
+        rows = [got.get(p) or cache[p] for p in prompts]
+        return Conditioning(torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
 
 
 def _meta_t5_block(t5, i: int):

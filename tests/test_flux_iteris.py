@@ -301,3 +301,20 @@ def test_iteris_on_flux_needs_both_text_encoders(world, tmp_path):
     bare = load_flux(path)
     with pytest.raises(WeightsmithError, match="--text-encoder"):
         merge(bare, world["loras"], "iteris", prompts=PROMPTS, options=_options())
+
+
+def test_t5_encodes_each_prompt_once_when_no_lora_adapts_a_text_encoder(world, monkeypatch):
+    """Every pass reads the same conditioning then: T5 runs once per distinct prompt, not once per pass."""
+    from weightsmith.core.fluxmodel import T5Encoder
+
+    calls = []
+    orig = T5Encoder.encode
+
+    def counted(self, ids, blocks=None):
+        calls.append(ids.shape[0])
+        return orig(self, ids, blocks)
+
+    monkeypatch.setattr(T5Encoder, "encode", counted)
+    edit = merge(world["model"], world["loras"], "iteris", prompts=PROMPTS, options=_options(iterations=2))
+    assert len(edit.report["curve"]) == 3 and edit.report["text_encoder_passes"] > 3
+    assert sum(calls) == len({p for ps in PROMPTS for p in ps})

@@ -86,8 +86,9 @@ def in_workdir(args, run, prefix: str) -> int:
             shutil.rmtree(temp, ignore_errors=True)
 
 
-def write_full_random_flux(folder: Path, seed: int = 0) -> tuple[Path, list[Path]]:
-    """The full-size random Flux files (see the module docstring); written once, then reused."""
+def write_full_random_flux(folder: Path, seed: int = 0, transformer: bool = True) -> tuple[Path, list[Path]]:
+    """The full-size random Flux files (see the module docstring); written once, then reused.
+    ``transformer=False``: the text encoders only (the merge bench writes its own transformer)."""
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -95,7 +96,7 @@ def write_full_random_flux(folder: Path, seed: int = 0) -> tuple[Path, list[Path
     folder.mkdir(parents=True, exist_ok=True)
     tr, clip, t5 = folder / "flux1-dev.safetensors", folder / "clip_l.safetensors", folder / "t5xxl_bf16.safetensors"
     done = folder / "done.json"
-    if done.is_file() and json.loads(done.read_text()).get("seed") == seed:
+    if done.is_file() and json.loads(done.read_text()).get("seed") == seed and (tr.is_file() or not transformer):
         return tr, [clip, t5]
     with torch.device("meta"):
         t5m = T5EncoderModel(T5Config(feed_forward_proj="gated-gelu", is_encoder_decoder=False, **T5_XXL))
@@ -128,10 +129,10 @@ def write_full_random_flux(folder: Path, seed: int = 0) -> tuple[Path, list[Path
         for k, v in clipm.state_dict().items()
         if not k.endswith("position_ids")
     }
-    _, tr_shapes = meta_transformer(1, 1)
     write_random_tensors(t5_shapes, t5_std, t5, seed)
     write_random_tensors(clip_shapes, clip_std, clip, seed + 1)
-    write_random_tensors(tr_shapes, transformer_std, tr, seed + 2)
+    if transformer:
+        write_random_tensors(meta_transformer(1, 1)[1], transformer_std, tr, seed + 2)
     done.write_text(json.dumps({"seed": seed}))
     return tr, [clip, t5]
 

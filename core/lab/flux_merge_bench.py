@@ -1,5 +1,5 @@
-"""``weightsmith bench merge --family flux``: the data-free merges of two full-size Flux.1 LoRAs, as a user
-runs them (docs/flux_lora.md, "Merging Flux LoRAs: memory and time").
+"""``weightsmith bench merge --family flux``: merges of two full-size Flux.1 LoRAs, as a user runs them
+(docs/flux_lora.md, "Merging Flux LoRAs: memory and time").
 
 Writes once into ``--workdir`` (kept and reused; a temporary folder otherwise): a full-width Flux.1-dev
 transformer in BFL layout at ``--depth`` (default the real 19 double + 38 single blocks, 11.9 B
@@ -11,6 +11,14 @@ of its own, and the floor as a child that only reads the two LoRA files (what an
 wall time and peak RSS of each child (``os.wait4``), the ratios to the floor, the output's size and
 largest export error. Results go to ``results.json`` in the work folder after each method, so a run that
 stops resumes where it stopped (``--fresh`` starts over).
+
+IterIS and RegMean rows also need the text encoders: full-size random T5-XXL and CLIP-L (bf16) are written
+once into ``--workdir``/``te`` and passed with ``--text-encoder``; the merge runs at the CPU's quick settings,
+as ``weightsmith merge`` gives them. Their rows add the statistics passes, the transformer calls, the time
+per call and the memory plan (layer groups, the budget, the planned peak). ``--plan-depth D,S`` adds a row
+that only plans an IterIS merge at that depth (a child builds the solver, whose memory plan reads the stored
+shapes, and exits before sampling): the planner's bound (memory in use at the start + what it keeps for the
+merge + the largest layer group's statistics) and the passes a full run would make.
 """
 
 from __future__ import annotations
@@ -24,6 +32,37 @@ from pathlib import Path
 
 CHILD = "import sys; from weightsmith.core.cli import main; sys.exit(main(sys.argv[1:]))"
 FLOOR = "import sys; from weightsmith.core.lora_read import load_lora\nfor p in sys.argv[1:]:\n    load_lora(p)\n"
+SAMPLED = ("iteris", "regmean")
+
+
+def plan_only(model: str, text_encoders: list, loras: list) -> dict:
+    """The memory plan of an IterIS merge of ``loras`` on ``model`` at the CPU's quick settings, without
+    sampling (run in a child by :func:`_run`): the figures of :attr:`IterISSolver.memory`, the planned
+    passes and the bound ``used at start + reserve + largest group``."""
+    from ..flux_io import load_flux
+    from ..lora_read import load_lora
+    from ..merge.iteris import IterISSolver
+    from ..merge.options import MergeOptions, with_quick
+    from ..merge.sampling import make_samples
+
+    flux = load_flux(model, text_encoders)
+    ls = [load_lora(p, flux) for p in loras]
+    opts = MergeOptions(**with_quick({}, True))
+    names = set().union(*[set(l.modules) for l in ls])
+    samples = [make_samples(["a photo"], opts.samples, opts.seed) for _ in ls]
+    solver = IterISSolver(flux.sampling_model(names), ls, [1.0] * len(ls), samples, opts)
+    m = dict(solver.memory)
+    m["bound_bytes"] = m["used_at_start_bytes"] + m["reserve_bytes"] + m["statistics_estimate_bytes"]
+    m["planned_passes"] = solver.planned_passes()
+    m["modules"] = len(names)
+    m["weighted_sum_modules"] = len(solver.fallback_reasons)
+    return m
+
+
+PLAN = (
+    "import json, sys; from weightsmith.core.lab.flux_merge_bench import plan_only\n"
+    "print('PLAN ' + json.dumps(plan_only(sys.argv[1], sys.argv[2:4], sys.argv[4:])))\n"
+)
 
 
 def _depth(text: str) -> tuple[int, int]:
@@ -107,17 +146,18 @@ def run_flux_merge(args) -> int:
 
 def _run(args, work: Path) -> int:
     from ..errors import WeightsmithError
-    from ..merge.options import DATA_FREE
+    from ..merge.options import METHODS
 
     depth, single = _depth(args.depth)
+    plan_depth = _depth(args.plan_depth) if getattr(args, "plan_depth", None) else None
     rank = args.rank or 16
     methods = [m.strip() for m in str(args.methods).split(",") if m.strip()]
-    bad = [m for m in methods if m not in DATA_FREE]
+    bad = [m for m in methods if m not in METHODS]
     if bad:
-        raise WeightsmithError(f"--methods: {bad[0]} is not a data-free merge; use {', '.join(DATA_FREE)}.")
+        raise WeightsmithError(f"--methods: {bad[0]} is not a merge method; use {', '.join(METHODS)}.")
     work.mkdir(parents=True, exist_ok=True)
     res_path = work / "results.json"
-    key = f"{depth}x{single} r{rank} seed {args.seed}"
+    key = f"{depth}x{single} r{rank} seed {args.seed}"  # rows of other depths are kept apart (plan rows named)
     results = json.loads(res_path.read_text()) if res_path.is_file() and not args.fresh else {}
     if results.get("key") != key:
         results = {"key": key, "rows": {}}
@@ -130,22 +170,52 @@ def _run(args, work: Path) -> int:
     results["write_s"] = results.get("write_s") or time.perf_counter() - t0
     sizes = {"model_gb": model.stat().st_size / 1e9, "lora_a_mb": a.stat().st_size / 1e6}
     sizes["lora_b_mb"] = b.stat().st_size / 1e6
-    todo = ["floor"] + methods
+    from .flux_bench import write_full_random_flux
+
+    tes = []
+    if any(m in SAMPLED for m in methods) or plan_depth:
+        say("writing full-size random T5-XXL and CLIP-L (once) ...")
+        _, tes = write_full_random_flux(work / "te", args.seed + 3, transformer=False)
+    todo = ["floor"] + methods + ([f"plan {plan_depth[0]}x{plan_depth[1]}"] if plan_depth else [])
     for m in todo:
         if m in results["rows"]:
             continue
         say(f"running {m} ...")
         if m == "floor":
             row = _child([sys.executable, "-c", FLOOR, str(a), str(b)], log)
+        elif m.startswith("plan "):
+            pm = write_transformer(work, *plan_depth, args.seed)
+            pa, pb = write_loras(work, *plan_depth, rank, args.seed + 1)
+            out = work / "plan.out"
+            with open(out, "w") as f:
+                row = _child([sys.executable, "-c", PLAN, str(pm), *map(str, tes), str(pa), str(pb)], f)
+            line = [x for x in out.read_text().splitlines() if x.startswith("PLAN ")]
+            if row["rc"] == 0 and line:
+                row["plan"] = json.loads(line[-1][5:])
         else:
             out, rep = work / f"merged_{m}.safetensors", work / f"merged_{m}.json"
             for f in (out, rep):
                 f.unlink(missing_ok=True)
             argv = [sys.executable, "-c", CHILD, "merge", "--model", str(model), "--lora", str(a), "--lora", str(b),
                     "--method", m, "--out", str(out), "--report", str(rep), "--no-progress"]  # fmt: skip
+            for t in tes if m in SAMPLED else ():
+                argv += ["--text-encoder", str(t)]
             row = _child(argv, log)
             if row["rc"] == 0:
                 r = json.loads(rep.read_text())
+                if m in SAMPLED:
+                    mem = r.get("memory") or {}
+                    row.update(
+                        passes=mem.get("passes"),
+                        transformer_calls=r.get("unet_passes"),
+                        text_encoder_batches=r.get("text_encoder_passes"),
+                        layer_groups=mem.get("chunks"),
+                        budget_gib=(mem.get("budget_bytes") or 0) / 2**30,
+                        statistics_estimate_gib=(mem.get("statistics_estimate_bytes") or 0) / 2**30,
+                        weighted_sum_modules=len(r.get("fallback_weighted_sum") or []),
+                        options={k: r["options"].get(k) for k in ("iterations", "samples", "steps", "resolution",
+                                                                  "max_rows", "max_gram_dim", "batch_size")},
+                    )  # fmt: skip
                 row.update(
                     out_mb=out.stat().st_size / 1e6,
                     rank=r["output"].get("rank"),
@@ -173,6 +243,8 @@ def _run(args, work: Path) -> int:
     head = f"{'method':<8}{'time s':>9}{'× floor':>9}{'peak GiB':>10}{'× floor':>9}{'out MB':>9}{'rank':>6}"
     print(head + f"{'export err':>12}{'svd err':>10}")
     for m, r in results["rows"].items():
+        if m.startswith("plan "):
+            continue
         print(
             f"{m:<8}{r['time_s']:>9.1f}{r['time_s'] / floor['time_s']:>9.1f}{r['peak_rss_gib']:>10.2f}"
             f"{r['peak_rss_gib'] / floor['peak_rss_gib']:>9.2f}{r.get('out_mb', 0):>9.0f}"
@@ -180,4 +252,24 @@ def _run(args, work: Path) -> int:
         )
     print("floor: a child that only reads the two LoRA files; each row: `weightsmith merge` in a child of its own;")
     print("svd err: the largest relative truncation error of a module (rank --rank of the Σ r_i-rank sum)")
+    for m, r in results["rows"].items():
+        if m in SAMPLED:
+            o = r.get("options") or {}
+            print(
+                f"{m}: {r['passes']} statistics passes in {r['layer_groups']} layer group(s), {r['transformer_calls']} "
+                f"transformer calls ({r['time_s'] / max(1, r['transformer_calls']):.1f} s each, batch "
+                f"{o.get('batch_size')} at {o.get('resolution')} px), {r['text_encoder_batches']} text batches; budget "
+                f"{r['budget_gib']:.1f} GiB, statistics of the largest group {r['statistics_estimate_gib']:.2f} GiB; "
+                f"{r['weighted_sum_modules']} modules wider than max_gram_dim {o.get('max_gram_dim')} "
+                "take the weighted sum"
+            )
+        elif m.startswith("plan ") and r.get("plan"):
+            p = {k: v / 2**30 if k.endswith("_bytes") and v else v for k, v in r["plan"].items()}
+            print(
+                f"{m} (IterIS plan only, quick settings): bound {p['bound_bytes']:.2f} GiB = in use at start "
+                f"{p['used_at_start_bytes']:.2f} + kept for the merge {p['reserve_bytes']:.2f} + largest "
+                f"group {p['statistics_estimate_bytes']:.2f}; budget {p['budget_bytes'] or 0:.1f} GiB; "
+                f"{p['chunks']} layer group(s), {p['planned_passes']} passes; {p['modules']} modules, "
+                f"{p['weighted_sum_modules']} take the weighted sum; child peak RSS {r['peak_rss_gib']:.2f} GiB"
+            )
     return 0

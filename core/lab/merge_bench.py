@@ -78,7 +78,10 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--workdir", default=None, help="flux: folder for the random model and LoRAs (kept, reused)")
     p.add_argument("--depth", default="19,38", help="flux: double,single blocks (default 19,38: Flux.1)")
-    p.add_argument("--methods", default="linear,concat,svd", help="flux: data-free methods to run")
+    p.add_argument("--methods", default="linear,concat,svd", help="flux: merge methods to run (iteris and regmean too)")
+    p.add_argument(
+        "--plan-depth", default=None, metavar="D,S", help="flux: also plan (not run) an IterIS merge at this depth"
+    )
     p.add_argument("--fresh", action="store_true", help="flux: ignore the results saved in --workdir")
     p.add_argument("--loras", type=int, default=3, help="memory mode: number of LoRAs (default 3)")
     p.add_argument(
