@@ -169,6 +169,9 @@ def build_transformer(flux, dtype=torch.float32, hold: bool | None = None):
         _check_finite(f"{TRANSFORMER}.{n}", t)
     tr.load_state_dict(top, assign=True, strict=False)
     tr.streamed = not hold
+    # a streamed block in ``dtype`` plus its stored copy as it is read: what one call holds beyond the rest
+    size = torch.empty(0, dtype=dtype).element_size()
+    tr.block_bytes = 0 if hold else max(2 * size * sum(p.numel() for p in b.parameters()) for _, b in blocks)
     return tr
 
 
@@ -234,6 +237,11 @@ class FluxSampling:
         self.latent_channels = self.unet.config.in_channels // 4
         self.clip = flux.clip  # the text encoders compute in float32 (their output is cast to ``dtype``)
         self.plan_tokens = int(flux.tokenizers[T5].model_max_length)
+        t5 = flux.t5.config
+        t5_params = 4 * t5.d_model * t5.num_heads * t5.d_kv + 3 * t5.d_model * t5.d_ff
+        t5_block = 0 if flux.t5.keep_blocks else 2 * 4 * t5_params
+        #: held for one call beyond what is loaded at the start: the memory plan reserves it
+        self.transient_bytes = max(self.unet.block_bytes, t5_block)
         self.t5_blocks = {}
         text = any(n.startswith((CLIP_L + ".", T5 + ".")) for n in names)
         self._cache = None if text else {}  # prompt -> (T5 tokens, CLIP-L pooled) when no LoRA adapts them

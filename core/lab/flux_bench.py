@@ -5,7 +5,8 @@
 and CLIP-L at full size and a full-width transformer (1 double + 1 single block: erasure reads only
 ``txt_in`` and ``vector_in``, so the depth changes nothing measured), all bf16, with seeded random
 weights at transformers' own initialisation scales; every tensor is generated and written one at a time.
-``--size tiny`` uses the tests' tiny model (a smoke run).
+``--size tiny`` uses the tests' tiny model (a smoke run). Each stage set's row is kept in the work folder
+as it finishes (``erase_results_<size>_seed<seed>.json``), so a stopped run resumes; delete it to measure again.
 
 Measured per stage set: time, peak RSS of the whole process, ‖Δ‖/‖W‖ of ``txt_in`` and of the T5
 matrices, and the held-out residual at ``txt_in``'s output on complex prompts not used by the edit:
@@ -96,7 +97,9 @@ def write_full_random_flux(folder: Path, seed: int = 0, transformer: bool = True
     folder.mkdir(parents=True, exist_ok=True)
     tr, clip, t5 = folder / "flux1-dev.safetensors", folder / "clip_l.safetensors", folder / "t5xxl_bf16.safetensors"
     done = folder / "done.json"
-    if done.is_file() and json.loads(done.read_text()).get("seed") == seed and (tr.is_file() or not transformer):
+    if done.is_file() and json.loads(done.read_text()).get("seed") == seed:
+        if transformer and not tr.is_file():  # the text encoders were written without it: add it
+            write_random_tensors(meta_transformer(1, 1)[1], transformer_std, tr, seed + 2)
         return tr, [clip, t5]
     with torch.device("meta"):
         t5m = T5EncoderModel(T5Config(feed_forward_proj="gated-gelu", is_encoder_decoder=False, **T5_XXL))
@@ -206,9 +209,12 @@ def _run_flux(args, work: Path) -> int:
         (f"erasepro T5 0-{n // 3 - 1} k,v", "erasepro", EraseOptions(te_layers=(0, n // 3 - 1))),
         (f"erasepro T5 0-{n - 1} k,v", "erasepro", EraseOptions()),
     ]
-    rows = {}
+    res_path = work / f"erase_results_{args.size}_seed{args.seed}.json"  # rows kept: a stopped run resumes
+    rows = json.loads(res_path.read_text()) if res_path.is_file() else {}
     original: dict = {}
     for label, method, opts in configs:
+        if label in rows:
+            continue
         with PeakRSS() as m:
             edit = erase(model, TARGETS, [ANCHOR], PRESERVE, method, opts)
         peak_total = m.peak
@@ -221,6 +227,7 @@ def _run_flux(args, work: Path) -> int:
             "t5_delta_rel_mean": sum(t5_rel) / len(t5_rel) if t5_rel else 0.0,
             "held_out_residual": txt_in_residual(model, edit.deltas, held_t, held_a, original),
         }
+        res_path.write_text(json.dumps(rows, indent=1))
     result = {
         "model": f"flux random, size={args.size}, seed={args.seed}, files in {work}",
         "targets": TARGETS,

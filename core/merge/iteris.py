@@ -261,7 +261,8 @@ class IterISSolver:
             )
             for n in self.names
         ]
-        reserve = reserve_bytes(modules, settings)
+        # plus what a model that reads its weights as it runs holds for one call (Flux: one block in float32)
+        reserve = reserve_bytes(modules, settings) + int(getattr(self.model, "transient_bytes", 0))
         budget, used, avail = self._statistics_budget(reserve)
         raise_to_free = not o.max_memory_gb and self.gdev.type == "cpu" and avail is not None
         free = memory.free_budget(self.gdev) if raise_to_free else None
