@@ -9,7 +9,7 @@ IterIS and RegMean read the inputs of every module a LoRA adapts while the model
   Its weights are read from the model file (:func:`read_param`, any layout part 1 reads: BFL, ComfyUI,
   diffusers; bf16/fp16/fp8) in the sampling precision (float32). A small transformer is held; a large one
   keeps each block on the ``meta`` device between calls and reads it from the file for each call
-  (:class:`_Streamed`), so one block is in memory at a time whatever the depth;
+  (:func:`_stream`), so one block is in memory at a time whatever the depth;
 - **T5** runs layer by layer as it does for erasure; the blocks a LoRA adapts are built once (streamed the
   same way when large) so that their hooks persist. **CLIP-L** is held.
 
@@ -35,7 +35,7 @@ HOLD_LIMIT = 400_000_000
 _T5_BLOCK = re.compile(rf"^{T5}\.encoder\.block\.(\d+)\.(.+)$")
 
 
-def _require_diffusers():
+def require_diffusers():
     try:
         from diffusers import FluxTransformer2DModel
     except ImportError:
@@ -122,22 +122,15 @@ def _load(module: torch.nn.Module, read, label: str) -> None:
     module.load_state_dict(sd, assign=True, strict=False)
 
 
-class _Streamed:
-    """Loads ``module``'s parameters (:func:`_load`) when it is called and puts them back on the ``meta``
+def _stream(module: torch.nn.Module, read, label: str) -> None:
+    """Load ``module``'s parameters (:func:`_load`) each time it is called and put them back on the ``meta``
     device after, so its hooks stay while its weights come and go."""
 
-    def __init__(self, module: torch.nn.Module, read, label: str):
-        self.loads = 0
+    def post(m, args, out):
+        m.to("meta")  # returns None: the output stays
 
-        def pre(m, args):
-            _load(m, read, label)
-            self.loads += 1
-
-        def post(m, args, out):
-            m.to("meta")  # returns None: the output stays
-
-        module.register_forward_pre_hook(pre)
-        module.register_forward_hook(post)
+    module.register_forward_pre_hook(lambda m, args: _load(m, read, label))
+    module.register_forward_hook(post)
 
 
 def _read_block_param(flux, prefix: str, dtype, name: str) -> torch.Tensor:
@@ -147,7 +140,7 @@ def _read_block_param(flux, prefix: str, dtype, name: str) -> torch.Tensor:
 def build_transformer(flux, dtype=torch.float32, hold: bool | None = None):
     """The model's transformer as a ``FluxTransformer2DModel`` in ``dtype`` (docstring above); ``hold``:
     keep every block loaded (default: when it has at most :data:`HOLD_LIMIT` parameters)."""
-    cls = _require_diffusers()
+    cls = require_diffusers()
     cfg = transformer_config(flux)
     with torch.device("meta"):
         tr = cls(**cfg)
@@ -162,7 +155,7 @@ def build_transformer(flux, dtype=torch.float32, hold: bool | None = None):
         if hold:
             _load(blk, read, f"{TRANSFORMER}.{prefix}")
         else:
-            _Streamed(blk, read, f"{TRANSFORMER}.{prefix}")
+            _stream(blk, read, f"{TRANSFORMER}.{prefix}")
         in_blocks |= {f"{prefix}.{n}" for n, _ in blk.named_parameters()}
     top = {n: read_param(flux, n, dtype) for n, _ in tr.named_parameters() if n not in in_blocks}
     for n, t in top.items():
@@ -250,7 +243,7 @@ class FluxSampling:
                 self.t5_blocks[i] = flux.t5.block(i)
             else:
                 self.t5_blocks[i] = blk = _meta_t5_block(flux.t5, i)
-                _Streamed(blk, functools.partial(flux.t5.block_param, i), f"{T5}.encoder.block.{i}")
+                _stream(blk, functools.partial(flux.t5.block_param, i), f"{T5}.encoder.block.{i}")
 
     @property
     def text_encoders(self) -> dict:

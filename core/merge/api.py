@@ -113,9 +113,9 @@ def require_flux_method(method: str | None) -> None:
     no model: the CLI asks before reading one."""
     if method is not None and method.lower() in DATA_FREE:
         return
-    from ..flux_sampling import _require_diffusers
+    from ..flux_sampling import require_diffusers
 
-    _require_diffusers()
+    require_diffusers()
 
 
 def check_flux_parts(model, changes: dict, fmt: str = "lora") -> None:
