@@ -276,7 +276,7 @@ def test_bench_erase_flux_tiny_runs(capsys):
     assert main(["bench", "erase", "--family", "flux", "--size", "tiny", "--json"]) == 0
     out = capsys.readouterr().out
     rows = json.loads(out[out.index("{") :])["rows"]
-    assert len(rows) == 4 and all(r["held_out_residual"] >= 0 and r["peak_rss_gib"] > 0 for r in rows.values())
+    assert len(rows) == 5 and all(r["held_out_residual"] >= 0 and r["peak_rss_gib"] > 0 for r in rows.values())
 
 
 def test_t5_runs_one_block_at_a_time(files):

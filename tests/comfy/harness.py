@@ -109,8 +109,12 @@ def free_port() -> int:
 class ComfyServer:
     """ComfyUI on 127.0.0.1 with a temp base directory: our pack and the probe pack linked in."""
 
-    def __init__(self, base: Path | None = None):
+    def __init__(self, base: Path | None = None, models: dict | None = None, flags: list | None = None):
+        """``models``: extra model files linked in, ``{"unet": [path], "clip": [path, …]}``; ``flags``: the
+        server's precision flags instead of :data:`SERVER_FLAGS`."""
         self.base = Path(base or tempfile.mkdtemp(prefix="ws-comfy-"))
+        self.models = models or {}
+        self.flags = list(SERVER_FLAGS if flags is None else flags)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = None
@@ -122,8 +126,14 @@ class ComfyServer:
         for d in ("models/checkpoints", "models/loras", "custom_nodes", "output", "input", "user"):
             (b / d).mkdir(parents=True, exist_ok=True)
         ck = b / "models" / "checkpoints" / CKPT_NAME
-        if not ck.exists():
+        if not ck.exists() and CKPT.exists():
             ck.symlink_to(CKPT)
+        for sub, paths in self.models.items():
+            (b / "models" / sub).mkdir(parents=True, exist_ok=True)
+            for p in paths:
+                link = b / "models" / sub / Path(p).name
+                if not link.exists():
+                    link.symlink_to(p)
         for name, target in (("weightsmith", REPO), ("ws_test_probe", HERE / "probe_nodes")):
             link = b / "custom_nodes" / name
             if not link.exists():
@@ -139,7 +149,7 @@ class ComfyServer:
                 str(self.port),
                 "--base-directory",
                 str(b),
-                *SERVER_FLAGS,
+                *self.flags,
                 "--database-url",
                 f"sqlite:///{b}/user/comfyui.db",
             ],
@@ -273,6 +283,15 @@ def txt2img(g: Graph, model, clip, vae, prompt: str, prefix: str, seed: int = 7,
     dec = g.add("VAEDecode", samples=[ks, 0], vae=vae)
     g.add("SaveImage", images=[dec, 0], filename_prefix=prefix)
     return pos
+
+
+def latents_of(history: dict, server: ComfyServer) -> dict[str, Path]:
+    """node id -> the ``.latent`` file a SaveLatent node wrote."""
+    out = {}
+    for nid, o in history["outputs"].items():
+        for la in o.get("latents", []):
+            out[nid] = server.output(la.get("subfolder", ""), la["filename"])
+    return out
 
 
 def images_of(history: dict, server: ComfyServer) -> dict[str, Path]:
