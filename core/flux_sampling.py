@@ -6,7 +6,7 @@ IterIS and RegMean read the inputs of every module a LoRA adapts while the model
 
 - the **transformer** is diffusers' ``FluxTransformer2DModel`` (its module paths are Weightsmith's canonical
   Flux names, so the LoRAs' modules, fused ``qkv``/``linear1`` pieces included, are hooked where they are).
-  Its weights are read from the model file (:func:`read_param`, any layout part 1 reads: BFL, ComfyUI,
+  Its weights are read from the model file (``FluxModel.transformer_param``, any layout part 1 reads: BFL, ComfyUI,
   diffusers; bf16/fp16/fp8) in the sampling precision (float32). A small transformer is held; a large one
   keeps each block on the ``meta`` device between calls and reads it from the file for each call
   (:func:`_stream`), so one block is in memory at a time whatever the depth;
@@ -26,8 +26,8 @@ import torch
 
 from .errors import WeightsmithError
 from .families.base import Conditioning
-from .layouts.flux import CLIP_L, T5, TRANSFORMER, read_weight
-from .layouts.flux_names import bfl_param, bfl_widths, swap_halves
+from .fluxmodel import load_params, require_finite
+from .layouts.flux import CLIP_L, T5, TRANSFORMER
 
 GUIDANCE = 3.5  # dev's distilled guidance: ComfyUI's FluxGuidance and Forge's default
 #: a transformer with more parameters than this streams its blocks (a full-size double block is 340 M)
@@ -49,26 +49,6 @@ def require_diffusers():
     return FluxTransformer2DModel
 
 
-def read_param(flux, param: str, dtype=torch.float32) -> torch.Tensor:
-    """A transformer parameter by its diffusers path (``transformer_blocks.0.attn.to_q.weight``,
-    ``….norm_q.weight``), read from the model file in ``dtype``: rows of a fused BFL tensor, ``norm_out``'s
-    halves swapped back, ComfyUI's fp8 scaled."""
-    part = flux.parts[TRANSFORMER]
-    if part.layout != "bfl":
-        key = part.prefix + param
-    else:
-        widths = bfl_widths(lambda k: part.state.shape(k) if k in flux._keys(part) else None, part.prefix)
-        bfl, piece = bfl_param(param, *widths)
-        key = part.prefix + bfl
-    if key not in flux._keys(part):
-        raise WeightsmithError(f"the Flux transformer lacks {key}; the file is damaged or incomplete.")
-    t = read_weight(part.state, key)
-    if part.layout == "bfl":
-        t = t[piece.rows] if piece.rows is not None else t
-        t = swap_halves(t) if piece.swap else t
-    return t.to(dtype).contiguous()
-
-
 def transformer_config(flux) -> dict:
     """The ``FluxTransformer2DModel`` configuration of the model's transformer, read from the stored shapes."""
 
@@ -82,7 +62,7 @@ def transformer_config(flux) -> dict:
     while shape(f"single_transformer_blocks.{ns}.attn.to_q") is not None:
         ns += 1
     first = "transformer_blocks.0" if nd else "single_transformer_blocks.0"
-    head = int(read_param(flux, f"{first}.attn.norm_q.weight").numel())
+    head = int(flux.transformer_param(f"{first}.attn.norm_q.weight").numel())
     return dict(
         patch_size=1,
         in_channels=int(in_ch),
@@ -99,42 +79,19 @@ def transformer_config(flux) -> dict:
     )
 
 
-def _check_finite(name: str, t: torch.Tensor) -> None:
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        raise WeightsmithError(
-            f"the model's weight {name} holds NaN or infinite values; the model file is damaged, so IterIS "
-            "cannot sample it. Use an intact copy of the model."
-        )
-
-
-def _load(module: torch.nn.Module, read, label: str) -> None:
-    """Give ``module`` its parameters, ``read(name)`` for each parameter name inside it, checked."""
-    sd = {}
-    for n, p in module.named_parameters():
-        t = read(n)
-        _check_finite(f"{label}.{n}", t)
-        if tuple(t.shape) != tuple(p.shape):
-            raise WeightsmithError(
-                f"the weight {label}.{n} has shape {tuple(t.shape)}, but the model its other weights "
-                f"describe needs {tuple(p.shape)}; the file is damaged."
-            )
-        sd[n] = t
-    module.load_state_dict(sd, assign=True, strict=False)
-
-
 def _stream(module: torch.nn.Module, read, label: str) -> None:
-    """Load ``module``'s parameters (:func:`_load`) each time it is called and put them back on the ``meta``
-    device after, so its hooks stay while its weights come and go."""
+    """Load ``module``'s parameters (:func:`~weightsmith.core.fluxmodel.load_params`) each time it is called
+    and put them back on the ``meta`` device after, so its hooks stay while its weights come and go."""
 
     def post(m, args, out):
         m.to("meta")  # returns None: the output stays
 
-    module.register_forward_pre_hook(lambda m, args: _load(m, read, label))
+    module.register_forward_pre_hook(lambda m, args: load_params(m, read, label, finite=True))
     module.register_forward_hook(post)
 
 
 def _read_block_param(flux, prefix: str, dtype, name: str) -> torch.Tensor:
-    return read_param(flux, f"{prefix}.{name}", dtype)
+    return flux.transformer_param(f"{prefix}.{name}", dtype)
 
 
 def build_transformer(flux, dtype=torch.float32, hold: bool | None = None):
@@ -153,14 +110,12 @@ def build_transformer(flux, dtype=torch.float32, hold: bool | None = None):
     for prefix, blk in blocks:
         read = functools.partial(_read_block_param, flux, prefix, dtype)
         if hold:
-            _load(blk, read, f"{TRANSFORMER}.{prefix}")
+            load_params(blk, read, f"{TRANSFORMER}.{prefix}", finite=True)
         else:
             _stream(blk, read, f"{TRANSFORMER}.{prefix}")
         in_blocks |= {f"{prefix}.{n}" for n, _ in blk.named_parameters()}
-    top = {n: read_param(flux, n, dtype) for n, _ in tr.named_parameters() if n not in in_blocks}
-    for n, t in top.items():
-        _check_finite(f"{TRANSFORMER}.{n}", t)
-    tr.load_state_dict(top, assign=True, strict=False)
+    top = [n for n, _ in tr.named_parameters() if n not in in_blocks]
+    load_params(tr, lambda n: flux.transformer_param(n, dtype), TRANSFORMER, finite=True, names=top)
     tr.streamed = not hold
     # a streamed block in ``dtype`` plus its stored copy as it is read: what one call holds beyond the rest
     size = torch.empty(0, dtype=dtype).element_size()
@@ -242,7 +197,7 @@ class FluxSampling:
             if flux.t5.keep_blocks:
                 self.t5_blocks[i] = flux.t5.block(i)
             else:
-                self.t5_blocks[i] = blk = _meta_t5_block(flux.t5, i)
+                self.t5_blocks[i] = blk = flux.t5.meta_block(i)
                 _stream(blk, functools.partial(flux.t5.block_param, i), f"{T5}.encoder.block.{i}")
 
     @property
@@ -276,7 +231,7 @@ class FluxSampling:
         for label, mod in ((CLIP_L, self.clip), (TRANSFORMER, self.unet)):
             for n, p in mod.named_parameters():
                 if p.device.type != "meta":
-                    _check_finite(f"{label}.{n}", p)
+                    require_finite(f"{label}.{n}", p)
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Conditioning:
@@ -295,11 +250,3 @@ class FluxSampling:
                 cache.update(got)
         rows = [got.get(p) or cache[p] for p in prompts]
         return Conditioning(torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]))
-
-
-def _meta_t5_block(t5, i: int):
-    from transformers.models.t5.modeling_t5 import T5Block
-
-    with torch.device("meta"):
-        blk = T5Block(t5.config, has_relative_attention_bias=(i == 0), layer_idx=i)
-    return blk.eval().requires_grad_(False)

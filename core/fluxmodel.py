@@ -40,6 +40,34 @@ T5_SUBLAYERS = {
 }
 
 
+def require_finite(name: str, t: torch.Tensor) -> None:
+    """Refuse a weight IterIS would sample that holds NaN/Inf, naming it."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise WeightsmithError(
+            f"the model's weight {name} holds NaN or infinite values; the model file is damaged, so IterIS "
+            "cannot sample it. Use an intact copy of the model."
+        )
+
+
+def load_params(module: torch.nn.Module, read, label: str, finite: bool = False, names=None) -> None:
+    """Give ``module`` (built on the ``meta`` device) its parameters: ``read(name)`` for each parameter name
+    inside it (``names``: only these), its shape checked against the module's (``label``: the stored name
+    of the module, for the message); ``finite``: also refuse NaN/Inf (:func:`require_finite`)."""
+    sd = {}
+    params = dict(module.named_parameters())
+    for n in params if names is None else names:
+        p, t = params[n], read(n)
+        if finite:
+            require_finite(f"{label}.{n}", t)
+        if tuple(t.shape) != tuple(p.shape):
+            raise WeightsmithError(
+                f"the weight {label}.{n} has shape {tuple(t.shape)}, but the model its other weights describe "
+                f"needs {tuple(p.shape)}; the file is damaged."
+            )
+        sd[n] = t
+    module.load_state_dict(sd, assign=True, strict=False)
+
+
 @dataclass
 class Part:
     """Where one component's weights are stored: a lazy state (:mod:`.state_files`), the key prefix
@@ -93,30 +121,29 @@ class T5Encoder:
         """A parameter of block ``i`` by its path inside the block, float32."""
         return read_weight(self.part.state, self._key(f"encoder.block.{i}.{name}"))
 
-    def block(self, i: int) -> torch.nn.Module:
-        """Block ``i`` as a transformers ``T5Block`` in float32, its weights read from the file."""
-        if i in self._blocks:
-            return self._blocks[i]
+    def meta_block(self, i: int) -> torch.nn.Module:
+        """Block ``i`` as a transformers ``T5Block`` on the ``meta`` device (no weights yet)."""
         from transformers.models.t5.modeling_t5 import T5Block
 
         require(0 <= i < self.n_layers, f"T5 has no block {i}.")
         with torch.device("meta"):
             blk = T5Block(self.config, has_relative_attention_bias=(i == 0), layer_idx=i)
-        sd = {}
-        for name, ref in blk.state_dict().items():
-            key = self._key(f"encoder.block.{i}.{name}")
+        return blk.eval().requires_grad_(False)
+
+    def block(self, i: int) -> torch.nn.Module:
+        """Block ``i`` as a transformers ``T5Block`` in float32, its weights read from the file."""
+        if i in self._blocks:
+            return self._blocks[i]
+        blk = self.meta_block(i)
+
+        def read(name):
             try:
-                t = read_weight(self.part.state, key)
+                return self.block_param(i, name)
             except KeyError:
+                key = self._key(f"encoder.block.{i}.{name}")
                 raise WeightsmithError(f"the T5 text encoder lacks {key}; the file is damaged or incomplete.") from None
-            if tuple(t.shape) != tuple(ref.shape):
-                raise WeightsmithError(
-                    f"the T5 weight {key} has shape {tuple(t.shape)}, but the encoder its other weights "
-                    f"describe needs {tuple(ref.shape)}; the file is damaged."
-                )
-            sd[name] = t
-        blk.load_state_dict(sd, assign=True)
-        blk.eval().requires_grad_(False)
+
+        load_params(blk, read, self._key(f"encoder.block.{i}"))
         if self.keep_blocks:
             self._blocks[i] = blk
         return blk
@@ -165,6 +192,7 @@ class FluxModel:
     sample_dtype: torch.dtype = torch.float32  # the precision IterIS samples in (tests: float64)
     _weights: dict = field(default_factory=dict, repr=False)
     _keysets: dict = field(default_factory=dict, repr=False)  # id(part.state) -> its keys
+    _widths: dict = field(default_factory=dict, repr=False)  # id(part.state) -> BFL (hidden, MLP width)
 
     @property
     def text_encoders(self) -> dict:
@@ -208,7 +236,7 @@ class FluxModel:
     def weight(self, canonical: str) -> torch.Tensor:
         """The float32 weight of any linear module (canonical name; a fused BFL tensor's rows, ``norm_out``
         in diffusers' row order), read from its file; the text inputs the solvers read are cached."""
-        from .layouts.flux_names import swap_halves
+        from .layouts.flux_names import take_piece
 
         if canonical in self._weights:
             return self._weights[canonical]
@@ -219,10 +247,7 @@ class FluxModel:
             part, key, piece = self.stored_piece(canonical)
         except KeyError:
             raise WeightsmithError(f"the model lacks {canonical}; the file is damaged or not this model.") from None
-        w = read_weight(part.state, key)
-        if piece is not None:
-            w = w[piece.rows] if piece.rows is not None else w
-            w = swap_halves(w) if piece.swap else w
+        w = take_piece(read_weight(part.state, key), piece)
         if comp == TRANSFORMER and path in TEXT_INPUTS:
             self._weights[canonical] = w
         return w
@@ -243,7 +268,7 @@ class FluxModel:
             if key not in self._keys(part):
                 raise KeyError(canonical)
             return part, key, None
-        widths = flux_names.bfl_widths(lambda k: part.state.shape(k) if k in self._keys(part) else None, part.prefix)
+        widths = self._bfl_widths(part)
         if widths is None:
             raise KeyError(canonical)
         bfl, piece = flux_names.diffusers_to_bfl(path, *widths)  # KeyError: no such module
@@ -251,6 +276,33 @@ class FluxModel:
         if key not in self._keys(part):
             raise KeyError(canonical)
         return part, key, (piece if piece.rows is not None or piece.swap else None)
+
+    def transformer_param(self, param: str, dtype=torch.float32) -> torch.Tensor:
+        """Any transformer parameter by its diffusers path (``transformer_blocks.0.attn.to_q.weight``,
+        ``….bias``, ``….norm_q.weight``), read from the file in ``dtype``: rows of a fused BFL tensor,
+        ``norm_out``'s halves swapped back, ComfyUI's fp8 scaled."""
+        from .layouts.flux_names import bfl_param, take_piece
+
+        part, piece = self.parts[TRANSFORMER], None
+        if part.layout != "bfl":
+            key = part.prefix + param
+        else:
+            bfl, piece = bfl_param(param, *self._bfl_widths(part))
+            key = part.prefix + bfl
+        if key not in self._keys(part):
+            raise WeightsmithError(f"the Flux transformer lacks {key}; the file is damaged or incomplete.")
+        return take_piece(read_weight(part.state, key), piece).to(dtype).contiguous()
+
+    def _bfl_widths(self, part: Part):
+        """``(hidden, MLP width)`` of a BFL-named transformer part (:func:`~.layouts.flux_names.bfl_widths`),
+        read once from its header."""
+        from .layouts.flux_names import bfl_widths
+
+        k = id(part.state)
+        if k not in self._widths:
+            keys = self._keys(part)
+            self._widths[k] = bfl_widths(lambda key: part.state.shape(key) if key in keys else None, part.prefix)
+        return self._widths[k]
 
     def weight_shape(self, canonical: str) -> tuple | None:
         """The (out, in) shape of any linear module of the model (canonical name), read from the file's

@@ -13,12 +13,12 @@ from safetensors.torch import save_file
 
 pytest.importorskip("diffusers.models.transformers.transformer_flux")
 
-from test_iteris_streaming import ALPHA, _solve  # the SD brute force's solve: the definition, family-free
+from test_iteris_streaming import STEPS, _solve  # the SD brute force's solve: the definition, family-free
+from test_iteris_streaming import _options as _sd_options
 
 from weightsmith.core.errors import WeightsmithError
-from weightsmith.core.merge import MergeOptions, merge
+from weightsmith.core.merge import merge
 
-STEPS = 2
 LATENT = 4
 PROMPTS = [["a red cat on a tree", "a dog at night"], ["a blue car in the city"]]
 SEEDS = [5, 6]
@@ -80,20 +80,8 @@ def world(tmp_path_factory):
 
 
 def _options(**more):
-    """One IterIS iteration on two samples of the tiny sizes above, seed 5, no final evaluation."""
-    opts = dict(
-        iterations=1,
-        tol=0.0,
-        samples=2,
-        steps=STEPS,
-        latent_size=LATENT,
-        batch_size=2,
-        alpha1=ALPHA,
-        alpha2=ALPHA,
-        evaluate_final=False,
-        seed=5,
-    )
-    return MergeOptions(**{**opts, **more})
+    """The SD brute-force test's settings (one iteration, two samples, seed 5) at this file's latent size."""
+    return _sd_options(**{"latent_size": LATENT, **more})
 
 
 def _float64(model):

@@ -20,8 +20,9 @@ LATENT = 8
 
 
 def _options(**more):
-    """One IterIS iteration on two samples of the tiny sizes above, seed 5, no final evaluation."""
-    return MergeOptions(
+    """One IterIS iteration on two samples of the tiny sizes above, seed 5, no final evaluation; ``more``
+    adds or overrides settings."""
+    opts = dict(
         iterations=1,
         tol=0.0,
         samples=2,
@@ -32,8 +33,8 @@ def _options(**more):
         alpha2=ALPHA,
         evaluate_final=False,
         seed=5,
-        **more,
     )
+    return MergeOptions(**{**opts, **more})
 
 
 def _double(model):

@@ -128,6 +128,8 @@ def _inverse(table: dict) -> dict:
 _INV_DOUBLE = _inverse(DOUBLE)
 _INV_SINGLE = _inverse(SINGLE)
 _INV_TOP = {v: k for k, v in TOP.items()}
+_INV_DOUBLE_NORMS = {v: k for k, v in DOUBLE_NORMS.items()}
+_INV_SINGLE_NORMS = {v: k for k, v in SINGLE_NORMS.items()}
 
 
 def diffusers_to_bfl(diffusers: str, hidden: int = 3072, mlp: int | None = None) -> tuple[str, Piece]:
@@ -149,12 +151,11 @@ def bfl_param(param: str, hidden: int = 3072, mlp: int | None = None) -> tuple[s
     """The BFL tensor holding a diffusers *parameter* (``….weight``/``….bias`` of a linear, or an RMS
     norm's scale) and the :class:`Piece` (its rows there; a norm's is whole). KeyError where ``param``
     names no Flux transformer parameter."""
-    for rx, norms, pre in ((_TBLOCK_RE, DOUBLE_NORMS, "double_blocks"), (_SBLOCK_RE, SINGLE_NORMS, "single_blocks")):
+    blocks = ((_TBLOCK_RE, _INV_DOUBLE_NORMS, "double_blocks"), (_SBLOCK_RE, _INV_SINGLE_NORMS, "single_blocks"))
+    for rx, inv, pre in blocks:
         m = rx.match(param)
-        if m:
-            inv = {v: k for k, v in norms.items()}
-            if m.group(2) in inv:
-                return f"{pre}.{m.group(1)}.{inv[m.group(2)]}", Piece(param)
+        if m and m.group(2) in inv:
+            return f"{pre}.{m.group(1)}.{inv[m.group(2)]}", Piece(param)
     module, _, leaf = param.rpartition(".")
     bfl, piece = diffusers_to_bfl(module, hidden, mlp)
     return f"{bfl}.{leaf}", piece
@@ -175,6 +176,16 @@ def swap_halves(t):
     import torch
 
     return torch.cat([t[h:], t[:h]], 0)
+
+
+def take_piece(t, piece: Piece | None):
+    """The rows of a stored (BFL) tensor ``t`` that hold one diffusers module or parameter (``piece``: its
+    rows in a fused tensor, halves swapped for ``norm_out``; None: the whole tensor). The inverse of
+    :func:`add_piece`."""
+    if piece is None:
+        return t
+    t = t[piece.rows] if piece.rows is not None else t
+    return swap_halves(t) if piece.swap else t
 
 
 def bfl_widths(shape_of, prefix: str = "") -> tuple[int, int | None] | None:
