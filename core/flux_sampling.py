@@ -26,8 +26,7 @@ import torch
 
 from .errors import WeightsmithError
 from .families.base import Conditioning
-from .fluxmodel import load_params, require_finite
-from .layouts.flux import CLIP_L, T5, TRANSFORMER
+from .layouts.flux import CLIP_L, T5, TRANSFORMER, load_params, require_finite
 
 GUIDANCE = 3.5  # dev's distilled guidance: ComfyUI's FluxGuidance and Forge's default
 #: a transformer with more parameters than this streams its blocks (a full-size double block is 340 M)
@@ -80,7 +79,7 @@ def transformer_config(flux) -> dict:
 
 
 def _stream(module: torch.nn.Module, read, label: str) -> None:
-    """Load ``module``'s parameters (:func:`~weightsmith.core.fluxmodel.load_params`) each time it is called
+    """Load ``module``'s parameters (:func:`~weightsmith.core.layouts.flux.load_params`) each time it is called
     and put them back on the ``meta`` device after, so its hooks stay while its weights come and go."""
 
     def post(m, args, out):

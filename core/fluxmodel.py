@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .errors import WeightsmithError, require
-from .layouts.flux import CLIP_L, T5, TEXT_INPUTS, TRANSFORMER, read_weight, transformer_key
+from .layouts.flux import CLIP_L, T5, TEXT_INPUTS, TRANSFORMER, load_params, read_weight, transformer_key
 
 FAMILY = "flux"
 #: T5 sub-layers by the input they read (the order a block computes them): ErasePro's T5 stage edits
@@ -38,34 +38,6 @@ T5_SUBLAYERS = {
     "wi_1": "layer.1.DenseReluDense.wi_1",
     "wo": "layer.1.DenseReluDense.wo",
 }
-
-
-def require_finite(name: str, t: torch.Tensor) -> None:
-    """Refuse a weight IterIS would sample that holds NaN/Inf, naming it."""
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        raise WeightsmithError(
-            f"the model's weight {name} holds NaN or infinite values; the model file is damaged, so IterIS "
-            "cannot sample it. Use an intact copy of the model."
-        )
-
-
-def load_params(module: torch.nn.Module, read, label: str, finite: bool = False, names=None) -> None:
-    """Give ``module`` (built on the ``meta`` device) its parameters: ``read(name)`` for each parameter name
-    inside it (``names``: only these), its shape checked against the module's (``label``: the stored name
-    of the module, for the message); ``finite``: also refuse NaN/Inf (:func:`require_finite`)."""
-    sd = {}
-    params = dict(module.named_parameters())
-    for n in params if names is None else names:
-        p, t = params[n], read(n)
-        if finite:
-            require_finite(f"{label}.{n}", t)
-        if tuple(t.shape) != tuple(p.shape):
-            raise WeightsmithError(
-                f"the weight {label}.{n} has shape {tuple(t.shape)}, but the model its other weights describe "
-                f"needs {tuple(p.shape)}; the file is damaged."
-            )
-        sd[n] = t
-    module.load_state_dict(sd, assign=True, strict=False)
 
 
 @dataclass

@@ -203,3 +203,33 @@ def read_weight(sf, key: str):
     if s in keys:
         return t.float() * sf.get(s).float()
     return t.to(torch.float32)
+
+
+def require_finite(name: str, t) -> None:
+    """Refuse a weight IterIS would sample that holds NaN/Inf, naming it."""
+    import torch
+
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise WeightsmithError(
+            f"the model's weight {name} holds NaN or infinite values; the model file is damaged, so IterIS "
+            "cannot sample it. Use an intact copy of the model."
+        )
+
+
+def load_params(module, read, label: str, finite: bool = False, names=None) -> None:
+    """Give ``module`` (built on the ``meta`` device) its parameters: ``read(name)`` for each parameter name
+    inside it (``names``: only these), its shape checked against the module's (``label``: the stored name
+    of the module, for the message); ``finite``: also refuse NaN/Inf (:func:`require_finite`)."""
+    sd = {}
+    params = dict(module.named_parameters())
+    for n in params if names is None else names:
+        p, t = params[n], read(n)
+        if finite:
+            require_finite(f"{label}.{n}", t)
+        if tuple(t.shape) != tuple(p.shape):
+            raise WeightsmithError(
+                f"the weight {label}.{n} has shape {tuple(t.shape)}, but the model its other weights describe "
+                f"needs {tuple(p.shape)}; the file is damaged."
+            )
+        sd[n] = t
+    module.load_state_dict(sd, assign=True, strict=False)
