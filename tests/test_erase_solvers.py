@@ -35,6 +35,35 @@ def test_preservation_weighted_form_matches_the_textbook_formula():
     assert torch.allclose(delta @ X, R, atol=1e-9)
 
 
+def test_cholesky_whitening_equals_the_symmetric_square_root_and_its_fallback(monkeypatch):
+    """The weighted solve whitens with C's Cholesky factor; C^{-1/2} by eigendecomposition (the fallback
+    when the factorisation fails) gives the same Δ, exact and ridge alike (Δ = R (WX)⁺ W for any
+    WᵀW = C⁻¹)."""
+    W, X, Y, P = _rand(9, 14, seed=21), _rand(14, 4, seed=22), _rand(14, 4, seed=23), _rand(14, 5, seed=24)
+    X = torch.cat([X, X[:, :1] + 1e-5 * _rand(14, 1, seed=25)], 1)  # near-collinear: the auto ridge applies
+    C = preserve_matrix(P, 14, lam=0.5, eta_p=1.0)
+    R = W @ (torch.cat([Y, Y[:, :1]], 1) - X)
+    e, V = torch.linalg.eigh(C)
+    Cis = (V * e.rsqrt()) @ V.T  # independent: the symmetric C^{-1/2}
+    for ridge in (0.0, None):
+        got = ZeroResidualBasis(X, C, rcond=1e-12, ridge=ridge)
+        assert got._chol is not None
+        U, S, Vh = torch.linalg.svd(Cis @ X, full_matrices=False)
+        if got.solver == "ridge":
+            mu = 1e-2 * float(torch.sqrt((S**4).sum()))
+            inv = S / (S**2 + mu)
+        else:
+            inv = 1.0 / S
+        expected = R @ (Vh.T * inv) @ U.T @ Cis
+        assert torch.allclose(got.delta(R)[0], expected, atol=1e-9)
+        monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda A: (A, torch.tensor(1)))  # "not positive definite"
+        fb = ZeroResidualBasis(X, C, rcond=1e-12, ridge=ridge)
+        monkeypatch.undo()
+        assert fb._chol is None and fb.solver == got.solver
+        assert torch.allclose(fb.delta(R)[0], expected, atol=1e-9)
+    assert got.solver == "ridge"  # the loop covered both solvers
+
+
 def test_uce_matches_public_formula_and_its_residual_closed_form():
     W, X, Y, P = _rand(8, 10, seed=9), _rand(10, 3, seed=10), _rand(10, 3, seed=11), _rand(10, 4, seed=12)
     lam, ee, ep = 0.5, 1.0, 1.0
