@@ -28,8 +28,20 @@ def _purge():
         del sys.modules[m]
 
 
-@pytest.fixture(scope="module")
-def forge(tmp_path_factory):
+def _forge_source() -> Path:
+    d = os.environ.get("WEIGHTSMITH_FORGE_DIR")
+    if not d or not (Path(d) / "backend" / "patcher" / "base.py").is_file():
+        pytest.skip("WEIGHTSMITH_FORGE_DIR does not name a Forge source folder (docs/flux.md, 'What was verified how')")
+    return Path(d)
+
+
+@pytest.fixture(scope="module", params=["stand-in", pytest.param("forge's patcher", marks=pytest.mark.host)])
+def forge(request, tmp_path_factory):
+    """The stand-in of Forge's backend; with ``forge's patcher``, Forge's own ``ModelPatcher``,
+    ``LoraLoader`` and ``load_model_gpu`` from the source folder ``WEIGHTSMITH_FORGE_DIR`` (skipped without
+    it: Forge is AGPL-3.0 and not fetched here) hold the Flux engine's weights."""
+    real = request.param != "stand-in"
+    forge_dir = _forge_source() if real else None
     root = tmp_path_factory.mktemp("forgeflux")
     os.environ["WS_FAKE_WEBUI_ROOT"] = str(root)
     sys.path[:0] = PATHS
@@ -37,11 +49,15 @@ def forge(tmp_path_factory):
     import forge_engine
     from modules import processing, sd_models, shared
 
+    if real:
+        forge_engine.use_forge_patcher(forge_dir)
     forge_engine.install()
     Path(shared.cmd_opts.lora_dir).mkdir(parents=True, exist_ok=True)
-    yield {"root": root, "shared": shared, "sd_models": sd_models, "processing": processing}
+    yield {"root": root, "shared": shared, "sd_models": sd_models, "processing": processing, "real": real}
     for p in PATHS:
         sys.path.remove(p)
+    for m in forge_engine.forge_modules() if real else []:
+        del sys.modules[m]
     _purge()
 
 
@@ -98,6 +114,13 @@ def test_flux_apply_undo_save_in_forge(forge, flux, tmp_path):
     base = flux["base"]
     first = _gen(forge)
     assert all(torch.equal(first[k], v) for k, v in base.items())
+    if forge["real"]:  # Forge's own classes hold the weights the generations read
+        from backend.patcher.base import ModelPatcher as ForgeModelPatcher
+        from backend.patcher.lora import LoraLoader as ForgeLoraLoader
+
+        objs = forge["shared"].sd_model.forge_objects
+        assert isinstance(objs.unet, ForgeModelPatcher) and isinstance(objs.clip.patcher, ForgeModelPatcher)
+        assert isinstance(objs.unet.model.lora_loader, ForgeLoraLoader)
     edit = wb.compute_erase("cat", "dog", "", "erasepro", ADV)
     ref = flux["ref"]
     assert edit.family == "flux" and sorted(edit.deltas) == sorted(ref.deltas)

@@ -134,6 +134,41 @@ def load_model_gpu(patcher):
         _loaded[id(patcher.model)] = patcher
 
 
+def use_forge_patcher(forge_dir) -> None:
+    """Forge's own patcher system in place of the stand-in's, imported from a Forge source folder (run on
+    the CPU, ``--always-cpu``): ``backend.patcher.base.ModelPatcher`` (``clone``, keyword-only
+    ``add_patches``, ``refresh_loras``), the per-module ``backend.patcher.lora.LoraLoader`` (``refresh``:
+    backups, ``merge_lora_to_weight``) and ``backend.memory_management.load_model_gpu``. Engines built
+    afterwards hold Forge's patchers; ``forge_modules()`` names what to drop from ``sys.modules`` after."""
+    global ModelPatcher, UnetPatcher, LoraLoader, load_model_gpu
+    import sys
+
+    argv, sys.argv = sys.argv, [sys.argv[0], "--always-cpu"]  # Forge parses its flags at import
+    sys.path.insert(0, str(forge_dir))
+    try:
+        from backend import memory_management
+        from backend.patcher.base import ModelPatcher as ForgeModelPatcher
+        from backend.patcher.lora import LoraLoader as ForgeLoraLoader
+    finally:
+        sys.argv = argv
+        sys.path.remove(str(forge_dir))
+    cpu = torch.device("cpu")
+
+    class ForgePatcher(ForgeModelPatcher):
+        def __init__(self, model, load_device=cpu, offload_device=cpu, *a, **kw):
+            super().__init__(model, load_device, offload_device, *a, **kw)
+
+    ModelPatcher = UnetPatcher = ForgePatcher
+    LoraLoader = ForgeLoraLoader
+    load_model_gpu = memory_management.load_model_gpu
+
+
+def forge_modules() -> list:
+    import sys
+
+    return [m for m in sys.modules if m.split(".")[0] in ("backend", "packages_3rdparty")]
+
+
 class ForgeObjects:
     def __init__(self, unet, clip, vae=None, clipvision=None):
         self.unet, self.clip, self.vae, self.clipvision = unet, clip, vae, clipvision
