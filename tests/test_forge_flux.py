@@ -1,11 +1,13 @@
-"""The Forge tab on a Flux.1 checkpoint, against the stand-in of Forge's patcher system
-(tests/a1111/fake_forge: its Flux engine holds the patchers with Forge's Flux keys,
-``diffusion_model.<BFL>``, ``clip_l.transformer.text_model…``, ``t5xxl.transformer.encoder…``). A tiny
-random Flux as a BFL transformer file plus CLIP-L and T5 files loaded beside it ("VAE / Text Encoder"):
-Apply puts base + ΔW on the weights a generation uses (ΔW: the erasure computed from the files, host
-keys written out by hand here), Undo is bit-exact, Save as LoRA writes the Flux LoRA + T5 file, Save as
-checkpoint the BFL layout (+ the edited T5 file), Merge applies (concat), IterIS of one
-LoRA returns it. docs/flux.md says what this does not cover (Forge's real Flux loader and sampler)."""
+"""The Forge tab on a Flux.1 checkpoint, against the stand-in of Forge's patcher system and, when
+``WEIGHTSMITH_FORGE_DIR`` names a Forge source folder, against Forge's own ``ModelPatcher``,
+``LoraLoader`` and ``load_model_gpu`` (tests/a1111/fake_forge: its Flux engine holds the patchers
+with Forge's Flux keys, ``diffusion_model.<BFL>``, ``clip_l.transformer.text_model…``,
+``t5xxl.transformer.encoder…``). A tiny random Flux as a BFL transformer file plus CLIP-L and T5
+files loaded beside it ("VAE / Text Encoder"): Apply puts base + ΔW on the weights a generation uses
+(ΔW: the erasure computed from the files, host keys written out by hand here), Undo is bit-exact, Save
+as LoRA writes the Flux LoRA + T5 file, Save as checkpoint the BFL layout (+ the edited T5 file), Merge
+applies (concat), IterIS of one LoRA returns it. docs/flux.md says what this does not cover (Forge's
+own Flux loader, model class and sampler)."""
 
 import os
 import sys
