@@ -122,6 +122,40 @@ def test_the_sequential_schedule_cuts_chunks_at_the_depth_stages():
     assert p.memory["stage_chunks"] == 3
 
 
+def test_the_plan_follows_the_model_familys_declaration_not_the_module_prefix():
+    """A family declares how its denoiser's modules are seen (DenoiserStats); the plan uses the one in
+    its settings (the merge passes its model's family's) even where another registered family holds the
+    same prefix (Flux's ``transformer.``), and the registered one without it."""
+    import re
+
+    from weightsmith.core import families
+    from weightsmith.core.families.base import DenoiserStats
+    from weightsmith.core.merge.memory_plan import depth_stage
+    from weightsmith.core.merge.stats import input_group
+
+    x, y, z = "transformer.blocks.0.a", "transformer.blocks.0.b", "transformer.blocks.1.a"
+    own = DenoiserStats(
+        "transformer.",
+        lambda n: (9 - int(n.split(".")[2]),),  # deeper blocks first, against Flux's order
+        lambda n, levels, latent, tokens: 7,
+        shared_inputs=((re.compile(r"^(transformer\.blocks\.\d+)\.(a|b)$"), r"\1.ab"),),
+    )
+    flux = families.get("flux").sampler.stats
+    assert flux.prefix == own.prefix  # the same prefix, other statistics
+    mods = [ModuleSize(x, 4, 4, 4, (1,)), ModuleSize(y, 4, 4, 4, (1,)), ModuleSize(z, 4, 4, 4, (1,))]
+    base = dict(batch=2, latent=8, levels=2, tokens=3, max_gram_dim=10, sequential=True)
+    p = plan_memory(mods, PlanSettings(**base, denoiser=own), Budget(budget=None, used=0, avail=None), 0)
+    assert sorted(p.group_bytes) == ["transformer.blocks.0.ab", "transformer.blocks.1.ab"]
+    assert [c.names for c in p.stage_chunks] == [[z], [x, y]]
+    assert level_rows(x, 2, 2, 8, 3, denoiser=own) == 2 * 7
+    # without a declaration: the registered family of the prefix (Flux: image tokens (8/2)² + text 3)
+    q = plan_memory(mods, PlanSettings(**base), Budget(budget=None, used=0, avail=None), 0)
+    assert sorted(q.group_bytes) == [x, y, z] and [c.names for c in q.stage_chunks] == [[x, y, z]]
+    assert level_rows(x, 2, 2, 8, 3) == 2 * (16 + 3) and depth_stage(x) == flux.depth_stage(x) == (2,)
+    single = "transformer.single_transformer_blocks.0."
+    assert input_group(single + "proj_mlp") == input_group(single + "attn.to_q") == single + "in"
+
+
 def test_progress_costs_do_not_grow_with_the_iterations(tiny_models):
     """The run's progress ticks are held as one block per kind of round (was one entry per tick of
     every iteration, allocated up front: 14 GB for --iterations 1000000000)."""

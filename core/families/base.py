@@ -195,6 +195,32 @@ class Schedule(Protocol):
     def step(self, pred: torch.Tensor, t, x: torch.Tensor) -> torch.Tensor: ...
 
 
+def _never(name: str) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class DenoiserStats:
+    """How IterIS's memory plan and statistics see a family's denoiser modules, by canonical name
+    (docs/merge.md, "Memory"; docs/method.md, "Model families"). The merge code asks the registered
+    families (``core/merge/sampling.py`` ``denoiser_stats``) and knows none of them.
+
+    ``prefix``: the canonical prefix of every denoiser module (``"unet."``, ``"transformer."``);
+    ``depth_stage(name)``: its place in the shallow-to-deep schedule, a tuple from ``(1,)`` on (text-encoder
+    layers come first, as ``(0, layer)``); ``rows(name, levels, latent, tokens)``: the input rows one batch
+    item feeds it, an upper bound (``levels``: the UNet's resolution levels, ``latent``: the latent's side,
+    ``tokens``: text tokens); ``context_only(name)``: its input is the text conditioning alone (SD's
+    cross-attention k/v), so its statistics need no denoiser pass; ``shared_inputs``: ``(regex,
+    replacement)`` pairs giving modules that read the very same input tensor one group name (one set of
+    Gram matrices)."""
+
+    prefix: str
+    depth_stage: Callable[[str], tuple]
+    rows: Callable[[str, int, int, int], int]
+    context_only: Callable[[str], bool] = _never
+    shared_inputs: tuple = ()
+
+
 @dataclass(frozen=True)
 class Sampler:
     """How IterIS statistics draw ``(x_t, t)`` (docs/method.md, "IterIS sampling protocol").
@@ -203,12 +229,14 @@ class Sampler:
     of ``steps`` steps; ``latent_shape(model, latent_size)``: (C, H, W) of one sample's starting
     noise (drawn as ``torch.randn(shape, generator=torch.Generator().manual_seed(seed))``; a
     family that packs latents, like Flux, packs them in ``predict``);
-    ``predict(model, denoiser, x, t, context, pooled)``: the denoiser's output at ``(x, t)``."""
+    ``predict(model, denoiser, x, t, context, pooled)``: the denoiser's output at ``(x, t)``;
+    ``stats``: how the statistics and the memory plan see the denoiser's modules (:class:`DenoiserStats`)."""
 
     name: str
     schedule: Callable[..., Schedule]
     latent_shape: Callable[..., tuple[int, int, int]]
     predict: Callable[..., torch.Tensor]
+    stats: DenoiserStats
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ rectified-flow sampler (Euler on the shifted schedule, docs/flux.md, "Sampling";
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 
@@ -38,6 +39,7 @@ from .base import (
     Component,
     Conditioning,
     ConditioningStage,
+    DenoiserStats,
     EncoderSpec,
     EncoderStage,
     EraseLayout,
@@ -302,7 +304,35 @@ def predict(model, denoiser, x, t, context, pooled=None):
     return run(model, denoiser, x, t, context, pooled)
 
 
-SAMPLER = Sampler("rectified-flow", FlowSchedule, latent_shape, predict)
+def depth_stage(name: str) -> tuple:
+    """The transformer's input layers with the double blocks, then the single blocks, then the output
+    layers."""
+    if name.startswith("transformer.single_transformer_blocks."):
+        return (3,)
+    return (4,) if name.startswith(("transformer.norm_out", "transformer.proj_out")) else (2,)
+
+
+def rows(name: str, levels: int, latent: int, tokens: int) -> int:
+    """Image tokens (the latent packed 2 × 2) plus text tokens: an upper bound for every module."""
+    return max(1, latent // 2) ** 2 + tokens
+
+
+STATS = DenoiserStats(
+    "transformer.",
+    depth_stage,
+    rows,
+    shared_inputs=(
+        # the image stream's q/k/v (and, in a single block, its MLP input), the text stream's q/k/v
+        (re.compile(r"^(transformer\.transformer_blocks\.\d+\.attn)\.to_(q|k|v)$"), r"\1.qkv"),
+        (re.compile(r"^(transformer\.transformer_blocks\.\d+\.attn)\.add_(q|k|v)_proj$"), r"\1.add_qkv"),
+        (
+            re.compile(r"^(transformer\.single_transformer_blocks\.\d+)\.(attn\.to_q|attn\.to_k|attn\.to_v|proj_mlp)$"),
+            r"\1.in",
+        ),
+    ),
+)
+
+SAMPLER = Sampler("rectified-flow", FlowSchedule, latent_shape, predict, STATS)
 
 
 FAMILY = Family(

@@ -33,6 +33,7 @@ from .base import (
     Component,
     Conditioning,
     ConditioningStage,
+    DenoiserStats,
     EncoderSpec,
     EncoderStage,
     EraseLayout,
@@ -529,10 +530,48 @@ def sd_family(
         checkpoint=checkpoint,
         lora=lora,
         erase=SD_ERASE,
-        sampler=Sampler("ddim", DDIMSchedule, unet_latent_shape, unet_predictor(size_conditioning)),
+        sampler=Sampler("ddim", DDIMSchedule, unet_latent_shape, unet_predictor(size_conditioning), UNET_STATS),
         denoiser_defaults=denoiser_defaults or {},
         half_beside_host=half_beside_host,
     )
+
+
+def unet_context_only(name: str) -> bool:
+    """The UNet's cross-attention keys/values: their input is the text conditioning."""
+    return name.startswith("unet.") and (name.endswith("attn2.to_k") or name.endswith("attn2.to_v"))
+
+
+def unet_depth_stage(name: str) -> tuple:
+    """Cross-attention k/v (fed by the text encoders only), the down blocks (with the input layers and
+    time embedding), the middle block, the up blocks (with the output layers)."""
+    if unet_context_only(name):
+        return (1,)
+    if name.startswith("unet.mid_block."):
+        return (3,)
+    if name.startswith(("unet.up_blocks.", "unet.conv_norm_out", "unet.conv_out")):
+        return (4,)
+    return (2,)
+
+
+def unet_rows(name: str, levels: int, latent: int, tokens: int) -> int:
+    """Text tokens for cross-attention k/v, else the pixels of the block's resolution level."""
+    if unet_context_only(name):
+        return tokens
+    m = re.match(r"unet\.(down|up)_blocks\.(\d+)\.", name)
+    lv = levels - 1 if m is None else (int(m.group(2)) if m.group(1) == "down" else levels - 1 - int(m.group(2)))
+    return max(1, latent >> lv) ** 2
+
+
+UNET_STATS = DenoiserStats(
+    "unet.",
+    unet_depth_stage,
+    unet_rows,
+    unet_context_only,
+    (
+        (re.compile(r"^(.*\.attn1)\.to_(q|k|v)$"), r"\1.qkv"),  # self-attention
+        (re.compile(r"^(.*\.attn2)\.to_(k|v)$"), r"\1.kv"),  # cross-attention: the context
+    ),
+)
 
 
 def clip_component(name: str, kind: str, tokenizer: str) -> Component:

@@ -42,7 +42,7 @@ from ..edit import Edit, FactorDeltas
 from ..precision import compute_dtype
 from .memory_plan import Budget, Chunk, MemoryPlan, ModuleSize, PlanSettings, plan_memory, reserve_bytes
 from .options import MergeOptions
-from .sampling import SamplingProtocol, progress_units
+from .sampling import SamplingProtocol, progress_units, stats_of
 from .stats import DeltaHooks, GramStats, in_dim
 
 
@@ -249,6 +249,7 @@ class IterISSolver:
             hook_bytes=compute_dtype(self.model.module(self.names[0]).weight.dtype).itemsize if self.names else 4,
             tokens=getattr(self.model, "plan_tokens", 77),  # text tokens per prompt (Flux: T5's 256)
             sequential=self.sequential,
+            denoiser=stats_of(self.model),
         )
         weights = {n: self.model.module(n).weight for n in self.names}  # shapes only (a streamed one is on meta)
         modules = [

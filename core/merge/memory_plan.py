@@ -16,48 +16,35 @@ from dataclasses import dataclass, field
 
 from .. import memory
 from ..errors import WeightsmithError
-from .sampling import is_context_only, is_denoiser
+from .sampling import denoiser_stats, is_context_only, is_denoiser
 from .stats import input_group
 
 
-def needs_unet(name: str) -> bool:
-    """A denoiser module whose inputs only a denoiser pass produces (not SD's cross-attention k/v)."""
-    return is_denoiser(name) and not is_context_only(name)
+def needs_unet(name: str, denoiser=None) -> bool:
+    """A denoiser module whose inputs only a denoiser pass produces (not SD's cross-attention k/v);
+    ``denoiser``: the model family's ``DenoiserStats`` (None: :func:`.sampling.denoiser_stats` finds it)."""
+    return is_denoiser(name, denoiser) and not is_context_only(name, denoiser)
 
 
-def depth_stage(name: str) -> tuple:
+def depth_stage(name: str, denoiser=None) -> tuple:
     """Depth order of the sequential schedule: text-encoder layers one by one (SDXL's two encoders side by
-    side), then cross-attention k/v (fed by the text encoders only), the UNet's down blocks (with the
-    input layers and time embedding), its middle block, its up blocks (with the output layers). Flux: T5's
-    blocks, then the transformer's input layers with the double blocks, the single blocks, the output layers."""
-    if not is_denoiser(name):
+    side, Flux's T5 blocks), then the denoiser's stages as its family declares them
+    (:class:`~weightsmith.core.families.base.DenoiserStats`; SD: cross-attention k/v, down blocks, middle
+    block, up blocks; Flux: the double blocks with the input layers, the single blocks, the output layers)."""
+    st = denoiser_stats(name, denoiser)
+    if st is None:
         m = re.search(r"\.(?:layers|block)\.(\d+)\.", name)
         return (0, int(m.group(1)) if m else 0)
-    if name.startswith("transformer."):
-        if name.startswith("transformer.single_transformer_blocks."):
-            return (3,)
-        return (4,) if name.startswith(("transformer.norm_out", "transformer.proj_out")) else (2,)
-    if is_context_only(name):
-        return (1,)
-    if name.startswith("unet.mid_block."):
-        return (3,)
-    if name.startswith(("unet.up_blocks.", "unet.conv_norm_out", "unet.conv_out")):
-        return (4,)
-    return (2,)
+    return st.depth_stage(name)
 
 
-def level_rows(name: str, levels: int, batch: int, latent: int, tokens: int, cap: int = 0) -> int:
-    """Rows one forward batch feeds module ``name``: tokens in the text encoders and cross-attention
-    k/v, pixels of the block's resolution in the UNet (``levels``: its number of resolution levels), image
-    plus text tokens in Flux's transformer (an upper bound for every module there); at most ``cap`` per item."""
-    if not needs_unet(name):
-        per = tokens
-    elif name.startswith("transformer."):
-        per = max(1, latent // 2) ** 2 + tokens
-    else:
-        m = re.match(r"unet\.(down|up)_blocks\.(\d+)\.", name)
-        lv = levels - 1 if m is None else (int(m.group(2)) if m.group(1) == "down" else levels - 1 - int(m.group(2)))
-        per = max(1, latent >> lv) ** 2
+def level_rows(name: str, levels: int, batch: int, latent: int, tokens: int, cap: int = 0, denoiser=None) -> int:
+    """Rows one forward batch feeds module ``name``: tokens in the text encoders, what the denoiser's
+    family declares for its modules (SD: tokens for cross-attention k/v, pixels of the block's resolution
+    level elsewhere, ``levels`` being the UNet's number of levels; Flux: image plus text tokens, an upper
+    bound); at most ``cap`` per item."""
+    st = denoiser_stats(name, denoiser)
+    per = tokens if st is None else st.rows(name, levels, latent, tokens)
     return batch * (min(per, cap) if cap else per)
 
 
@@ -71,8 +58,13 @@ class Chunk:
     bytes: int
 
 
-def make_chunk(names, nbytes: int) -> Chunk:
-    return Chunk(sorted(names), any(map(needs_unet, names)), [n for n in names if is_context_only(n)], nbytes)
+def make_chunk(names, nbytes: int, denoiser=None) -> Chunk:
+    return Chunk(
+        sorted(names),
+        any(needs_unet(n, denoiser) for n in names),
+        [n for n in names if is_context_only(n, denoiser)],
+        nbytes,
+    )
 
 
 @dataclass(frozen=True)
@@ -106,6 +98,7 @@ class PlanSettings:
     hook_bytes: int = 4
     tokens: int = 77
     sequential: bool = False
+    denoiser: object = None  # the model family's DenoiserStats (None: found by the module names' prefix)
 
 
 @dataclass(frozen=True)
@@ -144,7 +137,7 @@ def group_bytes(members: list, sizes: dict, s: PlanSettings) -> int:
     b = 8 * d * d + (4 * d * d if s.c_norm else 0)
     b += len(members) * 8 * d * d
     b += sum(8 * r * d for n in members for r in sizes[n].ranks) * 2
-    b += level_rows(members[0], s.levels, s.batch, s.latent, s.tokens, s.max_rows) * d * s.act_bytes
+    b += level_rows(members[0], s.levels, s.batch, s.latent, s.tokens, s.max_rows, s.denoiser) * d * s.act_bytes
     return b
 
 
@@ -157,7 +150,10 @@ def reserve_bytes(modules: list, s: PlanSettings) -> int:
     merged = sum(sum(m.ranks) * m.row_numel * s.store_bytes for m in modules)
     hook = sum(s.hook_bytes * r * (m.out_dim + m.in_dim) for m in modules for r in m.ranks)
     wide = max([m.in_dim for m in solved], default=1)
-    row_block = max([level_rows(m.name, s.levels, s.batch, s.latent, s.tokens) * m.in_dim for m in solved], default=1)
+    row_block = max(
+        [level_rows(m.name, s.levels, s.batch, s.latent, s.tokens, denoiser=s.denoiser) * m.in_dim for m in solved],
+        default=1,
+    )
     return 2 * merged + 2 * hook + 16 * wide * wide + 4 * 8 * row_block + 256 * 2**20
 
 
@@ -172,7 +168,7 @@ def plan_memory(modules: list, s: PlanSettings, budget: Budget, reserve: int) ->
         if m.in_dim > s.max_gram_dim:
             reasons[m.name] = f"input {m.in_dim} wide > max_gram_dim {s.max_gram_dim}"
             continue
-        groups.setdefault(input_group(m.name), []).append(m.name)
+        groups.setdefault(input_group(m.name, s.denoiser), []).append(m.name)
     total, used, avail = budget.budget, budget.used, budget.avail
     mem = {
         "budget_bytes": total,
@@ -182,7 +178,7 @@ def plan_memory(modules: list, s: PlanSettings, budget: Budget, reserve: int) ->
     }
 
     def unet_group(g):
-        return any(map(needs_unet, groups[g]))
+        return any(needs_unet(n, s.denoiser) for n in groups[g])
 
     # text-only groups first and in chunks of their own: their passes need no UNet run
     order = sorted(groups, key=lambda g: (unet_group(g), g))
@@ -202,7 +198,7 @@ def plan_memory(modules: list, s: PlanSettings, budget: Budget, reserve: int) ->
     split = avail is not None and sum(gsize.values()) > avail
     chunks, cur, cur_b, too_big = [], [], 0, []
     for g in order:
-        if cur and split and unet_group(g) and not unet_group(input_group(cur[0])):
+        if cur and split and unet_group(g) and not unet_group(input_group(cur[0], s.denoiser)):
             chunks.append((cur, cur_b))
             cur, cur_b = [], 0
         b = gsize[g]
@@ -229,7 +225,7 @@ def plan_memory(modules: list, s: PlanSettings, budget: Budget, reserve: int) ->
             f"{memory.gib(min(b for _, b in too_big))}. Raise the budget "
             "(--max-memory / 'Memory budget'), hold the model in half precision, or use method 'linear'."
         )
-    out = [make_chunk(names, b) for names, b in chunks]
+    out = [make_chunk(names, b, s.denoiser) for names, b in chunks]
     mem.update(
         chunks=len(out),
         unet_chunks=sum(c.need_unet for c in out),
@@ -242,9 +238,10 @@ def plan_memory(modules: list, s: PlanSettings, budget: Budget, reserve: int) ->
         for c in out:
             by: dict = {}
             for n in c.names:
-                by.setdefault(depth_stage(n), []).append(n)
+                by.setdefault(depth_stage(n, s.denoiser), []).append(n)
             staged += [
-                (st, make_chunk(ns, sum(gsize[g] for g in {input_group(n) for n in ns}))) for st, ns in by.items()
+                (st, make_chunk(ns, sum(gsize[g] for g in {input_group(n, s.denoiser) for n in ns}), s.denoiser))
+                for st, ns in by.items()
             ]
         stages = [c for _, c in sorted(staged, key=lambda t: t[0])]
         mem["stage_chunks"] = len(stages)

@@ -64,17 +64,38 @@ def make_scheduler(model):
     return model.family_def.sampler.schedule(model, 1).scheduler
 
 
-DENOISERS = ("unet.", "transformer.")  # canonical prefixes of the families' denoisers (SD's UNet, Flux's transformer)
+def denoiser_stats(name: str, denoiser=None):
+    """How the statistics see module ``name`` when it is a denoiser module
+    (:class:`~weightsmith.core.families.base.DenoiserStats`), else None (a text-encoder module).
+    ``denoiser``: the model family's declaration (:func:`stats_of`), which the merge passes; without it,
+    the registered family whose denoiser prefix ``name`` has (SD1/SD2/SDXL share ``unet.``'s)."""
+    if denoiser is not None:
+        return denoiser if name.startswith(denoiser.prefix) else None
+    from .. import families
+
+    for fam in families.all_families():
+        st = fam.sampler.stats
+        if name.startswith(st.prefix):
+            return st
+    return None
 
 
-def is_denoiser(name: str) -> bool:
+def stats_of(model):
+    """The :class:`~weightsmith.core.families.base.DenoiserStats` of ``model``'s family (None when the
+    model declares no family)."""
+    fam = getattr(model, "family_def", None)
+    return None if fam is None else fam.sampler.stats
+
+
+def is_denoiser(name: str, denoiser=None) -> bool:
     """A module of the denoiser (its inputs come from denoiser passes, except :func:`is_context_only`'s)."""
-    return name.startswith(DENOISERS)
+    return denoiser_stats(name, denoiser) is not None
 
 
-def is_context_only(name: str) -> bool:
-    """UNet modules whose input is the text conditioning (cross-attention keys/values)."""
-    return name.startswith("unet.") and (name.endswith("attn2.to_k") or name.endswith("attn2.to_v"))
+def is_context_only(name: str, denoiser=None) -> bool:
+    """Denoiser modules whose input is the text conditioning alone (SD's cross-attention keys/values)."""
+    st = denoiser_stats(name, denoiser)
+    return st is not None and st.context_only(name)
 
 
 def progress_units(samples, batch_size: int, steps: int, need_unet: bool) -> tuple[int, int]:
@@ -212,6 +233,8 @@ __all__ = [
     "make_samples",
     "make_scheduler",
     "SamplingProtocol",
+    "denoiser_stats",
+    "stats_of",
     "is_context_only",
     "is_denoiser",
 ]

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ..precision import compute_dtype
+from .sampling import denoiser_stats, is_context_only, stats_of
 
 
 def module_rows(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -115,25 +116,19 @@ class DeltaHooks:
         self._handles = []
 
 
+# the text encoders' (by kind of encoder; a denoiser's groups are its family's DenoiserStats.shared_inputs)
 _SHARED_INPUT = [
     (re.compile(r"^(.*\.self_attn)\.(q|k|v)_proj$"), r"\1.qkv"),  # CLIP attention
-    (re.compile(r"^(.*\.attn1)\.to_(q|k|v)$"), r"\1.qkv"),  # UNet self-attention
-    (re.compile(r"^(.*\.attn2)\.to_(k|v)$"), r"\1.kv"),  # UNet cross-attention: the context
-    # Flux: the image stream's q/k/v (and, in a single block, its MLP input), the text stream's q/k/v
-    (re.compile(r"^(transformer\.transformer_blocks\.\d+\.attn)\.to_(q|k|v)$"), r"\1.qkv"),
-    (re.compile(r"^(transformer\.transformer_blocks\.\d+\.attn)\.add_(q|k|v)_proj$"), r"\1.add_qkv"),
-    (
-        re.compile(r"^(transformer\.single_transformer_blocks\.\d+)\.(attn\.to_q|attn\.to_k|attn\.to_v|proj_mlp)$"),
-        r"\1.in",
-    ),
     (re.compile(r"^(.*\.layer\.0\.SelfAttention)\.(q|k|v)$"), r"\1.qkv"),  # T5 self-attention
     (re.compile(r"^(.*\.layer\.1\.DenseReluDense)\.wi_(0|1)$"), r"\1.wi"),  # T5's gated MLP input
 ]
 
 
-def input_group(name: str) -> str:
-    """Modules that read the very same input tensor share one set of Gram matrices."""
-    for pat, rep in _SHARED_INPUT:
+def input_group(name: str, denoiser=None) -> str:
+    """Modules that read the very same input tensor share one set of Gram matrices (``denoiser``: the model
+    family's ``DenoiserStats``; None: :func:`.sampling.denoiser_stats` finds it)."""
+    st = denoiser_stats(name, denoiser)
+    for pat, rep in _SHARED_INPUT if st is None else st.shared_inputs:
         if pat.match(name):
             return pat.sub(rep, name)
     return name
@@ -155,6 +150,7 @@ class GramStats:
         seed: int = 0,
     ):
         self.model = model
+        self.denoiser = stats_of(model)  # how the model's family names its denoiser's modules
         self.max_rows = int(max_rows or 0)  # > 0: at most this many rows per batch item (see _subset)
         self.seed = int(seed)
         self._calls: dict = defaultdict(int)
@@ -186,12 +182,10 @@ class GramStats:
                 self.skipped.append(n)
                 continue
             self.tracked.append(n)
-            self.leader.setdefault(input_group(n), n)
+            self.leader.setdefault(input_group(n, self.denoiser), n)
             self._handles.append(mod.register_forward_hook(self._hook(n)))
-        self.leader_of = {n: self.leader[input_group(n)] for n in self.tracked}
-        self.context_names = {
-            n for n in self.tracked if input_group(n).endswith(".kv") or re.search(r"\.attn2\.to_[kv]$", n)
-        }
+        self.leader_of = {n: self.leader[input_group(n, self.denoiser)] for n in self.tracked}
+        self.context_names = {n for n in self.tracked if is_context_only(n, self.denoiser)}
 
     # -- accumulation ---------------------------------------------------------------------------
     def _hook(self, name):
