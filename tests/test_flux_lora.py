@@ -648,10 +648,12 @@ def test_written_file_loads_exactly_in_comfyui(world, written, tmp_path):
 
 
 def _forge_dir():
+    """Forge's code: ``WEIGHTSMITH_FORGE_DIR`` itself (a source folder) or its ``webui/`` (a build)."""
     d = os.environ.get("WEIGHTSMITH_FORGE_DIR")
-    if not d or not (Path(d) / "packages_3rdparty" / "comfyui_lora_collection" / "lora.py").exists():
-        pytest.skip("WEIGHTSMITH_FORGE_DIR does not name a Forge source folder (docs/flux_lora.md, 'Verified')")
-    return Path(d)
+    for root in (Path(d), Path(d) / "webui") if d else ():
+        if (root / "packages_3rdparty" / "comfyui_lora_collection" / "lora.py").exists():
+            return root
+    pytest.skip("WEIGHTSMITH_FORGE_DIR does not name a Forge source folder (docs/flux_lora.md, 'Verified')")
 
 
 def _tree(sd):

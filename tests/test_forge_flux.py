@@ -31,10 +31,13 @@ def _purge():
 
 
 def _forge_source() -> Path:
+    """Forge's code: ``WEIGHTSMITH_FORGE_DIR`` itself (a source folder) or its ``webui/`` (a build, as
+    tests/test_a1111_real.py takes it)."""
     d = os.environ.get("WEIGHTSMITH_FORGE_DIR")
-    if not d or not (Path(d) / "backend" / "patcher" / "base.py").is_file():
-        pytest.skip("WEIGHTSMITH_FORGE_DIR does not name a Forge source folder (docs/flux.md, 'What was verified how')")
-    return Path(d)
+    for root in (Path(d), Path(d) / "webui") if d else ():
+        if (root / "backend" / "patcher" / "base.py").is_file():
+            return root
+    pytest.skip("WEIGHTSMITH_FORGE_DIR does not name a Forge source folder (docs/flux.md, 'What was verified how')")
 
 
 @pytest.fixture(scope="module", params=["stand-in", pytest.param("forge's patcher", marks=pytest.mark.host)])
