@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from flux_tables import SWAPPED, swap, table
+from forge_source import forge_source
 from safetensors.torch import load_file, save_file
 
 from weightsmith.core.errors import WeightsmithError
@@ -647,15 +648,6 @@ def test_written_file_loads_exactly_in_comfyui(world, written, tmp_path):
     print(f"ComfyUI 0.3.75: worst rel. error {worst:.1e}")
 
 
-def _forge_dir():
-    """Forge's code: ``WEIGHTSMITH_FORGE_DIR`` itself (a source folder) or its ``webui/`` (a build)."""
-    d = os.environ.get("WEIGHTSMITH_FORGE_DIR")
-    for root in (Path(d), Path(d) / "webui") if d else ():
-        if (root / "packages_3rdparty" / "comfyui_lora_collection" / "lora.py").exists():
-            return root
-    pytest.skip("WEIGHTSMITH_FORGE_DIR does not name a Forge source folder (docs/flux_lora.md, 'Verified')")
-
-
 def _tree(sd):
     root = torch.nn.Module()
     for k, v in sd.items():
@@ -679,7 +671,7 @@ def test_written_file_loads_exactly_in_forge_key_map(world, written):
     import importlib.util
     import types
 
-    forge = _forge_dir()
+    forge = forge_source("packages_3rdparty/comfyui_lora_collection/lora.py", "docs/flux_lora.md, 'Verified'")
     saved = {
         k: sys.modules.get(k) for k in ("backend", "backend.memory_management", "backend.utils", "backend.operations")
     }

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from forge_source import forge_source
 from safetensors.torch import load_file
 
 A1111 = Path(__file__).resolve().parent / "a1111"
@@ -30,23 +31,13 @@ def _purge():
         del sys.modules[m]
 
 
-def _forge_source() -> Path:
-    """Forge's code: ``WEIGHTSMITH_FORGE_DIR`` itself (a source folder) or its ``webui/`` (a build, as
-    tests/test_a1111_real.py takes it)."""
-    d = os.environ.get("WEIGHTSMITH_FORGE_DIR")
-    for root in (Path(d), Path(d) / "webui") if d else ():
-        if (root / "backend" / "patcher" / "base.py").is_file():
-            return root
-    pytest.skip("WEIGHTSMITH_FORGE_DIR does not name a Forge source folder (docs/flux.md, 'What was verified how')")
-
-
 @pytest.fixture(scope="module", params=["stand-in", pytest.param("forge's patcher", marks=pytest.mark.host)])
 def forge(request, tmp_path_factory):
     """The stand-in of Forge's backend; with ``forge's patcher``, Forge's own ``ModelPatcher``,
     ``LoraLoader`` and ``load_model_gpu`` from the source folder ``WEIGHTSMITH_FORGE_DIR`` (skipped without
     it: Forge is AGPL-3.0 and not fetched here) hold the Flux engine's weights."""
     real = request.param != "stand-in"
-    forge_dir = _forge_source() if real else None
+    forge_dir = forge_source("backend/patcher/base.py", "docs/flux.md, 'What was verified how'") if real else None
     root = tmp_path_factory.mktemp("forgeflux")
     os.environ["WS_FAKE_WEBUI_ROOT"] = str(root)
     sys.path[:0] = PATHS

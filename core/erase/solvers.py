@@ -144,11 +144,11 @@ class ZeroResidualBasis:
         self._left = Vh[keep].T * inv  # M × r
         if self._group is not None:
             self._left = self._group @ self._left  # N × r
-        down = U[:, keep].T  # r × d_in
-        if self._chol is not None:  # Uᵀ L⁻¹ = (L⁻ᵀ U)ᵀ
-            self._down = torch.linalg.solve_triangular(self._chol.T, U[:, keep], upper=True).T
+        Uk = U[:, keep]  # d_in × r
+        if self._chol is not None:  # U_rᵀ L⁻¹ = (L⁻ᵀ U_r)ᵀ
+            self._down = torch.linalg.solve_triangular(self._chol.T, Uk, upper=True).T
         else:
-            self._down = down @ self._right if self._right is not None else down
+            self._down = Uk.T @ self._right if self._right is not None else Uk.T
 
     def delta(self, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(ΔW, up, down) with ΔW = up @ down, for the residual target ``R`` (d_out × N)."""

@@ -202,8 +202,8 @@ def _never(name: str) -> bool:
 @dataclass(frozen=True)
 class DenoiserStats:
     """How IterIS's memory plan and statistics see a family's denoiser modules, by canonical name
-    (docs/merge.md, "Memory"; docs/method.md, "Model families"). The merge code asks the registered
-    families (``core/merge/sampling.py`` ``denoiser_stats``) and knows none of them.
+    (docs/merge.md, "Memory"; docs/method.md, "Model families"). IterIS takes its model's family's
+    (``core/merge/sampling.py`` ``stats_of``); the merge code spells no family's module names.
 
     ``prefix``: the canonical prefix of every denoiser module (``"unet."``, ``"transformer."``);
     ``depth_stage(name)``: its place in the shallow-to-deep schedule, a tuple from ``(1,)`` on (text-encoder

@@ -103,8 +103,7 @@ def write_full_random_flux(
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    fp8 = t5_dtype is not None and t5_dtype == torch.float8_e4m3fn
-    t5_name = "t5xxl_fp8_e4m3fn.safetensors" if fp8 else "t5xxl_bf16.safetensors"
+    t5_name = "t5xxl_fp8_e4m3fn.safetensors" if t5_dtype == torch.float8_e4m3fn else "t5xxl_bf16.safetensors"
     tr, clip, t5 = folder / "flux1-dev.safetensors", folder / "clip_l.safetensors", folder / t5_name
     done = folder / "done.json"
     if done.is_file() and json.loads(done.read_text()).get("seed") == seed and t5.is_file():
